@@ -1,0 +1,252 @@
+//! A typed, bounds-checked view of a mapped control segment.
+
+use crate::layout::{ControlHeader, Layout, LayoutError, CONTROL_MAGIC, LAYOUT_VERSION};
+use crate::records::{ChannelRecord, ProducerRecord, SubscriberRecord};
+use crate::ring::{Ring, RingHeader, RING_HEADER_SIZE};
+use crate::slot::{SlotHeader, SLOT_HEADER_SIZE};
+use crate::sync::{AtomicU64, Ordering};
+
+/// The control segment as typed records. Every accessor checks its indices
+/// against the layout and returns `None` when they are out of range, so
+/// indices read from shared memory can be passed in unchecked.
+#[derive(Debug)]
+pub struct Control {
+    base: *mut u8,
+    len: usize,
+    layout: Layout,
+}
+
+// SAFETY: `Control` only hands out shared references to structs made solely
+// of atomics (plus `&[AtomicU64]`), which are `Sync`; the raw pointer is just
+// the base of a mapping that outlives the `Control` (constructor contract).
+unsafe impl Send for Control {}
+// SAFETY: see `Send`: every access through `&Control` is an atomic operation.
+unsafe impl Sync for Control {}
+
+impl Control {
+    /// Wraps a mapping of at least `layout.total` bytes.
+    ///
+    /// # Safety
+    ///
+    /// `base..base + len` must be a readable and writable mapping that stays
+    /// mapped for as long as the returned `Control` (and every reference it
+    /// hands out) is alive. The memory may be shared with other processes:
+    /// only atomic operations are ever performed on it.
+    pub unsafe fn from_raw(
+        base: *mut u8,
+        len: usize,
+        layout: Layout,
+    ) -> Result<Control, LayoutError> {
+        if (base as usize) % 4096 != 0 {
+            return Err(LayoutError("control segment is not page aligned".into()));
+        }
+        if len < layout.total {
+            return Err(LayoutError(format!(
+                "control segment is {len} bytes but the layout needs {}",
+                layout.total
+            )));
+        }
+        Ok(Control { base, len, layout })
+    }
+
+    /// The layout in use.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Mapped length.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the mapping is empty (never, for a valid control segment).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// # Safety
+    /// `offset + size_of::<T>() <= self.len`, `offset` aligned for `T`, and
+    /// `T` made only of atomics (any bit pattern valid, shared access sound).
+    #[inline]
+    unsafe fn at<T>(&self, offset: usize) -> &T {
+        debug_assert!(offset + core::mem::size_of::<T>() <= self.len);
+        debug_assert!(offset % core::mem::align_of::<T>() == 0);
+        // SAFETY: guaranteed by the caller (in bounds, aligned, atomics only)
+        // and by `from_raw`'s contract (mapping alive while `self` is).
+        unsafe { &*(self.base.add(offset) as *const T) }
+    }
+
+    /// The header page.
+    pub fn header(&self) -> &ControlHeader {
+        // SAFETY: offset 0 is page aligned and the header is far smaller than
+        // the 4096 bytes reserved for it; it is made of atomics.
+        unsafe { self.at(0) }
+    }
+
+    /// Writes the header (broker, on a fresh segment).
+    pub fn init_header(&self, broker_pid: u32) {
+        let h = self.header();
+        h.version.store(LAYOUT_VERSION, Ordering::Relaxed);
+        h.broker_pid.store(broker_pid, Ordering::Relaxed);
+        h.total.store(self.layout.total as u64, Ordering::Relaxed);
+        h.magic.store(CONTROL_MAGIC, Ordering::Release);
+    }
+
+    /// Whether the header carries the expected magic, version and size.
+    pub fn header_ok(&self) -> bool {
+        let h = self.header();
+        h.magic.load(Ordering::Acquire) == CONTROL_MAGIC
+            && h.version.load(Ordering::Relaxed) == LAYOUT_VERSION
+            && h.total.load(Ordering::Relaxed) == self.layout.total as u64
+    }
+
+    /// Number of pools.
+    pub fn pools(&self) -> usize {
+        self.layout.params.pool_slots.len()
+    }
+
+    /// Slots in `pool` (0 if no such pool).
+    pub fn slots(&self, pool: usize) -> usize {
+        self.layout
+            .params
+            .pool_slots
+            .get(pool)
+            .map_or(0, |&s| s as usize)
+    }
+
+    /// The header of slot `index` in `pool`.
+    #[inline]
+    pub fn slot(&self, pool: usize, index: usize) -> Option<&SlotHeader> {
+        if index >= self.slots(pool) {
+            return None;
+        }
+        let off = self.layout.slots_offset[pool] + index * SLOT_HEADER_SIZE;
+        // SAFETY: pool and index are in range, so the header lies inside the
+        // pool's array (layout invariant), which is 64-aligned (page-aligned
+        // start, 256-byte entries); SlotHeader is made of atomics.
+        Some(unsafe { self.at(off) })
+    }
+
+    fn block(&self, channel: usize) -> Option<usize> {
+        (channel < self.layout.params.max_channels as usize)
+            .then(|| self.layout.channels_offset + channel * self.layout.channel_stride)
+    }
+
+    /// Channel record `channel`.
+    #[inline]
+    pub fn channel(&self, channel: usize) -> Option<&ChannelRecord> {
+        let off = self.block(channel)?;
+        // SAFETY: block start is page aligned and inside the segment; the
+        // record occupies the block's first line; atomics only.
+        Some(unsafe { self.at(off) })
+    }
+
+    /// Producer record `row` of `channel` (row 0 is the broker's).
+    #[inline]
+    pub fn producer(&self, channel: usize, row: usize) -> Option<&ProducerRecord> {
+        if row >= self.layout.rows() {
+            return None;
+        }
+        let stride = core::mem::size_of::<ProducerRecord>().div_ceil(64) * 64;
+        let off = self.block(channel)? + self.layout.producers_in_block + row * stride;
+        // SAFETY: row < rows, so the record lies in the block's producer
+        // array (layout invariant), 64-aligned; atomics only.
+        Some(unsafe { self.at(off) })
+    }
+
+    /// Subscriber record `sub` of `channel`.
+    #[inline]
+    pub fn subscriber(&self, channel: usize, sub: usize) -> Option<&SubscriberRecord> {
+        if sub >= self.layout.params.max_subscribers as usize {
+            return None;
+        }
+        let stride = core::mem::size_of::<SubscriberRecord>();
+        let off = self.block(channel)? + self.layout.subscribers_in_block + sub * stride;
+        // SAFETY: sub < max_subscribers, so the record lies in the block's
+        // subscriber array; SubscriberRecord is a multiple of 64 bytes and
+        // 64-aligned; atomics only.
+        Some(unsafe { self.at(off) })
+    }
+
+    /// The ring from producer `row` to subscriber `sub` of `channel`.
+    #[inline]
+    pub fn ring(&self, channel: usize, row: usize, sub: usize) -> Option<Ring<'_>> {
+        let subs = self.layout.params.max_subscribers as usize;
+        if row >= self.layout.rows() || sub >= subs {
+            return None;
+        }
+        let off = self.block(channel)?
+            + self.layout.rings_in_block
+            + (row * subs + sub) * self.layout.ring_stride;
+        let cap = self.layout.params.ring_capacity as usize;
+        // SAFETY: (row, sub) in range, so header and `cap` cells lie inside
+        // the block's ring array; the ring stride is a multiple of 64 so the
+        // header is 64-aligned and the cells 8-aligned; atomics only.
+        let header: &RingHeader = unsafe { self.at(off) };
+        // SAFETY: as above; the cells follow the 128-byte header.
+        let cells = unsafe {
+            core::slice::from_raw_parts(
+                self.base.add(off + RING_HEADER_SIZE) as *const AtomicU64,
+                cap,
+            )
+        };
+        Ring::new(header, cells)
+    }
+
+    /// Holder bit of subscriber `sub` of `channel`, as a mask.
+    #[inline]
+    pub fn subscriber_mask(&self, channel: usize, sub: usize) -> u64 {
+        self.subscriber(channel, sub).map_or(0, |s| {
+            1u64 << (s.config.holder_bit.load(Ordering::Relaxed) & 63)
+        })
+    }
+}
+
+/// A zeroed, page-aligned heap buffer laid out as a control segment, for
+/// tests and single-process simulations (the broker uses a memfd instead).
+pub struct HeapControl {
+    ptr: *mut u8,
+    alloc: std::alloc::Layout,
+    control: Control,
+}
+
+// SAFETY: the buffer is owned by this value and only accessed atomically
+// through `control`.
+unsafe impl Send for HeapControl {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for HeapControl {}
+
+impl HeapControl {
+    /// Allocates and initialises a segment for `layout`.
+    pub fn new(layout: Layout) -> HeapControl {
+        let alloc = std::alloc::Layout::from_size_align(layout.total.max(4096), 4096)
+            .expect("layout size is bounded by Layout::compute");
+        // SAFETY: the layout has non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(alloc) };
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(alloc);
+        }
+        // SAFETY: `ptr` is a fresh page-aligned zeroed allocation of at least
+        // `layout.total` bytes that lives until `Drop`, after `control`.
+        let control = unsafe { Control::from_raw(ptr, alloc.size(), layout) }
+            .expect("fresh allocation satisfies the layout");
+        control.init_header(std::process::id());
+        HeapControl {
+            ptr,
+            alloc,
+            control,
+        }
+    }
+
+    /// The control view.
+    pub fn control(&self) -> &Control {
+        &self.control
+    }
+}
+
+impl Drop for HeapControl {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with exactly this layout.
+        unsafe { std::alloc::dealloc(self.ptr, self.alloc) }
+    }
+}

@@ -1,0 +1,255 @@
+//! The producer side of the data path: loan and publish.
+//!
+//! Publish, as a sequence of atomic steps (each one a possible crash point;
+//! the broker's [`crate::reclaim`] repairs any prefix):
+//!
+//! 1. `intent_receivers = R` then `intent = VALID | desc` (SeqCst) and a
+//!    SeqCst fence, then re-read the channel's subscriber mask and narrow R.
+//!    (The broker retires a subscriber by clearing its bit in the mask and
+//!    then waiting until every producer's intent is idle or changed: the
+//!    fences guarantee that either we see the retirement or the broker sees
+//!    our intent.)
+//! 2. `holders |= bits(R)`: one atomic OR.
+//! 3. For each receiver: push the descriptor into its ring (one Release
+//!    store of the cell), applying its policy when the ring is full.
+//! 4. `holders &= !own_bit`: the producer lets go.
+//! 5. `intent = 0`.
+//!
+//! A death after 2 leaves receivers' bits set for rings that never got the
+//! descriptor; the broker finds them with [`crate::Ring::recover_last_push`]
+//! (the last entry of each of this producer's rings) and clears exactly
+//! those bits.
+
+use crate::control::Control;
+use crate::desc::Descriptor;
+use crate::park::Parker;
+use crate::records::{Mode, Policy, INTENT_VALID, STATE_ACTIVE};
+use crate::slot::{Released, SlotHeader};
+use crate::sync::{fence, Ordering};
+use std::time::Duration;
+
+/// How long a producer blocked on a full `block` ring sleeps before it
+/// re-checks that the subscriber is still alive.
+pub const BLOCK_RECHECK: Duration = Duration::from_millis(20);
+/// Spins on a full `block` ring before parking.
+const BLOCK_SPINS: u32 = 200;
+
+/// Loans a free slot of `pool` for holder `bit`, scanning from `*cursor`.
+/// Returns `(index, generation)`; `None` when every slot is held.
+#[inline]
+pub fn loan(ctl: &Control, pool: usize, bit: u64, cursor: &mut usize) -> Option<(usize, u32)> {
+    let n = ctl.slots(pool);
+    if n == 0 {
+        return None;
+    }
+    let start = *cursor % n;
+    for k in 0..n {
+        let index = (start + k) % n;
+        let slot = ctl.slot(pool, index)?;
+        // A plain load first keeps held slots' lines shared instead of
+        // bouncing them with failed CAS attempts.
+        if slot.holders.load(Ordering::Relaxed) != 0 {
+            continue;
+        }
+        if let Some(generation) = slot.try_loan(bit) {
+            *cursor = index + 1;
+            return Some((index, generation));
+        }
+    }
+    None
+}
+
+/// Releases `desc`'s slot for holder `bit` (validating the descriptor).
+#[inline]
+pub fn release_desc(ctl: &Control, desc: Descriptor, bit: u64) -> Released {
+    match ctl.slot(usize::from(desc.pool), desc.index as usize) {
+        Some(slot) => slot.release(bit),
+        None => Released::NotHeld,
+    }
+}
+
+/// What one publish did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PublishOutcome {
+    /// Subscribers the descriptor was pushed to.
+    pub delivered: u32,
+    /// Subscribers for which something was dropped (this tensor under
+    /// drop_newest, an older one under drop_oldest/latest).
+    pub dropped: u32,
+}
+
+/// A producer's position in a channel, with its private caches.
+#[derive(Debug)]
+pub struct ProducerPath<'c> {
+    /// The control segment.
+    pub ctl: &'c Control,
+    /// Channel index.
+    pub channel: usize,
+    /// This producer's ring row.
+    pub row: usize,
+    /// Broadcast or work queue.
+    pub mode: Mode,
+}
+
+impl ProducerPath<'_> {
+    /// Chooses the work-queue receiver: the active subscriber with the
+    /// fewest queued entries, ties broken round-robin from `*rr`.
+    fn choose_worker(&self, candidates: u64, rr: &mut usize) -> u64 {
+        let subs = self.ctl.layout().params.max_subscribers as usize;
+        let mut best: Option<(u64, usize)> = None;
+        for k in 0..subs {
+            let s = (*rr + k) % subs;
+            if candidates & (1 << s) == 0 {
+                continue;
+            }
+            let len = self
+                .ctl
+                .ring(self.channel, self.row, s)
+                .map_or(u64::MAX, |r| r.len());
+            if best.is_none_or(|(l, _)| len < l) {
+                best = Some((len, s));
+            }
+        }
+        match best {
+            Some((_, s)) => {
+                *rr = s + 1;
+                1 << s
+            }
+            None => 0,
+        }
+    }
+
+    /// Publishes slot `desc` (whose metadata is already written) held by
+    /// `own_bit`. `cached_heads` has one entry per subscriber index and `rr`
+    /// is the work-queue cursor; both are the producer's private state.
+    pub fn publish(
+        &self,
+        desc: Descriptor,
+        slot: &SlotHeader,
+        own_bit: u64,
+        cached_heads: &mut [u64],
+        rr: &mut usize,
+        parker: &impl Parker,
+    ) -> PublishOutcome {
+        let mut out = PublishOutcome::default();
+        let (Some(ch), Some(me)) = (
+            self.ctl.channel(self.channel),
+            self.ctl.producer(self.channel, self.row),
+        ) else {
+            slot.release(own_bit);
+            return out;
+        };
+        let subs_limit = self.ctl.layout().params.max_subscribers as usize;
+        let valid = if subs_limit >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << subs_limit) - 1
+        };
+        let packed = desc.pack();
+
+        // Step 1: announce the intent, then settle the receivers.
+        let mut receivers = ch.subscribers.load(Ordering::Acquire) & valid;
+        me.intent_receivers.store(receivers, Ordering::Relaxed);
+        me.intent.store(INTENT_VALID | packed, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        receivers &= ch.subscribers.load(Ordering::SeqCst);
+        if self.mode == Mode::Workqueue {
+            receivers = self.choose_worker(receivers, rr);
+        }
+
+        // Step 2: receivers become holders before any of them can see it.
+        let mut mask = 0u64;
+        for s in 0..subs_limit {
+            if receivers & (1 << s) != 0 {
+                mask |= self.ctl.subscriber_mask(self.channel, s);
+            }
+        }
+        slot.add_holders(mask);
+
+        // Step 3: deliver.
+        for s in 0..subs_limit {
+            if receivers & (1 << s) == 0 {
+                continue;
+            }
+            let (delivered, dropped) = self.deliver(s, packed, slot, cached_heads, parker);
+            out.delivered += u32::from(delivered);
+            out.dropped += u32::from(dropped);
+        }
+
+        // Steps 4 and 5.
+        slot.release(own_bit);
+        me.intent.store(0, Ordering::Release);
+        me.published.fetch_add(1, Ordering::Relaxed);
+        ch.published.fetch_add(1, Ordering::Relaxed);
+        out
+    }
+
+    /// Pushes to one subscriber under its policy. Returns (delivered, dropped).
+    fn deliver(
+        &self,
+        s: usize,
+        packed: u64,
+        slot: &SlotHeader,
+        cached_heads: &mut [u64],
+        parker: &impl Parker,
+    ) -> (bool, bool) {
+        let (Some(sub), Some(ring)) = (
+            self.ctl.subscriber(self.channel, s),
+            self.ctl.ring(self.channel, self.row, s),
+        ) else {
+            return (false, false);
+        };
+        let bit = self.ctl.subscriber_mask(self.channel, s);
+        let policy = Policy::from_code(sub.config.policy.load(Ordering::Relaxed));
+        let depth = match policy {
+            Policy::Latest => 1,
+            _ => u64::from(sub.config.depth.load(Ordering::Relaxed)),
+        };
+        let mut dummy = 0;
+        let cached = cached_heads.get_mut(s).unwrap_or(&mut dummy);
+        let mut dropped = false;
+        let mut spins = 0u32;
+        loop {
+            if ring.push(depth, packed, cached).is_ok() {
+                if sub.config.data.notify_needed() {
+                    parker.wake_all(&sub.config.data.seq);
+                }
+                return (true, dropped);
+            }
+            match policy {
+                Policy::DropNewest => {
+                    slot.release(bit);
+                    sub.dropped.fetch_add(1, Ordering::Relaxed);
+                    return (false, true);
+                }
+                Policy::DropOldest | Policy::Latest => {
+                    if let Some(old) = ring.steal_oldest() {
+                        release_desc(self.ctl, Descriptor::unpack(old), bit);
+                        sub.dropped.fetch_add(1, Ordering::Relaxed);
+                        dropped = true;
+                    }
+                }
+                Policy::Block => {
+                    if sub.config.state.load(Ordering::Acquire) != STATE_ACTIVE {
+                        // The subscriber is gone; the broker clears its bits.
+                        slot.release(bit);
+                        return (false, false);
+                    }
+                    if spins < BLOCK_SPINS {
+                        spins += 1;
+                        crate::sync::spin_hint();
+                        continue;
+                    }
+                    let space = &ring.header().consumer.space;
+                    let key = space.prepare_wait();
+                    if ring.len() >= depth.clamp(1, ring.capacity())
+                        && sub.config.state.load(Ordering::Acquire) == STATE_ACTIVE
+                    {
+                        parker.wait(&space.seq, key, BLOCK_RECHECK);
+                    }
+                    space.cancel_wait();
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! The consumer side of the data path: take a descriptor, validate it, and
+//! release the slot when done.
+
+use crate::control::Control;
+use crate::desc::Descriptor;
+use crate::meta::{ShapeError, TensorMeta};
+use crate::park::Parker;
+use crate::sync::Ordering;
+use std::fmt;
+
+/// A descriptor or header that failed validation. The hold it carried (if
+/// the slot was real and ours) has been released.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Corruption {
+    /// Pool or slot index out of range.
+    BadIndex {
+        /// Pool read from the descriptor.
+        pool: u8,
+        /// Index read from the descriptor.
+        index: u32,
+    },
+    /// The slot has moved on to another generation.
+    StaleGeneration {
+        /// Generation in the descriptor (low 16 bits).
+        expected: u16,
+        /// Generation in the slot header.
+        found: u32,
+    },
+    /// Our holder bit is not set on the slot.
+    NotHolder,
+    /// The metadata does not describe a tensor inside the slot.
+    BadMeta(ShapeError),
+    /// The slot's pool may not be read by this handle.
+    ForeignPool {
+        /// Pool index.
+        pool: u8,
+    },
+}
+
+impl fmt::Display for Corruption {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Corruption::BadIndex { pool, index } => {
+                write!(
+                    f,
+                    "descriptor names pool {pool} slot {index}, which does not exist"
+                )
+            }
+            Corruption::StaleGeneration { expected, found } => write!(
+                f,
+                "descriptor generation {expected} does not match slot generation {found}"
+            ),
+            Corruption::NotHolder => f.write_str("slot is not held by this subscriber"),
+            Corruption::BadMeta(e) => write!(f, "slot metadata is invalid: {e}"),
+            Corruption::ForeignPool { pool } => {
+                write!(
+                    f,
+                    "descriptor names pool {pool}, which this channel does not use"
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for Corruption {}
+
+/// A subscriber's position in a channel, with its private cursor.
+#[derive(Debug)]
+pub struct SubscriberPath<'c> {
+    /// The control segment.
+    pub ctl: &'c Control,
+    /// Channel index.
+    pub channel: usize,
+    /// Subscriber index.
+    pub sub: usize,
+    /// This subscriber's holder bit, as a mask.
+    pub bit: u64,
+    /// Whether producers may block on us (then pops must wake them).
+    pub lossless: bool,
+}
+
+impl SubscriberPath<'_> {
+    /// Pops the next descriptor from any producer row, starting at `*cursor`
+    /// (round-robin for fairness). Does not validate.
+    #[inline]
+    pub fn pop(&self, cursor: &mut usize, parker: &impl Parker) -> Option<Descriptor> {
+        let ch = self.ctl.channel(self.channel)?;
+        let rows_mask = ch.producer_rows.load(Ordering::Acquire);
+        if rows_mask == 0 {
+            return None;
+        }
+        let rows = self.ctl.layout().rows();
+        for k in 0..rows {
+            let row = (*cursor + k) % rows;
+            if rows_mask & (1 << row) == 0 {
+                continue;
+            }
+            let Some(ring) = self.ctl.ring(self.channel, row, self.sub) else {
+                continue;
+            };
+            if let Some(bits) = ring.pop() {
+                *cursor = row + 1;
+                if self.lossless && ring.header().consumer.space.notify_needed() {
+                    parker.wake_all(&ring.header().consumer.space.seq);
+                }
+                return Some(Descriptor::unpack(bits));
+            }
+        }
+        None
+    }
+
+    /// Whether any ring has an entry waiting.
+    pub fn has_entry(&self) -> bool {
+        let Some(ch) = self.ctl.channel(self.channel) else {
+            return false;
+        };
+        let rows_mask = ch.producer_rows.load(Ordering::Acquire);
+        (0..self.ctl.layout().rows()).any(|row| {
+            rows_mask & (1 << row) != 0
+                && self
+                    .ctl
+                    .ring(self.channel, row, self.sub)
+                    .is_some_and(|r| r.has_entry())
+        })
+    }
+
+    /// Validates a popped descriptor against the slot it names and copies
+    /// the metadata out. `capacity(pool)` gives the payload bytes of a slot
+    /// of `pool`, or `None` if this handle may not read that pool. On error
+    /// our hold (if any) is released.
+    #[inline]
+    pub fn validate(
+        &self,
+        desc: Descriptor,
+        capacity: impl Fn(usize) -> Option<u64>,
+    ) -> Result<TensorMeta, Corruption> {
+        let pool = usize::from(desc.pool);
+        let Some(slot) = self.ctl.slot(pool, desc.index as usize) else {
+            return Err(Corruption::BadIndex {
+                pool: desc.pool,
+                index: desc.index,
+            });
+        };
+        let fail = |c: Corruption| {
+            slot.release(self.bit);
+            Err(c)
+        };
+        let generation = slot.generation.load(Ordering::Acquire);
+        if !desc.matches_generation(generation) {
+            // Not ours to release: the slot belongs to a later use.
+            return Err(Corruption::StaleGeneration {
+                expected: desc.generation,
+                found: generation,
+            });
+        }
+        if slot.holders() & self.bit == 0 {
+            return Err(Corruption::NotHolder);
+        }
+        let Some(cap) = capacity(pool) else {
+            return fail(Corruption::ForeignPool { pool: desc.pool });
+        };
+        let meta = match slot.read_meta() {
+            Ok(m) => m,
+            Err(code) => return fail(Corruption::BadMeta(ShapeError::BadDType { code })),
+        };
+        if let Err(e) = meta.validate(cap) {
+            return fail(Corruption::BadMeta(e));
+        }
+        Ok(meta)
+    }
+
+    /// Counts a delivered tensor in the shared statistics.
+    #[inline]
+    pub fn count_delivered(&self) {
+        if let Some(s) = self.ctl.subscriber(self.channel, self.sub) {
+            // Only this consumer writes the counter: a load+store avoids a
+            // locked instruction.
+            let d = &s.delivered;
+            d.store(d.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+        }
+    }
+}

@@ -1,0 +1,285 @@
+//! Slot headers and the holder word: ownership that survives a kill -9.
+//!
+//! Each slot header carries `holders`, one bit per holder handle (producer,
+//! subscriber or stage; the broker hands out the bit numbers). The bits are
+//! the truth about who holds a slot:
+//!
+//! * a **loan** is `CAS(holders, 0 -> my_bit)`: taking the slot and writing
+//!   down who took it are one atomic step, so no crash can separate them;
+//! * **publish** sets the receivers' bits before pushing descriptors and
+//!   clears the producer's own bit after;
+//! * a **release** clears one bit; the slot is free again when the word is 0;
+//! * clearing a bit twice is harmless, so the broker's reclaim of a dead
+//!   client (clear its bits everywhere) is idempotent.
+//!
+//! The generation counter is bumped by the loaner right after its CAS won,
+//! while it holds the slot exclusively, so a descriptor of an earlier use can
+//! never validate against the new one.
+
+use crate::meta::{TensorMeta, MAX_DIMS, USER_HEADER_LEN};
+use crate::sync::{AtomicI64, AtomicU32, AtomicU64, Ordering};
+use crate::DType;
+
+/// Size of one slot header in the control segment.
+pub const SLOT_HEADER_SIZE: usize = 256;
+
+/// What a release did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Released {
+    /// The caller cleared the last bit: the slot is free.
+    Freed,
+    /// Others still hold the slot.
+    StillHeld,
+    /// The caller's bit was not set (double release, or reclaimed already).
+    NotHeld,
+}
+
+/// One slot's header: holder word, generation and tensor metadata.
+///
+/// Line 0 holds what every message touches (holders, generation, dtype, ndim,
+/// shape, nbytes, seq), line 1 the strides, line 2 timestamp and producer,
+/// line 3 the user header. Every field is an atomic: the header lives in
+/// shared memory that other processes may write at any time, and any bit
+/// pattern is a valid value (validation happens on the copied-out
+/// [`TensorMeta`]).
+#[repr(C, align(64))]
+#[derive(Debug)]
+pub struct SlotHeader {
+    /// One bit per holder handle; 0 = free.
+    pub holders: AtomicU64,
+    /// Bumped on every loan.
+    pub generation: AtomicU32,
+    /// dtype code | ndim << 8 | user_len << 16.
+    pub dtype_ndim: AtomicU32,
+    /// Payload bytes in use.
+    pub nbytes: AtomicU64,
+    /// Extents.
+    pub shape: [AtomicU32; MAX_DIMS],
+    /// Sequence number.
+    pub seq: AtomicU64,
+    /// Byte strides.
+    pub strides: [AtomicI64; MAX_DIMS],
+    /// CLOCK_MONOTONIC ns at publish.
+    pub timestamp_ns: AtomicU64,
+    /// Publishing client id.
+    pub producer: AtomicU32,
+    /// Reserved for future use (keeps line 2 whole).
+    pub reserved32: AtomicU32,
+    /// Reserved for future use.
+    pub reserved: [AtomicU64; 6],
+    /// User header bytes, little-endian packed.
+    pub user: [AtomicU64; USER_HEADER_LEN / 8],
+}
+
+#[cfg(not(loom))]
+const _: () = assert!(core::mem::size_of::<SlotHeader>() == SLOT_HEADER_SIZE);
+
+impl Default for SlotHeader {
+    fn default() -> Self {
+        SlotHeader::new()
+    }
+}
+
+impl SlotHeader {
+    /// A free header (for tests and loom; shared memory starts zeroed).
+    pub fn new() -> SlotHeader {
+        SlotHeader {
+            holders: AtomicU64::new(0),
+            generation: AtomicU32::new(0),
+            dtype_ndim: AtomicU32::new(0),
+            nbytes: AtomicU64::new(0),
+            shape: core::array::from_fn(|_| AtomicU32::new(0)),
+            seq: AtomicU64::new(0),
+            strides: core::array::from_fn(|_| AtomicI64::new(0)),
+            timestamp_ns: AtomicU64::new(0),
+            producer: AtomicU32::new(0),
+            reserved32: AtomicU32::new(0),
+            reserved: core::array::from_fn(|_| AtomicU64::new(0)),
+            user: core::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+
+    /// Tries to loan the slot for `bit`: one CAS from 0. On success returns
+    /// the new generation (the caller now holds the slot exclusively).
+    #[inline]
+    pub fn try_loan(&self, bit: u64) -> Option<u32> {
+        // Acquire on success: everything the previous holders did with the
+        // payload (their Release in `release`) happens-before our writes.
+        self.holders
+            .compare_exchange(0, bit, Ordering::Acquire, Ordering::Relaxed)
+            .ok()?;
+        // We are the only holder, so nobody else writes the generation now.
+        let generation = self.generation.load(Ordering::Relaxed).wrapping_add(1);
+        self.generation.store(generation, Ordering::Relaxed);
+        Some(generation)
+    }
+
+    /// Adds holder bits (publish sets the receivers before pushing).
+    #[inline]
+    pub fn add_holders(&self, mask: u64) {
+        // Relaxed suffices for the bits themselves: receivers learn about the
+        // slot through the ring entry (Release/Acquire), which is ordered after.
+        self.holders.fetch_or(mask, Ordering::Relaxed);
+    }
+
+    /// Clears `bit`. Release: our reads and writes of the payload
+    /// happen-before the next loaner's Acquire CAS.
+    #[inline]
+    pub fn release(&self, bit: u64) -> Released {
+        let before = self.holders.fetch_and(!bit, Ordering::AcqRel);
+        if before & bit == 0 {
+            Released::NotHeld
+        } else if before == bit {
+            Released::Freed
+        } else {
+            Released::StillHeld
+        }
+    }
+
+    /// Current holder bits.
+    #[inline]
+    pub fn holders(&self) -> u64 {
+        self.holders.load(Ordering::Acquire)
+    }
+
+    /// Writes metadata (by the exclusive holder, before publishing; the ring
+    /// push's Release store makes it visible to receivers).
+    pub fn write_meta(&self, m: &TensorMeta) {
+        let packed =
+            u32::from(m.dtype.code()) | (u32::from(m.ndim) << 8) | (u32::from(m.user_len) << 16);
+        self.dtype_ndim.store(packed, Ordering::Relaxed);
+        self.nbytes.store(m.nbytes, Ordering::Relaxed);
+        for i in 0..MAX_DIMS {
+            self.shape[i].store(m.shape[i], Ordering::Relaxed);
+            self.strides[i].store(m.strides[i], Ordering::Relaxed);
+        }
+        self.seq.store(m.seq, Ordering::Relaxed);
+        self.timestamp_ns.store(m.timestamp_ns, Ordering::Relaxed);
+        self.producer.store(m.producer, Ordering::Relaxed);
+        if m.user_len > 0 {
+            for (i, chunk) in m.user.chunks_exact(8).enumerate() {
+                let mut w = [0u8; 8];
+                w.copy_from_slice(chunk);
+                self.user[i].store(u64::from_le_bytes(w), Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Writes only the publish-time fields (seq, timestamp, producer).
+    #[inline]
+    pub fn stamp(&self, seq: u64, timestamp_ns: u64, producer: u32) {
+        self.seq.store(seq, Ordering::Relaxed);
+        self.timestamp_ns.store(timestamp_ns, Ordering::Relaxed);
+        self.producer.store(producer, Ordering::Relaxed);
+    }
+
+    /// Copies the metadata out. The result is unvalidated (call
+    /// [`TensorMeta::validate`]); `Err(code)` if the dtype code is garbage.
+    pub fn read_meta(&self) -> Result<TensorMeta, u8> {
+        let packed = self.dtype_ndim.load(Ordering::Relaxed);
+        let code = packed as u8;
+        let dtype = DType::from_code(code).ok_or(code)?;
+        let mut m = TensorMeta {
+            dtype,
+            ndim: (packed >> 8) as u8,
+            shape: [0; MAX_DIMS],
+            strides: [0; MAX_DIMS],
+            nbytes: self.nbytes.load(Ordering::Relaxed),
+            seq: self.seq.load(Ordering::Relaxed),
+            timestamp_ns: self.timestamp_ns.load(Ordering::Relaxed),
+            producer: self.producer.load(Ordering::Relaxed),
+            user_len: (packed >> 16) as u8,
+            user: [0; USER_HEADER_LEN],
+        };
+        for i in 0..MAX_DIMS {
+            m.shape[i] = self.shape[i].load(Ordering::Relaxed);
+            m.strides[i] = self.strides[i].load(Ordering::Relaxed);
+        }
+        if m.user_len > 0 {
+            for (i, chunk) in m.user.chunks_exact_mut(8).enumerate() {
+                chunk.copy_from_slice(&self.user[i].load(Ordering::Relaxed).to_le_bytes());
+            }
+        }
+        Ok(m)
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loan_publish_release_cycle() {
+        let h = SlotHeader::new();
+        let g1 = h.try_loan(0b001).unwrap();
+        assert_eq!(h.try_loan(0b100), None, "loan is exclusive");
+        h.add_holders(0b110);
+        assert_eq!(h.release(0b001), Released::StillHeld);
+        assert_eq!(
+            h.release(0b001),
+            Released::NotHeld,
+            "double release is harmless"
+        );
+        assert_eq!(h.release(0b010), Released::StillHeld);
+        assert_eq!(h.release(0b100), Released::Freed);
+        let g2 = h.try_loan(0b001).unwrap();
+        assert_eq!(g2, g1.wrapping_add(1));
+    }
+
+    #[test]
+    fn meta_round_trip() {
+        let h = SlotHeader::new();
+        let mut m = TensorMeta::contiguous(DType::BF16, &[3, 5, 7]).unwrap();
+        m.seq = 42;
+        m.timestamp_ns = 7;
+        m.producer = 9;
+        m.set_user_header(b"frame=17 cam=2").unwrap();
+        h.write_meta(&m);
+        assert_eq!(h.read_meta().unwrap(), m);
+        h.dtype_ndim.store(0xFF, Ordering::Relaxed);
+        assert_eq!(h.read_meta(), Err(0xFF));
+    }
+}
+
+#[cfg(all(test, loom))]
+mod loom_tests {
+    use super::*;
+    use loom::sync::Arc;
+
+    /// Two producers race for one free slot: exactly one wins.
+    #[test]
+    fn loan_is_exclusive() {
+        loom::model(|| {
+            let h = Arc::new(SlotHeader::new());
+            let h2 = h.clone();
+            let t = loom::thread::spawn(move || h2.try_loan(0b01).is_some());
+            let a = h.try_loan(0b10).is_some();
+            let b = t.join().unwrap();
+            assert!(a ^ b);
+        });
+    }
+
+    /// Producer clears its own bit while two receivers release: exactly one
+    /// party observes `Freed`, and the slot ends free.
+    #[test]
+    fn exactly_one_frees() {
+        loom::model(|| {
+            let h = Arc::new(SlotHeader::new());
+            h.try_loan(0b001).unwrap();
+            h.add_holders(0b110);
+            let mut threads = Vec::new();
+            for bit in [0b010u64, 0b100] {
+                let h = h.clone();
+                threads.push(loom::thread::spawn(move || {
+                    h.release(bit) == Released::Freed
+                }));
+            }
+            let mut freed = usize::from(h.release(0b001) == Released::Freed);
+            for t in threads {
+                freed += usize::from(t.join().unwrap());
+            }
+            assert_eq!(freed, 1);
+            assert_eq!(h.holders(), 0);
+        });
+    }
+}

@@ -1,0 +1,324 @@
+//! Consumers: receive read-only views of the very bytes a producer wrote.
+
+use crate::client::{Inner, PoolRef};
+use crate::element::{cast_slice, Element};
+use crate::error::{RecvError, TryRecvError, TypeError};
+use crate::parker::FutexParker;
+use crate::producer::SlotId;
+use std::cell::Cell;
+use std::sync::Arc;
+use std::time::Duration;
+use tensorbus_core::proto::ChannelInfo;
+use tensorbus_core::receive::SubscriberPath;
+use tensorbus_core::sync::spin_hint;
+use tensorbus_core::{DType, Descriptor, Policy, TensorMeta};
+
+/// How `recv` waits when nothing is queued.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaitStrategy {
+    /// Spin without ever sleeping: lowest latency, burns a core.
+    BusyPoll,
+    /// Spin for up to `spin` then sleep on a futex (the default: 50 µs).
+    SpinThenPark {
+        /// How long to spin before parking.
+        spin: Duration,
+    },
+    /// Sleep on a futex at once.
+    Park,
+}
+
+impl Default for WaitStrategy {
+    fn default() -> Self {
+        WaitStrategy::SpinThenPark {
+            spin: Duration::from_micros(50),
+        }
+    }
+}
+
+/// Longest single futex sleep; waits re-check their deadline this often.
+const PARK_SLICE: Duration = Duration::from_millis(100);
+
+/// The reading end of a channel (one subscription).
+///
+/// ```no_run
+/// # let client = tensorbus::Client::connect()?;
+/// let consumer = client.consumer("camera/raw")?;
+/// let t = consumer.recv()?;                      // read-only view, no copy
+/// println!("seq {} shape {:?} {}", t.seq(), t.shape(), t.dtype());
+/// let sum: u64 = t.iter().map(|&b| u64::from(b)).sum();
+/// drop(t);                                       // releases the slot
+/// # let _ = sum;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct Consumer {
+    pub(crate) inner: Arc<Inner>,
+    pub(crate) handle: u32,
+    pub(crate) bit: u64,
+    pub(crate) sub: usize,
+    pub(crate) channel: ChannelInfo,
+    pub(crate) policy: Policy,
+    pub(crate) depth: u32,
+    pub(crate) pools: Vec<Option<PoolRef>>,
+    pub(crate) cursor: Cell<usize>,
+    pub(crate) wait: WaitStrategy,
+}
+
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer")
+            .field("channel", &self.channel.name)
+            .field("handle", &self.handle)
+            .field("policy", &self.policy)
+            .field("depth", &self.depth)
+            .finish()
+    }
+}
+
+/// A received tensor's raw parts, before a view is made of them.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Received {
+    pub id: SlotId,
+    pub ptr: *mut u8,
+    pub meta: TensorMeta,
+}
+
+impl Consumer {
+    /// The channel's name.
+    pub fn channel(&self) -> &str {
+        &self.channel.name
+    }
+    /// Broker handle id.
+    pub fn handle(&self) -> u32 {
+        self.handle
+    }
+    /// Policy in effect.
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+    /// Ring depth in effect.
+    pub fn depth(&self) -> u32 {
+        self.depth
+    }
+    /// Changes how `recv` waits.
+    pub fn set_wait_strategy(&mut self, wait: WaitStrategy) {
+        self.wait = wait;
+    }
+
+    fn path(&self) -> SubscriberPath<'_> {
+        SubscriberPath {
+            ctl: &self.inner.control,
+            channel: self.channel.index as usize,
+            sub: self.sub,
+            bit: self.bit,
+            lossless: self.policy == Policy::Block,
+        }
+    }
+
+    pub(crate) fn try_take(&self) -> Result<Received, TryRecvError> {
+        let path = self.path();
+        let mut cursor = self.cursor.get();
+        let desc = path.pop(&mut cursor, &FutexParker);
+        self.cursor.set(cursor);
+        let desc: Descriptor = desc.ok_or(TryRecvError::Empty)?;
+        let pools = &self.pools;
+        let meta = path.validate(desc, |p| {
+            pools.get(p).copied().flatten().map(|r| r.slot_size)
+        })?;
+        path.count_delivered();
+        let r = self.pools[usize::from(desc.pool)].expect("validated pool is mapped");
+        let generation = self
+            .inner
+            .control
+            .slot(usize::from(desc.pool), desc.index as usize)
+            .map_or(0, |s| {
+                s.generation.load(std::sync::atomic::Ordering::Relaxed)
+            });
+        Ok(Received {
+            id: SlotId {
+                pool: desc.pool,
+                index: desc.index,
+                generation,
+            },
+            // SAFETY: validate checked index < slots, and the mapping spans
+            // slots * stride bytes.
+            ptr: unsafe { r.base.add(desc.index as usize * r.stride as usize) },
+            meta,
+        })
+    }
+
+    pub(crate) fn take_timeout(&self, timeout: Option<Duration>) -> Result<Received, RecvError> {
+        let start = std::time::Instant::now();
+        let expired = || timeout.is_some_and(|t| start.elapsed() >= t);
+        let spin = match self.wait {
+            WaitStrategy::BusyPoll => None,
+            WaitStrategy::SpinThenPark { spin } => Some(spin),
+            WaitStrategy::Park => Some(Duration::ZERO),
+        };
+        let mut spins = 0u32;
+        loop {
+            match self.try_take() {
+                Ok(r) => return Ok(r),
+                Err(TryRecvError::Corrupted(c)) => return Err(RecvError::Corrupted(c)),
+                Err(TryRecvError::Empty) => {}
+            }
+            spins = spins.wrapping_add(1);
+            // Check the clock only every 64 spins (it costs tens of ns).
+            if spins % 64 != 0 {
+                spin_hint();
+                continue;
+            }
+            if expired() {
+                return Err(RecvError::Timeout(timeout.unwrap_or_default()));
+            }
+            match spin {
+                None => spin_hint(),
+                Some(s) if start.elapsed() < s => spin_hint(),
+                Some(_) => self.park(timeout.map(|t| t.saturating_sub(start.elapsed()))),
+            }
+        }
+    }
+
+    /// Sleeps until a producer signals (or the slice/remaining time ends).
+    fn park(&self, remaining: Option<Duration>) {
+        let Some(sub) = self
+            .inner
+            .control
+            .subscriber(self.channel.index as usize, self.sub)
+        else {
+            std::thread::sleep(Duration::from_millis(1));
+            return;
+        };
+        let ev = &sub.config.data;
+        let key = ev.prepare_wait();
+        if !self.path().has_entry() {
+            let slice = remaining.map_or(PARK_SLICE, |r| r.min(PARK_SLICE));
+            tensorbus_shm::futex::wait(&ev.seq, key, Some(slice));
+        }
+        ev.cancel_wait();
+    }
+
+    /// Returns the next tensor if one is queued, without waiting.
+    pub fn try_recv(&self) -> Result<Tensor<'_>, TryRecvError> {
+        self.try_take().map(|r| Tensor { consumer: self, r })
+    }
+
+    /// Waits for the next tensor (spinning, then sleeping, per the wait strategy).
+    pub fn recv(&self) -> Result<Tensor<'_>, RecvError> {
+        self.take_timeout(None)
+            .map(|r| Tensor { consumer: self, r })
+    }
+
+    /// Waits at most `timeout` for the next tensor.
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<Tensor<'_>, RecvError> {
+        self.take_timeout(Some(timeout))
+            .map(|r| Tensor { consumer: self, r })
+    }
+
+    /// Releases a slot this subscriber holds.
+    pub(crate) fn release(&self, id: SlotId) {
+        if let Some(slot) = self
+            .inner
+            .control
+            .slot(usize::from(id.pool), id.index as usize)
+        {
+            slot.release(self.bit);
+        }
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        self.inner.close_handle(self.handle);
+    }
+}
+
+/// A received tensor: a read-only view of the slot the producer wrote.
+/// Dropping it releases the slot (the last release frees it).
+pub struct Tensor<'c> {
+    consumer: &'c Consumer,
+    r: Received,
+}
+
+impl std::fmt::Debug for Tensor<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tensor")
+            .field("slot", &self.r.id)
+            .field("meta", &self.r.meta)
+            .finish()
+    }
+}
+
+impl Tensor<'_> {
+    /// Where the slot is.
+    pub fn slot_id(&self) -> SlotId {
+        self.r.id
+    }
+    /// All metadata (validated against the slot bounds at receive time).
+    pub fn meta(&self) -> &TensorMeta {
+        &self.r.meta
+    }
+    /// Extents.
+    pub fn shape(&self) -> &[u32] {
+        self.r.meta.shape()
+    }
+    /// Byte strides.
+    pub fn strides(&self) -> &[i64] {
+        self.r.meta.strides()
+    }
+    /// Element type.
+    pub fn dtype(&self) -> DType {
+        self.r.meta.dtype
+    }
+    /// Per-producer sequence number.
+    pub fn seq(&self) -> u64 {
+        self.r.meta.seq
+    }
+    /// CLOCK_MONOTONIC nanoseconds at publish.
+    pub fn timestamp_ns(&self) -> u64 {
+        self.r.meta.timestamp_ns
+    }
+    /// Id of the publishing client.
+    pub fn producer_id(&self) -> u32 {
+        self.r.meta.producer
+    }
+    /// The user header.
+    pub fn user_header(&self) -> &[u8] {
+        self.r.meta.user_header()
+    }
+    /// Address of the first payload byte.
+    pub fn as_ptr(&self) -> *const u8 {
+        self.r.ptr
+    }
+    /// The tensor as a typed slice (dtype must match; contiguous).
+    pub fn as_slice_of<T: Element>(&self) -> Result<&[T], TypeError> {
+        if T::DTYPE != self.r.meta.dtype {
+            return Err(TypeError::WrongDType {
+                actual: self.r.meta.dtype,
+                requested: T::DTYPE,
+            });
+        }
+        if !self.r.meta.is_contiguous() {
+            return Err(TypeError::NotContiguous);
+        }
+        // SAFETY: see `Deref`; `cast_slice` checks alignment and size.
+        unsafe { cast_slice::<T>(self.r.ptr, self.r.meta.nbytes as usize) }
+            .ok_or(TypeError::NotContiguous)
+    }
+}
+
+impl std::ops::Deref for Tensor<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: validation checked nbytes <= slot_size, so the range lies
+        // inside our slot of a mapping the consumer's client keeps alive; we
+        // hold the slot (our holder bit) until drop, so no producer may loan
+        // and rewrite it meanwhile.
+        unsafe { std::slice::from_raw_parts(self.r.ptr, self.r.meta.nbytes as usize) }
+    }
+}
+
+impl Drop for Tensor<'_> {
+    fn drop(&mut self) {
+        self.consumer.release(self.r.id);
+    }
+}

@@ -1,0 +1,173 @@
+//! One error enum per operation, each with messages a user can act on.
+
+use std::path::PathBuf;
+use std::time::Duration;
+pub use tensorbus_core::receive::Corruption;
+use tensorbus_core::ShapeError;
+
+/// Why [`crate::Client::connect`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// Nothing listens at the socket path.
+    #[error("broker unreachable at {path}: {reason}. Start one with `tensorbus broker` (or `tensorbus broker --socket {path}`), or point TENSORBUS_SOCKET at a running broker's socket")]
+    BrokerUnavailable {
+        /// Socket path tried.
+        path: PathBuf,
+        /// What the OS said.
+        reason: String,
+    },
+    /// The broker refused this process.
+    #[error("broker at {path} refused the connection: {message}")]
+    PermissionDenied {
+        /// Socket path.
+        path: PathBuf,
+        /// The broker's reason.
+        message: String,
+    },
+    /// The broker speaks another protocol or layout version, or sent garbage.
+    #[error("broker protocol error: {0}")]
+    Protocol(String),
+    /// Mapping the shared memory failed.
+    #[error("could not map the broker's shared memory: {0}")]
+    Map(#[source] std::io::Error),
+}
+
+/// Why a control request (open, close, stat) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// The broker went away (control requests need it; data keeps flowing on mapped pools).
+    #[error("broker at {path} is unavailable: {reason}. Tensors on already-open channels keep flowing; restart the broker with `tensorbus broker` to open new handles")]
+    BrokerUnavailable {
+        /// Socket path.
+        path: PathBuf,
+        /// What failed.
+        reason: String,
+    },
+    /// The broker sent something unexpected.
+    #[error("broker protocol error: {0}")]
+    Protocol(String),
+}
+
+/// Why opening a producer, consumer or stage failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// No channel of that name; `known` lists the existing ones.
+    #[error("unknown channel {channel:?}; known channels: [{}]. Declare it in the broker config or open a producer with create options", known.join(", "))]
+    ChannelNotFound {
+        /// Name asked for.
+        channel: String,
+        /// Channels that exist.
+        known: Vec<String>,
+    },
+    /// A name broke the naming rules.
+    #[error("invalid name: {0}")]
+    InvalidName(String),
+    /// An option was out of range.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// A fixed limit (64 holder handles per broker, producers or subscribers per channel, channels) was reached.
+    #[error("limit reached: {0}")]
+    LimitReached(String),
+    /// The broker does not allow this.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// A control request failed.
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    /// Mapping a pool failed.
+    #[error("could not map pool: {0}")]
+    Map(#[source] std::io::Error),
+}
+
+/// Why a loan failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LoanError {
+    /// Every slot of every pool that fits is held.
+    #[error("pool {pool:?} exhausted: all {slots} slots are held ({holders}). Release received tensors sooner, add slots to the pool, or use loan_timeout to wait; `tensorbus stat` shows who holds what")]
+    PoolExhausted {
+        /// The smallest pool that fits.
+        pool: String,
+        /// Its slots.
+        slots: u32,
+        /// Who holds them, by holder handle.
+        holders: String,
+    },
+    /// The tensor is larger than any pool the channel may use.
+    #[error("tensor of {nbytes} bytes does not fit channel {channel:?}: its largest pool slot holds {largest} bytes. Add a larger pool to the channel in the broker config")]
+    TooLarge {
+        /// Bytes asked for.
+        nbytes: u64,
+        /// Largest slot.
+        largest: u64,
+        /// Channel.
+        channel: String,
+    },
+    /// The shape or dtype is not acceptable.
+    #[error("bad shape: {0}")]
+    Shape(#[from] ShapeError),
+    /// No slot became free in time.
+    #[error("no slot of channel {channel:?} became free within {timeout:?}")]
+    Timeout {
+        /// Channel.
+        channel: String,
+        /// How long we waited.
+        timeout: Duration,
+    },
+}
+
+/// Why a publish or forward failed. The tensor is released.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The slot's pool is not one the target channel may use.
+    #[error("cannot forward a slot of pool {pool:?} to channel {channel:?}, which does not use that pool; add it to the channel's pools")]
+    PoolNotAllowed {
+        /// Pool of the slot.
+        pool: String,
+        /// Target channel.
+        channel: String,
+    },
+    /// Bad metadata (e.g. a user header that is too long).
+    #[error("bad metadata: {0}")]
+    Shape(#[from] ShapeError),
+}
+
+/// Why [`crate::Consumer::try_recv`] returned nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum TryRecvError {
+    /// Nothing is queued.
+    #[error("no tensor queued")]
+    Empty,
+    /// A queued descriptor or its slot header was invalid (the message is skipped).
+    #[error("corrupted descriptor: {0}")]
+    Corrupted(#[from] Corruption),
+}
+
+/// Why [`crate::Consumer::recv`] or `recv_timeout` returned nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum RecvError {
+    /// Nothing arrived in time.
+    #[error("no tensor arrived within {0:?}")]
+    Timeout(Duration),
+    /// A queued descriptor or its slot header was invalid (the message is skipped).
+    #[error("corrupted descriptor: {0}")]
+    Corrupted(#[from] Corruption),
+    /// A stage could not get exclusive hold of the slot.
+    #[error("slot is still shared after {0:?}; stages need a work-queue input channel")]
+    NotExclusive(Duration),
+}
+
+/// Why a typed view could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum TypeError {
+    /// The tensor's dtype is another one.
+    #[error("tensor has dtype {actual}, not {requested}")]
+    WrongDType {
+        /// dtype of the tensor.
+        actual: tensorbus_core::DType,
+        /// dtype asked for.
+        requested: tensorbus_core::DType,
+    },
+    /// The view would not be contiguous or aligned.
+    #[error("tensor is not contiguous and aligned for a typed slice")]
+    NotContiguous,
+}

@@ -1,0 +1,54 @@
+//! # tensorbus
+//!
+//! Zero-copy tensor IPC between processes on one host. A broker
+//! (`tensorbus broker`) creates shared-memory pools of tensor slots;
+//! producers loan a slot, write the tensor in place and publish; consumers
+//! receive a read-only view of the very same bytes; stages change a slot in
+//! place and forward it. Nothing on that path copies, allocates, or makes a
+//! syscall unless a receiver is asleep.
+//!
+//! ```no_run
+//! use tensorbus::{Client, DType};
+//!
+//! let client = Client::connect()?;                       // $TENSORBUS_SOCKET or the default path
+//! let mut camera = client.producer("camera/raw")?;
+//! let inference = client.consumer("camera/raw")?;
+//!
+//! let mut frame = camera.loan(&[480, 640, 3], DType::U8)?;
+//! frame.fill(0x10);
+//! frame.publish()?;
+//!
+//! let t = inference.recv()?;                             // the same bytes, read-only
+//! assert_eq!(t.shape(), &[480, 640, 3]);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! Errors are one enum per operation ([`ConnectError`], [`OpenError`],
+//! [`LoanError`], [`PublishError`], [`RecvError`], [`TryRecvError`]).
+
+#![deny(missing_docs)]
+
+mod client;
+mod consumer;
+mod element;
+pub mod error;
+mod open;
+mod parker;
+mod paths;
+mod producer;
+mod stage;
+
+pub use client::Client;
+pub use consumer::{Consumer, Tensor, WaitStrategy};
+pub use element::Element;
+pub use error::{
+    ConnectError, Corruption, LoanError, OpenError, PublishError, RecvError, RequestError,
+    TryRecvError, TypeError,
+};
+pub use open::{ConsumerOptions, ProducerOptions};
+pub use paths::{socket_path, SOCKET_ENV};
+pub use producer::{Producer, SlotId, TensorMut};
+pub use stage::{Stage, StagedTensor};
+pub use tensorbus_core::proto::{ChannelSpec, PoolInfo, StatReport};
+pub use tensorbus_core::publish::PublishOutcome;
+pub use tensorbus_core::{DType, Mode, Policy, ShapeError, TensorMeta, MAX_DIMS, USER_HEADER_LEN};

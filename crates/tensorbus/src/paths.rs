@@ -1,0 +1,29 @@
+//! Where the broker's socket is.
+
+use std::path::{Path, PathBuf};
+
+/// Environment variable that overrides the default socket path.
+pub const SOCKET_ENV: &str = "TENSORBUS_SOCKET";
+
+/// The socket path to use: `explicit` if given, else `$TENSORBUS_SOCKET`,
+/// else `$XDG_RUNTIME_DIR/tensorbus/broker.sock`, else
+/// `/tmp/tensorbus-$UID/broker.sock`.
+///
+/// ```
+/// let p = tensorbus::socket_path(Some(std::path::Path::new("/run/x.sock")));
+/// assert_eq!(p, std::path::PathBuf::from("/run/x.sock"));
+/// ```
+pub fn socket_path(explicit: Option<&Path>) -> PathBuf {
+    if let Some(p) = explicit {
+        return p.to_path_buf();
+    }
+    if let Some(p) = std::env::var_os(SOCKET_ENV).filter(|v| !v.is_empty()) {
+        return PathBuf::from(p);
+    }
+    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
+        return PathBuf::from(dir).join("tensorbus").join("broker.sock");
+    }
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    PathBuf::from(format!("/tmp/tensorbus-{uid}/broker.sock"))
+}

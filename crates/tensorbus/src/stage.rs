@@ -1,0 +1,218 @@
+//! Stages: take a slot exclusively, change it in place, forward the same
+//! slot downstream. No byte is copied.
+
+use crate::consumer::{Consumer, Received};
+use crate::element::{cast_slice, Element};
+use crate::error::{PublishError, RecvError, TryRecvError, TypeError};
+use crate::producer::{Producer, SlotId};
+use std::time::{Duration, Instant};
+use tensorbus_core::publish::PublishOutcome;
+use tensorbus_core::{DType, ShapeError, TensorMeta};
+
+/// How long `recv_mut` waits for the upstream producer to let go of a slot.
+const EXCLUSIVE_WAIT: Duration = Duration::from_secs(2);
+
+/// A work-queue subscriber on `input` plus a producer on `output`.
+///
+/// ```no_run
+/// # let client = tensorbus::Client::connect()?;
+/// let mut stage = client.stage("frames/raw", "frames/denoised")?;
+/// loop {
+///     let mut t = stage.recv_mut()?;
+///     for b in t.iter_mut() { *b = b.saturating_sub(3); }   // in place
+///     t.forward()?;                                         // same slot, downstream
+/// }
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug)]
+pub struct Stage {
+    pub(crate) input: Consumer,
+    pub(crate) output: Producer,
+}
+
+impl Stage {
+    /// The input subscription.
+    pub fn input(&self) -> &Consumer {
+        &self.input
+    }
+    /// The output producer (it can also loan fresh slots).
+    pub fn output(&mut self) -> &mut Producer {
+        &mut self.output
+    }
+
+    fn exclusive(&mut self, r: Received) -> Result<StagedTensor<'_>, RecvError> {
+        let ctl = &self.input.inner.control;
+        if let Some(slot) = ctl.slot(usize::from(r.id.pool), r.id.index as usize) {
+            // The upstream producer clears its own bit right after pushing;
+            // wait for that (normally nanoseconds).
+            let start = Instant::now();
+            let mut n = 0u32;
+            while slot.holders() != self.input.bit {
+                n += 1;
+                if n % 128 == 0 {
+                    if start.elapsed() > EXCLUSIVE_WAIT {
+                        self.input.release(r.id);
+                        return Err(RecvError::NotExclusive(EXCLUSIVE_WAIT));
+                    }
+                    std::thread::yield_now();
+                }
+                std::hint::spin_loop();
+            }
+        }
+        Ok(StagedTensor {
+            stage: self,
+            r,
+            done: false,
+        })
+    }
+
+    /// Takes the next tensor exclusively, if one is queued.
+    pub fn try_recv_mut(&mut self) -> Result<StagedTensor<'_>, TryRecvError> {
+        let r = self.input.try_take()?;
+        self.exclusive(r).map_err(|e| match e {
+            RecvError::Corrupted(c) => TryRecvError::Corrupted(c),
+            _ => TryRecvError::Empty,
+        })
+    }
+
+    /// Waits for the next tensor and takes it exclusively.
+    pub fn recv_mut(&mut self) -> Result<StagedTensor<'_>, RecvError> {
+        let r = self.input.take_timeout(None)?;
+        self.exclusive(r)
+    }
+
+    /// Like [`Stage::recv_mut`], waiting at most `timeout`.
+    pub fn recv_mut_timeout(&mut self, timeout: Duration) -> Result<StagedTensor<'_>, RecvError> {
+        let r = self.input.take_timeout(Some(timeout))?;
+        self.exclusive(r)
+    }
+}
+
+/// A slot held exclusively by a stage: writable, then forwarded or dropped.
+pub struct StagedTensor<'s> {
+    stage: &'s mut Stage,
+    r: Received,
+    done: bool,
+}
+
+impl std::fmt::Debug for StagedTensor<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StagedTensor")
+            .field("slot", &self.r.id)
+            .field("meta", &self.r.meta)
+            .finish()
+    }
+}
+
+impl StagedTensor<'_> {
+    /// Where the slot is (unchanged by forwarding).
+    pub fn slot_id(&self) -> SlotId {
+        self.r.id
+    }
+    /// Metadata as received (edit with [`StagedTensor::meta_mut`]).
+    pub fn meta(&self) -> &TensorMeta {
+        &self.r.meta
+    }
+    /// Sequence number from upstream.
+    pub fn seq(&self) -> u64 {
+        self.r.meta.seq
+    }
+    /// Extents.
+    pub fn shape(&self) -> &[u32] {
+        self.r.meta.shape()
+    }
+    /// Element type.
+    pub fn dtype(&self) -> DType {
+        self.r.meta.dtype
+    }
+    /// Address of the first payload byte.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.r.ptr
+    }
+    /// Changes the metadata in place (e.g. a new shape or dtype for the same
+    /// bytes); validated against the slot at [`StagedTensor::forward`].
+    pub fn meta_mut(&mut self) -> &mut TensorMeta {
+        &mut self.r.meta
+    }
+    /// Sets the user header.
+    pub fn set_user_header(&mut self, bytes: &[u8]) -> Result<(), ShapeError> {
+        self.r.meta.set_user_header(bytes)
+    }
+    /// The tensor as a typed mutable slice.
+    pub fn as_mut_slice_of<T: Element>(&mut self) -> Result<&mut [T], TypeError> {
+        if T::DTYPE != self.r.meta.dtype {
+            return Err(TypeError::WrongDType {
+                actual: self.r.meta.dtype,
+                requested: T::DTYPE,
+            });
+        }
+        if !self.r.meta.is_contiguous() {
+            return Err(TypeError::NotContiguous);
+        }
+        // SAFETY: exclusive hold (holders == our bit, checked in recv_mut),
+        // range validated inside the slot of a read-write mapping.
+        let s = unsafe { cast_slice::<T>(self.r.ptr, self.r.meta.nbytes as usize) }
+            .ok_or(TypeError::NotContiguous)?;
+        // SAFETY: as above, and `&mut self` makes this the only view.
+        Ok(unsafe { std::slice::from_raw_parts_mut(s.as_ptr() as *mut T, s.len()) })
+    }
+
+    /// Publishes this very slot on the stage's output channel.
+    pub fn forward(mut self) -> Result<PublishOutcome, PublishError> {
+        self.done = true;
+        let stage = &mut *self.stage;
+        let pool = self.r.id.pool;
+        let slot_size = stage.input.pools[usize::from(pool)].map_or(0, |p| p.slot_size);
+        let result = if stage
+            .output
+            .pools
+            .get(usize::from(pool))
+            .copied()
+            .flatten()
+            .is_none()
+        {
+            Err(PublishError::PoolNotAllowed {
+                pool: stage.input.inner.pools[usize::from(pool)].name.clone(),
+                channel: stage.output.channel.name.clone(),
+            })
+        } else if let Err(e) = self.r.meta.validate(slot_size) {
+            Err(PublishError::Shape(e))
+        } else {
+            Ok(())
+        };
+        match result {
+            Ok(()) => {
+                let own = stage.input.bit;
+                Ok(stage.output.publish_slot(self.r.id, self.r.meta, own))
+            }
+            Err(e) => {
+                stage.input.release(self.r.id);
+                Err(e)
+            }
+        }
+    }
+}
+
+impl std::ops::Deref for StagedTensor<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: validated range inside our exclusively held slot.
+        unsafe { std::slice::from_raw_parts(self.r.ptr, self.r.meta.nbytes as usize) }
+    }
+}
+
+impl std::ops::DerefMut for StagedTensor<'_> {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: exclusive hold and a read-write mapping (stage inputs are
+        // mapped writable); `&mut self` makes this the only view.
+        unsafe { std::slice::from_raw_parts_mut(self.r.ptr, self.r.meta.nbytes as usize) }
+    }
+}
+
+impl Drop for StagedTensor<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.stage.input.release(self.r.id);
+        }
+    }
+}
