@@ -1,0 +1,379 @@
+//! The broker's TOML configuration. See `examples/tensorbus.toml` for a
+//! commented example and the README for the reference.
+
+use crate::names::validate_name;
+use serde::{Deserialize, Deserializer};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use tensorbus_core::layout::{Layout, LayoutParams};
+use tensorbus_core::proto::ChannelSpec;
+use tensorbus_core::ring::MAX_RING_CAPACITY;
+use tensorbus_core::{Mode, Policy};
+
+/// Why a configuration was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// TOML syntax or an unknown/mistyped field.
+    #[error("invalid config: {0}")]
+    Parse(String),
+    /// A value out of range or inconsistent.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// A byte count: an integer, or a string with a unit (`"64KiB"`, `"8MiB"`, `"1GiB"`, `"4096"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    /// Parses `"8MiB"`-style strings.
+    pub fn parse(s: &str) -> Result<ByteSize, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is not a byte size (e.g. 4096, \"64KiB\", \"8MiB\")"))?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" | "K" | "k" | "KB" | "kB" => 1 << 10,
+            "MiB" | "M" | "MB" => 1 << 20,
+            "GiB" | "G" | "GB" => 1 << 30,
+            u => {
+                return Err(format!(
+                    "unknown unit {u:?} in {s:?}; use B, KiB, MiB or GiB"
+                ))
+            }
+        };
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("{s:?} overflows"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => ByteSize::parse(&s).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// `[broker]` section.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerSection {
+    /// Socket path (overridden by `--socket`).
+    pub socket: Option<PathBuf>,
+    /// User ids allowed to connect; empty = the broker's own uid (and root).
+    #[serde(default)]
+    pub allowed_uids: Vec<u32>,
+    /// Group ids whose members may connect (in addition to `allowed_uids`).
+    #[serde(default)]
+    pub allowed_gids: Vec<u32>,
+}
+
+/// `[limits]` section: sizes of the fixed tables in the control segment.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Channels (declared plus created at run time).
+    pub max_channels: u32,
+    /// Producer handles per channel.
+    pub max_producers_per_channel: u32,
+    /// Subscribers per channel (at most 64).
+    pub max_subscribers_per_channel: u32,
+    /// Cells per ring: the largest depth a subscriber may ask for (power of two).
+    pub ring_capacity: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_channels: 32,
+            max_producers_per_channel: 8,
+            max_subscribers_per_channel: 16,
+            ring_capacity: 64,
+        }
+    }
+}
+
+/// One `[[pools]]` entry.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Pool name.
+    pub name: String,
+    /// Payload bytes per slot.
+    pub slot_size: ByteSize,
+    /// Number of slots.
+    pub slots: u32,
+    /// Payload alignment (power of two, 64 B to 2 MiB; default 4096).
+    #[serde(default = "default_alignment")]
+    pub alignment: ByteSize,
+    /// Back the pool with 2 MiB huge pages (falls back to normal pages with a warning).
+    #[serde(default)]
+    pub hugetlb: bool,
+}
+
+fn default_alignment() -> ByteSize {
+    ByteSize(4096)
+}
+
+/// One `[[channels]]` entry.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelConfig {
+    /// Channel name.
+    pub name: String,
+    /// Pools the channel may use (empty = all).
+    #[serde(default)]
+    pub pools: Vec<String>,
+    /// broadcast or workqueue.
+    #[serde(default)]
+    pub mode: Mode,
+    /// Default ring depth for subscribers.
+    pub depth: Option<u32>,
+    /// Default policy for subscribers.
+    pub policy: Option<Policy>,
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `[broker]`.
+    #[serde(default)]
+    pub broker: BrokerSection,
+    /// `[limits]`.
+    #[serde(default)]
+    pub limits: Limits,
+    /// `[[pools]]`.
+    #[serde(default)]
+    pub pools: Vec<PoolConfig>,
+    /// `[[channels]]`.
+    #[serde(default)]
+    pub channels: Vec<ChannelConfig>,
+}
+
+/// Default ring depth when neither the subscriber nor the channel says.
+pub const DEFAULT_DEPTH: u32 = 8;
+
+impl Default for Config {
+    /// Three pools (64 KiB × 64, 1 MiB × 32, 8 MiB × 16) and no channels
+    /// (producers create them at run time).
+    fn default() -> Self {
+        let pool = |name: &str, size: u64, slots: u32| PoolConfig {
+            name: name.into(),
+            slot_size: ByteSize(size),
+            slots,
+            alignment: default_alignment(),
+            hugetlb: false,
+        };
+        Config {
+            broker: BrokerSection::default(),
+            limits: Limits::default(),
+            pools: vec![
+                pool("small", 64 << 10, 64),
+                pool("medium", 1 << 20, 32),
+                pool("large", 8 << 20, 16),
+            ],
+            channels: Vec::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a TOML file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_toml(&text)
+    }
+
+    /// Parses and validates TOML text.
+    ///
+    /// ```
+    /// let c = tensorbus_broker::Config::from_toml(r#"
+    ///     [[pools]]
+    ///     name = "frames"
+    ///     slot_size = "8MiB"
+    ///     slots = 8
+    ///     [[channels]]
+    ///     name = "camera/raw"
+    ///     pools = ["frames"]
+    /// "#).unwrap();
+    /// assert_eq!(c.pools[0].slot_size.0, 8 << 20);
+    /// ```
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let c: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Checks every field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.pools.is_empty() {
+            return bad("no [[pools]] configured; declare at least one pool".into());
+        }
+        let mut names = HashSet::new();
+        for p in &self.pools {
+            validate_name(&p.name).map_err(|e| ConfigError::Invalid(format!("pool: {e}")))?;
+            if !names.insert(p.name.as_str()) {
+                return bad(format!("pool {:?} is declared twice", p.name));
+            }
+            if p.slot_size.0 == 0 {
+                return bad(format!("pool {:?}: slot_size must be positive", p.name));
+            }
+            if p.slots == 0 || p.slots as usize > tensorbus_core::MAX_SLOTS_PER_POOL {
+                return bad(format!(
+                    "pool {:?}: slots must be between 1 and {}",
+                    p.name,
+                    tensorbus_core::MAX_SLOTS_PER_POOL
+                ));
+            }
+            let a = p.alignment.0;
+            if !a.is_power_of_two() || !(64..=2 << 20).contains(&a) {
+                return bad(format!(
+                    "pool {:?}: alignment {a} must be a power of two between 64 and 2097152 (2 MiB)",
+                    p.name
+                ));
+            }
+            let stride = p.slot_size.0.div_ceil(a).checked_mul(a);
+            let total = stride.and_then(|s| s.checked_mul(u64::from(p.slots)));
+            if total.is_none_or(|t| t > 1 << 46) {
+                return bad(format!("pool {:?}: slot_size × slots is too large", p.name));
+            }
+        }
+        if self.pools.len() > 255 {
+            return bad("at most 255 pools are supported".into());
+        }
+        Layout::compute(&self.layout_params()).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if self.channels.len() > self.limits.max_channels as usize {
+            return bad(format!(
+                "{} channels declared but limits.max_channels is {}",
+                self.channels.len(),
+                self.limits.max_channels
+            ));
+        }
+        let mut chans = HashSet::new();
+        for c in &self.channels {
+            validate_name(&c.name).map_err(|e| ConfigError::Invalid(format!("channel: {e}")))?;
+            if !chans.insert(c.name.as_str()) {
+                return bad(format!("channel {:?} is declared twice", c.name));
+            }
+            for p in &c.pools {
+                if !names.contains(p.as_str()) {
+                    return bad(format!(
+                        "channel {:?} uses pool {p:?}, which is not declared; pools: {}",
+                        c.name,
+                        self.pools
+                            .iter()
+                            .map(|p| p.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
+                }
+            }
+            if let Some(d) = c.depth {
+                if d == 0 || d > self.limits.ring_capacity {
+                    return bad(format!(
+                        "channel {:?}: depth {d} must be between 1 and limits.ring_capacity ({})",
+                        c.name, self.limits.ring_capacity
+                    ));
+                }
+            }
+        }
+        if self.limits.ring_capacity as usize > MAX_RING_CAPACITY {
+            return bad(format!(
+                "limits.ring_capacity must be at most {MAX_RING_CAPACITY}"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Layout parameters of the control segment this config implies.
+    pub fn layout_params(&self) -> LayoutParams {
+        LayoutParams {
+            pool_slots: self.pools.iter().map(|p| p.slots).collect(),
+            max_channels: self.limits.max_channels,
+            max_producers: self.limits.max_producers_per_channel,
+            max_subscribers: self.limits.max_subscribers_per_channel,
+            ring_capacity: self.limits.ring_capacity,
+        }
+    }
+
+    /// Channel declarations as run-time specs.
+    pub fn channel_specs(&self) -> Vec<ChannelSpec> {
+        self.channels
+            .iter()
+            .map(|c| ChannelSpec {
+                name: c.name.clone(),
+                pools: c.pools.clone(),
+                mode: c.mode,
+                depth: c.depth,
+                policy: c.policy,
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(ByteSize::parse("4096").unwrap().0, 4096);
+        assert_eq!(ByteSize::parse("64KiB").unwrap().0, 64 << 10);
+        assert_eq!(ByteSize::parse("8MiB").unwrap().0, 8 << 20);
+        assert!(ByteSize::parse("8 parsecs").is_err());
+        assert!(ByteSize::parse("").is_err());
+    }
+
+    #[test]
+    fn rejects_bad_configs() {
+        let cases = [
+            ("", "no [[pools]]"),
+            ("[[pools]]\nname='a'\nslot_size=0\nslots=1", "positive"),
+            ("[[pools]]\nname='a'\nslot_size=64\nslots=0", "slots"),
+            ("[[pools]]\nname='a'\nslot_size=64\nslots=1\nalignment=100", "power of two"),
+            ("[[pools]]\nname='a/../b'\nslot_size=64\nslots=1", "component"),
+            ("[[pools]]\nname='a'\nslot_size=64\nslots=1\n[[pools]]\nname='a'\nslot_size=64\nslots=1", "twice"),
+            ("[[pools]]\nname='a'\nslot_size=64\nslots=1\n[[channels]]\nname='c'\npools=['zz']", "not declared"),
+            ("[[pools]]\nname='a'\nslot_size=64\nslots=1\n[[channels]]\nname='c'\ndepth=1000", "depth"),
+            ("[[pools]]\nname='a'\nslot_size=64\nslots=1\n[[channels]]\nname='c'\nmode='fanout'", "unknown variant"),
+            ("[[pools]]\nname='a'\nslot_size=64\nslots=1\nbogus=1", "unknown field"),
+            ("[limits]\nring_capacity=12\n[[pools]]\nname='a'\nslot_size=64\nslots=1", "ring_capacity"),
+        ];
+        for (text, want) in cases {
+            let err = Config::from_toml(text).unwrap_err().to_string();
+            assert!(err.contains(want), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let text = include_str!("../../../examples/tensorbus.toml");
+        let c = Config::from_toml(text).unwrap();
+        assert!(!c.channels.is_empty());
+    }
+}

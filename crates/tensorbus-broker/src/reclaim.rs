@@ -1,0 +1,175 @@
+//! Closing handles and cleaning up after dead clients.
+//!
+//! The steps come from `tensorbus_core::reclaim`; this module orders them:
+//! producers first (their in-flight publish is repaired from its intent
+//! record), then subscribers (retired at once, their bits cleared once every
+//! publish that might still deliver to them has finished).
+
+use crate::state::{HandleKind, Pending, State};
+use std::sync::atomic::Ordering;
+use tensorbus_core::reclaim;
+use tensorbus_core::records::STATE_ACTIVE;
+use tensorbus_core::Descriptor;
+
+/// The futex parker the broker uses to wake blocked peers.
+pub(crate) struct BrokerParker;
+
+impl tensorbus_core::park::Parker for BrokerParker {
+    fn wait(
+        &self,
+        word: &std::sync::atomic::AtomicU32,
+        expected: u32,
+        timeout: std::time::Duration,
+    ) {
+        tensorbus_shm::futex::wait(word, expected, Some(timeout));
+    }
+    fn wake_all(&self, word: &std::sync::atomic::AtomicU32) {
+        tensorbus_shm::futex::wake(word, i32::MAX);
+    }
+}
+
+impl State {
+    /// Closes (or reclaims) every handle of `client`: producers first.
+    pub fn reclaim_client(&mut self, client: u32) {
+        let mut mine: Vec<(u32, crate::state::Handle)> = self
+            .handles
+            .iter()
+            .filter(|(_, h)| h.client == client)
+            .map(|(&id, &h)| (id, h))
+            .collect();
+        mine.sort_by_key(|(_, h)| matches!(h.kind, HandleKind::Subscriber { .. }));
+        for (id, _) in mine {
+            self.close_handle(id);
+        }
+    }
+
+    /// Closes one handle (graceful close and death take the same path).
+    pub fn close_handle(&mut self, id: u32) -> bool {
+        let Some(h) = self.handles.remove(&id) else {
+            return false;
+        };
+        match h.kind {
+            HandleKind::Producer { channel, row } => {
+                reclaim::recover_producer(&self.control, channel, row);
+                reclaim::clear_holder_everywhere(&self.control, 1u64 << h.bit);
+                self.free_bit(h.bit);
+                self.busy_rows.push((channel, row));
+                self.pending.push(Pending::Row { channel, row });
+            }
+            HandleKind::Subscriber { channel, sub } => {
+                reclaim::retire_subscriber(&self.control, channel, sub, &BrokerParker);
+                let mut snapshot = Vec::new();
+                reclaim::intents(&self.control, channel, &mut snapshot);
+                self.busy_subs.push((channel, sub));
+                self.pending.push(Pending::Subscriber {
+                    channel,
+                    sub,
+                    bit: h.bit,
+                    snapshot,
+                });
+            }
+        }
+        self.progress();
+        true
+    }
+
+    /// Advances pending reclaims; returns whether any remain.
+    pub fn progress(&mut self) -> bool {
+        let pending = std::mem::take(&mut self.pending);
+        for p in pending {
+            match p {
+                Pending::Subscriber {
+                    channel,
+                    sub,
+                    bit,
+                    snapshot,
+                } => {
+                    if !reclaim::publishes_settled(&self.control, channel, &snapshot) {
+                        self.pending.push(Pending::Subscriber {
+                            channel,
+                            sub,
+                            bit,
+                            snapshot,
+                        });
+                        continue;
+                    }
+                    self.finish_subscriber(channel, sub, bit);
+                }
+                Pending::Row { channel, row } => {
+                    if reclaim::row_drained(&self.control, channel, row) {
+                        reclaim::free_row(&self.control, channel, row);
+                        self.busy_rows.retain(|&x| x != (channel, row));
+                    } else {
+                        self.pending.push(Pending::Row { channel, row });
+                    }
+                }
+            }
+        }
+        !self.pending.is_empty()
+    }
+
+    fn finish_subscriber(&mut self, channel: usize, sub: usize, bit: u32) {
+        let mask = 1u64 << bit;
+        let mut queued = Vec::new();
+        reclaim::drain_subscriber(&self.control, channel, sub, |_, d| queued.push(d));
+        if self.is_workqueue(channel) {
+            for d in queued {
+                self.redistribute(channel, d, mask);
+            }
+        }
+        reclaim::clear_holder_everywhere(&self.control, mask);
+        reclaim::free_subscriber(&self.control, channel, sub);
+        self.free_bit(bit);
+        self.busy_subs.retain(|&x| x != (channel, sub));
+    }
+
+    /// Moves a queued, untaken work item of a dead worker to a live one
+    /// through the broker's own ring row (row 0).
+    fn redistribute(&mut self, channel: usize, d: Descriptor, dead_mask: u64) {
+        let ctl = &self.control;
+        let Some(slot) = ctl.slot(usize::from(d.pool), d.index as usize) else {
+            return;
+        };
+        if !d.matches_generation(slot.generation.load(Ordering::Acquire))
+            || slot.holders() & dead_mask == 0
+        {
+            return;
+        }
+        let Some(ch) = ctl.channel(channel) else {
+            return;
+        };
+        let live = ch.subscribers.load(Ordering::Acquire);
+        let subs = ctl.layout().params.max_subscribers as usize;
+        // Least loaded live worker first.
+        let mut order: Vec<(u64, usize)> = (0..subs)
+            .filter(|s| live & (1 << s) != 0)
+            .filter_map(|s| ctl.ring(channel, 0, s).map(|r| (r.len(), s)))
+            .collect();
+        order.sort_unstable();
+        for (_, s) in order {
+            let Some(sub) = ctl.subscriber(channel, s) else {
+                continue;
+            };
+            if sub.config.state.load(Ordering::Acquire) != STATE_ACTIVE {
+                continue;
+            }
+            let Some(ring) = ctl.ring(channel, 0, s) else {
+                continue;
+            };
+            // Set the survivor's bit before it can see the entry.
+            let bit = ctl.subscriber_mask(channel, s);
+            slot.add_holders(bit);
+            ch.producer_rows.fetch_or(1, Ordering::AcqRel);
+            let head = self.broker_heads.entry((channel, s)).or_insert(0);
+            let depth = ring.capacity();
+            if ring.push(depth, d.pack(), head).is_ok() {
+                if sub.config.data.notify_needed() {
+                    tensorbus_shm::futex::wake(&sub.config.data.seq, i32::MAX);
+                }
+                return;
+            }
+            slot.release(bit);
+        }
+        // No live worker could take it: it is dropped (the dead bit is cleared next).
+    }
+}

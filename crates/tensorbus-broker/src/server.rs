@@ -1,0 +1,561 @@
+//! The broker's event loop: admission, requests, liveness.
+
+use crate::config::Config;
+use crate::state::{Handle, HandleKind, State};
+use std::collections::HashMap;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tensorbus_core::layout::LAYOUT_VERSION;
+use tensorbus_core::proto::{ErrorKind, Request, Response, MAX_MESSAGE};
+use tensorbus_core::records::{STATE_ACTIVE, STATE_FREE};
+use tensorbus_shm::{PeerCred, SeqpacketConn, SeqpacketListener};
+
+/// Why the broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Another broker answers on the socket.
+    #[error("a broker is already running at {0}; stop it first or use another --socket")]
+    AlreadyRunning(PathBuf),
+    /// The socket could not be created.
+    #[error("cannot listen on {path}: {source}")]
+    Socket {
+        /// Socket path.
+        path: PathBuf,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// Shared memory could not be created.
+    #[error("cannot create shared memory: {0}")]
+    Memory(#[source] std::io::Error),
+}
+
+struct ClientConn {
+    conn: SeqpacketConn,
+    cred: PeerCred,
+    name: String,
+    admitted: bool,
+}
+
+/// A broker bound to its socket. Run it with [`Broker::run`], or use
+/// [`EmbeddedBroker`] to run one on a thread of the current process.
+pub struct Broker {
+    listener: SeqpacketListener,
+    socket: PathBuf,
+    state: State,
+    clients: HashMap<u32, ClientConn>,
+    next_client: u32,
+    allowed_uids: Vec<u32>,
+    allowed_gids: Vec<u32>,
+    verbose: bool,
+}
+
+impl Broker {
+    /// Creates pools and the control segment and binds the socket (removing
+    /// a stale socket file left by a dead broker; the directory is made 0700).
+    pub fn bind(config: &Config, socket: &Path) -> Result<Broker, StartError> {
+        let sock_err = |source: std::io::Error| StartError::Socket {
+            path: socket.to_path_buf(),
+            source,
+        };
+        if let Some(dir) = socket.parent().filter(|d| !d.as_os_str().is_empty()) {
+            tensorbus_shm::ensure_private_dir(dir).map_err(sock_err)?;
+        }
+        if socket.exists() {
+            if SeqpacketConn::connect(socket).is_ok() {
+                return Err(StartError::AlreadyRunning(socket.to_path_buf()));
+            }
+            std::fs::remove_file(socket).map_err(sock_err)?;
+        }
+        let state = State::new(config).map_err(StartError::Memory)?;
+        let listener = SeqpacketListener::bind(socket).map_err(sock_err)?;
+        listener.set_nonblocking(true).map_err(sock_err)?;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let me = unsafe { libc::geteuid() };
+        let mut allowed_uids = config.broker.allowed_uids.clone();
+        if allowed_uids.is_empty() {
+            allowed_uids = vec![me, 0];
+        }
+        Ok(Broker {
+            listener,
+            socket: socket.to_path_buf(),
+            state,
+            clients: HashMap::new(),
+            next_client: 1,
+            allowed_uids,
+            allowed_gids: config.broker.allowed_gids.clone(),
+            verbose: false,
+        })
+    }
+
+    /// Logs admissions, deaths and reclaims to stderr.
+    pub fn set_verbose(&mut self, verbose: bool) {
+        self.verbose = verbose;
+    }
+
+    /// The socket path.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Serves until `stop` becomes true, then removes the socket file.
+    pub fn run(&mut self, stop: &AtomicBool) {
+        let mut ids: Vec<u32> = Vec::new();
+        let mut ready: Vec<bool> = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            ids.clear();
+            ids.extend(self.clients.keys().copied());
+            let mut fds: Vec<BorrowedFd<'_>> = Vec::with_capacity(ids.len() + 1);
+            fds.push(self.listener.as_fd());
+            for id in &ids {
+                fds.push(self.clients[id].conn.as_fd());
+            }
+            ready.clear();
+            ready.resize(fds.len(), false);
+            let tick = if self.state.pending.is_empty() {
+                100
+            } else {
+                2
+            };
+            let n =
+                tensorbus_shm::poll_readable(&fds, &mut ready, Some(Duration::from_millis(tick)));
+            drop(fds);
+            if let Ok(n) = n {
+                if n > 0 {
+                    if ready[0] {
+                        self.accept_all();
+                    }
+                    for (i, id) in ids.iter().enumerate() {
+                        if ready[i + 1] {
+                            self.serve(*id);
+                        }
+                    }
+                }
+            }
+            self.state.progress();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+
+    fn accept_all(&mut self) {
+        while let Ok(conn) = self.listener.accept() {
+            let cred = conn.peer_cred().unwrap_or(PeerCred {
+                pid: 0,
+                uid: u32::MAX,
+                gid: u32::MAX,
+            });
+            let id = self.next_client;
+            self.next_client = self.next_client.wrapping_add(1).max(1);
+            self.clients.insert(
+                id,
+                ClientConn {
+                    conn,
+                    cred,
+                    name: String::new(),
+                    admitted: false,
+                },
+            );
+        }
+    }
+
+    fn allowed(&self, cred: &PeerCred) -> bool {
+        self.allowed_uids.contains(&cred.uid) || self.allowed_gids.contains(&cred.gid)
+    }
+
+    fn serve(&mut self, id: u32) {
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        let mut fds = Vec::new();
+        let Some(c) = self.clients.get(&id) else {
+            return;
+        };
+        let n = match c.conn.recv(&mut buf, &mut fds) {
+            Ok(0) | Err(_) => {
+                self.drop_client(id);
+                return;
+            }
+            Ok(n) => n,
+        };
+        drop(fds);
+        let (resp, send_fds) = match serde_json::from_slice::<Request>(&buf[..n]) {
+            Ok(req) => self.handle(id, req),
+            Err(e) => (
+                error(
+                    ErrorKind::InvalidArgument,
+                    format!("malformed request: {e}"),
+                ),
+                Vec::new(),
+            ),
+        };
+        let Some(c) = self.clients.get(&id) else {
+            return;
+        };
+        let bytes = serde_json::to_vec(&resp).unwrap_or_default();
+        let borrowed: Vec<BorrowedFd<'_>> = send_fds.iter().map(|f| f.as_fd()).collect();
+        let failed = c.conn.send(&bytes, &borrowed).is_err();
+        let refused = matches!(
+            &resp,
+            Response::Error {
+                kind: ErrorKind::PermissionDenied,
+                ..
+            }
+        ) && !c.admitted;
+        if failed || refused {
+            self.drop_client(id);
+        }
+    }
+
+    fn drop_client(&mut self, id: u32) {
+        if let Some(c) = self.clients.remove(&id) {
+            if self.verbose && c.admitted {
+                eprintln!(
+                    "tensorbus broker: client {id} ({}, pid {}) disconnected; reclaiming its holds",
+                    c.name, c.cred.pid
+                );
+            }
+            self.state.reclaim_client(id);
+        }
+    }
+
+    fn handle(&mut self, id: u32, req: Request) -> (Response, Vec<std::os::fd::OwnedFd>) {
+        let admitted = self.clients.get(&id).is_some_and(|c| c.admitted);
+        match req {
+            Request::Hello { name, version } => {
+                let Some(c) = self.clients.get(&id) else {
+                    return (
+                        error(ErrorKind::Internal, "unknown client".into()),
+                        Vec::new(),
+                    );
+                };
+                if !self.allowed(&c.cred) {
+                    return (
+                        error(
+                            ErrorKind::PermissionDenied,
+                            format!(
+                                "uid {} is not allowed; add it to [broker] allowed_uids (or its group to allowed_gids) in the broker config",
+                                c.cred.uid
+                            ),
+                        ),
+                        Vec::new(),
+                    );
+                }
+                if version != LAYOUT_VERSION {
+                    return (
+                        error(
+                            ErrorKind::VersionMismatch,
+                            format!("client speaks layout version {version}, broker {LAYOUT_VERSION}; use matching tensorbus versions"),
+                        ),
+                        Vec::new(),
+                    );
+                }
+                let fd = match self.state.control_fd.as_fd().try_clone_to_owned() {
+                    Ok(fd) => fd,
+                    Err(e) => return (error(ErrorKind::Internal, e.to_string()), Vec::new()),
+                };
+                if let Some(c) = self.clients.get_mut(&id) {
+                    c.admitted = true;
+                    c.name = name.chars().take(64).collect();
+                    if self.verbose {
+                        eprintln!(
+                            "tensorbus broker: client {id} ({}, pid {}) connected",
+                            c.name, c.cred.pid
+                        );
+                    }
+                }
+                (
+                    Response::Welcome {
+                        client_id: id,
+                        broker_pid: std::process::id(),
+                        layout: self.state.control.layout().params.clone(),
+                        pools: self.state.pools.iter().map(|p| p.info.clone()).collect(),
+                    },
+                    vec![fd],
+                )
+            }
+            _ if !admitted => (
+                error(ErrorKind::PermissionDenied, "say hello first".into()),
+                Vec::new(),
+            ),
+            Request::OpenProducer { channel, create } => self.open_producer(id, &channel, create),
+            Request::OpenConsumer {
+                channel,
+                policy,
+                depth,
+                writable,
+                create,
+            } => self.open_consumer(id, &channel, policy, depth, writable, create),
+            Request::Close { handle } => {
+                let owned = self
+                    .state
+                    .handles
+                    .get(&handle)
+                    .is_some_and(|h| h.client == id);
+                if owned && self.state.close_handle(handle) {
+                    (Response::Ok, Vec::new())
+                } else {
+                    (
+                        error(
+                            ErrorKind::InvalidArgument,
+                            format!("no open handle {handle}"),
+                        ),
+                        Vec::new(),
+                    )
+                }
+            }
+            Request::Stat => (Response::Stat(self.stat()), Vec::new()),
+        }
+    }
+
+    fn find_or_create(
+        &mut self,
+        channel: &str,
+        create: Option<tensorbus_core::proto::ChannelSpec>,
+    ) -> Result<usize, Response> {
+        if let Err(e) = crate::names::validate_name(channel) {
+            return Err(error(ErrorKind::InvalidName, format!("channel: {e}")));
+        }
+        if let Some(c) = self.state.channel_by_name(channel) {
+            return Ok(c);
+        }
+        match create {
+            Some(mut spec) => {
+                spec.name = channel.to_owned();
+                self.state
+                    .create_channel(spec)
+                    .map_err(|e| error(ErrorKind::InvalidArgument, e))
+            }
+            None => Err(error(
+                ErrorKind::UnknownChannel,
+                format!(
+                    "unknown channel {channel:?}; known: {}",
+                    self.state.channel_names().join(", ")
+                ),
+            )),
+        }
+    }
+
+    fn pool_fds(&self, pools: &[u8], writable: bool) -> std::io::Result<Vec<std::os::fd::OwnedFd>> {
+        pools
+            .iter()
+            .map(|&p| {
+                let pool = &self.state.pools[usize::from(p)];
+                if writable {
+                    pool.memfd.as_fd().try_clone_to_owned()
+                } else {
+                    pool.read_only.try_clone()
+                }
+            })
+            .collect()
+    }
+
+    fn open_producer(
+        &mut self,
+        client: u32,
+        channel: &str,
+        create: Option<tensorbus_core::proto::ChannelSpec>,
+    ) -> (Response, Vec<std::os::fd::OwnedFd>) {
+        let c = match self.find_or_create(channel, create) {
+            Ok(c) => c,
+            Err(r) => return (r, Vec::new()),
+        };
+        let ctl = &self.state.control;
+        let rows = ctl.layout().rows();
+        let ch = ctl.channel(c).expect("channel index in range");
+        let used = ch.producer_rows.load(Ordering::Acquire);
+        let Some(row) = (1..rows).find(|&r| {
+            used & (1 << r) == 0
+                && !self.state.busy_rows.contains(&(c, r))
+                && ctl
+                    .producer(c, r)
+                    .is_some_and(|p| p.state.load(Ordering::Acquire) == STATE_FREE)
+        }) else {
+            return (
+                error(
+                    ErrorKind::LimitReached,
+                    format!("channel {channel:?} already has {} producers; raise limits.max_producers_per_channel", rows - 1),
+                ),
+                Vec::new(),
+            );
+        };
+        let bit = match self.state.alloc_bit() {
+            Ok(b) => b,
+            Err(e) => return (error(ErrorKind::LimitReached, e), Vec::new()),
+        };
+        let fds = match self.pool_fds(&self.state.channels[c].pools, true) {
+            Ok(f) => f,
+            Err(e) => {
+                self.state.free_bit(bit);
+                return (error(ErrorKind::Internal, e.to_string()), Vec::new());
+            }
+        };
+        let ctl = &self.state.control;
+        let rec = ctl.producer(c, row).expect("row in range");
+        rec.holder_bit.store(bit, Ordering::Relaxed);
+        rec.intent.store(0, Ordering::Relaxed);
+        rec.intent_receivers.store(0, Ordering::Relaxed);
+        rec.published.store(0, Ordering::Relaxed);
+        rec.state.store(STATE_ACTIVE, Ordering::Release);
+        ctl.channel(c)
+            .expect("in range")
+            .producer_rows
+            .fetch_or(1 << row, Ordering::AcqRel);
+        let handle = self.state.new_handle();
+        self.state.handles.insert(
+            handle,
+            Handle {
+                client,
+                kind: HandleKind::Producer { channel: c, row },
+                bit,
+            },
+        );
+        (
+            Response::Producer {
+                handle,
+                bit,
+                row: row as u32,
+                channel: self.state.channels[c].info(),
+            },
+            fds,
+        )
+    }
+
+    fn open_consumer(
+        &mut self,
+        client: u32,
+        channel: &str,
+        policy: Option<tensorbus_core::Policy>,
+        depth: Option<u32>,
+        writable: bool,
+        create: Option<tensorbus_core::proto::ChannelSpec>,
+    ) -> (Response, Vec<std::os::fd::OwnedFd>) {
+        let c = match self.find_or_create(channel, create) {
+            Ok(c) => c,
+            Err(r) => return (r, Vec::new()),
+        };
+        let cap = self.state.control.layout().params.ring_capacity;
+        let depth = match depth {
+            Some(d) if d == 0 || d > cap => {
+                return (
+                    error(ErrorKind::InvalidArgument, format!("depth {d} must be between 1 and the ring capacity {cap} (limits.ring_capacity)")),
+                    Vec::new(),
+                )
+            }
+            Some(d) => d,
+            None => self.state.channels[c].default_depth(cap),
+        };
+        let policy = policy.unwrap_or_else(|| self.state.channels[c].default_policy());
+        let ctl = &self.state.control;
+        let subs = ctl.layout().params.max_subscribers as usize;
+        let Some(sub) = (0..subs).find(|&s| {
+            !self.state.busy_subs.contains(&(c, s))
+                && ctl
+                    .subscriber(c, s)
+                    .is_some_and(|r| r.config.state.load(Ordering::Acquire) == STATE_FREE)
+        }) else {
+            return (
+                error(ErrorKind::LimitReached, format!("channel {channel:?} already has {subs} subscribers; raise limits.max_subscribers_per_channel")),
+                Vec::new(),
+            );
+        };
+        let bit = match self.state.alloc_bit() {
+            Ok(b) => b,
+            Err(e) => return (error(ErrorKind::LimitReached, e), Vec::new()),
+        };
+        let fds = match self.pool_fds(&self.state.channels[c].pools, writable) {
+            Ok(f) => f,
+            Err(e) => {
+                self.state.free_bit(bit);
+                return (error(ErrorKind::Internal, e.to_string()), Vec::new());
+            }
+        };
+        let ctl = &self.state.control;
+        let rec = ctl.subscriber(c, sub).expect("in range");
+        rec.config.holder_bit.store(bit, Ordering::Relaxed);
+        rec.config.policy.store(policy.code(), Ordering::Relaxed);
+        rec.config.depth.store(depth, Ordering::Relaxed);
+        rec.config.data.waiters.store(0, Ordering::Relaxed);
+        rec.delivered.store(0, Ordering::Relaxed);
+        rec.dropped.store(0, Ordering::Relaxed);
+        rec.config.state.store(STATE_ACTIVE, Ordering::SeqCst);
+        ctl.channel(c)
+            .expect("in range")
+            .subscribers
+            .fetch_or(1 << sub, Ordering::SeqCst);
+        let handle = self.state.new_handle();
+        self.state.handles.insert(
+            handle,
+            Handle {
+                client,
+                kind: HandleKind::Subscriber { channel: c, sub },
+                bit,
+            },
+        );
+        (
+            Response::Consumer {
+                handle,
+                bit,
+                sub: sub as u32,
+                policy,
+                depth,
+                channel: self.state.channels[c].info(),
+            },
+            fds,
+        )
+    }
+
+    fn stat(&self) -> tensorbus_core::proto::StatReport {
+        crate::stat::report(
+            &self.state,
+            self.clients
+                .iter()
+                .filter(|(_, c)| c.admitted)
+                .map(|(&id, c)| (id, c.cred, c.name.as_str())),
+        )
+    }
+}
+
+fn error(kind: ErrorKind, message: String) -> Response {
+    Response::Error { kind, message }
+}
+
+/// A broker running on a background thread of this process (tests, demo).
+/// Dropping it stops the broker and removes its socket.
+pub struct EmbeddedBroker {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    socket: PathBuf,
+}
+
+impl EmbeddedBroker {
+    /// Binds at `socket` and starts serving on a new thread.
+    pub fn start(config: &Config, socket: &Path) -> Result<EmbeddedBroker, StartError> {
+        let mut broker = Broker::bind(config, socket)?;
+        broker.set_verbose(std::env::var_os("TENSORBUS_VERBOSE").is_some());
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("tensorbus-broker".into())
+            .spawn(move || broker.run(&flag))
+            .map_err(StartError::Memory)?;
+        Ok(EmbeddedBroker {
+            stop,
+            thread: Some(thread),
+            socket: socket.to_path_buf(),
+        })
+    }
+
+    /// The socket path clients connect to.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+}
+
+impl Drop for EmbeddedBroker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

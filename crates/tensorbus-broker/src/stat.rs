@@ -1,0 +1,111 @@
+//! Statistics snapshots.
+
+use crate::state::{HandleKind, State};
+use std::sync::atomic::Ordering;
+use tensorbus_core::proto::{ChannelStat, ClientStat, PoolStat, StatReport, SubscriberStat};
+use tensorbus_core::reclaim::count_held;
+use tensorbus_core::{Mode, Policy};
+use tensorbus_shm::PeerCred;
+
+/// Builds a report from shared memory and the broker's registry.
+pub(crate) fn report<'a>(
+    state: &State,
+    clients: impl Iterator<Item = (u32, PeerCred, &'a str)>,
+) -> StatReport {
+    let ctl = &state.control;
+    let sub_bits = state.subscriber_bits();
+    let pools = state
+        .pools
+        .iter()
+        .enumerate()
+        .map(|(p, pool)| {
+            let mut s = PoolStat {
+                name: pool.info.name.clone(),
+                slot_size: pool.info.slot_size,
+                slots_total: pool.info.slots,
+                ..PoolStat::default()
+            };
+            for i in 0..ctl.slots(p) {
+                let h = ctl.slot(p, i).map_or(0, |x| x.holders());
+                if h == 0 {
+                    s.slots_free += 1;
+                } else if h & sub_bits != 0 {
+                    s.in_flight += 1;
+                } else {
+                    s.loaned += 1;
+                }
+            }
+            s
+        })
+        .collect();
+    let channels = state
+        .channels
+        .iter()
+        .map(|c| {
+            let rec = ctl.channel(c.index);
+            let mut subscribers: Vec<SubscriberStat> = state
+                .handles
+                .iter()
+                .filter_map(|(&id, h)| match h.kind {
+                    HandleKind::Subscriber { channel, sub } if channel == c.index => {
+                        let r = ctl.subscriber(channel, sub)?;
+                        let queued = (0..ctl.layout().rows())
+                            .filter_map(|row| ctl.ring(channel, row, sub))
+                            .map(|ring| ring.len())
+                            .sum();
+                        Some(SubscriberStat {
+                            handle: id,
+                            client: h.client,
+                            policy: Policy::from_code(r.config.policy.load(Ordering::Relaxed)).to_string(),
+                            depth: r.config.depth.load(Ordering::Relaxed),
+                            delivered: r.delivered.load(Ordering::Relaxed),
+                            dropped: r.dropped.load(Ordering::Relaxed),
+                            queued,
+                        })
+                    }
+                    _ => None,
+                })
+                .collect();
+            subscribers.sort_by_key(|s| s.handle);
+            ChannelStat {
+                name: c.spec.name.clone(),
+                mode: Mode::from_code(c.spec.mode.code()).to_string(),
+                published: rec.map_or(0, |r| r.published.load(Ordering::Relaxed)),
+                producers: state
+                    .handles
+                    .values()
+                    .filter(|h| matches!(h.kind, HandleKind::Producer { channel, .. } if channel == c.index))
+                    .count() as u32,
+                subscribers,
+            }
+        })
+        .collect();
+    let mut clients: Vec<ClientStat> = clients
+        .map(|(id, cred, name)| {
+            let mask = state
+                .handles
+                .values()
+                .filter(|h| h.client == id)
+                .fold(0u64, |m, h| m | 1 << h.bit);
+            ClientStat {
+                id,
+                pid: cred.pid,
+                uid: cred.uid,
+                name: name.to_owned(),
+                handles: state.handles.values().filter(|h| h.client == id).count() as u32,
+                holds: if mask == 0 {
+                    0
+                } else {
+                    count_held(ctl, mask) as u32
+                },
+            }
+        })
+        .collect();
+    clients.sort_by_key(|c| c.id);
+    StatReport {
+        broker_pid: std::process::id(),
+        pools,
+        channels,
+        clients,
+    }
+}

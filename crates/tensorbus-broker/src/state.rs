@@ -1,0 +1,266 @@
+//! The broker's memory: pools, the control segment, channels, handles.
+
+use crate::config::{Config, DEFAULT_DEPTH};
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::Ordering;
+use tensorbus_core::control::Control;
+use tensorbus_core::layout::{Layout, MAX_HOLDERS};
+use tensorbus_core::proto::{ChannelInfo, ChannelSpec, PoolInfo};
+use tensorbus_core::records::STATE_ACTIVE;
+use tensorbus_core::{Mode, Policy};
+use tensorbus_shm::{Access, Mapping, Memfd};
+
+/// One pool's memory.
+pub(crate) struct Pool {
+    pub info: PoolInfo,
+    pub memfd: Memfd,
+    pub read_only: OwnedFd,
+}
+
+/// A channel the broker knows.
+pub(crate) struct Channel {
+    pub index: usize,
+    pub spec: ChannelSpec,
+    /// Pool indices, smallest slot first.
+    pub pools: Vec<u8>,
+}
+
+impl Channel {
+    pub fn info(&self) -> ChannelInfo {
+        ChannelInfo {
+            index: self.index as u32,
+            name: self.spec.name.clone(),
+            mode: self.spec.mode,
+            pools: self.pools.clone(),
+        }
+    }
+    pub fn default_depth(&self, capacity: u32) -> u32 {
+        self.spec.depth.unwrap_or(DEFAULT_DEPTH).clamp(1, capacity)
+    }
+    pub fn default_policy(&self) -> Policy {
+        self.spec.policy.unwrap_or_default()
+    }
+}
+
+/// What a handle is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum HandleKind {
+    Producer { channel: usize, row: usize },
+    Subscriber { channel: usize, sub: usize },
+}
+
+/// An open handle.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Handle {
+    pub client: u32,
+    pub kind: HandleKind,
+    pub bit: u32,
+}
+
+/// Work the broker must finish later (waiting on live producers).
+#[derive(Debug)]
+pub(crate) enum Pending {
+    /// A retired subscriber: waiting for in-flight publishes to settle.
+    Subscriber {
+        channel: usize,
+        sub: usize,
+        bit: u32,
+        snapshot: Vec<u64>,
+    },
+    /// A closed or dead producer's row: waiting for its rings to drain.
+    Row { channel: usize, row: usize },
+}
+
+/// Everything but the sockets.
+pub(crate) struct State {
+    // Field order: `control` points into `_control_map`.
+    pub control: Control,
+    _control_map: Mapping,
+    pub control_fd: Memfd,
+    pub pools: Vec<Pool>,
+    pub channels: Vec<Channel>,
+    pub handles: HashMap<u32, Handle>,
+    pub free_bits: u64,
+    pub next_handle: u32,
+    pub pending: Vec<Pending>,
+    /// Subscriber records and rows that are being reclaimed (not reusable yet).
+    pub busy_subs: Vec<(usize, usize)>,
+    pub busy_rows: Vec<(usize, usize)>,
+    /// The broker's private cached heads for its row-0 pushes.
+    pub broker_heads: HashMap<(usize, usize), u64>,
+}
+
+impl State {
+    pub fn new(config: &Config) -> std::io::Result<State> {
+        let layout = Layout::compute(&config.layout_params())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+        let control_fd = Memfd::create("tensorbus-control", layout.total, false)?;
+        let map = Mapping::map(control_fd.as_fd(), layout.total, Access::ReadWrite, 4096)?;
+        // SAFETY: `map` is a fresh read-write mapping of `layout.total` bytes
+        // stored in the same `State` and dropped after `control` (field order).
+        let control = unsafe { Control::from_raw(map.as_ptr(), map.len(), layout) }
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        control.init_header(std::process::id());
+        let mut pools = Vec::new();
+        for (i, p) in config.pools.iter().enumerate() {
+            let align = p.alignment.0;
+            let stride = p.slot_size.0.div_ceil(align) * align;
+            let page: u64 = if p.hugetlb { 2 << 20 } else { 4096 };
+            let bytes = (stride * u64::from(p.slots)).div_ceil(page) * page;
+            let name = format!("tensorbus-pool-{}", p.name);
+            let len =
+                usize::try_from(bytes).map_err(|_| std::io::Error::other("pool too large"))?;
+            let memfd = if p.hugetlb {
+                match Memfd::create(&name, len, true) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        eprintln!(
+                            "tensorbus broker: pool {:?}: huge pages unavailable ({e}); using normal pages. Reserve them with `echo N > /proc/sys/vm/nr_hugepages`",
+                            p.name
+                        );
+                        Memfd::create(&name, len, false)?
+                    }
+                }
+            } else {
+                Memfd::create(&name, len, false).map_err(|e| {
+                    std::io::Error::new(
+                        e.kind(),
+                        format!(
+                            "pool {:?}: cannot create {bytes} bytes of shared memory: {e}",
+                            p.name
+                        ),
+                    )
+                })?
+            };
+            let read_only = memfd.reopen_read_only()?;
+            pools.push(Pool {
+                info: PoolInfo {
+                    index: i as u8,
+                    name: p.name.clone(),
+                    slot_size: p.slot_size.0,
+                    stride,
+                    slots: p.slots,
+                    alignment: align,
+                    bytes,
+                },
+                memfd,
+                read_only,
+            });
+        }
+        let mut state = State {
+            control,
+            _control_map: map,
+            control_fd,
+            pools,
+            channels: Vec::new(),
+            handles: HashMap::new(),
+            free_bits: u64::MAX,
+            next_handle: 1,
+            pending: Vec::new(),
+            busy_subs: Vec::new(),
+            busy_rows: Vec::new(),
+            broker_heads: HashMap::new(),
+        };
+        for spec in config.channel_specs() {
+            state
+                .create_channel(spec)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        }
+        Ok(state)
+    }
+
+    pub fn channel_by_name(&self, name: &str) -> Option<usize> {
+        self.channels.iter().position(|c| c.spec.name == name)
+    }
+
+    pub fn channel_names(&self) -> Vec<String> {
+        self.channels.iter().map(|c| c.spec.name.clone()).collect()
+    }
+
+    /// Creates a channel from a spec (validated by the caller's name check).
+    pub fn create_channel(&mut self, spec: ChannelSpec) -> Result<usize, String> {
+        crate::names::validate_name(&spec.name)?;
+        let max = self.control.layout().params.max_channels as usize;
+        if self.channels.len() >= max {
+            return Err(format!(
+                "all {max} channels are in use; raise limits.max_channels in the broker config"
+            ));
+        }
+        let mut pools = Vec::new();
+        if spec.pools.is_empty() {
+            pools.extend(0..self.pools.len() as u8);
+        } else {
+            for name in &spec.pools {
+                let p = self
+                    .pools
+                    .iter()
+                    .position(|p| &p.info.name == name)
+                    .ok_or_else(|| {
+                        format!(
+                            "channel {:?} asks for pool {name:?}, which does not exist; pools: {}",
+                            spec.name,
+                            self.pools
+                                .iter()
+                                .map(|p| p.info.name.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )
+                    })?;
+                pools.push(p as u8);
+            }
+        }
+        pools.sort_by_key(|&p| self.pools[usize::from(p)].info.slot_size);
+        pools.dedup();
+        let cap = self.control.layout().params.ring_capacity;
+        if let Some(d) = spec.depth {
+            if d == 0 || d > cap {
+                return Err(format!(
+                    "depth {d} must be between 1 and the ring capacity {cap}"
+                ));
+            }
+        }
+        let index = self.channels.len();
+        let rec = self.control.channel(index).ok_or("channel table full")?;
+        rec.mode.store(spec.mode.code(), Ordering::Relaxed);
+        rec.state.store(STATE_ACTIVE, Ordering::Release);
+        self.channels.push(Channel { index, spec, pools });
+        Ok(index)
+    }
+
+    /// Takes a free holder bit.
+    pub fn alloc_bit(&mut self) -> Result<u32, String> {
+        if self.free_bits == 0 {
+            return Err(format!(
+                "all {MAX_HOLDERS} holder handles of this broker are in use (each producer, subscriber and stage half takes one); close unused handles"
+            ));
+        }
+        let bit = self.free_bits.trailing_zeros();
+        self.free_bits &= !(1u64 << bit);
+        Ok(bit)
+    }
+
+    pub fn free_bit(&mut self, bit: u32) {
+        self.free_bits |= 1u64 << (bit & 63);
+    }
+
+    pub fn new_handle(&mut self) -> u32 {
+        let h = self.next_handle;
+        self.next_handle = self.next_handle.wrapping_add(1).max(1);
+        h
+    }
+
+    /// Holder bits that belong to subscribers (for stats).
+    pub fn subscriber_bits(&self) -> u64 {
+        self.handles
+            .values()
+            .filter(|h| matches!(h.kind, HandleKind::Subscriber { .. }))
+            .fold(0, |m, h| m | 1u64 << h.bit)
+    }
+
+    pub fn is_workqueue(&self, channel: usize) -> bool {
+        self.channels
+            .get(channel)
+            .is_some_and(|c| c.spec.mode == Mode::Workqueue)
+    }
+}

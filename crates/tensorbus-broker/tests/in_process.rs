@@ -1,0 +1,217 @@
+//! In-process tests of the whole stack: an embedded broker and clients on
+//! threads of this process (the cross-process tests live in the workspace's
+//! top-level tests/).
+
+use std::path::PathBuf;
+use std::time::Duration;
+use tensorbus::{
+    Client, ConsumerOptions, DType, LoanError, Mode, OpenError, Policy, ProducerOptions,
+};
+use tensorbus_broker::{Config, EmbeddedBroker};
+
+fn socket(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tb-inproc-{}-{name}", std::process::id()));
+    dir.join("broker.sock")
+}
+
+fn config() -> Config {
+    Config::from_toml(
+        r#"
+        [limits]
+        ring_capacity = 8
+        [[pools]]
+        name = "small"
+        slot_size = 4096
+        slots = 8
+        [[pools]]
+        name = "big"
+        slot_size = "1MiB"
+        slots = 4
+        [[channels]]
+        name = "t/bcast"
+        [[channels]]
+        name = "t/work"
+        mode = "workqueue"
+        [[channels]]
+        name = "t/out"
+    "#,
+    )
+    .unwrap()
+}
+
+fn free_slots(c: &Client) -> (u32, u32) {
+    let s = c.stat().unwrap();
+    (
+        s.pools.iter().map(|p| p.slots_free).sum(),
+        s.pools.iter().map(|p| p.slots_total).sum(),
+    )
+}
+
+#[test]
+fn publish_and_receive_same_bytes() {
+    let sock = socket("basic");
+    let _b = EmbeddedBroker::start(&config(), &sock).unwrap();
+    let client = Client::connect_to(Some(&sock), "test").unwrap();
+    let mut p = client.producer("t/bcast").unwrap();
+    let c1 = client.consumer("t/bcast").unwrap();
+    let c2 = client
+        .consumer_with("t/bcast", ConsumerOptions::default().depth(2))
+        .unwrap();
+    let mut t = p.loan(&[16, 16], DType::U8).unwrap();
+    for (i, b) in t.iter_mut().enumerate() {
+        *b = i as u8;
+    }
+    t.set_user_header(b"hello").unwrap();
+    let addr = t.as_ptr() as usize;
+    let id = t.slot_id();
+    assert_eq!(t.publish().unwrap().delivered, 2);
+    let r1 = c1.recv_timeout(Duration::from_secs(1)).unwrap();
+    let r2 = c2.try_recv().unwrap();
+    assert_eq!(r1.slot_id(), id);
+    assert_eq!(r1.as_ptr() as usize % 4096, addr % 4096);
+    assert_eq!(r1.shape(), &[16, 16]);
+    assert_eq!(r1.user_header(), b"hello");
+    assert_eq!(r1.producer_id(), client.id());
+    assert!(r1.iter().enumerate().all(|(i, &b)| b == i as u8));
+    assert_eq!(&r1[..], &r2[..]);
+    drop((r1, r2));
+    assert_eq!(free_slots(&client), (12, 12));
+}
+
+#[test]
+fn errors_are_clear() {
+    let sock = socket("errors");
+    let _b = EmbeddedBroker::start(&config(), &sock).unwrap();
+    let client = Client::connect_to(Some(&sock), "test").unwrap();
+    match client.consumer("nope") {
+        Err(OpenError::ChannelNotFound { known, .. }) => {
+            assert!(known.contains(&"t/bcast".to_string()))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        client.consumer("../x"),
+        Err(OpenError::InvalidName(_))
+    ));
+    let mut p = client.producer("t/bcast").unwrap();
+    match p.loan(&[2 << 20], DType::U8) {
+        Err(e @ LoanError::TooLarge { .. }) => assert!(e.to_string().contains("1048576")),
+        other => panic!("{other:?}"),
+    }
+    let mut held = Vec::new();
+    for _ in 0..12 {
+        let t = p.loan(&[10], DType::U8).unwrap();
+        held.push(t.slot_id());
+        std::mem::forget(t);
+    }
+    let err = p.loan(&[10], DType::U8).unwrap_err();
+    assert!(matches!(err, LoanError::PoolExhausted { .. }), "{err}");
+    assert!(err.to_string().contains("this producer holds"), "{err}");
+    drop(p); // closing the handle releases the leaked loans
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(free_slots(&client), (12, 12));
+    let missing =
+        Client::connect_to(Some(std::path::Path::new("/nonexistent/tb.sock")), "x").unwrap_err();
+    assert!(
+        missing.to_string().contains("tensorbus broker"),
+        "{missing}"
+    );
+}
+
+#[test]
+fn policies() {
+    let sock = socket("policies");
+    let _b = EmbeddedBroker::start(&config(), &sock).unwrap();
+    let client = Client::connect_to(Some(&sock), "test").unwrap();
+    let mut p = client.producer("t/bcast").unwrap();
+    let oldest = client
+        .consumer_with(
+            "t/bcast",
+            ConsumerOptions::default()
+                .policy(Policy::DropOldest)
+                .depth(2),
+        )
+        .unwrap();
+    let newest = client
+        .consumer_with(
+            "t/bcast",
+            ConsumerOptions::default()
+                .policy(Policy::DropNewest)
+                .depth(2),
+        )
+        .unwrap();
+    let latest = client
+        .consumer_with("t/bcast", ConsumerOptions::default().policy(Policy::Latest))
+        .unwrap();
+    for i in 0..5u8 {
+        let mut t = p.loan(&[1], DType::U8).unwrap();
+        t[0] = i;
+        t.publish().unwrap();
+    }
+    let drain = |c: &tensorbus::Consumer| {
+        let mut v = Vec::new();
+        while let Ok(t) = c.try_recv() {
+            v.push(t[0]);
+        }
+        v
+    };
+    assert_eq!(drain(&oldest), vec![3, 4]);
+    assert_eq!(drain(&newest), vec![0, 1]);
+    assert_eq!(drain(&latest), vec![4]);
+    let s = client.stat().unwrap();
+    let ch = s.channels.iter().find(|c| c.name == "t/bcast").unwrap();
+    let dropped: Vec<u64> = ch.subscribers.iter().map(|s| s.dropped).collect();
+    assert_eq!(dropped, vec![3, 3, 4]);
+    assert_eq!(free_slots(&client), (12, 12));
+}
+
+#[test]
+fn workqueue_and_stage_in_place() {
+    let sock = socket("stage");
+    let _b = EmbeddedBroker::start(&config(), &sock).unwrap();
+    let client = Client::connect_to(Some(&sock), "test").unwrap();
+    let mut p = client.producer("t/work").unwrap();
+    let mut stage = client.stage("t/work", "t/out").unwrap();
+    let out = client.consumer("t/out").unwrap();
+    let mut t = p.loan(&[4], DType::F32).unwrap();
+    t.as_mut_slice_of::<f32>()
+        .unwrap()
+        .copy_from_slice(&[1.0, 2.0, 3.0, 4.0]);
+    let id = t.slot_id();
+    let addr = t.as_ptr() as usize;
+    t.publish().unwrap();
+    let mut s = stage.recv_mut_timeout(Duration::from_secs(1)).unwrap();
+    assert_eq!(s.slot_id(), id);
+    for x in s.as_mut_slice_of::<f32>().unwrap() {
+        *x *= 10.0;
+    }
+    assert_eq!(s.as_ptr() as usize, addr, "same mapping in one process");
+    s.forward().unwrap();
+    let r = out.recv_timeout(Duration::from_secs(1)).unwrap();
+    assert_eq!(r.slot_id(), id, "forwarded the same slot");
+    assert_eq!(r.as_slice_of::<f32>().unwrap(), &[10.0, 20.0, 30.0, 40.0]);
+    drop(r);
+    assert_eq!(free_slots(&client), (12, 12));
+    assert!(
+        client.stage("t/bcast", "t/out").is_err(),
+        "broadcast input refused"
+    );
+}
+
+#[test]
+fn runtime_channel_creation() {
+    let sock = socket("create");
+    let _b = EmbeddedBroker::start(&config(), &sock).unwrap();
+    let client = Client::connect_to(Some(&sock), "test").unwrap();
+    let mut p = client
+        .producer_with(
+            "rt/new",
+            ProducerOptions::default().create(Mode::Workqueue, &["big"]),
+        )
+        .unwrap();
+    let c = client.consumer("rt/new").unwrap();
+    let t = p.loan(&[100], DType::U8).unwrap();
+    assert_eq!(t.slot_id().pool, 1);
+    t.publish().unwrap();
+    assert!(c.recv_timeout(Duration::from_secs(1)).is_ok());
+}
