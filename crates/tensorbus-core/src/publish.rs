@@ -78,6 +78,18 @@ pub struct PublishOutcome {
     pub dropped: u32,
 }
 
+/// What [`ProducerPath::deliver`] did for one subscriber.
+enum Delivery {
+    /// Pushed (`dropped`: an older entry was taken back to make room).
+    Delivered { dropped: bool },
+    /// Not pushed, counted as dropped (drop_newest); our bit is released.
+    Dropped,
+    /// The subscriber is no longer active; its bit is released.
+    Gone,
+    /// Still full after a park slice; its bit is released.
+    Retry,
+}
+
 /// A producer's position in a channel, with its private caches.
 #[derive(Debug)]
 pub struct ProducerPath<'c> {
@@ -153,27 +165,66 @@ impl ProducerPath<'_> {
         me.intent.store(INTENT_VALID | packed, Ordering::SeqCst);
         fence(Ordering::SeqCst);
         receivers &= ch.subscribers.load(Ordering::SeqCst);
+
         if self.mode == Mode::Workqueue {
-            receivers = self.choose_worker(receivers, rr);
-        }
-
-        // Step 2: receivers become holders before any of them can see it.
-        let mut mask = 0u64;
-        for s in 0..subs_limit {
-            if receivers & (1 << s) != 0 {
-                mask |= self.ctl.subscriber_mask(self.channel, s);
+            // One receiver. Workers that join while we wait count too; each
+            // choice is added to the recorded intent before its holder bit is
+            // set, so the broker's repair of a dead producer covers it.
+            let mut candidates = receivers;
+            let mut gone = 0u64;
+            let mut recorded = receivers;
+            loop {
+                let chosen = self.choose_worker(candidates, rr);
+                if chosen == 0 {
+                    break; // no live worker: the tensor is dropped below
+                }
+                if recorded & chosen == 0 {
+                    recorded |= chosen;
+                    me.intent_receivers.store(recorded, Ordering::SeqCst);
+                }
+                let s = chosen.trailing_zeros() as usize;
+                // Step 2: the receiver becomes a holder before it can see it.
+                slot.add_holders(self.ctl.subscriber_mask(self.channel, s));
+                match self.deliver(s, packed, slot, cached_heads, parker, true) {
+                    Delivery::Delivered { dropped } => {
+                        out.delivered += 1;
+                        out.dropped += u32::from(dropped);
+                        break;
+                    }
+                    Delivery::Dropped => {
+                        out.dropped += 1;
+                        break;
+                    }
+                    // The worker died while we waited for it: choose another.
+                    Delivery::Gone => gone |= chosen,
+                    // Still full after a while: look again for the least loaded.
+                    Delivery::Retry => {}
+                }
+                candidates = ch.subscribers.load(Ordering::SeqCst) & valid & !gone;
             }
-        }
-        slot.add_holders(mask);
-
-        // Step 3: deliver.
-        for s in 0..subs_limit {
-            if receivers & (1 << s) == 0 {
-                continue;
+        } else {
+            // Step 2: receivers become holders before any of them can see it.
+            let mut mask = 0u64;
+            for s in 0..subs_limit {
+                if receivers & (1 << s) != 0 {
+                    mask |= self.ctl.subscriber_mask(self.channel, s);
+                }
             }
-            let (delivered, dropped) = self.deliver(s, packed, slot, cached_heads, parker);
-            out.delivered += u32::from(delivered);
-            out.dropped += u32::from(dropped);
+            slot.add_holders(mask);
+            // Step 3: deliver.
+            for s in 0..subs_limit {
+                if receivers & (1 << s) == 0 {
+                    continue;
+                }
+                match self.deliver(s, packed, slot, cached_heads, parker, false) {
+                    Delivery::Delivered { dropped } => {
+                        out.delivered += 1;
+                        out.dropped += u32::from(dropped);
+                    }
+                    Delivery::Dropped => out.dropped += 1,
+                    Delivery::Gone | Delivery::Retry => {}
+                }
+            }
         }
 
         // Steps 4 and 5.
@@ -184,7 +235,9 @@ impl ProducerPath<'_> {
         out
     }
 
-    /// Pushes to one subscriber under its policy. Returns (delivered, dropped).
+    /// Pushes to one subscriber under its policy. With `retry`, a `block`
+    /// subscriber that stays full for one park slice gives its bit back and
+    /// returns [`Delivery::Retry`] (work queues then look for another worker).
     fn deliver(
         &self,
         s: usize,
@@ -192,12 +245,14 @@ impl ProducerPath<'_> {
         slot: &SlotHeader,
         cached_heads: &mut [u64],
         parker: &impl Parker,
-    ) -> (bool, bool) {
+        retry: bool,
+    ) -> Delivery {
         let (Some(sub), Some(ring)) = (
             self.ctl.subscriber(self.channel, s),
             self.ctl.ring(self.channel, self.row, s),
         ) else {
-            return (false, false);
+            slot.release(self.ctl.subscriber_mask(self.channel, s));
+            return Delivery::Gone;
         };
         let bit = self.ctl.subscriber_mask(self.channel, s);
         let policy = Policy::from_code(sub.config.policy.load(Ordering::Relaxed));
@@ -214,13 +269,13 @@ impl ProducerPath<'_> {
                 if sub.config.data.notify_needed() {
                     parker.wake_all(&sub.config.data.seq);
                 }
-                return (true, dropped);
+                return Delivery::Delivered { dropped };
             }
             match policy {
                 Policy::DropNewest => {
                     slot.release(bit);
                     sub.dropped.fetch_add(1, Ordering::Relaxed);
-                    return (false, true);
+                    return Delivery::Dropped;
                 }
                 Policy::DropOldest | Policy::Latest => {
                     if let Some(old) = ring.steal_oldest() {
@@ -233,7 +288,7 @@ impl ProducerPath<'_> {
                     if sub.config.state.load(Ordering::Acquire) != STATE_ACTIVE {
                         // The subscriber is gone; the broker clears its bits.
                         slot.release(bit);
-                        return (false, false);
+                        return Delivery::Gone;
                     }
                     if spins < BLOCK_SPINS {
                         spins += 1;
@@ -248,6 +303,10 @@ impl ProducerPath<'_> {
                         parker.wait(&space.seq, key, BLOCK_RECHECK);
                     }
                     space.cancel_wait();
+                    if retry && ring.len() >= depth.clamp(1, ring.capacity()) {
+                        slot.release(bit);
+                        return Delivery::Retry;
+                    }
                 }
             }
         }

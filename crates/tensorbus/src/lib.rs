@@ -52,3 +52,8 @@ pub use stage::{Stage, StagedTensor};
 pub use tensorbus_core::proto::{ChannelSpec, PoolInfo, StatReport};
 pub use tensorbus_core::publish::PublishOutcome;
 pub use tensorbus_core::{DType, Mode, Policy, ShapeError, TensorMeta, MAX_DIMS, USER_HEADER_LEN};
+
+/// The README's Rust examples, compiled as doctests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;

@@ -1,0 +1,114 @@
+//! `tensorbus stat`: print a broker's pools, channels and clients.
+
+use crate::broker::human_bytes;
+use crate::table::Table;
+use crate::{CliError, SocketArg};
+use tensorbus::{Client, StatReport};
+
+/// Arguments of `tensorbus stat`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    socket: SocketArg,
+    /// Print the report as JSON (stable keys, for scripts).
+    #[arg(long)]
+    json: bool,
+}
+
+/// Connects, asks for a statistics snapshot and prints it.
+pub fn run(args: Args) -> Result<(), CliError> {
+    let client = Client::connect_to(args.socket.socket.as_deref(), "tensorbus-stat")?;
+    let report = client.stat()?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!(
+            "{}",
+            render(&report, &client.socket_path().display().to_string())
+        );
+    }
+    Ok(())
+}
+
+/// The human-readable report.
+pub fn render(r: &StatReport, socket: &str) -> String {
+    let mut out = format!("broker pid {} at {socket}\n\n", r.broker_pid);
+
+    out.push_str("pools\n");
+    let mut t = Table::new(&[
+        "name",
+        "slot_size",
+        "slots_total",
+        "slots_free",
+        "loaned",
+        "in_flight",
+    ]);
+    for p in &r.pools {
+        t.row(vec![
+            p.name.clone(),
+            human_bytes(p.slot_size),
+            p.slots_total.to_string(),
+            p.slots_free.to_string(),
+            p.loaned.to_string(),
+            p.in_flight.to_string(),
+        ]);
+    }
+    out.push_str(&t.render(2));
+
+    out.push_str("\nchannels\n");
+    if r.channels.is_empty() {
+        out.push_str("  (none)\n");
+    }
+    let mut t = Table::new(&["name", "mode", "published", "producers", "subscribers"]);
+    for c in &r.channels {
+        t.row(vec![
+            c.name.clone(),
+            c.mode.clone(),
+            c.published.to_string(),
+            c.producers.to_string(),
+            c.subscribers.len().to_string(),
+        ]);
+    }
+    if !r.channels.is_empty() {
+        out.push_str(&t.render(2));
+    }
+    for c in r.channels.iter().filter(|c| !c.subscribers.is_empty()) {
+        out.push_str(&format!("\n  subscribers of {}\n", c.name));
+        let mut t = Table::new(&[
+            "handle",
+            "client",
+            "policy",
+            "depth",
+            "delivered",
+            "dropped",
+            "queued",
+        ]);
+        for s in &c.subscribers {
+            t.row(vec![
+                s.handle.to_string(),
+                s.client.to_string(),
+                s.policy.clone(),
+                s.depth.to_string(),
+                s.delivered.to_string(),
+                s.dropped.to_string(),
+                s.queued.to_string(),
+            ]);
+        }
+        out.push_str(&t.render(4));
+    }
+
+    out.push_str("\nclients\n");
+    let mut t = Table::new(&["id", "pid", "uid", "name", "handles", "holds"]);
+    for c in &r.clients {
+        t.row(vec![
+            c.id.to_string(),
+            c.pid.to_string(),
+            c.uid.to_string(),
+            c.name.clone(),
+            c.handles.to_string(),
+            c.holds.to_string(),
+        ]);
+    }
+    out.push_str(&t.render(2));
+    out
+}

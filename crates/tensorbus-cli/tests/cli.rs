@@ -1,0 +1,249 @@
+//! End-to-end tests of the `tensorbus` binary. Timeouts only guard against
+//! hangs; nothing here asserts on timing.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tensorbus");
+
+/// A fresh private directory for one test.
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tb-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Waits for `child` to exit, killing it (and failing) after `limit`.
+fn wait_or_kill(child: &mut Child, limit: Duration, what: &str) -> ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs the binary with `args` to completion (bounded by `limit`).
+fn run(args: &[&str], limit: Duration) -> Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let out_reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let status = wait_or_kill(&mut child, limit, &format!("tensorbus {}", args.join(" ")));
+    Output {
+        status,
+        stdout: out_reader.join().unwrap(),
+        stderr: err_reader.join().unwrap(),
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// The value of `key=` in a `demo: k=v ...` line.
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+}
+
+#[test]
+fn demo_runs_lossless_and_verified() {
+    let out = run(
+        &["demo", "--frames", "20", "--fps", "0", "--quiet"],
+        Duration::from_secs(120),
+    );
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "demo failed: {stderr}\n{stdout}");
+    let last = stdout.lines().last().unwrap_or_default();
+    assert!(last.starts_with("demo: frames=20 "), "{last:?}");
+    assert_eq!(field(last, "dropped"), Some("0"), "{last:?}");
+    assert_eq!(field(last, "errors"), Some("0"), "{last:?}");
+    for key in ["fps", "e2e_p50_us", "e2e_p99_us"] {
+        let v = field(last, key).unwrap_or_else(|| panic!("{key} missing in {last:?}"));
+        assert!(v.parse::<f64>().is_ok(), "{key}={v}");
+    }
+}
+
+/// Kills the child if the test panics while it runs.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Waits until the broker's socket exists (or the broker exited).
+fn wait_for_socket(broker: &mut Child, socket: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !socket.exists() {
+        if let Some(status) = broker.try_wait().unwrap() {
+            panic!("broker exited early: {status}");
+        }
+        assert!(Instant::now() < deadline, "broker never created {socket:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn broker_stat_and_sigterm() {
+    let dir = temp_dir("broker");
+    let config = dir.join("tensorbus.toml");
+    std::fs::write(
+        &config,
+        r#"
+        [[pools]]
+        name = "frames"
+        slot_size = "1MiB"
+        slots = 4
+        [[pools]]
+        name = "small"
+        slot_size = "64KiB"
+        slots = 8
+        [[channels]]
+        name = "camera/raw"
+        pools = ["frames"]
+        "#,
+    )
+    .unwrap();
+    let socket = dir.join("run").join("broker.sock");
+    let broker = Command::new(BIN)
+        .arg("broker")
+        .arg("--config")
+        .arg(&config)
+        .arg("--socket")
+        .arg(&socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut guard = KillOnDrop(broker);
+    let broker = &mut guard.0;
+    wait_for_socket(broker, &socket);
+    let sock = socket.to_str().unwrap();
+
+    let out = run(
+        &["stat", "--json", "--socket", sock],
+        Duration::from_secs(30),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let pools = report["pools"].as_array().unwrap();
+    assert_eq!(pools.len(), 2);
+    assert_eq!(pools[0]["name"], "frames");
+    assert_eq!(pools[0]["slots_total"], 4);
+    assert_eq!(pools[0]["slots_free"], 4);
+    assert_eq!(pools[1]["name"], "small");
+    let channels = report["channels"].as_array().unwrap();
+    assert_eq!(channels[0]["name"], "camera/raw");
+    assert_eq!(channels[0]["published"], 0);
+    let clients = report["clients"].as_array().unwrap();
+    assert!(
+        clients
+            .iter()
+            .any(|c| c["pid"].as_i64().is_some_and(|p| p > 0)),
+        "{clients:?}"
+    );
+
+    let out = run(&["stat", "--socket", sock], Duration::from_secs(30));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let human = text(&out.stdout);
+    for word in [
+        "pools",
+        "frames",
+        "slots_free",
+        "channels",
+        "camera/raw",
+        "clients",
+        "tensorbus-stat",
+    ] {
+        assert!(human.contains(word), "{word} missing in:\n{human}");
+    }
+
+    // SAFETY: kill(2) with a valid pid and signal number has no memory effects.
+    let rc = unsafe { libc::kill(broker.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    let status = wait_or_kill(broker, Duration::from_secs(30), "broker after SIGTERM");
+    let mut stderr = String::new();
+    broker
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(status.success(), "broker exited with {status}: {stderr}");
+    assert!(stderr.contains("listening on"), "{stderr}");
+    assert!(!socket.exists(), "socket file left behind");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn broker_rejects_malformed_config() {
+    let dir = temp_dir("badconfig");
+    let config = dir.join("bad.toml");
+    std::fs::write(
+        &config,
+        "[[pools]]\nname = \"frames\"\nslot_size = \"8MiB\"\nslots = 4\nbogus_field = 1\n",
+    )
+    .unwrap();
+    let socket = dir.join("broker.sock");
+    let out = run(
+        &[
+            "broker",
+            "--config",
+            config.to_str().unwrap(),
+            "--socket",
+            socket.to_str().unwrap(),
+        ],
+        Duration::from_secs(30),
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("bogus_field"), "{stderr}");
+    assert!(stderr.contains("bad.toml"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!socket.exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn stat_without_broker_explains_how_to_start_one() {
+    let out = run(
+        &["stat", "--socket", "/nonexistent/x.sock"],
+        Duration::from_secs(30),
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("/nonexistent/x.sock"), "{stderr}");
+    assert!(stderr.contains("tensorbus broker"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Runs every test of the project: formatting and lints, the Rust unit,
+# integration (multi-process) and doc tests, the loom models of every
+# lock-free structure, and the hot-path syscall check under strace.
+# Usage: scripts/test-all.sh        (from anywhere; exits non-zero on the first failure)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n== %s ==\n' "$*"; }
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+step "Rust tests (unit, cross-process integration, doc)"
+cargo test --workspace
+
+step "loom models (tensorbus-core)"
+RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test -p tensorbus-core --release --quiet
+
+step "hot path makes no syscall (strace)"
+scripts/hot-path-syscalls.sh
+
+step "demo smoke run"
+cargo run --release --quiet -p tensorbus-cli -- demo --frames 60 --fps 0 --quiet
+
+printf '\nall tests passed\n'

@@ -1,0 +1,384 @@
+//! Shared helpers of the cross-process tests: an embedded broker on a
+//! private socket, `tb-peer` children with line-based reports, and parsers
+//! for what they print.
+
+#![allow(dead_code)] // each test file uses its own subset
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tensorbus::{Client, SlotId, StatReport};
+use tensorbus_broker::{Config, EmbeddedBroker};
+
+/// How long any single wait on a child may take before the test fails.
+pub const WAIT: Duration = Duration::from_secs(60);
+/// How long the broker may take to reclaim after a death.
+pub const RECLAIM: Duration = Duration::from_secs(5);
+
+/// An embedded broker on a socket private to one test, and a client of the
+/// test process for `stat`.
+pub struct Bus {
+    pub client: Client,
+    pub socket: PathBuf,
+    dir: PathBuf,
+    _broker: EmbeddedBroker,
+}
+
+impl Bus {
+    /// Starts a broker with `toml` (a full config) for the test `name`.
+    pub fn start(name: &str, toml: &str) -> Bus {
+        let dir = std::env::temp_dir().join(format!("tb-it-{}-{name}", std::process::id()));
+        let socket = dir.join("broker.sock");
+        let config = Config::from_toml(toml).expect("test config is valid");
+        let broker = EmbeddedBroker::start(&config, &socket).expect("broker starts");
+        let client = Client::connect_to(Some(&socket), "test").expect("test client connects");
+        Bus {
+            client,
+            socket,
+            dir,
+            _broker: broker,
+        }
+    }
+
+    /// Spawns `tb-peer ROLE --socket SOCKET ARGS...`; `name` labels failures.
+    pub fn spawn(&self, name: &str, role: &str, args: &[&str]) -> Peer {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tb-peer"))
+            .arg(role)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tb-peer");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut err_pipe = child.stderr.take().expect("piped stderr");
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err_pipe.read_to_string(&mut s);
+            sink.lock().unwrap().push_str(&s);
+        });
+        Peer {
+            name: name.to_owned(),
+            stdin: child.stdin.take(),
+            child,
+            rx,
+            lines: Vec::new(),
+            stderr,
+            reaped: false,
+        }
+    }
+
+    /// A stat snapshot.
+    pub fn stat(&self) -> StatReport {
+        self.client.stat().expect("stat")
+    }
+
+    /// (free, total) slots over all pools.
+    pub fn free_slots(&self) -> (u32, u32) {
+        let s = self.stat();
+        (
+            s.pools.iter().map(|p| p.slots_free).sum(),
+            s.pools.iter().map(|p| p.slots_total).sum(),
+        )
+    }
+
+    /// Polls until every slot of every pool is free (the broker reclaims
+    /// asynchronously); fails with the last snapshot after `RECLAIM`.
+    pub fn assert_all_free(&self) {
+        let start = Instant::now();
+        loop {
+            let (free, total) = self.free_slots();
+            if free == total {
+                return;
+            }
+            if start.elapsed() > RECLAIM {
+                panic!(
+                    "{free} of {total} slots free {RECLAIM:?} after everything went quiet: {:#?}",
+                    self.stat()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Sum over pools of the `loaned` count.
+    pub fn loaned(&self) -> u32 {
+        self.stat().pools.iter().map(|p| p.loaned).sum()
+    }
+}
+
+impl Drop for Bus {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A `tb-peer` child process. Dropping it kills the child (SIGKILL) if it
+/// still runs, so a failing test leaves no process behind.
+pub struct Peer {
+    pub name: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    rx: Receiver<String>,
+    /// Every stdout line received so far.
+    pub lines: Vec<String>,
+    stderr: Arc<Mutex<String>>,
+    reaped: bool,
+}
+
+impl Peer {
+    /// The child's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    fn die(&mut self, why: &str) -> ! {
+        self.kill9();
+        // Give the stderr reader a moment to collect the child's last words.
+        std::thread::sleep(Duration::from_millis(50));
+        panic!(
+            "{}: {why}\n--- stdout (last 20 lines) ---\n{}\n--- stderr ---\n{}",
+            self.name,
+            self.lines[self.lines.len().saturating_sub(20)..].join("\n"),
+            self.stderr()
+        );
+    }
+
+    /// Waits until `n` lines starting with `prefix` have been printed in
+    /// total; returns the last of them.
+    pub fn wait_lines(&mut self, prefix: &str, n: usize) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let have: Vec<&String> = self
+                .lines
+                .iter()
+                .filter(|l| l.starts_with(prefix))
+                .collect();
+            if have.len() >= n {
+                return have[n - 1].clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(line) => self.lines.push(line),
+                Err(RecvTimeoutError::Timeout) => {
+                    self.die(&format!("timed out waiting for {n} {prefix:?} lines"))
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    let status = self.child.wait();
+                    self.reaped = true;
+                    self.die(&format!(
+                        "exited ({status:?}) before printing {n} {prefix:?} lines"
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Waits for one line starting with `prefix`.
+    pub fn wait_line(&mut self, prefix: &str) -> String {
+        self.wait_lines(prefix, 1)
+    }
+
+    /// Sends one line on the child's stdin.
+    pub fn send(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin still open");
+        writeln!(stdin, "{line}").expect("write to child stdin");
+        stdin.flush().expect("flush child stdin");
+    }
+
+    /// Closes the child's stdin: consumers, stages and sleepers then finish.
+    pub fn close_stdin(&mut self) {
+        self.stdin = None;
+    }
+
+    /// Closes stdin, waits (with a deadline) for a successful exit and
+    /// returns every stdout line.
+    pub fn finish(mut self) -> Vec<String> {
+        self.close_stdin();
+        let deadline = Instant::now() + WAIT;
+        let status = loop {
+            match self.child.try_wait() {
+                Ok(Some(s)) => break s,
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Ok(None) => self.die("did not exit in time"),
+                Err(e) => self.die(&format!("wait failed: {e}")),
+            }
+        };
+        self.reaped = true;
+        // The reader thread ends at EOF, which follows the exit.
+        loop {
+            match self.rx.recv_timeout(WAIT) {
+                Ok(line) => self.lines.push(line),
+                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => self.die("stdout did not close"),
+            }
+        }
+        if !status.success() {
+            std::thread::sleep(Duration::from_millis(50));
+            self.die(&format!("exited with {status}"));
+        }
+        std::mem::take(&mut self.lines)
+    }
+
+    /// Kills the child with SIGKILL and reaps it; returns every line it
+    /// printed (all of them reach the pipe before the kill).
+    pub fn kill9(&mut self) -> Vec<String> {
+        if !self.reaped {
+            let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits");
+            // SAFETY: kill(2) with a pid of our own unreaped child: the pid
+            // cannot have been reused while the child is a zombie we own.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = self.child.wait();
+            self.reaped = true;
+        }
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(line) => self.lines.push(line),
+                Err(_) => break,
+            }
+        }
+        self.lines.clone()
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        if !self.reaped {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// One `msg` line of a consumer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Msg {
+    /// The producer's sequence number (from the user header).
+    pub seq: u64,
+    /// The sequence number in the metadata.
+    pub meta_seq: u64,
+    /// Whether the payload checksum verified.
+    pub ok: bool,
+    /// The slot it arrived in.
+    pub slot: SlotId,
+}
+
+fn slot(fields: &[&str]) -> SlotId {
+    SlotId {
+        pool: fields[0].parse().expect("pool"),
+        index: fields[1].parse().expect("index"),
+        generation: fields[2].parse().expect("generation"),
+    }
+}
+
+/// The `msg` lines of a consumer's output.
+pub fn msgs(lines: &[String]) -> Vec<Msg> {
+    lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("msg "))
+        .map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            Msg {
+                seq: f[0].parse().expect("seq"),
+                meta_seq: f[1].parse().expect("meta seq"),
+                ok: f[2] == "1",
+                slot: slot(&f[3..6]),
+            }
+        })
+        .collect()
+}
+
+/// Sequence numbers of a consumer's `msg` lines, in arrival order.
+pub fn seqs(lines: &[String]) -> Vec<u64> {
+    msgs(lines).iter().map(|m| m.seq).collect()
+}
+
+/// `seq -> slot` from lines `PREFIX SEQ POOL INDEX GEN` (producer `pub`,
+/// stage `fwd`).
+pub fn slots(lines: &[String], prefix: &str) -> HashMap<u64, SlotId> {
+    lines
+        .iter()
+        .filter_map(|l| l.strip_prefix(prefix))
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f[0].parse().expect("seq"), slot(&f[1..4]))
+        })
+        .collect()
+}
+
+/// `(delivered, dropped)` from a consumer's `stat` line.
+pub fn own_stat(lines: &[String]) -> (u64, u64) {
+    let l = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("stat "))
+        .expect("a stat line");
+    let f: Vec<u64> = l.split(' ').map(|x| x.parse().expect("number")).collect();
+    (f[0], f[1])
+}
+
+/// Asserts that a consumer printed no `corrupt` line and every checksum held.
+pub fn assert_clean(who: &str, lines: &[String]) {
+    let corrupt: Vec<&String> = lines.iter().filter(|l| l.starts_with("corrupt")).collect();
+    assert!(corrupt.is_empty(), "{who}: corrupted receives: {corrupt:?}");
+    let bad: Vec<Msg> = msgs(lines).into_iter().filter(|m| !m.ok).collect();
+    assert!(bad.is_empty(), "{who}: checksum failures: {bad:?}");
+}
+
+/// Asserts that `seqs` is exactly 0..n in order.
+pub fn assert_all_in_order(who: &str, seqs: &[u64], n: u64) {
+    let want: Vec<u64> = (0..n).collect();
+    if seqs != want.as_slice() {
+        let first_diff = seqs.iter().zip(&want).position(|(a, b)| a != b);
+        panic!(
+            "{who}: expected 0..{n} in order, got {} items (first difference at {first_diff:?})",
+            seqs.len()
+        );
+    }
+}
+
+/// Asserts that `seqs` strictly increases.
+pub fn assert_increasing(who: &str, seqs: &[u64]) {
+    if let Some(w) = seqs.windows(2).find(|w| w[0] >= w[1]) {
+        panic!("{who}: sequence not strictly increasing at {w:?}");
+    }
+}
+
+/// A config with one 64 KiB pool of `slots` slots and the given
+/// `(name, mode)` channels.
+pub fn config(slots: u32, channels: &[(&str, &str)]) -> String {
+    let mut s = format!(
+        "[limits]\nring_capacity = 16\nmax_subscribers_per_channel = 8\n\
+         [[pools]]\nname = \"p\"\nslot_size = \"64KiB\"\nslots = {slots}\n"
+    );
+    for (name, mode) in channels {
+        s.push_str(&format!(
+            "[[channels]]\nname = \"{name}\"\nmode = \"{mode}\"\n"
+        ));
+    }
+    s
+}

@@ -1,0 +1,340 @@
+//! `tb-peer`: the child process the cross-process tests in `tests/` spawn.
+//!
+//! ```text
+//! tb-peer ROLE --socket PATH [--key value | --flag]...
+//! ```
+//!
+//! Roles:
+//!
+//! * `producer --channel C --count N [--size B] [--pace-us U] [--report]`:
+//!   publishes N tensors of B bytes (default 4096). The payload of the tensor
+//!   with producer sequence `s` is [`fill`]`(s)`; its user header carries
+//!   `checksum(payload)` and `s` (two little-endian u64). Prints
+//!   `pub SEQ POOL INDEX GEN` per tensor with `--report`, then `done N`.
+//! * `consumer --channel C [--policy P] [--depth D] [--sleep-us U]
+//!   [--count N] [--verify sum|plus1] [--hold K] [--gate]` (alias `worker`):
+//!   subscribes, prints `ready CLIENT HANDLE`, then
+//!   `msg SEQ META_SEQ OK POOL INDEX GEN` per tensor, where SEQ is the
+//!   producer's sequence from the user header and OK is 1 when the payload
+//!   checksum verified (`plus1`: every byte was incremented by a stage). It
+//!   stops after `--count` tensors, or when its stdin is closed and nothing is
+//!   queued; then prints `stat DELIVERED DROPPED` (its own counters from the
+//!   broker) and `end RECEIVED`. `--gate` waits for a `go` line on stdin
+//!   before the first receive. `--hold K` keeps the first K views, prints
+//!   `holding` and sleeps until killed (or stdin closes).
+//! * `stage --input IN --output OUT [--sleep-us U]`: prints `ready`, then
+//!   takes each tensor exclusively, adds 1 to every byte in place, forwards
+//!   the same slot and prints `fwd SEQ POOL INDEX GEN`; stops like a consumer.
+//! * `loaner --channel C --count K`: loans K slots, never publishes, prints
+//!   `loaned K` and sleeps until killed (or stdin closes).
+//!
+//! Every line goes to stdout at once (Rust's stdout is line buffered), so a
+//! parent that kills the process knows everything it printed. Errors go to
+//! stderr with a non-zero exit status.
+
+use std::collections::HashMap;
+use std::io::BufRead;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tensorbus::{Client, ConsumerOptions, DType, Policy, RecvError};
+
+/// How long one receive waits before the stop condition is checked again.
+const POLL: Duration = Duration::from_millis(20);
+
+/// FNV-1a 64 of `bytes`.
+fn checksum(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Fills `out` with the splitmix64 stream seeded by `seq`.
+fn fill(seq: u64, out: &mut [u8]) {
+    let mut state = seq ^ 0x005e_ed0f_7e45_0b05;
+    for chunk in out.chunks_mut(8) {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        chunk.copy_from_slice(&z.to_le_bytes()[..chunk.len()]);
+    }
+}
+
+/// What the parent said on stdin: `go` lines and end of file.
+#[derive(Default)]
+struct Stdin {
+    gos: AtomicU32,
+    closed: AtomicBool,
+}
+
+impl Stdin {
+    /// Reads stdin on a thread for the life of the process.
+    fn watch() -> Arc<Stdin> {
+        let s = Arc::new(Stdin::default());
+        let t = s.clone();
+        std::thread::spawn(move || {
+            for line in std::io::stdin().lock().lines() {
+                match line {
+                    Ok(l) if l.trim() == "go" => {
+                        t.gos.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+            t.closed.store(true, Ordering::SeqCst);
+        });
+        s
+    }
+    fn closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+    /// Sleeps until stdin is closed (or the process is killed).
+    fn sleep_until_closed(&self) {
+        while !self.closed() {
+            std::thread::sleep(POLL);
+        }
+    }
+    /// Waits for a `go` line; false if stdin closed first.
+    fn wait_go(&self) -> bool {
+        loop {
+            if self.gos.load(Ordering::SeqCst) > 0 {
+                return true;
+            }
+            if self.closed() {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// `--key value` options and `--flag`s.
+struct Args(HashMap<String, String>);
+
+impl Args {
+    fn parse(args: &[String]) -> Args {
+        let mut map = HashMap::new();
+        let mut it = args.iter().peekable();
+        while let Some(a) = it.next() {
+            let key = a
+                .strip_prefix("--")
+                .unwrap_or_else(|| fail(&format!("unexpected argument {a:?}")));
+            let value = match it.peek() {
+                Some(v) if !v.starts_with("--") => it.next().cloned().unwrap_or_default(),
+                _ => String::new(),
+            };
+            map.insert(key.to_owned(), value);
+        }
+        Args(map)
+    }
+    fn str(&self, key: &str) -> &str {
+        self.0
+            .get(key)
+            .map(String::as_str)
+            .unwrap_or_else(|| fail(&format!("--{key} is required")))
+    }
+    fn num(&self, key: &str, default: u64) -> u64 {
+        self.0.get(key).map_or(default, |v| {
+            v.parse()
+                .unwrap_or_else(|_| fail(&format!("--{key} {v:?} is not a number")))
+        })
+    }
+    fn opt_num(&self, key: &str) -> Option<u64> {
+        self.0.contains_key(key).then(|| self.num(key, 0))
+    }
+    fn flag(&self, key: &str) -> bool {
+        self.0.contains_key(key)
+    }
+}
+
+fn fail(msg: &str) -> ! {
+    eprintln!("tb-peer: {msg}");
+    std::process::exit(2);
+}
+
+fn sleep_us(us: u64) {
+    if us > 0 {
+        std::thread::sleep(Duration::from_micros(us));
+    }
+}
+
+/// Splits a user header into (checksum, seq).
+fn header(h: &[u8]) -> (u64, u64) {
+    let word = |r: std::ops::Range<usize>| {
+        h.get(r)
+            .and_then(|b| b.try_into().ok())
+            .map_or(u64::MAX, u64::from_le_bytes)
+    };
+    (word(0..8), word(8..16))
+}
+
+fn producer(client: &Client, a: &Args) {
+    let mut p = client
+        .producer(a.str("channel"))
+        .unwrap_or_else(|e| fail(&e.to_string()));
+    let count = a.num("count", 0);
+    let size = a.num("size", 4096) as usize;
+    let pace = a.num("pace-us", 0);
+    let report = a.flag("report");
+    for seq in 0..count {
+        let mut t = p
+            .loan_timeout(&[size], DType::U8, Duration::from_secs(30))
+            .unwrap_or_else(|e| fail(&format!("loan {seq}: {e}")));
+        fill(seq, &mut t);
+        let mut h = [0u8; 16];
+        h[..8].copy_from_slice(&checksum(&t).to_le_bytes());
+        h[8..].copy_from_slice(&seq.to_le_bytes());
+        t.set_user_header(&h)
+            .unwrap_or_else(|e| fail(&e.to_string()));
+        let id = t.slot_id();
+        t.publish()
+            .unwrap_or_else(|e| fail(&format!("publish {seq}: {e}")));
+        if report {
+            println!("pub {seq} {} {} {}", id.pool, id.index, id.generation);
+        }
+        sleep_us(pace);
+    }
+    println!("done {count}");
+}
+
+fn consumer(client: &Client, a: &Args, stdin: &Stdin) {
+    let mut opts = ConsumerOptions::default();
+    if let Some(p) = a.0.get("policy") {
+        opts = opts.policy(p.parse::<Policy>().unwrap_or_else(|e| fail(&e)));
+    }
+    if let Some(d) = a.opt_num("depth") {
+        opts = opts.depth(d as u32);
+    }
+    let c = client
+        .consumer_with(a.str("channel"), opts)
+        .unwrap_or_else(|e| fail(&e.to_string()));
+    println!("ready {} {}", client.id(), c.handle());
+    let plus1 = match a.0.get("verify").map(String::as_str) {
+        None | Some("sum") => false,
+        Some("plus1") => true,
+        Some(v) => fail(&format!("unknown --verify {v:?}")),
+    };
+    let sleep = a.num("sleep-us", 0);
+    let count = a.opt_num("count");
+    let hold = a.opt_num("hold");
+    if a.flag("gate") && !stdin.wait_go() {
+        fail("stdin closed before go");
+    }
+    let mut held = Vec::new();
+    let mut received = 0u64;
+    let mut scratch = Vec::new();
+    while count.is_none_or(|n| received < n) {
+        let t = match c.recv_timeout(POLL) {
+            Ok(t) => t,
+            Err(RecvError::Timeout(_)) if stdin.closed() => break,
+            Err(RecvError::Timeout(_)) => continue,
+            Err(e) => {
+                println!("corrupt {e}");
+                continue;
+            }
+        };
+        received += 1;
+        let (sum, seq) = header(t.user_header());
+        let ok = if plus1 {
+            scratch.clear();
+            scratch.extend(t.iter().map(|b| b.wrapping_sub(1)));
+            checksum(&scratch) == sum
+        } else {
+            checksum(&t) == sum && t.seq() == seq
+        };
+        let id = t.slot_id();
+        println!(
+            "msg {seq} {} {} {} {} {}",
+            t.seq(),
+            u8::from(ok),
+            id.pool,
+            id.index,
+            id.generation
+        );
+        if hold.is_some() {
+            held.push(t);
+            if hold == Some(held.len() as u64) {
+                println!("holding");
+                stdin.sleep_until_closed();
+                std::process::exit(0);
+            }
+        } else {
+            sleep_us(sleep);
+            drop(t);
+        }
+    }
+    drop(held);
+    let stat = client.stat().unwrap_or_else(|e| fail(&e.to_string()));
+    let me = stat
+        .channels
+        .iter()
+        .flat_map(|ch| &ch.subscribers)
+        .find(|s| s.handle == c.handle())
+        .unwrap_or_else(|| fail("own subscription missing from stat"));
+    println!("stat {} {}", me.delivered, me.dropped);
+    println!("end {received}");
+}
+
+fn stage(client: &Client, a: &Args, stdin: &Stdin) {
+    let mut s = client
+        .stage(a.str("input"), a.str("output"))
+        .unwrap_or_else(|e| fail(&e.to_string()));
+    println!("ready {} {}", client.id(), s.input().handle());
+    let sleep = a.num("sleep-us", 0);
+    loop {
+        let mut t = match s.recv_mut_timeout(POLL) {
+            Ok(t) => t,
+            Err(RecvError::Timeout(_)) if stdin.closed() => break,
+            Err(RecvError::Timeout(_)) => continue,
+            Err(e) => fail(&format!("stage receive: {e}")),
+        };
+        for b in t.iter_mut() {
+            *b = b.wrapping_add(1);
+        }
+        let (_, seq) = header(t.meta().user_header());
+        let id = t.slot_id();
+        t.forward()
+            .unwrap_or_else(|e| fail(&format!("forward {seq}: {e}")));
+        println!("fwd {seq} {} {} {}", id.pool, id.index, id.generation);
+        sleep_us(sleep);
+    }
+    println!("end");
+}
+
+fn loaner(client: &Client, a: &Args, stdin: &Stdin) {
+    let mut p = client
+        .producer(a.str("channel"))
+        .unwrap_or_else(|e| fail(&e.to_string()));
+    let count = a.num("count", 1);
+    for _ in 0..count {
+        let t = p
+            .loan_bytes(a.num("size", 4096) as usize)
+            .unwrap_or_else(|e| fail(&e.to_string()));
+        // Keep the loan past the view: only the broker can take it back now.
+        std::mem::forget(t);
+    }
+    println!("loaned {count}");
+    stdin.sleep_until_closed();
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some((role, rest)) = args.split_first() else {
+        fail("usage: tb-peer ROLE --socket PATH [--key value]...");
+    };
+    let a = Args::parse(rest);
+    let stdin = Stdin::watch();
+    let client = Client::connect_to(Some(Path::new(a.str("socket"))), &format!("tb-peer-{role}"))
+        .unwrap_or_else(|e| fail(&e.to_string()));
+    match role.as_str() {
+        "producer" => producer(&client, &a),
+        "consumer" | "worker" => consumer(&client, &a, &stdin),
+        "stage" => stage(&client, &a, &stdin),
+        "loaner" => loaner(&client, &a, &stdin),
+        other => fail(&format!("unknown role {other:?}")),
+    }
+}
