@@ -27,8 +27,17 @@ fn config() -> Config {
         name = "big"
         slot_size = "1MiB"
         slots = 4
+        [[pools]]
+        name = "huge-aligned"
+        slot_size = 4096
+        slots = 2
+        alignment = "2MiB"
         [[channels]]
         name = "t/bcast"
+        pools = ["small", "big"]
+        [[channels]]
+        name = "t/aligned"
+        pools = ["huge-aligned"]
         [[channels]]
         name = "t/work"
         mode = "workqueue"
@@ -75,7 +84,7 @@ fn publish_and_receive_same_bytes() {
     assert!(r1.iter().enumerate().all(|(i, &b)| b == i as u8));
     assert_eq!(&r1[..], &r2[..]);
     drop((r1, r2));
-    assert_eq!(free_slots(&client), (12, 12));
+    assert_eq!(free_slots(&client), (14, 14));
 }
 
 #[test]
@@ -109,7 +118,7 @@ fn errors_are_clear() {
     assert!(err.to_string().contains("this producer holds"), "{err}");
     drop(p); // closing the handle releases the leaked loans
     std::thread::sleep(Duration::from_millis(50));
-    assert_eq!(free_slots(&client), (12, 12));
+    assert_eq!(free_slots(&client), (14, 14));
     let missing =
         Client::connect_to(Some(std::path::Path::new("/nonexistent/tb.sock")), "x").unwrap_err();
     assert!(
@@ -162,7 +171,7 @@ fn policies() {
     let ch = s.channels.iter().find(|c| c.name == "t/bcast").unwrap();
     let dropped: Vec<u64> = ch.subscribers.iter().map(|s| s.dropped).collect();
     assert_eq!(dropped, vec![3, 3, 4]);
-    assert_eq!(free_slots(&client), (12, 12));
+    assert_eq!(free_slots(&client), (14, 14));
 }
 
 #[test]
@@ -191,7 +200,7 @@ fn workqueue_and_stage_in_place() {
     assert_eq!(r.slot_id(), id, "forwarded the same slot");
     assert_eq!(r.as_slice_of::<f32>().unwrap(), &[10.0, 20.0, 30.0, 40.0]);
     drop(r);
-    assert_eq!(free_slots(&client), (12, 12));
+    assert_eq!(free_slots(&client), (14, 14));
     assert!(
         client.stage("t/bcast", "t/out").is_err(),
         "broadcast input refused"
@@ -214,4 +223,101 @@ fn runtime_channel_creation() {
     assert_eq!(t.slot_id().pool, 1);
     t.publish().unwrap();
     assert!(c.recv_timeout(Duration::from_secs(1)).is_ok());
+}
+
+/// Permissions of the mapping that contains `addr`, from /proc/self/maps.
+fn perms_at(addr: usize) -> String {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    for line in maps.lines() {
+        let mut it = line.split_whitespace();
+        let range = it.next().unwrap();
+        let perms = it.next().unwrap();
+        let (a, b) = range.split_once('-').unwrap();
+        let (a, b) = (
+            usize::from_str_radix(a, 16).unwrap(),
+            usize::from_str_radix(b, 16).unwrap(),
+        );
+        if (a..b).contains(&addr) {
+            return perms.to_owned();
+        }
+    }
+    panic!("address {addr:#x} is not mapped");
+}
+
+#[test]
+fn memory_is_aligned_read_only_for_consumers_and_not_in_dev_shm() {
+    let sock = socket("memory");
+    let _b = EmbeddedBroker::start(&config(), &sock).unwrap();
+    let producer_client = Client::connect_to(Some(&sock), "producer").unwrap();
+    // A separate client (own mappings) that only consumes.
+    let consumer_client = Client::connect_to(Some(&sock), "consumer").unwrap();
+    let mut p = producer_client.producer("t/aligned").unwrap();
+    let c = consumer_client.consumer("t/aligned").unwrap();
+    for _ in 0..2 {
+        let t = p.loan(&[100], DType::U8).unwrap();
+        assert_eq!(
+            t.as_ptr() as usize % (2 << 20),
+            0,
+            "2 MiB alignment honoured"
+        );
+        assert!(
+            perms_at(t.as_ptr() as usize).starts_with("rw"),
+            "producer maps writable"
+        );
+        t.publish().unwrap();
+        let r = c.try_recv().unwrap();
+        assert_eq!(r.as_ptr() as usize % (2 << 20), 0);
+        assert_eq!(
+            perms_at(r.as_ptr() as usize),
+            "r--s",
+            "consumer maps read-only, shared"
+        );
+    }
+    let mut q = producer_client.producer("t/bcast").unwrap();
+    let t = q.loan(&[3], DType::U8).unwrap();
+    assert_eq!(t.as_ptr() as usize % 4096, 0, "default alignment 4096");
+    drop(t);
+    if let Ok(dir) = std::fs::read_dir("/dev/shm") {
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            assert!(!name.contains("tensorbus"), "/dev/shm/{name} was created");
+        }
+    }
+}
+
+#[test]
+fn too_many_holders_is_a_clear_error() {
+    let sock = socket("holders");
+    let _b = EmbeddedBroker::start(&config(), &sock).unwrap();
+    let client = Client::connect_to(Some(&sock), "test").unwrap();
+    let mut handles = Vec::new();
+    let err = loop {
+        match client.consumer("t/bcast") {
+            Ok(c) => handles.push(c),
+            Err(e) => break e,
+        }
+    };
+    // 16 subscribers per channel (the default limit) come first.
+    assert!(matches!(err, OpenError::LimitReached(_)), "{err}");
+    assert!(err.to_string().contains("subscribers"), "{err}");
+    let mut more = Vec::new();
+    let mut k = 0;
+    let err = 'outer: loop {
+        let name = format!("h/{k}");
+        k += 1;
+        for _ in 0..10 {
+            let opts = ConsumerOptions::default().create(Mode::Broadcast, &[]);
+            match client.consumer_with(&name, opts) {
+                Ok(c) => more.push(c),
+                Err(e) => break 'outer e,
+            }
+        }
+    };
+    assert_eq!(
+        handles.len() + more.len(),
+        64,
+        "exactly 64 holder handles fit"
+    );
+    assert!(err.to_string().contains("64 holder handles"), "{err}");
+    drop((handles, more));
 }

@@ -151,3 +151,236 @@ pub fn free_subscriber(ctl: &Control, channel: usize, sub: usize) {
         s.config.state.store(STATE_FREE, Ordering::Release);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! "Prove it by cutting": the publish protocol written out step by step,
+    //! a simulated death after every step, then the broker's repair, then
+    //! the invariants: the slot is free exactly once, a receiver gets the
+    //! descriptor at most once and holds a bit exactly when it got it.
+
+    use super::*;
+    use crate::control::HeapControl;
+    use crate::layout::{Layout, LayoutParams};
+    use crate::meta::TensorMeta;
+    use crate::park::YieldParker;
+    use crate::publish::loan;
+    use crate::receive::SubscriberPath;
+    use crate::records::STATE_ACTIVE;
+    use crate::DType;
+
+    const PRODUCER_BIT: u64 = 1 << 5;
+    const SUB_BITS: [u64; 2] = [1 << 7, 1 << 9];
+    const ROW: usize = 1;
+
+    fn setup() -> HeapControl {
+        let layout = Layout::compute(&LayoutParams {
+            pool_slots: vec![4],
+            max_channels: 1,
+            max_producers: 2,
+            max_subscribers: 2,
+            ring_capacity: 4,
+        })
+        .unwrap();
+        let heap = HeapControl::new(layout);
+        let ctl = heap.control();
+        let ch = ctl.channel(0).unwrap();
+        ch.state.store(STATE_ACTIVE, Ordering::Relaxed);
+        ch.producer_rows.store(1 << ROW, Ordering::Relaxed);
+        ch.subscribers.store(0b11, Ordering::Relaxed);
+        for (s, bit) in SUB_BITS.iter().enumerate() {
+            let sub = ctl.subscriber(0, s).unwrap();
+            sub.config
+                .holder_bit
+                .store(bit.trailing_zeros(), Ordering::Relaxed);
+            sub.config.depth.store(4, Ordering::Relaxed);
+            sub.config.state.store(STATE_ACTIVE, Ordering::Relaxed);
+        }
+        let p = ctl.producer(0, ROW).unwrap();
+        p.holder_bit
+            .store(PRODUCER_BIT.trailing_zeros(), Ordering::Relaxed);
+        p.state.store(STATE_ACTIVE, Ordering::Relaxed);
+        heap
+    }
+
+    /// Runs the first `steps` atomic steps of a publish to both subscribers.
+    /// Step list (see `publish.rs`): 1 loan, 2 meta, 3 intent_receivers,
+    /// 4 intent, 5 holders |= receivers, 6 push to sub 0, 7 tail repair
+    /// point (cell written, tail not), 8 push to sub 1, 9 clear own bit,
+    /// 10 intent = 0.
+    fn publish_prefix(ctl: &Control, steps: usize) -> Option<Descriptor> {
+        let mut cursor = 0;
+        let mut step = 0;
+        let mut next = |step: &mut usize| {
+            *step += 1;
+            *step <= steps
+        };
+        if !next(&mut step) {
+            return None;
+        }
+        let (index, generation) = loan(ctl, 0, PRODUCER_BIT, &mut cursor).unwrap();
+        let slot = ctl.slot(0, index).unwrap();
+        let desc = Descriptor::new(0, index as u32, generation);
+        let me = ctl.producer(0, ROW).unwrap();
+        if next(&mut step) {
+            slot.write_meta(&TensorMeta::contiguous(DType::U8, &[8]).unwrap());
+        }
+        if next(&mut step) {
+            me.intent_receivers.store(0b11, Ordering::SeqCst);
+        }
+        if next(&mut step) {
+            me.intent
+                .store(INTENT_VALID | desc.pack(), Ordering::SeqCst);
+        }
+        if next(&mut step) {
+            slot.add_holders(SUB_BITS[0] | SUB_BITS[1]);
+        }
+        let mut head = 0;
+        if next(&mut step) {
+            ctl.ring(0, ROW, 0)
+                .unwrap()
+                .push(4, desc.pack(), &mut head)
+                .unwrap();
+        }
+        if next(&mut step) {
+            // Sub 1: the cell is written but the producer dies before the
+            // tail store (the push's two stores, separated by hand).
+            let ring = ctl.ring(0, ROW, 1).unwrap();
+            ring.push(4, desc.pack(), &mut head).unwrap();
+            let tail = &ring.header().producer.tail;
+            tail.store(tail.load(Ordering::Relaxed) - 1, Ordering::Relaxed);
+        }
+        if next(&mut step) {
+            // ... and now the tail store too.
+            let tail = &ctl.ring(0, ROW, 1).unwrap().header().producer.tail;
+            tail.fetch_add(1, Ordering::Relaxed);
+        }
+        if next(&mut step) {
+            slot.release(PRODUCER_BIT);
+        }
+        if next(&mut step) {
+            me.intent.store(0, Ordering::Release);
+        }
+        Some(desc)
+    }
+
+    #[test]
+    fn death_after_every_step_is_repaired() {
+        for steps in 0..=10 {
+            let heap = setup();
+            let ctl = heap.control();
+            let desc = publish_prefix(ctl, steps);
+            // The broker's repair of the dead producer.
+            recover_producer(ctl, 0, ROW);
+            clear_holder_everywhere(ctl, PRODUCER_BIT);
+            // Each (live) subscriber drains what it got and releases it.
+            for (s, bit) in SUB_BITS.iter().enumerate() {
+                let path = SubscriberPath {
+                    ctl,
+                    channel: 0,
+                    sub: s,
+                    bit: *bit,
+                    lossless: false,
+                };
+                let mut cursor = 0;
+                let mut got = 0;
+                while let Some(d) = path.pop(&mut cursor, &YieldParker) {
+                    assert_eq!(Some(d), desc, "steps={steps}");
+                    let slot = ctl.slot(0, d.index as usize).unwrap();
+                    assert!(
+                        slot.holders() & bit != 0,
+                        "delivered without a hold, steps={steps}"
+                    );
+                    slot.release(*bit);
+                    got += 1;
+                }
+                assert!(got <= 1, "delivered twice, steps={steps}");
+                // Pushed (cell written) exactly from step 6 (sub 0) / 7 (sub 1) on.
+                let pushed = steps >= 6 + s;
+                assert_eq!(got == 1, pushed, "sub {s} delivery, steps={steps}");
+            }
+            assert_eq!(count_held(ctl, u64::MAX), 0, "a slot leaked, steps={steps}");
+        }
+    }
+
+    #[test]
+    fn validation_rejects_garbage_without_panicking() {
+        let heap = setup();
+        let ctl = heap.control();
+        let path = SubscriberPath {
+            ctl,
+            channel: 0,
+            sub: 0,
+            bit: SUB_BITS[0],
+            lossless: false,
+        };
+        let cap = |_| Some(4096u64);
+        // Out of range.
+        let bad = Descriptor {
+            pool: 3,
+            index: 1,
+            generation: 0,
+        };
+        assert!(matches!(
+            path.validate(bad, cap),
+            Err(crate::receive::Corruption::BadIndex { .. })
+        ));
+        // Stale generation.
+        let slot = ctl.slot(0, 0).unwrap();
+        let g = slot.try_loan(SUB_BITS[0]).unwrap();
+        let stale = Descriptor::new(0, 0, g.wrapping_sub(1));
+        assert!(matches!(
+            path.validate(stale, cap),
+            Err(crate::receive::Corruption::StaleGeneration { .. })
+        ));
+        // Bad metadata: released.
+        slot.dtype_ndim.store(0xEE, Ordering::Relaxed);
+        let d = Descriptor::new(0, 0, g);
+        assert!(matches!(
+            path.validate(d, cap),
+            Err(crate::receive::Corruption::BadMeta(_))
+        ));
+        assert_eq!(slot.holders(), 0, "the bad message's hold is released");
+        // Not our hold.
+        assert!(matches!(
+            path.validate(d, cap),
+            Err(crate::receive::Corruption::NotHolder)
+        ));
+        // Random descriptors and header bytes: never a panic, never Ok with
+        // metadata outside the slot.
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut rng = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..10_000 {
+            let slot = ctl.slot(0, (rng() % 4) as usize).unwrap();
+            slot.holders.store(rng() | SUB_BITS[0], Ordering::Relaxed);
+            slot.dtype_ndim
+                .store(rng() as u32 & 0x7F_0F1F, Ordering::Relaxed);
+            slot.nbytes.store(rng() % 8192, Ordering::Relaxed);
+            for i in 0..8 {
+                slot.shape[i].store((rng() % 64) as u32, Ordering::Relaxed);
+                slot.strides[i].store((rng() % 512) as i64 - 16, Ordering::Relaxed);
+            }
+            let d = Descriptor::unpack(rng());
+            let d = if rng() % 2 == 0 {
+                Descriptor::new(
+                    0,
+                    d.index % 4,
+                    ctl.slot(0, (d.index % 4) as usize)
+                        .unwrap()
+                        .generation
+                        .load(Ordering::Relaxed),
+                )
+            } else {
+                d
+            };
+            if let Ok(m) = path.validate(d, cap) {
+                assert!(m.nbytes <= 4096 && m.span().unwrap() <= m.nbytes);
+            }
+        }
+    }
+}

@@ -49,7 +49,9 @@ pub use open::{ConsumerOptions, ProducerOptions};
 pub use paths::{socket_path, SOCKET_ENV};
 pub use producer::{Producer, SlotId, TensorMut};
 pub use stage::{Stage, StagedTensor};
-pub use tensorbus_core::proto::{ChannelSpec, PoolInfo, StatReport};
+pub use tensorbus_core::proto::{
+    ChannelSpec, ChannelStat, ClientStat, PoolInfo, PoolStat, StatReport, SubscriberStat,
+};
 pub use tensorbus_core::publish::PublishOutcome;
 pub use tensorbus_core::{DType, Mode, Policy, ShapeError, TensorMeta, MAX_DIMS, USER_HEADER_LEN};
 

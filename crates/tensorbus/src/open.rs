@@ -29,6 +29,13 @@ impl ProducerOptions {
         });
         self
     }
+
+    /// Creates the channel at run time if missing, with every option of
+    /// `spec` (its `name` is replaced by the channel being opened).
+    pub fn create_with(mut self, spec: ChannelSpec) -> Self {
+        self.create = Some(spec);
+        self
+    }
 }
 
 /// Options for [`Client::consumer_with`].
@@ -69,6 +76,13 @@ impl ConsumerOptions {
             depth: None,
             policy: None,
         });
+        self
+    }
+
+    /// Creates the channel at run time if missing, with every option of
+    /// `spec` (its `name` is replaced by the channel being opened).
+    pub fn create_with(mut self, spec: ChannelSpec) -> Self {
+        self.create = Some(spec);
         self
     }
 }
