@@ -211,7 +211,7 @@ mod tests {
     fn publish_prefix(ctl: &Control, steps: usize) -> Option<Descriptor> {
         let mut cursor = 0;
         let mut step = 0;
-        let mut next = |step: &mut usize| {
+        let next = |step: &mut usize| {
             *step += 1;
             *step <= steps
         };
