@@ -361,8 +361,11 @@ mod tests {
             slot.dtype_ndim
                 .store(rng() as u32 & 0x7F_0F1F, Ordering::Relaxed);
             slot.nbytes.store(rng() % 8192, Ordering::Relaxed);
+            for i in 0..4 {
+                slot.shape_lo[i].store((rng() % 64) as u32, Ordering::Relaxed);
+                slot.shape_hi[i].store((rng() % 64) as u32, Ordering::Relaxed);
+            }
             for i in 0..8 {
-                slot.shape[i].store((rng() % 64) as u32, Ordering::Relaxed);
                 slot.strides[i].store((rng() % 512) as i64 - 16, Ordering::Relaxed);
             }
             let d = Descriptor::unpack(rng());

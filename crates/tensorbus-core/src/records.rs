@@ -143,8 +143,10 @@ pub struct ChannelRecord {
     pub producer_rows: AtomicU64,
     /// Subscriber indices that are active (producers deliver to these).
     pub subscribers: AtomicU64,
-    /// Tensors published into the channel.
-    pub published: AtomicU64,
+    /// Tensors published into the channel. On a line of its own: the
+    /// line above is read by every consumer on every receive, and must not
+    /// be invalidated by every publish.
+    pub published: CacheLine<AtomicU64>,
 }
 
 /// A producer handle's shared record.

@@ -34,11 +34,18 @@ pub enum Released {
     NotHeld,
 }
 
+/// Flag in [`SlotHeader::dtype_ndim`] (bits 24..32): the strides are the
+/// C-contiguous ones, so a consumer computes them instead of reading line 2.
+pub const FLAG_CONTIGUOUS: u32 = 1;
+
 /// One slot's header: holder word, generation and tensor metadata.
 ///
-/// Line 0 holds what every message touches (holders, generation, dtype, ndim,
-/// shape, nbytes, seq), line 1 the strides, line 2 timestamp and producer,
-/// line 3 the user header. Every field is an atomic: the header lives in
+/// Laid out so that the common message touches one cache line: line 0 holds
+/// the holder word, generation, dtype/ndim/flags, nbytes, seq, timestamp,
+/// producer and the first four extents. Line 1 holds extents 4..8 (read only
+/// for tensors of more than four dimensions), line 2 the byte strides (read
+/// only when the tensor is not C-contiguous), line 3 the user header (read
+/// only when one was set). Every field is an atomic: the header lives in
 /// shared memory that other processes may write at any time, and any bit
 /// pattern is a valid value (validation happens on the copied-out
 /// [`TensorMeta`]).
@@ -49,24 +56,26 @@ pub struct SlotHeader {
     pub holders: AtomicU64,
     /// Bumped on every loan.
     pub generation: AtomicU32,
-    /// dtype code | ndim << 8 | user_len << 16.
+    /// dtype code | ndim << 8 | user_len << 16 | flags << 24.
     pub dtype_ndim: AtomicU32,
     /// Payload bytes in use.
     pub nbytes: AtomicU64,
-    /// Extents.
-    pub shape: [AtomicU32; MAX_DIMS],
     /// Sequence number.
     pub seq: AtomicU64,
-    /// Byte strides.
-    pub strides: [AtomicI64; MAX_DIMS],
     /// CLOCK_MONOTONIC ns at publish.
     pub timestamp_ns: AtomicU64,
     /// Publishing client id.
     pub producer: AtomicU32,
-    /// Reserved for future use (keeps line 2 whole).
-    pub reserved32: AtomicU32,
-    /// Reserved for future use.
-    pub reserved: [AtomicU64; 6],
+    /// Extents of axes 0..4.
+    pub shape_lo: [AtomicU32; 4],
+    /// Reserved (keeps line 0 whole).
+    pub reserved0: AtomicU32,
+    /// Extents of axes 4..8.
+    pub shape_hi: [AtomicU32; 4],
+    /// Reserved (keeps line 1 whole).
+    pub reserved1: [AtomicU64; 6],
+    /// Byte strides (valid unless [`FLAG_CONTIGUOUS`] is set).
+    pub strides: [AtomicI64; MAX_DIMS],
     /// User header bytes, little-endian packed.
     pub user: [AtomicU64; USER_HEADER_LEN / 8],
 }
@@ -88,13 +97,14 @@ impl SlotHeader {
             generation: AtomicU32::new(0),
             dtype_ndim: AtomicU32::new(0),
             nbytes: AtomicU64::new(0),
-            shape: core::array::from_fn(|_| AtomicU32::new(0)),
             seq: AtomicU64::new(0),
-            strides: core::array::from_fn(|_| AtomicI64::new(0)),
             timestamp_ns: AtomicU64::new(0),
             producer: AtomicU32::new(0),
-            reserved32: AtomicU32::new(0),
-            reserved: core::array::from_fn(|_| AtomicU64::new(0)),
+            shape_lo: core::array::from_fn(|_| AtomicU32::new(0)),
+            reserved0: AtomicU32::new(0),
+            shape_hi: core::array::from_fn(|_| AtomicU32::new(0)),
+            reserved1: core::array::from_fn(|_| AtomicU64::new(0)),
+            strides: core::array::from_fn(|_| AtomicI64::new(0)),
             user: core::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
@@ -143,19 +153,33 @@ impl SlotHeader {
     }
 
     /// Writes metadata (by the exclusive holder, before publishing; the ring
-    /// push's Release store makes it visible to receivers).
+    /// push's Release store makes it visible to receivers). Lines 1 to 3 are
+    /// written only when the tensor needs them (see the type's docs).
     pub fn write_meta(&self, m: &TensorMeta) {
-        let packed =
-            u32::from(m.dtype.code()) | (u32::from(m.ndim) << 8) | (u32::from(m.user_len) << 16);
+        let contiguous = m.is_contiguous();
+        let flags = if contiguous { FLAG_CONTIGUOUS } else { 0 };
+        let packed = u32::from(m.dtype.code())
+            | (u32::from(m.ndim) << 8)
+            | (u32::from(m.user_len) << 16)
+            | (flags << 24);
         self.dtype_ndim.store(packed, Ordering::Relaxed);
         self.nbytes.store(m.nbytes, Ordering::Relaxed);
-        for i in 0..MAX_DIMS {
-            self.shape[i].store(m.shape[i], Ordering::Relaxed);
-            self.strides[i].store(m.strides[i], Ordering::Relaxed);
-        }
         self.seq.store(m.seq, Ordering::Relaxed);
         self.timestamp_ns.store(m.timestamp_ns, Ordering::Relaxed);
         self.producer.store(m.producer, Ordering::Relaxed);
+        for i in 0..4 {
+            self.shape_lo[i].store(m.shape[i], Ordering::Relaxed);
+        }
+        if m.ndim > 4 {
+            for i in 0..4 {
+                self.shape_hi[i].store(m.shape[4 + i], Ordering::Relaxed);
+            }
+        }
+        if !contiguous {
+            for i in 0..MAX_DIMS {
+                self.strides[i].store(m.strides[i], Ordering::Relaxed);
+            }
+        }
         if m.user_len > 0 {
             for (i, chunk) in m.user.chunks_exact(8).enumerate() {
                 let mut w = [0u8; 8];
@@ -165,23 +189,17 @@ impl SlotHeader {
         }
     }
 
-    /// Writes only the publish-time fields (seq, timestamp, producer).
-    #[inline]
-    pub fn stamp(&self, seq: u64, timestamp_ns: u64, producer: u32) {
-        self.seq.store(seq, Ordering::Relaxed);
-        self.timestamp_ns.store(timestamp_ns, Ordering::Relaxed);
-        self.producer.store(producer, Ordering::Relaxed);
-    }
-
-    /// Copies the metadata out. The result is unvalidated (call
+    /// Copies the metadata out, touching lines 1 to 3 only when the flags
+    /// say they are in use. The result is unvalidated (call
     /// [`TensorMeta::validate`]); `Err(code)` if the dtype code is garbage.
     pub fn read_meta(&self) -> Result<TensorMeta, u8> {
         let packed = self.dtype_ndim.load(Ordering::Relaxed);
         let code = packed as u8;
         let dtype = DType::from_code(code).ok_or(code)?;
+        let ndim = (packed >> 8) as u8;
         let mut m = TensorMeta {
             dtype,
-            ndim: (packed >> 8) as u8,
+            ndim,
             shape: [0; MAX_DIMS],
             strides: [0; MAX_DIMS],
             nbytes: self.nbytes.load(Ordering::Relaxed),
@@ -191,9 +209,25 @@ impl SlotHeader {
             user_len: (packed >> 16) as u8,
             user: [0; USER_HEADER_LEN],
         };
-        for i in 0..MAX_DIMS {
-            m.shape[i] = self.shape[i].load(Ordering::Relaxed);
-            m.strides[i] = self.strides[i].load(Ordering::Relaxed);
+        let dims = usize::from(ndim).min(MAX_DIMS);
+        for i in 0..dims.min(4) {
+            m.shape[i] = self.shape_lo[i].load(Ordering::Relaxed);
+        }
+        for i in 4..dims {
+            m.shape[i] = self.shape_hi[i - 4].load(Ordering::Relaxed);
+        }
+        if (packed >> 24) & FLAG_CONTIGUOUS != 0 {
+            // C-contiguous strides, saturating: garbage extents then fail
+            // validation instead of wrapping.
+            let mut stride = dtype.itemsize() as i64;
+            for i in (0..dims).rev() {
+                m.strides[i] = stride;
+                stride = stride.saturating_mul(i64::from(m.shape[i]));
+            }
+        } else {
+            for i in 0..dims {
+                m.strides[i] = self.strides[i].load(Ordering::Relaxed);
+            }
         }
         if m.user_len > 0 {
             for (i, chunk) in m.user.chunks_exact_mut(8).enumerate() {
@@ -224,6 +258,18 @@ mod tests {
         assert_eq!(h.release(0b100), Released::Freed);
         let g2 = h.try_loan(0b001).unwrap();
         assert_eq!(g2, g1.wrapping_add(1));
+    }
+
+    #[test]
+    fn meta_round_trip_strided_and_many_dims() {
+        let h = SlotHeader::new();
+        let mut m = TensorMeta::contiguous(DType::F32, &[2, 3, 4, 5, 6, 7]).unwrap();
+        h.write_meta(&m);
+        assert_eq!(h.read_meta().unwrap(), m);
+        m.strides.swap(0, 1); // not contiguous any more
+        m.shape.swap(0, 1);
+        h.write_meta(&m);
+        assert_eq!(h.read_meta().unwrap(), m);
     }
 
     #[test]

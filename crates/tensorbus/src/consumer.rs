@@ -152,7 +152,7 @@ impl Consumer {
         let spin = match self.wait {
             WaitStrategy::BusyPoll => None,
             WaitStrategy::SpinThenPark { spin } => Some(spin),
-            WaitStrategy::Park => Some(Duration::ZERO),
+            WaitStrategy::Park => Some(Duration::ZERO), // handled before spinning
         };
         let mut spins = 0u32;
         loop {
@@ -160,6 +160,13 @@ impl Consumer {
                 Ok(r) => return Ok(r),
                 Err(TryRecvError::Corrupted(c)) => return Err(RecvError::Corrupted(c)),
                 Err(TryRecvError::Empty) => {}
+            }
+            if self.wait == WaitStrategy::Park {
+                if expired() {
+                    return Err(RecvError::Timeout(timeout.unwrap_or_default()));
+                }
+                self.park(timeout.map(|t| t.saturating_sub(start.elapsed())));
+                continue;
             }
             spins = spins.wrapping_add(1);
             // Check the clock only every 64 spins (it costs tens of ns).
