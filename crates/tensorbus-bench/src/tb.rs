@@ -26,10 +26,15 @@ fn slots_for(size: usize) -> u32 {
 /// rounded up to a page), the ping-pong, streaming, fan-out and work-queue
 /// channels.
 pub fn broker_config(sizes: &[usize]) -> Result<Config> {
-    let mut classes: Vec<usize> = sizes.iter().map(|s| s.max(&1).div_ceil(4096) * 4096).collect();
+    let mut classes: Vec<usize> = sizes
+        .iter()
+        .map(|s| s.max(&1).div_ceil(4096) * 4096)
+        .collect();
     classes.sort_unstable();
     classes.dedup();
-    let mut toml = String::from("[limits]\nmax_channels = 32\nmax_subscribers_per_channel = 16\nring_capacity = 64\n");
+    let mut toml = String::from(
+        "[limits]\nmax_channels = 32\nmax_subscribers_per_channel = 16\nring_capacity = 64\n",
+    );
     for c in &classes {
         toml += &format!(
             "[[pools]]\nname = \"p{c}\"\nslot_size = {c}\nslots = {}\n",

@@ -50,6 +50,8 @@ pub struct Broker {
     allowed_uids: Vec<u32>,
     allowed_gids: Vec<u32>,
     verbose: bool,
+    /// Receive buffer, reused for every request.
+    buf: Vec<u8>,
 }
 
 impl Broker {
@@ -87,6 +89,7 @@ impl Broker {
             allowed_uids,
             allowed_gids: config.broker.allowed_gids.clone(),
             verbose: false,
+            buf: vec![0u8; MAX_MESSAGE],
         })
     }
 
