@@ -168,20 +168,20 @@ impl Broker {
     }
 
     fn serve(&mut self, id: u32) {
-        let mut buf = vec![0u8; MAX_MESSAGE];
         let mut fds = Vec::new();
         let Some(c) = self.clients.get(&id) else {
             return;
         };
-        let n = match c.conn.recv(&mut buf, &mut fds) {
-            Ok(0) | Err(_) => {
-                self.drop_client(id);
-                return;
-            }
-            Ok(n) => n,
+        let parsed = match c.conn.recv(&mut self.buf, &mut fds) {
+            Ok(0) | Err(_) => None,
+            Ok(n) => Some(serde_json::from_slice::<Request>(&self.buf[..n])),
         };
         drop(fds);
-        let (resp, send_fds) = match serde_json::from_slice::<Request>(&buf[..n]) {
+        let Some(parsed) = parsed else {
+            self.drop_client(id);
+            return;
+        };
+        let (resp, send_fds) = match parsed {
             Ok(req) => self.handle(id, req),
             Err(e) => (
                 error(
