@@ -46,25 +46,14 @@ pub(crate) struct Inner {
 impl Inner {
     /// Sends a request and waits for the answer and its fds.
     pub fn request(&self, req: &Request) -> Result<(Response, Vec<OwnedFd>), RequestError> {
-        let unavailable = |reason: String| RequestError::BrokerUnavailable {
-            path: self.socket.clone(),
-            reason,
-        };
-        let bytes = serde_json::to_vec(req).map_err(|e| RequestError::Protocol(e.to_string()))?;
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        conn.send(&bytes, &[])
-            .map_err(|e| unavailable(e.to_string()))?;
-        let mut buf = vec![0u8; MAX_MESSAGE];
-        let mut fds = Vec::new();
-        let n = conn
-            .recv(&mut buf, &mut fds)
-            .map_err(|e| unavailable(e.to_string()))?;
-        if n == 0 {
-            return Err(unavailable("the broker closed the connection".into()));
-        }
-        let resp = serde_json::from_slice(&buf[..n])
-            .map_err(|e| RequestError::Protocol(format!("bad response: {e}")))?;
-        Ok((resp, fds))
+        exchange(&conn, req).map_err(|e| match e {
+            ExchangeError::Unavailable(reason) => RequestError::BrokerUnavailable {
+                path: self.socket.clone(),
+                reason,
+            },
+            ExchangeError::Protocol(m) => RequestError::Protocol(m),
+        })
     }
 
     /// Maps the pools that came with an open response (one fd per pool in
@@ -128,6 +117,37 @@ impl Inner {
     pub fn close_handle(&self, handle: u32) {
         let _ = self.request(&Request::Close { handle });
     }
+}
+
+/// Why one request/response exchange failed.
+enum ExchangeError {
+    /// The socket failed or the broker closed it.
+    Unavailable(String),
+    /// The answer was not a response.
+    Protocol(String),
+}
+
+/// Sends one request and receives its response and file descriptors.
+fn exchange(
+    conn: &SeqpacketConn,
+    req: &Request,
+) -> Result<(Response, Vec<OwnedFd>), ExchangeError> {
+    let bytes = serde_json::to_vec(req).map_err(|e| ExchangeError::Protocol(e.to_string()))?;
+    conn.send(&bytes, &[])
+        .map_err(|e| ExchangeError::Unavailable(e.to_string()))?;
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    let mut fds = Vec::new();
+    let n = conn
+        .recv(&mut buf, &mut fds)
+        .map_err(|e| ExchangeError::Unavailable(e.to_string()))?;
+    if n == 0 {
+        return Err(ExchangeError::Unavailable(
+            "the broker closed the connection".into(),
+        ));
+    }
+    let resp = serde_json::from_slice(&buf[..n])
+        .map_err(|e| ExchangeError::Protocol(format!("bad response: {e}")))?;
+    Ok((resp, fds))
 }
 
 /// Maps a broker error reply to an [`OpenError`].
@@ -207,24 +227,13 @@ impl Client {
             name: name.to_owned(),
             version: LAYOUT_VERSION,
         };
-        let bytes =
-            serde_json::to_vec(&hello).map_err(|e| ConnectError::Protocol(e.to_string()))?;
-        let unavailable = |reason: String| ConnectError::BrokerUnavailable {
-            path: path.clone(),
-            reason,
-        };
-        conn.send(&bytes, &[])
-            .map_err(|e| unavailable(e.to_string()))?;
-        let mut buf = vec![0u8; MAX_MESSAGE];
-        let mut fds = Vec::new();
-        let n = conn
-            .recv(&mut buf, &mut fds)
-            .map_err(|e| unavailable(e.to_string()))?;
-        if n == 0 {
-            return Err(unavailable("the broker closed the connection".into()));
-        }
-        let resp: Response = serde_json::from_slice(&buf[..n])
-            .map_err(|e| ConnectError::Protocol(format!("bad welcome: {e}")))?;
+        let (resp, fds) = exchange(&conn, &hello).map_err(|e| match e {
+            ExchangeError::Unavailable(reason) => ConnectError::BrokerUnavailable {
+                path: path.clone(),
+                reason,
+            },
+            ExchangeError::Protocol(m) => ConnectError::Protocol(m),
+        })?;
         let (client_id, layout, pools) = match resp {
             Response::Welcome {
                 client_id,

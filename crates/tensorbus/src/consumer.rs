@@ -1,7 +1,7 @@
 //! Consumers: receive read-only views of the very bytes a producer wrote.
 
 use crate::client::{Inner, PoolRef};
-use crate::element::{cast_slice, Element};
+use crate::element::{cast_slice, check_typed, Element};
 use crate::error::{RecvError, TryRecvError, TypeError};
 use crate::parker::FutexParker;
 use crate::producer::SlotId;
@@ -298,18 +298,9 @@ impl Tensor<'_> {
     }
     /// The tensor as a typed slice (dtype must match; contiguous).
     pub fn as_slice_of<T: Element>(&self) -> Result<&[T], TypeError> {
-        if T::DTYPE != self.r.meta.dtype {
-            return Err(TypeError::WrongDType {
-                actual: self.r.meta.dtype,
-                requested: T::DTYPE,
-            });
-        }
-        if !self.r.meta.is_contiguous() {
-            return Err(TypeError::NotContiguous);
-        }
+        let len = check_typed::<T>(&self.r.meta)?;
         // SAFETY: see `Deref`; `cast_slice` checks alignment and size.
-        unsafe { cast_slice::<T>(self.r.ptr, self.r.meta.nbytes as usize) }
-            .ok_or(TypeError::NotContiguous)
+        unsafe { cast_slice::<T>(self.r.ptr, len) }.ok_or(TypeError::NotContiguous)
     }
 }
 

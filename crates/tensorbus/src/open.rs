@@ -20,13 +20,7 @@ impl ProducerOptions {
     /// Creates the channel at run time if missing, with `mode` and the
     /// given pools (empty = all pools).
     pub fn create(mut self, mode: Mode, pools: &[&str]) -> Self {
-        self.create = Some(ChannelSpec {
-            name: String::new(),
-            pools: pools.iter().map(|s| s.to_string()).collect(),
-            mode,
-            depth: None,
-            policy: None,
-        });
+        self.create = Some(spec(mode, pools));
         self
     }
 
@@ -69,13 +63,7 @@ impl ConsumerOptions {
     }
     /// Creates the channel at run time if missing.
     pub fn create(mut self, mode: Mode, pools: &[&str]) -> Self {
-        self.create = Some(ChannelSpec {
-            name: String::new(),
-            pools: pools.iter().map(|s| s.to_string()).collect(),
-            mode,
-            depth: None,
-            policy: None,
-        });
+        self.create = Some(spec(mode, pools));
         self
     }
 
@@ -84,6 +72,17 @@ impl ConsumerOptions {
     pub fn create_with(mut self, spec: ChannelSpec) -> Self {
         self.create = Some(spec);
         self
+    }
+}
+
+/// A channel spec with `mode` and `pools` and the broker's defaults otherwise.
+fn spec(mode: Mode, pools: &[&str]) -> ChannelSpec {
+    ChannelSpec {
+        name: String::new(),
+        pools: pools.iter().map(|s| s.to_string()).collect(),
+        mode,
+        depth: None,
+        policy: None,
     }
 }
 

@@ -1,7 +1,7 @@
 //! Producers: loan a slot, write the tensor in place, publish.
 
 use crate::client::{Client, Inner, PoolRef};
-use crate::element::{cast_slice, Element};
+use crate::element::{typed_mut, Element};
 use crate::error::{LoanError, PublishError, TypeError};
 use crate::parker::FutexParker;
 use std::sync::Arc;
@@ -360,20 +360,9 @@ impl TensorMut<'_> {
 
     /// The tensor as a typed mutable slice (dtype must match, contiguous).
     pub fn as_mut_slice_of<T: Element>(&mut self) -> Result<&mut [T], TypeError> {
-        if T::DTYPE != self.meta.dtype {
-            return Err(TypeError::WrongDType {
-                actual: self.meta.dtype,
-                requested: T::DTYPE,
-            });
-        }
-        if !self.meta.is_contiguous() {
-            return Err(TypeError::NotContiguous);
-        }
-        let len = self.meta.nbytes as usize;
-        // SAFETY: as in `as_mut_bytes`; `cast_slice` checks alignment and size.
-        let s = unsafe { cast_slice::<T>(self.ptr, len) }.ok_or(TypeError::NotContiguous)?;
-        // SAFETY: exclusive hold (see `as_mut_bytes`) and `&mut self` borrow.
-        Ok(unsafe { std::slice::from_raw_parts_mut(s.as_ptr() as *mut T, s.len()) })
+        // SAFETY: we hold the slot exclusively (loan CAS), the range lies in
+        // the slot of a read-write mapping, and `&mut self` is the only view.
+        unsafe { typed_mut(&self.meta, self.ptr) }
     }
 
     /// Sets the user header (at most 64 bytes: frame id, camera id, ...).

@@ -2,7 +2,7 @@
 //! slot downstream. No byte is copied.
 
 use crate::consumer::{Consumer, Received};
-use crate::element::{cast_slice, Element};
+use crate::element::{typed_mut, Element};
 use crate::error::{PublishError, RecvError, TryRecvError, TypeError};
 use crate::producer::{Producer, SlotId};
 use std::time::{Duration, Instant};
@@ -140,21 +140,10 @@ impl StagedTensor<'_> {
     }
     /// The tensor as a typed mutable slice.
     pub fn as_mut_slice_of<T: Element>(&mut self) -> Result<&mut [T], TypeError> {
-        if T::DTYPE != self.r.meta.dtype {
-            return Err(TypeError::WrongDType {
-                actual: self.r.meta.dtype,
-                requested: T::DTYPE,
-            });
-        }
-        if !self.r.meta.is_contiguous() {
-            return Err(TypeError::NotContiguous);
-        }
         // SAFETY: exclusive hold (holders == our bit, checked in recv_mut),
-        // range validated inside the slot of a read-write mapping.
-        let s = unsafe { cast_slice::<T>(self.r.ptr, self.r.meta.nbytes as usize) }
-            .ok_or(TypeError::NotContiguous)?;
-        // SAFETY: as above, and `&mut self` makes this the only view.
-        Ok(unsafe { std::slice::from_raw_parts_mut(s.as_ptr() as *mut T, s.len()) })
+        // range validated inside the slot of a read-write mapping, and
+        // `&mut self` makes this the only view.
+        unsafe { typed_mut(&self.r.meta, self.r.ptr) }
     }
 
     /// Publishes this very slot on the stage's output channel.
