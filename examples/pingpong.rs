@@ -35,11 +35,9 @@
 //! A second table gives the context switches per round trip of the parent's
 //! thread and the child's (from `/proc/.../status`): a voluntary switch per
 //! round means that side slept, so it tells whether a "futex" contender
-//! actually went through the futex. (When this example was written,
-//! `Consumer::recv` polled the ring 63 times, with a spin hint each, before
-//! its first clock check even under `WaitStrategy::Park`; that is a few µs,
-//! longer than a whole busy round trip, so on an idle machine
-//! `tensorbus-futex` almost never slept and measured like `tensorbus-busy`.)
+//! actually went through the futex. (An early version of `Consumer::recv`
+//! spun for a few µs even under `WaitStrategy::Park`, longer than a whole
+//! busy round trip, so `tensorbus-futex` never slept; this table caught it.)
 //!
 //! Both children are started once, open their handles (the parent subscribes
 //! to `pong` before spawning the tensorbus child, the child subscribes to
