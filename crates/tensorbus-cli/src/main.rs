@@ -2,12 +2,15 @@
 //!
 //! * `tensorbus broker` runs a broker (pools, admission, reclaim, stats).
 //! * `tensorbus stat` prints a broker's pools, channels and clients.
+//! * `tensorbus bench` runs the benchmark harness (`tensorbus-bench`, built
+//!   separately) against the cache-line limit, iceoryx2, Unix sockets and pipes.
 //! * `tensorbus demo` runs a camera -> preprocess -> model pipeline as three
 //!   processes exchanging 1080p frames and 640x640 f32 tensors without copies.
 //!
 //! Every subcommand lives in its own module; each returns a [`CliError`],
 //! which `main` prints as one line before exiting with status 1.
 
+mod bench;
 mod broker;
 mod demo;
 mod stat;
@@ -37,6 +40,8 @@ enum Command {
     Stat(stat::Args),
     /// Run a camera -> preprocess -> model pipeline as three processes and report latency.
     Demo(demo::Args),
+    /// Measure latency and throughput against the cache-line limit, iceoryx2 and copying paths (runs the separately built tensorbus-bench).
+    Bench(bench::Args),
     /// Demo role: the camera producer (spawned by `tensorbus demo`).
     #[command(hide = true)]
     DemoCamera(demo::RoleArgs),
@@ -46,7 +51,7 @@ enum Command {
     /// Demo role: the model-side consumer (spawned by `tensorbus demo`).
     #[command(hide = true)]
     DemoConsumer(demo::RoleArgs),
-    // Room for later subcommands: bench, pub, sub, top, doctor.
+    // Room for later subcommands: pub, sub, top, doctor.
 }
 
 /// An error a subcommand reports: printed as `tensorbus <cmd>: <message>`, exit status 1.
@@ -84,6 +89,7 @@ fn main() -> ExitCode {
         Command::Broker(a) => ("broker", broker::run(a)),
         Command::Stat(a) => ("stat", stat::run(a)),
         Command::Demo(a) => ("demo", demo::run(a)),
+        Command::Bench(a) => ("bench", bench::run(a)),
         Command::DemoCamera(a) => ("demo-camera", demo::camera::run(a)),
         Command::DemoPreprocess(a) => ("demo-preprocess", demo::preprocess::run(a)),
         Command::DemoConsumer(a) => ("demo-consumer", demo::consumer::run(a)),

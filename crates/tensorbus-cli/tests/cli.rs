@@ -247,3 +247,24 @@ fn stat_without_broker_explains_how_to_start_one() {
     assert!(stderr.contains("tensorbus broker"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn bench_without_the_harness_says_how_to_build_it() {
+    // A copy of the CLI in a directory without tensorbus-bench next to it.
+    let dir = temp_dir("bench-missing");
+    let exe = dir.join("tensorbus");
+    std::fs::copy(BIN, &exe).unwrap();
+    let out = Command::new(&exe)
+        .args(["bench", "--quick"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cargo build --release -p tensorbus-bench"),
+        "{err}"
+    );
+    assert!(err.contains("--quick"), "arguments are echoed: {err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
