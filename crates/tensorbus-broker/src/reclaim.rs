@@ -51,6 +51,13 @@ impl State {
         match h.kind {
             HandleKind::Producer { channel, row } => {
                 reclaim::recover_producer(&self.control, channel, row);
+                if let (Some(ch), Some(p)) = (
+                    self.control.channel(channel),
+                    self.control.producer(channel, row),
+                ) {
+                    let n = p.published.swap(0, Ordering::AcqRel);
+                    ch.published.fetch_add(n, Ordering::Relaxed);
+                }
                 reclaim::clear_holder_everywhere(&self.control, 1u64 << h.bit);
                 self.free_bit(h.bit);
                 self.busy_rows.push((channel, row));

@@ -70,7 +70,18 @@ pub(crate) fn report<'a>(
             ChannelStat {
                 name: c.spec.name.clone(),
                 mode: Mode::from_code(c.spec.mode.code()).to_string(),
-                published: rec.map_or(0, |r| r.published.load(Ordering::Relaxed)),
+                published: rec.map_or(0, |r| r.published.load(Ordering::Relaxed))
+                    + state
+                        .handles
+                        .values()
+                        .filter_map(|h| match h.kind {
+                            HandleKind::Producer { channel, row } if channel == c.index => {
+                                ctl.producer(channel, row)
+                            }
+                            _ => None,
+                        })
+                        .map(|p| p.published.load(Ordering::Relaxed))
+                        .sum::<u64>(),
                 producers: state
                     .handles
                     .values()

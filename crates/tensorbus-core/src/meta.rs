@@ -134,6 +134,20 @@ pub struct TensorMeta {
 }
 
 impl TensorMeta {
+    /// A zero-dimensional `u8` placeholder with every field zero.
+    pub const EMPTY: TensorMeta = TensorMeta {
+        dtype: DType::U8,
+        ndim: 0,
+        shape: [0; MAX_DIMS],
+        strides: [0; MAX_DIMS],
+        nbytes: 0,
+        seq: 0,
+        timestamp_ns: 0,
+        producer: 0,
+        user_len: 0,
+        user: [0; USER_HEADER_LEN],
+    };
+
     /// Metadata of a C-contiguous tensor of `shape` and `dtype`.
     ///
     /// ```
@@ -142,6 +156,7 @@ impl TensorMeta {
     /// assert_eq!(m.nbytes, 24);
     /// assert_eq!(m.strides(), &[12, 4]);
     /// ```
+    #[inline]
     pub fn contiguous(dtype: DType, shape: &[usize]) -> Result<TensorMeta, ShapeError> {
         if shape.len() > MAX_DIMS {
             return Err(ShapeError::TooManyDims { ndim: shape.len() });
@@ -204,6 +219,7 @@ impl TensorMeta {
     }
 
     /// Whether the strides are the C-contiguous ones for the shape.
+    #[inline]
     pub fn is_contiguous(&self) -> bool {
         let mut expect = self.dtype.itemsize() as i64;
         for axis in (0..self.shape().len()).rev() {
@@ -217,6 +233,7 @@ impl TensorMeta {
 
     /// Checks that every byte the strided view can touch lies within
     /// `nbytes`, and `nbytes` within `capacity` (the slot's payload size).
+    #[inline]
     pub fn validate(&self, capacity: u64) -> Result<(), ShapeError> {
         let ndim = usize::from(self.ndim);
         if ndim > MAX_DIMS {
@@ -244,6 +261,7 @@ impl TensorMeta {
     }
 
     /// One past the last byte the strided view touches (0 for empty tensors).
+    #[inline]
     pub fn span(&self) -> Result<u64, ShapeError> {
         let mut last: u64 = 0;
         for axis in 0..usize::from(self.ndim).min(MAX_DIMS) {

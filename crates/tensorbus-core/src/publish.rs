@@ -9,10 +9,12 @@
 //!    then waiting until every producer's intent is idle or changed: the
 //!    fences guarantee that either we see the retirement or the broker sees
 //!    our intent.)
-//! 2. `holders |= bits(R)`: one atomic OR.
+//! 2. `holders = (holders | bits(R)) & !own_bit` (broadcast: one CAS that
+//!    hands the slot over while its line is still in our cache); a work
+//!    queue sets the chosen worker's bit only and keeps its own.
 //! 3. For each receiver: push the descriptor into its ring (one Release
 //!    store of the cell), applying its policy when the ring is full.
-//! 4. `holders &= !own_bit`: the producer lets go.
+//! 4. Work queue only: `holders &= !own_bit`.
 //! 5. `intent = 0`.
 //!
 //! A death after 2 leaves receivers' bits set for rings that never got the
@@ -46,9 +48,11 @@ pub fn loan(ctl: &Control, pool: usize, bit: u64, cursor: &mut usize) -> Option<
     for k in 0..n {
         let index = (start + k) % n;
         let slot = ctl.slot(pool, index)?;
-        // A plain load first keeps held slots' lines shared instead of
-        // bouncing them with failed CAS attempts.
-        if slot.holders.load(Ordering::Relaxed) != 0 {
+        // The cursor's slot is most likely free: CAS it at once (one
+        // cache-line transfer). Further candidates get a plain load first,
+        // which keeps held slots' lines shared instead of bouncing them
+        // with failed CAS attempts.
+        if k > 0 && slot.holders.load(Ordering::Relaxed) != 0 {
             continue;
         }
         if let Some(generation) = slot.try_loan(bit) {
@@ -70,6 +74,15 @@ pub fn release_desc(ctl: &Control, desc: Descriptor, bit: u64) -> Released {
         Some(slot) => slot.release(bit),
         None => Released::NotHeld,
     }
+}
+
+/// Counts a publish on the producer's own record. Only this producer writes
+/// the counter, so a load and a store do (no locked instruction); the broker
+/// folds it into the channel's total when the producer closes.
+#[inline]
+fn count_published(me: &crate::records::ProducerRecord) {
+    let n = me.published.load(Ordering::Relaxed);
+    me.published.store(n.wrapping_add(1), Ordering::Relaxed);
 }
 
 /// What one publish did.
@@ -166,7 +179,10 @@ impl ProducerPath<'_> {
         // Step 1: announce the intent, then settle the receivers.
         let mut receivers = ch.subscribers.load(Ordering::Acquire) & valid;
         me.intent_receivers.store(receivers, Ordering::Relaxed);
-        me.intent.store(INTENT_VALID | packed, Ordering::SeqCst);
+        // Release store then a SeqCst fence: the fence alone orders this
+        // store before the subscriber-mask load below (the Dekker pair with
+        // the broker's retirement), without a second locked instruction.
+        me.intent.store(INTENT_VALID | packed, Ordering::Release);
         fence(Ordering::SeqCst);
         receivers &= ch.subscribers.load(Ordering::SeqCst);
 
@@ -207,14 +223,22 @@ impl ProducerPath<'_> {
                 candidates = ch.subscribers.load(Ordering::SeqCst) & valid & !gone;
             }
         } else {
-            // Step 2: receivers become holders before any of them can see it.
+            // Step 2: receivers become holders before any of them can see
+            // it, and the producer lets go in the same atomic step (no
+            // receiver can release before its push, so the slot cannot be
+            // freed under the pushes below unless R is empty).
             let mut mask = 0u64;
             for s in 0..subs_limit {
                 if receivers & (1 << s) != 0 {
                     mask |= self.ctl.subscriber_mask(self.channel, s);
                 }
             }
-            slot.add_holders(mask);
+            slot.hand_over(own_bit, mask);
+            if mask == 0 {
+                me.intent.store(0, Ordering::Release);
+                count_published(me);
+                return out;
+            }
             // Step 3: deliver.
             for s in 0..subs_limit {
                 if receivers & (1 << s) == 0 {
@@ -231,11 +255,14 @@ impl ProducerPath<'_> {
             }
         }
 
-        // Steps 4 and 5.
-        slot.release(own_bit);
+        // Step 4 (work queue only: a broadcast handed over in step 2; a work
+        // queue keeps its hold while it may still re-choose a worker).
+        if self.mode == Mode::Workqueue {
+            slot.release(own_bit);
+        }
+        // Step 5.
         me.intent.store(0, Ordering::Release);
-        me.published.fetch_add(1, Ordering::Relaxed);
-        ch.published.fetch_add(1, Ordering::Relaxed);
+        count_published(me);
         out
     }
 

@@ -143,9 +143,10 @@ pub struct ChannelRecord {
     pub producer_rows: AtomicU64,
     /// Subscriber indices that are active (producers deliver to these).
     pub subscribers: AtomicU64,
-    /// Tensors published into the channel. On a line of its own: the
-    /// line above is read by every consumer on every receive, and must not
-    /// be invalidated by every publish.
+    /// Tensors published by producer handles that have closed (the broker
+    /// adds each closing producer's count; live producers count on their own
+    /// records, so publishing takes no shared lock-prefixed counter). On a
+    /// line of its own, away from the masks every receive reads.
     pub published: CacheLine<AtomicU64>,
 }
 

@@ -132,6 +132,28 @@ impl SlotHeader {
         self.holders.fetch_or(mask, Ordering::Relaxed);
     }
 
+    /// Hands the slot from `own` to the holders in `mask` in one atomic step:
+    /// sets `mask`, clears `own`. Used by a broadcast publish before its
+    /// pushes, while the line is still in the producer's cache (clearing
+    /// `own` after the pushes would pull the line back from a consumer that
+    /// is already reading it). Returns the previous holder word.
+    #[inline]
+    pub fn hand_over(&self, own: u64, mask: u64) -> u64 {
+        let mut cur = self.holders.load(Ordering::Relaxed);
+        loop {
+            let next = (cur | mask) & !own;
+            // Release: our payload and metadata writes happen-before any
+            // later release of the slot (the last releaser's Acquire chain).
+            match self
+                .holders
+                .compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(prev) => return prev,
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
     /// Clears `bit`. Release: our reads and writes of the payload
     /// happen-before the next loaner's Acquire CAS.
     #[inline]
@@ -155,6 +177,7 @@ impl SlotHeader {
     /// Writes metadata (by the exclusive holder, before publishing; the ring
     /// push's Release store makes it visible to receivers). Lines 1 to 3 are
     /// written only when the tensor needs them (see the type's docs).
+    #[inline]
     pub fn write_meta(&self, m: &TensorMeta) {
         let contiguous = m.is_contiguous();
         let flags = if contiguous { FLAG_CONTIGUOUS } else { 0 };
@@ -192,23 +215,29 @@ impl SlotHeader {
     /// Copies the metadata out, touching lines 1 to 3 only when the flags
     /// say they are in use. The result is unvalidated (call
     /// [`TensorMeta::validate`]); `Err(code)` if the dtype code is garbage.
+    #[inline]
     pub fn read_meta(&self) -> Result<TensorMeta, u8> {
+        let mut m = TensorMeta::EMPTY;
+        self.read_meta_into(&mut m).map(|()| m)
+    }
+
+    /// [`SlotHeader::read_meta`] into an existing value (no 200-byte move on
+    /// the receive path). Fields `read_meta` would leave zero are zeroed.
+    #[inline]
+    pub fn read_meta_into(&self, m: &mut TensorMeta) -> Result<(), u8> {
         let packed = self.dtype_ndim.load(Ordering::Relaxed);
         let code = packed as u8;
         let dtype = DType::from_code(code).ok_or(code)?;
         let ndim = (packed >> 8) as u8;
-        let mut m = TensorMeta {
-            dtype,
-            ndim,
-            shape: [0; MAX_DIMS],
-            strides: [0; MAX_DIMS],
-            nbytes: self.nbytes.load(Ordering::Relaxed),
-            seq: self.seq.load(Ordering::Relaxed),
-            timestamp_ns: self.timestamp_ns.load(Ordering::Relaxed),
-            producer: self.producer.load(Ordering::Relaxed),
-            user_len: (packed >> 16) as u8,
-            user: [0; USER_HEADER_LEN],
-        };
+        m.dtype = dtype;
+        m.ndim = ndim;
+        m.shape = [0; MAX_DIMS];
+        m.strides = [0; MAX_DIMS];
+        m.nbytes = self.nbytes.load(Ordering::Relaxed);
+        m.seq = self.seq.load(Ordering::Relaxed);
+        m.timestamp_ns = self.timestamp_ns.load(Ordering::Relaxed);
+        m.producer = self.producer.load(Ordering::Relaxed);
+        m.user_len = (packed >> 16) as u8;
         let dims = usize::from(ndim).min(MAX_DIMS);
         for i in 0..dims.min(4) {
             m.shape[i] = self.shape_lo[i].load(Ordering::Relaxed);
@@ -233,8 +262,10 @@ impl SlotHeader {
             for (i, chunk) in m.user.chunks_exact_mut(8).enumerate() {
                 chunk.copy_from_slice(&self.user[i].load(Ordering::Relaxed).to_le_bytes());
             }
+        } else {
+            m.user = [0; USER_HEADER_LEN];
         }
-        Ok(m)
+        Ok(())
     }
 }
 
@@ -258,6 +289,19 @@ mod tests {
         assert_eq!(h.release(0b100), Released::Freed);
         let g2 = h.try_loan(0b001).unwrap();
         assert_eq!(g2, g1.wrapping_add(1));
+    }
+
+    #[test]
+    fn hand_over_moves_ownership_in_one_step() {
+        let h = SlotHeader::new();
+        h.try_loan(0b0001).unwrap();
+        assert_eq!(h.hand_over(0b0001, 0b0110), 0b0001);
+        assert_eq!(h.holders(), 0b0110);
+        assert_eq!(h.release(0b0010), Released::StillHeld);
+        assert_eq!(h.release(0b0100), Released::Freed);
+        h.try_loan(0b0001).unwrap();
+        h.hand_over(0b0001, 0);
+        assert_eq!(h.holders(), 0, "no receivers: the slot is free again");
     }
 
     #[test]

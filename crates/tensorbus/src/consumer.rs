@@ -104,6 +104,7 @@ impl Consumer {
         self.wait = wait;
     }
 
+    #[inline]
     fn path(&self) -> SubscriberPath<'_> {
         SubscriberPath {
             ctl: &self.inner.control,
@@ -114,6 +115,7 @@ impl Consumer {
         }
     }
 
+    #[inline]
     pub(crate) fn try_take(&self) -> Result<Received, TryRecvError> {
         let path = self.path();
         let mut cursor = self.cursor.get();
@@ -121,31 +123,37 @@ impl Consumer {
         self.cursor.set(cursor);
         let desc: Descriptor = desc.ok_or(TryRecvError::Empty)?;
         let pools = &self.pools;
-        let meta = path.validate(desc, |p| {
-            pools.get(p).copied().flatten().map(|r| r.slot_size)
-        })?;
-        path.count_delivered();
-        let r = self.pools[usize::from(desc.pool)].expect("validated pool is mapped");
-        let generation = self
-            .inner
-            .control
-            .slot(usize::from(desc.pool), desc.index as usize)
-            .map_or(0, |s| {
-                s.generation.load(std::sync::atomic::Ordering::Relaxed)
-            });
-        Ok(Received {
+        let r = self.pools[usize::from(desc.pool)];
+        let mut received = Received {
             id: SlotId {
                 pool: desc.pool,
                 index: desc.index,
-                generation,
+                generation: 0,
             },
-            // SAFETY: validate checked index < slots, and the mapping spans
-            // slots * stride bytes.
-            ptr: unsafe { r.base.add(desc.index as usize * r.stride as usize) },
-            meta,
-        })
+            ptr: std::ptr::null_mut(),
+            meta: TensorMeta::EMPTY,
+        };
+        path.validate_into(
+            desc,
+            |p| pools.get(p).copied().flatten().map(|r| r.slot_size),
+            &mut received.meta,
+        )?;
+        path.count_delivered();
+        let r = r.expect("validated pool is mapped");
+        if let Some(s) = self
+            .inner
+            .control
+            .slot(usize::from(desc.pool), desc.index as usize)
+        {
+            received.id.generation = s.generation.load(std::sync::atomic::Ordering::Relaxed);
+        }
+        // SAFETY: validate checked index < slots, and the mapping spans
+        // slots * stride bytes.
+        received.ptr = unsafe { r.base.add(desc.index as usize * r.stride as usize) };
+        Ok(received)
     }
 
+    #[inline]
     pub(crate) fn take_timeout(&self, timeout: Option<Duration>) -> Result<Received, RecvError> {
         let start = std::time::Instant::now();
         let expired = || timeout.is_some_and(|t| start.elapsed() >= t);
@@ -205,17 +213,20 @@ impl Consumer {
     }
 
     /// Returns the next tensor if one is queued, without waiting.
+    #[inline]
     pub fn try_recv(&self) -> Result<Tensor<'_>, TryRecvError> {
         self.try_take().map(|r| Tensor { consumer: self, r })
     }
 
     /// Waits for the next tensor (spinning, then sleeping, per the wait strategy).
+    #[inline]
     pub fn recv(&self) -> Result<Tensor<'_>, RecvError> {
         self.take_timeout(None)
             .map(|r| Tensor { consumer: self, r })
     }
 
     /// Waits at most `timeout` for the next tensor.
+    #[inline]
     pub fn recv_timeout(&self, timeout: Duration) -> Result<Tensor<'_>, RecvError> {
         self.take_timeout(Some(timeout))
             .map(|r| Tensor { consumer: self, r })

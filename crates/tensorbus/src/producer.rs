@@ -105,6 +105,7 @@ impl Producer {
     /// Loans a slot for a C-contiguous tensor of `shape` and `dtype` from
     /// the smallest pool that fits (larger ones if it is exhausted). Fails
     /// at once with [`LoanError::PoolExhausted`] when every slot is held.
+    #[inline]
     pub fn loan(&mut self, shape: &[usize], dtype: DType) -> Result<TensorMut<'_>, LoanError> {
         let meta = TensorMeta::contiguous(dtype, shape)?;
         self.loan_meta(meta)
@@ -147,6 +148,7 @@ impl Producer {
     }
 
     /// Loans a slot for a tensor described by `meta` (custom strides allowed).
+    #[inline]
     pub fn loan_meta(&mut self, meta: TensorMeta) -> Result<TensorMut<'_>, LoanError> {
         match self.try_slot(&meta)? {
             Some(found) => Ok(self.make_loan(found, meta)),
@@ -155,6 +157,7 @@ impl Producer {
     }
 
     /// Finds a free slot; `Ok(None)` when every fitting slot is held.
+    #[inline]
     fn try_slot(&mut self, meta: &TensorMeta) -> Result<Option<(u8, usize, u32)>, LoanError> {
         let span = meta.span()?.max(meta.nbytes);
         let mut fits = false;
@@ -190,6 +193,7 @@ impl Producer {
         Ok(None)
     }
 
+    #[inline]
     fn make_loan(
         &mut self,
         (pool, index, generation): (u8, usize, u32),
@@ -260,6 +264,7 @@ impl Producer {
     }
 
     /// Publishes a slot this handle (or, for stages, `own_bit`) holds.
+    #[inline]
     pub(crate) fn publish_slot(
         &mut self,
         id: SlotId,
@@ -372,6 +377,7 @@ impl TensorMut<'_> {
 
     /// Publishes to every subscriber (broadcast) or one worker (work queue).
     /// The producer's hold ends here; receivers' holds begin.
+    #[inline]
     pub fn publish(mut self) -> Result<PublishOutcome, PublishError> {
         self.done = true;
         let bit = self.producer.bit;
