@@ -11,6 +11,48 @@ use tensorbus_core::records::STATE_ACTIVE;
 use tensorbus_core::{Mode, Policy};
 use tensorbus_shm::{Access, Mapping, Memfd};
 
+/// Bytes of physical memory (RAM plus swap) of this machine.
+fn machine_memory() -> Option<u64> {
+    // SAFETY: sysinfo only writes into the struct we pass; zeroed is a valid
+    // initial value for this plain C struct.
+    let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
+    // SAFETY: `info` is a valid, writable sysinfo struct.
+    if unsafe { libc::sysinfo(&mut info) } != 0 {
+        return None;
+    }
+    let unit = u64::from(info.mem_unit.max(1));
+    Some((info.totalram as u64 + info.totalswap as u64).saturating_mul(unit))
+}
+
+/// Refuses pools that could never be backed: memfds are sparse, so an
+/// oversized pool would otherwise start fine and fail later, when touched,
+/// with SIGBUS in some client.
+fn check_memory(config: &Config) -> std::io::Result<()> {
+    let Some(memory) = machine_memory() else {
+        return Ok(());
+    };
+    let mut total: u64 = 0;
+    let mut largest = ("", 0u64);
+    for p in &config.pools {
+        let stride = p.slot_size.0.div_ceil(p.alignment.0) * p.alignment.0;
+        let bytes = stride.saturating_mul(u64::from(p.slots));
+        total = total.saturating_add(bytes);
+        if bytes > largest.1 {
+            largest = (&p.name, bytes);
+        }
+    }
+    if total > memory {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::OutOfMemory,
+            format!(
+                "the pools need {total} bytes but this machine has {memory} bytes of memory (RAM and swap); the largest, pool {:?}, needs {} bytes: lower its slots or slot_size",
+                largest.0, largest.1
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// One pool's memory.
 pub(crate) struct Pool {
     pub info: PoolInfo,
@@ -102,6 +144,7 @@ impl State {
         let control = unsafe { Control::from_raw(map.as_ptr(), map.len(), layout) }
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         control.init_header(std::process::id());
+        check_memory(config)?;
         let mut pools = Vec::new();
         for (i, p) in config.pools.iter().enumerate() {
             let align = p.alignment.0;
