@@ -25,7 +25,7 @@ pub struct Bus {
     pub client: Client,
     pub socket: PathBuf,
     dir: PathBuf,
-    _broker: EmbeddedBroker,
+    _broker: Option<EmbeddedBroker>,
 }
 
 impl Bus {
@@ -40,7 +40,29 @@ impl Bus {
             client,
             socket,
             dir,
-            _broker: broker,
+            _broker: Some(broker),
+        }
+    }
+
+    /// Attaches to a broker some other process runs at `socket` (in a
+    /// directory of its own, removed when the `Bus` drops).
+    pub fn attach(socket: &std::path::Path) -> Bus {
+        let deadline = Instant::now() + WAIT;
+        let client = loop {
+            match Client::connect_to(Some(socket), "test") {
+                Ok(c) => break c,
+                Err(e) if Instant::now() > deadline => panic!("broker never came up: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        };
+        Bus {
+            client,
+            socket: socket.to_path_buf(),
+            dir: socket
+                .parent()
+                .expect("socket has a directory")
+                .to_path_buf(),
+            _broker: None,
         }
     }
 

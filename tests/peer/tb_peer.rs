@@ -27,6 +27,8 @@
 //!   the same slot and prints `fwd SEQ POOL INDEX GEN`; stops like a consumer.
 //! * `loaner --channel C --count K`: loans K slots, never publishes, prints
 //!   `loaned K` and sleeps until killed (or stdin closes).
+//! * `broker --config FILE`: runs a broker on `--socket` (prints
+//!   `listening`) until killed or its stdin closes; for broker-death tests.
 //!
 //! Every line goes to stdout at once (Rust's stdout is line buffered), so a
 //! parent that kills the process knows everything it printed. Errors go to
@@ -172,6 +174,23 @@ fn header(h: &[u8]) -> (u64, u64) {
     (word(0..8), word(8..16))
 }
 
+/// Runs a broker until killed or stdin closes.
+fn broker(a: &Args, stdin: &Stdin) {
+    let config = tensorbus_broker::Config::from_file(Path::new(a.str("config")))
+        .unwrap_or_else(|e| fail(&e.to_string()));
+    let mut broker = tensorbus_broker::Broker::bind(&config, Path::new(a.str("socket")))
+        .unwrap_or_else(|e| fail(&e.to_string()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let thread = std::thread::spawn(move || broker.run(&flag));
+    println!("listening");
+    while !stdin.closed() {
+        std::thread::sleep(POLL);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = thread.join();
+}
+
 fn producer(client: &Client, a: &Args) {
     let mut p = client
         .producer(a.str("channel"))
@@ -268,7 +287,15 @@ fn consumer(client: &Client, a: &Args, stdin: &Stdin) {
         }
     }
     drop(held);
-    let stat = client.stat().unwrap_or_else(|e| fail(&e.to_string()));
+    let stat = match client.stat() {
+        Ok(s) => s,
+        Err(e) => {
+            // The broker may be gone (broker-death tests): data kept flowing.
+            println!("stat-error {e}");
+            println!("end {received}");
+            return;
+        }
+    };
     let me = stat
         .channels
         .iter()
@@ -328,6 +355,9 @@ fn main() {
     };
     let a = Args::parse(rest);
     let stdin = Stdin::watch();
+    if role == "broker" {
+        return broker(&a, &stdin);
+    }
     let client = Client::connect_to(Some(Path::new(a.str("socket"))), &format!("tb-peer-{role}"))
         .unwrap_or_else(|e| fail(&e.to_string()));
     match role.as_str() {
