@@ -26,4 +26,13 @@ scripts/hot-path-syscalls.sh
 step "demo smoke run"
 cargo run --release --quiet -p tensorbus-cli -- demo --frames 60 --fps 0 --quiet
 
+# --- C bindings ---
+step "C API: header up to date (cbindgen)"
+make -C bindings/c check-header
+
+step "C API: C tests under valgrind, examples"
+make -C bindings/c test
+# --- end C bindings ---
+
+
 printf '\nall tests passed\n'

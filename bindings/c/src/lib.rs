@@ -1,0 +1,1178 @@
+//! # tensorbus C API
+//!
+//! A stable C ABI over the `tensorbus` client library, built as
+//! `libtensorbus.so` and `libtensorbus.a`; the header `include/tensorbus.h`
+//! is generated from this crate by cbindgen (`make -C bindings/c header`).
+//!
+//! Shape of the API:
+//!
+//! * Opaque handles: `tb_client`, `tb_producer`, `tb_consumer`, `tb_stage`,
+//!   `tb_tensor`. Every call returns a [`tb_status`]; on failure
+//!   [`tb_last_error_message`] (thread-local) says why.
+//! * No panic crosses the boundary: every entry point runs under
+//!   `catch_unwind` and turns a panic into `TB_ERR_INTERNAL`.
+//! * Handles are checked against a registry before they are touched: NULL,
+//!   closed, released, foreign or wrong-kind pointers give
+//!   `TB_ERR_INVALID_ARGUMENT`, never a crash. Releasing a tensor twice is
+//!   reported as "tensor already released" (for the last 1024 closed or
+//!   released handles; after that the address may belong to a new handle).
+//! * Lifetimes: a tensor borrows the handle it came from. Closing a
+//!   producer, consumer or stage that still has a live tensor, or a client
+//!   that still has open handles, returns `TB_ERR_BUSY` and changes nothing.
+//!   A producer has at most one loan at a time (a second `tb_loan` before
+//!   publishing or releasing the first returns `TB_ERR_BUSY`); a stage holds
+//!   at most one tensor at a time; a consumer may hold many.
+//! * Threads: a `tb_client` may be used from several threads at once. A
+//!   producer, consumer or stage, together with the tensors it handed out,
+//!   must be used by one thread at a time (it may move between threads).
+//!   Closing a handle while another thread is inside a call on it is a bug
+//!   in the caller.
+
+#![allow(non_camel_case_types)]
+
+mod registry;
+mod status;
+
+pub use status::tb_status;
+use status::*;
+
+use registry::Kind;
+use std::cell::UnsafeCell;
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::path::Path;
+use std::ptr;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
+use std::time::Duration;
+use tensorbus::{
+    Client, Consumer, ConsumerOptions, DType, Policy, Producer, Stage, StagedTensor, Tensor,
+    TensorMeta, TensorMut, TryRecvError,
+};
+
+/// Element type of a tensor (one of the `TB_DTYPE_*` constants).
+pub type tb_dtype = u32;
+/// One byte, 0 or 1.
+pub const TB_DTYPE_BOOL: tb_dtype = 1;
+/// Unsigned 8-bit integer.
+pub const TB_DTYPE_U8: tb_dtype = 2;
+/// Signed 8-bit integer.
+pub const TB_DTYPE_I8: tb_dtype = 3;
+/// Unsigned 16-bit integer.
+pub const TB_DTYPE_U16: tb_dtype = 4;
+/// Signed 16-bit integer.
+pub const TB_DTYPE_I16: tb_dtype = 5;
+/// Unsigned 32-bit integer.
+pub const TB_DTYPE_U32: tb_dtype = 6;
+/// Signed 32-bit integer.
+pub const TB_DTYPE_I32: tb_dtype = 7;
+/// Unsigned 64-bit integer.
+pub const TB_DTYPE_U64: tb_dtype = 8;
+/// Signed 64-bit integer.
+pub const TB_DTYPE_I64: tb_dtype = 9;
+/// IEEE 754 half precision.
+pub const TB_DTYPE_F16: tb_dtype = 10;
+/// bfloat16.
+pub const TB_DTYPE_BF16: tb_dtype = 11;
+/// IEEE 754 single precision (`float`).
+pub const TB_DTYPE_F32: tb_dtype = 12;
+/// IEEE 754 double precision (`double`).
+pub const TB_DTYPE_F64: tb_dtype = 13;
+
+/// Backpressure policy of a subscription (one of the `TB_POLICY_*` constants).
+pub type tb_policy = u32;
+/// The channel's default policy.
+pub const TB_POLICY_DEFAULT: tb_policy = 0;
+/// Lossless: the producer waits for room.
+pub const TB_POLICY_BLOCK: tb_policy = 1;
+/// Real-time: the oldest queued tensor is dropped to make room.
+pub const TB_POLICY_DROP_OLDEST: tb_policy = 2;
+/// The new tensor is not delivered to this subscriber when its ring is full.
+pub const TB_POLICY_DROP_NEWEST: tb_policy = 3;
+/// Depth 1, always the newest tensor.
+pub const TB_POLICY_LATEST: tb_policy = 4;
+
+/// Most dimensions a tensor may have.
+pub const TB_MAX_DIMS: usize = 8;
+/// Largest user header in bytes.
+pub const TB_USER_HEADER_LEN: usize = 64;
+/// `timeout_ns` value that waits forever.
+pub const TB_TIMEOUT_INFINITE: u64 = 0xFFFF_FFFF_FFFF_FFFF;
+
+/// A connection to a broker (opaque).
+pub struct tb_client {
+    client: AtomicPtr<Client>,
+    children: AtomicUsize,
+}
+
+/// The writing end of a channel (opaque).
+pub struct tb_producer {
+    client: *const tb_client,
+    producer: AtomicPtr<Producer>,
+    loaned: AtomicBool,
+}
+
+/// The reading end of a channel: one subscription (opaque).
+pub struct tb_consumer {
+    client: *const tb_client,
+    consumer: AtomicPtr<Consumer>,
+    live: AtomicUsize,
+}
+
+/// A work-queue subscription that edits slots in place and forwards them (opaque).
+pub struct tb_stage {
+    client: *const tb_client,
+    stage: AtomicPtr<Stage>,
+    busy: AtomicBool,
+}
+
+/// A loaned, received or staged tensor (opaque).
+pub struct tb_tensor {
+    view: UnsafeCell<Option<View>>,
+}
+
+/// What a `tb_tensor` holds. The `'static` lifetimes are erased borrows of
+/// the owning handle's boxed Rust object, which is not freed while the
+/// tensor lives (closing the owner returns `TB_ERR_BUSY` until then).
+enum View {
+    Loan(TensorMut<'static>, *const tb_producer),
+    Recv(Tensor<'static>, *const tb_consumer),
+    Staged(StagedTensor<'static>, *const tb_stage),
+}
+
+impl View {
+    fn meta(&self) -> &TensorMeta {
+        match self {
+            View::Loan(t, _) => t.meta(),
+            View::Recv(t, _) => t.meta(),
+            View::Staged(t, _) => t.meta(),
+        }
+    }
+}
+
+/// Frees a quarantined shell (its contents were dropped when it was closed).
+fn free_shell(addr: usize, kind: Kind) {
+    // SAFETY: `addr` came from `Box::into_raw` of the type `kind` names
+    // (registered in `register`/`new_tensor`), it was retired so no call uses
+    // it any more, and it is freed exactly once (it just left the quarantine).
+    unsafe {
+        match kind {
+            Kind::Client => drop(Box::from_raw(addr as *mut tb_client)),
+            Kind::Producer => drop(Box::from_raw(addr as *mut tb_producer)),
+            Kind::Consumer => drop(Box::from_raw(addr as *mut tb_consumer)),
+            Kind::Stage => drop(Box::from_raw(addr as *mut tb_stage)),
+            Kind::Tensor => drop(Box::from_raw(addr as *mut tb_tensor)),
+        }
+    }
+}
+
+/// Boxes a handle shell and records it as live.
+fn register<T>(shell: T, kind: Kind) -> *mut T {
+    let p = Box::into_raw(Box::new(shell));
+    registry::lock().insert(p as usize, kind);
+    p
+}
+
+/// Returns a reference to a live handle, or an error if `p` is not one.
+///
+/// # Safety
+/// The handle must not be closed by another thread while the reference is used.
+unsafe fn live<'a, T>(p: *const T, kind: Kind) -> Res<&'a T> {
+    registry::lock().check(p as usize, kind)?;
+    // SAFETY: the registry says `p` is a live handle of this kind, i.e. a
+    // `Box<T>` that has not been retired; the caller keeps it from being
+    // closed meanwhile.
+    Ok(unsafe { &*p })
+}
+
+/// Wraps a view in a tensor handle (reusing an old shell when one is due).
+fn new_tensor(view: View) -> *mut tb_tensor {
+    let mut reg = registry::lock();
+    let p = match reg.reuse_tensor_shell() {
+        Some(addr) => {
+            let p = addr as *mut tb_tensor;
+            // SAFETY: `addr` is a retired tensor shell that just left the
+            // quarantine under the registry lock: no handle refers to it, its
+            // view is `None`, and we are its only user.
+            unsafe { *(*p).view.get() = Some(view) };
+            p
+        }
+        None => Box::into_raw(Box::new(tb_tensor {
+            view: UnsafeCell::new(Some(view)),
+        })),
+    };
+    reg.insert(p as usize, Kind::Tensor);
+    p
+}
+
+/// Runs `f` on a live tensor's view.
+///
+/// # Safety
+/// `t` must not be released by another thread meanwhile.
+unsafe fn with_view<R>(t: *const tb_tensor, f: impl FnOnce(&mut View) -> Res<R>) -> Res<R> {
+    registry::lock().check(t as usize, Kind::Tensor)?;
+    // SAFETY: `t` is a live tensor shell (checked above) and, by the
+    // threading contract, only this thread uses it now.
+    let slot = unsafe { &mut *(*t).view.get() };
+    let view = slot
+        .as_mut()
+        .ok_or_else(|| invalid("tensor already released"))?;
+    f(view)
+}
+
+/// Takes the view out of a live tensor whose view `accept`s, and retires the handle.
+///
+/// # Safety
+/// `t` must not be used by another thread meanwhile.
+unsafe fn take_view(t: *mut tb_tensor, accept: impl FnOnce(&View) -> Res) -> Res<View> {
+    let mut reg = registry::lock();
+    reg.check(t as usize, Kind::Tensor)?;
+    // SAFETY: live tensor shell, and the registry lock keeps every other
+    // release of it out while we take its view.
+    let slot = unsafe { &mut *(*t).view.get() };
+    let view = slot
+        .as_ref()
+        .ok_or_else(|| invalid("tensor already released"))?;
+    accept(view)?;
+    let view = slot
+        .take()
+        .ok_or_else(|| invalid("tensor already released"))?;
+    reg.retire(t as usize, Kind::Tensor, free_shell);
+    Ok(view)
+}
+
+/// Ends a view that is not published or forwarded: gives the slot back and
+/// tells the owning handle that its tensor is gone.
+fn finish(view: View) {
+    match view {
+        View::Loan(t, p) => {
+            drop(t);
+            // SAFETY: the producer cannot be closed while its loan lives.
+            unsafe { (*p).loaned.store(false, Ordering::Release) };
+        }
+        View::Recv(t, c) => {
+            drop(t);
+            // SAFETY: the consumer cannot be closed while its tensors live.
+            unsafe { (*c).live.fetch_sub(1, Ordering::AcqRel) };
+        }
+        View::Staged(t, s) => {
+            drop(t);
+            // SAFETY: the stage cannot be closed while its tensor lives.
+            unsafe { (*s).busy.store(false, Ordering::Release) };
+        }
+    }
+}
+
+/// Fails when a required pointer is NULL.
+fn need<T>(p: *const T, what: &str) -> Res {
+    if p.is_null() {
+        Err(invalid(format!("{what} is NULL")))
+    } else {
+        Ok(())
+    }
+}
+
+/// Writes `v` through `out` when it is not NULL.
+///
+/// # Safety
+/// `out` is NULL or valid for writes.
+unsafe fn put<T>(out: *mut T, v: T) {
+    if !out.is_null() {
+        // SAFETY: non-NULL, and the caller promises it is writable.
+        unsafe { out.write(v) };
+    }
+}
+
+/// Reads a NUL-terminated UTF-8 string argument.
+///
+/// # Safety
+/// `p` is NULL or a valid NUL-terminated string that outlives `'a`.
+unsafe fn text<'a>(p: *const c_char, what: &str) -> Res<&'a str> {
+    need(p, what)?;
+    // SAFETY: non-NULL, and the caller promises a NUL-terminated string.
+    unsafe { CStr::from_ptr(p) }
+        .to_str()
+        .map_err(|_| invalid(format!("{what} is not valid UTF-8")))
+}
+
+/// Decodes a `TB_DTYPE_*` value.
+fn dtype(code: tb_dtype) -> Res<DType> {
+    u8::try_from(code)
+        .ok()
+        .and_then(DType::from_code)
+        .ok_or_else(|| invalid(format!("unknown dtype {code} (use a TB_DTYPE_* constant)")))
+}
+
+/// Decodes a `TB_POLICY_*` value.
+fn policy(code: tb_policy) -> Res<Option<Policy>> {
+    Ok(match code {
+        TB_POLICY_DEFAULT => None,
+        TB_POLICY_BLOCK => Some(Policy::Block),
+        TB_POLICY_DROP_OLDEST => Some(Policy::DropOldest),
+        TB_POLICY_DROP_NEWEST => Some(Policy::DropNewest),
+        TB_POLICY_LATEST => Some(Policy::Latest),
+        other => {
+            return Err(invalid(format!(
+                "unknown policy {other} (use a TB_POLICY_* constant)"
+            )))
+        }
+    })
+}
+
+/// The `dtype` code of a tensor.
+fn dtype_code(d: DType) -> tb_dtype {
+    tb_dtype::from(d.code())
+}
+
+/// Clears an out-handle before anything can fail.
+///
+/// # Safety
+/// `out` is NULL or valid for writes.
+unsafe fn clear_out<T>(out: *mut *mut T) -> Res {
+    need(out, "out")?;
+    // SAFETY: non-NULL and writable (caller's promise).
+    unsafe { out.write(ptr::null_mut()) };
+    Ok(())
+}
+
+// ---------------------------------------------------------------- errors ---
+
+/// The message of the last failed call on this thread ("" if none). The
+/// string stays valid until the next failing call on this thread. Successful
+/// calls leave it unchanged.
+#[no_mangle]
+pub extern "C" fn tb_last_error_message() -> *const c_char {
+    std::panic::catch_unwind(last_error_ptr).unwrap_or(c"".as_ptr())
+}
+
+/// A static name for a status code (`"TB_ERR_TIMEOUT"`, ...).
+#[no_mangle]
+pub extern "C" fn tb_status_str(status: c_int) -> *const c_char {
+    std::panic::catch_unwind(|| status_name(status).as_ptr()).unwrap_or(c"".as_ptr())
+}
+
+/// The library version (`"0.1.0"`).
+#[no_mangle]
+pub extern "C" fn tb_version() -> *const c_char {
+    c"0.1.0".as_ptr()
+}
+
+// ---------------------------------------------------------------- client ---
+
+/// Connects to the broker at `socket_or_null` (NULL: `$TENSORBUS_SOCKET` or
+/// the default path) as `name` (shown by `tensorbus stat`).
+///
+/// # Safety
+/// Strings are NULL or NUL-terminated; `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn tb_client_connect(
+    socket_or_null: *const c_char,
+    name: *const c_char,
+    out: *mut *mut tb_client,
+) -> tb_status {
+    guard(|| {
+        // SAFETY: forwarded caller promises (see the function's contract).
+        unsafe { clear_out(out) }?;
+        // SAFETY: as above.
+        let name = unsafe { text(name, "name") }?;
+        let socket = if socket_or_null.is_null() {
+            None
+        } else {
+            // SAFETY: as above.
+            Some(Path::new(unsafe { text(socket_or_null, "socket") }?))
+        };
+        let client = Client::connect_to(socket, name)?;
+        let shell = register(
+            tb_client {
+                client: AtomicPtr::new(Box::into_raw(Box::new(client))),
+                children: AtomicUsize::new(0),
+            },
+            Kind::Client,
+        );
+        // SAFETY: checked non-NULL and writable by `clear_out`.
+        unsafe { out.write(shell) };
+        Ok(())
+    })
+}
+
+/// Closes a client. Fails with `TB_ERR_BUSY` while producers, consumers or
+/// stages opened from it are still open.
+///
+/// # Safety
+/// No other thread may be using `client` during this call.
+#[no_mangle]
+pub unsafe extern "C" fn tb_client_close(client: *mut tb_client) -> tb_status {
+    guard(|| {
+        let mut reg = registry::lock();
+        reg.check(client as usize, Kind::Client)?;
+        // SAFETY: live client shell (checked under the lock we hold).
+        let shell = unsafe { &*client };
+        let open = shell.children.load(Ordering::Acquire);
+        if open > 0 {
+            return Err(err(
+                TB_ERR_BUSY,
+                format!("client still has {open} open handle(s); close its producers, consumers and stages first"),
+            ));
+        }
+        let inner = shell.client.swap(ptr::null_mut(), Ordering::AcqRel);
+        reg.retire(client as usize, Kind::Client, free_shell);
+        drop(reg);
+        if !inner.is_null() {
+            // SAFETY: from `Box::into_raw` in `tb_client_connect`, swapped out once.
+            drop(unsafe { Box::from_raw(inner) });
+        }
+        Ok(())
+    })
+}
+
+/// This client's id at the broker (stored as the producer id of every tensor it publishes).
+///
+/// # Safety
+/// `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn tb_client_id(client: *const tb_client, out: *mut u32) -> tb_status {
+    guard(|| {
+        need(out, "out")?;
+        // SAFETY: checked by the registry; the caller keeps it open.
+        let shell = unsafe { live(client, Kind::Client) }?;
+        // SAFETY: a live client's box is set until close.
+        let c = unsafe { &*shell.client.load(Ordering::Acquire) };
+        // SAFETY: non-NULL (checked) and writable (caller's promise).
+        unsafe { put(out, c.id()) };
+        Ok(())
+    })
+}
+
+/// Looks up a live client and returns it with its Rust `Client`.
+///
+/// # Safety
+/// See [`live`].
+unsafe fn client_of<'a>(client: *const tb_client) -> Res<(&'a tb_client, &'a Client)> {
+    // SAFETY: forwarded contract.
+    let shell = unsafe { live(client, Kind::Client) }?;
+    // SAFETY: a live client's box is set until close, which the caller excludes.
+    Ok((shell, unsafe { &*shell.client.load(Ordering::Acquire) }))
+}
+
+/// Tells a client that one of its handles was closed.
+///
+/// # Safety
+/// `client` is the live client the handle was opened from.
+unsafe fn child_closed(client: *const tb_client) {
+    // SAFETY: a client cannot be closed while it has open handles.
+    unsafe { (*client).children.fetch_sub(1, Ordering::AcqRel) };
+}
+
+// -------------------------------------------------------------- producer ---
+
+/// Opens a producer on an existing channel.
+///
+/// # Safety
+/// `channel` is NULL or NUL-terminated; `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn tb_producer_open(
+    client: *mut tb_client,
+    channel: *const c_char,
+    out: *mut *mut tb_producer,
+) -> tb_status {
+    guard(|| {
+        // SAFETY: forwarded caller promises.
+        unsafe { clear_out(out) }?;
+        // SAFETY: as above.
+        let (shell, c) = unsafe { client_of(client) }?;
+        // SAFETY: as above.
+        let channel = unsafe { text(channel, "channel") }?;
+        let producer = c.producer(channel)?;
+        shell.children.fetch_add(1, Ordering::AcqRel);
+        let p = register(
+            tb_producer {
+                client,
+                producer: AtomicPtr::new(Box::into_raw(Box::new(producer))),
+                loaned: AtomicBool::new(false),
+            },
+            Kind::Producer,
+        );
+        // SAFETY: checked non-NULL and writable.
+        unsafe { out.write(p) };
+        Ok(())
+    })
+}
+
+/// Closes a producer. Fails with `TB_ERR_BUSY` while it has a loaned tensor.
+///
+/// # Safety
+/// No other thread may be using `producer` during this call.
+#[no_mangle]
+pub unsafe extern "C" fn tb_producer_close(producer: *mut tb_producer) -> tb_status {
+    guard(|| {
+        let mut reg = registry::lock();
+        reg.check(producer as usize, Kind::Producer)?;
+        // SAFETY: live producer shell (checked under the lock we hold).
+        let shell = unsafe { &*producer };
+        if shell.loaned.load(Ordering::Acquire) {
+            return Err(err(
+                TB_ERR_BUSY,
+                "producer has a loaned tensor; publish or release it first",
+            ));
+        }
+        let client = shell.client;
+        let inner = shell.producer.swap(ptr::null_mut(), Ordering::AcqRel);
+        reg.retire(producer as usize, Kind::Producer, free_shell);
+        drop(reg);
+        // SAFETY: from `Box::into_raw` in `tb_producer_open`, swapped out
+        // once, and no loan borrows it (checked above).
+        drop(unsafe { Box::from_raw(inner) });
+        // SAFETY: the client it was opened from is still open.
+        unsafe { child_closed(client) };
+        Ok(())
+    })
+}
+
+/// Loans a slot for a C-contiguous tensor of `ndim` extents `shape` and
+/// element type `dtype`, and returns a writable tensor. Fails at once with
+/// `TB_ERR_POOL_EXHAUSTED` when every fitting slot is held, and with
+/// `TB_ERR_BUSY` while this producer's previous loan is neither published
+/// nor released.
+///
+/// # Safety
+/// `shape` points to `ndim` values (or is NULL when `ndim` is 0); `out` is
+/// NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn tb_loan(
+    producer: *mut tb_producer,
+    dtype: tb_dtype,
+    ndim: usize,
+    shape: *const usize,
+    out: *mut *mut tb_tensor,
+) -> tb_status {
+    // SAFETY: forwarded caller promises.
+    unsafe { tb_loan_timeout(producer, dtype, ndim, shape, 0, out) }
+}
+
+/// Like [`tb_loan`], but waits up to `timeout_ns` (`TB_TIMEOUT_INFINITE`:
+/// forever) for a slot to be freed; `TB_ERR_TIMEOUT` if none was.
+///
+/// # Safety
+/// As for [`tb_loan`].
+#[no_mangle]
+pub unsafe extern "C" fn tb_loan_timeout(
+    producer: *mut tb_producer,
+    dtype: tb_dtype,
+    ndim: usize,
+    shape: *const usize,
+    timeout_ns: u64,
+    out: *mut *mut tb_tensor,
+) -> tb_status {
+    guard(|| {
+        // SAFETY: forwarded caller promises.
+        unsafe { clear_out(out) }?;
+        // SAFETY: checked by the registry; the caller keeps it open.
+        let shell = unsafe { live(producer, Kind::Producer) }?;
+        let dtype = self::dtype(dtype)?;
+        if ndim > TB_MAX_DIMS {
+            return Err(invalid(format!(
+                "ndim {ndim} exceeds TB_MAX_DIMS ({TB_MAX_DIMS})"
+            )));
+        }
+        let shape: &[usize] = if ndim == 0 {
+            &[]
+        } else {
+            need(shape, "shape")?;
+            // SAFETY: non-NULL and `ndim` readable values (caller's promise).
+            unsafe { std::slice::from_raw_parts(shape, ndim) }
+        };
+        if shell.loaned.swap(true, Ordering::AcqRel) {
+            return Err(err(
+                TB_ERR_BUSY,
+                "this producer already has a loaned tensor (one loan per producer at a time); publish or release it first",
+            ));
+        }
+        // SAFETY: the producer box lives until `tb_producer_close`, which
+        // refuses while `loaned` is set; `loaned` makes this the only
+        // `&mut` to it until the loan ends (then `loaned` is cleared).
+        let p: &'static mut Producer = unsafe { &mut *shell.producer.load(Ordering::Acquire) };
+        let result = match timeout_ns {
+            0 => p.loan(shape, dtype),
+            t => p.loan_timeout(shape, dtype, Duration::from_nanos(t)),
+        };
+        match result {
+            Ok(t) => {
+                let t = new_tensor(View::Loan(t, producer));
+                // SAFETY: checked non-NULL and writable.
+                unsafe { out.write(t) };
+                Ok(())
+            }
+            Err(e) => {
+                shell.loaned.store(false, Ordering::Release);
+                Err(e.into())
+            }
+        }
+    })
+}
+
+/// Publishes a loaned tensor to the channel's subscribers and ends the loan;
+/// the handle is consumed whatever the outcome. `delivered_or_null`
+/// receives how many subscribers got it.
+///
+/// # Safety
+/// `delivered_or_null` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn tb_publish(
+    tensor: *mut tb_tensor,
+    delivered_or_null: *mut u32,
+) -> tb_status {
+    guard(|| {
+        // SAFETY: the registry checks `tensor`; the caller uses it on one thread.
+        let view = unsafe {
+            take_view(tensor, |v| {
+                match v {
+                View::Loan(..) => Ok(()),
+                _ => Err(invalid(
+                    "tb_publish takes a loaned tensor (use tb_forward for staged, tb_release for received tensors)",
+                )),
+            }
+            })
+        }?;
+        let View::Loan(t, p) = view else {
+            unreachable!("accepted loans only")
+        };
+        let result = t.publish();
+        // SAFETY: the producer cannot be closed while its loan lives.
+        unsafe { (*p).loaned.store(false, Ordering::Release) };
+        let outcome = result?;
+        // SAFETY: NULL or writable (caller's promise).
+        unsafe { put(delivered_or_null, outcome.delivered) };
+        Ok(())
+    })
+}
+
+// -------------------------------------------------------------- consumer ---
+
+/// Subscribes to a channel with `policy` (`TB_POLICY_DEFAULT`: the
+/// channel's) and ring `depth` (0: the channel's default).
+///
+/// # Safety
+/// `channel` is NULL or NUL-terminated; `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn tb_consumer_open(
+    client: *mut tb_client,
+    channel: *const c_char,
+    policy: tb_policy,
+    depth: u32,
+    out: *mut *mut tb_consumer,
+) -> tb_status {
+    guard(|| {
+        // SAFETY: forwarded caller promises.
+        unsafe { clear_out(out) }?;
+        // SAFETY: as above.
+        let (shell, c) = unsafe { client_of(client) }?;
+        // SAFETY: as above.
+        let channel = unsafe { text(channel, "channel") }?;
+        let mut opts = ConsumerOptions::default();
+        if let Some(p) = self::policy(policy)? {
+            opts = opts.policy(p);
+        }
+        if depth > 0 {
+            opts = opts.depth(depth);
+        }
+        let consumer = c.consumer_with(channel, opts)?;
+        shell.children.fetch_add(1, Ordering::AcqRel);
+        let p = register(
+            tb_consumer {
+                client,
+                consumer: AtomicPtr::new(Box::into_raw(Box::new(consumer))),
+                live: AtomicUsize::new(0),
+            },
+            Kind::Consumer,
+        );
+        // SAFETY: checked non-NULL and writable.
+        unsafe { out.write(p) };
+        Ok(())
+    })
+}
+
+/// Closes a consumer. Fails with `TB_ERR_BUSY` while tensors it received
+/// are not released.
+///
+/// # Safety
+/// No other thread may be using `consumer` during this call.
+#[no_mangle]
+pub unsafe extern "C" fn tb_consumer_close(consumer: *mut tb_consumer) -> tb_status {
+    guard(|| {
+        let mut reg = registry::lock();
+        reg.check(consumer as usize, Kind::Consumer)?;
+        // SAFETY: live consumer shell (checked under the lock we hold).
+        let shell = unsafe { &*consumer };
+        let live = shell.live.load(Ordering::Acquire);
+        if live > 0 {
+            return Err(err(
+                TB_ERR_BUSY,
+                format!("consumer still has {live} received tensor(s); tb_release them first"),
+            ));
+        }
+        let client = shell.client;
+        let inner = shell.consumer.swap(ptr::null_mut(), Ordering::AcqRel);
+        reg.retire(consumer as usize, Kind::Consumer, free_shell);
+        drop(reg);
+        // SAFETY: from `Box::into_raw` in `tb_consumer_open`, swapped out
+        // once, and no tensor borrows it (checked above).
+        drop(unsafe { Box::from_raw(inner) });
+        // SAFETY: the client it was opened from is still open.
+        unsafe { child_closed(client) };
+        Ok(())
+    })
+}
+
+/// Receives the next tensor: a read-only view of the bytes the producer
+/// wrote. `timeout_ns` 0 polls, `TB_TIMEOUT_INFINITE` waits forever;
+/// `TB_ERR_TIMEOUT` if nothing arrived. Release it with [`tb_release`].
+///
+/// # Safety
+/// `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn tb_recv(
+    consumer: *mut tb_consumer,
+    timeout_ns: u64,
+    out: *mut *mut tb_tensor,
+) -> tb_status {
+    guard(|| {
+        // SAFETY: forwarded caller promises.
+        unsafe { clear_out(out) }?;
+        // SAFETY: checked by the registry; the caller keeps it open.
+        let shell = unsafe { live(consumer, Kind::Consumer) }?;
+        // SAFETY: the consumer box lives until `tb_consumer_close`, which
+        // refuses while tensors received from it live; tensors only borrow
+        // it shared.
+        let c: &'static Consumer = unsafe { &*shell.consumer.load(Ordering::Acquire) };
+        let t = match timeout_ns {
+            0 => c.try_recv().map_err(|e| match e {
+                TryRecvError::Empty => err(TB_ERR_TIMEOUT, "no tensor queued"),
+                other => err(TB_ERR_CORRUPTED, other.to_string()),
+            })?,
+            TB_TIMEOUT_INFINITE => c.recv()?,
+            ns => c.recv_timeout(Duration::from_nanos(ns))?,
+        };
+        shell.live.fetch_add(1, Ordering::AcqRel);
+        let t = new_tensor(View::Recv(t, consumer));
+        // SAFETY: checked non-NULL and writable.
+        unsafe { out.write(t) };
+        Ok(())
+    })
+}
+
+/// Releases a tensor: a received one frees its hold on the slot, a loan is
+/// given back unpublished, a staged one is given back unforwarded. Releasing
+/// twice returns `TB_ERR_INVALID_ARGUMENT` ("tensor already released").
+///
+/// # Safety
+/// No other thread may be using `tensor` during this call.
+#[no_mangle]
+pub unsafe extern "C" fn tb_release(tensor: *mut tb_tensor) -> tb_status {
+    guard(|| {
+        // SAFETY: the registry checks `tensor`; the caller uses it on one thread.
+        let view = unsafe { take_view(tensor, |_| Ok(())) }?;
+        finish(view);
+        Ok(())
+    })
+}
+
+// ----------------------------------------------------------------- stage ---
+
+/// Opens a stage: an exclusive, writable subscription to the work-queue
+/// channel `input` (lossless) plus a producer on `output`.
+///
+/// # Safety
+/// Strings are NULL or NUL-terminated; `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn tb_stage_open(
+    client: *mut tb_client,
+    input: *const c_char,
+    output: *const c_char,
+    out: *mut *mut tb_stage,
+) -> tb_status {
+    guard(|| {
+        // SAFETY: forwarded caller promises.
+        unsafe { clear_out(out) }?;
+        // SAFETY: as above.
+        let (shell, c) = unsafe { client_of(client) }?;
+        // SAFETY: as above.
+        let input = unsafe { text(input, "input") }?;
+        // SAFETY: as above.
+        let output = unsafe { text(output, "output") }?;
+        let stage = c.stage(input, output)?;
+        shell.children.fetch_add(1, Ordering::AcqRel);
+        let p = register(
+            tb_stage {
+                client,
+                stage: AtomicPtr::new(Box::into_raw(Box::new(stage))),
+                busy: AtomicBool::new(false),
+            },
+            Kind::Stage,
+        );
+        // SAFETY: checked non-NULL and writable.
+        unsafe { out.write(p) };
+        Ok(())
+    })
+}
+
+/// Closes a stage. Fails with `TB_ERR_BUSY` while it holds a tensor.
+///
+/// # Safety
+/// No other thread may be using `stage` during this call.
+#[no_mangle]
+pub unsafe extern "C" fn tb_stage_close(stage: *mut tb_stage) -> tb_status {
+    guard(|| {
+        let mut reg = registry::lock();
+        reg.check(stage as usize, Kind::Stage)?;
+        // SAFETY: live stage shell (checked under the lock we hold).
+        let shell = unsafe { &*stage };
+        if shell.busy.load(Ordering::Acquire) {
+            return Err(err(
+                TB_ERR_BUSY,
+                "stage holds a tensor; forward or release it first",
+            ));
+        }
+        let client = shell.client;
+        let inner = shell.stage.swap(ptr::null_mut(), Ordering::AcqRel);
+        reg.retire(stage as usize, Kind::Stage, free_shell);
+        drop(reg);
+        // SAFETY: from `Box::into_raw` in `tb_stage_open`, swapped out once,
+        // and no tensor borrows it (checked above).
+        drop(unsafe { Box::from_raw(inner) });
+        // SAFETY: the client it was opened from is still open.
+        unsafe { child_closed(client) };
+        Ok(())
+    })
+}
+
+/// Takes the next input tensor exclusively: its bytes are writable in place
+/// (`tb_tensor_data`). Forward it with [`tb_forward`] or give it back with
+/// [`tb_release`]. One tensor per stage at a time (`TB_ERR_BUSY` otherwise).
+///
+/// # Safety
+/// `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn tb_recv_mut(
+    stage: *mut tb_stage,
+    timeout_ns: u64,
+    out: *mut *mut tb_tensor,
+) -> tb_status {
+    guard(|| {
+        // SAFETY: forwarded caller promises.
+        unsafe { clear_out(out) }?;
+        // SAFETY: checked by the registry; the caller keeps it open.
+        let shell = unsafe { live(stage, Kind::Stage) }?;
+        if shell.busy.swap(true, Ordering::AcqRel) {
+            return Err(err(
+                TB_ERR_BUSY,
+                "this stage already holds a tensor; forward or release it first",
+            ));
+        }
+        // SAFETY: the stage box lives until `tb_stage_close`, which refuses
+        // while `busy` is set; `busy` makes this the only `&mut` to it.
+        let s: &'static mut Stage = unsafe { &mut *shell.stage.load(Ordering::Acquire) };
+        let result = match timeout_ns {
+            0 => s.try_recv_mut().map_err(|e| match e {
+                TryRecvError::Empty => err(TB_ERR_TIMEOUT, "no tensor queued"),
+                other => err(TB_ERR_CORRUPTED, other.to_string()),
+            }),
+            TB_TIMEOUT_INFINITE => s.recv_mut().map_err(Error::from),
+            ns => s
+                .recv_mut_timeout(Duration::from_nanos(ns))
+                .map_err(Error::from),
+        };
+        match result {
+            Ok(t) => {
+                let t = new_tensor(View::Staged(t, stage));
+                // SAFETY: checked non-NULL and writable.
+                unsafe { out.write(t) };
+                Ok(())
+            }
+            Err(e) => {
+                shell.busy.store(false, Ordering::Release);
+                Err(e)
+            }
+        }
+    })
+}
+
+/// Forwards a staged tensor — the very same slot, no copy — on the stage's
+/// output channel. The handle is consumed whatever the outcome.
+///
+/// # Safety
+/// `delivered_or_null` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn tb_forward(
+    tensor: *mut tb_tensor,
+    delivered_or_null: *mut u32,
+) -> tb_status {
+    guard(|| {
+        // SAFETY: the registry checks `tensor`; the caller uses it on one thread.
+        let view = unsafe {
+            take_view(tensor, |v| match v {
+                View::Staged(..) => Ok(()),
+                _ => Err(invalid(
+                    "tb_forward takes a tensor from tb_recv_mut (use tb_publish for loans)",
+                )),
+            })
+        }?;
+        let View::Staged(t, s) = view else {
+            unreachable!("accepted staged tensors only")
+        };
+        let result = t.forward();
+        // SAFETY: the stage cannot be closed while its tensor lives.
+        unsafe { (*s).busy.store(false, Ordering::Release) };
+        let outcome = result?;
+        // SAFETY: NULL or writable (caller's promise).
+        unsafe { put(delivered_or_null, outcome.delivered) };
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------- tensor ---
+
+/// The writable bytes of a loaned or staged tensor. Received tensors are
+/// read-only: they return `TB_ERR_READ_ONLY` (use [`tb_tensor_const_data`]).
+/// The pointer is valid until the tensor is published, forwarded or released.
+///
+/// # Safety
+/// `data` is NULL or writable; `nbytes_or_null` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn tb_tensor_data(
+    tensor: *mut tb_tensor,
+    data: *mut *mut c_void,
+    nbytes_or_null: *mut usize,
+) -> tb_status {
+    guard(|| {
+        need(data, "data")?;
+        // SAFETY: the registry checks `tensor`; the caller uses it on one thread.
+        let (p, n) = unsafe {
+            with_view(tensor, |v| {
+                match v {
+                View::Loan(t, _) => Ok((t.as_ptr(), t.meta().nbytes)),
+                View::Staged(t, _) => Ok((t.as_ptr(), t.meta().nbytes)),
+                View::Recv(..) => Err(err(
+                    TB_ERR_READ_ONLY,
+                    "a received tensor is read-only (its pool is mapped PROT_READ); use tb_tensor_const_data",
+                )),
+            }
+            })
+        }?;
+        // SAFETY: non-NULL / NULL-or-writable (caller's promise).
+        unsafe {
+            put(data, p.cast::<c_void>());
+            put(nbytes_or_null, n as usize);
+        }
+        Ok(())
+    })
+}
+
+/// The bytes of any tensor, read-only. Valid until the tensor is published,
+/// forwarded or released.
+///
+/// # Safety
+/// `data` is NULL or writable; `nbytes_or_null` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn tb_tensor_const_data(
+    tensor: *const tb_tensor,
+    data: *mut *const c_void,
+    nbytes_or_null: *mut usize,
+) -> tb_status {
+    guard(|| {
+        need(data, "data")?;
+        // SAFETY: the registry checks `tensor`; the caller uses it on one thread.
+        let (p, n) = unsafe {
+            with_view(tensor, |v| {
+                let p = match v {
+                    View::Loan(t, _) => t.as_ptr().cast_const(),
+                    View::Staged(t, _) => t.as_ptr().cast_const(),
+                    View::Recv(t, _) => t.as_ptr(),
+                };
+                Ok((p, v.meta().nbytes))
+            })
+        }?;
+        // SAFETY: non-NULL / NULL-or-writable (caller's promise).
+        unsafe {
+            put(data, p.cast::<c_void>());
+            put(nbytes_or_null, n as usize);
+        }
+        Ok(())
+    })
+}
+
+/// The tensor's extents: `*ndim` receives the number of dimensions and
+/// `shape` (room for `capacity` values; NULL when `capacity` is 0) the
+/// extents. `TB_ERR_INVALID_ARGUMENT` if `capacity < ndim` (`*ndim` is still set).
+///
+/// # Safety
+/// `ndim` is NULL or writable; `shape` has room for `capacity` values.
+#[no_mangle]
+pub unsafe extern "C" fn tb_tensor_shape(
+    tensor: *const tb_tensor,
+    ndim: *mut usize,
+    shape: *mut usize,
+    capacity: usize,
+) -> tb_status {
+    guard(|| {
+        need(ndim, "ndim")?;
+        // SAFETY: the registry checks `tensor`; the caller uses it on one thread.
+        let (n, dims) = unsafe {
+            with_view(tensor, |v| {
+                let mut dims = [0usize; TB_MAX_DIMS];
+                let s = v.meta().shape();
+                for (d, &x) in dims.iter_mut().zip(s) {
+                    *d = x as usize;
+                }
+                Ok((s.len(), dims))
+            })
+        }?;
+        // SAFETY: non-NULL and writable (caller's promise).
+        unsafe { put(ndim, n) };
+        if capacity < n {
+            return Err(invalid(format!(
+                "shape capacity {capacity} is less than ndim {n}"
+            )));
+        }
+        if n > 0 {
+            need(shape, "shape")?;
+            // SAFETY: room for `capacity >= n` values (caller's promise).
+            unsafe { ptr::copy_nonoverlapping(dims.as_ptr(), shape, n) };
+        }
+        Ok(())
+    })
+}
+
+/// The tensor's element type (`TB_DTYPE_*`).
+///
+/// # Safety
+/// `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn tb_tensor_dtype(
+    tensor: *const tb_tensor,
+    out: *mut tb_dtype,
+) -> tb_status {
+    // SAFETY: forwarded caller promises.
+    unsafe { meta_field(tensor, out, |m| dtype_code(m.dtype)) }
+}
+
+/// The producer's sequence number (0, 1, 2, ... per producer; a loan gets
+/// its number at publish, so a loan reports 0).
+///
+/// # Safety
+/// `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn tb_tensor_seq(tensor: *const tb_tensor, out: *mut u64) -> tb_status {
+    // SAFETY: forwarded caller promises.
+    unsafe { meta_field(tensor, out, |m| m.seq) }
+}
+
+/// CLOCK_MONOTONIC nanoseconds at publish (0 for a loan).
+///
+/// # Safety
+/// `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn tb_tensor_timestamp_ns(
+    tensor: *const tb_tensor,
+    out: *mut u64,
+) -> tb_status {
+    // SAFETY: forwarded caller promises.
+    unsafe { meta_field(tensor, out, |m| m.timestamp_ns) }
+}
+
+/// The client id of the publishing process (see [`tb_client_id`]).
+///
+/// # Safety
+/// `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn tb_tensor_producer_id(
+    tensor: *const tb_tensor,
+    out: *mut u32,
+) -> tb_status {
+    // SAFETY: forwarded caller promises.
+    unsafe { meta_field(tensor, out, |m| m.producer) }
+}
+
+/// Reads one metadata field into `out`.
+///
+/// # Safety
+/// `out` is NULL or writable.
+unsafe fn meta_field<T>(
+    tensor: *const tb_tensor,
+    out: *mut T,
+    f: impl FnOnce(&TensorMeta) -> T,
+) -> tb_status {
+    guard(|| {
+        need(out, "out")?;
+        // SAFETY: the registry checks `tensor`; the caller uses it on one thread.
+        let v = unsafe { with_view(tensor, |v| Ok(f(v.meta()))) }?;
+        // SAFETY: non-NULL and writable (caller's promise).
+        unsafe { put(out, v) };
+        Ok(())
+    })
+}
+
+/// The user header (up to `TB_USER_HEADER_LEN` bytes of the producer's own
+/// metadata). The pointer is valid until the tensor is released or the
+/// header is set again.
+///
+/// # Safety
+/// `data` and `len_or_null` are NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn tb_tensor_user_header(
+    tensor: *const tb_tensor,
+    data: *mut *const u8,
+    len_or_null: *mut usize,
+) -> tb_status {
+    guard(|| {
+        need(data, "data")?;
+        // SAFETY: the registry checks `tensor`; the caller uses it on one thread.
+        let (p, n) = unsafe {
+            with_view(tensor, |v| {
+                let h = v.meta().user_header();
+                Ok((h.as_ptr(), h.len()))
+            })
+        }?;
+        // SAFETY: NULL or writable (caller's promise).
+        unsafe {
+            put(data, p);
+            put(len_or_null, n);
+        }
+        Ok(())
+    })
+}
+
+/// Sets the user header of a loaned or staged tensor (at most
+/// `TB_USER_HEADER_LEN` bytes; `len` 0 clears it).
+///
+/// # Safety
+/// `data` points to `len` readable bytes (or is NULL when `len` is 0).
+#[no_mangle]
+pub unsafe extern "C" fn tb_tensor_set_user_header(
+    tensor: *mut tb_tensor,
+    data: *const c_void,
+    len: usize,
+) -> tb_status {
+    guard(|| {
+        let bytes: &[u8] = if len == 0 {
+            &[]
+        } else {
+            need(data, "data")?;
+            if len > TB_USER_HEADER_LEN {
+                return Err(invalid(format!(
+                    "user header of {len} bytes exceeds TB_USER_HEADER_LEN ({TB_USER_HEADER_LEN})"
+                )));
+            }
+            // SAFETY: `len` readable bytes (caller's promise).
+            unsafe { std::slice::from_raw_parts(data.cast::<u8>(), len) }
+        };
+        // SAFETY: the registry checks `tensor`; the caller uses it on one thread.
+        unsafe {
+            with_view(tensor, |v| match v {
+                View::Loan(t, _) => t.set_user_header(bytes).map_err(|e| invalid(e.to_string())),
+                View::Staged(t, _) => t.set_user_header(bytes).map_err(|e| invalid(e.to_string())),
+                View::Recv(..) => Err(err(
+                    TB_ERR_READ_ONLY,
+                    "a received tensor's user header is read-only",
+                )),
+            })
+        }
+    })
+}

@@ -1,0 +1,778 @@
+/*
+ * C tests of libtensorbus.
+ *
+ *     test_tensorbus TENSORBUS_BIN TB_PEER_BIN BROKER_CONFIG
+ *
+ * Starts `tensorbus broker` on a temporary socket, runs every test against
+ * it (tb-peer, the Rust test peer, plays the other side of the cross-process
+ * tests) and prints `N passed, M failed` last. Exit status 0 iff all passed.
+ * `make -C bindings/c test` runs it under valgrind.
+ */
+#define _GNU_SOURCE
+#include "tensorbus.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+static int g_failed_checks;
+static const char *g_socket;
+static const char *g_peer;
+
+#define FAIL_AT(...)                                                  \
+    do {                                                              \
+        fprintf(stderr, "  %s:%d: ", __FILE__, __LINE__);             \
+        fprintf(stderr, __VA_ARGS__);                                 \
+        fprintf(stderr, "\n");                                        \
+        g_failed_checks++;                                            \
+    } while (0)
+
+#define CHECK(cond)                                                   \
+    do {                                                              \
+        if (!(cond))                                                  \
+            FAIL_AT("CHECK(%s) failed (last error: %s)", #cond,       \
+                    tb_last_error_message());                         \
+    } while (0)
+
+/* Checks that `call` returns `want`. */
+#define CHECK_ST(call, want)                                          \
+    do {                                                              \
+        tb_status s_ = (call);                                        \
+        if (s_ != (want))                                             \
+            FAIL_AT("%s returned %s, expected %s (last error: %s)",   \
+                    #call, tb_status_str((int)s_),                    \
+                    tb_status_str((int)(want)),                       \
+                    tb_last_error_message());                         \
+    } while (0)
+
+#define CHECK_OK(call) CHECK_ST(call, TB_OK)
+
+/* Checks that the last error message contains `needle`. */
+#define CHECK_MSG(needle)                                             \
+    do {                                                              \
+        if (strstr(tb_last_error_message(), (needle)) == NULL)        \
+            FAIL_AT("last error %s lacks %s",                         \
+                    tb_last_error_message(), (needle));               \
+    } while (0)
+
+/* ------------------------------------------------------------ helpers -- */
+
+static uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* FNV-1a 64, as tb-peer computes it. */
+static uint64_t fnv1a(const uint8_t *p, size_t n) {
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (size_t i = 0; i < n; i++) {
+        h ^= p[i];
+        h *= 0x00000100000001b3ull;
+    }
+    return h;
+}
+
+/* The splitmix64 stream seeded by `seq`, as tb-peer's `fill`. */
+static void fill(uint64_t seq, uint8_t *out, size_t n) {
+    uint64_t state = seq ^ 0x005eed0f7e450b05ull;
+    for (size_t off = 0; off < n; off += 8) {
+        state += 0x9e3779b97f4a7c15ull;
+        uint64_t z = state;
+        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+        z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+        z ^= z >> 31;
+        for (size_t b = 0; b < 8 && off + b < n; b++)
+            out[off + b] = (uint8_t)(z >> (8 * b));
+    }
+}
+
+static uint64_t le64(const uint8_t *p) {
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+static void put_le64(uint8_t *p, uint64_t v) {
+    for (int i = 0; i < 8; i++)
+        p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static tb_client *connect_client(const char *name) {
+    tb_client *c = NULL;
+    tb_status s = tb_client_connect(g_socket, name, &c);
+    if (s != TB_OK) {
+        FAIL_AT("connect: %s: %s", tb_status_str((int)s), tb_last_error_message());
+        return NULL;
+    }
+    return c;
+}
+
+/* A child process with a pipe to its stdin and one from its stdout. */
+typedef struct {
+    pid_t pid;
+    int in;  /* write end: the child's stdin */
+    int out; /* read end: the child's stdout */
+} child;
+
+static int spawn(char *const argv[], child *ch, int pipe_stdout) {
+    int in[2], out[2];
+    if (pipe(in) != 0 || pipe(out) != 0)
+        return -1;
+    pid_t pid = fork();
+    if (pid < 0)
+        return -1;
+    if (pid == 0) {
+        dup2(in[0], 0);
+        if (pipe_stdout)
+            dup2(out[1], 1);
+        close(in[0]);
+        close(in[1]);
+        close(out[0]);
+        close(out[1]);
+        execv(argv[0], argv);
+        fprintf(stderr, "exec %s: %s\n", argv[0], strerror(errno));
+        _exit(127);
+    }
+    close(in[0]);
+    close(out[1]);
+    ch->pid = pid;
+    ch->in = in[1];
+    ch->out = out[0];
+    return 0;
+}
+
+/* Reads one line (without the newline); returns its length or -1 on EOF/timeout. */
+static int read_line(int fd, char *buf, size_t cap, int timeout_ms) {
+    size_t n = 0;
+    for (;;) {
+        struct pollfd p = {.fd = fd, .events = POLLIN};
+        if (poll(&p, 1, timeout_ms) <= 0)
+            return -1;
+        char c;
+        ssize_t r = read(fd, &c, 1);
+        if (r <= 0)
+            return -1;
+        if (c == '\n') {
+            buf[n] = '\0';
+            return (int)n;
+        }
+        if (n + 1 < cap)
+            buf[n++] = c;
+    }
+}
+
+/* Closes the child's pipes and waits for it; returns its exit status (or -1). */
+static int finish_child(child *ch) {
+    close(ch->in);
+    close(ch->out);
+    int st = 0;
+    if (waitpid(ch->pid, &st, 0) != ch->pid)
+        return -1;
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+/* -------------------------------------------------------------- tests -- */
+
+static void test_connect_and_open_errors(void) {
+    tb_client *c = (tb_client *)0x1;
+    CHECK_ST(tb_client_connect("/nonexistent/tb/broker.sock", "c-test", &c),
+             TB_ERR_BROKER_UNAVAILABLE);
+    CHECK(c == NULL);
+    CHECK_MSG("tensorbus broker");
+
+    c = connect_client("c-test");
+    if (!c)
+        return;
+    uint32_t id = 0;
+    CHECK_OK(tb_client_id(c, &id));
+
+    tb_consumer *cons = NULL;
+    CHECK_ST(tb_consumer_open(c, "c/nope", TB_POLICY_DEFAULT, 0, &cons), TB_ERR_NO_CHANNEL);
+    CHECK(cons == NULL);
+    CHECK_MSG("c/bcast"); /* the message lists the known channels */
+    tb_producer *p = NULL;
+    CHECK_ST(tb_producer_open(c, "c/nope", &p), TB_ERR_NO_CHANNEL);
+    CHECK_ST(tb_producer_open(c, "../x", &p), TB_ERR_INVALID_ARGUMENT);
+    CHECK(p == NULL);
+    CHECK_OK(tb_client_close(c));
+}
+
+static void test_publish_and_receive(void) {
+    tb_client *c = connect_client("c-test");
+    if (!c)
+        return;
+    uint32_t id = 0;
+    CHECK_OK(tb_client_id(c, &id));
+    tb_producer *p = NULL;
+    tb_consumer *c1 = NULL, *c2 = NULL;
+    CHECK_OK(tb_producer_open(c, "c/bcast", &p));
+    CHECK_OK(tb_consumer_open(c, "c/bcast", TB_POLICY_DEFAULT, 0, &c1));
+    CHECK_OK(tb_consumer_open(c, "c/bcast", TB_POLICY_DROP_OLDEST, 2, &c2));
+
+    size_t shape[2] = {16, 16};
+    tb_tensor *t = NULL;
+    CHECK_OK(tb_loan(p, TB_DTYPE_U8, 2, shape, &t));
+    void *data = NULL;
+    size_t nbytes = 0;
+    CHECK_OK(tb_tensor_data(t, &data, &nbytes));
+    CHECK(data != NULL && nbytes == 256);
+    if (data)
+        for (size_t i = 0; i < nbytes; i++)
+            ((uint8_t *)data)[i] = (uint8_t)i;
+    CHECK_OK(tb_tensor_set_user_header(t, "hello", 5));
+    uint64_t before = now_ns();
+    uint32_t delivered = 0;
+    CHECK_OK(tb_publish(t, &delivered));
+    CHECK(delivered == 2);
+
+    tb_tensor *r1 = NULL, *r2 = NULL;
+    CHECK_OK(tb_recv(c1, 1000000000ull, &r1));
+    CHECK_OK(tb_recv(c2, 0, &r2));
+    if (r1 && r2) {
+        size_t ndim = 0, dims[TB_MAX_DIMS] = {0};
+        CHECK_OK(tb_tensor_shape(r1, &ndim, dims, TB_MAX_DIMS));
+        CHECK(ndim == 2 && dims[0] == 16 && dims[1] == 16);
+        tb_dtype dt = 0;
+        CHECK_OK(tb_tensor_dtype(r1, &dt));
+        CHECK(dt == TB_DTYPE_U8);
+        uint64_t seq = 99, ts = 0;
+        CHECK_OK(tb_tensor_seq(r1, &seq));
+        CHECK(seq == 0);
+        CHECK_OK(tb_tensor_timestamp_ns(r1, &ts));
+        CHECK(ts >= before && ts <= now_ns());
+        uint32_t pid = 0;
+        CHECK_OK(tb_tensor_producer_id(r1, &pid));
+        CHECK(pid == id);
+        const uint8_t *hdr = NULL;
+        size_t hlen = 0;
+        CHECK_OK(tb_tensor_user_header(r1, &hdr, &hlen));
+        CHECK(hlen == 5 && hdr && memcmp(hdr, "hello", 5) == 0);
+
+        const void *cd1 = NULL, *cd2 = NULL;
+        size_t n1 = 0;
+        CHECK_OK(tb_tensor_const_data(r1, &cd1, &n1));
+        CHECK_OK(tb_tensor_const_data(r2, &cd2, NULL));
+        /* Zero copy: the very bytes the loan wrote, at the same address. */
+        CHECK(cd1 == data && cd2 == data && n1 == 256);
+        int same = 1;
+        for (size_t i = 0; cd1 && i < n1; i++)
+            same &= ((const uint8_t *)cd1)[i] == (uint8_t)i;
+        CHECK(same);
+
+        /* Received data is const. */
+        void *w = (void *)0x1;
+        CHECK_ST(tb_tensor_data(r1, &w, NULL), TB_ERR_READ_ONLY);
+        CHECK_ST(tb_tensor_set_user_header(r1, "x", 1), TB_ERR_READ_ONLY);
+        CHECK_ST(tb_publish(r1, NULL), TB_ERR_INVALID_ARGUMENT);
+    }
+    CHECK_OK(tb_release(r1));
+    CHECK_OK(tb_release(r2));
+
+    /* A second tensor: f32, sequence 1. */
+    size_t shape2[2] = {3, 4};
+    CHECK_OK(tb_loan(p, TB_DTYPE_F32, 2, shape2, &t));
+    CHECK_OK(tb_tensor_data(t, &data, &nbytes));
+    CHECK(nbytes == 48);
+    if (data)
+        for (int i = 0; i < 12; i++)
+            ((float *)data)[i] = (float)i * 0.5f;
+    CHECK_OK(tb_publish(t, NULL));
+    CHECK_OK(tb_recv(c1, TB_TIMEOUT_INFINITE, &r1));
+    if (r1) {
+        uint64_t seq = 0;
+        tb_dtype dt = 0;
+        const void *cd = NULL;
+        CHECK_OK(tb_tensor_seq(r1, &seq));
+        CHECK_OK(tb_tensor_dtype(r1, &dt));
+        CHECK_OK(tb_tensor_const_data(r1, &cd, &nbytes));
+        CHECK(seq == 1 && dt == TB_DTYPE_F32 && nbytes == 48);
+        CHECK(cd && ((const float *)cd)[11] == 5.5f);
+        const uint8_t *hdr = (const uint8_t *)0x1;
+        size_t hlen = 99;
+        CHECK_OK(tb_tensor_user_header(r1, &hdr, &hlen));
+        CHECK(hlen == 0);
+    }
+    CHECK_OK(tb_release(r1));
+    CHECK_OK(tb_recv(c2, 1000000000ull, &r2));
+    CHECK_OK(tb_release(r2));
+
+    CHECK_OK(tb_consumer_close(c1));
+    CHECK_OK(tb_consumer_close(c2));
+    CHECK_OK(tb_producer_close(p));
+    CHECK_OK(tb_client_close(c));
+}
+
+static void test_timeouts(void) {
+    tb_client *c = connect_client("c-test");
+    if (!c)
+        return;
+    tb_consumer *cons = NULL;
+    CHECK_OK(tb_consumer_open(c, "c/out", TB_POLICY_BLOCK, 4, &cons));
+    tb_tensor *t = (tb_tensor *)0x1;
+    CHECK_ST(tb_recv(cons, 0, &t), TB_ERR_TIMEOUT);
+    CHECK(t == NULL);
+    uint64_t start = now_ns();
+    CHECK_ST(tb_recv(cons, 50000000ull, &t), TB_ERR_TIMEOUT);
+    uint64_t took = now_ns() - start;
+    CHECK(took >= 45000000ull);
+    CHECK_MSG("no tensor arrived");
+    CHECK_OK(tb_consumer_close(cons));
+    CHECK_OK(tb_client_close(c));
+}
+
+static void test_pool_exhausted_and_too_large(void) {
+    tb_client *c = connect_client("c-test");
+    if (!c)
+        return;
+    tb_producer *p = NULL;
+    tb_consumer *cons = NULL;
+    CHECK_OK(tb_producer_open(c, "c/tiny", &p));
+    CHECK_OK(tb_consumer_open(c, "c/tiny", TB_POLICY_BLOCK, 4, &cons));
+    size_t n = 100;
+    tb_tensor *t = NULL;
+    for (int i = 0; i < 2; i++) {
+        CHECK_OK(tb_loan(p, TB_DTYPE_U8, 1, &n, &t));
+        CHECK_OK(tb_publish(t, NULL));
+    }
+    /* Both slots of pool "tiny" are queued to the consumer. */
+    CHECK_ST(tb_loan(p, TB_DTYPE_U8, 1, &n, &t), TB_ERR_POOL_EXHAUSTED);
+    CHECK(t == NULL);
+    CHECK_MSG("exhausted");
+    CHECK_ST(tb_loan_timeout(p, TB_DTYPE_U8, 1, &n, 20000000ull, &t), TB_ERR_TIMEOUT);
+
+    tb_tensor *r[2] = {NULL, NULL};
+    CHECK_OK(tb_recv(cons, 1000000000ull, &r[0]));
+    CHECK_OK(tb_recv(cons, 1000000000ull, &r[1]));
+    CHECK_OK(tb_release(r[0]));
+    CHECK_OK(tb_release(r[1]));
+    CHECK_OK(tb_loan(p, TB_DTYPE_U8, 1, &n, &t));
+    CHECK_OK(tb_release(t)); /* an unpublished loan goes back */
+
+    size_t big = 8192;
+    CHECK_ST(tb_loan(p, TB_DTYPE_U8, 1, &big, &t), TB_ERR_TOO_LARGE);
+    CHECK_MSG("4096");
+    /* After a failed loan the producer can loan again. */
+    CHECK_OK(tb_loan(p, TB_DTYPE_U8, 1, &n, &t));
+    CHECK_OK(tb_release(t));
+
+    CHECK_OK(tb_consumer_close(cons));
+    CHECK_OK(tb_producer_close(p));
+    CHECK_OK(tb_client_close(c));
+}
+
+static void test_stage_in_place(void) {
+    tb_client *c = connect_client("c-test");
+    if (!c)
+        return;
+    tb_producer *p = NULL;
+    tb_stage *st = NULL;
+    tb_consumer *out = NULL;
+    CHECK_OK(tb_producer_open(c, "c/work", &p));
+    CHECK_OK(tb_stage_open(c, "c/work", "c/out", &st));
+    CHECK_OK(tb_consumer_open(c, "c/out", TB_POLICY_BLOCK, 4, &out));
+    tb_stage *bad = NULL;
+    CHECK_ST(tb_stage_open(c, "c/bcast", "c/out", &bad), TB_ERR_INVALID_ARGUMENT);
+    CHECK_MSG("workqueue");
+
+    size_t n = 1024;
+    tb_tensor *t = NULL;
+    void *a = NULL;
+    CHECK_OK(tb_loan(p, TB_DTYPE_U8, 1, &n, &t));
+    CHECK_OK(tb_tensor_data(t, &a, NULL));
+    for (size_t i = 0; a && i < n; i++)
+        ((uint8_t *)a)[i] = (uint8_t)i;
+    uint32_t delivered = 0;
+    CHECK_OK(tb_publish(t, &delivered));
+    CHECK(delivered == 1);
+
+    tb_tensor *s = NULL;
+    CHECK_OK(tb_recv_mut(st, 1000000000ull, &s));
+    if (s) {
+        void *b = NULL;
+        size_t nb = 0;
+        CHECK_OK(tb_tensor_data(s, &b, &nb));
+        CHECK(b == a && nb == n); /* the same slot, writable in place */
+        for (size_t i = 0; b && i < nb; i++)
+            ((uint8_t *)b)[i] = (uint8_t)(((uint8_t *)b)[i] + 1);
+        CHECK_OK(tb_tensor_set_user_header(s, "staged", 6));
+        tb_tensor *s2 = NULL;
+        CHECK_ST(tb_recv_mut(st, 0, &s2), TB_ERR_BUSY);
+        CHECK_ST(tb_publish(s, NULL), TB_ERR_INVALID_ARGUMENT);
+        CHECK_ST(tb_stage_close(st), TB_ERR_BUSY);
+        CHECK_OK(tb_forward(s, &delivered));
+        CHECK(delivered == 1);
+    }
+
+    tb_tensor *r = NULL;
+    CHECK_OK(tb_recv(out, 1000000000ull, &r));
+    if (r) {
+        const void *d = NULL;
+        size_t nd = 0;
+        CHECK_OK(tb_tensor_const_data(r, &d, &nd));
+        CHECK(d == a && nd == n);
+        int ok = 1;
+        for (size_t i = 0; d && i < nd; i++)
+            ok &= ((const uint8_t *)d)[i] == (uint8_t)(i + 1);
+        CHECK(ok);
+        const uint8_t *h = NULL;
+        size_t hl = 0;
+        CHECK_OK(tb_tensor_user_header(r, &h, &hl));
+        CHECK(hl == 6 && memcmp(h, "staged", 6) == 0);
+        CHECK_ST(tb_forward(r, NULL), TB_ERR_INVALID_ARGUMENT);
+    }
+    CHECK_OK(tb_release(r));
+    /* Nothing queued: recv_mut times out and the stage is free again. */
+    CHECK_ST(tb_recv_mut(st, 0, &s), TB_ERR_TIMEOUT);
+    CHECK_OK(tb_consumer_close(out));
+    CHECK_OK(tb_stage_close(st));
+    CHECK_OK(tb_producer_close(p));
+    CHECK_OK(tb_client_close(c));
+}
+
+static void *other_thread_error(void *arg) {
+    (void)arg;
+    /* The last error is per thread: this thread has none yet. */
+    return (void *)(uintptr_t)(tb_last_error_message()[0] == '\0');
+}
+
+static void test_misuse(void) {
+    tb_client *c = connect_client("c-test");
+    if (!c)
+        return;
+    tb_producer *p = NULL;
+    tb_consumer *cons = NULL;
+    CHECK_OK(tb_producer_open(c, "c/bcast", &p));
+    CHECK_OK(tb_consumer_open(c, "c/bcast", TB_POLICY_DEFAULT, 0, &cons));
+    size_t n = 64;
+    tb_tensor *t = NULL;
+
+    /* NULL arguments. */
+    CHECK_ST(tb_client_connect(g_socket, "x", NULL), TB_ERR_INVALID_ARGUMENT);
+    tb_client *c2 = NULL;
+    CHECK_ST(tb_client_connect(g_socket, NULL, &c2), TB_ERR_INVALID_ARGUMENT);
+    CHECK_ST(tb_client_close(NULL), TB_ERR_INVALID_ARGUMENT);
+    CHECK_MSG("NULL");
+    tb_producer *px = (tb_producer *)0x1;
+    CHECK_ST(tb_producer_open(NULL, "c/bcast", &px), TB_ERR_INVALID_ARGUMENT);
+    CHECK(px == NULL); /* out is cleared on failure */
+    CHECK_ST(tb_producer_open(c, NULL, &px), TB_ERR_INVALID_ARGUMENT);
+    CHECK_ST(tb_loan(NULL, TB_DTYPE_U8, 1, &n, &t), TB_ERR_INVALID_ARGUMENT);
+    CHECK_ST(tb_loan(p, TB_DTYPE_U8, 1, &n, NULL), TB_ERR_INVALID_ARGUMENT);
+    CHECK_ST(tb_loan(p, TB_DTYPE_U8, 1, NULL, &t), TB_ERR_INVALID_ARGUMENT);
+    CHECK_ST(tb_recv(NULL, 0, &t), TB_ERR_INVALID_ARGUMENT);
+    CHECK_ST(tb_release(NULL), TB_ERR_INVALID_ARGUMENT);
+    CHECK_ST(tb_publish(NULL, NULL), TB_ERR_INVALID_ARGUMENT);
+    CHECK_ST(tb_forward(NULL, NULL), TB_ERR_INVALID_ARGUMENT);
+    CHECK_ST(tb_recv_mut(NULL, 0, &t), TB_ERR_INVALID_ARGUMENT);
+    void *d = NULL;
+    CHECK_ST(tb_tensor_data(NULL, &d, NULL), TB_ERR_INVALID_ARGUMENT);
+    uint64_t u = 0;
+    CHECK_ST(tb_tensor_seq(NULL, &u), TB_ERR_INVALID_ARGUMENT);
+
+    /* Bad dtype, rank, policy. */
+    CHECK_ST(tb_loan(p, 99, 1, &n, &t), TB_ERR_INVALID_ARGUMENT);
+    CHECK_MSG("dtype");
+    size_t nine[9] = {1, 1, 1, 1, 1, 1, 1, 1, 1};
+    CHECK_ST(tb_loan(p, TB_DTYPE_U8, 9, nine, &t), TB_ERR_INVALID_ARGUMENT);
+    tb_consumer *c3 = NULL;
+    CHECK_ST(tb_consumer_open(c, "c/bcast", 42, 0, &c3), TB_ERR_INVALID_ARGUMENT);
+
+    /* Foreign and wrong-kind pointers are never dereferenced. */
+    int on_stack = 0;
+    CHECK_ST(tb_release((tb_tensor *)&on_stack), TB_ERR_INVALID_ARGUMENT);
+    CHECK_ST(tb_release((tb_tensor *)p), TB_ERR_INVALID_ARGUMENT);
+    CHECK_MSG("tb_producer");
+    CHECK_ST(tb_producer_close((tb_producer *)cons), TB_ERR_INVALID_ARGUMENT);
+
+    /* One loan per producer at a time; busy handles refuse to close. */
+    CHECK_OK(tb_loan(p, TB_DTYPE_U8, 1, &n, &t));
+    tb_tensor *t2 = NULL;
+    CHECK_ST(tb_loan(p, TB_DTYPE_U8, 1, &n, &t2), TB_ERR_BUSY);
+    CHECK_ST(tb_producer_close(p), TB_ERR_BUSY);
+    CHECK_ST(tb_client_close(c), TB_ERR_BUSY);
+    CHECK_MSG("open handle");
+    size_t ndim = 0, dims[1];
+    CHECK_ST(tb_tensor_shape(t, &ndim, dims, 0), TB_ERR_INVALID_ARGUMENT);
+    CHECK(ndim == 1);
+    char big[TB_USER_HEADER_LEN + 1] = {0};
+    CHECK_ST(tb_tensor_set_user_header(t, big, sizeof big), TB_ERR_INVALID_ARGUMENT);
+    CHECK_OK(tb_publish(t, NULL));
+
+    /* Double release and use after release. */
+    tb_tensor *r = NULL;
+    CHECK_OK(tb_recv(cons, 1000000000ull, &r));
+    CHECK_ST(tb_consumer_close(cons), TB_ERR_BUSY);
+    CHECK_OK(tb_release(r));
+    CHECK_ST(tb_release(r), TB_ERR_INVALID_ARGUMENT);
+    CHECK_MSG("tensor already released");
+    const void *cd = NULL;
+    CHECK_ST(tb_tensor_const_data(r, &cd, NULL), TB_ERR_INVALID_ARGUMENT);
+    CHECK_ST(tb_publish(t, NULL), TB_ERR_INVALID_ARGUMENT); /* already published */
+    CHECK_MSG("already released");
+
+    /* Stale (closed) handles. */
+    CHECK_OK(tb_consumer_close(cons));
+    CHECK_ST(tb_recv(cons, 0, &r), TB_ERR_INVALID_ARGUMENT);
+    CHECK_MSG("already closed");
+    CHECK_ST(tb_consumer_close(cons), TB_ERR_INVALID_ARGUMENT);
+    CHECK_OK(tb_producer_close(p));
+    CHECK_ST(tb_loan(p, TB_DTYPE_U8, 1, &n, &t), TB_ERR_INVALID_ARGUMENT);
+    CHECK_MSG("tb_producer already closed");
+
+    /* Status names and the per-thread last error. */
+    CHECK(strcmp(tb_status_str(TB_ERR_TIMEOUT), "TB_ERR_TIMEOUT") == 0);
+    CHECK(strcmp(tb_status_str(12345), "TB_ERR_UNKNOWN_STATUS") == 0);
+    CHECK(tb_last_error_message()[0] != '\0');
+    pthread_t th;
+    void *empty = NULL;
+    CHECK(pthread_create(&th, NULL, other_thread_error, NULL) == 0);
+    CHECK(pthread_join(th, &empty) == 0);
+    CHECK(empty == (void *)1);
+
+    CHECK_OK(tb_client_close(c));
+    CHECK_ST(tb_client_close(c), TB_ERR_INVALID_ARGUMENT);
+    CHECK_ST(tb_producer_open(c, "c/bcast", &p), TB_ERR_INVALID_ARGUMENT);
+}
+
+/* More tensors than the registry's quarantine holds: old shells are reused
+ * or freed (valgrind checks that), double release is still detected. */
+static void test_many_tensors(void) {
+    tb_client *c = connect_client("c-test");
+    if (!c)
+        return;
+    tb_producer *p = NULL;
+    tb_consumer *cons = NULL;
+    CHECK_OK(tb_producer_open(c, "c/bcast", &p));
+    CHECK_OK(tb_consumer_open(c, "c/bcast", TB_POLICY_BLOCK, 8, &cons));
+    size_t n = 32;
+    for (int i = 0; i < 3000; i++) {
+        tb_tensor *t = NULL, *r = NULL;
+        CHECK_OK(tb_loan(p, TB_DTYPE_U8, 1, &n, &t));
+        if (i % 2) {
+            CHECK_OK(tb_publish(t, NULL));
+            CHECK_OK(tb_recv(cons, 1000000000ull, &r));
+            CHECK_OK(tb_release(r));
+        } else {
+            CHECK_OK(tb_release(t));
+        }
+        if (g_failed_checks)
+            break;
+    }
+    tb_tensor *t = NULL;
+    CHECK_OK(tb_loan(p, TB_DTYPE_U8, 1, &n, &t));
+    CHECK_OK(tb_release(t));
+    CHECK_ST(tb_release(t), TB_ERR_INVALID_ARGUMENT);
+    CHECK_MSG("tensor already released");
+    CHECK_OK(tb_consumer_close(cons));
+    CHECK_OK(tb_producer_close(p));
+    CHECK_OK(tb_client_close(c));
+}
+
+enum { CROSS_COUNT = 200 };
+
+static void test_c_producer_rust_consumer(void) {
+    tb_client *c = connect_client("c-producer");
+    if (!c)
+        return;
+    tb_producer *p = NULL;
+    CHECK_OK(tb_producer_open(c, "c/c2r", &p));
+    char count[16];
+    snprintf(count, sizeof count, "%d", CROSS_COUNT);
+    char *argv[] = {(char *)g_peer, "consumer", "--socket", (char *)g_socket, "--channel",
+                    "c/c2r", "--count", count, "--policy", "block", NULL};
+    child ch;
+    if (spawn(argv, &ch, 1) != 0) {
+        FAIL_AT("cannot spawn %s", g_peer);
+        tb_producer_close(p);
+        tb_client_close(c);
+        return;
+    }
+    char line[256];
+    CHECK(read_line(ch.out, line, sizeof line, 20000) > 0 && strncmp(line, "ready", 5) == 0);
+
+    uint8_t h[16];
+    for (uint64_t seq = 0; seq < CROSS_COUNT; seq++) {
+        size_t n = (seq % 10 == 9) ? 100000 : 1000 + (size_t)seq * 7; /* some go to pool "big" */
+        tb_tensor *t = NULL;
+        tb_status s = tb_loan_timeout(p, TB_DTYPE_U8, 1, &n, 10000000000ull, &t);
+        if (s != TB_OK) {
+            FAIL_AT("loan %llu: %s", (unsigned long long)seq, tb_last_error_message());
+            break;
+        }
+        void *d = NULL;
+        CHECK_OK(tb_tensor_data(t, &d, NULL));
+        fill(seq, d, n);
+        put_le64(h, fnv1a(d, n));
+        put_le64(h + 8, seq);
+        CHECK_OK(tb_tensor_set_user_header(t, h, sizeof h));
+        CHECK_OK(tb_publish(t, NULL));
+    }
+
+    int msgs = 0, ok = 0, end = -1;
+    while (read_line(ch.out, line, sizeof line, 20000) >= 0) {
+        unsigned long long s, ms;
+        int good;
+        if (sscanf(line, "msg %llu %llu %d", &s, &ms, &good) == 3) {
+            msgs++;
+            ok += good == 1;
+        } else if (sscanf(line, "end %d", &end) == 1) {
+            break;
+        }
+    }
+    CHECK(msgs == CROSS_COUNT);
+    CHECK(ok == CROSS_COUNT);
+    CHECK(end == CROSS_COUNT);
+    CHECK(finish_child(&ch) == 0);
+    CHECK_OK(tb_producer_close(p));
+    CHECK_OK(tb_client_close(c));
+}
+
+static void test_rust_producer_c_consumer(void) {
+    tb_client *c = connect_client("c-consumer");
+    if (!c)
+        return;
+    tb_consumer *cons = NULL;
+    CHECK_OK(tb_consumer_open(c, "c/r2c", TB_POLICY_BLOCK, 8, &cons));
+    char count[16];
+    snprintf(count, sizeof count, "%d", CROSS_COUNT);
+    char *argv[] = {(char *)g_peer, "producer", "--socket", (char *)g_socket, "--channel",
+                    "c/r2c", "--count", count, "--size", "6000", NULL};
+    child ch;
+    if (spawn(argv, &ch, 1) != 0) {
+        FAIL_AT("cannot spawn %s", g_peer);
+        tb_consumer_close(cons);
+        tb_client_close(c);
+        return;
+    }
+    uint8_t *expect = malloc(6000);
+    int ok = 0;
+    for (uint64_t i = 0; i < CROSS_COUNT; i++) {
+        tb_tensor *t = NULL;
+        tb_status s = tb_recv(cons, 20000000000ull, &t);
+        if (s != TB_OK) {
+            FAIL_AT("recv %llu: %s: %s", (unsigned long long)i, tb_status_str((int)s),
+                    tb_last_error_message());
+            break;
+        }
+        const void *d = NULL;
+        size_t n = 0, ndim = 0, dims[TB_MAX_DIMS];
+        const uint8_t *h = NULL;
+        size_t hl = 0;
+        uint64_t seq = 0;
+        tb_dtype dt = 0;
+        CHECK_OK(tb_tensor_const_data(t, &d, &n));
+        CHECK_OK(tb_tensor_user_header(t, &h, &hl));
+        CHECK_OK(tb_tensor_seq(t, &seq));
+        CHECK_OK(tb_tensor_dtype(t, &dt));
+        CHECK_OK(tb_tensor_shape(t, &ndim, dims, TB_MAX_DIMS));
+        fill(i, expect, 6000);
+        int good = d && n == 6000 && ndim == 1 && dims[0] == 6000 && dt == TB_DTYPE_U8 &&
+                   seq == i && hl == 16 && le64(h) == fnv1a(d, n) && le64(h + 8) == i &&
+                   memcmp(d, expect, n) == 0;
+        if (!good)
+            FAIL_AT("tensor %llu does not verify", (unsigned long long)i);
+        ok += good;
+        CHECK_OK(tb_release(t));
+    }
+    free(expect);
+    CHECK(ok == CROSS_COUNT);
+    char line[256];
+    int done = -1;
+    while (read_line(ch.out, line, sizeof line, 20000) >= 0)
+        if (sscanf(line, "done %d", &done) == 1)
+            break;
+    CHECK(done == CROSS_COUNT);
+    CHECK(finish_child(&ch) == 0);
+    CHECK_OK(tb_consumer_close(cons));
+    CHECK_OK(tb_client_close(c));
+}
+
+/* --------------------------------------------------------------- main -- */
+
+typedef struct {
+    const char *name;
+    void (*fn)(void);
+} test_case;
+
+int main(int argc, char **argv) {
+    if (argc != 4) {
+        fprintf(stderr, "usage: %s TENSORBUS_BIN TB_PEER_BIN BROKER_CONFIG\n", argv[0]);
+        return 2;
+    }
+    alarm(600); /* a hung test fails instead of hanging CI */
+    signal(SIGPIPE, SIG_IGN);
+    g_peer = argv[2];
+
+    char dir[] = "/tmp/tb-ctest-XXXXXX";
+    if (!mkdtemp(dir)) {
+        perror("mkdtemp");
+        return 2;
+    }
+    static char sock[64];
+    snprintf(sock, sizeof sock, "%s/broker.sock", dir);
+    g_socket = sock;
+    char *bargv[] = {argv[1], "broker", "--config", argv[3], "--socket", sock, NULL};
+    child broker;
+    if (spawn(bargv, &broker, 0) != 0) {
+        perror("spawn broker");
+        return 2;
+    }
+    int up = 0;
+    for (int i = 0; i < 200 && !up; i++) {
+        tb_client *c = NULL;
+        if (tb_client_connect(sock, "probe", &c) == TB_OK) {
+            tb_client_close(c);
+            up = 1;
+        } else {
+            usleep(50000);
+        }
+    }
+    if (!up) {
+        fprintf(stderr, "broker did not come up at %s: %s\n", sock, tb_last_error_message());
+        kill(broker.pid, SIGKILL);
+        finish_child(&broker);
+        return 2;
+    }
+
+    const test_case tests[] = {
+        {"connect_and_open_errors", test_connect_and_open_errors},
+        {"publish_and_receive", test_publish_and_receive},
+        {"timeouts", test_timeouts},
+        {"pool_exhausted_and_too_large", test_pool_exhausted_and_too_large},
+        {"stage_in_place", test_stage_in_place},
+        {"misuse", test_misuse},
+        {"many_tensors", test_many_tensors},
+        {"c_producer_rust_consumer", test_c_producer_rust_consumer},
+        {"rust_producer_c_consumer", test_rust_producer_c_consumer},
+    };
+    int passed = 0, failed = 0;
+    for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++) {
+        int before = g_failed_checks;
+        tests[i].fn();
+        if (g_failed_checks == before) {
+            passed++;
+            printf("ok     %s\n", tests[i].name);
+        } else {
+            failed++;
+            printf("FAILED %s\n", tests[i].name);
+        }
+        fflush(stdout);
+    }
+
+    kill(broker.pid, SIGTERM);
+    finish_child(&broker);
+    unlink(sock);
+    rmdir(dir);
+    printf("%d passed, %d failed\n", passed, failed);
+    return failed == 0 ? 0 : 1;
+}
