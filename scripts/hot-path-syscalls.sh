@@ -10,7 +10,7 @@ command -v strace >/dev/null || { echo "strace is not installed (apt-get install
 cargo build --release --quiet --example hot_path_syscalls
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
-tids=$(strace -f -qq -o "$out" target/release/examples/hot_path_syscalls | grep -oE 'TB-HOT-TIDS [0-9]+ [0-9]+' | cut -d' ' -f2-)
+tids=$(strace -f -qq -o "$out" "${CARGO_TARGET_DIR:-target}/release/examples/hot_path_syscalls" | grep -oE 'TB-HOT-TIDS [0-9]+ [0-9]+' | cut -d' ' -f2-)
 [ -n "$tids" ] || { echo "could not find the thread ids" >&2; exit 2; }
 set -- $tids
 awk -v a="$1" -v b="$2" '

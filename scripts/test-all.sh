@@ -18,7 +18,7 @@ step "Rust tests (unit, cross-process integration, doc)"
 cargo test --workspace
 
 step "loom models (tensorbus-core)"
-RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test -p tensorbus-core --release --quiet
+RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}/loom" cargo test -p tensorbus-core --release --quiet
 
 step "hot path makes no syscall (strace)"
 scripts/hot-path-syscalls.sh
