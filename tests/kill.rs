@@ -374,3 +374,61 @@ fn producer_blocked_on_dead_worker_redispatches() {
     sorted.sort_unstable();
     assert_eq!(sorted, vec![0, 1, 2], "survivor got {got:?}");
 }
+
+/// A dead worker's queue can hold more than the broker's ring to a live
+/// worker: the overflow waits in the broker's custody and is re-dispatched
+/// as the live worker drains, so nothing the dead worker had not taken is
+/// lost (found by the chaos harness: `redistribute` used to drop it).
+#[test]
+fn dead_workers_queue_larger_than_a_ring_is_not_lost() {
+    let toml = "[limits]\nring_capacity = 4\n\
+                [[pools]]\nname = \"p\"\nslot_size = 4096\nslots = 32\n\
+                [[channels]]\nname = \"k/overflow\"\nmode = \"workqueue\"\n";
+    let bus = Bus::start("kill-overflow", toml);
+    let worker = |name: &str| {
+        let mut w = bus.spawn(
+            name,
+            "worker",
+            &[
+                "--channel",
+                "k/overflow",
+                "--policy",
+                "block",
+                "--depth",
+                "4",
+                "--gate",
+            ],
+        );
+        w.wait_line("ready");
+        w
+    };
+    let mut victim = worker("victim");
+    let mut survivor = worker("survivor");
+    // Two producers: 4 + 4 into each worker's two rings (least loaded).
+    for name in ["p1", "p2"] {
+        let p = bus.spawn(
+            name,
+            "producer",
+            &["--channel", "k/overflow", "--count", "8", "--size", "64"],
+        );
+        p.finish();
+    }
+    let taken = seqs(&victim.kill9());
+    assert!(
+        taken.is_empty(),
+        "the victim was gated and took nothing: {taken:?}"
+    );
+    // 8 were queued at the victim; the broker's ring to the survivor holds 4.
+    survivor.send("go");
+    let got = seqs(&survivor.finish());
+    let mut counts = std::collections::HashMap::new();
+    for s in &got {
+        *counts.entry(*s).or_insert(0) += 1;
+    }
+    assert_eq!(got.len(), 16, "every tensor reached the survivor: {got:?}");
+    assert!(
+        (0..8).all(|s| counts.get(&s) == Some(&2)),
+        "each seq of each producer once: {counts:?}"
+    );
+    bus.assert_all_free();
+}

@@ -82,6 +82,9 @@ impl State {
 
     /// Advances pending reclaims; returns whether any remain.
     pub fn progress(&mut self) -> bool {
+        if !self.redispatch.is_empty() {
+            self.redispatch_pending();
+        }
         let pending = std::mem::take(&mut self.pending);
         for p in pending {
             match p {
@@ -112,7 +115,7 @@ impl State {
                 }
             }
         }
-        !self.pending.is_empty()
+        !self.pending.is_empty() || !self.redispatch.is_empty()
     }
 
     fn finish_subscriber(&mut self, channel: usize, sub: usize, bit: u32) {
@@ -120,30 +123,56 @@ impl State {
         let mut queued = Vec::new();
         reclaim::drain_subscriber(&self.control, channel, sub, |_, d| queued.push(d));
         if self.is_workqueue(channel) {
+            // The dead worker's untaken entries pass into the broker's
+            // custody (its own holder bit) before the dead bit is cleared,
+            // so none is freed while it waits for room at a live worker.
+            let custody = 1u64 << self.custody_bit;
             for d in queued {
-                self.redistribute(channel, d, mask);
+                let Some(slot) = self.control.slot(usize::from(d.pool), d.index as usize) else {
+                    continue;
+                };
+                if d.matches_generation(slot.generation.load(Ordering::Acquire))
+                    && slot.holders() & mask != 0
+                {
+                    slot.add_holders(custody);
+                    self.redispatch.push((channel, d));
+                }
             }
         }
         reclaim::clear_holder_everywhere(&self.control, mask);
         reclaim::free_subscriber(&self.control, channel, sub);
         self.free_bit(bit);
         self.busy_subs.retain(|&x| x != (channel, sub));
+        self.redispatch_pending();
     }
 
-    /// Moves a queued, untaken work item of a dead worker to a live one
-    /// through the broker's own ring row (row 0).
-    fn redistribute(&mut self, channel: usize, d: Descriptor, dead_mask: u64) {
-        let ctl = &self.control;
-        let Some(slot) = ctl.slot(usize::from(d.pool), d.index as usize) else {
-            return;
-        };
-        if !d.matches_generation(slot.generation.load(Ordering::Acquire))
-            || slot.holders() & dead_mask == 0
-        {
-            return;
+    /// Moves work items in the broker's custody (a dead worker's untaken
+    /// entries) to the least-loaded live worker, through the broker's own
+    /// ring row (row 0). Items for which every live worker's ring is full
+    /// stay in custody and are retried on the next tick; items of a channel
+    /// with no live worker left are dropped, as a publish to no worker is.
+    pub(crate) fn redispatch_pending(&mut self) {
+        let items = std::mem::take(&mut self.redispatch);
+        let custody = 1u64 << self.custody_bit;
+        for (channel, d) in items {
+            match self.try_dispatch(channel, d) {
+                Dispatch::Done | Dispatch::NoWorker => {
+                    if let Some(slot) = self.control.slot(usize::from(d.pool), d.index as usize) {
+                        slot.release(custody);
+                    }
+                }
+                Dispatch::Full => self.redispatch.push((channel, d)),
+            }
         }
-        let Some(ch) = ctl.channel(channel) else {
-            return;
+    }
+
+    fn try_dispatch(&mut self, channel: usize, d: Descriptor) -> Dispatch {
+        let ctl = &self.control;
+        let (Some(slot), Some(ch)) = (
+            ctl.slot(usize::from(d.pool), d.index as usize),
+            ctl.channel(channel),
+        ) else {
+            return Dispatch::NoWorker;
         };
         let live = ch.subscribers.load(Ordering::Acquire);
         let subs = ctl.layout().params.max_subscribers as usize;
@@ -152,6 +181,9 @@ impl State {
             .filter(|s| live & (1 << s) != 0)
             .filter_map(|s| ctl.ring(channel, 0, s).map(|r| (r.len(), s)))
             .collect();
+        if order.is_empty() {
+            return Dispatch::NoWorker;
+        }
         order.sort_unstable();
         for (_, s) in order {
             let Some(sub) = ctl.subscriber(channel, s) else {
@@ -168,15 +200,24 @@ impl State {
             slot.add_holders(bit);
             ch.producer_rows.fetch_or(1, Ordering::AcqRel);
             let head = self.broker_heads.entry((channel, s)).or_insert(0);
-            let depth = ring.capacity();
-            if ring.push(depth, d.pack(), head).is_ok() {
+            if ring.push(ring.capacity(), d.pack(), head).is_ok() {
                 if sub.config.data.notify_needed() {
                     tensorbus_shm::futex::wake(&sub.config.data.seq, i32::MAX);
                 }
-                return;
+                return Dispatch::Done;
             }
             slot.release(bit);
         }
-        // No live worker could take it: it is dropped (the dead bit is cleared next).
+        Dispatch::Full
     }
+}
+
+/// What one re-dispatch attempt did.
+enum Dispatch {
+    /// Pushed to a live worker.
+    Done,
+    /// Every live worker's broker ring is full: retry later.
+    Full,
+    /// No live worker: dropped.
+    NoWorker,
 }

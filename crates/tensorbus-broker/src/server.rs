@@ -117,7 +117,7 @@ impl Broker {
             }
             ready.clear();
             ready.resize(fds.len(), false);
-            let tick = if self.state.pending.is_empty() {
+            let tick = if self.state.pending.is_empty() && self.state.redispatch.is_empty() {
                 100
             } else {
                 2

@@ -131,6 +131,11 @@ pub(crate) struct State {
     pub busy_rows: Vec<(usize, usize)>,
     /// The broker's private cached heads for its row-0 pushes.
     pub broker_heads: HashMap<(usize, usize), u64>,
+    /// The holder bit the broker itself holds slots with (a dead worker's
+    /// untaken work items waiting for room at a live worker).
+    pub custody_bit: u32,
+    /// Work items in the broker's custody: (channel, descriptor).
+    pub redispatch: Vec<(usize, tensorbus_core::Descriptor)>,
 }
 
 impl State {
@@ -204,7 +209,11 @@ impl State {
             busy_subs: Vec::new(),
             busy_rows: Vec::new(),
             broker_heads: HashMap::new(),
+            custody_bit: 63,
+            redispatch: Vec::new(),
         };
+        // Bit 63 is the broker's own (custody of re-dispatched work items).
+        state.free_bits &= !(1u64 << state.custody_bit);
         for spec in config.channel_specs() {
             state
                 .create_channel(spec)
@@ -275,7 +284,8 @@ impl State {
     pub fn alloc_bit(&mut self) -> Result<u32, String> {
         if self.free_bits == 0 {
             return Err(format!(
-                "all {MAX_HOLDERS} holder handles of this broker are in use (each producer, subscriber and stage half takes one); close unused handles"
+                "all {} holder handles of this broker are in use (each producer, subscriber and stage half takes one of the {MAX_HOLDERS} bits of a slot's holder word; the broker keeps one); close unused handles",
+                MAX_HOLDERS - 1
             ));
         }
         let bit = self.free_bits.trailing_zeros();
