@@ -34,5 +34,9 @@ step "C API: C tests under valgrind, examples"
 make -C bindings/c test
 # --- end C bindings ---
 
+# --- chaos ---
+step "chaos: 200 kill -9s of random clients, then no leak/loss/duplicate/corruption/crash"
+scripts/chaos.sh --kills 200
+# --- end chaos ---
 
 printf '\nall tests passed\n'

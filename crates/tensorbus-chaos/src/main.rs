@@ -1,0 +1,83 @@
+//! `tensorbus-chaos`: runs producers, stages and consumers of a live
+//! tensorbus on broadcast and work-queue channels with all four policies,
+//! `kill -9`s random ones at random moments and restarts them, then
+//! quiesces and checks that no slot leaked and no tensor was lost,
+//! duplicated or corrupted. See `docs/reliability.md` ("Chaos") for what
+//! each counter means exactly.
+//!
+//! ```text
+//! tensorbus-chaos [--kills N] [--seconds S] [--seed X] [--interval-ms M] [--dir D] [--keep]
+//! ```
+//!
+//! Progress goes to stderr; stdout gets one line:
+//! `chaos: kills=N leaked_slots=L lost=M duplicated=D corrupt=C crashed=X`.
+//! The exit status is 0 only if every counter but `kills` is 0.
+//!
+//! The same binary, run as `tensorbus-chaos role KIND ...`, is every client
+//! process (see [`roles`]).
+
+mod check;
+mod journal;
+mod orchestrator;
+mod payload;
+mod roles;
+
+use std::path::PathBuf;
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: tensorbus-chaos [--kills N] [--seconds S] [--seed X] [--interval-ms M] [--dir D] [--keep]\n\
+         \n\
+         --kills N        stop after N kill -9s (default 200, or unlimited with --seconds)\n\
+         --seconds S      stop after S seconds of chaos, even if fewer kills were made\n\
+         --seed X         seed of every random choice (default: from the clock; printed)\n\
+         --interval-ms M  mean time between kills (default 150; uniform in 0..2M)\n\
+         --dir D          where the journals go (default: a fresh directory in $TMPDIR)\n\
+         --keep           keep the journals and the clients' stderr files (kept anyway when a check fails)"
+    );
+    std::process::exit(2);
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("role") {
+        roles::run(&args[1..]);
+    }
+    let mut opts = orchestrator::Opts {
+        kills: None,
+        seconds: None,
+        seed: None,
+        interval_ms: 150,
+        dir: None,
+        keep: false,
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = |what: &str| -> String {
+            it.next().cloned().unwrap_or_else(|| {
+                eprintln!("tensorbus-chaos: {a} needs {what}");
+                usage()
+            })
+        };
+        let num = |s: String| -> u64 {
+            s.parse().unwrap_or_else(|_| {
+                eprintln!("tensorbus-chaos: {a}: {s:?} is not a non-negative integer");
+                usage()
+            })
+        };
+        match a.as_str() {
+            "--kills" => opts.kills = Some(num(value("a count"))),
+            "--seconds" => opts.seconds = Some(num(value("a number of seconds"))),
+            "--seed" => opts.seed = Some(num(value("a seed"))),
+            "--interval-ms" => opts.interval_ms = num(value("milliseconds")).max(1),
+            "--dir" => opts.dir = Some(PathBuf::from(value("a directory"))),
+            "--keep" => opts.keep = true,
+            "-h" | "--help" => usage(),
+            other => {
+                eprintln!("tensorbus-chaos: unknown argument {other:?}");
+                usage()
+            }
+        }
+    }
+    std::process::exit(orchestrator::run(opts));
+}

@@ -1,0 +1,291 @@
+//! The client roles, each run as its own process by the orchestrator:
+//!
+//! ```text
+//! tensorbus-chaos role KIND --socket S --journal J --inc N --channel C
+//!     [--output O] [--policy P] [--depth D] [--pace-us U] [--hold-us U]
+//!     [--delta B] [--seed X]
+//! ```
+//!
+//! * `producer`: publishes `(inc, 0), (inc, 1), ...` until told to stop,
+//!   journaling `begin_publish(seq)` before and `end_publish(seq)` after
+//!   each `publish()`; sleeps up to `--pace-us` between tensors.
+//! * `consumer`: a broadcast subscriber (`recv_timeout`); journals every
+//!   tensor it receives (after checking every byte), holds it up to
+//!   `--hold-us`, then releases it.
+//! * `worker`: a work-queue subscriber; like `consumer`, but each receive is
+//!   a non-blocking attempt bracketed by `begin_pop`/`end_pop`, so the
+//!   orchestrator knows whether a kill landed between "took an entry" and
+//!   "journaled it".
+//! * `stage`: `recv_mut` on a work queue (bracketed like a worker, journaled
+//!   as `TOOK`), adds `--delta` to every byte in place, `forward`s the same
+//!   slot to `--output`, journals `FWD`.
+//!
+//! Consumers, workers and stages exit once told to stop and nothing has
+//! arrived for [`QUIET`]. Any error exits with status 2 and a message on
+//! stderr: to the orchestrator that is a crash.
+
+use crate::journal::{Entry, Journal, KIND_FWD, KIND_RECV, KIND_TOOK, STATE_DONE, STATE_READY};
+use crate::payload::{self, Rng};
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tensorbus::{Client, ConsumerOptions, DType, LoanError, Policy, RecvError, TryRecvError};
+
+/// How long a draining receiver must see nothing before it exits.
+pub const QUIET: Duration = Duration::from_millis(300);
+/// Sleep between non-blocking receive attempts that found nothing.
+const IDLE: Duration = Duration::from_micros(400);
+
+/// `--key value` arguments.
+struct Args(HashMap<String, String>);
+
+impl Args {
+    fn parse(args: &[String]) -> Args {
+        let mut map = HashMap::new();
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let key = a
+                .strip_prefix("--")
+                .unwrap_or_else(|| fail(&format!("unexpected argument {a:?}")));
+            let value = it
+                .next()
+                .unwrap_or_else(|| fail(&format!("--{key} needs a value")));
+            map.insert(key.to_owned(), value.clone());
+        }
+        Args(map)
+    }
+    fn str(&self, key: &str) -> &str {
+        self.0
+            .get(key)
+            .map(String::as_str)
+            .unwrap_or_else(|| fail(&format!("--{key} is required")))
+    }
+    fn num(&self, key: &str, default: u64) -> u64 {
+        self.0.get(key).map_or(default, |v| {
+            v.parse()
+                .unwrap_or_else(|_| fail(&format!("--{key} {v:?} is not a number")))
+        })
+    }
+}
+
+fn fail(msg: &str) -> ! {
+    eprintln!("tensorbus-chaos role: {msg}");
+    std::process::exit(2);
+}
+
+fn sleep_up_to(rng: &mut Rng, max_us: u64) {
+    if max_us > 0 {
+        std::thread::sleep(Duration::from_micros(rng.below(max_us + 1)));
+    }
+}
+
+/// Runs the role named by `args[0]`; never returns.
+pub fn run(args: &[String]) -> ! {
+    // Die with the orchestrator, whatever happens to it.
+    // SAFETY: prctl(PR_SET_PDEATHSIG) takes an integer signal number and
+    // touches no memory of ours.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+    }
+    let Some((kind, rest)) = args.split_first() else {
+        fail("usage: tensorbus-chaos role KIND --socket S --journal J --inc N --channel C ...");
+    };
+    let a = Args::parse(rest);
+    let journal = Journal::open(Path::new(a.str("journal")))
+        .unwrap_or_else(|e| fail(&format!("journal: {e}")));
+    let inc = u32::try_from(a.num("inc", 0)).unwrap_or_else(|_| fail("--inc too large"));
+    let mut rng = Rng::new(a.num("seed", 1) ^ (u64::from(inc) << 20));
+    let client = Client::connect_to(
+        Some(Path::new(a.str("socket"))),
+        &format!("chaos-{kind}-{inc}"),
+    )
+    .unwrap_or_else(|e| fail(&format!("connect: {e}")));
+    journal.set_client(client.id());
+    match kind.as_str() {
+        "producer" => producer(&client, &a, &journal, inc, &mut rng),
+        "consumer" => consumer(&client, &a, &journal, &mut rng),
+        "worker" => worker(&client, &a, &journal, &mut rng),
+        "stage" => stage(&client, &a, &journal, &mut rng),
+        other => fail(&format!("unknown role {other:?}")),
+    }
+    journal.set_state(STATE_DONE);
+    std::process::exit(0);
+}
+
+fn producer(client: &Client, a: &Args, journal: &Journal, inc: u32, rng: &mut Rng) {
+    let mut p = client
+        .producer(a.str("channel"))
+        .unwrap_or_else(|e| fail(&format!("open producer: {e}")));
+    journal.set_state(STATE_READY);
+    let pace = a.num("pace-us", 0);
+    let mut seq = 0u64;
+    while !journal.stop_requested() {
+        let n = payload::len(inc, seq);
+        let mut t = match p.loan_timeout(&[n], DType::U8, Duration::from_millis(100)) {
+            Ok(t) => t,
+            Err(LoanError::Timeout { .. }) => continue,
+            Err(e) => fail(&format!("loan {seq}: {e}")),
+        };
+        payload::fill(inc, seq, &mut t);
+        let h = payload::header(payload::checksum(&t, 0), seq, inc);
+        t.set_user_header(&h)
+            .unwrap_or_else(|e| fail(&format!("user header: {e}")));
+        journal.begin_publish(seq);
+        t.publish()
+            .unwrap_or_else(|e| fail(&format!("publish {seq}: {e}")));
+        journal.end_publish(seq);
+        seq += 1;
+        sleep_up_to(rng, pace);
+    }
+}
+
+fn options(a: &Args) -> ConsumerOptions {
+    let mut opts = ConsumerOptions::default();
+    if let Some(p) = a.0.get("policy") {
+        opts = opts.policy(p.parse::<Policy>().unwrap_or_else(|e| fail(&e)));
+    }
+    if let Some(d) = a.0.get("depth") {
+        opts = opts.depth(d.parse().unwrap_or_else(|_| fail("--depth")));
+    }
+    opts
+}
+
+/// Tracks "told to stop and nothing arrived for QUIET".
+struct Drain(Option<Instant>);
+
+impl Drain {
+    fn got(&mut self) {
+        self.0 = None;
+    }
+    /// Called when nothing arrived; true when it is time to exit.
+    fn idle(&mut self, journal: &Journal) -> bool {
+        if !journal.stop_requested() {
+            self.0 = None;
+            return false;
+        }
+        self.0.get_or_insert_with(Instant::now).elapsed() >= QUIET
+    }
+}
+
+fn entry(kind: u8, ok: bool, seq: u64, inc: u32, meta: &tensorbus::TensorMeta) -> Entry {
+    Entry {
+        kind,
+        ok,
+        inc,
+        seq,
+        meta_producer: meta.producer,
+        meta_seq: meta.seq,
+    }
+}
+
+fn consumer(client: &Client, a: &Args, journal: &Journal, rng: &mut Rng) {
+    let c = client
+        .consumer_with(a.str("channel"), options(a))
+        .unwrap_or_else(|e| fail(&format!("subscribe: {e}")));
+    journal.set_state(STATE_READY);
+    let delta = a.num("delta", 0) as u8;
+    let hold = a.num("hold-us", 0);
+    let mut drain = Drain(None);
+    loop {
+        match c.recv_timeout(Duration::from_millis(20)) {
+            Ok(t) => {
+                drain.got();
+                let (ok, seq, inc) = payload::verify(t.user_header(), &t, delta);
+                journal.push(entry(KIND_RECV, ok, seq, inc, t.meta()));
+                sleep_up_to(rng, hold);
+                drop(t);
+            }
+            Err(RecvError::Timeout(_)) => {
+                if drain.idle(journal) {
+                    return;
+                }
+            }
+            Err(RecvError::Corrupted(e)) => {
+                eprintln!("corrupted receive: {e}");
+                journal.count_corrupt();
+            }
+            Err(e) => fail(&format!("receive: {e}")),
+        }
+    }
+}
+
+fn worker(client: &Client, a: &Args, journal: &Journal, rng: &mut Rng) {
+    let c = client
+        .consumer_with(a.str("channel"), options(a))
+        .unwrap_or_else(|e| fail(&format!("subscribe: {e}")));
+    journal.set_state(STATE_READY);
+    let hold = a.num("hold-us", 0);
+    let mut drain = Drain(None);
+    loop {
+        journal.begin_pop();
+        match c.try_recv() {
+            Ok(t) => {
+                let (ok, seq, inc) = payload::verify(t.user_header(), &t, 0);
+                journal.push(entry(KIND_RECV, ok, seq, inc, t.meta()));
+                journal.end_pop();
+                drain.got();
+                sleep_up_to(rng, hold);
+                drop(t);
+            }
+            Err(TryRecvError::Empty) => {
+                journal.end_pop();
+                if drain.idle(journal) {
+                    return;
+                }
+                std::thread::sleep(IDLE);
+            }
+            Err(TryRecvError::Corrupted(e)) => {
+                journal.end_pop();
+                eprintln!("corrupted receive: {e}");
+                journal.count_corrupt();
+            }
+        }
+    }
+}
+
+fn stage(client: &Client, a: &Args, journal: &Journal, rng: &mut Rng) {
+    let mut s = client
+        .stage(a.str("channel"), a.str("output"))
+        .unwrap_or_else(|e| fail(&format!("open stage: {e}")));
+    journal.set_state(STATE_READY);
+    let delta = a.num("delta", 1) as u8;
+    let hold = a.num("hold-us", 0);
+    let mut drain = Drain(None);
+    loop {
+        journal.begin_pop();
+        match s.recv_mut_timeout(Duration::ZERO) {
+            Ok(mut t) => {
+                let (ok, seq, inc) = payload::verify(t.meta().user_header(), &t, 0);
+                journal.push(entry(KIND_TOOK, ok, seq, inc, t.meta()));
+                journal.end_pop();
+                drain.got();
+                for b in t.iter_mut() {
+                    *b = b.wrapping_add(delta);
+                }
+                sleep_up_to(rng, hold);
+                let meta = *t.meta();
+                t.forward()
+                    .unwrap_or_else(|e| fail(&format!("forward {inc}/{seq}: {e}")));
+                journal.push(entry(KIND_FWD, ok, seq, inc, &meta));
+            }
+            Err(RecvError::Timeout(_)) => {
+                journal.end_pop();
+                if drain.idle(journal) {
+                    return;
+                }
+                std::thread::sleep(IDLE);
+            }
+            Err(RecvError::Corrupted(e)) => {
+                journal.end_pop();
+                eprintln!("corrupted receive: {e}");
+                journal.count_corrupt();
+            }
+            Err(RecvError::NotExclusive(d)) => {
+                // The library released the slot: that tensor is gone.
+                journal.end_pop();
+                eprintln!("stage input not exclusive after {d:?}; the tensor was released");
+                journal.count_not_exclusive();
+            }
+        }
+    }
+}
