@@ -234,6 +234,32 @@ impl Peer {
         self.stdin = None;
     }
 
+    /// Closes stdin, waits (with a deadline) for any exit and returns the
+    /// status and every stdout line.
+    pub fn finish_status(mut self) -> (std::process::ExitStatus, Vec<String>) {
+        self.close_stdin();
+        let deadline = Instant::now() + WAIT;
+        let status = loop {
+            match self.child.try_wait() {
+                Ok(Some(s)) => break s,
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Ok(None) => self.die("did not exit in time"),
+                Err(e) => self.die(&format!("wait failed: {e}")),
+            }
+        };
+        self.reaped = true;
+        while let Ok(line) = self.rx.recv_timeout(WAIT) {
+            self.lines.push(line);
+        }
+        if !status.success() {
+            std::thread::sleep(Duration::from_millis(50));
+            eprintln!("{}: {status}; stderr:\n{}", self.name, self.stderr());
+        }
+        (status, std::mem::take(&mut self.lines))
+    }
+
     /// Closes stdin, waits (with a deadline) for a successful exit and
     /// returns every stdout line.
     pub fn finish(mut self) -> Vec<String> {

@@ -29,6 +29,10 @@
 //!   `loaned K` and sleeps until killed (or stdin closes).
 //! * `broker --config FILE`: runs a broker on `--socket` (prints
 //!   `listening`) until killed or its stdin closes; for broker-death tests.
+//! * `hostile --config FILE --count N [--seed S] [--pace-us U] [--target slots|rings|both]`: a client
+//!   that scribbles N random 64-bit words into the slot headers (all but
+//!   the holder word) and the live rings of channel 0 through its own mapping of
+//!   the control segment, then prints `wrote N`.
 //!
 //! Every line goes to stdout at once (Rust's stdout is line buffered), so a
 //! parent that kills the process knows everything it printed. Errors go to
@@ -201,7 +205,11 @@ fn producer(client: &Client, a: &Args) {
     let report = a.flag("report");
     for seq in 0..count {
         let mut t = p
-            .loan_timeout(&[size], DType::U8, Duration::from_secs(30))
+            .loan_timeout(
+                &[size],
+                DType::U8,
+                Duration::from_millis(a.num("loan-timeout-ms", 30_000)),
+            )
             .unwrap_or_else(|e| fail(&format!("loan {seq}: {e}")));
         fill(seq, &mut t);
         let mut h = [0u8; 16];
@@ -348,6 +356,80 @@ fn loaner(client: &Client, a: &Args, stdin: &Stdin) {
     stdin.sleep_until_closed();
 }
 
+/// The address range of this process's mapping of the control segment.
+fn control_mapping() -> (usize, usize) {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_else(|e| fail(&e.to_string()));
+    maps.lines()
+        .filter(|l| l.contains("memfd:tensorbus-control") && l.contains("rw-s"))
+        .find_map(|l| {
+            let (a, b) = l.split_whitespace().next()?.split_once('-')?;
+            Some((
+                usize::from_str_radix(a, 16).ok()?,
+                usize::from_str_radix(b, 16).ok()?,
+            ))
+        })
+        .unwrap_or_else(|| fail("no control segment mapping"))
+}
+
+/// Scribbles over slot headers and rings (see the module docs).
+fn hostile(a: &Args) {
+    let config = tensorbus_broker::Config::from_file(Path::new(a.str("config")))
+        .unwrap_or_else(|e| fail(&e.to_string()));
+    let layout = tensorbus_core::layout::Layout::compute(&config.layout_params())
+        .unwrap_or_else(|e| fail(&e.to_string()));
+    let (start, end) = control_mapping();
+    let mut x = a.num("seed", 42) | 1;
+    let mut rng = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let count = a.num("count", 10_000);
+    let pace = a.num("pace-us", 20);
+    let slots = layout.params.pool_slots[0] as u64;
+    let rings = (layout.rows() * layout.params.max_subscribers as usize) as u64;
+    for _ in 0..count {
+        let target = a.0.get("target").map_or("both", String::as_str);
+        let slot = match target {
+            "slots" => true,
+            "rings" => false,
+            _ => rng() % 2 == 0,
+        };
+        let offset = if slot {
+            // A slot header word other than the holder word (offset 0).
+            layout.slots_offset[0] + (rng() % slots) as usize * 256 + (1 + rng() % 31) as usize * 8
+        } else {
+            // A ring header word or cell of channel 0, subscriber 0: the
+            // rings in use (the broker's row 0 and the first producer rows).
+            let row = (rng() % 3).min(rings - 1) as usize;
+            let ring = layout.channels_offset
+                + layout.rings_in_block
+                + row * layout.params.max_subscribers as usize * layout.ring_stride;
+            let words = (layout.ring_stride / 8) as u64;
+            ring + (rng() % words) as usize * 8
+        };
+        let addr = start + offset;
+        if addr + 8 > end {
+            fail("offset outside the mapping");
+        }
+        let value = match rng() % 4 {
+            0 => rng(),
+            1 => rng() % 64,
+            2 => rng() & 0xFFFF_0000_FFFF,
+            _ => u64::MAX,
+        };
+        // SAFETY: `addr` is 8-aligned (layout offsets and word steps are) and
+        // inside our shared mapping of the control segment, which lives as
+        // long as the client (leaked below until exit); other processes only
+        // access it atomically. Writing garbage there is the point.
+        unsafe { std::sync::atomic::AtomicU64::from_ptr(addr as *mut u64) }
+            .store(value, Ordering::Relaxed);
+        sleep_us(pace);
+    }
+    println!("wrote {count}");
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some((role, rest)) = args.split_first() else {
@@ -365,6 +447,7 @@ fn main() {
         "consumer" | "worker" => consumer(&client, &a, &stdin),
         "stage" => stage(&client, &a, &stdin),
         "loaner" => loaner(&client, &a, &stdin),
+        "hostile" => hostile(&a),
         other => fail(&format!("unknown role {other:?}")),
     }
 }

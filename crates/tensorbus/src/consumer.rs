@@ -123,7 +123,8 @@ impl Consumer {
         self.cursor.set(cursor);
         let desc: Descriptor = desc.ok_or(TryRecvError::Empty)?;
         let pools = &self.pools;
-        let r = self.pools[usize::from(desc.pool)];
+        // The pool index comes from shared memory: look it up, never index.
+        let r = pools.get(usize::from(desc.pool)).copied().flatten();
         let mut received = Received {
             id: SlotId {
                 pool: desc.pool,
@@ -138,8 +139,13 @@ impl Consumer {
             |p| pools.get(p).copied().flatten().map(|r| r.slot_size),
             &mut received.meta,
         )?;
+        // Validation succeeded, so `capacity(pool)` was `Some`: `r` is too.
+        let Some(r) = r else {
+            return Err(TryRecvError::Corrupted(
+                tensorbus_core::receive::Corruption::ForeignPool { pool: desc.pool },
+            ));
+        };
         path.count_delivered();
-        let r = r.expect("validated pool is mapped");
         if let Some(s) = self
             .inner
             .control
