@@ -39,4 +39,9 @@ step "chaos: 200 kill -9s of random clients, then no leak/loss/duplicate/corrupt
 scripts/chaos.sh --kills 200
 # --- end chaos ---
 
+# --- Python bindings ---
+step "Python bindings: build into .venv (maturin), pytest across processes"
+bindings/python/test.sh
+# --- end Python bindings ---
+
 printf '\nall tests passed\n'

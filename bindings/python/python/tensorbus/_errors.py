@@ -1,0 +1,84 @@
+"""The exceptions of tensorbus. Every one is a :class:`TensorbusError`."""
+
+__all__ = [
+    "TensorbusError",
+    "BrokerUnavailable",
+    "PermissionDenied",
+    "ProtocolError",
+    "ChannelNotFound",
+    "InvalidArgument",
+    "LimitReached",
+    "PoolExhausted",
+    "TooLarge",
+    "Timeout",
+    "ShapeError",
+    "Corrupted",
+    "Busy",
+    "Closed",
+    "Released",
+    "ReadOnly",
+]
+
+
+class TensorbusError(Exception):
+    """Base class of every tensorbus error."""
+
+
+class BrokerUnavailable(TensorbusError, ConnectionError):
+    """No broker listens at the socket path, or it went away."""
+
+
+class PermissionDenied(TensorbusError, PermissionError):
+    """The broker refused this process or request."""
+
+
+class ProtocolError(TensorbusError):
+    """The broker answered something unexpected (version mismatch?)."""
+
+
+class ChannelNotFound(TensorbusError, LookupError):
+    """No channel of that name (declare it in the broker config or pass create=True)."""
+
+
+class InvalidArgument(TensorbusError, ValueError):
+    """A name, option or call does not fit."""
+
+
+class LimitReached(TensorbusError):
+    """A fixed limit (handles, producers or subscribers per channel, channels) was reached."""
+
+
+class PoolExhausted(TensorbusError):
+    """Every slot that fits the tensor is held."""
+
+
+class TooLarge(TensorbusError, ValueError):
+    """The tensor is larger than any slot of the channel's pools."""
+
+
+class Timeout(TensorbusError, TimeoutError):
+    """Nothing arrived (or no slot became free) in time."""
+
+
+class ShapeError(TensorbusError, ValueError):
+    """A shape, dtype, stride or user header is not acceptable."""
+
+
+class Corrupted(TensorbusError):
+    """A queued descriptor or slot header was invalid (the message was skipped)."""
+
+
+class Busy(TensorbusError):
+    """A producer already has a loan, or a stage already holds a tensor."""
+
+
+class Closed(TensorbusError, ValueError):
+    """The client, producer, consumer or stage is closed."""
+
+
+class Released(TensorbusError, ValueError):
+    """The tensor was already released, published or forwarded."""
+
+
+class ReadOnly(TensorbusError):
+    """Received tensors are read-only."""

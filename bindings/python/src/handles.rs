@@ -1,0 +1,991 @@
+//! `Broker`, `Client`, `Producer`, `Consumer` and `Stage`.
+//!
+//! Each Rust handle lives in an `Arc`'d core. The Python handle object holds
+//! one reference (dropped by `close()`), every tensor it handed out holds
+//! another, so a tensor's borrowed view can never outlive its handle.
+
+use crate::tensor::{Owner, PyTensor, View};
+use crate::{parse_dtype, parse_mode, parse_policy, tb_err, timeout_of, AssertSend, WAIT_SLICE};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyTuple;
+use std::cell::UnsafeCell;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+use tensorbus::{
+    ChannelSpec, Client, ConnectError, Consumer, ConsumerOptions, LoanError, OpenError, Producer,
+    ProducerOptions, RecvError, RequestError, Stage, StagedTensor, Tensor, TensorMut, TryRecvError,
+    WaitStrategy,
+};
+use tensorbus_broker::{Config, EmbeddedBroker};
+
+/// Locks a mutex, ignoring poison (the guarded data stays consistent: every
+/// critical section here only moves values in and out).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+// ---------------------------------------------------------------- errors ---
+
+pub(crate) fn connect_err(e: ConnectError) -> PyErr {
+    let name = match &e {
+        ConnectError::BrokerUnavailable { .. } => "BrokerUnavailable",
+        ConnectError::PermissionDenied { .. } => "PermissionDenied",
+        ConnectError::Protocol(_) => "ProtocolError",
+        ConnectError::Map(_) => "TensorbusError",
+    };
+    tb_err(name, e.to_string())
+}
+
+pub(crate) fn request_err(e: RequestError) -> PyErr {
+    let name = match &e {
+        RequestError::BrokerUnavailable { .. } => "BrokerUnavailable",
+        RequestError::Protocol(_) => "ProtocolError",
+    };
+    tb_err(name, e.to_string())
+}
+
+pub(crate) fn open_err(e: OpenError) -> PyErr {
+    let name = match &e {
+        OpenError::ChannelNotFound { .. } => "ChannelNotFound",
+        OpenError::InvalidName(_) | OpenError::InvalidArgument(_) => "InvalidArgument",
+        OpenError::LimitReached(_) => "LimitReached",
+        OpenError::PermissionDenied(_) => "PermissionDenied",
+        OpenError::Request(r) => match r {
+            RequestError::BrokerUnavailable { .. } => "BrokerUnavailable",
+            RequestError::Protocol(_) => "ProtocolError",
+        },
+        OpenError::Map(_) => "TensorbusError",
+    };
+    tb_err(name, e.to_string())
+}
+
+pub(crate) fn loan_err(e: LoanError) -> PyErr {
+    let name = match &e {
+        LoanError::PoolExhausted { .. } => "PoolExhausted",
+        LoanError::TooLarge { .. } => "TooLarge",
+        LoanError::Shape(_) => "ShapeError",
+        LoanError::Timeout { .. } => "Timeout",
+    };
+    tb_err(name, e.to_string())
+}
+
+pub(crate) fn recv_err(e: RecvError) -> PyErr {
+    let name = match &e {
+        RecvError::Timeout(_) => "Timeout",
+        RecvError::Corrupted(_) => "Corrupted",
+        RecvError::NotExclusive(_) => "TensorbusError",
+    };
+    tb_err(name, e.to_string())
+}
+
+fn closed(what: &str) -> PyErr {
+    tb_err("Closed", format!("this {what} is closed"))
+}
+
+/// Parses a shape: an int or a sequence of ints.
+fn parse_shape(obj: &Bound<'_, PyAny>) -> PyResult<Vec<usize>> {
+    if let Ok(n) = obj.extract::<usize>() {
+        return Ok(vec![n]);
+    }
+    obj.extract::<Vec<usize>>().map_err(|_| {
+        tb_err(
+            "ShapeError",
+            format!("shape must be a tuple of non-negative ints, not {obj}"),
+        )
+    })
+}
+
+/// A channel spec for run-time creation.
+fn create_spec(
+    pools: Option<Vec<String>>,
+    mode: Option<&str>,
+    depth: Option<u32>,
+    policy: Option<&str>,
+) -> PyResult<ChannelSpec> {
+    Ok(ChannelSpec {
+        name: String::new(),
+        pools: pools.unwrap_or_default(),
+        mode: mode.map(parse_mode).transpose()?.unwrap_or_default(),
+        depth,
+        policy: policy.map(parse_policy).transpose()?,
+    })
+}
+
+// ------------------------------------------------------------- children ---
+
+/// Something a client closes when it is closed.
+trait Closable: Send + Sync {
+    fn close(&self);
+}
+
+/// The Python handle's reference to its core (`None` once closed).
+pub(crate) struct Slot<T>(Mutex<Option<Arc<T>>>);
+
+impl<T: Send + Sync> Closable for Slot<T> {
+    fn close(&self) {
+        let core = lock(&self.0).take();
+        drop(core); // outside the lock: may close the handle at the broker
+    }
+}
+
+impl<T> Slot<T> {
+    fn new(core: T) -> Arc<Slot<T>> {
+        Arc::new(Slot(Mutex::new(Some(Arc::new(core)))))
+    }
+    fn get(&self) -> Option<Arc<T>> {
+        lock(&self.0).clone()
+    }
+}
+
+// ---------------------------------------------------------------- broker ---
+
+/// A broker running on a thread of this process: handy for tests, demos
+/// and single-process pipelines. Other processes connect to its socket as to
+/// any broker. `config` is the TOML text of a broker config (see
+/// `examples/tensorbus.toml`; default: the built-in pools); `socket` its
+/// socket path (default: `tensorbus.socket_path()`).
+///
+/// ```python
+/// with tb.Broker(config_toml, "/tmp/tb/broker.sock") as broker:
+///     client = tb.Client(broker.socket)
+/// ```
+#[pyclass(frozen, module = "tensorbus", name = "Broker")]
+pub struct PyBroker {
+    inner: Mutex<Option<EmbeddedBroker>>,
+    socket: PathBuf,
+}
+
+#[pymethods]
+impl PyBroker {
+    #[new]
+    #[pyo3(signature = (config = None, socket = None, *, config_file = None))]
+    fn new(
+        py: Python<'_>,
+        config: Option<&str>,
+        socket: Option<PathBuf>,
+        config_file: Option<PathBuf>,
+    ) -> PyResult<Self> {
+        let cfg = match (config, config_file) {
+            (Some(_), Some(_)) => {
+                return Err(PyValueError::new_err(
+                    "give either config (TOML text) or config_file, not both",
+                ))
+            }
+            (Some(text), None) => Config::from_toml(text),
+            (None, Some(path)) => Config::from_file(&path),
+            (None, None) => Ok(Config::default()),
+        }
+        .map_err(|e| tb_err("InvalidArgument", e.to_string()))?;
+        let socket = socket
+            .or_else(|| cfg.broker.socket.clone())
+            .unwrap_or_else(|| tensorbus::socket_path(None));
+        let started = py.detach(|| EmbeddedBroker::start(&cfg, &socket));
+        let broker = started.map_err(|e| tb_err("TensorbusError", e.to_string()))?;
+        Ok(PyBroker {
+            inner: Mutex::new(Some(broker)),
+            socket,
+        })
+    }
+
+    /// The socket path clients connect to.
+    #[getter]
+    fn socket(&self) -> PathBuf {
+        self.socket.clone()
+    }
+
+    /// Whether the broker is still running.
+    #[getter]
+    fn running(&self) -> bool {
+        lock(&self.inner).is_some()
+    }
+
+    /// Stops the broker and removes its socket. Clients keep exchanging
+    /// tensors on the pools they have mapped; new connections fail.
+    fn close(&self, py: Python<'_>) {
+        let b = lock(&self.inner).take();
+        py.detach(move || drop(b));
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, PyTuple>) -> bool {
+        self.close(py);
+        false
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "tensorbus.Broker(socket={:?}, running={})",
+            self.socket,
+            self.running()
+        )
+    }
+}
+
+// ---------------------------------------------------------------- client ---
+
+/// A connection to a tensorbus broker.
+///
+/// `socket`: the broker's socket path (default: `$TENSORBUS_SOCKET`, then
+/// `$XDG_RUNTIME_DIR/tensorbus/broker.sock`, then
+/// `/tmp/tensorbus-$UID/broker.sock`); `name`: shown by `tensorbus stat`.
+/// Raises `BrokerUnavailable` when no broker listens there.
+///
+/// `close()` (or the end of a `with` block) closes every producer, consumer
+/// and stage opened from it; tensors still alive keep their slot (and the
+/// shared memory) until they are released.
+#[pyclass(frozen, module = "tensorbus", name = "Client")]
+pub struct PyClient {
+    state: Mutex<ClientState>,
+    id: u32,
+    socket: PathBuf,
+}
+
+struct ClientState {
+    client: Option<Client>,
+    children: Vec<Weak<dyn Closable>>,
+}
+
+/// Wraps a `tensorbus::Client`, which is `Send + Sync` in substance (an
+/// `Arc` of a mutex-guarded connection and shared-memory mappings).
+struct ClientBox(Client);
+// SAFETY: `Client` is a clone of an `Arc<Inner>` whose mutable state is
+// behind mutexes; the raw pointers in it refer to mappings that live as long
+// as the `Inner`, valid from every thread.
+unsafe impl Send for ClientBox {}
+
+impl PyClient {
+    fn client(&self) -> PyResult<Client> {
+        lock(&self.state)
+            .client
+            .clone()
+            .ok_or_else(|| closed("client"))
+    }
+
+    fn adopt(&self, child: Weak<dyn Closable>) {
+        let mut st = lock(&self.state);
+        st.children.retain(|w| w.strong_count() > 0);
+        st.children.push(child);
+    }
+}
+
+#[pymethods]
+impl PyClient {
+    #[new]
+    #[pyo3(signature = (socket = None, name = None))]
+    fn new(py: Python<'_>, socket: Option<PathBuf>, name: Option<String>) -> PyResult<Self> {
+        let name = match name {
+            Some(n) => n,
+            None => default_name(py),
+        };
+        let connected = py.detach(|| {
+            Client::connect_to(socket.as_deref(), &name).map(|c| AssertSend(ClientBox(c)))
+        });
+        let client = connected.map_err(connect_err)?.0 .0;
+        Ok(PyClient {
+            id: client.id(),
+            socket: client.socket_path().to_path_buf(),
+            state: Mutex::new(ClientState {
+                client: Some(client),
+                children: Vec::new(),
+            }),
+        })
+    }
+
+    /// This client's id at the broker (the `producer` of every tensor it publishes).
+    #[getter]
+    fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// The broker's socket path.
+    #[getter]
+    fn socket(&self) -> PathBuf {
+        self.socket.clone()
+    }
+
+    /// Whether `close()` was called.
+    #[getter]
+    fn closed(&self) -> bool {
+        lock(&self.state).client.is_none()
+    }
+
+    /// Opens a producer on `channel`. With `create=True` the channel is
+    /// created at run time if it does not exist, using `pools` (names;
+    /// default: every pool) and `mode` (`"broadcast"` or `"workqueue"`).
+    #[pyo3(signature = (channel, *, pools = None, mode = None, create = false))]
+    fn producer(
+        &self,
+        py: Python<'_>,
+        channel: &str,
+        pools: Option<Vec<String>>,
+        mode: Option<&str>,
+        create: bool,
+    ) -> PyResult<PyProducer> {
+        let client = self.client()?;
+        let mut opts = ProducerOptions::default();
+        if create {
+            opts = opts.create_with(create_spec(pools, mode, None, None)?);
+        } else if pools.is_some() || mode.is_some() {
+            return Err(PyValueError::new_err(
+                "pools and mode only apply with create=True",
+            ));
+        }
+        let c = AssertSend(client);
+        let opened = py.detach(move || {
+            let c = c;
+            c.0.producer_with(channel, opts).map(AssertSend)
+        });
+        let producer = opened.map_err(open_err)?.0;
+        let channel = producer.channel().to_owned();
+        let slot = Slot::new(ProducerCore {
+            p: UnsafeCell::new(producer),
+            busy: AtomicBool::new(false),
+        });
+        self.adopt(Arc::downgrade(&slot) as Weak<dyn Closable>);
+        Ok(PyProducer { slot, channel })
+    }
+
+    /// Subscribes to `channel`. `policy`: `"block"`, `"drop_oldest"`,
+    /// `"drop_newest"` or `"latest"` (default: the channel's); `depth`: ring
+    /// depth (default: the channel's); `wait`: `"spin"` (spin 50 µs, then
+    /// sleep; default), `"busy"` (never sleep) or `"park"` (sleep at once).
+    /// With `create=True` the channel is created if missing (`pools`, `mode`).
+    #[pyo3(signature = (channel, *, policy = None, depth = None, wait = None, create = false, pools = None, mode = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn consumer(
+        &self,
+        py: Python<'_>,
+        channel: &str,
+        policy: Option<&str>,
+        depth: Option<u32>,
+        wait: Option<&str>,
+        create: bool,
+        pools: Option<Vec<String>>,
+        mode: Option<&str>,
+    ) -> PyResult<PyConsumer> {
+        let client = self.client()?;
+        let mut opts = ConsumerOptions::default();
+        if let Some(p) = policy {
+            opts = opts.policy(parse_policy(p)?);
+        }
+        if let Some(d) = depth {
+            opts = opts.depth(d);
+        }
+        if let Some(w) = wait {
+            opts = opts.wait(parse_wait(w)?);
+        }
+        if create {
+            opts = opts.create_with(create_spec(pools, mode, None, None)?);
+        } else if pools.is_some() || mode.is_some() {
+            return Err(PyValueError::new_err(
+                "pools and mode only apply with create=True",
+            ));
+        }
+        let c = AssertSend(client);
+        let opened = py.detach(move || {
+            let c = c;
+            c.0.consumer_with(channel, opts).map(AssertSend)
+        });
+        let consumer = opened.map_err(open_err)?.0;
+        let info = (
+            consumer.channel().to_owned(),
+            policy_name(consumer.policy()),
+            consumer.depth(),
+        );
+        let slot = Slot::new(ConsumerCore {
+            c: consumer,
+            lock: Mutex::new(()),
+        });
+        self.adopt(Arc::downgrade(&slot) as Weak<dyn Closable>);
+        Ok(PyConsumer {
+            slot,
+            channel: info.0,
+            policy: info.1,
+            depth: info.2,
+        })
+    }
+
+    /// Opens a stage: an exclusive, writable subscription to the work-queue
+    /// channel `input` (lossless) plus a producer on `output`. `recv_mut()`
+    /// gives a writable tensor; `t.forward()` publishes the same slot on `output`.
+    #[pyo3(signature = (input, output, *, depth = None))]
+    fn stage(
+        &self,
+        py: Python<'_>,
+        input: &str,
+        output: &str,
+        depth: Option<u32>,
+    ) -> PyResult<PyStage> {
+        let client = self.client()?;
+        let mut opts = ConsumerOptions::default().policy(tensorbus::Policy::Block);
+        if let Some(d) = depth {
+            opts = opts.depth(d);
+        }
+        let c = AssertSend(client);
+        let opened = py.detach(move || {
+            let c = c;
+            c.0.stage_with(input, output, opts).map(AssertSend)
+        });
+        let stage = opened.map_err(open_err)?.0;
+        let slot = Slot::new(StageCore {
+            s: UnsafeCell::new(stage),
+            busy: AtomicBool::new(false),
+            output: output.to_owned(),
+        });
+        self.adopt(Arc::downgrade(&slot) as Weak<dyn Closable>);
+        Ok(PyStage {
+            slot,
+            input: input.to_owned(),
+            output: output.to_owned(),
+        })
+    }
+
+    /// A statistics snapshot from the broker, as a dict (the JSON of
+    /// `tensorbus stat --json`): pools (slots_free, loaned, in_flight),
+    /// channels (subscribers with delivered/dropped/queued) and clients.
+    fn stat<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let client = AssertSend(self.client()?);
+        let report = py.detach(move || {
+            let c = client;
+            c.0.stat().map(AssertSend)
+        });
+        let report = report.map_err(request_err)?.0;
+        let text =
+            serde_json::to_string(&report).map_err(|e| tb_err("ProtocolError", e.to_string()))?;
+        py.import("json")?.call_method1("loads", (text,))
+    }
+
+    /// Closes the client and every producer, consumer and stage opened
+    /// from it. Tensors still alive keep working until they are released;
+    /// the connection to the broker closes with the last of them.
+    fn close(&self) {
+        let (client, children) = {
+            let mut st = lock(&self.state);
+            (st.client.take(), std::mem::take(&mut st.children))
+        };
+        for child in children {
+            if let Some(c) = child.upgrade() {
+                c.close();
+            }
+        }
+        drop(client);
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&self, _args: &Bound<'_, PyTuple>) -> bool {
+        self.close();
+        false
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "tensorbus.Client(id={}, socket={:?}{})",
+            self.id,
+            self.socket,
+            if self.closed() { ", closed" } else { "" }
+        )
+    }
+}
+
+fn default_name(py: Python<'_>) -> String {
+    py.import("sys")
+        .and_then(|s| s.getattr("argv"))
+        .and_then(|a| a.get_item(0))
+        .and_then(|a| a.extract::<String>())
+        .ok()
+        .and_then(|a| {
+            std::path::Path::new(&a)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+        })
+        .filter(|n| !n.is_empty() && n != "-c")
+        .unwrap_or_else(|| "python".into())
+}
+
+fn parse_wait(s: &str) -> PyResult<WaitStrategy> {
+    match s {
+        "spin" => Ok(WaitStrategy::default()),
+        "busy" => Ok(WaitStrategy::BusyPoll),
+        "park" => Ok(WaitStrategy::Park),
+        other => Err(tb_err(
+            "InvalidArgument",
+            format!("unknown wait strategy {other:?}; use \"spin\", \"busy\" or \"park\""),
+        )),
+    }
+}
+
+fn policy_name(p: tensorbus::Policy) -> &'static str {
+    match p {
+        tensorbus::Policy::Block => "block",
+        tensorbus::Policy::DropOldest => "drop_oldest",
+        tensorbus::Policy::DropNewest => "drop_newest",
+        tensorbus::Policy::Latest => "latest",
+    }
+}
+
+// -------------------------------------------------------------- producer ---
+
+/// A producer handle. `loan()` takes `&mut Producer` for as long as the
+/// loan lives, so a producer has one loan at a time (`busy`).
+pub(crate) struct ProducerCore {
+    p: UnsafeCell<Producer>,
+    busy: AtomicBool,
+}
+
+// SAFETY: the `Producer` is only reached through `&mut` by the thread that
+// set `busy` (in `loan`), and its loan (which holds that `&mut`) clears
+// `busy` only after it is gone; the raw pointers inside point to mappings
+// valid from every thread.
+unsafe impl Send for ProducerCore {}
+// SAFETY: as above.
+unsafe impl Sync for ProducerCore {}
+
+impl ProducerCore {
+    /// Ends a loan: called after its `TensorMut` is dropped or published.
+    pub(crate) fn idle(&self) {
+        self.busy.store(false, Ordering::Release);
+    }
+}
+
+/// The writing end of a channel: `loan()` a slot, write it through
+/// `numpy.asarray(t)`, then `t.publish()`.
+#[pyclass(frozen, module = "tensorbus", name = "Producer")]
+pub struct PyProducer {
+    slot: Arc<Slot<ProducerCore>>,
+    channel: String,
+}
+
+#[pymethods]
+impl PyProducer {
+    /// The channel's name.
+    #[getter]
+    fn channel(&self) -> &str {
+        &self.channel
+    }
+
+    /// Whether `close()` was called.
+    #[getter]
+    fn closed(&self) -> bool {
+        self.slot.get().is_none()
+    }
+
+    /// Loans a slot for a C-contiguous tensor of `shape` and `dtype` and
+    /// returns a writable `Tensor`. Raises `PoolExhausted` at once when
+    /// every fitting slot is held, unless `timeout` (seconds) allows waiting
+    /// (then `Timeout`). One loan per producer at a time (`Busy`).
+    #[pyo3(signature = (shape, dtype = None, *, timeout = None))]
+    fn loan(
+        &self,
+        py: Python<'_>,
+        shape: &Bound<'_, PyAny>,
+        dtype: Option<&Bound<'_, PyAny>>,
+        timeout: Option<f64>,
+    ) -> PyResult<Py<PyTensor>> {
+        let core = self.slot.get().ok_or_else(|| closed("producer"))?;
+        let shape = parse_shape(shape)?;
+        let dtype = match dtype {
+            Some(d) => parse_dtype(d)?,
+            None => tensorbus::DType::U8,
+        };
+        let timeout = timeout_of(timeout)?;
+        if core.busy.swap(true, Ordering::AcqRel) {
+            return Err(tb_err(
+                "Busy",
+                "this producer already has a loan (one at a time): publish or release it first; a loan whose numpy arrays are still alive after its with block is released when they are deleted",
+            ));
+        }
+        // SAFETY: `busy` was false and is now ours: no other `&mut` to the
+        // producer exists until the loan made here ends (then `idle()`).
+        // The producer is kept alive by the tensor's `Arc` of the core.
+        let p: &'static mut Producer = unsafe { &mut *core.p.get() };
+        let result = loan_with(py, p, &shape, dtype, timeout);
+        match result {
+            Ok(t) => PyTensor::new_py(py, View::Loan(t), Owner::Producer(core)),
+            Err(e) => {
+                core.idle();
+                Err(e)
+            }
+        }
+    }
+
+    /// Closes the producer. A loan still alive keeps it open until the
+    /// loan is published or released.
+    fn close(&self) {
+        self.slot.close();
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&self, _args: &Bound<'_, PyTuple>) -> bool {
+        self.close();
+        false
+    }
+
+    fn __repr__(&self) -> String {
+        format!("tensorbus.Producer(channel={:?})", self.channel)
+    }
+}
+
+fn loan_with(
+    py: Python<'_>,
+    p: &'static mut Producer,
+    shape: &[usize],
+    dtype: tensorbus::DType,
+    timeout: Option<Duration>,
+) -> PyResult<TensorMut<'static>> {
+    let Some(timeout) = timeout else {
+        return p.loan(shape, dtype).map_err(loan_err);
+    };
+    let deadline = Instant::now() + timeout;
+    let raw = p as *mut Producer;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let slice = left.min(WAIT_SLICE);
+        let p = AssertSend(raw);
+        let r = py.detach(move || {
+            let p = p;
+            // SAFETY: the caller holds the producer's `busy` flag: this is
+            // the only reference to it; it lives as long as the caller's core.
+            let prod: &'static mut Producer = unsafe { &mut *p.0 };
+            AssertSend(prod.loan_timeout(shape, dtype, slice))
+        });
+        match r.0 {
+            Err(LoanError::Timeout { .. }) if !left.is_zero() && left > slice => {
+                py.check_signals()?;
+            }
+            Err(LoanError::Timeout { channel, .. }) => {
+                return Err(loan_err(LoanError::Timeout { channel, timeout }))
+            }
+            other => return other.map_err(loan_err),
+        }
+    }
+}
+
+// -------------------------------------------------------------- consumer ---
+
+/// A subscription. `Consumer` is `!Sync` (a `Cell` cursor): receives are
+/// serialized by `lock`; releases only touch atomics in shared memory.
+pub(crate) struct ConsumerCore {
+    c: Consumer,
+    lock: Mutex<()>,
+}
+
+// SAFETY: the only non-thread-safe state of `Consumer` is its ring cursor
+// (`Cell`), touched by receives alone, which `lock` serializes. Releasing a
+// tensor reads immutable fields and clears a bit atomically.
+unsafe impl Send for ConsumerCore {}
+// SAFETY: as above.
+unsafe impl Sync for ConsumerCore {}
+
+/// Receives one tensor; `None`: nothing arrived within `wait` (`ZERO` polls).
+fn take(core: &ConsumerCore, wait: Duration) -> Result<Option<Tensor<'static>>, RecvError> {
+    let _g = lock(&core.lock);
+    // SAFETY: the tensor's borrow of the consumer is erased to 'static; the
+    // tensor is stored with an `Arc` of this core, dropped after it.
+    let c: &'static Consumer = unsafe { &*(&core.c as *const Consumer) };
+    if wait.is_zero() {
+        return match c.try_recv() {
+            Ok(t) => Ok(Some(t)),
+            Err(TryRecvError::Empty) => Ok(None),
+            Err(TryRecvError::Corrupted(x)) => Err(RecvError::Corrupted(x)),
+        };
+    }
+    match c.recv_timeout(wait) {
+        Ok(t) => Ok(Some(t)),
+        Err(RecvError::Timeout(_)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The reading end of a channel: `recv()` returns read-only tensors;
+/// iterating yields tensors until the consumer is closed.
+#[pyclass(frozen, module = "tensorbus", name = "Consumer")]
+pub struct PyConsumer {
+    slot: Arc<Slot<ConsumerCore>>,
+    channel: String,
+    policy: &'static str,
+    depth: u32,
+}
+
+impl PyConsumer {
+    /// Waits up to `timeout` (None: forever), in slices, checking signals
+    /// (Ctrl-C) and `close()` between them. `Ok(None)`: timed out or closed.
+    fn wait(&self, py: Python<'_>, timeout: Option<Duration>) -> PyResult<Option<Py<PyTensor>>> {
+        let start = Instant::now();
+        loop {
+            let core = self.slot.get().ok_or_else(|| closed("consumer"))?;
+            let left = timeout.map(|t| t.saturating_sub(start.elapsed()));
+            let slice = left.map_or(WAIT_SLICE, |l| l.min(WAIT_SLICE));
+            let got = if slice.is_zero() {
+                take(&core, Duration::ZERO).map(AssertSend)
+            } else {
+                let c = AssertSend(&*core);
+                py.detach(move || {
+                    let c = c;
+                    take(c.0, slice).map(AssertSend)
+                })
+            };
+            match got.map_err(recv_err)?.0 {
+                Some(t) => {
+                    return PyTensor::new_py(py, View::Recv(t), Owner::Consumer(core)).map(Some)
+                }
+                None if left.is_some_and(|l| l <= slice) => return Ok(None),
+                None => py.check_signals()?,
+            }
+        }
+    }
+}
+
+#[pymethods]
+impl PyConsumer {
+    /// The channel's name.
+    #[getter]
+    fn channel(&self) -> &str {
+        &self.channel
+    }
+
+    /// The backpressure policy in effect.
+    #[getter]
+    fn policy(&self) -> &'static str {
+        self.policy
+    }
+
+    /// The ring depth in effect.
+    #[getter]
+    fn depth(&self) -> u32 {
+        self.depth
+    }
+
+    /// Whether `close()` was called.
+    #[getter]
+    fn closed(&self) -> bool {
+        self.slot.get().is_none()
+    }
+
+    /// Waits for the next tensor (at most `timeout` seconds; None: forever)
+    /// and returns a read-only `Tensor`. Raises `Timeout`. The GIL is
+    /// released while waiting and Ctrl-C interrupts the wait.
+    #[pyo3(signature = (timeout = None))]
+    fn recv(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Py<PyTensor>> {
+        let t = timeout_of(timeout)?;
+        match self.wait(py, t)? {
+            Some(x) => Ok(x),
+            None => Err(tb_err(
+                "Timeout",
+                format!(
+                    "no tensor arrived on {:?} within {:?}",
+                    self.channel,
+                    t.unwrap_or_default()
+                ),
+            )),
+        }
+    }
+
+    /// The next tensor if one is queued, else None (never waits).
+    fn try_recv(&self, py: Python<'_>) -> PyResult<Option<Py<PyTensor>>> {
+        self.wait(py, Some(Duration::ZERO))
+    }
+
+    fn __iter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    fn __next__(&self, py: Python<'_>) -> PyResult<Option<Py<PyTensor>>> {
+        if self.closed() {
+            return Ok(None);
+        }
+        match self.wait(py, None) {
+            Err(_) if self.closed() => Ok(None),
+            other => other,
+        }
+    }
+
+    /// Unsubscribes. Tensors still alive keep their slots until released.
+    fn close(&self) {
+        self.slot.close();
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&self, _args: &Bound<'_, PyTuple>) -> bool {
+        self.close();
+        false
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "tensorbus.Consumer(channel={:?}, policy={:?}, depth={})",
+            self.channel, self.policy, self.depth
+        )
+    }
+}
+
+// ----------------------------------------------------------------- stage ---
+
+/// A stage handle: `recv_mut` takes `&mut Stage` for as long as the staged
+/// tensor lives, so a stage holds one tensor at a time (`busy`).
+pub(crate) struct StageCore {
+    s: UnsafeCell<Stage>,
+    busy: AtomicBool,
+    output: String,
+}
+
+// SAFETY: as for `ProducerCore`: `&mut Stage` is only formed by the holder
+// of `busy`, which is cleared after the staged tensor is gone.
+unsafe impl Send for StageCore {}
+// SAFETY: as above.
+unsafe impl Sync for StageCore {}
+
+impl StageCore {
+    /// Ends a staged tensor: called after it is dropped or forwarded.
+    pub(crate) fn idle(&self) {
+        self.busy.store(false, Ordering::Release);
+    }
+
+    /// The output channel's name.
+    pub(crate) fn output_name(&self) -> String {
+        self.output.clone()
+    }
+}
+
+/// A work-queue stage: `recv_mut()` takes a tensor exclusively and
+/// writable; `t.forward()` publishes the very same slot downstream.
+#[pyclass(frozen, module = "tensorbus", name = "Stage")]
+pub struct PyStage {
+    slot: Arc<Slot<StageCore>>,
+    input: String,
+    output: String,
+}
+
+#[pymethods]
+impl PyStage {
+    /// The input (work-queue) channel.
+    #[getter]
+    fn input(&self) -> &str {
+        &self.input
+    }
+
+    /// The output channel `forward()` publishes on.
+    #[getter]
+    fn output(&self) -> &str {
+        &self.output
+    }
+
+    /// Whether `close()` was called.
+    #[getter]
+    fn closed(&self) -> bool {
+        self.slot.get().is_none()
+    }
+
+    /// Waits for the next input tensor (at most `timeout` seconds) and
+    /// takes it exclusively: a writable `Tensor` to change in place and
+    /// `forward()`. Raises `Timeout`; one tensor per stage at a time (`Busy`).
+    #[pyo3(signature = (timeout = None))]
+    fn recv_mut(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Py<PyTensor>> {
+        let timeout = timeout_of(timeout)?;
+        let core = self.slot.get().ok_or_else(|| closed("stage"))?;
+        if core.busy.swap(true, Ordering::AcqRel) {
+            return Err(tb_err(
+                "Busy",
+                "this stage already holds a tensor (one at a time): forward or release it first",
+            ));
+        }
+        match self.recv_mut_with(py, &core, timeout) {
+            Ok(t) => PyTensor::new_py(py, View::Staged(t), Owner::Stage(core)),
+            Err(e) => {
+                core.idle();
+                Err(e)
+            }
+        }
+    }
+
+    /// Closes the stage. A staged tensor still alive keeps it open.
+    fn close(&self) {
+        self.slot.close();
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&self, _args: &Bound<'_, PyTuple>) -> bool {
+        self.close();
+        false
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "tensorbus.Stage(input={:?}, output={:?})",
+            self.input, self.output
+        )
+    }
+}
+
+impl PyStage {
+    fn recv_mut_with(
+        &self,
+        py: Python<'_>,
+        core: &Arc<StageCore>,
+        timeout: Option<Duration>,
+    ) -> PyResult<StagedTensor<'static>> {
+        let start = Instant::now();
+        loop {
+            let left = timeout.map(|t| t.saturating_sub(start.elapsed()));
+            let slice = left.map_or(WAIT_SLICE, |l| l.min(WAIT_SLICE));
+            let s = AssertSend(core.s.get());
+            let r = py.detach(move || {
+                let s = s;
+                // SAFETY: the caller holds `busy`: this is the only reference
+                // to the stage, which the caller's `Arc` keeps alive; the
+                // staged tensor is stored with that `Arc` and dropped first.
+                let stage: &'static mut Stage = unsafe { &mut *s.0 };
+                AssertSend(if slice.is_zero() {
+                    stage.try_recv_mut().map_err(|e| match e {
+                        TryRecvError::Empty => RecvError::Timeout(Duration::ZERO),
+                        TryRecvError::Corrupted(c) => RecvError::Corrupted(c),
+                    })
+                } else {
+                    stage.recv_mut_timeout(slice)
+                })
+            });
+            match r.0 {
+                Ok(t) => return Ok(t),
+                Err(RecvError::Timeout(_)) if left.is_none_or(|l| l > slice) => {
+                    py.check_signals()?;
+                    if self.slot.get().is_none() {
+                        return Err(closed("stage"));
+                    }
+                }
+                Err(RecvError::Timeout(_)) => {
+                    return Err(tb_err(
+                        "Timeout",
+                        format!(
+                            "no tensor arrived on {:?} within {:?}",
+                            self.input,
+                            timeout.unwrap_or_default()
+                        ),
+                    ))
+                }
+                Err(e) => return Err(recv_err(e)),
+            }
+        }
+    }
+}

@@ -1,0 +1,897 @@
+//! `Tensor`: a loaned, received or staged slot, its numpy and DLPack
+//! exports, and the export counting that keeps the slot alive under them.
+
+use crate::handles::{lock, ConsumerCore, ProducerCore, StageCore};
+use crate::{dtype_name, tb_err};
+use pyo3::exceptions::{PyBufferError, PyValueError};
+use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyTuple};
+use std::ffi::{c_void, CStr};
+use std::sync::{Arc, Mutex};
+use tensorbus::{DType, StagedTensor, Tensor, TensorMeta, TensorMut};
+
+/// A Rust view with its borrow of the owning handle erased (see
+/// [`Owner`]): dropping it gives the slot back.
+pub(crate) enum View {
+    Loan(TensorMut<'static>),
+    Recv(Tensor<'static>),
+    Staged(StagedTensor<'static>),
+}
+
+/// The handle a view borrows, kept alive by this `Arc` until the view is gone.
+pub(crate) enum Owner {
+    Producer(Arc<ProducerCore>),
+    /// Only held: releases go through the view.
+    #[allow(dead_code)]
+    Consumer(Arc<ConsumerCore>),
+    Stage(Arc<StageCore>),
+}
+
+/// What a tensor is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Loan,
+    Received,
+    Staged,
+}
+
+/// Drops a view and then tells its handle that it may lend again.
+fn end_view(view: View, owner: &Owner) {
+    drop(view);
+    match owner {
+        Owner::Producer(p) => p.idle(),
+        Owner::Stage(s) => s.idle(),
+        Owner::Consumer(_) => {}
+    }
+}
+
+/// The mutable part of a tensor.
+///
+/// Field order matters: `view` is declared (and so dropped) before `owner`.
+struct State {
+    /// The slot, until released, published or forwarded.
+    view: Option<View>,
+    /// The handle (and through it the shared-memory mapping), until the view
+    /// is gone and no export is alive.
+    owner: Option<Owner>,
+    /// Live numpy arrays and DLPack capsules made from this tensor.
+    exports: usize,
+    /// Release when the last export ends (a `with` block ended under exports).
+    release_pending: bool,
+    /// Why the view is gone: "released", "published", "forwarded".
+    gone: &'static str,
+    meta: TensorMeta,
+}
+
+impl Drop for State {
+    fn drop(&mut self) {
+        if let (Some(v), Some(o)) = (self.view.take(), self.owner.as_ref()) {
+            end_view(v, o);
+        }
+    }
+}
+
+/// A tensor in shared memory: a loan (writable, then `publish()`), a
+/// received tensor (read-only) or a staged one (writable, then `forward()`).
+///
+/// `numpy.asarray(t)` and `numpy.from_dlpack(t)` are views of the slot's
+/// bytes (no copy); while one is alive the slot stays held: `release()`
+/// raises `BufferError`, and the end of a `with` block releases the slot
+/// only when the last array or DLPack tensor made from it is gone.
+/// float16 is numpy's float16; bfloat16 is shown to numpy as raw uint16.
+#[pyclass(frozen, module = "tensorbus", name = "Tensor")]
+pub struct PyTensor {
+    state: Mutex<State>,
+    kind: Kind,
+    ptr: usize,
+}
+
+// SAFETY: the views in `state` are only touched under its mutex; their raw
+// pointers refer to shared-memory mappings kept alive by `owner`, valid from
+// every thread, and the handle cores they borrow are `Send + Sync`.
+unsafe impl Send for PyTensor {}
+// SAFETY: as above.
+unsafe impl Sync for PyTensor {}
+
+impl PyTensor {
+    pub(crate) fn new_py(py: Python<'_>, view: View, owner: Owner) -> PyResult<Py<PyTensor>> {
+        let (kind, ptr, meta) = match &view {
+            View::Loan(t) => (Kind::Loan, t.as_ptr() as usize, *t.meta()),
+            View::Recv(t) => (Kind::Received, t.as_ptr() as usize, *t.meta()),
+            View::Staged(t) => (Kind::Staged, t.as_ptr() as usize, *t.meta()),
+        };
+        Py::new(
+            py,
+            PyTensor {
+                state: Mutex::new(State {
+                    view: Some(view),
+                    owner: Some(owner),
+                    exports: 0,
+                    release_pending: false,
+                    gone: "released",
+                    meta,
+                }),
+                kind,
+                ptr,
+            },
+        )
+    }
+
+    fn meta(&self) -> TensorMeta {
+        lock(&self.state).meta
+    }
+
+    /// Starts an export; fails when the view is gone.
+    fn begin_export(&self) -> PyResult<TensorMeta> {
+        let mut st = lock(&self.state);
+        if st.view.is_none() {
+            return Err(tb_err(
+                "Released",
+                format!(
+                    "tensor already {}; its bytes belong to someone else now",
+                    st.gone
+                ),
+            ));
+        }
+        st.exports += 1;
+        Ok(st.meta)
+    }
+
+    /// Ends an export: the last one performs a pending release and lets go
+    /// of the handle once the view is gone.
+    pub(crate) fn end_export(&self) {
+        let (view, owner) = {
+            let mut st = lock(&self.state);
+            st.exports = st.exports.saturating_sub(1);
+            if st.exports > 0 {
+                return;
+            }
+            let view = if st.release_pending {
+                st.release_pending = false;
+                st.view.take()
+            } else {
+                None
+            };
+            let owner = if st.view.is_none() {
+                st.owner.take()
+            } else {
+                None
+            };
+            (view, owner)
+        };
+        if let (Some(v), Some(o)) = (view, owner.as_ref()) {
+            end_view(v, o);
+        }
+        drop(owner);
+    }
+
+    /// Releases now (`force`: error under exports) or when the last export ends.
+    fn release_impl(&self, defer: bool) -> PyResult<()> {
+        let (view, owner) = {
+            let mut st = lock(&self.state);
+            if st.view.is_none() {
+                return Ok(());
+            }
+            if st.exports > 0 {
+                if defer {
+                    st.release_pending = true;
+                    return Ok(());
+                }
+                return Err(PyBufferError::new_err(format!(
+                    "cannot release: {} numpy array(s)/DLPack tensor(s) made from this tensor are alive; delete them first (or let the with block end: the slot is then released when the last one goes)",
+                    st.exports
+                )));
+            }
+            st.gone = "released";
+            (st.view.take(), st.owner.take())
+        };
+        if let (Some(v), Some(o)) = (view, owner.as_ref()) {
+            end_view(v, o);
+        }
+        drop(owner);
+        Ok(())
+    }
+
+    fn writable(&self) -> bool {
+        self.kind != Kind::Received
+    }
+
+    /// The `__array_interface__` dict of the slot (`meta` from `begin_export`).
+    fn interface<'py>(&self, py: Python<'py>, meta: &TensorMeta) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        let shape: Vec<u64> = meta.shape().iter().map(|&x| u64::from(x)).collect();
+        d.set_item("version", 3)?;
+        d.set_item("shape", PyTuple::new(py, shape)?)?;
+        d.set_item("typestr", typestr(meta.dtype))?;
+        d.set_item("strides", PyTuple::new(py, meta.strides())?)?;
+        d.set_item("data", (self.ptr, !self.writable()))?;
+        Ok(d)
+    }
+}
+
+/// The numpy type string of a dtype (bfloat16 as raw `uint16`).
+fn typestr(d: DType) -> &'static str {
+    #[cfg(target_endian = "little")]
+    macro_rules! e {
+        ($s:literal) => {
+            concat!("<", $s)
+        };
+    }
+    #[cfg(target_endian = "big")]
+    macro_rules! e {
+        ($s:literal) => {
+            concat!(">", $s)
+        };
+    }
+    match d {
+        DType::Bool => "|b1",
+        DType::U8 => "|u1",
+        DType::I8 => "|i1",
+        DType::U16 | DType::BF16 => e!("u2"),
+        DType::I16 => e!("i2"),
+        DType::U32 => e!("u4"),
+        DType::I32 => e!("i4"),
+        DType::U64 => e!("u8"),
+        DType::I64 => e!("i8"),
+        DType::F16 => e!("f2"),
+        DType::F32 => e!("f4"),
+        DType::F64 => e!("f8"),
+    }
+}
+
+#[pymethods]
+impl PyTensor {
+    /// Extents, a tuple of ints.
+    #[getter]
+    fn shape<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        let m = self.meta();
+        PyTuple::new(py, m.shape().iter().map(|&x| u64::from(x)))
+    }
+
+    /// Byte strides, a tuple of ints.
+    #[getter]
+    fn strides<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        let m = self.meta();
+        PyTuple::new(py, m.strides())
+    }
+
+    /// Number of dimensions.
+    #[getter]
+    fn ndim(&self) -> usize {
+        self.meta().shape().len()
+    }
+
+    /// Element type name: "uint8", "float32", "float16", "bfloat16", ...
+    #[getter]
+    fn dtype(&self) -> &'static str {
+        dtype_name(self.meta().dtype)
+    }
+
+    /// Bytes per element.
+    #[getter]
+    fn itemsize(&self) -> usize {
+        self.meta().dtype.itemsize()
+    }
+
+    /// Payload bytes.
+    #[getter]
+    fn nbytes(&self) -> u64 {
+        self.meta().nbytes
+    }
+
+    /// The producer's sequence number (0, 1, 2, ... per producer; 0 for an
+    /// unpublished loan).
+    #[getter]
+    fn seq(&self) -> u64 {
+        self.meta().seq
+    }
+
+    /// CLOCK_MONOTONIC nanoseconds at publish (0 for an unpublished loan).
+    #[getter]
+    fn timestamp_ns(&self) -> u64 {
+        self.meta().timestamp_ns
+    }
+
+    /// The client id of the publishing process.
+    #[getter]
+    fn producer(&self) -> u32 {
+        self.meta().producer
+    }
+
+    /// The user header (up to 64 bytes of the producer's own metadata).
+    #[getter]
+    fn user_header<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        let m = self.meta();
+        PyBytes::new(py, m.user_header())
+    }
+
+    /// Sets the user header of a loan or staged tensor.
+    #[setter]
+    fn set_user_header(&self, value: &[u8]) -> PyResult<()> {
+        let mut st = lock(&self.state);
+        let gone = st.gone;
+        let r = match st.view.as_mut() {
+            Some(View::Loan(t)) => t.set_user_header(value),
+            Some(View::Staged(t)) => t.set_user_header(value),
+            Some(View::Recv(_)) => {
+                return Err(tb_err(
+                    "ReadOnly",
+                    "a received tensor's user header is read-only",
+                ))
+            }
+            None => return Err(tb_err("Released", format!("tensor already {gone}"))),
+        };
+        r.map_err(|e| tb_err("ShapeError", e.to_string()))?;
+        st.meta
+            .set_user_header(value)
+            .map_err(|e| tb_err("ShapeError", e.to_string()))
+    }
+
+    /// Address of the first payload byte in this process (equal to the
+    /// data pointer of every numpy array or DLPack tensor made from it).
+    #[getter]
+    fn address(&self) -> usize {
+        self.ptr
+    }
+
+    /// Whether the bytes are writable (loans and staged tensors).
+    #[getter(writable)]
+    fn py_writable(&self) -> bool {
+        self.writable()
+    }
+
+    /// "loan", "received" or "staged".
+    #[getter]
+    fn kind(&self) -> &'static str {
+        match self.kind {
+            Kind::Loan => "loan",
+            Kind::Received => "received",
+            Kind::Staged => "staged",
+        }
+    }
+
+    /// Whether the slot was released, published or forwarded.
+    #[getter]
+    fn released(&self) -> bool {
+        lock(&self.state).view.is_none()
+    }
+
+    /// Live numpy arrays and DLPack tensors made from this tensor.
+    #[getter]
+    fn exports(&self) -> usize {
+        lock(&self.state).exports
+    }
+
+    /// (pool index, slot index, generation): equal ids are the same bytes.
+    #[getter]
+    fn slot(&self) -> PyResult<(u8, u32, u32)> {
+        let st = lock(&self.state);
+        let id = match st.view.as_ref() {
+            Some(View::Loan(t)) => t.slot_id(),
+            Some(View::Recv(t)) => t.slot_id(),
+            Some(View::Staged(t)) => t.slot_id(),
+            None => return Err(tb_err("Released", format!("tensor already {}", st.gone))),
+        };
+        Ok((id.pool, id.index, id.generation))
+    }
+
+    /// Publishes a loan to the channel's subscribers (sequence number and
+    /// timestamp are filled in) and returns how many received it. Numpy
+    /// arrays of the loan stay valid memory but must not be written to any
+    /// more: the bytes now belong to the consumers.
+    #[pyo3(signature = (user_header = None))]
+    fn publish(&self, user_header: Option<&[u8]>) -> PyResult<u32> {
+        let (t, core, owner) = {
+            let mut st = lock(&self.state);
+            let gone = st.gone;
+            match st.view.as_mut() {
+                Some(View::Loan(t)) => {
+                    if let Some(h) = user_header {
+                        t.set_user_header(h)
+                            .map_err(|e| tb_err("ShapeError", e.to_string()))?;
+                    }
+                }
+                Some(_) => {
+                    return Err(tb_err(
+                        "InvalidArgument",
+                        "publish() is for loans (use forward() for staged tensors, release() for received ones)",
+                    ))
+                }
+                None => return Err(tb_err("Released", format!("tensor already {gone}"))),
+            }
+            let Some(View::Loan(t)) = st.view.take() else {
+                unreachable!("checked above")
+            };
+            st.meta = *t.meta();
+            st.gone = "published";
+            let core = match &st.owner {
+                Some(Owner::Producer(p)) => p.clone(),
+                _ => unreachable!("loans are owned by producers"),
+            };
+            let owner = if st.exports == 0 {
+                st.owner.take()
+            } else {
+                None
+            };
+            (t, core, owner)
+        };
+        let r = t.publish();
+        core.idle();
+        drop(owner);
+        r.map(|o| o.delivered)
+            .map_err(|e| tb_err("ShapeError", e.to_string()))
+    }
+
+    /// Forwards a staged tensor — the very same slot — on the stage's
+    /// output channel and returns how many received it. `to`, if given,
+    /// must name the stage's output channel.
+    #[pyo3(signature = (to = None))]
+    fn forward(&self, to: Option<&str>) -> PyResult<u32> {
+        let (t, core, owner) = {
+            let mut st = lock(&self.state);
+            let gone = st.gone;
+            match st.view.as_ref() {
+                Some(View::Staged(_)) => {}
+                Some(_) => {
+                    return Err(tb_err(
+                        "InvalidArgument",
+                        "forward() is for tensors from Stage.recv_mut() (use publish() for loans)",
+                    ))
+                }
+                None => return Err(tb_err("Released", format!("tensor already {gone}"))),
+            }
+            let core = match &st.owner {
+                Some(Owner::Stage(s)) => s.clone(),
+                _ => unreachable!("staged tensors are owned by stages"),
+            };
+            if let Some(to) = to {
+                let out = core_output(&core);
+                if to != out {
+                    return Err(tb_err(
+                        "InvalidArgument",
+                        format!("this stage forwards to {out:?}, not {to:?} (a stage has one output channel, chosen at Client.stage())"),
+                    ));
+                }
+            }
+            let Some(View::Staged(t)) = st.view.take() else {
+                unreachable!("checked above")
+            };
+            st.gone = "forwarded";
+            let owner = if st.exports == 0 {
+                st.owner.take()
+            } else {
+                None
+            };
+            (t, core, owner)
+        };
+        let r = t.forward();
+        core.idle();
+        drop(owner);
+        r.map(|o| o.delivered).map_err(|e| match e {
+            tensorbus::PublishError::PoolNotAllowed { .. } => {
+                tb_err("InvalidArgument", e.to_string())
+            }
+            tensorbus::PublishError::Shape(_) => tb_err("ShapeError", e.to_string()),
+        })
+    }
+
+    /// Gives the slot back now (a loan unpublished, a staged tensor
+    /// unforwarded). Raises `BufferError` while numpy arrays or DLPack
+    /// tensors made from it are alive. Releasing twice does nothing.
+    fn release(&self) -> PyResult<()> {
+        self.release_impl(false)
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    /// Ends the `with` block: releases the slot (unpublished loans and
+    /// unforwarded staged tensors are given back), or, while exports are
+    /// alive, when the last of them is gone.
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&self, _args: &Bound<'_, PyTuple>) -> PyResult<bool> {
+        self.release_impl(true)?;
+        Ok(false)
+    }
+
+    /// numpy's conversion hook: `numpy.asarray(t)` is a view of the slot
+    /// (writable for loans and staged tensors, read-only for received ones).
+    #[pyo3(signature = (dtype = None, copy = None))]
+    fn __array__<'py>(
+        slf: &Bound<'py, Self>,
+        dtype: Option<&Bound<'py, PyAny>>,
+        copy: Option<bool>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        let np = py.import("numpy")?;
+        let export = Export::make(slf)?;
+        if copy == Some(true) {
+            let kw = PyDict::new(py);
+            kw.set_item("dtype", dtype)?;
+            return np.getattr("array")?.call((export,), Some(&kw));
+        }
+        let arr = np.call_method1("asarray", (export,))?;
+        match dtype {
+            None => Ok(arr),
+            Some(d) => {
+                let kw = PyDict::new(py);
+                kw.set_item("copy", false)?;
+                let conv = arr.call_method("astype", (d,), Some(&kw))?;
+                if copy == Some(false) && !conv.is(&arr) {
+                    return Err(PyValueError::new_err(
+                        "converting to that dtype needs a copy, but copy=False",
+                    ));
+                }
+                Ok(conv)
+            }
+        }
+    }
+
+    /// A numpy array viewing the slot (same as `numpy.asarray(t)`).
+    fn numpy<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
+        let np = slf.py().import("numpy")?;
+        np.call_method1("asarray", (Export::make(slf)?,))
+    }
+
+    /// DLPack export: with `max_version=(1, x)` a versioned capsule
+    /// (`dltensor_versioned`, read-only flag set for received tensors),
+    /// otherwise a legacy `dltensor` capsule. CPU memory, no copy.
+    #[pyo3(signature = (*, stream = None, max_version = None, dl_device = None, copy = None))]
+    fn __dlpack__<'py>(
+        slf: &Bound<'py, Self>,
+        stream: Option<&Bound<'py, PyAny>>,
+        max_version: Option<(u32, u32)>,
+        dl_device: Option<(i32, i32)>,
+        copy: Option<bool>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        if let Some(s) = stream {
+            if !s.is_none() {
+                let v: Option<i64> = s.extract().ok();
+                if v != Some(-1) {
+                    return Err(PyBufferError::new_err(
+                        "tensorbus tensors are CPU memory: stream must be None",
+                    ));
+                }
+            }
+        }
+        if let Some(dev) = dl_device {
+            if dev != (crate::tensor::DL_CPU, 0) {
+                return Err(PyBufferError::new_err(format!(
+                    "tensorbus tensors are CPU memory (device (1, 0)), not {dev:?}"
+                )));
+            }
+        }
+        if copy == Some(true) {
+            return Err(PyBufferError::new_err(
+                "tensorbus exports views only (copy=True): copy the resulting array instead",
+            ));
+        }
+        let versioned = max_version.is_some_and(|(major, _)| major >= 1);
+        dlpack_capsule(slf, versioned)
+    }
+
+    /// `(1, 0)`: CPU memory.
+    fn __dlpack_device__(&self) -> (i32, i32) {
+        (DL_CPU, 0)
+    }
+
+    fn __repr__(&self) -> String {
+        let st = lock(&self.state);
+        let m = &st.meta;
+        format!(
+            "tensorbus.Tensor({}, shape={:?}, dtype={}, seq={}{})",
+            self.kind(),
+            m.shape(),
+            dtype_name(m.dtype),
+            m.seq,
+            if st.view.is_none() {
+                format!(", {}", st.gone)
+            } else {
+                String::new()
+            }
+        )
+    }
+}
+
+fn core_output(core: &StageCore) -> String {
+    core.output_name()
+}
+
+// ---------------------------------------------------------------- numpy ---
+
+/// One numpy export of a tensor: the array's `base`. It holds the tensor
+/// (and so the slot) until numpy lets go of it.
+#[pyclass(frozen, module = "tensorbus", name = "_Export")]
+pub struct Export {
+    tensor: Py<PyTensor>,
+    iface: Py<PyDict>,
+}
+
+impl Export {
+    fn make<'py>(t: &Bound<'py, PyTensor>) -> PyResult<Bound<'py, Export>> {
+        let py = t.py();
+        let this = t.get();
+        let meta = this.begin_export()?;
+        let iface = match this.interface(py, &meta) {
+            Ok(d) => d.unbind(),
+            Err(e) => {
+                this.end_export();
+                return Err(e);
+            }
+        };
+        Bound::new(
+            py,
+            Export {
+                tensor: t.clone().unbind(),
+                iface,
+            },
+        )
+    }
+}
+
+#[pymethods]
+impl Export {
+    /// numpy's array interface of the slot.
+    #[getter]
+    fn __array_interface__(&self, py: Python<'_>) -> Py<PyDict> {
+        self.iface.clone_ref(py)
+    }
+}
+
+impl Drop for Export {
+    fn drop(&mut self) {
+        self.tensor.get().end_export();
+    }
+}
+
+// --------------------------------------------------------------- DLPack ---
+
+/// `kDLCPU`.
+pub(crate) const DL_CPU: i32 = 1;
+/// `DLPACK_FLAG_BITMASK_READ_ONLY`.
+const DLPACK_FLAG_READ_ONLY: u64 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct DLDevice {
+    device_type: i32,
+    device_id: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct DLDataType {
+    code: u8,
+    bits: u8,
+    lanes: u16,
+}
+
+#[repr(C)]
+struct DLTensor {
+    data: *mut c_void,
+    device: DLDevice,
+    ndim: i32,
+    dtype: DLDataType,
+    shape: *mut i64,
+    strides: *mut i64,
+    byte_offset: u64,
+}
+
+#[repr(C)]
+struct DLManagedTensor {
+    dl_tensor: DLTensor,
+    manager_ctx: *mut c_void,
+    deleter: Option<unsafe extern "C" fn(*mut DLManagedTensor)>,
+}
+
+#[repr(C)]
+struct DLPackVersion {
+    major: u32,
+    minor: u32,
+}
+
+#[repr(C)]
+struct DLManagedTensorVersioned {
+    version: DLPackVersion,
+    manager_ctx: *mut c_void,
+    deleter: Option<unsafe extern "C" fn(*mut DLManagedTensorVersioned)>,
+    flags: u64,
+    dl_tensor: DLTensor,
+}
+
+/// A legacy export: the managed tensor first, then what it points into.
+#[repr(C)]
+struct Legacy {
+    managed: DLManagedTensor,
+    shape: [i64; tensorbus::MAX_DIMS],
+    strides: [i64; tensorbus::MAX_DIMS],
+    tensor: Option<Py<PyTensor>>,
+}
+
+/// A versioned export.
+#[repr(C)]
+struct Versioned {
+    managed: DLManagedTensorVersioned,
+    shape: [i64; tensorbus::MAX_DIMS],
+    strides: [i64; tensorbus::MAX_DIMS],
+    tensor: Option<Py<PyTensor>>,
+}
+
+const NAME_LEGACY: &CStr = c"dltensor";
+const NAME_VERSIONED: &CStr = c"dltensor_versioned";
+
+fn dl_dtype(d: DType) -> DLDataType {
+    let (code, bits) = match d {
+        DType::Bool => (6, 8),
+        DType::U8 => (1, 8),
+        DType::I8 => (0, 8),
+        DType::U16 => (1, 16),
+        DType::I16 => (0, 16),
+        DType::U32 => (1, 32),
+        DType::I32 => (0, 32),
+        DType::U64 => (1, 64),
+        DType::I64 => (0, 64),
+        DType::F16 => (2, 16),
+        DType::BF16 => (4, 16),
+        DType::F32 => (2, 32),
+        DType::F64 => (2, 64),
+    };
+    DLDataType {
+        code,
+        bits,
+        lanes: 1,
+    }
+}
+
+/// Ends the export a DLPack context held (needs the GIL: it may run from a
+/// consumer's thread without it).
+fn end_dlpack_export(tensor: Option<Py<PyTensor>>) {
+    if let Some(t) = tensor {
+        Python::attach(|_py| {
+            t.get().end_export();
+            drop(t);
+        });
+    }
+}
+
+unsafe extern "C" fn delete_legacy(m: *mut DLManagedTensor) {
+    if m.is_null() {
+        return;
+    }
+    // SAFETY: `m` is the first field of a `Legacy` leaked by `dlpack_capsule`
+    // (its `manager_ctx` points to that box), and the DLPack contract calls
+    // the deleter exactly once.
+    let b = unsafe { Box::from_raw((*m).manager_ctx.cast::<Legacy>()) };
+    let mut b = b;
+    end_dlpack_export(b.tensor.take());
+}
+
+unsafe extern "C" fn delete_versioned(m: *mut DLManagedTensorVersioned) {
+    if m.is_null() {
+        return;
+    }
+    // SAFETY: as in `delete_legacy`, for a `Versioned` box.
+    let b = unsafe { Box::from_raw((*m).manager_ctx.cast::<Versioned>()) };
+    let mut b = b;
+    end_dlpack_export(b.tensor.take());
+}
+
+/// Capsule destructor: frees an export nobody consumed (a consumer renames
+/// the capsule to `used_dltensor[_versioned]` and takes over the deleter).
+unsafe extern "C" fn capsule_destructor(cap: *mut ffi::PyObject) {
+    // SAFETY: `cap` is a capsule (CPython calls this on its own capsules);
+    // `PyCapsule_IsValid` checks the name without raising.
+    unsafe {
+        if ffi::PyCapsule_IsValid(cap, NAME_LEGACY.as_ptr()) == 1 {
+            let p = ffi::PyCapsule_GetPointer(cap, NAME_LEGACY.as_ptr()).cast::<DLManagedTensor>();
+            if !p.is_null() {
+                if let Some(d) = (*p).deleter {
+                    d(p);
+                }
+            }
+        } else if ffi::PyCapsule_IsValid(cap, NAME_VERSIONED.as_ptr()) == 1 {
+            let p = ffi::PyCapsule_GetPointer(cap, NAME_VERSIONED.as_ptr())
+                .cast::<DLManagedTensorVersioned>();
+            if !p.is_null() {
+                if let Some(d) = (*p).deleter {
+                    d(p);
+                }
+            }
+        }
+    }
+}
+
+fn dlpack_capsule<'py>(t: &Bound<'py, PyTensor>, versioned: bool) -> PyResult<Bound<'py, PyAny>> {
+    let py = t.py();
+    let this = t.get();
+    let meta = this.begin_export()?;
+    let item = meta.dtype.itemsize() as i64;
+    let mut shape = [0i64; tensorbus::MAX_DIMS];
+    let mut strides = [0i64; tensorbus::MAX_DIMS];
+    for (i, (&s, &st)) in meta.shape().iter().zip(meta.strides()).enumerate() {
+        if st % item != 0 {
+            this.end_export();
+            return Err(PyBufferError::new_err(
+                "strides are not a multiple of the element size; DLPack cannot express this tensor",
+            ));
+        }
+        shape[i] = i64::from(s);
+        strides[i] = st / item;
+    }
+    let dl = DLTensor {
+        data: this.ptr as *mut c_void,
+        device: DLDevice {
+            device_type: DL_CPU,
+            device_id: 0,
+        },
+        ndim: meta.shape().len() as i32,
+        dtype: dl_dtype(meta.dtype),
+        shape: std::ptr::null_mut(),
+        strides: std::ptr::null_mut(),
+        byte_offset: 0,
+    };
+    let owner = Some(t.clone().unbind());
+    let (ptr, name): (*mut c_void, &CStr) = if versioned {
+        let b = Box::into_raw(Box::new(Versioned {
+            managed: DLManagedTensorVersioned {
+                version: DLPackVersion { major: 1, minor: 0 },
+                manager_ctx: std::ptr::null_mut(),
+                deleter: Some(delete_versioned),
+                flags: if this.writable() {
+                    0
+                } else {
+                    DLPACK_FLAG_READ_ONLY
+                },
+                dl_tensor: dl,
+            },
+            shape,
+            strides,
+            tensor: owner,
+        }));
+        // SAFETY: `b` is a fresh, valid box; the pointers we store point
+        // into it, which stays put until the deleter frees it.
+        unsafe {
+            (*b).managed.manager_ctx = b.cast();
+            (*b).managed.dl_tensor.shape = (*b).shape.as_mut_ptr();
+            (*b).managed.dl_tensor.strides = (*b).strides.as_mut_ptr();
+        }
+        (b.cast(), NAME_VERSIONED)
+    } else {
+        let b = Box::into_raw(Box::new(Legacy {
+            managed: DLManagedTensor {
+                dl_tensor: dl,
+                manager_ctx: std::ptr::null_mut(),
+                deleter: Some(delete_legacy),
+            },
+            shape,
+            strides,
+            tensor: owner,
+        }));
+        // SAFETY: as above.
+        unsafe {
+            (*b).managed.manager_ctx = b.cast();
+            (*b).managed.dl_tensor.shape = (*b).shape.as_mut_ptr();
+            (*b).managed.dl_tensor.strides = (*b).strides.as_mut_ptr();
+        }
+        (b.cast(), NAME_LEGACY)
+    };
+    // SAFETY: `ptr` is a valid managed tensor, `name` a static C string, and
+    // the destructor matches the capsule's contents.
+    let cap = unsafe { ffi::PyCapsule_New(ptr, name.as_ptr(), Some(capsule_destructor)) };
+    if cap.is_null() {
+        let err = PyErr::fetch(py);
+        // SAFETY: the capsule was not made, so we still own the box.
+        unsafe {
+            if versioned {
+                delete_versioned(ptr.cast());
+            } else {
+                delete_legacy(ptr.cast());
+            }
+        }
+        return Err(err);
+    }
+    // SAFETY: `cap` is a new, non-NULL reference.
+    Ok(unsafe { Bound::from_owned_ptr(py, cap) })
+}

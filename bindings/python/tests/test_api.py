@@ -1,0 +1,264 @@
+"""In-process API: zero copy, metadata, errors, policies, iteration, stages."""
+
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import tensorbus as tb
+from conftest import free_slots
+
+DTYPES = [
+    ("bool", np.bool_),
+    ("uint8", np.uint8),
+    ("int8", np.int8),
+    ("uint16", np.uint16),
+    ("int16", np.int16),
+    ("uint32", np.uint32),
+    ("int32", np.int32),
+    ("uint64", np.uint64),
+    ("int64", np.int64),
+    ("float16", np.float16),
+    ("bfloat16", np.uint16),  # raw 2-byte type
+    ("float32", np.float32),
+    ("float64", np.float64),
+]
+
+
+def test_dtypes_constant():
+    assert tb.DTYPES == tuple(name for name, _ in DTYPES)
+
+
+def test_zero_copy_loan_and_receive(client):
+    prod = client.producer("bcast")
+    cons = client.consumer("bcast")
+    with prod.loan((480, 64, 2), "uint8") as t:
+        a = np.asarray(t)
+        assert a.flags.writeable and a.flags.c_contiguous
+        assert a.ctypes.data == t.address  # the slot itself, no copy
+        assert a.shape == (480, 64, 2) and a.dtype == np.uint8
+        a[:] = 7
+        a[1, 2, 1] = 42
+        t.publish()
+    with cons.recv(timeout=1.0) as r:
+        x = np.asarray(r)
+        assert x.ctypes.data == r.address
+        assert not x.flags.writeable
+        assert x[1, 2, 1] == 42 and int(x.sum()) == 7 * x.size + 35
+        with pytest.raises(ValueError):
+            x[0, 0, 0] = 1
+        with pytest.raises(ValueError):
+            x.flags.writeable = True
+        del x
+
+
+def test_producer_writes_after_loan_are_what_consumer_reads(client):
+    prod = client.producer("bcast")
+    cons = client.consumer("bcast")
+    t = prod.loan(1000, "float32")
+    a = np.asarray(t)
+    a[:] = np.arange(1000, dtype=np.float32)
+    del a
+    t.publish()
+    r = cons.recv(timeout=1.0)
+    assert np.array_equal(np.asarray(r), np.arange(1000, dtype=np.float32))
+    r.release()
+
+
+@pytest.mark.parametrize("name,npdt", DTYPES)
+def test_metadata_round_trip_every_dtype(client, name, npdt):
+    prod = client.producer("bcast")
+    cons = client.consumer("bcast")
+    with prod.loan((2, 3, 4), name) as t:
+        assert t.dtype == name and t.kind == "loan" and t.writable
+        a = np.asarray(t)
+        assert a.dtype == np.dtype(npdt)
+        a[...] = np.arange(24).reshape(2, 3, 4).astype(npdt)
+        del a
+        t.publish(user_header=b"hdr-" + name.encode())
+    with cons.recv(timeout=1.0) as r:
+        assert r.dtype == name and r.kind == "received" and not r.writable
+        assert r.shape == (2, 3, 4) and r.ndim == 3
+        size = np.dtype(npdt).itemsize
+        assert r.itemsize == size and r.nbytes == 24 * size
+        assert r.strides == (12 * size, 4 * size, size)
+        assert r.user_header == b"hdr-" + name.encode()
+        assert r.producer == client.id
+        assert r.timestamp_ns > 0
+        assert np.array_equal(np.asarray(r), np.arange(24).reshape(2, 3, 4).astype(npdt))
+
+
+def test_seq_and_timestamps_increase(client):
+    prod = client.producer("bcast")
+    cons = client.consumer("bcast", depth=8)
+    for _ in range(3):
+        with prod.loan(4) as t:
+            t.publish()
+    got = [cons.recv(timeout=1.0) for _ in range(3)]
+    assert [t.seq for t in got] == [0, 1, 2]
+    ts = [t.timestamp_ns for t in got]
+    assert ts == sorted(ts)
+    for t in got:
+        t.release()
+
+
+def test_dtype_spellings(client):
+    prod = client.producer("bcast")
+    for spelling in ("float32", "f32", np.float32, np.dtype("float32")):
+        with prod.loan(2, spelling) as t:
+            assert t.dtype == "float32"
+    with pytest.raises(tb.ShapeError):
+        prod.loan(2, "complex64")
+
+
+def test_errors_are_tensorbus_errors(client, broker, tmp_path):
+    with pytest.raises(tb.BrokerUnavailable) as e:
+        tb.Client(str(tmp_path / "nobody.sock"))
+    assert isinstance(e.value, tb.TensorbusError) and isinstance(e.value, ConnectionError)
+    with pytest.raises(tb.ChannelNotFound) as e:
+        client.producer("no/such")
+    assert "bcast" in str(e.value)  # lists the known channels
+    cons = client.consumer("bcast")
+    with pytest.raises(tb.Timeout) as e:
+        cons.recv(timeout=0.05)
+    assert isinstance(e.value, TimeoutError)
+    prod = client.producer("bcast")
+    with pytest.raises(tb.ShapeError):
+        prod.loan((1,) * 9, "uint8")
+    with pytest.raises(tb.TooLarge):
+        prod.loan(1 << 20, "uint8")
+    with pytest.raises(tb.InvalidArgument):
+        client.consumer("bcast", policy="sometimes")
+    # a pool of two slots: hold both, the third loan fails at once
+    tiny = client.producer("tiny")
+    held = client.consumer("tiny", depth=4)
+    for _ in range(2):
+        with tiny.loan(16) as t:
+            t.publish()
+    with pytest.raises(tb.PoolExhausted):
+        tiny.loan(16)
+    with pytest.raises(tb.Timeout):
+        tiny.loan(16, timeout=0.05)
+    for _ in range(2):
+        held.recv(timeout=1.0).release()
+    with tiny.loan(16) as t:
+        pass
+    for cls in (tb.PoolExhausted, tb.Timeout, tb.ShapeError, tb.ChannelNotFound, tb.BrokerUnavailable):
+        assert issubclass(cls, tb.TensorbusError)
+
+
+def test_try_recv_and_iteration(client):
+    prod = client.producer("bcast")
+    cons = client.consumer("bcast", depth=8)
+    assert cons.try_recv() is None
+    for i in range(3):
+        with prod.loan(1, "uint8") as t:
+            np.asarray(t)[0] = i
+            t.publish()
+    seen = []
+    for t in cons:
+        with t:
+            seen.append(int(np.asarray(t)[0]))
+        if len(seen) == 3:
+            break
+    assert seen == [0, 1, 2]
+    cons.close()
+    assert list(cons) == []  # a closed consumer ends iteration
+
+
+@pytest.mark.parametrize(
+    "policy,depth,expect",
+    [
+        ("drop_oldest", 2, [3, 4]),
+        ("drop_newest", 2, [0, 1]),
+        ("latest", None, [4]),
+    ],
+)
+def test_lossy_policies(client, policy, depth, expect):
+    prod = client.producer("bcast")
+    kw = {} if depth is None else {"depth": depth}
+    cons = client.consumer("bcast", policy=policy, **kw)
+    assert cons.policy == policy
+    for _ in range(5):
+        with prod.loan(1) as t:
+            t.publish()
+    got = []
+    while (t := cons.try_recv()) is not None:
+        got.append(t.seq)
+        t.release()
+    assert got == expect
+    stat = client.stat()
+    assert free_slots(client) == 16
+
+
+def test_workqueue_in_process(client):
+    prod = client.producer("work")
+    w1 = client.consumer("work", depth=8)
+    w2 = client.consumer("work", depth=8)
+    for _ in range(6):
+        with prod.loan(1) as t:
+            t.publish()
+    seqs = []
+    for w in (w1, w2):
+        while (t := w.try_recv()) is not None:
+            seqs.append(t.seq)
+            t.release()
+    assert sorted(seqs) == list(range(6))
+
+
+def test_stage_in_place_and_forward(client):
+    prod = client.producer("stage/in")
+    stage = client.stage("stage/in", "stage/out")
+    out = client.consumer("stage/out")
+    with prod.loan(8, "float32") as t:
+        np.asarray(t)[:] = np.arange(8, dtype=np.float32)
+        t.publish(user_header=b"frame-1")
+    with stage.recv_mut(timeout=1.0) as s:
+        assert s.kind == "staged" and s.writable
+        slot = s.slot
+        a = np.asarray(s)
+        assert a.flags.writeable
+        a *= 2
+        del a
+        with pytest.raises(tb.InvalidArgument):
+            s.forward("somewhere/else")
+        assert s.forward("stage/out") == 1
+    with out.recv(timeout=1.0) as r:
+        assert r.slot == slot  # the very same slot, forwarded
+        assert np.array_equal(np.asarray(r), 2 * np.arange(8, dtype=np.float32))
+        assert r.user_header == b"frame-1"
+    with pytest.raises(tb.Timeout):
+        stage.recv_mut(timeout=0.05)
+
+
+def test_gil_released_while_waiting(client):
+    cons = client.consumer("bcast")
+    done = threading.Event()
+
+    def waiter():
+        with pytest.raises(tb.Timeout):
+            cons.recv(timeout=0.5)
+        done.set()
+
+    th = threading.Thread(target=waiter)
+    th.start()
+    n = 0
+    start = time.monotonic()
+    while not done.is_set() and time.monotonic() - start < 5:
+        n += 1
+    th.join()
+    assert n > 10000  # this thread ran while the other one waited
+
+
+def test_embedded_broker_and_default_socket(tmp_path, monkeypatch):
+    sock = str(tmp_path / "b.sock")
+    monkeypatch.setenv("TENSORBUS_SOCKET", sock)
+    assert str(tb.socket_path()) == sock
+    with tb.Broker() as b:  # default config, default socket
+        assert str(b.socket) == sock and b.running
+        with tb.Client() as c:
+            assert c.id > 0 or c.id == 0
+    assert not b.running
+    assert not os.path.exists(sock)
