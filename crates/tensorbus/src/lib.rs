@@ -59,3 +59,14 @@ pub use tensorbus_core::{DType, Mode, Policy, ShapeError, TensorMeta, MAX_DIMS, 
 #[cfg(doctest)]
 #[doc = include_str!("../../../README.md")]
 pub struct ReadmeDoctests;
+
+/// Compile-time guarantees about threads: a `Client` may be shared between
+/// threads; producers, consumers and stages may move to another thread.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    const fn send<T: Send>() {}
+    send_sync::<Client>();
+    send::<Producer>();
+    send::<Consumer>();
+    send::<Stage>();
+};
