@@ -4,6 +4,8 @@
 //! * `tensorbus stat` prints a broker's pools, channels and clients.
 //! * `tensorbus bench` runs the benchmark harness (`tensorbus-bench`, built
 //!   separately) against the cache-line limit, iceoryx2, Unix sockets and pipes.
+//! * `tensorbus pub` / `tensorbus sub` pipe raw frames from stdin into a
+//!   channel and from a channel to stdout (GStreamer, ffmpeg rawvideo).
 //! * `tensorbus demo` runs a camera -> preprocess -> model pipeline as three
 //!   processes exchanging 1080p frames and 640x640 f32 tensors without copies.
 //!
@@ -13,6 +15,7 @@
 mod bench;
 mod broker;
 mod demo;
+mod pubsub;
 mod stat;
 mod table;
 
@@ -42,6 +45,10 @@ enum Command {
     Demo(demo::Args),
     /// Measure latency and throughput against the cache-line limit, iceoryx2 and copying paths (runs the separately built tensorbus-bench).
     Bench(bench::Args),
+    /// Read raw frames (--shape, --dtype) from stdin into loaned slots and publish them.
+    Pub(pubsub::PubArgs),
+    /// Write every tensor received on a channel to stdout as raw bytes.
+    Sub(pubsub::SubArgs),
     /// Demo role: the camera producer (spawned by `tensorbus demo`).
     #[command(hide = true)]
     DemoCamera(demo::RoleArgs),
@@ -90,6 +97,8 @@ fn main() -> ExitCode {
         Command::Stat(a) => ("stat", stat::run(a)),
         Command::Demo(a) => ("demo", demo::run(a)),
         Command::Bench(a) => ("bench", bench::run(a)),
+        Command::Pub(a) => ("pub", pubsub::run_pub(a)),
+        Command::Sub(a) => ("sub", pubsub::run_sub(a)),
         Command::DemoCamera(a) => ("demo-camera", demo::camera::run(a)),
         Command::DemoPreprocess(a) => ("demo-preprocess", demo::preprocess::run(a)),
         Command::DemoConsumer(a) => ("demo-consumer", demo::consumer::run(a)),

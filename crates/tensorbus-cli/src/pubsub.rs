@@ -1,0 +1,290 @@
+//! `tensorbus pub` and `tensorbus sub`: shell pipes into and out of a channel.
+//!
+//! `pub` reads raw fixed-size frames from stdin straight into loaned slots
+//! (one `read` loop per frame into the shared-memory bytes, no intermediate
+//! buffer) and publishes them; `sub` writes every received tensor's bytes to
+//! stdout. Together they connect tensorbus to GStreamer (`fdsink fd=1`),
+//! ffmpeg (`-f rawvideo -`) and any other tool that speaks raw bytes.
+
+use crate::{fail, CliError, SocketArg};
+use std::fs::File;
+use std::io::{self, BufWriter, ErrorKind, Read, Write};
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tensorbus::{
+    Client, ConsumerOptions, DType, Mode, Policy, Producer, ProducerOptions, RecvError,
+    TryRecvError,
+};
+
+/// How long `--wait-subscribers` waits for the subscribers to appear.
+const WAIT_SUBSCRIBERS_LIMIT: Duration = Duration::from_secs(10);
+/// How long `pub` waits for a free slot: in practice forever (backpressure).
+const LOAN_WAIT: Duration = Duration::from_secs(365 * 24 * 3600);
+/// How often `sub` wakes up to look at Ctrl-C and its idle timeout.
+const RECV_SLICE: Duration = Duration::from_millis(100);
+
+/// Arguments of `tensorbus pub`.
+#[derive(clap::Args, Debug)]
+pub struct PubArgs {
+    /// Channel to publish on.
+    #[arg(long)]
+    channel: String,
+    /// Shape of one frame, e.g. `480x640x3` (`,` works as a separator too).
+    #[arg(long, value_parser = parse_shape)]
+    shape: Shape,
+    /// Element type (`u8`, `f32`, ... or numpy names such as `uint8`).
+    #[arg(long, default_value = "u8")]
+    dtype: DType,
+    #[command(flatten)]
+    socket: SocketArg,
+    /// Create the channel at run time (broadcast, all pools) if it does not exist.
+    #[arg(long)]
+    create: bool,
+    /// Publish at most this many frames per second (0 or absent: as fast as stdin delivers).
+    #[arg(long, value_name = "F")]
+    fps: Option<f64>,
+    /// Put the frame index (u64, little endian) in each tensor's user header.
+    #[arg(long)]
+    user_header_seq: bool,
+    /// Before reading stdin, wait (at most 10 s) until the channel has N subscribers.
+    #[arg(long, value_name = "N")]
+    wait_subscribers: Option<usize>,
+}
+
+/// Arguments of `tensorbus sub`.
+#[derive(clap::Args, Debug)]
+pub struct SubArgs {
+    /// Channel to subscribe to.
+    #[arg(long)]
+    channel: String,
+    /// Stop after N tensors.
+    #[arg(long, value_name = "N")]
+    count: Option<u64>,
+    #[command(flatten)]
+    socket: SocketArg,
+    /// Policy when this subscriber falls behind: block (lossless, default), drop_oldest, drop_newest, latest.
+    #[arg(long, value_name = "P", default_value = "block")]
+    policy: Policy,
+    /// Ring depth (channel default if absent).
+    #[arg(long, value_name = "D")]
+    depth: Option<u32>,
+    /// Stop when no tensor arrives within SECS seconds (default: wait forever).
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<f64>,
+}
+
+/// A parsed `--shape`.
+#[derive(Clone, Debug)]
+pub struct Shape(Vec<usize>);
+
+/// Parses `480x640x3` (or `480,640,3`) into extents, each at least 1.
+fn parse_shape(s: &str) -> Result<Shape, String> {
+    let dims: Result<Vec<usize>, String> = s
+        .split(['x', 'X', ','])
+        .map(|d| match d.trim().parse::<usize>() {
+            Ok(0) => Err(format!(
+                "extent 0 in shape {s:?}: every extent must be at least 1"
+            )),
+            Ok(n) => Ok(n),
+            Err(_) => Err(format!(
+                "bad shape {s:?}: expected extents separated by 'x', such as 480x640x3"
+            )),
+        })
+        .collect();
+    let dims = dims?;
+    if dims.len() > tensorbus::MAX_DIMS {
+        return Err(format!(
+            "shape {s:?} has {} dimensions; at most {} are allowed",
+            dims.len(),
+            tensorbus::MAX_DIMS
+        ));
+    }
+    Ok(Shape(dims))
+}
+
+/// Bytes of one frame: product(shape) x itemsize.
+fn frame_bytes(shape: &[usize], dtype: DType) -> Option<usize> {
+    shape
+        .iter()
+        .try_fold(dtype.itemsize(), |acc, &d| acc.checked_mul(d))
+}
+
+/// Reads into `buf` until it is full or stdin ends; returns the bytes read.
+fn read_full(input: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match input.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// Waits until `channel` has at least `n` subscribers.
+fn wait_subscribers(client: &Client, channel: &str, n: usize) -> Result<(), CliError> {
+    let deadline = Instant::now() + WAIT_SUBSCRIBERS_LIMIT;
+    loop {
+        let have = client
+            .stat()?
+            .channels
+            .iter()
+            .find(|c| c.name == channel)
+            .map_or(0, |c| c.subscribers.len());
+        if have >= n {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return fail(format!(
+                "channel {channel:?} has {have} subscriber(s), still fewer than the {n} asked for by --wait-subscribers after {WAIT_SUBSCRIBERS_LIMIT:?}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Reads frames from stdin into loaned slots and publishes them until EOF.
+pub fn run_pub(args: PubArgs) -> Result<(), CliError> {
+    let Some(frame_len) = frame_bytes(&args.shape.0, args.dtype) else {
+        return fail(format!("shape {:?} is too large", args.shape.0));
+    };
+    let client = Client::connect_to(args.socket.socket.as_deref(), "tensorbus-pub")?;
+    let opts = if args.create {
+        ProducerOptions::default().create(Mode::Broadcast, &[])
+    } else {
+        ProducerOptions::default()
+    };
+    let mut producer = client.producer_with(&args.channel, opts)?;
+    if let Some(n) = args.wait_subscribers {
+        wait_subscribers(&client, &args.channel, n)?;
+    }
+    // A File on a duplicate of fd 0: reads go straight into the slot, with
+    // no buffer of std's in between.
+    let mut stdin = File::from(io::stdin().as_fd().try_clone_to_owned()?);
+    let period = args
+        .fps
+        .filter(|f| *f > 0.0)
+        .map(|f| Duration::from_secs_f64(1.0 / f));
+    let start = Instant::now();
+    let (mut frames, mut bytes) = (0u64, 0u64);
+    loop {
+        let mut t = loan(&mut producer, &args.shape.0, args.dtype)?;
+        let got = read_full(&mut stdin, t.as_mut_bytes())
+            .map_err(|e| CliError(format!("reading frame {frames} from stdin: {e}")))?;
+        if got == 0 {
+            break; // clean EOF: the loan is dropped, the slot released
+        }
+        if got < frame_len {
+            drop(t);
+            eprintln!("pub: frames={frames} bytes={bytes}");
+            return fail(format!(
+                "stdin ended inside frame {frames}: got {got} of {frame_len} bytes, {} bytes missing (is --shape {} --dtype {} right?)",
+                frame_len - got,
+                args.shape.0.iter().map(usize::to_string).collect::<Vec<_>>().join("x"),
+                args.dtype
+            ));
+        }
+        if args.user_header_seq {
+            t.set_user_header(&frames.to_le_bytes())?;
+        }
+        if let Some(p) = period {
+            let due = start + p.mul_f64(frames as f64);
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+        }
+        t.publish()?;
+        frames += 1;
+        bytes += frame_len as u64;
+    }
+    eprintln!("pub: frames={frames} bytes={bytes}");
+    Ok(())
+}
+
+/// Loans a slot, waiting as long as it takes: a slow subscriber on a
+/// lossless channel holds slots, and that is backpressure, not an error.
+fn loan<'p>(
+    producer: &'p mut Producer,
+    shape: &[usize],
+    dtype: DType,
+) -> Result<tensorbus::TensorMut<'p>, CliError> {
+    Ok(producer.loan_timeout(shape, dtype, LOAN_WAIT)?)
+}
+
+/// Whether an I/O error means the reader of stdout went away.
+fn is_broken_pipe(e: &io::Error) -> bool {
+    e.kind() == ErrorKind::BrokenPipe
+}
+
+/// Subscribes and writes every tensor's bytes to stdout.
+pub fn run_sub(args: SubArgs) -> Result<(), CliError> {
+    let idle_limit = match args.timeout {
+        Some(s) if !(s.is_finite() && s >= 0.0) => {
+            return fail(format!("--timeout {s}: expected a number of seconds >= 0"))
+        }
+        Some(s) => Some(Duration::from_secs_f64(s)),
+        None => None,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || flag.store(true, Ordering::Relaxed))
+        .map_err(|e| CliError(format!("cannot install the signal handler: {e}")))?;
+    let client = Client::connect_to(args.socket.socket.as_deref(), "tensorbus-sub")?;
+    let mut opts = ConsumerOptions::default().policy(args.policy);
+    if let Some(d) = args.depth {
+        opts = opts.depth(d);
+    }
+    let consumer = client.consumer_with(&args.channel, opts)?;
+    // A File on a duplicate of fd 1, buffered only for small tensors:
+    // BufWriter passes writes of at least its capacity straight through.
+    let stdout = File::from(io::stdout().as_fd().try_clone_to_owned()?);
+    let mut out = BufWriter::with_capacity(64 << 10, stdout);
+    let (mut frames, mut bytes) = (0u64, 0u64);
+    let mut last = Instant::now();
+    let result: io::Result<()> = (|| {
+        while args.count.is_none_or(|n| frames < n) {
+            let t = match consumer.try_recv() {
+                Ok(t) => t,
+                Err(TryRecvError::Empty) => {
+                    out.flush()?; // about to wait: let the reader see what we have
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let slice = match idle_limit {
+                        Some(limit) => match limit.checked_sub(last.elapsed()) {
+                            Some(left) if !left.is_zero() => left.min(RECV_SLICE),
+                            _ => break,
+                        },
+                        None => RECV_SLICE,
+                    };
+                    match consumer.recv_timeout(slice) {
+                        Ok(t) => t,
+                        Err(RecvError::Timeout(_)) => continue,
+                        Err(e) => return Err(io::Error::other(e)),
+                    }
+                }
+                Err(e) => return Err(io::Error::other(e)),
+            };
+            let n = t.len() as u64;
+            out.write_all(&t)?;
+            drop(t);
+            frames += 1;
+            bytes += n;
+            last = Instant::now();
+        }
+        out.flush()
+    })();
+    match result {
+        Err(e) if is_broken_pipe(&e) => Ok(()),
+        Err(e) => fail(format!("after {frames} tensors: {e}")),
+        Ok(()) => {
+            eprintln!("sub: frames={frames} bytes={bytes}");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,433 @@
+//! Shell pipes: `tensorbus pub` reads raw frames from stdin, `tensorbus sub`
+//! writes them to stdout; every byte must arrive, in order. Timeouts only
+//! guard against hangs; nothing here asserts on timing.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tensorbus");
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// A fresh private directory for one test.
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tb-pipes-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Kills the child if the test panics while it runs.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Waits for `child` to exit, killing it (and failing) after `limit`.
+fn wait_or_kill(child: &mut Child, limit: Duration, what: &str) -> ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Reads a pipe to its end on a thread.
+fn drain(mut r: impl Read + Send + 'static) -> JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = r.read_to_end(&mut v);
+        v
+    })
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A broker on a private socket with one `slots` x 1 MiB pool and the
+/// channel `video`.
+struct Broker {
+    _child: KillOnDrop,
+    socket: PathBuf,
+}
+
+fn broker(name: &str, slots: u32) -> Broker {
+    let dir = temp_dir(name);
+    let config = dir.join("tensorbus.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+            [[pools]]
+            name = "frames"
+            slot_size = "1MiB"
+            slots = {slots}
+            [[channels]]
+            name = "video"
+            pools = ["frames"]
+            "#
+        ),
+    )
+    .unwrap();
+    let socket = dir.join("broker.sock");
+    let mut child = Command::new(BIN)
+        .arg("broker")
+        .arg("--config")
+        .arg(&config)
+        .arg("--socket")
+        .arg(&socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_socket(&mut child, &socket);
+    Broker {
+        _child: KillOnDrop(child),
+        socket,
+    }
+}
+
+/// Waits until the broker's socket exists (or the broker exited).
+fn wait_for_socket(broker: &mut Child, socket: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !socket.exists() {
+        if let Some(status) = broker.try_wait().unwrap() {
+            panic!("broker exited early: {status}");
+        }
+        assert!(Instant::now() < deadline, "broker never created {socket:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A running `tensorbus sub` whose stdout and stderr are collected.
+struct Sub {
+    child: KillOnDrop,
+    stdout: Option<JoinHandle<Vec<u8>>>,
+    stderr: Option<JoinHandle<Vec<u8>>>,
+}
+
+fn start_sub(socket: &Path, args: &[&str]) -> Sub {
+    let mut child = Command::new(BIN)
+        .arg("sub")
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = drain(child.stdout.take().unwrap());
+    let stderr = drain(child.stderr.take().unwrap());
+    Sub {
+        child: KillOnDrop(child),
+        stdout: Some(stdout),
+        stderr: Some(stderr),
+    }
+}
+
+impl Sub {
+    /// Waits for exit; returns (status, stdout, stderr).
+    fn finish(mut self) -> (ExitStatus, Vec<u8>, String) {
+        let status = wait_or_kill(&mut self.child.0, LIMIT, "tensorbus sub");
+        let out = self.stdout.take().unwrap().join().unwrap();
+        let err = text(&self.stderr.take().unwrap().join().unwrap());
+        (status, out, err)
+    }
+}
+
+/// Where `tensorbus pub` reads from.
+enum Input {
+    Bytes(Vec<u8>),
+    Pipe(ChildStdout),
+}
+
+/// Runs `tensorbus pub` to completion; returns (status, stderr).
+fn run_pub(socket: &Path, args: &[&str], input: Input) -> (ExitStatus, String) {
+    let (stdin, bytes) = match input {
+        Input::Bytes(b) => (Stdio::piped(), Some(b)),
+        Input::Pipe(p) => (Stdio::from(p), None),
+    };
+    let mut child = Command::new(BIN)
+        .arg("pub")
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .stdin(stdin)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let writer = bytes.map(|b| {
+        let mut w = child.stdin.take().unwrap();
+        std::thread::spawn(move || {
+            let _ = w.write_all(&b); // pub may stop early (an error): EPIPE is fine
+        })
+    });
+    let err = drain(child.stderr.take().unwrap());
+    let mut child = KillOnDrop(child);
+    let status = wait_or_kill(&mut child.0, LIMIT, "tensorbus pub");
+    if let Some(w) = writer {
+        w.join().unwrap();
+    }
+    (status, text(&err.join().unwrap()))
+}
+
+/// `n` frames of `len` bytes each from a seeded xorshift PRNG: frame `i`
+/// starts from seed `i`, so a lost, repeated or reordered frame shows.
+fn frames(n: usize, len: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(n * len);
+    for i in 0..n {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ (i as u64 + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        for _ in 0..len {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            v.push((x >> 24) as u8);
+        }
+    }
+    v
+}
+
+/// Compares without printing megabytes: first differing offset and lengths.
+fn assert_same(got: &[u8], want: &[u8], frame: usize) {
+    if got != want {
+        let at = got.iter().zip(want).position(|(a, b)| a != b);
+        panic!(
+            "sub output differs: got {} bytes, want {}; first difference at byte {:?} (frame {:?})",
+            got.len(),
+            want.len(),
+            at,
+            at.map(|a| a / frame)
+        );
+    }
+}
+
+#[test]
+fn pub_to_sub_every_byte_in_order() {
+    // 4 slots for 200 frames: the lossless subscriber's pace holds the
+    // producer back (backpressure) instead of failing its loans.
+    let b = broker("roundtrip", 4);
+    let (n, len) = (200, 48 * 64 * 3);
+    let input = frames(n, len);
+    let sub = start_sub(
+        &b.socket,
+        &["--channel", "video", "--count", &n.to_string()],
+    );
+    let (status, err) = run_pub(
+        &b.socket,
+        &[
+            "--channel",
+            "video",
+            "--shape",
+            "48x64x3",
+            "--dtype",
+            "u8",
+            "--wait-subscribers",
+            "1",
+            "--user-header-seq",
+        ],
+        Input::Bytes(input.clone()),
+    );
+    assert!(status.success(), "pub failed: {err}");
+    assert!(
+        err.contains(&format!("pub: frames={n} bytes={}", n * len)),
+        "{err}"
+    );
+    let (status, out, err) = sub.finish();
+    assert!(status.success(), "sub failed: {err}");
+    assert!(
+        err.contains(&format!("sub: frames={n} bytes={}", n * len)),
+        "{err}"
+    );
+    assert_same(&out, &input, len);
+}
+
+#[test]
+fn sub_stops_after_idle_timeout() {
+    let b = broker("idle", 4);
+    let len = 8 * 8;
+    let input = frames(3, len);
+    let sub = start_sub(&b.socket, &["--channel", "video", "--timeout", "1"]);
+    let (status, err) = run_pub(
+        &b.socket,
+        &[
+            "--channel",
+            "video",
+            "--shape",
+            "8x8",
+            "--wait-subscribers",
+            "1",
+        ],
+        Input::Bytes(input.clone()),
+    );
+    assert!(status.success(), "pub failed: {err}");
+    let (status, out, err) = sub.finish();
+    assert!(status.success(), "sub failed: {err}");
+    assert!(err.contains("sub: frames=3 bytes=192"), "{err}");
+    assert_same(&out, &input, len);
+}
+
+#[test]
+fn partial_last_frame_is_an_error() {
+    let b = broker("partial", 4);
+    let len = 48 * 64 * 3;
+    let mut input = frames(2, len);
+    input.extend_from_slice(&[7u8; 100]);
+    let (status, err) = run_pub(
+        &b.socket,
+        &["--channel", "video", "--shape", "48x64x3", "--dtype", "u8"],
+        Input::Bytes(input),
+    );
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("pub: frames=2 "), "{err}");
+    assert!(
+        err.contains(&format!(
+            "got 100 of {len} bytes, {} bytes missing",
+            len - 100
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+fn unknown_channel_lists_known_ones_and_create_makes_it() {
+    let b = broker("unknown", 4);
+    let args = ["--channel", "nope", "--shape", "4x4", "--dtype", "f32"];
+    let (status, err) = run_pub(&b.socket, &args, Input::Bytes(frames(1, 64)));
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("unknown channel \"nope\""), "{err}");
+    assert!(err.contains("known channels: [video]"), "{err}");
+
+    let mut with_create = args.to_vec();
+    with_create.push("--create");
+    let (status, err) = run_pub(&b.socket, &with_create, Input::Bytes(frames(2, 64)));
+    assert!(status.success(), "{err}");
+    assert!(err.contains("pub: frames=2 bytes=128"), "{err}");
+}
+
+/// The GStreamer pipeline of the README, minus the last stage.
+fn gst(buffers: usize) -> Command {
+    let mut c = Command::new("gst-launch-1.0");
+    c.args([
+        "-q",
+        "videotestsrc",
+        &format!("num-buffers={buffers}"),
+        "!",
+        "video/x-raw,format=RGB,width=640,height=480",
+        "!",
+        "fdsink",
+        "fd=1",
+    ]);
+    c
+}
+
+#[test]
+fn gstreamer_videotestsrc_through_pub_and_sub() {
+    let have_gst = Command::new("gst-launch-1.0")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !have_gst {
+        // CI (`CI` set by most runners, `TENSORBUS_REQUIRE_GST` by .ci/run)
+        // must run this test, never skip it.
+        let required = ["CI", "TENSORBUS_REQUIRE_GST"]
+            .into_iter()
+            .find(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()));
+        if let Some(var) = required {
+            panic!("gst-launch-1.0 is missing but {var} is set: install gstreamer1.0-tools and gstreamer1.0-plugins-base (.ci/run does)");
+        }
+        eprintln!("SKIPPED: gst-launch-1.0 not found (apt-get install gstreamer1.0-tools gstreamer1.0-plugins-base)");
+        return;
+    }
+    let n = 60;
+    let len = 640 * 480 * 3;
+    let reference = gst(n).stdin(Stdio::null()).output().unwrap();
+    assert!(reference.status.success(), "{}", text(&reference.stderr));
+    assert_eq!(reference.stdout.len(), n * len, "gst produced an odd size");
+
+    let b = broker("gst", 8);
+    let sub = start_sub(
+        &b.socket,
+        &["--channel", "video", "--count", &n.to_string()],
+    );
+    let mut source = KillOnDrop(
+        gst(n)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let pipe = source.0.stdout.take().unwrap();
+    let (status, err) = run_pub(
+        &b.socket,
+        &[
+            "--channel",
+            "video",
+            "--shape",
+            "480x640x3",
+            "--dtype",
+            "u8",
+            "--wait-subscribers",
+            "1",
+        ],
+        Input::Pipe(pipe),
+    );
+    assert!(status.success(), "pub failed: {err}");
+    assert!(wait_or_kill(&mut source.0, LIMIT, "gst-launch-1.0").success());
+    let (status, out, err) = sub.finish();
+    assert!(status.success(), "sub failed: {err}");
+    assert_same(&out, &reference.stdout, len);
+}
+
+#[test]
+fn sub_exits_quietly_when_stdout_closes() {
+    let b = broker("epipe", 4);
+    let mut child = Command::new(BIN)
+        .args(["sub", "--channel", "video", "--socket"])
+        .arg(&b.socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the reader goes away at once
+    let err = drain(child.stderr.take().unwrap());
+    let mut child = KillOnDrop(child);
+    let (status, perr) = run_pub(
+        &b.socket,
+        &[
+            "--channel",
+            "video",
+            "--shape",
+            "256x256",
+            "--wait-subscribers",
+            "1",
+        ],
+        Input::Bytes(frames(4, 256 * 256)),
+    );
+    assert!(status.success(), "pub failed: {perr}");
+    let status = wait_or_kill(&mut child.0, LIMIT, "tensorbus sub");
+    let err = text(&err.join().unwrap());
+    assert!(status.success(), "sub: {status} {err}");
+    assert!(err.is_empty(), "sub was not quiet: {err}");
+}
