@@ -69,7 +69,8 @@ def _echo_tensorbus(ready, socket):
     import tensorbus as tb
 
     c = tb.Client(socket, name="bench-echo")
-    cons = c.consumer("bench/ping", depth=4, policy="block")
+    # Busy-poll, like iceoryx2's Python side (it has no blocking receive).
+    cons = c.consumer("bench/ping", depth=4, policy="block", wait="busy")
     prod = c.producer("bench/pong")
     ready.put("tensorbus")
     while True:
@@ -187,7 +188,7 @@ class _Tensorbus:
         self.broker = tb.Broker(TB_CONFIG, os.path.join(self.dir.name, "broker.sock"))
         self.client = tb.Client(self.broker.socket, name="bench")
         self.prod = self.client.producer("bench/ping")
-        self.cons = self.client.consumer("bench/pong", depth=4, policy="block")
+        self.cons = self.client.consumer("bench/pong", depth=4, policy="block", wait="busy")
         self.proc = ctx.Process(target=_echo_tensorbus, args=(ready, str(self.broker.socket)))
 
     def rtt(self, n, v):
