@@ -469,9 +469,8 @@ impl PyTensor {
         core.idle();
         drop(owner);
         r.map(|o| o.delivered).map_err(|e| match e {
-            tensorbus::PublishError::PoolNotAllowed { .. } => {
-                tb_err("InvalidArgument", e.to_string())
-            }
+            tensorbus::PublishError::PoolNotAllowed { .. }
+            | tensorbus::PublishError::ForeignClient => tb_err("InvalidArgument", e.to_string()),
             tensorbus::PublishError::Shape(_) => tb_err("ShapeError", e.to_string()),
         })
     }

@@ -321,3 +321,40 @@ fn too_many_holders_is_a_clear_error() {
     assert!(err.to_string().contains("63 holder handles"), "{err}");
     drop((handles, more));
 }
+
+#[test]
+fn stage_forwards_to_another_producer_of_the_same_client() {
+    let sock = socket("forward-to");
+    let _b = EmbeddedBroker::start(&config(), &sock).unwrap();
+    let client = Client::connect_to(Some(&sock), "test").unwrap();
+    let other = Client::connect_to(Some(&sock), "other").unwrap();
+    let mut p = client.producer("t/work").unwrap();
+    let mut stage = client.stage("t/work", "t/out").unwrap();
+    let mut side = client.producer("t/bcast").unwrap();
+    let mut foreign = other.producer("t/bcast").unwrap();
+    let side_rx = client.consumer("t/bcast").unwrap();
+    for _ in 0..2 {
+        let t = p.loan(&[8], DType::U8).unwrap();
+        assert_eq!(t.slot_id().pool, 0, "small pool, which t/bcast allows");
+        t.publish().unwrap();
+    }
+    let s = stage.recv_mut_timeout(Duration::from_secs(1)).unwrap();
+    let id = s.slot_id();
+    assert_eq!(s.forward_to(&mut side).unwrap().delivered, 1);
+    let r = side_rx.recv_timeout(Duration::from_secs(1)).unwrap();
+    assert_eq!(r.slot_id(), id, "the same slot went to the other channel");
+    drop(r);
+    let s = stage.recv_mut_timeout(Duration::from_secs(1)).unwrap();
+    let err = s.forward_to(&mut foreign).unwrap_err();
+    assert!(
+        matches!(err, tensorbus::PublishError::ForeignClient),
+        "{err}"
+    );
+    drop((p, stage, side, foreign, side_rx));
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        free_slots(&client),
+        (14, 14),
+        "the refused slot was released"
+    );
+}

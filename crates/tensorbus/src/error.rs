@@ -129,6 +129,9 @@ pub enum PublishError {
     /// Bad metadata (e.g. a user header that is too long).
     #[error("bad metadata: {0}")]
     Shape(#[from] ShapeError),
+    /// A stage forwarded to a producer of another `Client`.
+    #[error("forward_to needs a producer opened from the same Client as the stage")]
+    ForeignClient,
 }
 
 /// Why [`crate::Consumer::try_recv`] returned nothing.

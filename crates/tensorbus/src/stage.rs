@@ -150,34 +150,61 @@ impl StagedTensor<'_> {
     pub fn forward(mut self) -> Result<PublishOutcome, PublishError> {
         self.done = true;
         let stage = &mut *self.stage;
-        let pool = self.r.id.pool;
-        let slot_size = stage.input.pools[usize::from(pool)].map_or(0, |p| p.slot_size);
-        let result = if stage
-            .output
-            .pools
-            .get(usize::from(pool))
-            .copied()
-            .flatten()
-            .is_none()
-        {
-            Err(PublishError::PoolNotAllowed {
-                pool: stage.input.inner.pools[usize::from(pool)].name.clone(),
-                channel: stage.output.channel.name.clone(),
-            })
-        } else if let Err(e) = self.r.meta.validate(slot_size) {
-            Err(PublishError::Shape(e))
-        } else {
-            Ok(())
-        };
-        match result {
-            Ok(()) => {
-                let own = stage.input.bit;
-                Ok(stage.output.publish_slot(self.r.id, self.r.meta, own))
-            }
-            Err(e) => {
-                stage.input.release(self.r.id);
-                Err(e)
-            }
+        forward_slot(&stage.input, &mut stage.output, &self.r)
+    }
+
+    /// Publishes this very slot on another producer's channel (opened from
+    /// the same [`crate::Client`] as the stage; the channel must use the
+    /// slot's pool).
+    ///
+    /// ```no_run
+    /// # let client = tensorbus::Client::connect()?;
+    /// let mut stage = client.stage("frames/raw", "frames/denoised")?;
+    /// let mut rejects = client.producer("frames/rejected")?;
+    /// let t = stage.recv_mut()?;
+    /// if t.iter().all(|&b| b == 0) { t.forward_to(&mut rejects)?; } else { t.forward()?; }
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn forward_to(mut self, producer: &mut Producer) -> Result<PublishOutcome, PublishError> {
+        self.done = true;
+        let stage = &mut *self.stage;
+        forward_slot(&stage.input, producer, &self.r)
+    }
+}
+
+/// Publishes a slot the stage holds (by its input bit) through `producer`,
+/// or releases it with the reason it cannot go there.
+fn forward_slot(
+    input: &Consumer,
+    producer: &mut Producer,
+    r: &Received,
+) -> Result<PublishOutcome, PublishError> {
+    let pool = usize::from(r.id.pool);
+    let slot_size = input
+        .pools
+        .get(pool)
+        .copied()
+        .flatten()
+        .map_or(0, |p| p.slot_size);
+    let check = if !std::sync::Arc::ptr_eq(&input.inner, &producer.inner) {
+        Err(PublishError::ForeignClient)
+    } else if producer.pools.get(pool).copied().flatten().is_none() {
+        Err(PublishError::PoolNotAllowed {
+            pool: input
+                .inner
+                .pools
+                .get(pool)
+                .map_or_else(String::new, |p| p.name.clone()),
+            channel: producer.channel.name.clone(),
+        })
+    } else {
+        r.meta.validate(slot_size).map_err(PublishError::Shape)
+    };
+    match check {
+        Ok(()) => Ok(producer.publish_slot(r.id, r.meta, input.bit)),
+        Err(e) => {
+            input.release(r.id);
+            Err(e)
         }
     }
 }
