@@ -175,10 +175,8 @@ impl State {
             return Dispatch::NoWorker;
         };
         let live = ch.subscribers.load(Ordering::Acquire);
-        let subs = ctl.layout().params.max_subscribers as usize;
         // Least loaded live worker first.
-        let mut order: Vec<(u64, usize)> = (0..subs)
-            .filter(|s| live & (1 << s) != 0)
+        let mut order: Vec<(u64, usize)> = tensorbus_core::bits::set_bits(live)
             .filter_map(|s| ctl.ring(channel, 0, s).map(|r| (r.len(), s)))
             .collect();
         if order.is_empty() {

@@ -18,6 +18,7 @@
 
 #![deny(missing_docs)]
 
+pub mod bits;
 pub mod desc;
 pub mod dtype;
 pub mod event;

@@ -22,6 +22,7 @@
 //! (the last entry of each of this producer's rings) and clears exactly
 //! those bits.
 
+use crate::bits::{low_mask, rotated_bits, set_bits};
 use crate::control::Control;
 use crate::desc::Descriptor;
 use crate::park::Parker;
@@ -124,13 +125,8 @@ impl ProducerPath<'_> {
     /// Chooses the work-queue receiver: the active subscriber with the
     /// fewest queued entries, ties broken round-robin from `*rr`.
     fn choose_worker(&self, candidates: u64, rr: &mut usize) -> u64 {
-        let subs = self.ctl.layout().params.max_subscribers as usize;
         let mut best: Option<(u64, usize)> = None;
-        for k in 0..subs {
-            let s = (*rr + k) % subs;
-            if candidates & (1 << s) == 0 {
-                continue;
-            }
+        for s in rotated_bits(candidates, *rr) {
             let len = self
                 .ctl
                 .ring(self.channel, self.row, s)
@@ -168,12 +164,7 @@ impl ProducerPath<'_> {
             slot.release(own_bit);
             return out;
         };
-        let subs_limit = self.ctl.layout().params.max_subscribers as usize;
-        let valid = if subs_limit >= 64 {
-            u64::MAX
-        } else {
-            (1u64 << subs_limit) - 1
-        };
+        let valid = low_mask(self.ctl.layout().params.max_subscribers as usize);
         let packed = desc.pack();
 
         // Step 1: announce the intent, then settle the receivers.
@@ -227,12 +218,8 @@ impl ProducerPath<'_> {
             // it, and the producer lets go in the same atomic step (no
             // receiver can release before its push, so the slot cannot be
             // freed under the pushes below unless R is empty).
-            let mut mask = 0u64;
-            for s in 0..subs_limit {
-                if receivers & (1 << s) != 0 {
-                    mask |= self.ctl.subscriber_mask(self.channel, s);
-                }
-            }
+            let mask = set_bits(receivers)
+                .fold(0u64, |m, s| m | self.ctl.subscriber_mask(self.channel, s));
             slot.hand_over(own_bit, mask);
             if mask == 0 {
                 me.intent.store(0, Ordering::Release);
@@ -240,10 +227,7 @@ impl ProducerPath<'_> {
                 return out;
             }
             // Step 3: deliver.
-            for s in 0..subs_limit {
-                if receivers & (1 << s) == 0 {
-                    continue;
-                }
+            for s in set_bits(receivers) {
                 match self.deliver(s, packed, slot, cached_heads, parker, false) {
                     Delivery::Delivered { dropped } => {
                         out.delivered += 1;

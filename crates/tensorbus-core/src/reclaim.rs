@@ -51,10 +51,7 @@ pub fn recover_producer(ctl: &Control, channel: usize, row: usize) -> usize {
     let mut cleared = 0;
     let subs = ctl.layout().params.max_subscribers as usize;
     if let Some(slot) = ctl.slot(usize::from(desc.pool), desc.index as usize) {
-        for s in 0..subs.min(64) {
-            if receivers & (1 << s) == 0 {
-                continue;
-            }
+        for s in crate::bits::set_bits(receivers & crate::bits::low_mask(subs)) {
             let pushed = ctl
                 .ring(channel, row, s)
                 .is_some_and(|r| r.recover_last_push(desc.pack()));
