@@ -2,22 +2,16 @@
 //! writes them to stdout; every byte must arrive, in order. Timeouts only
 //! guard against hangs; nothing here asserts on timing.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_tensorbus");
-const LIMIT: Duration = Duration::from_secs(120);
+mod common;
 
-/// A fresh private directory for one test.
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("tb-pipes-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+use common::{drain, temp_dir, text, wait_or_kill, BIN};
+const LIMIT: Duration = Duration::from_secs(120);
 
 /// Kills the child if the test panics while it runs.
 struct KillOnDrop(Child);
@@ -29,35 +23,6 @@ impl Drop for KillOnDrop {
             let _ = self.0.wait();
         }
     }
-}
-
-/// Waits for `child` to exit, killing it (and failing) after `limit`.
-fn wait_or_kill(child: &mut Child, limit: Duration, what: &str) -> ExitStatus {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{what} did not finish within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Reads a pipe to its end on a thread.
-fn drain(mut r: impl Read + Send + 'static) -> JoinHandle<Vec<u8>> {
-    std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = r.read_to_end(&mut v);
-        v
-    })
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 /// A broker on a private socket with one `slots` x 1 MiB pool and the
