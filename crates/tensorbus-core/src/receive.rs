@@ -134,18 +134,19 @@ impl SubscriberPath<'_> {
         capacity: impl Fn(usize) -> Option<u64>,
     ) -> Result<TensorMeta, Corruption> {
         let mut meta = TensorMeta::EMPTY;
-        self.validate_into(desc, capacity, &mut meta).map(|()| meta)
+        self.validate_into(desc, capacity, &mut meta).map(|_| meta)
     }
 
     /// [`SubscriberPath::validate`] into an existing value (the receive path
     /// builds the view in place instead of moving 200 bytes of metadata).
+    /// Returns the slot's full generation, read once for the check.
     #[inline]
     pub fn validate_into(
         &self,
         desc: Descriptor,
         capacity: impl Fn(usize) -> Option<u64>,
         meta: &mut TensorMeta,
-    ) -> Result<(), Corruption> {
+    ) -> Result<u32, Corruption> {
         let pool = usize::from(desc.pool);
         let Some(slot) = self.ctl.slot(pool, desc.index as usize) else {
             return Err(Corruption::BadIndex {
@@ -177,7 +178,7 @@ impl SubscriberPath<'_> {
         if let Err(e) = meta.validate(cap) {
             return fail(Corruption::BadMeta(e));
         }
-        Ok(())
+        Ok(generation)
     }
 
     /// Counts a delivered tensor in the shared statistics.

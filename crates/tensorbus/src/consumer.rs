@@ -134,7 +134,7 @@ impl Consumer {
             ptr: std::ptr::null_mut(),
             meta: TensorMeta::EMPTY,
         };
-        path.validate_into(
+        received.id.generation = path.validate_into(
             desc,
             |p| pools.get(p).copied().flatten().map(|r| r.slot_size),
             &mut received.meta,
@@ -146,13 +146,6 @@ impl Consumer {
             ));
         };
         path.count_delivered();
-        if let Some(s) = self
-            .inner
-            .control
-            .slot(usize::from(desc.pool), desc.index as usize)
-        {
-            received.id.generation = s.generation.load(std::sync::atomic::Ordering::Relaxed);
-        }
         // SAFETY: validate checked index < slots, and the mapping spans
         // slots * stride bytes.
         received.ptr = unsafe { r.base.add(desc.index as usize * r.stride as usize) };
