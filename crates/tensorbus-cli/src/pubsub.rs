@@ -10,7 +10,7 @@ use crate::{fail, CliError, SocketArg};
 use std::fs::File;
 use std::io::{self, BufWriter, ErrorKind, Read, Write};
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tensorbus::{
@@ -39,9 +39,20 @@ pub struct PubArgs {
     dtype: DType,
     #[command(flatten)]
     socket: SocketArg,
-    /// Create the channel at run time (broadcast, all pools) if it does not exist.
+    /// Create the channel at run time if it does not exist (see --mode, --pool).
     #[arg(long)]
     create: bool,
+    /// With --create: `broadcast` (every subscriber gets every frame, default) or `work_queue` (each frame to one subscriber).
+    #[arg(
+        long,
+        value_name = "M",
+        default_value = "broadcast",
+        requires = "create"
+    )]
+    mode: Mode,
+    /// With --create: a pool the channel may loan from (repeat for several; default: every pool of the broker).
+    #[arg(long = "pool", value_name = "NAME", requires = "create")]
+    pools: Vec<String>,
     /// Publish at most this many frames per second (0 or absent: as fast as stdin delivers).
     #[arg(long, value_name = "F")]
     fps: Option<f64>,
@@ -154,7 +165,8 @@ pub fn run_pub(args: PubArgs) -> Result<(), CliError> {
     };
     let client = Client::connect_to(args.socket.socket.as_deref(), "tensorbus-pub")?;
     let opts = if args.create {
-        ProducerOptions::default().create(Mode::Broadcast, &[])
+        let pools: Vec<&str> = args.pools.iter().map(String::as_str).collect();
+        ProducerOptions::default().create(args.mode, &pools)
     } else {
         ProducerOptions::default()
     };
@@ -171,6 +183,8 @@ pub fn run_pub(args: PubArgs) -> Result<(), CliError> {
         .map(|f| Duration::from_secs_f64(1.0 / f));
     let start = Instant::now();
     let (mut frames, mut bytes) = (0u64, 0u64);
+    let published = Arc::new(AtomicU64::new(0));
+    summary_on_interrupt(published.clone(), frame_len as u64)?;
     loop {
         let mut t = loan(&mut producer, &args.shape.0, args.dtype)?;
         let got = read_full(&mut stdin, t.as_mut_bytes())
@@ -201,9 +215,25 @@ pub fn run_pub(args: PubArgs) -> Result<(), CliError> {
         t.publish()?;
         frames += 1;
         bytes += frame_len as u64;
+        published.store(frames, Ordering::Relaxed);
     }
     eprintln!("pub: frames={frames} bytes={bytes}");
     Ok(())
+}
+
+/// On Ctrl-C or SIGTERM, prints what `pub` published so far and exits
+/// with status 130. A frame being read at that moment is not published:
+/// its loan dies with the process and the broker takes the slot back.
+fn summary_on_interrupt(published: Arc<AtomicU64>, frame_len: u64) -> Result<(), CliError> {
+    ctrlc::set_handler(move || {
+        let frames = published.load(Ordering::Relaxed);
+        eprintln!(
+            "pub: frames={frames} bytes={} (interrupted)",
+            frames * frame_len
+        );
+        std::process::exit(130);
+    })
+    .map_err(|e| CliError(format!("cannot install the signal handler: {e}")))
 }
 
 /// Loans a slot, waiting as long as it takes: a slow subscriber on a

@@ -396,3 +396,110 @@ fn sub_exits_quietly_when_stdout_closes() {
     assert!(status.success(), "sub: {status} {err}");
     assert!(err.is_empty(), "sub was not quiet: {err}");
 }
+
+#[test]
+fn create_takes_mode_and_pools() {
+    let b = broker("create-mode", 4);
+    let args = [
+        "--channel",
+        "jobs",
+        "--shape",
+        "16",
+        "--dtype",
+        "u8",
+        "--create",
+        "--mode",
+        "work_queue",
+        "--pool",
+        "frames",
+    ];
+    let (status, err) = run_pub(&b.socket, &args, Input::Bytes(frames(2, 16)));
+    assert!(status.success(), "{err}");
+    let out = Command::new(BIN)
+        .args(["stat", "--socket"])
+        .arg(&b.socket)
+        .output()
+        .unwrap();
+    let stat = text(&out.stdout);
+    let row = stat
+        .lines()
+        .find(|l| l.contains("jobs"))
+        .unwrap_or_else(|| panic!("{stat}"));
+    assert!(row.contains("workqueue"), "{stat}");
+
+    let (status, err) = run_pub(
+        &b.socket,
+        &[
+            "--channel",
+            "x",
+            "--shape",
+            "4",
+            "--create",
+            "--pool",
+            "nope",
+        ],
+        Input::Bytes(frames(1, 4)),
+    );
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("nope"),
+        "an unknown pool is named in the error: {err}"
+    );
+
+    let (status, err) = run_pub(
+        &b.socket,
+        &["--channel", "video", "--shape", "4", "--mode", "work_queue"],
+        Input::Bytes(Vec::new()),
+    );
+    assert_eq!(
+        status.code(),
+        Some(2),
+        "--mode without --create is a usage error: {err}"
+    );
+}
+
+#[test]
+fn interrupted_pub_prints_what_it_published() {
+    let b = broker("interrupt", 4);
+    let (n, len) = (3, 256);
+    let sub = start_sub(&b.socket, &["--channel", "video", "--count", "3"]);
+    let mut child = KillOnDrop(
+        Command::new(BIN)
+            .args(["pub", "--socket"])
+            .arg(&b.socket)
+            .args([
+                "--channel",
+                "video",
+                "--shape",
+                "256",
+                "--wait-subscribers",
+                "1",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let err = drain(child.0.stderr.take().unwrap());
+    // Keep stdin open: pub is blocked reading frame 4 when it is interrupted.
+    let mut stdin = child.0.stdin.take().unwrap();
+    stdin.write_all(&frames(n, len)).unwrap();
+    stdin.flush().unwrap();
+    let (status, out, serr) = sub.finish();
+    assert!(status.success(), "{serr}");
+    assert_eq!(out.len(), n * len);
+    let kill = Command::new("kill")
+        .args(["-INT", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = wait_or_kill(&mut child.0, LIMIT, "tensorbus pub");
+    drop(stdin);
+    let err = text(&err.join().unwrap());
+    assert_eq!(status.code(), Some(130), "{err}");
+    assert!(
+        err.contains(&format!("pub: frames={n} bytes={} (interrupted)", n * len)),
+        "{err}"
+    );
+}
