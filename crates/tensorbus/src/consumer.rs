@@ -5,8 +5,10 @@ use crate::element::{cast_slice, check_typed, Element};
 use crate::error::{RecvError, TryRecvError, TypeError};
 use crate::parker::FutexParker;
 use crate::producer::SlotId;
+use crate::readiness::Readiness;
 use std::cell::Cell;
-use std::sync::Arc;
+use std::os::fd::BorrowedFd;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tensorbus_core::proto::ChannelInfo;
 use tensorbus_core::receive::SubscriberPath;
@@ -61,6 +63,9 @@ pub struct Consumer {
     pub(crate) pools: Vec<Option<PoolRef>>,
     pub(crate) cursor: Cell<usize>,
     pub(crate) wait: WaitStrategy,
+    /// The eventfd and waiter thread of [`Consumer::readiness`], made on
+    /// first use (never touched by `recv`).
+    pub(crate) readiness: OnceLock<Readiness>,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -231,6 +236,45 @@ impl Consumer {
             .map(|r| Tensor { consumer: self, r })
     }
 
+    /// The consumer's [`Readiness`]: an eventfd that becomes readable when
+    /// a tensor is queued (while armed), for event loops that cannot block
+    /// in [`Consumer::recv`] (asyncio, epoll, tokio). The first call creates
+    /// the eventfd and one waiter thread; both live as long as the consumer.
+    /// `recv` and `try_recv` are unchanged by it: no syscall and no
+    /// allocation while it is not armed.
+    ///
+    /// ```no_run
+    /// # let client = tensorbus::Client::connect()?;
+    /// let consumer = client.consumer("camera/raw")?;
+    /// let ready = consumer.readiness()?;
+    /// if consumer.try_recv().is_err() {
+    ///     ready.arm();        // ready.fd() turns readable when a tensor is queued
+    /// }
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn readiness(&self) -> std::io::Result<&Readiness> {
+        if let Some(r) = self.readiness.get() {
+            return Ok(r);
+        }
+        let made = Readiness::new(
+            self.inner.clone(),
+            self.channel.index as usize,
+            self.sub,
+            self.bit,
+            self.policy == Policy::Block,
+        )?;
+        // Another thread may have won the race; then `made` is dropped (its
+        // thread stopped) and theirs is used.
+        let _ = self.readiness.set(made);
+        Ok(self.readiness.get().expect("set above"))
+    }
+
+    /// Shorthand for `readiness()?.fd()`: the eventfd to watch (see
+    /// [`Readiness`] for the arm / watch / clear protocol).
+    pub fn readiness_fd(&self) -> std::io::Result<BorrowedFd<'_>> {
+        self.readiness().map(Readiness::fd)
+    }
+
     /// Releases a slot this subscriber holds.
     pub(crate) fn release(&self, id: SlotId) {
         if let Some(slot) = self
@@ -245,6 +289,9 @@ impl Consumer {
 
 impl Drop for Consumer {
     fn drop(&mut self) {
+        // Stop the waiter thread before the subscriber record goes back to
+        // the broker (it parks on that record's event count).
+        drop(self.readiness.take());
         self.inner.close_handle(self.handle);
     }
 }

@@ -36,6 +36,7 @@ mod open;
 mod parker;
 mod paths;
 mod producer;
+mod readiness;
 mod stage;
 
 pub use client::Client;
@@ -47,7 +48,8 @@ pub use error::{
 };
 pub use open::{ConsumerOptions, ProducerOptions};
 pub use paths::{socket_path, SOCKET_ENV};
-pub use producer::{Producer, SlotId, TensorMut};
+pub use producer::{Producer, Published, SlotId, TensorMut};
+pub use readiness::Readiness;
 pub use stage::{Stage, StagedTensor};
 pub use tensorbus_core::proto::{
     ChannelSpec, ChannelStat, ClientStat, PoolInfo, PoolStat, StatReport, SubscriberStat,
@@ -69,4 +71,5 @@ const _: () = {
     send::<Producer>();
     send::<Consumer>();
     send::<Stage>();
+    send_sync::<Readiness>();
 };

@@ -188,6 +188,7 @@ impl Client {
                     pools,
                     cursor: Cell::new(0),
                     wait: opts.wait,
+                    readiness: std::sync::OnceLock::new(),
                 })
             }
             Response::Error { kind, message } => {

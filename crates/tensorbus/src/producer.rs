@@ -24,6 +24,21 @@ pub struct SlotId {
     pub generation: u32,
 }
 
+/// What a publish (or forward) did, with the sequence number and timestamp
+/// it stamped on the tensor: [`TensorMut::publish_stamped`],
+/// [`crate::StagedTensor::forward_stamped`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Published {
+    /// How many subscribers received it / dropped something.
+    pub outcome: PublishOutcome,
+    /// The producer's sequence number given to this tensor (what receivers
+    /// read as `seq`).
+    pub seq: u64,
+    /// CLOCK_MONOTONIC nanoseconds stamped at publish (receivers'
+    /// `timestamp_ns`).
+    pub timestamp_ns: u64,
+}
+
 /// The writing end of a channel.
 ///
 /// ```no_run
@@ -270,10 +285,10 @@ impl Producer {
         id: SlotId,
         mut meta: TensorMeta,
         own_bit: u64,
-    ) -> PublishOutcome {
+    ) -> Published {
         let ctl = &self.inner.control;
         let Some(slot) = ctl.slot(usize::from(id.pool), id.index as usize) else {
-            return PublishOutcome::default();
+            return Published::default();
         };
         meta.seq = self.seq;
         self.seq += 1;
@@ -287,14 +302,19 @@ impl Producer {
             mode: self.channel.mode,
         };
         let desc = Descriptor::new(id.pool, id.index, id.generation);
-        path.publish(
+        let outcome = path.publish(
             desc,
             slot,
             own_bit,
             &mut self.cached_heads,
             &mut self.rr,
             &FutexParker,
-        )
+        );
+        Published {
+            outcome,
+            seq: meta.seq,
+            timestamp_ns: meta.timestamp_ns,
+        }
     }
 
     pub(crate) fn slot(&self, id: SlotId) -> Option<&SlotHeader> {
@@ -378,7 +398,23 @@ impl TensorMut<'_> {
     /// Publishes to every subscriber (broadcast) or one worker (work queue).
     /// The producer's hold ends here; receivers' holds begin.
     #[inline]
-    pub fn publish(mut self) -> Result<PublishOutcome, PublishError> {
+    pub fn publish(self) -> Result<PublishOutcome, PublishError> {
+        self.publish_stamped().map(|p| p.outcome)
+    }
+
+    /// Like [`TensorMut::publish`], and also returns the sequence number
+    /// and timestamp the tensor was published with (the producer keeps
+    /// them in registers anyway: this costs nothing extra).
+    ///
+    /// ```no_run
+    /// # let client = tensorbus::Client::connect()?;
+    /// let mut producer = client.producer("imu")?;
+    /// let p = producer.loan(&[16], tensorbus::DType::F32)?.publish_stamped()?;
+    /// println!("seq {} at {} ns to {} subscribers", p.seq, p.timestamp_ns, p.outcome.delivered);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[inline]
+    pub fn publish_stamped(mut self) -> Result<Published, PublishError> {
         self.done = true;
         let bit = self.producer.bit;
         Ok(self.producer.publish_slot(self.id, self.meta, bit))

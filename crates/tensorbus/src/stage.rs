@@ -4,7 +4,7 @@
 use crate::consumer::{Consumer, Received};
 use crate::element::{typed_mut, Element};
 use crate::error::{PublishError, RecvError, TryRecvError, TypeError};
-use crate::producer::{Producer, SlotId};
+use crate::producer::{Producer, Published, SlotId};
 use std::time::{Duration, Instant};
 use tensorbus_core::publish::PublishOutcome;
 use tensorbus_core::{DType, ShapeError, TensorMeta};
@@ -147,7 +147,13 @@ impl StagedTensor<'_> {
     }
 
     /// Publishes this very slot on the stage's output channel.
-    pub fn forward(mut self) -> Result<PublishOutcome, PublishError> {
+    pub fn forward(self) -> Result<PublishOutcome, PublishError> {
+        self.forward_stamped().map(|p| p.outcome)
+    }
+
+    /// Like [`StagedTensor::forward`], and also returns the output
+    /// producer's sequence number and timestamp stamped on the tensor.
+    pub fn forward_stamped(mut self) -> Result<Published, PublishError> {
         self.done = true;
         let stage = &mut *self.stage;
         forward_slot(&stage.input, &mut stage.output, &self.r)
@@ -165,7 +171,16 @@ impl StagedTensor<'_> {
     /// if t.iter().all(|&b| b == 0) { t.forward_to(&mut rejects)?; } else { t.forward()?; }
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
-    pub fn forward_to(mut self, producer: &mut Producer) -> Result<PublishOutcome, PublishError> {
+    pub fn forward_to(self, producer: &mut Producer) -> Result<PublishOutcome, PublishError> {
+        self.forward_to_stamped(producer).map(|p| p.outcome)
+    }
+
+    /// Like [`StagedTensor::forward_to`], and also returns the sequence
+    /// number and timestamp `producer` stamped on the tensor.
+    pub fn forward_to_stamped(
+        mut self,
+        producer: &mut Producer,
+    ) -> Result<Published, PublishError> {
         self.done = true;
         let stage = &mut *self.stage;
         forward_slot(&stage.input, producer, &self.r)
@@ -178,7 +193,7 @@ fn forward_slot(
     input: &Consumer,
     producer: &mut Producer,
     r: &Received,
-) -> Result<PublishOutcome, PublishError> {
+) -> Result<Published, PublishError> {
     let pool = usize::from(r.id.pool);
     let slot_size = input
         .pools

@@ -1,0 +1,282 @@
+//! A file descriptor that becomes readable when a consumer has a tensor
+//! queued: how event loops (Python's asyncio, epoll, tokio, ...) wait for
+//! tensors without blocking a thread in [`Consumer::recv`].
+//!
+//! A producer wakes sleeping consumers through the subscriber's event count
+//! in shared memory (a futex, see `tensorbus_core::event`), and a futex
+//! cannot be polled. So a [`Readiness`] owns a Linux eventfd plus one
+//! waiter thread, both created on first use. While *armed*, the thread
+//! parks on the very futex a blocking `recv` parks on (it counts as a
+//! waiter there, so producers wake it exactly as they wake a sleeping
+//! `recv`) and, once a tensor is queued, disarms itself and writes the
+//! eventfd. Disarmed, it sleeps on a private condition variable and is not
+//! counted as a waiter: the producer's hot path stays free of syscalls.
+//!
+//! The protocol for an event loop:
+//!
+//! 1. [`Consumer::try_recv`]; if it returns a tensor, done.
+//! 2. [`Readiness::arm`], then watch [`Readiness::fd`] for readability.
+//!    (A tensor that arrived between 1 and 2 is seen by the armed thread,
+//!    which makes the fd readable at once: no wake-up is lost.)
+//! 3. When the fd is readable: [`Readiness::clear`], then go to 1.
+//!
+//! Arming is one-shot: each readable event needs a new `arm()`. A readable
+//! fd means "try again", never "a tensor is certainly there" (another
+//! thread may have taken it, [`Readiness::wake`] may have been called).
+//!
+//! [`Consumer::recv`]: crate::Consumer::recv
+//! [`Consumer::try_recv`]: crate::Consumer::try_recv
+
+use crate::client::Inner;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+use tensorbus_core::receive::SubscriberPath;
+
+/// Longest single futex sleep of the waiter thread (it re-checks its flags
+/// and the rings after each; wake-ups normally end the sleep much earlier).
+const PARK_SLICE: Duration = Duration::from_millis(100);
+
+/// An eventfd that becomes readable when its consumer has a tensor queued,
+/// while armed. Get it with [`crate::Consumer::readiness`]; it lives (and
+/// its thread runs) as long as the consumer.
+///
+/// ```no_run
+/// use std::os::fd::AsRawFd;
+/// # let client = tensorbus::Client::connect()?;
+/// let consumer = client.consumer("camera/raw")?;
+/// let ready = consumer.readiness()?;
+/// loop {
+///     if let Ok(t) = consumer.try_recv() {
+///         println!("seq {}", t.seq());
+///         continue;
+///     }
+///     ready.arm();
+///     // Hand ready.fd() to your event loop; here, a plain poll(2):
+///     let mut pfd = libc::pollfd { fd: ready.fd().as_raw_fd(), events: libc::POLLIN, revents: 0 };
+///     // SAFETY: one valid pollfd for the call's duration.
+///     unsafe { libc::poll(&mut pfd, 1, -1) };
+///     ready.clear();
+/// }
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct Readiness {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Readiness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Readiness")
+            .field("fd", &self.shared.efd.as_raw_fd())
+            .field("armed", &self.is_armed())
+            .finish()
+    }
+}
+
+/// What the consumer and the waiter thread share.
+struct Shared {
+    efd: OwnedFd,
+    /// Set by `arm`, cleared by `disarm` or by the thread when it fires.
+    armed: AtomicBool,
+    /// Set once, when the readiness is dropped: the thread exits.
+    closed: AtomicBool,
+    /// The disarmed thread sleeps here (not on the shared futex).
+    idle: Mutex<()>,
+    cv: Condvar,
+    /// Keeps the control segment mapped for the thread.
+    inner: Arc<Inner>,
+    channel: usize,
+    sub: usize,
+    bit: u64,
+    lossless: bool,
+}
+
+fn lock(m: &Mutex<()>) -> MutexGuard<'_, ()> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    fn path(&self) -> SubscriberPath<'_> {
+        SubscriberPath {
+            ctl: &self.inner.control,
+            channel: self.channel,
+            sub: self.sub,
+            bit: self.bit,
+            lossless: self.lossless,
+        }
+    }
+
+    /// Adds one to the eventfd counter: the fd becomes readable.
+    fn signal(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to an eventfd we own. The
+        // only possible failure (EAGAIN: counter at its maximum) leaves the
+        // fd readable, which is all we want.
+        unsafe {
+            libc::write(
+                self.efd.as_raw_fd(),
+                (&one as *const u64).cast(),
+                std::mem::size_of::<u64>(),
+            );
+        }
+    }
+
+    /// Gets the thread out of its futex sleep after `armed` or `closed`
+    /// changed: bumps the event's sequence (so a sleep that is about to
+    /// start returns at once) and wakes the futex. The thread reads the
+    /// flag after its wait key (`prepare_wait`), so either it sees the new
+    /// flag or its key is older than the bump.
+    fn kick(&self) {
+        {
+            let _g = lock(&self.idle);
+            self.cv.notify_all();
+        }
+        if let Some(rec) = self.inner.control.subscriber(self.channel, self.sub) {
+            let ev = &rec.config.data;
+            ev.bump();
+            tensorbus_shm::futex::wake(&ev.seq, i32::MAX);
+        }
+    }
+
+    /// The waiter thread.
+    fn run(&self) {
+        loop {
+            {
+                let mut g = lock(&self.idle);
+                while !self.armed.load(Ordering::SeqCst) && !self.closed.load(Ordering::SeqCst) {
+                    g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+                }
+            }
+            if self.closed.load(Ordering::SeqCst) {
+                return;
+            }
+            let Some(rec) = self.inner.control.subscriber(self.channel, self.sub) else {
+                // No record (cannot happen with a valid layout): never fire.
+                std::thread::sleep(PARK_SLICE);
+                continue;
+            };
+            let ev = &rec.config.data;
+            // Announce ourselves first, then look (the event count's
+            // protocol): a producer that pushes after our look sees us.
+            let key = ev.prepare_wait();
+            if self.closed.load(Ordering::SeqCst) || !self.armed.load(Ordering::SeqCst) {
+                ev.cancel_wait();
+                continue;
+            }
+            if self.path().has_entry() {
+                ev.cancel_wait();
+                if self.armed.swap(false, Ordering::SeqCst) {
+                    self.signal();
+                }
+                continue;
+            }
+            tensorbus_shm::futex::wait(&ev.seq, key, Some(PARK_SLICE));
+            ev.cancel_wait();
+        }
+    }
+}
+
+impl Readiness {
+    /// Creates the eventfd and starts the waiter thread for one subscriber.
+    pub(crate) fn new(
+        inner: Arc<Inner>,
+        channel: usize,
+        sub: usize,
+        bit: u64,
+        lossless: bool,
+    ) -> io::Result<Readiness> {
+        // SAFETY: eventfd has no memory-safety preconditions.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+        let efd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let shared = Arc::new(Shared {
+            efd,
+            armed: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            idle: Mutex::new(()),
+            cv: Condvar::new(),
+            inner,
+            channel,
+            sub,
+            bit,
+            lossless,
+        });
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("tensorbus-ready".into())
+            .spawn(move || s.run())?;
+        Ok(Readiness {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// The eventfd (non-blocking, close-on-exec). Readable after a tensor
+    /// was queued while armed, or after [`Readiness::wake`]; stays readable
+    /// until [`Readiness::clear`].
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.shared.efd.as_fd()
+    }
+
+    /// Asks for one notification: the fd becomes readable as soon as a
+    /// tensor is queued for this consumer (at once if one already is).
+    /// Then the readiness disarms itself; arm again for the next one.
+    pub fn arm(&self) {
+        if !self.shared.armed.swap(true, Ordering::SeqCst) {
+            let _g = lock(&self.shared.idle);
+            self.shared.cv.notify_all();
+        }
+    }
+
+    /// Withdraws an [`Readiness::arm`] (a cancelled wait): the thread stops
+    /// watching the channel. The fd may still be readable from before.
+    pub fn disarm(&self) {
+        if self.shared.armed.swap(false, Ordering::SeqCst) {
+            self.shared.kick();
+        }
+    }
+
+    /// Whether a notification is pending (armed and not fired yet).
+    pub fn is_armed(&self) -> bool {
+        self.shared.armed.load(Ordering::SeqCst)
+    }
+
+    /// Makes the fd unreadable again (reads the eventfd counter). Call it
+    /// when the fd was readable, before trying to receive.
+    pub fn clear(&self) {
+        let mut buf: u64 = 0;
+        // SAFETY: reads at most 8 bytes into a live u64 from an eventfd we
+        // own; non-blocking, so EAGAIN (nothing pending) returns at once.
+        unsafe {
+            libc::read(
+                self.shared.efd.as_raw_fd(),
+                (&mut buf as *mut u64).cast(),
+                std::mem::size_of::<u64>(),
+            );
+        }
+    }
+
+    /// Makes the fd readable now, armed or not: tells a waiting event loop
+    /// to look again (for instance because the consumer is being closed).
+    pub fn wake(&self) {
+        self.shared.signal();
+    }
+}
+
+impl Drop for Readiness {
+    fn drop(&mut self) {
+        self.shared.closed.store(true, Ordering::SeqCst);
+        self.shared.armed.store(false, Ordering::SeqCst);
+        self.shared.kick();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
