@@ -44,4 +44,9 @@ step "Python bindings: build into .venv (maturin), pytest across processes"
 bindings/python/test.sh
 # --- end Python bindings ---
 
+# --- model pipeline ---
+step "model pipeline: camera → preprocess → PP-OCRv4 detector → sink (installs examples/pipeline pins into .venv)"
+examples/pipeline/test.sh
+# --- end model pipeline ---
+
 printf '\nall tests passed\n'
