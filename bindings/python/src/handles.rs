@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 use tensorbus::{
     ChannelSpec, Client, ConnectError, Consumer, ConsumerOptions, LoanError, OpenError, Producer,
-    ProducerOptions, RecvError, RequestError, Stage, StagedTensor, Tensor, TensorMut, TryRecvError,
-    WaitStrategy,
+    ProducerOptions, Published, RecvError, RequestError, Stage, StagedTensor, Tensor, TensorMut,
+    TryRecvError, WaitStrategy,
 };
 use tensorbus_broker::{Config, EmbeddedBroker};
 
@@ -121,12 +121,22 @@ trait Closable: Send + Sync {
     fn close(&self);
 }
 
+/// A handle core: told when its Python handle is closed (the core itself
+/// may live on in tensors and waiters).
+pub(crate) trait Core: Send + Sync {
+    /// The Python handle was closed.
+    fn closing(&self) {}
+}
+
 /// The Python handle's reference to its core (`None` once closed).
 pub(crate) struct Slot<T>(Mutex<Option<Arc<T>>>);
 
-impl<T: Send + Sync> Closable for Slot<T> {
+impl<T: Core> Closable for Slot<T> {
     fn close(&self) {
         let core = lock(&self.0).take();
+        if let Some(c) = &core {
+            c.closing();
+        }
         drop(core); // outside the lock: may close the handle at the broker
     }
 }
@@ -402,6 +412,7 @@ impl PyClient {
         let slot = Slot::new(ConsumerCore {
             c: consumer,
             lock: Mutex::new(()),
+            aio: AtomicBool::new(false),
         });
         self.adopt(Arc::downgrade(&slot) as Weak<dyn Closable>);
         Ok(PyConsumer {
@@ -428,7 +439,7 @@ impl PyClient {
         if let Some(d) = depth {
             opts = opts.depth(d);
         }
-        let c = AssertSend(client);
+        let c = AssertSend(client.clone());
         let opened = py.detach(move || {
             let c = c;
             c.0.stage_with(input, output, opts).map(AssertSend)
@@ -438,6 +449,8 @@ impl PyClient {
             s: UnsafeCell::new(stage),
             busy: AtomicBool::new(false),
             output: output.to_owned(),
+            client,
+            extra: Mutex::new(Vec::new()),
         });
         self.adopt(Arc::downgrade(&slot) as Weak<dyn Closable>);
         Ok(PyStage {
@@ -551,10 +564,49 @@ unsafe impl Send for ProducerCore {}
 // SAFETY: as above.
 unsafe impl Sync for ProducerCore {}
 
+impl Core for ProducerCore {}
+
+/// A producer claimed while no loan is out (to forward a staged tensor
+/// through it); unclaimed on drop.
+pub(crate) struct Claimed<'a>(&'a ProducerCore);
+
 impl ProducerCore {
     /// Ends a loan: called after its `TensorMut` is dropped or published.
     pub(crate) fn idle(&self) {
         self.busy.store(false, Ordering::Release);
+    }
+
+    /// Claims the producer (`Busy` while it has a loan out).
+    pub(crate) fn claim(&self) -> PyResult<Claimed<'_>> {
+        if self.busy.swap(true, Ordering::AcqRel) {
+            return Err(tb_err(
+                "Busy",
+                "that producer has a loan out: publish or release it first",
+            ));
+        }
+        Ok(Claimed(self))
+    }
+}
+
+impl Claimed<'_> {
+    /// The producer, shared.
+    pub(crate) fn producer_ref(&self) -> &Producer {
+        // SAFETY: as in `producer`; a shared borrow of the claim.
+        unsafe { &*self.0.p.get() }
+    }
+
+    /// The producer, exclusively.
+    pub(crate) fn producer(&mut self) -> &mut Producer {
+        // SAFETY: `claim` set `busy`, which only `Drop` clears: this is the
+        // only `&mut` to the producer while the claim (borrowed mutably
+        // here) lives.
+        unsafe { &mut *self.0.p.get() }
+    }
+}
+
+impl Drop for Claimed<'_> {
+    fn drop(&mut self) {
+        self.0.idle();
     }
 }
 
@@ -564,6 +616,13 @@ impl ProducerCore {
 pub struct PyProducer {
     slot: Arc<Slot<ProducerCore>>,
     channel: String,
+}
+
+impl PyProducer {
+    /// The producer's core (`Closed` after `close()`).
+    pub(crate) fn core(&self) -> PyResult<Arc<ProducerCore>> {
+        self.slot.get().ok_or_else(|| closed("producer"))
+    }
 }
 
 #[pymethods]
@@ -682,14 +741,104 @@ fn loan_with(
 pub(crate) struct ConsumerCore {
     c: Consumer,
     lock: Mutex<()>,
+    /// Whether `recv_async` made the consumer's readiness fd.
+    aio: AtomicBool,
 }
 
 // SAFETY: the only non-thread-safe state of `Consumer` is its ring cursor
 // (`Cell`), touched by receives alone, which `lock` serializes. Releasing a
-// tensor reads immutable fields and clears a bit atomically.
+// tensor reads immutable fields and clears a bit atomically; the readiness
+// (a `OnceLock` of an eventfd and atomics) is thread-safe.
 unsafe impl Send for ConsumerCore {}
 // SAFETY: as above.
 unsafe impl Sync for ConsumerCore {}
+
+impl Core for ConsumerCore {
+    /// Wakes `recv_async` waiters so that they see the consumer closed.
+    fn closing(&self) {
+        if self.aio.load(Ordering::Acquire) {
+            if let Ok(r) = self.c.readiness() {
+                r.wake();
+            }
+        }
+    }
+}
+
+/// One non-blocking receive as a Python tensor (`None`: nothing queued).
+fn try_take_py(py: Python<'_>, core: Arc<ConsumerCore>) -> PyResult<Option<Py<PyTensor>>> {
+    match take(&core, Duration::ZERO).map_err(recv_err)? {
+        Some(t) => PyTensor::new_py(py, View::Recv(t), Owner::Consumer(core)).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// The asyncio helpers (`tensorbus/_aio.py`).
+static AIO: pyo3::sync::PyOnceLock<Py<pyo3::types::PyModule>> = pyo3::sync::PyOnceLock::new();
+
+fn aio(py: Python<'_>) -> PyResult<&Bound<'_, pyo3::types::PyModule>> {
+    AIO.get_or_try_init(py, || py.import("tensorbus._aio").map(|m| m.unbind()))
+        .map(|m| m.bind(py))
+}
+
+/// A consumer's readiness fd for the asyncio helpers (`tensorbus/_aio.py`):
+/// it keeps the consumer's core, and so the eventfd, alive while an event
+/// loop watches it, even after `Consumer.close()`.
+#[pyclass(frozen, module = "tensorbus", name = "_Readiness")]
+pub struct PyReadiness {
+    core: Arc<ConsumerCore>,
+    slot: Arc<Slot<ConsumerCore>>,
+    fd: i32,
+}
+
+impl PyReadiness {
+    fn readiness(&self) -> PyResult<&tensorbus::Readiness> {
+        self.core
+            .c
+            .readiness()
+            .map_err(|e| tb_err("TensorbusError", format!("readiness fd: {e}")))
+    }
+}
+
+#[pymethods]
+impl PyReadiness {
+    /// The eventfd to watch for readability.
+    fn fileno(&self) -> i32 {
+        self.fd
+    }
+
+    /// Asks for one notification (the fd turns readable when a tensor is queued).
+    fn arm(&self) -> PyResult<()> {
+        self.readiness()?.arm();
+        Ok(())
+    }
+
+    /// Withdraws `arm()`.
+    fn disarm(&self) -> PyResult<()> {
+        self.readiness()?.disarm();
+        Ok(())
+    }
+
+    /// Makes the fd unreadable (call after it was readable).
+    fn clear(&self) -> PyResult<()> {
+        self.readiness()?.clear();
+        Ok(())
+    }
+
+    /// Whether the consumer was closed.
+    #[getter]
+    fn closed(&self) -> bool {
+        self.slot.get().is_none()
+    }
+
+    /// The next tensor if one is queued, else None; `Closed` once the
+    /// consumer is closed.
+    fn try_recv(&self, py: Python<'_>) -> PyResult<Option<Py<PyTensor>>> {
+        if self.slot.get().is_none() {
+            return Err(closed("consumer"));
+        }
+        try_take_py(py, self.core.clone())
+    }
+}
 
 /// Receives one tensor; `None`: nothing arrived within `wait` (`ZERO` polls).
 fn take(core: &ConsumerCore, wait: Duration) -> Result<Option<Tensor<'static>>, RecvError> {
@@ -713,7 +862,7 @@ fn take(core: &ConsumerCore, wait: Duration) -> Result<Option<Tensor<'static>>, 
 
 /// The reading end of a channel: `recv()` returns read-only tensors;
 /// iterating yields tensors until the consumer is closed.
-#[pyclass(frozen, module = "tensorbus", name = "Consumer")]
+#[pyclass(frozen, weakref, module = "tensorbus", name = "Consumer")]
 pub struct PyConsumer {
     slot: Arc<Slot<ConsumerCore>>,
     channel: String,
@@ -797,7 +946,48 @@ impl PyConsumer {
 
     /// The next tensor if one is queued, else None (never waits).
     fn try_recv(&self, py: Python<'_>) -> PyResult<Option<Py<PyTensor>>> {
-        self.wait(py, Some(Duration::ZERO))
+        let core = self.slot.get().ok_or_else(|| closed("consumer"))?;
+        try_take_py(py, core)
+    }
+
+    /// `await consumer.recv_async(timeout=None)`: waits for the next tensor
+    /// without blocking the event loop (asyncio; the consumer's readiness
+    /// eventfd is watched with `loop.add_reader`). Raises `Timeout` after
+    /// `timeout` seconds and `Closed` when the consumer is closed while
+    /// waiting; cancelling the awaiting task loses no tensor.
+    #[pyo3(signature = (timeout = None))]
+    fn recv_async<'py>(
+        slf: &Bound<'py, Self>,
+        timeout: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        aio(py)?.getattr("recv_async")?.call1((slf, timeout))
+    }
+
+    fn __aiter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    /// `async for t in consumer`: ends when the consumer is closed.
+    fn __anext__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        aio(py)?.getattr("anext")?.call1((slf,))
+    }
+
+    /// The readiness fd helper of `recv_async` (internal).
+    fn _readiness(&self) -> PyResult<PyReadiness> {
+        let core = self.slot.get().ok_or_else(|| closed("consumer"))?;
+        let fd = core
+            .c
+            .readiness_fd()
+            .map_err(|e| tb_err("TensorbusError", format!("cannot make a readiness fd: {e}")))?;
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&fd);
+        core.aio.store(true, Ordering::Release);
+        Ok(PyReadiness {
+            core,
+            slot: self.slot.clone(),
+            fd,
+        })
     }
 
     fn __iter__(slf: Py<Self>) -> Py<Self> {
@@ -845,6 +1035,10 @@ pub(crate) struct StageCore {
     s: UnsafeCell<Stage>,
     busy: AtomicBool,
     output: String,
+    /// The client the stage came from: opens producers for `forward("name")`.
+    client: Client,
+    /// Producers this stage opened for `forward(to)` to other channels.
+    extra: Mutex<Vec<(String, Producer)>>,
 }
 
 // SAFETY: as for `ProducerCore`: `&mut Stage` is only formed by the holder
@@ -853,6 +1047,8 @@ unsafe impl Send for StageCore {}
 // SAFETY: as above.
 unsafe impl Sync for StageCore {}
 
+impl Core for StageCore {}
+
 impl StageCore {
     /// Ends a staged tensor: called after it is dropped or forwarded.
     pub(crate) fn idle(&self) {
@@ -860,8 +1056,56 @@ impl StageCore {
     }
 
     /// The output channel's name.
-    pub(crate) fn output_name(&self) -> String {
-        self.output.clone()
+    pub(crate) fn output_name(&self) -> &str {
+        &self.output
+    }
+
+    /// Opens (once) the producer `forward(channel)` uses for a channel
+    /// other than the stage's output, and keeps it.
+    pub(crate) fn open_extra(&self, py: Python<'_>, channel: &str) -> PyResult<()> {
+        if lock(&self.extra).iter().any(|(n, _)| n == channel) {
+            return Ok(());
+        }
+        // Open outside the lock (the broker request runs without the GIL).
+        let c = AssertSend(self.client.clone());
+        let opened = py.detach(move || {
+            let c = c;
+            c.0.producer(channel).map(AssertSend)
+        });
+        let p = opened.map_err(open_err)?.0;
+        let mut extra = lock(&self.extra);
+        if !extra.iter().any(|(n, _)| n == channel) {
+            extra.push((channel.to_owned(), p));
+        }
+        Ok(())
+    }
+
+    /// Whether `t` may be forwarded on `channel` (opened by
+    /// [`StageCore::open_extra`]), without consuming it.
+    pub(crate) fn check_extra(
+        &self,
+        t: &StagedTensor<'static>,
+        channel: &str,
+    ) -> Result<(), tensorbus::PublishError> {
+        let extra = lock(&self.extra);
+        match extra.iter().find(|(n, _)| n == channel) {
+            Some((_, p)) => t.check_forward_to(p),
+            None => unreachable!("open_extra ran first"),
+        }
+    }
+
+    /// Forwards `t` (a tensor of this stage) on `channel` through the
+    /// producer [`StageCore::open_extra`] opened.
+    pub(crate) fn forward_on(
+        &self,
+        t: StagedTensor<'static>,
+        channel: &str,
+    ) -> Result<Published, tensorbus::PublishError> {
+        let mut extra = lock(&self.extra);
+        match extra.iter_mut().find(|(n, _)| n == channel) {
+            Some((_, p)) => t.forward_to_stamped(p),
+            None => unreachable!("open_extra ran first"),
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! `Tensor`: a loaned, received or staged slot, its numpy and DLPack
 //! exports, and the export counting that keeps the slot alive under them.
 
-use crate::handles::{lock, ConsumerCore, ProducerCore, StageCore};
+use crate::handles::{lock, ConsumerCore, ProducerCore, PyProducer, StageCore};
 use crate::{dtype_name, tb_err};
 use pyo3::exceptions::{PyBufferError, PyValueError};
 use pyo3::ffi;
@@ -9,7 +9,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyTuple};
 use std::ffi::{c_void, CStr};
 use std::sync::{Arc, Mutex};
-use tensorbus::{DType, StagedTensor, Tensor, TensorMeta, TensorMut};
+use tensorbus::{DType, PublishError, Published, StagedTensor, Tensor, TensorMeta, TensorMut};
 
 /// A Rust view with its borrow of the owning handle erased (see
 /// [`Owner`]): dropping it gives the slot back.
@@ -197,6 +197,13 @@ impl PyTensor {
         self.kind != Kind::Received
     }
 
+    /// Records the stamps of a publish or forward in the tensor's metadata.
+    fn stamp(&self, p: &Published) {
+        let mut st = lock(&self.state);
+        st.meta.seq = p.seq;
+        st.meta.timestamp_ns = p.timestamp_ns;
+    }
+
     /// The `__array_interface__` dict of the slot (`meta` from `begin_export`).
     fn interface<'py>(&self, py: Python<'py>, meta: &TensorMeta) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
@@ -207,6 +214,16 @@ impl PyTensor {
         d.set_item("strides", PyTuple::new(py, meta.strides())?)?;
         d.set_item("data", (self.ptr, !self.writable()))?;
         Ok(d)
+    }
+}
+
+/// The Python error of a forward the target channel cannot take.
+fn forward_err(e: PublishError) -> PyErr {
+    match e {
+        PublishError::PoolNotAllowed { .. } | PublishError::ForeignClient => {
+            tb_err("InvalidArgument", e.to_string())
+        }
+        PublishError::Shape(_) => tb_err("ShapeError", e.to_string()),
     }
 }
 
@@ -376,10 +393,11 @@ impl PyTensor {
         Ok((id.pool, id.index, id.generation))
     }
 
-    /// Publishes a loan to the channel's subscribers (sequence number and
-    /// timestamp are filled in) and returns how many received it. Numpy
-    /// arrays of the loan stay valid memory but must not be written to any
-    /// more: the bytes now belong to the consumers.
+    /// Publishes a loan to the channel's subscribers and returns how many
+    /// received it. The sequence number and timestamp it was stamped with
+    /// are then `t.seq` and `t.timestamp_ns`. Numpy arrays of the loan stay
+    /// valid memory but must not be written to any more: the bytes now
+    /// belong to the consumers.
     #[pyo3(signature = (user_header = None))]
     fn publish(&self, user_header: Option<&[u8]>) -> PyResult<u32> {
         let (t, core, owner) = {
@@ -416,43 +434,86 @@ impl PyTensor {
             };
             (t, core, owner)
         };
-        let r = t.publish();
+        let r = t.publish_stamped();
         core.idle();
         drop(owner);
-        r.map(|o| o.delivered)
-            .map_err(|e| tb_err("ShapeError", e.to_string()))
+        let p = r.map_err(|e| tb_err("ShapeError", e.to_string()))?;
+        self.stamp(&p);
+        Ok(p.outcome.delivered)
     }
 
-    /// Forwards a staged tensor — the very same slot — on the stage's
-    /// output channel and returns how many received it. `to`, if given,
-    /// must name the stage's output channel.
+    /// Forwards a staged tensor — the very same slot — and returns how
+    /// many received it. `to`: None (the stage's output channel), a channel
+    /// name (the stage opens a producer for it on first use and keeps it)
+    /// or a `Producer` of the same client (`Busy` while it has a loan). The
+    /// channel must use the slot's pool (else `InvalidArgument`, and the
+    /// tensor stays staged: forward it elsewhere or release it). `t.seq`
+    /// and `t.timestamp_ns` are then the stamps of the forward.
     #[pyo3(signature = (to = None))]
-    fn forward(&self, to: Option<&str>) -> PyResult<u32> {
-        let (t, core, owner) = {
-            let mut st = lock(&self.state);
-            let gone = st.gone;
-            match st.view.as_ref() {
-                Some(View::Staged(_)) => {}
-                Some(_) => {
+    fn forward(&self, py: Python<'_>, to: Option<&Bound<'_, PyAny>>) -> PyResult<u32> {
+        enum Target {
+            Output,
+            Named(String),
+            Producer(Arc<ProducerCore>),
+        }
+        let target = match to {
+            None => Target::Output,
+            Some(x) if x.is_none() => Target::Output,
+            Some(x) => {
+                if let Ok(name) = x.extract::<String>() {
+                    Target::Named(name)
+                } else if let Ok(p) = x.cast::<PyProducer>() {
+                    Target::Producer(p.get().core()?)
+                } else {
+                    return Err(tb_err(
+                        "InvalidArgument",
+                        format!(
+                            "forward(to=...) takes a channel name or a tensorbus.Producer, not {}",
+                            x.get_type().name()?
+                        ),
+                    ));
+                }
+            }
+        };
+        // Everything that can fail without consuming the tensor comes first:
+        // a busy producer, a channel that does not exist.
+        let core = {
+            let st = lock(&self.state);
+            match (st.view.as_ref(), &st.owner) {
+                (Some(View::Staged(_)), Some(Owner::Stage(s))) => s.clone(),
+                (Some(_), _) => {
                     return Err(tb_err(
                         "InvalidArgument",
                         "forward() is for tensors from Stage.recv_mut() (use publish() for loans)",
                     ))
                 }
-                None => return Err(tb_err("Released", format!("tensor already {gone}"))),
+                (None, _) => return Err(tb_err("Released", format!("tensor already {}", st.gone))),
             }
-            let core = match &st.owner {
-                Some(Owner::Stage(s)) => s.clone(),
-                _ => unreachable!("staged tensors are owned by stages"),
-            };
-            if let Some(to) = to {
-                let out = core_output(&core);
-                if to != out {
-                    return Err(tb_err(
-                        "InvalidArgument",
-                        format!("this stage forwards to {out:?}, not {to:?} (a stage has one output channel, chosen at Client.stage())"),
-                    ));
-                }
+        };
+        if let Target::Named(name) = &target {
+            if name != core.output_name() {
+                core.open_extra(py, name)?;
+            }
+        }
+        let mut claimed = match &target {
+            Target::Producer(p) => Some(p.claim()?),
+            _ => None,
+        };
+        let check = |t: &StagedTensor<'static>| match &target {
+            Target::Output => t.check_forward(),
+            Target::Named(name) if name == core.output_name() => t.check_forward(),
+            Target::Named(name) => core.check_extra(t, name),
+            Target::Producer(_) => match claimed.as_ref() {
+                Some(c) => t.check_forward_to(c.producer_ref()),
+                None => unreachable!("claimed above"),
+            },
+        };
+        let (t, owner) = {
+            let mut st = lock(&self.state);
+            let gone = st.gone;
+            match st.view.as_ref() {
+                Some(View::Staged(t)) => check(t).map_err(forward_err)?,
+                _ => return Err(tb_err("Released", format!("tensor already {gone}"))),
             }
             let Some(View::Staged(t)) = st.view.take() else {
                 unreachable!("checked above")
@@ -463,16 +524,30 @@ impl PyTensor {
             } else {
                 None
             };
-            (t, core, owner)
+            (t, owner)
         };
-        let r = t.forward();
+        let r = match &target {
+            Target::Output => t.forward_stamped(),
+            Target::Named(name) if name == core.output_name() => t.forward_stamped(),
+            Target::Named(name) => core.forward_on(t, name),
+            Target::Producer(_) => match claimed.as_mut() {
+                Some(c) => t.forward_to_stamped(c.producer()),
+                None => unreachable!("claimed above"),
+            },
+        };
+        drop(claimed);
         core.idle();
         drop(owner);
-        r.map(|o| o.delivered).map_err(|e| match e {
-            tensorbus::PublishError::PoolNotAllowed { .. }
-            | tensorbus::PublishError::ForeignClient => tb_err("InvalidArgument", e.to_string()),
-            tensorbus::PublishError::Shape(_) => tb_err("ShapeError", e.to_string()),
-        })
+        match r {
+            Ok(p) => {
+                self.stamp(&p);
+                Ok(p.outcome.delivered)
+            }
+            Err(e) => {
+                lock(&self.state).gone = "released (forward failed)";
+                Err(forward_err(e))
+            }
+        }
     }
 
     /// Gives the slot back now (a loan unpublished, a staged tensor
@@ -592,10 +667,6 @@ impl PyTensor {
             }
         )
     }
-}
-
-fn core_output(core: &StageCore) -> String {
-    core.output_name()
 }
 
 // ---------------------------------------------------------------- numpy ---

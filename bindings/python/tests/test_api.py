@@ -222,8 +222,9 @@ def test_stage_in_place_and_forward(client):
         assert a.flags.writeable
         a *= 2
         del a
-        with pytest.raises(tb.InvalidArgument):
-            s.forward("somewhere/else")
+        with pytest.raises(tb.ChannelNotFound):
+            s.forward("somewhere/else")  # the tensor stays staged
+        assert not s.released
         assert s.forward("stage/out") == 1
     with out.recv(timeout=1.0) as r:
         assert r.slot == slot  # the very same slot, forwarded

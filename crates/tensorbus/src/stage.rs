@@ -175,6 +175,20 @@ impl StagedTensor<'_> {
         self.forward_to_stamped(producer).map(|p| p.outcome)
     }
 
+    /// Whether [`StagedTensor::forward`] would succeed, without consuming
+    /// the tensor (a failed forward releases the slot): the output channel
+    /// uses the slot's pool and the metadata fits the slot.
+    pub fn check_forward(&self) -> Result<(), PublishError> {
+        check_forward(&self.stage.input, &self.stage.output, &self.r)
+    }
+
+    /// Whether [`StagedTensor::forward_to`] `producer` would succeed,
+    /// without consuming the tensor: same client, a channel that uses the
+    /// slot's pool, metadata that fits the slot.
+    pub fn check_forward_to(&self, producer: &Producer) -> Result<(), PublishError> {
+        check_forward(&self.stage.input, producer, &self.r)
+    }
+
     /// Like [`StagedTensor::forward_to`], and also returns the sequence
     /// number and timestamp `producer` stamped on the tensor.
     pub fn forward_to_stamped(
@@ -187,13 +201,9 @@ impl StagedTensor<'_> {
     }
 }
 
-/// Publishes a slot the stage holds (by its input bit) through `producer`,
-/// or releases it with the reason it cannot go there.
-fn forward_slot(
-    input: &Consumer,
-    producer: &mut Producer,
-    r: &Received,
-) -> Result<Published, PublishError> {
+/// Whether `producer` may publish the slot the stage holds: same client,
+/// a channel that uses the slot's pool, metadata valid for the slot.
+fn check_forward(input: &Consumer, producer: &Producer, r: &Received) -> Result<(), PublishError> {
     let pool = usize::from(r.id.pool);
     let slot_size = input
         .pools
@@ -201,7 +211,7 @@ fn forward_slot(
         .copied()
         .flatten()
         .map_or(0, |p| p.slot_size);
-    let check = if !std::sync::Arc::ptr_eq(&input.inner, &producer.inner) {
+    if !std::sync::Arc::ptr_eq(&input.inner, &producer.inner) {
         Err(PublishError::ForeignClient)
     } else if producer.pools.get(pool).copied().flatten().is_none() {
         Err(PublishError::PoolNotAllowed {
@@ -214,8 +224,17 @@ fn forward_slot(
         })
     } else {
         r.meta.validate(slot_size).map_err(PublishError::Shape)
-    };
-    match check {
+    }
+}
+
+/// Publishes a slot the stage holds (by its input bit) through `producer`,
+/// or releases it with the reason it cannot go there.
+fn forward_slot(
+    input: &Consumer,
+    producer: &mut Producer,
+    r: &Received,
+) -> Result<Published, PublishError> {
+    match check_forward(input, producer, r) {
         Ok(()) => Ok(producer.publish_slot(r.id, r.meta, input.bit)),
         Err(e) => {
             input.release(r.id);
