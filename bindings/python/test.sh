@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Builds the Python module into the repository's virtual environment (.venv)
 # and runs its tests: rustfmt and clippy on the binding crate, `maturin
-# develop --release`, then pytest (real processes, an embedded broker).
+# develop --release`, then pytest (real processes, an embedded broker, and
+# the `tensorbus broker` binary, built here).
 # Usage: bindings/python/test.sh [pytest args...]   (from anywhere)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$PWD
 venv=${TENSORBUS_VENV:-$root/.venv}
+# The real broker binary for tests/test_cli_broker.py (debug build, like `cargo test`'s).
+cargo build --quiet -p tensorbus-cli
+export TENSORBUS_CLI="${CARGO_TARGET_DIR:-$root/target}/debug/tensorbus"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target}/python"
 
 if [ ! -x "$venv/bin/python" ]; then
