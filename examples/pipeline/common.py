@@ -87,9 +87,11 @@ def role_parser(description: str) -> argparse.ArgumentParser:
 
 
 def die_with_parent() -> None:
-    """Asks Linux to SIGKILL this process when the launcher dies (prctl PR_SET_PDEATHSIG)."""
+    """Asks Linux to SIGKILL this process when the launcher dies (prctl PR_SET_PDEATHSIG),
+    and leaves Ctrl-C to the launcher, which stops the roles with SIGTERM (no traceback from each)."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def connect(args: argparse.Namespace, role: str) -> "tb.Client":

@@ -17,7 +17,7 @@ IPC_STEPS = {
     "infer": ("recv", "loan", "release", "publish"),
     "sink": ("recv", "release"),
 }
-IPC_CALLS = 12  # loan+publish; recv+loan+release+publish; recv+2 loans+release+2 publishes; recv+release
+IPC_CALLS = 14  # camera loan+publish; preprocess recv+loan+release+publish; infer recv+2 loans+release+2 publishes; sink recv+release
 MODEL_STEPS = (("infer", "model"),)
 BIND_STEPS = (("infer", "bind"),)
 COMPUTE_STEPS = (("camera", "draw"), ("preprocess", "resize"), ("preprocess", "normalize"),

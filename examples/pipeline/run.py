@@ -11,7 +11,8 @@ them, and prints the time breakdown and one final line:
     pipeline: frames=N fps=F e2e_p50_ms=X e2e_p99_ms=Y hit_rate=H dropped=D
 
 Exit status: 0 when every process succeeded, 1 when one failed or hung,
-2 when a dependency is missing (the message says what to install).
+2 when a dependency is missing (the message says what to install), 130 when
+interrupted (Ctrl-C, SIGTERM).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)  # the roles' shared modules (common, detector, report, ...)
 REQUIREMENTS = os.path.relpath(os.path.join(HERE, "requirements.txt"))
 ROLE_ORDER = ("sink", "infer", "preprocess", "camera")  # consumers first: none misses frame 0
 READY_WAIT_S = 180.0
@@ -53,7 +55,6 @@ def check_dependencies() -> str | None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    sys.path.insert(0, HERE)
     import common
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -137,11 +138,19 @@ class Roles:
                 proc.wait()
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def run(args: argparse.Namespace) -> int:
     import common
     import report
     import tensorbus as tb
 
+    # Ctrl-C or SIGTERM stop the children and remove the private socket and records
+    # (SIGINT too when this was started with it ignored, as background jobs of scripts are).
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     with tempfile.TemporaryDirectory(prefix="tb-pipeline-") as run_dir:
         socket = os.path.join(run_dir, "broker.sock")
         config = common.broker_config(args.frame_size, args.input_size, slots=8)
@@ -152,9 +161,12 @@ def run(args: argparse.Namespace) -> int:
                     roles.start(role)
                 per_frame_s = 1.0 / args.fps if args.fps > 0 else 0.0
                 roles.wait(timeout_s=120 + args.frames * max(per_frame_s, 1.0))
-            except (RuntimeError, KeyboardInterrupt) as e:
+            except RuntimeError as e:
                 print(f"pipeline: failed: {e}", file=sys.stderr)
                 return 1
+            except KeyboardInterrupt as e:
+                print(f"pipeline: interrupted ({e or 'SIGINT'})", file=sys.stderr)
+                return 130
             finally:
                 roles.stop()
         summary = report.summarize(run_dir, args.frames)
