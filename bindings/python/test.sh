@@ -38,5 +38,10 @@ fi
 cargo fmt --manifest-path bindings/python/Cargo.toml -- --check
 PYO3_PYTHON="$venv/bin/python" cargo clippy --quiet --release --manifest-path bindings/python/Cargo.toml --all-targets -- -D warnings
 VIRTUAL_ENV="$venv" "$venv/bin/maturin" develop --quiet --release -m bindings/python/Cargo.toml
+# Types: mypy --strict on the package, its stubs and tests/typing_usage.py
+# (settings in pyproject.toml), then the stubs against the compiled module.
+export MYPY_CACHE_DIR="$CARGO_TARGET_DIR/mypy"
+(cd bindings/python && "$venv/bin/python" -m mypy)
+"$venv/bin/python" -m mypy.stubtest tensorbus._tensorbus tensorbus._errors tensorbus._aio
 cd bindings/python
 exec "$venv/bin/python" -m pytest -q -p no:cacheprovider "$@"

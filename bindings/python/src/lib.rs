@@ -173,6 +173,7 @@ fn _tensorbus(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<handles::PyStage>()?;
     m.add_class::<tensor::PyTensor>()?;
     m.add_class::<tensor::Export>()?;
+    m.add_class::<handles::PyReadiness>()?;
     m.add_function(wrap_pyfunction!(socket_path, m)?)?;
     m.add("MAX_DIMS", tensorbus::MAX_DIMS)?;
     m.add("USER_HEADER_LEN", tensorbus::USER_HEADER_LEN)?;

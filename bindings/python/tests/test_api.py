@@ -263,3 +263,25 @@ def test_embedded_broker_and_default_socket(tmp_path, monkeypatch):
             assert c.id > 0 or c.id == 0
     assert not b.running
     assert not os.path.exists(sock)
+
+
+def test_memoryview_is_refused_and_numpy_is_the_way(client):
+    """abi3-py39 has no buffer protocol (the limited API has it from 3.11):
+    memoryview(t) raises TypeError; memoryview(np.asarray(t)) is zero-copy."""
+    prod = client.producer("bcast")
+    cons = client.consumer("bcast")
+    with prod.loan((2, 3), "uint8") as t:
+        with pytest.raises(TypeError):
+            memoryview(t)
+        m = memoryview(np.asarray(t))
+        assert not m.readonly and m.shape == (2, 3)
+        m[1, 2] = 9
+        m.release()
+        t.publish()
+    with cons.recv(timeout=1.0) as r:
+        with pytest.raises(TypeError):
+            memoryview(r)
+        m = memoryview(np.asarray(r))
+        assert m.readonly and m[1, 2] == 9 and r.exports == 1
+        m.release()
+    assert r.released

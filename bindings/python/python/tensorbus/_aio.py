@@ -125,7 +125,7 @@ def _seconds(timeout: Any) -> Optional[float]:
     return None if math.isinf(t) else t
 
 
-def _expire(fut: "asyncio.Future[None]", channel: str, timeout: float) -> None:
+def _expire(fut: "asyncio.Future[None]", channel: str, timeout: Optional[float]) -> None:
     if not fut.done():
         fut.set_exception(Timeout(f"no tensor arrived on {channel!r} within {timeout} s"))
 

@@ -1,48 +1,69 @@
-"""Type stubs of the native module (re-exported by ``tensorbus``)."""
+"""Type stubs of the native module (re-exported by ``tensorbus``).
+
+Checked against the compiled module by ``python -m mypy.stubtest tensorbus``
+(bindings/python/test.sh runs it).
+"""
 
 from __future__ import annotations
 
 import os
 import pathlib
-from types import TracebackType
-from typing import Any, Iterator, Literal, Optional, Sequence, Tuple, Union
+from typing import Any, AsyncIterator, Iterator, Literal, Optional, Sequence, Tuple, Union, final
 
-DTypeLike = Union[str, Any]  # "uint8", "float32", "bfloat16", numpy dtypes and scalar types
-ShapeLike = Union[int, Sequence[int]]
-Policy = Literal["block", "drop_oldest", "drop_newest", "latest"]
-Mode = Literal["broadcast", "workqueue"]
-Wait = Literal["spin", "busy", "park"]
+# Stub-only aliases (not present at runtime).
+_DTypeLike = Union[str, Any]  # "uint8", "float32", "bfloat16", numpy dtypes and scalar types
+_ShapeLike = Union[int, Sequence[int]]
+_Policy = Literal["block", "drop_oldest", "drop_newest", "latest"]
+_Mode = Literal["broadcast", "workqueue"]
+_Wait = Literal["spin", "busy", "park"]
+_PathLike = Union[str, "os.PathLike[str]"]
+
+__all__ = [
+    "Broker",
+    "Client",
+    "Producer",
+    "Consumer",
+    "Stage",
+    "Tensor",
+    "_Export",
+    "_Readiness",
+    "socket_path",
+    "MAX_DIMS",
+    "USER_HEADER_LEN",
+    "DTYPES",
+]
 
 DTYPES: Tuple[str, ...]
 MAX_DIMS: int
 USER_HEADER_LEN: int
 
-def socket_path() -> pathlib.Path: ...
+def socket_path() -> pathlib.Path:
+    """The default broker socket path ($TENSORBUS_SOCKET, then the runtime dir)."""
 
+@final
 class Broker:
     """A broker on a thread of this process (tests, demos, one-process pipelines)."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         config: Optional[str] = None,
-        socket: Optional[Union[str, os.PathLike[str]]] = None,
+        socket: Optional[_PathLike] = None,
         *,
-        config_file: Optional[Union[str, os.PathLike[str]]] = None,
-    ) -> None: ...
+        config_file: Optional[_PathLike] = None,
+    ) -> Broker: ...
     @property
     def socket(self) -> pathlib.Path: ...
     @property
     def running(self) -> bool: ...
     def close(self) -> None: ...
     def __enter__(self) -> Broker: ...
-    def __exit__(self, *args: Any) -> bool: ...
+    def __exit__(self, *_args: object) -> Literal[False]: ...
 
+@final
 class Client:
     """A connection to a broker; closing it closes every handle opened from it."""
 
-    def __init__(
-        self, socket: Optional[Union[str, os.PathLike[str]]] = None, name: Optional[str] = None
-    ) -> None: ...
+    def __new__(cls, socket: Optional[_PathLike] = None, name: Optional[str] = None) -> Client: ...
     @property
     def id(self) -> int: ...
     @property
@@ -54,55 +75,84 @@ class Client:
         channel: str,
         *,
         pools: Optional[Sequence[str]] = None,
-        mode: Optional[Mode] = None,
+        mode: Optional[_Mode] = None,
         create: bool = False,
     ) -> Producer: ...
     def consumer(
         self,
         channel: str,
         *,
-        policy: Optional[Policy] = None,
+        policy: Optional[_Policy] = None,
         depth: Optional[int] = None,
-        wait: Optional[Wait] = None,
+        wait: Optional[_Wait] = None,
         create: bool = False,
         pools: Optional[Sequence[str]] = None,
-        mode: Optional[Mode] = None,
+        mode: Optional[_Mode] = None,
     ) -> Consumer: ...
     def stage(self, input: str, output: str, *, depth: Optional[int] = None) -> Stage: ...
     def stat(self) -> dict[str, Any]: ...
     def close(self) -> None: ...
     def __enter__(self) -> Client: ...
-    def __exit__(self, *args: Any) -> bool: ...
+    def __exit__(self, *_args: object) -> Literal[False]: ...
 
+@final
 class Producer:
     @property
     def channel(self) -> str: ...
     @property
     def closed(self) -> bool: ...
     def loan(
-        self, shape: ShapeLike, dtype: DTypeLike = "uint8", *, timeout: Optional[float] = None
-    ) -> Tensor: ...
+        self,
+        shape: _ShapeLike,
+        dtype: Optional[_DTypeLike] = None,
+        *,
+        timeout: Optional[float] = None,
+    ) -> Tensor:
+        """A writable slot for a C-contiguous tensor (dtype default: uint8)."""
     def close(self) -> None: ...
     def __enter__(self) -> Producer: ...
-    def __exit__(self, *args: Any) -> bool: ...
+    def __exit__(self, *_args: object) -> Literal[False]: ...
 
+@final
 class Consumer:
     @property
     def channel(self) -> str: ...
     @property
-    def policy(self) -> Policy: ...
+    def policy(self) -> _Policy: ...
     @property
     def depth(self) -> int: ...
     @property
     def closed(self) -> bool: ...
-    def recv(self, timeout: Optional[float] = None) -> Tensor: ...
+    def recv(self, timeout: Optional[float] = None) -> Tensor:
+        """Waits (GIL released, Ctrl-C interrupts) for the next tensor; raises Timeout."""
     def try_recv(self) -> Optional[Tensor]: ...
+    async def recv_async(self, timeout: Optional[float] = None) -> Tensor:
+        """asyncio: awaits the next tensor without blocking the loop (the
+        consumer's readiness eventfd is watched with loop.add_reader).
+        Raises Timeout after `timeout` seconds, Closed if the consumer is
+        closed meanwhile; a cancelled call loses no tensor."""
     def __iter__(self) -> Iterator[Tensor]: ...
     def __next__(self) -> Tensor: ...
+    def __aiter__(self) -> AsyncIterator[Tensor]: ...
+    async def __anext__(self) -> Tensor: ...
+    def _readiness(self) -> _Readiness: ...
     def close(self) -> None: ...
     def __enter__(self) -> Consumer: ...
-    def __exit__(self, *args: Any) -> bool: ...
+    def __exit__(self, *_args: object) -> Literal[False]: ...
 
+@final
+class _Readiness:
+    """A consumer's readiness eventfd (internal: used by recv_async)."""
+
+    def fileno(self) -> int: ...
+    def arm(self) -> None: ...
+    def disarm(self) -> None: ...
+    def clear(self) -> None: ...
+    @property
+    def closed(self) -> bool: ...
+    def try_recv(self) -> Optional[Tensor]: ...
+
+@final
 class Stage:
     @property
     def input(self) -> str: ...
@@ -113,10 +163,17 @@ class Stage:
     def recv_mut(self, timeout: Optional[float] = None) -> Tensor: ...
     def close(self) -> None: ...
     def __enter__(self) -> Stage: ...
-    def __exit__(self, *args: Any) -> bool: ...
+    def __exit__(self, *_args: object) -> Literal[False]: ...
 
+@final
 class Tensor:
-    """A slot: loan (writable), received (read-only) or staged (writable)."""
+    """A slot: loan (writable), received (read-only) or staged (writable).
+
+    Zero-copy views: ``numpy.asarray(t)`` and ``numpy.from_dlpack(t)``.
+    ``memoryview(t)`` is not supported (TypeError): this abi3 wheel for
+    CPython 3.9+ cannot offer the buffer protocol, which the limited API has
+    only since 3.11; use ``memoryview(numpy.asarray(t))``.
+    """
 
     @property
     def shape(self) -> Tuple[int, ...]: ...
@@ -152,8 +209,12 @@ class Tensor:
     def exports(self) -> int: ...
     @property
     def slot(self) -> Tuple[int, int, int]: ...
-    def publish(self, user_header: Optional[bytes] = None) -> int: ...
-    def forward(self, to: Optional[str] = None) -> int: ...
+    def publish(self, user_header: Optional[bytes] = None) -> int:
+        """Publishes a loan; returns how many received it. Afterwards
+        ``seq`` and ``timestamp_ns`` are the stamps it was published with."""
+    def forward(self, to: Union[str, Producer, None] = None) -> int:
+        """Forwards a staged tensor (the same slot) on the stage's output,
+        on another channel by name, or through a Producer of the same client."""
     def release(self) -> None: ...
     def numpy(self) -> Any: ...
     def __array__(self, dtype: Any = None, copy: Optional[bool] = None) -> Any: ...
@@ -167,9 +228,11 @@ class Tensor:
     ) -> Any: ...
     def __dlpack_device__(self) -> Tuple[int, int]: ...
     def __enter__(self) -> Tensor: ...
-    def __exit__(
-        self,
-        exc_type: Optional[type[BaseException]],
-        exc: Optional[BaseException],
-        tb: Optional[TracebackType],
-    ) -> bool: ...
+    def __exit__(self, *_args: object) -> Literal[False]: ...
+
+@final
+class _Export:
+    """One numpy export of a tensor (an array's base); holds the slot."""
+
+    @property
+    def __array_interface__(self) -> dict[str, Any]: ...

@@ -22,6 +22,7 @@ import platform
 import sys
 import tempfile
 import time
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
@@ -265,7 +266,7 @@ class _Zmq:
     def rtt(self, n, v):
         a = np.empty(n, np.uint8)
         a[:] = v
-        self.sock.send(a, copy=False)
+        self.sock.send(a, copy=False)  # type: ignore[call-overload]  # ndarray is a Buffer
         return int.from_bytes(self.sock.recv(), "little")
 
     def close(self):
@@ -356,7 +357,8 @@ def _pct(xs, p):
 def run(rounds, iters, warmup, sizes=SIZES, transports=TRANSPORTS):
     ctx = mp.get_context("spawn")
     ready = ctx.Queue()
-    status, live = {}, {}
+    status: Dict[str, str] = {}
+    live: Dict[str, Any] = {}
     for name in transports:
         why = _available(name)
         if why:
@@ -370,7 +372,7 @@ def run(rounds, iters, warmup, sizes=SIZES, transports=TRANSPORTS):
             status[name] = f"failed ({type(e).__name__}: {e})"
     for _ in live:
         ready.get(timeout=60)
-    samples = {(t, n): [] for t in live for n in sizes}
+    samples: Dict[Tuple[str, int], List[int]] = {(t, n): [] for t in live for n in sizes}
     try:
         for r in range(rounds):
             for name, tr in live.items():
