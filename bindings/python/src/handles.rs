@@ -85,17 +85,46 @@ fn closed(what: &str) -> PyErr {
     tb_err("Closed", format!("this {what} is closed"))
 }
 
-/// Parses a shape: an int or a sequence of ints.
-fn parse_shape(obj: &Bound<'_, PyAny>) -> PyResult<Vec<usize>> {
-    if let Ok(n) = obj.extract::<usize>() {
-        return Ok(vec![n]);
+/// A parsed shape: up to `MAX_DIMS` extents inline (no allocation),
+/// more in a `Vec` (which the loan then refuses with a clear message).
+pub(crate) enum Shape {
+    Inline([usize; tensorbus::MAX_DIMS], usize),
+    Long(Vec<usize>),
+}
+
+impl Shape {
+    fn as_slice(&self) -> &[usize] {
+        match self {
+            Shape::Inline(a, n) => &a[..*n],
+            Shape::Long(v) => v,
+        }
     }
-    obj.extract::<Vec<usize>>().map_err(|_| {
+}
+
+/// Parses a shape: an int or a sequence of ints (a tuple first: the common case).
+fn parse_shape(obj: &Bound<'_, PyAny>) -> PyResult<Shape> {
+    let bad = || {
         tb_err(
             "ShapeError",
             format!("shape must be a tuple of non-negative ints, not {obj}"),
         )
-    })
+    };
+    if let Ok(t) = obj.cast::<PyTuple>() {
+        if t.len() <= tensorbus::MAX_DIMS {
+            let mut a = [0usize; tensorbus::MAX_DIMS];
+            for (slot, x) in a.iter_mut().zip(t.iter()) {
+                *slot = x.extract::<usize>().map_err(|_| bad())?;
+            }
+            return Ok(Shape::Inline(a, t.len()));
+        }
+    } else if let Ok(n) = obj.extract::<usize>() {
+        let mut a = [0usize; tensorbus::MAX_DIMS];
+        a[0] = n;
+        return Ok(Shape::Inline(a, 1));
+    }
+    obj.extract::<Vec<usize>>()
+        .map(Shape::Long)
+        .map_err(|_| bad())
 }
 
 /// A channel spec for run-time creation.
@@ -668,7 +697,7 @@ impl PyProducer {
         // producer exists until the loan made here ends (then `idle()`).
         // The producer is kept alive by the tensor's `Arc` of the core.
         let p: &'static mut Producer = unsafe { &mut *core.p.get() };
-        let result = loan_with(py, p, &shape, dtype, timeout);
+        let result = loan_with(py, p, shape.as_slice(), dtype, timeout);
         match result {
             Ok(t) => PyTensor::new_py(py, View::Loan(t), Owner::Producer(core)),
             Err(e) => {
@@ -874,6 +903,14 @@ impl PyConsumer {
     /// Waits up to `timeout` (None: forever), in slices, checking signals
     /// (Ctrl-C) and `close()` between them. `Ok(None)`: timed out or closed.
     fn wait(&self, py: Python<'_>, timeout: Option<Duration>) -> PyResult<Option<Py<PyTensor>>> {
+        // Fast path: a tensor is already queued; no clock, no GIL release.
+        let core = self.slot.get().ok_or_else(|| closed("consumer"))?;
+        if let Some(t) = try_take_py(py, core)? {
+            return Ok(Some(t));
+        }
+        if timeout.is_some_and(|t| t.is_zero()) {
+            return Ok(None);
+        }
         let start = Instant::now();
         loop {
             let core = self.slot.get().ok_or_else(|| closed("consumer"))?;

@@ -50,15 +50,19 @@ unsafe impl<T> Send for AssertSend<T> {}
 static ERRORS: PyOnceLock<Py<PyModule>> = PyOnceLock::new();
 
 /// A tensorbus exception of class `name` (see `tensorbus/_errors.py`).
+///
+/// Lazy: the exception object is made when Python raises it, not here, so
+/// this may be called while a tensor's lock is held (making a Python object
+/// there could run a collection that ends an export, which takes that lock).
 pub(crate) fn tb_err(name: &str, msg: impl Into<String>) -> PyErr {
     let msg = msg.into();
     Python::attach(|py| {
-        let made = ERRORS
+        let cls = ERRORS
             .get_or_try_init(py, || py.import("tensorbus._errors").map(|m| m.unbind()))
             .and_then(|m| m.bind(py).getattr(name))
-            .and_then(|cls| cls.call1((msg,)));
-        match made {
-            Ok(exc) => PyErr::from_value(exc),
+            .and_then(|c| c.cast_into::<pyo3::types::PyType>().map_err(PyErr::from));
+        match cls {
+            Ok(cls) => PyErr::from_type(cls, msg),
             Err(e) => e,
         }
     })
@@ -99,9 +103,70 @@ pub(crate) fn dtype_name(d: DType) -> &'static str {
     }
 }
 
+/// Every accepted dtype name (numpy's names, short forms, type codes).
+const DTYPE_NAMES: &[(&str, DType)] = &[
+    ("bool", DType::Bool),
+    ("bool_", DType::Bool),
+    ("b1", DType::Bool),
+    ("uint8", DType::U8),
+    ("u8", DType::U8),
+    ("u1", DType::U8),
+    ("int8", DType::I8),
+    ("i8", DType::I8),
+    ("i1", DType::I8),
+    ("uint16", DType::U16),
+    ("u16", DType::U16),
+    ("u2", DType::U16),
+    ("int16", DType::I16),
+    ("i16", DType::I16),
+    ("i2", DType::I16),
+    ("uint32", DType::U32),
+    ("u32", DType::U32),
+    ("u4", DType::U32),
+    ("int32", DType::I32),
+    ("i32", DType::I32),
+    ("i4", DType::I32),
+    ("uint64", DType::U64),
+    ("u64", DType::U64),
+    ("int64", DType::I64),
+    ("i64", DType::I64),
+    ("float16", DType::F16),
+    ("f16", DType::F16),
+    ("half", DType::F16),
+    ("f2", DType::F16),
+    ("bfloat16", DType::BF16),
+    ("bf16", DType::BF16),
+    ("float32", DType::F32),
+    ("f32", DType::F32),
+    ("single", DType::F32),
+    ("f4", DType::F32),
+    ("float64", DType::F64),
+    ("f64", DType::F64),
+    ("double", DType::F64),
+    ("f8", DType::F64),
+];
+
 /// Parses a dtype given as a name (`"uint8"`, `"u8"`, `"float16"`,
 /// `"bfloat16"`, ...), a numpy dtype or a numpy scalar type.
 pub(crate) fn parse_dtype(obj: &Bound<'_, PyAny>) -> PyResult<DType> {
+    // Fast path (every loan): a dict of the names, looked up by the
+    // string's cached hash, and the index into `DTYPE_NAMES` it maps to.
+    static NAMES: PyOnceLock<Py<pyo3::types::PyDict>> = PyOnceLock::new();
+    let py = obj.py();
+    let names = NAMES.get_or_try_init(py, || {
+        let d = pyo3::types::PyDict::new(py);
+        for (i, (name, _)) in DTYPE_NAMES.iter().enumerate() {
+            d.set_item(name, i)?;
+        }
+        Ok::<_, PyErr>(d.unbind())
+    })?;
+    if obj.is_instance_of::<pyo3::types::PyString>() {
+        if let Ok(Some(i)) = names.bind(py).get_item(obj) {
+            if let Some(&(_, d)) = i.extract::<usize>().ok().and_then(|i| DTYPE_NAMES.get(i)) {
+                return Ok(d);
+            }
+        }
+    }
     let name: String = if let Ok(s) = obj.extract::<String>() {
         s
     } else if let Ok(n) = obj.getattr("name").and_then(|n| n.extract::<String>()) {
@@ -114,28 +179,13 @@ pub(crate) fn parse_dtype(obj: &Bound<'_, PyAny>) -> PyResult<DType> {
             format!("cannot use {obj} as a dtype; give a name such as \"uint8\" or \"float32\""),
         ));
     };
-    let d = match name.as_str() {
-        "bool" | "bool_" | "b1" => DType::Bool,
-        "uint8" | "u8" | "u1" => DType::U8,
-        "int8" | "i8" | "i1" => DType::I8,
-        "uint16" | "u16" | "u2" => DType::U16,
-        "int16" | "i16" | "i2" => DType::I16,
-        "uint32" | "u32" | "u4" => DType::U32,
-        "int32" | "i32" | "i4" => DType::I32,
-        "uint64" | "u64" => DType::U64,
-        "int64" | "i64" => DType::I64,
-        "float16" | "f16" | "half" | "f2" => DType::F16,
-        "bfloat16" | "bf16" => DType::BF16,
-        "float32" | "f32" | "single" | "f4" => DType::F32,
-        "float64" | "f64" | "double" | "f8" => DType::F64,
-        other => {
-            return Err(tb_err(
-                "ShapeError",
-                format!("unknown dtype {other:?}; tensorbus has bool, uint8, int8, uint16, int16, uint32, int32, uint64, int64, float16, bfloat16, float32, float64"),
-            ))
-        }
-    };
-    Ok(d)
+    match DTYPE_NAMES.iter().find(|(n, _)| *n == name) {
+        Some(&(_, d)) => Ok(d),
+        None => Err(tb_err(
+            "ShapeError",
+            format!("unknown dtype {name:?}; tensorbus has bool, uint8, int8, uint16, int16, uint32, int32, uint64, int64, float16, bfloat16, float32, float64"),
+        )),
+    }
 }
 
 /// Parses a backpressure policy name.
@@ -174,6 +224,7 @@ fn _tensorbus(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<tensor::PyTensor>()?;
     m.add_class::<tensor::Export>()?;
     m.add_class::<handles::PyReadiness>()?;
+    m.add_class::<tensor::StructProbe>()?;
     m.add_function(wrap_pyfunction!(socket_path, m)?)?;
     m.add("MAX_DIMS", tensorbus::MAX_DIMS)?;
     m.add("USER_HEADER_LEN", tensorbus::USER_HEADER_LEN)?;

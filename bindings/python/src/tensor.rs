@@ -3,11 +3,13 @@
 
 use crate::handles::{lock, ConsumerCore, ProducerCore, PyProducer, StageCore};
 use crate::{dtype_name, tb_err};
-use pyo3::exceptions::{PyBufferError, PyValueError};
+use pyo3::exceptions::{PyAttributeError, PyBufferError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyTuple};
-use std::ffi::{c_void, CStr};
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use tensorbus::{DType, PublishError, Published, StagedTensor, Tensor, TensorMeta, TensorMut};
 
@@ -118,8 +120,17 @@ impl PyTensor {
         )
     }
 
+    /// A copy of the metadata (make Python objects from it outside the
+    /// lock: an allocation may run a collection that ends an export, which
+    /// takes the lock).
     fn meta(&self) -> TensorMeta {
         lock(&self.state).meta
+    }
+
+    /// One field of the metadata, read under the lock without copying the
+    /// rest (`f` must not allocate Python objects, see [`PyTensor::meta`]).
+    fn with_meta<R>(&self, f: impl FnOnce(&TensorMeta) -> R) -> R {
+        f(&lock(&self.state).meta)
     }
 
     /// Starts an export; fails when the view is gone.
@@ -276,44 +287,44 @@ impl PyTensor {
     /// Number of dimensions.
     #[getter]
     fn ndim(&self) -> usize {
-        self.meta().shape().len()
+        self.with_meta(|m| m.shape().len())
     }
 
     /// Element type name: "uint8", "float32", "float16", "bfloat16", ...
     #[getter]
     fn dtype(&self) -> &'static str {
-        dtype_name(self.meta().dtype)
+        dtype_name(self.with_meta(|m| m.dtype))
     }
 
     /// Bytes per element.
     #[getter]
     fn itemsize(&self) -> usize {
-        self.meta().dtype.itemsize()
+        self.with_meta(|m| m.dtype.itemsize())
     }
 
     /// Payload bytes.
     #[getter]
     fn nbytes(&self) -> u64 {
-        self.meta().nbytes
+        self.with_meta(|m| m.nbytes)
     }
 
     /// The producer's sequence number (0, 1, 2, ... per producer; 0 for an
     /// unpublished loan).
     #[getter]
     fn seq(&self) -> u64 {
-        self.meta().seq
+        self.with_meta(|m| m.seq)
     }
 
     /// CLOCK_MONOTONIC nanoseconds at publish (0 for an unpublished loan).
     #[getter]
     fn timestamp_ns(&self) -> u64 {
-        self.meta().timestamp_ns
+        self.with_meta(|m| m.timestamp_ns)
     }
 
     /// The client id of the publishing process.
     #[getter]
     fn producer(&self) -> u32 {
-        self.meta().producer
+        self.with_meta(|m| m.producer)
     }
 
     /// The user header (up to 64 bytes of the producer's own metadata).
@@ -564,8 +575,13 @@ impl PyTensor {
     /// Ends the `with` block: releases the slot (unpublished loans and
     /// unforwarded staged tensors are given back), or, while exports are
     /// alive, when the last of them is gone.
-    #[pyo3(signature = (*_args))]
-    fn __exit__(&self, _args: &Bound<'_, PyTuple>) -> PyResult<bool> {
+    #[pyo3(signature = (_exc_type = None, _exc = None, _tb = None))]
+    fn __exit__(
+        &self,
+        _exc_type: Option<&Bound<'_, PyAny>>,
+        _exc: Option<&Bound<'_, PyAny>>,
+        _tb: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<bool> {
         self.release_impl(true)?;
         Ok(false)
     }
@@ -579,14 +595,16 @@ impl PyTensor {
         copy: Option<bool>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let py = slf.py();
-        let np = py.import("numpy")?;
         let export = Export::make(slf)?;
         if copy == Some(true) {
             let kw = PyDict::new(py);
             kw.set_item("dtype", dtype)?;
-            return np.getattr("array")?.call((export,), Some(&kw));
+            return py
+                .import("numpy")?
+                .getattr("array")?
+                .call((export,), Some(&kw));
         }
-        let arr = np.call_method1("asarray", (export,))?;
+        let arr = asarray(py)?.call1((export,))?;
         match dtype {
             None => Ok(arr),
             Some(d) => {
@@ -605,8 +623,24 @@ impl PyTensor {
 
     /// A numpy array viewing the slot (same as `numpy.asarray(t)`).
     fn numpy<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
-        let np = slf.py().import("numpy")?;
-        np.call_method1("asarray", (Export::make(slf)?,))
+        asarray(slf.py())?.call1((Export::make(slf)?,))
+    }
+
+    /// numpy's fast path (what `numpy.asarray(t)` uses): a capsule with a
+    /// `PyArrayInterface` of the slot. numpy (2.x) keeps the capsule as
+    /// long as the array (in the array's `base`), and the capsule's
+    /// destructor ends the export. With a numpy that drops it at once (as
+    /// older versions did; probed once) this attribute is absent and numpy
+    /// falls back to `__array__`.
+    #[getter]
+    fn __array_struct__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        if !numpy_keeps_struct_capsule(py) {
+            return Err(PyAttributeError::new_err(
+                "__array_struct__ is not offered to this numpy (it does not keep the capsule alive); numpy.asarray uses __array__",
+            ));
+        }
+        array_struct(slf)
     }
 
     /// DLPack export: with `max_version=(1, x)` a versioned capsule
@@ -714,6 +748,229 @@ impl Drop for Export {
     fn drop(&mut self) {
         self.tensor.get().end_export();
     }
+}
+
+/// `numpy.asarray`, looked up once.
+fn asarray(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
+    static ASARRAY: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+    ASARRAY
+        .get_or_try_init(py, || {
+            py.import("numpy")?.getattr("asarray").map(|f| f.unbind())
+        })
+        .map(|f| f.bind(py))
+}
+
+// -------------------------------------------------- numpy: __array_struct__ ---
+
+/// numpy's `PyArrayInterface` (numpy/ndarraytypes.h): what an
+/// `__array_struct__` capsule points to (`two` is always 2).
+#[repr(C)]
+struct PyArrayInterface {
+    two: c_int,
+    nd: c_int,
+    typekind: c_char,
+    itemsize: c_int,
+    flags: c_int,
+    shape: *mut isize,
+    strides: *mut isize,
+    data: *mut c_void,
+    descr: *mut ffi::PyObject,
+}
+
+const NPY_ARRAY_NOTSWAPPED: c_int = 0x0200;
+const NPY_ARRAY_WRITEABLE: c_int = 0x0400;
+const NPY_ARR_HAS_DESCR: c_int = 0x0800;
+
+/// One `__array_struct__` export: the interface, the arrays it points
+/// into, and the references it holds. Boxed; the capsule owns the box.
+#[repr(C)]
+struct StructExport {
+    iface: PyArrayInterface,
+    shape: [isize; tensorbus::MAX_DIMS],
+    strides: [isize; tensorbus::MAX_DIMS],
+    /// The numpy dtype (`iface.descr` points to it).
+    descr: Option<Py<PyAny>>,
+    /// The exported tensor (`None` for the probe).
+    tensor: Option<Py<PyTensor>>,
+}
+
+/// The numpy dtype of each tensorbus dtype, made once (bfloat16: uint16).
+fn numpy_descr(py: Python<'_>, d: DType) -> PyResult<Py<PyAny>> {
+    static DESCRS: PyOnceLock<Vec<(DType, Py<PyAny>)>> = PyOnceLock::new();
+    let all = DESCRS.get_or_try_init(py, || {
+        let dtype = py.import("numpy")?.getattr("dtype")?;
+        DType::ALL
+            .iter()
+            .map(|&d| Ok((d, dtype.call1((typestr(d),))?.unbind())))
+            .collect::<PyResult<Vec<_>>>()
+    })?;
+    match all.iter().find(|(x, _)| *x == d) {
+        Some((_, descr)) => Ok(descr.clone_ref(py)),
+        None => Err(PyValueError::new_err(format!("no numpy dtype for {d:?}"))),
+    }
+}
+
+/// Set by the probe's capsule destructor.
+static PROBE_DROPPED: AtomicBool = AtomicBool::new(false);
+
+unsafe extern "C" fn struct_capsule_destructor(cap: *mut ffi::PyObject) {
+    // SAFETY: CPython calls this with its own capsule; `PyCapsule_IsValid`
+    // checks it (name NULL) without raising. The pointer is the box leaked
+    // by `new_struct_capsule`, freed here exactly once.
+    let b = unsafe {
+        if ffi::PyCapsule_IsValid(cap, std::ptr::null()) != 1 {
+            return;
+        }
+        let p = ffi::PyCapsule_GetPointer(cap, std::ptr::null()).cast::<StructExport>();
+        if p.is_null() {
+            return;
+        }
+        Box::from_raw(p)
+    };
+    Python::attach(|_py| {
+        let mut b = b;
+        match b.tensor.take() {
+            Some(t) => t.get().end_export(),
+            None => PROBE_DROPPED.store(true, Ordering::SeqCst),
+        }
+        drop(b);
+    });
+}
+
+/// A capsule named NULL (as numpy wants) that owns `b`.
+fn new_struct_capsule(py: Python<'_>, b: Box<StructExport>) -> PyResult<Bound<'_, PyAny>> {
+    let ptr = Box::into_raw(b);
+    // SAFETY: `ptr` is a valid box; the interface's shape/strides/descr
+    // pointers point into it or to objects it holds, which stay put until
+    // the destructor frees the box.
+    unsafe {
+        (*ptr).iface.shape = (*ptr).shape.as_mut_ptr();
+        (*ptr).iface.strides = (*ptr).strides.as_mut_ptr();
+        (*ptr).iface.descr = (*ptr)
+            .descr
+            .as_ref()
+            .map_or(std::ptr::null_mut(), |d| d.as_ptr());
+    }
+    // SAFETY: a valid pointer, a NULL name (numpy's convention), and the
+    // destructor that matches the contents.
+    let cap = unsafe {
+        ffi::PyCapsule_New(
+            ptr.cast(),
+            std::ptr::null(),
+            Some(struct_capsule_destructor),
+        )
+    };
+    if cap.is_null() {
+        let err = PyErr::fetch(py);
+        // SAFETY: the capsule was not made, so the box is still ours.
+        let b = unsafe { Box::from_raw(ptr) };
+        if let Some(t) = &b.tensor {
+            t.get().end_export();
+        }
+        return Err(err);
+    }
+    // SAFETY: `cap` is a new, non-NULL reference.
+    Ok(unsafe { Bound::from_owned_ptr(py, cap) })
+}
+
+/// The `__array_struct__` capsule of a tensor: one export until numpy
+/// drops it (with the array).
+fn array_struct<'py>(t: &Bound<'py, PyTensor>) -> PyResult<Bound<'py, PyAny>> {
+    let py = t.py();
+    let this = t.get();
+    let meta = this.begin_export()?;
+    let descr = match numpy_descr(py, meta.dtype) {
+        Ok(d) => d,
+        Err(e) => {
+            this.end_export();
+            return Err(e);
+        }
+    };
+    let mut shape = [0isize; tensorbus::MAX_DIMS];
+    let mut strides = [0isize; tensorbus::MAX_DIMS];
+    for (i, (&n, &st)) in meta.shape().iter().zip(meta.strides()).enumerate() {
+        shape[i] = n as isize;
+        strides[i] = st as isize;
+    }
+    let writable = if this.writable() {
+        NPY_ARRAY_WRITEABLE
+    } else {
+        0
+    };
+    let b = Box::new(StructExport {
+        iface: PyArrayInterface {
+            two: 2,
+            nd: meta.shape().len() as c_int,
+            typekind: typestr(meta.dtype).as_bytes()[1] as c_char,
+            itemsize: meta.dtype.itemsize() as c_int,
+            flags: NPY_ARRAY_NOTSWAPPED | NPY_ARR_HAS_DESCR | writable,
+            shape: std::ptr::null_mut(),
+            strides: std::ptr::null_mut(),
+            data: this.ptr as *mut c_void,
+            descr: std::ptr::null_mut(),
+        },
+        shape,
+        strides,
+        descr: Some(descr),
+        tensor: Some(t.clone().unbind()),
+    });
+    new_struct_capsule(py, b)
+}
+
+/// An object with a one-byte `__array_struct__`, to see what numpy does
+/// with the capsule.
+#[pyclass(frozen, module = "tensorbus", name = "_StructProbe")]
+pub struct StructProbe;
+
+/// The probe's one byte.
+static PROBE_BYTE: u8 = 7;
+
+#[pymethods]
+impl StructProbe {
+    #[getter]
+    fn __array_struct__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let mut shape = [0isize; tensorbus::MAX_DIMS];
+        let mut strides = [0isize; tensorbus::MAX_DIMS];
+        shape[0] = 1;
+        strides[0] = 1;
+        let b = Box::new(StructExport {
+            iface: PyArrayInterface {
+                two: 2,
+                nd: 1,
+                typekind: b'u' as c_char,
+                itemsize: 1,
+                flags: NPY_ARRAY_NOTSWAPPED,
+                shape: std::ptr::null_mut(),
+                strides: std::ptr::null_mut(),
+                data: (&PROBE_BYTE as *const u8).cast_mut().cast(),
+                descr: std::ptr::null_mut(),
+            },
+            shape,
+            strides,
+            descr: None,
+            tensor: None,
+        });
+        new_struct_capsule(py, b)
+    }
+}
+
+/// Whether this process's numpy keeps an `__array_struct__` capsule alive
+/// exactly as long as the array made from it (numpy 2.x keeps it in the
+/// array's `base`); probed once. Without numpy: false.
+fn numpy_keeps_struct_capsule(py: Python<'_>) -> bool {
+    static KEEPS: PyOnceLock<bool> = PyOnceLock::new();
+    *KEEPS.get_or_init(py, || {
+        let probe = || -> PyResult<bool> {
+            let f = asarray(py)?;
+            PROBE_DROPPED.store(false, Ordering::SeqCst);
+            let arr = f.call1((Bound::new(py, StructProbe)?,))?;
+            let ok = arr.get_item(0)?.extract::<u8>()? == PROBE_BYTE;
+            let kept = !PROBE_DROPPED.load(Ordering::SeqCst);
+            drop(arr);
+            Ok(ok && kept && PROBE_DROPPED.load(Ordering::SeqCst))
+        };
+        probe().unwrap_or(false)
+    })
 }
 
 // --------------------------------------------------------------- DLPack ---

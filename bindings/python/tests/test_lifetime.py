@@ -195,3 +195,33 @@ def test_random_gc_orders(broker, client):
                 gc.collect()
         gc.collect()
     assert free_slots(client) == 16
+
+
+def test_array_struct_and_array_paths_count_exports(client):
+    """np.asarray(t) goes through __array_struct__ (one capsule per array,
+    kept by numpy in the array's base); __array__ through an export object.
+    Both hold the slot exactly as long as the array."""
+    prod = client.producer("bcast")
+    t = prod.loan((4, 4), "float32")
+    cap = t.__array_struct__
+    assert t.exports == 1
+    del cap
+    assert t.exports == 0
+    a = np.asarray(t)
+    assert t.exports == 1 and a.ctypes.data == t.address and a.flags.writeable
+    b = t.__array__()
+    assert t.exports == 2 and b.ctypes.data == t.address
+    c = np.asarray(t, dtype=np.float64)  # a converted copy: no export left behind
+    assert t.exports == 2 and c.ctypes.data != t.address
+    with pytest.raises(BufferError):
+        t.release()
+    v = a[1:3]  # a view of the array keeps it (and so the slot)
+    del a, b
+    assert t.exports == 1
+    del v
+    assert t.exports == 0
+    t.release()
+    with pytest.raises(tb.Released):
+        np.asarray(t)
+    with pytest.raises(tb.Released):
+        t.__array_struct__

@@ -27,6 +27,7 @@ __all__ = [
     "Tensor",
     "_Export",
     "_Readiness",
+    "_StructProbe",
     "socket_path",
     "MAX_DIMS",
     "USER_HEADER_LEN",
@@ -227,8 +228,13 @@ class Tensor:
         copy: Optional[bool] = None,
     ) -> Any: ...
     def __dlpack_device__(self) -> Tuple[int, int]: ...
+    @property
+    def __array_struct__(self) -> Any:
+        """numpy's fast path (a PyArrayInterface capsule; one export while numpy keeps it)."""
     def __enter__(self) -> Tensor: ...
-    def __exit__(self, *_args: object) -> Literal[False]: ...
+    def __exit__(
+        self, _exc_type: object = None, _exc: object = None, _tb: object = None
+    ) -> Literal[False]: ...
 
 @final
 class _Export:
@@ -236,3 +242,10 @@ class _Export:
 
     @property
     def __array_interface__(self) -> dict[str, Any]: ...
+
+@final
+class _StructProbe:
+    """Probes once whether numpy keeps an __array_struct__ capsule alive."""
+
+    @property
+    def __array_struct__(self) -> Any: ...
