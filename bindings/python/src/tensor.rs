@@ -48,12 +48,29 @@ fn end_view(view: View, owner: &Owner) {
     }
 }
 
+impl View {
+    fn meta(&self) -> &TensorMeta {
+        match self {
+            View::Loan(t) => t.meta(),
+            View::Recv(t) => t.meta(),
+            View::Staged(t) => t.meta(),
+        }
+    }
+}
+
+/// The slot while held, then its last metadata (one or the other: a
+/// tensor object stays small enough for Python's small-object allocator).
+enum Body {
+    Live(View),
+    Gone(TensorMeta),
+}
+
 /// The mutable part of a tensor.
 ///
-/// Field order matters: `view` is declared (and so dropped) before `owner`.
+/// Field order matters: `body` is declared (and so dropped) before `owner`.
 struct State {
-    /// The slot, until released, published or forwarded.
-    view: Option<View>,
+    /// The slot, until released, published or forwarded; then its metadata.
+    body: Body,
     /// The handle (and through it the shared-memory mapping), until the view
     /// is gone and no export is alive.
     owner: Option<Owner>,
@@ -63,12 +80,50 @@ struct State {
     release_pending: bool,
     /// Why the view is gone: "released", "published", "forwarded".
     gone: &'static str,
-    meta: TensorMeta,
+}
+
+impl State {
+    fn view(&self) -> Option<&View> {
+        match &self.body {
+            Body::Live(v) => Some(v),
+            Body::Gone(_) => None,
+        }
+    }
+
+    fn view_mut(&mut self) -> Option<&mut View> {
+        match &mut self.body {
+            Body::Live(v) => Some(v),
+            Body::Gone(_) => None,
+        }
+    }
+
+    fn has_view(&self) -> bool {
+        matches!(self.body, Body::Live(_))
+    }
+
+    /// Takes the view out, keeping its metadata.
+    fn take_view(&mut self) -> Option<View> {
+        let meta = match &self.body {
+            Body::Live(v) => *v.meta(),
+            Body::Gone(_) => return None,
+        };
+        match std::mem::replace(&mut self.body, Body::Gone(meta)) {
+            Body::Live(v) => Some(v),
+            Body::Gone(_) => None,
+        }
+    }
+
+    fn meta(&self) -> &TensorMeta {
+        match &self.body {
+            Body::Live(v) => v.meta(),
+            Body::Gone(m) => m,
+        }
+    }
 }
 
 impl Drop for State {
     fn drop(&mut self) {
-        if let (Some(v), Some(o)) = (self.view.take(), self.owner.as_ref()) {
+        if let (Some(v), Some(o)) = (self.take_view(), self.owner.as_ref()) {
             end_view(v, o);
         }
     }
@@ -98,21 +153,20 @@ unsafe impl Sync for PyTensor {}
 
 impl PyTensor {
     pub(crate) fn new_py(py: Python<'_>, view: View, owner: Owner) -> PyResult<Py<PyTensor>> {
-        let (kind, ptr, meta) = match &view {
-            View::Loan(t) => (Kind::Loan, t.as_ptr() as usize, *t.meta()),
-            View::Recv(t) => (Kind::Received, t.as_ptr() as usize, *t.meta()),
-            View::Staged(t) => (Kind::Staged, t.as_ptr() as usize, *t.meta()),
+        let (kind, ptr) = match &view {
+            View::Loan(t) => (Kind::Loan, t.as_ptr() as usize),
+            View::Recv(t) => (Kind::Received, t.as_ptr() as usize),
+            View::Staged(t) => (Kind::Staged, t.as_ptr() as usize),
         };
         Py::new(
             py,
             PyTensor {
                 state: Mutex::new(State {
-                    view: Some(view),
+                    body: Body::Live(view),
                     owner: Some(owner),
                     exports: 0,
                     release_pending: false,
                     gone: "released",
-                    meta,
                 }),
                 kind,
                 ptr,
@@ -124,19 +178,19 @@ impl PyTensor {
     /// lock: an allocation may run a collection that ends an export, which
     /// takes the lock).
     fn meta(&self) -> TensorMeta {
-        lock(&self.state).meta
+        *lock(&self.state).meta()
     }
 
     /// One field of the metadata, read under the lock without copying the
     /// rest (`f` must not allocate Python objects, see [`PyTensor::meta`]).
     fn with_meta<R>(&self, f: impl FnOnce(&TensorMeta) -> R) -> R {
-        f(&lock(&self.state).meta)
+        f(lock(&self.state).meta())
     }
 
     /// Starts an export; fails when the view is gone.
     fn begin_export(&self) -> PyResult<TensorMeta> {
         let mut st = lock(&self.state);
-        if st.view.is_none() {
+        if !st.has_view() {
             return Err(tb_err(
                 "Released",
                 format!(
@@ -146,7 +200,7 @@ impl PyTensor {
             ));
         }
         st.exports += 1;
-        Ok(st.meta)
+        Ok(*st.meta())
     }
 
     /// Ends an export: the last one performs a pending release and lets go
@@ -160,11 +214,11 @@ impl PyTensor {
             }
             let view = if st.release_pending {
                 st.release_pending = false;
-                st.view.take()
+                st.take_view()
             } else {
                 None
             };
-            let owner = if st.view.is_none() {
+            let owner = if !st.has_view() {
                 st.owner.take()
             } else {
                 None
@@ -181,7 +235,7 @@ impl PyTensor {
     fn release_impl(&self, defer: bool) -> PyResult<()> {
         let (view, owner) = {
             let mut st = lock(&self.state);
-            if st.view.is_none() {
+            if !st.has_view() {
                 return Ok(());
             }
             if st.exports > 0 {
@@ -195,7 +249,7 @@ impl PyTensor {
                 )));
             }
             st.gone = "released";
-            (st.view.take(), st.owner.take())
+            (st.take_view(), st.owner.take())
         };
         if let (Some(v), Some(o)) = (view, owner.as_ref()) {
             end_view(v, o);
@@ -211,8 +265,10 @@ impl PyTensor {
     /// Records the stamps of a publish or forward in the tensor's metadata.
     fn stamp(&self, p: &Published) {
         let mut st = lock(&self.state);
-        st.meta.seq = p.seq;
-        st.meta.timestamp_ns = p.timestamp_ns;
+        if let Body::Gone(m) = &mut st.body {
+            m.seq = p.seq;
+            m.timestamp_ns = p.timestamp_ns;
+        }
     }
 
     /// The `__array_interface__` dict of the slot (`meta` from `begin_export`).
@@ -339,7 +395,7 @@ impl PyTensor {
     fn set_user_header(&self, value: &[u8]) -> PyResult<()> {
         let mut st = lock(&self.state);
         let gone = st.gone;
-        let r = match st.view.as_mut() {
+        let r = match st.view_mut() {
             Some(View::Loan(t)) => t.set_user_header(value),
             Some(View::Staged(t)) => t.set_user_header(value),
             Some(View::Recv(_)) => {
@@ -350,10 +406,7 @@ impl PyTensor {
             }
             None => return Err(tb_err("Released", format!("tensor already {gone}"))),
         };
-        r.map_err(|e| tb_err("ShapeError", e.to_string()))?;
-        st.meta
-            .set_user_header(value)
-            .map_err(|e| tb_err("ShapeError", e.to_string()))
+        r.map_err(|e| tb_err("ShapeError", e.to_string()))
     }
 
     /// Address of the first payload byte in this process (equal to the
@@ -382,7 +435,7 @@ impl PyTensor {
     /// Whether the slot was released, published or forwarded.
     #[getter]
     fn released(&self) -> bool {
-        lock(&self.state).view.is_none()
+        !lock(&self.state).has_view()
     }
 
     /// Live numpy arrays and DLPack tensors made from this tensor.
@@ -395,7 +448,7 @@ impl PyTensor {
     #[getter]
     fn slot(&self) -> PyResult<(u8, u32, u32)> {
         let st = lock(&self.state);
-        let id = match st.view.as_ref() {
+        let id = match st.view() {
             Some(View::Loan(t)) => t.slot_id(),
             Some(View::Recv(t)) => t.slot_id(),
             Some(View::Staged(t)) => t.slot_id(),
@@ -414,7 +467,7 @@ impl PyTensor {
         let (t, core, owner) = {
             let mut st = lock(&self.state);
             let gone = st.gone;
-            match st.view.as_mut() {
+            match st.view_mut() {
                 Some(View::Loan(t)) => {
                     if let Some(h) = user_header {
                         t.set_user_header(h)
@@ -429,10 +482,9 @@ impl PyTensor {
                 }
                 None => return Err(tb_err("Released", format!("tensor already {gone}"))),
             }
-            let Some(View::Loan(t)) = st.view.take() else {
+            let Some(View::Loan(t)) = st.take_view() else {
                 unreachable!("checked above")
             };
-            st.meta = *t.meta();
             st.gone = "published";
             let core = match &st.owner {
                 Some(Owner::Producer(p)) => p.clone(),
@@ -490,7 +542,7 @@ impl PyTensor {
         // a busy producer, a channel that does not exist.
         let core = {
             let st = lock(&self.state);
-            match (st.view.as_ref(), &st.owner) {
+            match (st.view(), &st.owner) {
                 (Some(View::Staged(_)), Some(Owner::Stage(s))) => s.clone(),
                 (Some(_), _) => {
                     return Err(tb_err(
@@ -522,11 +574,11 @@ impl PyTensor {
         let (t, owner) = {
             let mut st = lock(&self.state);
             let gone = st.gone;
-            match st.view.as_ref() {
+            match st.view() {
                 Some(View::Staged(t)) => check(t).map_err(forward_err)?,
                 _ => return Err(tb_err("Released", format!("tensor already {gone}"))),
             }
-            let Some(View::Staged(t)) = st.view.take() else {
+            let Some(View::Staged(t)) = st.take_view() else {
                 unreachable!("checked above")
             };
             st.gone = "forwarded";
@@ -687,14 +739,14 @@ impl PyTensor {
 
     fn __repr__(&self) -> String {
         let st = lock(&self.state);
-        let m = &st.meta;
+        let m = st.meta();
         format!(
             "tensorbus.Tensor({}, shape={:?}, dtype={}, seq={}{})",
             self.kind(),
             m.shape(),
             dtype_name(m.dtype),
             m.seq,
-            if st.view.is_none() {
+            if !st.has_view() {
                 format!(", {}", st.gone)
             } else {
                 String::new()
