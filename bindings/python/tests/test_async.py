@@ -88,6 +88,7 @@ def test_recv_async_timeout_raises_timeout_and_cleans_up(client):
             await cons.recv_async(timeout=0.1)
         took = time.monotonic() - start
         assert isinstance(e.value, TimeoutError)
+        assert isinstance(e.value, asyncio.TimeoutError)
         assert "bcast" in str(e.value)
         assert not watched(loop, cons)
         # nothing lost afterwards

@@ -27,6 +27,14 @@ from typing import Any, Deque, Optional, Set
 
 from ._errors import Busy, Closed, Timeout
 
+if issubclass(Timeout, asyncio.TimeoutError):  # Python 3.11+: the same class as TimeoutError
+    _Timeout = Timeout
+else:
+
+    class _Timeout(Timeout, asyncio.TimeoutError):  # type: ignore[no-redef]
+        """tb.Timeout that ``except asyncio.TimeoutError`` also catches (Python < 3.11)."""
+
+
 # Consumer -> its _Waiters while some recv_async() is pending.
 _active: "weakref.WeakKeyDictionary[Any, _Waiters]" = weakref.WeakKeyDictionary()
 
@@ -127,7 +135,7 @@ def _seconds(timeout: Any) -> Optional[float]:
 
 def _expire(fut: "asyncio.Future[None]", channel: str, timeout: Optional[float]) -> None:
     if not fut.done():
-        fut.set_exception(Timeout(f"no tensor arrived on {channel!r} within {timeout} s"))
+        fut.set_exception(_Timeout(f"no tensor arrived on {channel!r} within {timeout} s"))
 
 
 async def recv_async(consumer: Any, timeout: Any = None) -> Any:
@@ -163,7 +171,7 @@ async def recv_async(consumer: Any, timeout: Any = None) -> Any:
             return t
         if deadline is not None and loop.time() >= deadline:
             w.tried(fut)
-            raise Timeout(f"no tensor arrived on {consumer.channel!r} within {seconds} s")
+            raise _Timeout(f"no tensor arrived on {consumer.channel!r} within {seconds} s")
         # Someone else took it: queue again before handing the turn on.
         turn, fut = fut, w.wait()
         w.tried(turn)
