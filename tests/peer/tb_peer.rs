@@ -29,10 +29,12 @@
 //!   `loaned K` and sleeps until killed (or stdin closes).
 //! * `broker --config FILE`: runs a broker on `--socket` (prints
 //!   `listening`) until killed or its stdin closes; for broker-death tests.
-//! * `hostile --config FILE --count N [--seed S] [--pace-us U] [--target slots|rings|both]`: a client
-//!   that scribbles N random 64-bit words into the slot headers (all but
-//!   the holder word) and the live rings of channel 0 through its own mapping of
-//!   the control segment, then prints `wrote N`.
+//! * `hostile --config FILE --count N [--seed S] [--pace-us U] [--target slots|holders|rings|both]`:
+//!   a client that scribbles N random 64-bit words through its own mapping
+//!   of the control segment into the slot headers of pool 0 (`slots`: any
+//!   of their 32 words, the holder word included; `holders`: the holder
+//!   word only), the live rings of channel 0 (`rings`), or both slot
+//!   headers and rings (`both`, the default), then prints `wrote N`.
 //!
 //! Every line goes to stdout at once (Rust's stdout is line buffered), so a
 //! parent that kills the process knows everything it printed. Errors go to
@@ -389,16 +391,20 @@ fn hostile(a: &Args) {
     let pace = a.num("pace-us", 20);
     let slots = layout.params.pool_slots[0] as u64;
     let rings = (layout.rows() * layout.params.max_subscribers as usize) as u64;
+    let target = a.0.get("target").map_or("both", String::as_str);
+    if !["slots", "holders", "rings", "both"].contains(&target) {
+        fail(&format!("unknown --target {target:?}"));
+    }
     for _ in 0..count {
-        let target = a.0.get("target").map_or("both", String::as_str);
         let slot = match target {
-            "slots" => true,
+            "slots" | "holders" => true,
             "rings" => false,
             _ => rng() % 2 == 0,
         };
         let offset = if slot {
-            // A slot header word other than the holder word (offset 0).
-            layout.slots_offset[0] + (rng() % slots) as usize * 256 + (1 + rng() % 31) as usize * 8
+            // Any word of a slot header (word 0 is the holder word).
+            let word = if target == "holders" { 0 } else { rng() % 32 };
+            layout.slots_offset[0] + (rng() % slots) as usize * 256 + word as usize * 8
         } else {
             // A ring header word or cell of channel 0, subscriber 0: the
             // rings in use (the broker's row 0 and the first producer rows).
@@ -413,18 +419,30 @@ fn hostile(a: &Args) {
         if addr + 8 > end {
             fail("offset outside the mapping");
         }
-        let value = match rng() % 4 {
-            0 => rng(),
-            1 => rng() % 64,
-            2 => rng() & 0xFFFF_0000_FFFF,
-            _ => u64::MAX,
-        };
         // SAFETY: `addr` is 8-aligned (layout offsets and word steps are) and
         // inside our shared mapping of the control segment, which lives as
         // long as the client (leaked below until exit); other processes only
         // access it atomically. Writing garbage there is the point.
-        unsafe { std::sync::atomic::AtomicU64::from_ptr(addr as *mut u64) }
-            .store(value, Ordering::Relaxed);
+        let word = unsafe { std::sync::atomic::AtomicU64::from_ptr(addr as *mut u64) };
+        let holder_word = slot && (offset - layout.slots_offset[0]) % 256 == 0;
+        let value = if holder_word {
+            // Free the slot under its holders, drop or add one holder, or
+            // anything at all (mostly bits of handles that do not exist).
+            match rng() % 4 {
+                0 => 0,
+                1 => word.load(Ordering::Relaxed) ^ (1 << (rng() % 64)),
+                2 => 1 << (rng() % 64),
+                _ => rng(),
+            }
+        } else {
+            match rng() % 4 {
+                0 => rng(),
+                1 => rng() % 64,
+                2 => rng() & 0xFFFF_0000_FFFF,
+                _ => u64::MAX,
+            }
+        };
+        word.store(value, Ordering::Relaxed);
         sleep_us(pace);
     }
     println!("wrote {count}");

@@ -32,6 +32,12 @@ pub enum StartError {
     Memory(#[source] std::io::Error),
 }
 
+/// How often the broker sweeps slot headers for stray holder bits, and how
+/// many headers per sweep (a full pass over 1M slots takes ~6 s, costing
+/// the broker well under 1 ms per sweep).
+const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
+const SWEEP_SLOTS: usize = 16_384;
+
 struct ClientConn {
     conn: SeqpacketConn,
     cred: PeerCred,
@@ -107,6 +113,7 @@ impl Broker {
     pub fn run(&mut self, stop: &AtomicBool) {
         let mut ids: Vec<u32> = Vec::new();
         let mut ready: Vec<bool> = Vec::new();
+        let mut last_sweep = std::time::Instant::now();
         while !stop.load(Ordering::Relaxed) {
             ids.clear();
             ids.extend(self.clients.keys().copied());
@@ -138,6 +145,13 @@ impl Broker {
                 }
             }
             self.state.progress();
+            if last_sweep.elapsed() >= SWEEP_INTERVAL {
+                last_sweep = std::time::Instant::now();
+                let freed = self.state.sweep_stray_bits(SWEEP_SLOTS);
+                if freed > 0 && self.verbose {
+                    eprintln!("tensorbus broker: freed {freed} slots held only by holder bits of no open handle (corrupted holder words)");
+                }
+            }
         }
         let _ = std::fs::remove_file(&self.socket);
     }

@@ -136,6 +136,8 @@ pub(crate) struct State {
     pub custody_bit: u32,
     /// Work items in the broker's custody: (channel, descriptor).
     pub redispatch: Vec<(usize, tensorbus_core::Descriptor)>,
+    /// Where the next sweep for stray holder bits starts: (pool, slot).
+    pub sweep_cursor: (usize, usize),
 }
 
 impl State {
@@ -211,6 +213,7 @@ impl State {
             broker_heads: HashMap::new(),
             custody_bit: 63,
             redispatch: Vec::new(),
+            sweep_cursor: (0, 0),
         };
         // Bit 63 is the broker's own (custody of re-dispatched work items).
         state.free_bits &= !(1u64 << state.custody_bit);
@@ -297,6 +300,48 @@ impl State {
         self.free_bits |= 1u64 << (bit & 63);
     }
 
+    /// Clears holder bits that belong to no open handle from the next
+    /// `budget` slot headers (round robin over every pool): bits the broker
+    /// has not handed out, and its custody bit on slots that are not in its
+    /// custody. Only a corrupted holder word carries such bits; without the
+    /// sweep the slot would never be free again. Bits are handed out on this
+    /// thread, so none becomes legitimate during a sweep. Returns how many
+    /// slots it freed.
+    pub fn sweep_stray_bits(&mut self, budget: usize) -> usize {
+        let free = self.free_bits;
+        let custody = 1u64 << self.custody_bit;
+        let redispatch = &self.redispatch;
+        let ctl = &self.control;
+        let pools = ctl.pools();
+        let total: usize = (0..pools).map(|p| ctl.slots(p)).sum();
+        let mut freed = 0;
+        let mut left = budget.min(total);
+        while left > 0 {
+            let (pool, start) = self.sweep_cursor;
+            let pool = pool % pools;
+            let end = ctl.slots(pool).min(start.saturating_add(left));
+            freed +=
+                tensorbus_core::reclaim::clear_stray_bits(ctl, pool, start..end, |index, h| {
+                    let mut stray = h & free;
+                    if h & custody != 0
+                        && !redispatch
+                            .iter()
+                            .any(|(_, d)| usize::from(d.pool) == pool && d.index as usize == index)
+                    {
+                        stray |= custody;
+                    }
+                    stray
+                });
+            left -= end.saturating_sub(start).max(1).min(left);
+            self.sweep_cursor = if end >= ctl.slots(pool) {
+                ((pool + 1) % pools, 0)
+            } else {
+                (pool, end)
+            };
+        }
+        freed
+    }
+
     pub fn new_handle(&mut self) -> u32 {
         let h = self.next_handle;
         self.next_handle = self.next_handle.wrapping_add(1).max(1);
@@ -315,5 +360,46 @@ impl State {
         self.channels
             .get(channel)
             .is_some_and(|c| c.spec.mode == Mode::Workqueue)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tensorbus_core::Descriptor;
+
+    #[test]
+    fn sweep_frees_stray_bits_and_keeps_open_ones_and_custody() {
+        let config = Config::from_toml(
+            "[[pools]]\nname = \"a\"\nslot_size = 64\nslots = 3\n\
+             [[pools]]\nname = \"b\"\nslot_size = 64\nslots = 5\n",
+        )
+        .unwrap();
+        let mut st = State::new(&config).unwrap();
+        let open = 1u64 << st.alloc_bit().unwrap();
+        let custody = 1u64 << st.custody_bit;
+        let slot = |st: &State, p: usize, i: usize| st.control.slot(p, i).unwrap().holders();
+        let set = |st: &State, p: usize, i: usize, h: u64| {
+            st.control
+                .slot(p, i)
+                .unwrap()
+                .holders
+                .store(h, Ordering::Relaxed)
+        };
+        set(&st, 0, 0, 1 << 40); // stray only: freed
+        set(&st, 0, 2, open | 1 << 41); // open + stray: the open bit stays
+        set(&st, 1, 1, custody); // custody of nothing: freed
+        set(&st, 1, 4, custody | 1 << 42); // a real custody item: custody stays
+        st.redispatch.push((0, Descriptor::new(1, 4, 0)));
+        // Budgets smaller than the pools resume where the last sweep ended.
+        let freed: usize = (0..4).map(|_| st.sweep_stray_bits(2)).sum();
+        assert_eq!(freed, 2);
+        assert_eq!(slot(&st, 0, 0), 0);
+        assert_eq!(slot(&st, 0, 2), open);
+        assert_eq!(slot(&st, 1, 1), 0);
+        assert_eq!(slot(&st, 1, 4), custody);
+        // A budget larger than every pool sweeps each slot once.
+        set(&st, 1, 0, 1 << 50);
+        assert_eq!(st.sweep_stray_bits(1_000_000), 1);
     }
 }

@@ -197,9 +197,22 @@ impl TensorMeta {
         &self.strides[..usize::from(self.ndim).min(MAX_DIMS)]
     }
 
-    /// Number of elements.
+    /// Number of elements (saturating at `u64::MAX`: metadata that passed
+    /// [`TensorMeta::validate`] never gets there, but garbage can ask for
+    /// 2^256).
     pub fn numel(&self) -> u64 {
-        self.shape().iter().map(|&e| u64::from(e)).product()
+        self.checked_numel().unwrap_or(u64::MAX)
+    }
+
+    /// Number of elements, `None` when it does not fit 64 bits.
+    fn checked_numel(&self) -> Option<u64> {
+        let shape = self.shape();
+        if shape.contains(&0) {
+            return Some(0);
+        }
+        shape
+            .iter()
+            .try_fold(1u64, |n, &e| n.checked_mul(u64::from(e)))
     }
 
     /// The user header bytes in use.
@@ -251,6 +264,12 @@ impl TensorMeta {
             });
         }
         let span = self.span()?;
+        // Zero strides let a few bytes describe any number of elements; a
+        // count that does not fit 64 bits breaks every consumer that
+        // multiplies extents (numel, buffer protocols), so it is refused.
+        if self.checked_numel().is_none() {
+            return Err(ShapeError::Overflow);
+        }
         if span > self.nbytes {
             return Err(ShapeError::OutOfBounds {
                 span,
@@ -332,5 +351,28 @@ mod tests {
         m.ndim = 200;
         assert!(m.validate(1 << 20).is_err());
         assert!(m.set_user_header(&[0; 65]).is_err());
+    }
+
+    /// Found by the `slot_header` fuzz target: zero strides let 8 bytes
+    /// describe (2^32 - 1)^8 elements; `numel()` then overflowed (a panic in
+    /// debug builds, a wrong count in release) on metadata that had passed
+    /// validation. Validation now refuses element counts above 2^64 - 1 and
+    /// `numel()` saturates on unvalidated metadata.
+    #[test]
+    fn zero_strides_cannot_claim_more_than_2_pow_64_elements() {
+        let mut m = TensorMeta::contiguous(DType::U64, &[1; 8]).unwrap();
+        m.shape = [u32::MAX; 8];
+        m.strides = [0; 8];
+        assert_eq!(m.span(), Ok(8), "every element is the same 8 bytes");
+        assert_eq!(m.numel(), u64::MAX, "saturates instead of overflowing");
+        assert_eq!(m.validate(8), Err(ShapeError::Overflow));
+        // Broadcasting within 64 bits stays valid.
+        m.shape = [u32::MAX, u32::MAX, 1, 1, 1, 1, 1, 1];
+        assert_eq!(m.validate(8), Ok(()));
+        assert_eq!(m.numel(), u64::from(u32::MAX) * u64::from(u32::MAX));
+        // An empty tensor is empty whatever its other extents (found by the
+        // round-trip property of the same target, against the first fix).
+        m.shape = [u32::MAX, u32::MAX, u32::MAX, 0, 1, 1, 1, 1];
+        assert_eq!((m.numel(), m.span(), m.validate(8)), (0, Ok(0), Ok(())));
     }
 }
