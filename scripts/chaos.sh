@@ -7,10 +7,14 @@
 #
 # Usage: scripts/chaos.sh [--kills N] [--seconds S] [--seed X]
 #                         [--interval-ms M] [--dir D] [--keep]
+#                         [--kill-broker [--broker-every K]]
 #
 # Progress goes to stderr; the last line on stdout is
-#   chaos: kills=N leaked_slots=L lost=M duplicated=D corrupt=C crashed=X
+#   chaos: kills=N leaked_slots=L lost=M duplicated=D corrupt=C crashed=X unaccounted_drops=U
 # and the exit status is non-zero unless every counter but kills is 0.
+# --kill-broker also kill -9s the broker (its own process then) after every
+# K client kills (default 50): the line gains broker_kills=B after kills and
+# broker_failures=F at the end (see docs/reliability.md, "Broker kills").
 # Re-run with the printed --seed to replay the same kill schedule (the
 # processes' own interleaving still varies from run to run).
 set -euo pipefail

@@ -39,6 +39,17 @@ step "chaos: 200 kill -9s of random clients, then no leak/loss/duplicate/corrupt
 scripts/chaos.sh --kills 200
 # --- end chaos ---
 
+# --- hardening ---
+step "chaos with broker kills: 100 client kill -9s, the broker kill -9ed after every 25"
+scripts/chaos.sh --kills 100 --kill-broker --broker-every 25
+
+step "sanitizers: ASan and TSan over core, shm, broker, client and the cross-process tests"
+scripts/sanitizers.sh asan tsan
+# (The libFuzzer runs, scripts/fuzz.sh, are manual; their harnesses run above
+# on stable with a seeded PRNG: tensorbus-core's fuzz_seeded test. Miri needs
+# a nightly toolchain: scripts/sanitizers.sh miri.)
+# --- end hardening ---
+
 # --- Python bindings ---
 step "Python bindings: build into .venv (maturin), pytest across processes"
 bindings/python/test.sh

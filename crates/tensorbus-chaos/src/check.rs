@@ -34,6 +34,9 @@ pub enum Outcome {
     },
     /// It exited with status 0 after being asked to stop.
     Exited,
+    /// It was still starting when the broker died and exited with an error
+    /// (connecting and opening handles need a broker; `--kill-broker` only).
+    NoBroker,
     /// Anything else: a non-zero status, a signal we did not send, a hang.
     Crashed(String),
 }
@@ -51,6 +54,9 @@ pub struct Record {
     pub stderr: PathBuf,
     /// How it ended.
     pub outcome: Outcome,
+    /// Which broker it was a client of (0, then one more after each broker
+    /// kill; `--kill-broker` only).
+    pub epoch: u32,
 }
 
 /// The counters of the final line (but kills and leaks).
@@ -64,6 +70,9 @@ pub struct Report {
     pub corrupt: u64,
     /// Crashed processes.
     pub crashed: u64,
+    /// Lossy subscribers: received + counted drops that do not add up to
+    /// what was published to them (see [`reconcile`]).
+    pub unaccounted_drops: u64,
 }
 
 /// What one incarnation journaled.
@@ -74,6 +83,8 @@ struct Loaded {
     publishing: Option<u64>,
     corrupt: u64,
     not_exclusive: u64,
+    stat: Option<(u64, u64)>,
+    client: u32,
 }
 
 /// Whether a tensor `(inc, seq)` was published.
@@ -88,7 +99,7 @@ enum Known {
 struct Published(HashMap<u32, (u64, Option<u64>)>);
 
 impl Published {
-    fn of(loaded: &[Loaded], channel: &str) -> Published {
+    fn of(loaded: &[&Loaded], channel: &str) -> Published {
         Published(
             loaded
                 .iter()
@@ -178,6 +189,7 @@ fn check_queue(
     takers: &[&Loaded],
     kind: u8,
     published: &Published,
+    stranded: &HashSet<(u32, u64)>,
 ) -> (Counts, HashMap<(u32, u64), u32>) {
     let mut c = Counts::default();
     let mut takes: HashMap<(u32, u64), u32> = HashMap::new();
@@ -194,10 +206,21 @@ fn check_queue(
         .values()
         .map(|&n| u64::from(n.saturating_sub(1)))
         .sum::<u64>();
-    let missing_keys: Vec<(u32, u64)> = published
+    let missing_all: Vec<(u32, u64)> = published
         .confirmed()
         .filter(|k| !takes.contains_key(k))
         .collect();
+    // A broker that died before repairing a dead worker leaves that
+    // worker's queue (and whatever the broker held in custody) stranded in
+    // the orphaned bus: found there by identity, not lost.
+    let (strand, missing_keys): (Vec<_>, Vec<_>) =
+        missing_all.into_iter().partition(|k| stranded.contains(k));
+    if !strand.is_empty() {
+        eprintln!(
+            "chaos: {name}: {} confirmed tensors stranded in the slots of a dead broker's bus (queued at, or held by, workers it never repaired)",
+            strand.len()
+        );
+    }
     for (inc, seq) in missing_keys.iter().take(20) {
         let (n, d) = published.0[inc];
         eprintln!(
@@ -242,25 +265,59 @@ fn load(records: &[Record]) -> Result<Vec<Loaded>, String> {
                 publishing: j.publishing(),
                 corrupt: j.corrupt(),
                 not_exclusive: j.not_exclusive(),
+                stat: j.stat(),
+                client: j.client(),
             })
         })
         .collect()
 }
 
-/// Runs every check on the journals of `records`.
-pub fn check(records: &[Record]) -> Result<Report, String> {
+/// Runs every check on the journals of `records`, one broker epoch at a
+/// time (`stranded[epoch]`: tensors `(inc, seq)` found held in the slots of
+/// that epoch's bus after its broker died and all its clients exited).
+pub fn check(
+    records: &[Record],
+    stranded: &HashMap<u32, HashSet<(u32, u64)>>,
+) -> Result<Report, String> {
     let loaded = load(records)?;
+    let mut epochs: Vec<u32> = loaded.iter().map(|l| l.rec.epoch).collect();
+    epochs.sort_unstable();
+    epochs.dedup();
+    let none = HashSet::new();
+    let mut report = Report::default();
+    for epoch in epochs {
+        let group: Vec<&Loaded> = loaded.iter().filter(|l| l.rec.epoch == epoch).collect();
+        if epochs_differ(&loaded) {
+            eprintln!("chaos: epoch {epoch} (broker {epoch}):");
+        }
+        let r = check_epoch(&group, stranded.get(&epoch).unwrap_or(&none));
+        report.lost += r.lost;
+        report.duplicated += r.duplicated;
+        report.corrupt += r.corrupt;
+        report.crashed += r.crashed;
+        report.unaccounted_drops += r.unaccounted_drops;
+    }
+    Ok(report)
+}
+
+fn epochs_differ(loaded: &[Loaded]) -> bool {
+    loaded.iter().any(|l| l.rec.epoch != loaded[0].rec.epoch)
+}
+
+/// The checks of one broker epoch (every client of one broker).
+fn check_epoch(loaded: &[&Loaded], stranded: &HashSet<(u32, u64)>) -> Report {
     let mut total = Counts::default();
     let role = |l: &Loaded| &ROLES[l.rec.role];
     let of = |kind: Kind, channel: &str| -> Vec<&Loaded> {
         loaded
             .iter()
+            .copied()
             .filter(|l| role(l).kind == kind && role(l).channel == channel)
             .collect()
     };
 
     // Library-reported corruption and stage releases, wherever they happened.
-    for l in &loaded {
+    for l in loaded {
         total.corrupt += l.corrupt;
         if l.corrupt > 0 {
             eprintln!(
@@ -282,7 +339,7 @@ pub fn check(records: &[Record]) -> Result<Report, String> {
 
     // Broadcast channel: order and integrity everywhere, completeness at
     // the block survivors.
-    let bc = Published::of(&loaded, "bc");
+    let bc = Published::of(loaded, "bc");
     let known_bc = |inc, seq| bc.known(inc, seq);
     let by_producer = |e: &Entry| (u64::from(e.inc), e.seq);
     for l in of(Kind::Consumer, "bc") {
@@ -307,14 +364,14 @@ pub fn check(records: &[Record]) -> Result<Report, String> {
     }
 
     // Work queue.
-    let wq = Published::of(&loaded, "wq");
-    let (c, _) = check_queue("wq", &of(Kind::Worker, "wq"), KIND_RECV, &wq);
+    let wq = Published::of(loaded, "wq");
+    let (c, _) = check_queue("wq", &of(Kind::Worker, "wq"), KIND_RECV, &wq, stranded);
     total.add(&c);
 
     // Pipeline input: the stages are the workers.
-    let pin = Published::of(&loaded, "pipe/in");
+    let pin = Published::of(loaded, "pipe/in");
     let stages = of(Kind::Stage, "pipe/in");
-    let (c, _) = check_queue("pipe/in", &stages, KIND_TOOK, &pin);
+    let (c, _) = check_queue("pipe/in", &stages, KIND_TOOK, &pin, stranded);
     total.add(&c);
 
     // Pipeline output: forwarded tensors must reach the block survivor.
@@ -362,11 +419,83 @@ pub fn check(records: &[Record]) -> Result<Report, String> {
         total.add(&c);
     }
 
+    // Lossy subscribers: what they received plus what producers counted as
+    // dropped for them must add up to what was published to them.
+    let bc_ends: HashMap<u64, End> = loaded
+        .iter()
+        .filter(|l| role(l).kind == Kind::Producer && role(l).channel == "bc")
+        .map(|l| {
+            (
+                u64::from(l.rec.inc),
+                End {
+                    last: l.published.checked_sub(1),
+                    in_doubt: l.publishing.is_some(),
+                },
+            )
+        })
+        .collect();
+    let out_ends: HashMap<u64, End> = stages
+        .iter()
+        .map(|l| {
+            let fwd = l.entries.iter().filter(|e| e.kind == KIND_FWD).count() as u64;
+            let killed_holding = matches!(l.rec.outcome, Outcome::Killed { .. })
+                && l.entries.last().is_some_and(|e| e.kind == KIND_TOOK);
+            (
+                u64::from(l.client),
+                End {
+                    last: fwd.checked_sub(1),
+                    in_doubt: killed_holding,
+                },
+            )
+        })
+        .collect();
+    let mut unaccounted_drops = 0;
+    for (channel, ends, order) in [
+        (
+            "bc",
+            &bc_ends,
+            &by_producer as &dyn Fn(&Entry) -> (u64, u64),
+        ),
+        ("pipe/out", &out_ends, &by_stage),
+    ] {
+        for l in of(Kind::Consumer, channel) {
+            let lossy = role(l).policy.is_some_and(|p| p != "block");
+            let (Outcome::Exited, Some((delivered, dropped))) = (&l.rec.outcome, l.stat) else {
+                continue;
+            };
+            if !lossy {
+                if dropped != 0 {
+                    eprintln!(
+                        "chaos: drops: {} (inc {}): a block subscriber counted {dropped} drops",
+                        role(l).name,
+                        l.rec.inc
+                    );
+                    unaccounted_drops += dropped;
+                }
+                continue;
+            }
+            let r = reconcile(&l.entries, order, ends, delivered, dropped);
+            eprintln!(
+                "chaos: drops: {} (inc {}): received {} (broker's delivered {delivered}), dropped {dropped} = {} missed between receipts + {} after the last receipt + {} before the first (at most {}); {} publishers in doubt; unaccounted {}",
+                role(l).name,
+                l.rec.inc,
+                r.received,
+                r.gaps,
+                r.tails,
+                i128::from(dropped) - i128::from(r.gaps + r.tails),
+                r.head_max,
+                r.in_doubt,
+                r.unaccounted
+            );
+            unaccounted_drops += r.unaccounted;
+        }
+    }
+
     let crashed = loaded
         .iter()
         .filter(|l| matches!(l.rec.outcome, Outcome::Crashed(_) | Outcome::Running))
         .count() as u64;
-    for l in &loaded {
+    for l in loaded {
         let survivor_gone = role(l).survivor && l.rec.outcome != Outcome::Exited;
         if survivor_gone {
             eprintln!(
@@ -376,12 +505,93 @@ pub fn check(records: &[Record]) -> Result<Report, String> {
             );
         }
     }
-    Ok(Report {
+    Report {
         lost: total.lost,
         duplicated: total.duplicated,
         corrupt: total.corrupt,
         crashed,
-    })
+        unaccounted_drops,
+    }
+}
+
+/// How a publisher's stream ended, for [`reconcile`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct End {
+    /// Position of its last confirmed publish (`None`: none).
+    last: Option<u64>,
+    /// It was killed inside a publish (the next position is in doubt).
+    in_doubt: bool,
+}
+
+/// The drop accounting of one lossy subscriber incarnation that drained
+/// and exited (all publishers had stopped before it).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Recon {
+    received: u64,
+    /// Positions missed between two receipts from the same publisher.
+    gaps: u64,
+    /// Positions a publisher confirmed after the last receipt from it.
+    tails: u64,
+    /// Most drops there can have been before the first receipt from each
+    /// publisher (its position), plus everything publishers the subscriber
+    /// received nothing from published.
+    head_max: u64,
+    /// Publishers killed inside a publish.
+    in_doubt: u64,
+    unaccounted: u64,
+}
+
+/// Reconciles a lossy subscriber's receipts with its `dropped` counter.
+/// Every publisher numbers its publishes 0, 1, 2, ...; once the subscriber
+/// has received position `p` of a stream, every later publish of that
+/// stream included it (it stayed subscribed until it exited, after every
+/// publisher had stopped), so each later position it did not receive must
+/// have been counted as dropped: `gaps + tails <= dropped`. Before its first
+/// receipt from a stream it may or may not have been subscribed yet, so
+/// `dropped <= gaps + tails + head_max`. A publisher killed inside a publish
+/// loosens each bound by one: the tensor in doubt may have been counted,
+/// and a drop_oldest steal may have happened without its count. Also
+/// `delivered` (the library's count of successful receives) must equal the
+/// receipts journaled. Anything outside these bounds is `unaccounted`.
+fn reconcile(
+    entries: &[Entry],
+    order: &dyn Fn(&Entry) -> (u64, u64),
+    ends: &HashMap<u64, End>,
+    delivered: u64,
+    dropped: u64,
+) -> Recon {
+    let mut r = Recon::default();
+    let mut streams: HashMap<u64, (u64, u64, HashSet<u64>)> = HashMap::new();
+    for e in entries.iter().filter(|e| e.kind == KIND_RECV) {
+        r.received += 1;
+        let (stream, pos) = order(e);
+        let s = streams.entry(stream).or_insert((pos, pos, HashSet::new()));
+        s.0 = s.0.min(pos);
+        s.1 = s.1.max(pos);
+        s.2.insert(pos);
+    }
+    let mut doubt_lo = 0;
+    for (stream, (first, last, seen)) in &streams {
+        r.gaps += (last - first + 1) - seen.len() as u64;
+        r.head_max += first;
+        if let Some(end) = ends.get(stream) {
+            if let Some(l) = end.last {
+                r.tails += l.saturating_sub(*last);
+            }
+            doubt_lo += u64::from(end.in_doubt);
+        }
+    }
+    for (stream, end) in ends {
+        r.in_doubt += u64::from(end.in_doubt);
+        if !streams.contains_key(stream) {
+            r.head_max += end.last.map_or(0, |l| l + 1);
+        }
+    }
+    let (lo, hi) = (r.gaps + r.tails, r.gaps + r.tails + r.head_max);
+    r.unaccounted = r.received.abs_diff(delivered)
+        + lo.saturating_sub(dropped + doubt_lo)
+        + dropped.saturating_sub(hi + r.in_doubt);
+    r
 }
 
 fn report_counts(l: &Loaded, c: &Counts) {
@@ -459,12 +669,15 @@ mod tests {
                 journal: PathBuf::new(),
                 stderr: PathBuf::new(),
                 outcome,
+                epoch: 0,
             },
             entries,
             published: 0,
             publishing: None,
             corrupt: 0,
             not_exclusive: 0,
+            stat: None,
+            client: 0,
         }
     }
 
@@ -490,8 +703,13 @@ mod tests {
                 .collect(),
         );
         // (2, 2) was never taken: lost.
-        let (c, _) = check_queue("t", &[&a, &b], KIND_RECV, &p);
+        let none = HashSet::new();
+        let (c, _) = check_queue("t", &[&a, &b], KIND_RECV, &p, &none);
         assert_eq!((c.lost, c.duplicated, c.corrupt), (1, 0, 0));
+        // ... unless it was found stranded in a dead broker's bus.
+        let stranded: HashSet<(u32, u64)> = [(2, 2)].into_iter().collect();
+        let (c, _) = check_queue("t", &[&a, &b], KIND_RECV, &p, &stranded);
+        assert_eq!(c.lost, 0);
 
         // The same, but the worker died mid-receive: one missing is excused.
         let a_pop = loaded(
@@ -500,7 +718,7 @@ mod tests {
             Outcome::Killed { died_in_pop: true },
             a.entries.clone(),
         );
-        let (c, _) = check_queue("t", &[&a_pop, &b], KIND_RECV, &p);
+        let (c, _) = check_queue("t", &[&a_pop, &b], KIND_RECV, &p, &none);
         assert_eq!(c.lost, 0);
 
         // A second take of (1, 0) and a phantom.
@@ -510,7 +728,60 @@ mod tests {
             Outcome::Exited,
             vec![recv(1, 0), recv(2, 2), recv(2, 7)],
         );
-        let (c, _) = check_queue("t", &[&a, &b, &dup], KIND_RECV, &p);
+        let (c, _) = check_queue("t", &[&a, &b, &dup], KIND_RECV, &p, &none);
         assert_eq!((c.lost, c.duplicated, c.corrupt), (0, 1, 1));
+    }
+
+    #[test]
+    fn reconcile_accounts_for_every_position() {
+        let order = |e: &Entry| (u64::from(e.inc), e.seq);
+        // Stream 1 published 0..=9 and stopped; the subscriber received
+        // 2, 3, 6, 9: 2 before the first receipt at most, 4 in gaps, 0 after.
+        // Stream 2 published 0..=4; received 1: 3 after the last receipt.
+        // Stream 3 published 0..=2, nothing received (maybe before we
+        // subscribed): up to 3 more.
+        let got: Vec<Entry> = [(1, 2), (1, 3), (2, 1), (1, 6), (1, 9)]
+            .iter()
+            .map(|&(i, s)| recv(i, s))
+            .collect();
+        let end = |last| End {
+            last: Some(last),
+            in_doubt: false,
+        };
+        let ends: HashMap<u64, End> = [(1, end(9)), (2, end(4)), (3, end(2))].into();
+        let r = reconcile(&got, &order, &ends, 5, 7);
+        assert_eq!(
+            (r.received, r.gaps, r.tails, r.head_max),
+            (5, 4, 3, 2 + 1 + 3)
+        );
+        assert_eq!(r.unaccounted, 0, "7 = 4 + 3 exactly");
+        assert_eq!(reconcile(&got, &order, &ends, 5, 13).unaccounted, 0);
+        assert_eq!(
+            reconcile(&got, &order, &ends, 5, 6).unaccounted,
+            1,
+            "one missed, uncounted"
+        );
+        assert_eq!(
+            reconcile(&got, &order, &ends, 5, 14).unaccounted,
+            1,
+            "one counted too many"
+        );
+        assert_eq!(
+            reconcile(&got, &order, &ends, 4, 7).unaccounted,
+            1,
+            "delivered != received"
+        );
+        // A publisher killed inside a publish loosens both bounds by one.
+        let mut ends = ends;
+        ends.insert(
+            2,
+            End {
+                last: Some(4),
+                in_doubt: true,
+            },
+        );
+        assert_eq!(reconcile(&got, &order, &ends, 5, 6).unaccounted, 0);
+        assert_eq!(reconcile(&got, &order, &ends, 5, 14).unaccounted, 0);
+        assert_eq!(reconcile(&got, &order, &ends, 5, 5).unaccounted, 1);
     }
 }

@@ -31,6 +31,9 @@ const W_CORRUPT: usize = 7;
 const W_NOT_EXCLUSIVE: usize = 8;
 const W_OVERFLOW: usize = 9;
 const W_CLIENT: usize = 10;
+const W_STAT: usize = 11;
+const W_DELIVERED: usize = 12;
+const W_DROPPED: usize = 13;
 
 /// Client state (0 until then: still connecting / subscribing): subscribed (or producer opened); from here on it counts.
 pub const STATE_READY: u64 = 1;
@@ -165,6 +168,26 @@ impl Journal {
     pub fn set_client(&self, id: u32) {
         self.word(W_CLIENT).store(u64::from(id), Ordering::SeqCst);
     }
+    /// The broker's client id of this process (0 before it connected).
+    pub fn client(&self) -> u32 {
+        self.word(W_CLIENT).load(Ordering::SeqCst) as u32
+    }
+    /// Subscriber: its own `delivered` and `dropped` counters from the
+    /// broker's `stat`, read after its last receive.
+    pub fn set_stat(&self, delivered: u64, dropped: u64) {
+        self.word(W_DELIVERED).store(delivered, Ordering::SeqCst);
+        self.word(W_DROPPED).store(dropped, Ordering::SeqCst);
+        self.word(W_STAT).store(1, Ordering::SeqCst);
+    }
+    /// `(delivered, dropped)` if [`Journal::set_stat`] was called.
+    pub fn stat(&self) -> Option<(u64, u64)> {
+        (self.word(W_STAT).load(Ordering::SeqCst) != 0).then(|| {
+            (
+                self.word(W_DELIVERED).load(Ordering::SeqCst),
+                self.word(W_DROPPED).load(Ordering::SeqCst),
+            )
+        })
+    }
 
     /// Marks the start of a receive attempt (worker, stage): if the process
     /// dies before [`Journal::end_pop`], it may have taken one entry that it
@@ -243,6 +266,11 @@ impl Journal {
         self.word(W_COUNT).store(n as u64 + 1, Ordering::Release);
     }
 
+    /// Number of entries written so far.
+    pub fn count(&self) -> u64 {
+        self.word(W_COUNT).load(Ordering::Acquire)
+    }
+
     /// Every entry written so far.
     pub fn entries(&self) -> Vec<Entry> {
         let n = (self.word(W_COUNT).load(Ordering::Acquire) as usize).min(self.capacity);
@@ -302,6 +330,10 @@ mod tests {
         }
         assert!(r.overflowed());
         assert_eq!(r.entries(), vec![e; 4]);
+        assert_eq!(r.stat(), None);
+        w.set_stat(9, 4);
+        w.set_client(17);
+        assert_eq!((r.stat(), r.client()), (Some((9, 4)), 17));
         w.begin_publish(5);
         assert_eq!(r.publishing(), Some(5));
         w.end_publish(5);

@@ -7,11 +7,14 @@
 //!
 //! ```text
 //! tensorbus-chaos [--kills N] [--seconds S] [--seed X] [--interval-ms M] [--dir D] [--keep]
+//!                 [--kill-broker [--broker-every K]]
 //! ```
 //!
 //! Progress goes to stderr; stdout gets one line:
-//! `chaos: kills=N leaked_slots=L lost=M duplicated=D corrupt=C crashed=X`.
-//! The exit status is 0 only if every counter but `kills` is 0.
+//! `chaos: kills=N leaked_slots=L lost=M duplicated=D corrupt=C crashed=X unaccounted_drops=U`
+//! (with `--kill-broker`: `broker_kills=B` after `kills`, `broker_failures=F`
+//! at the end). The exit status is 0 only if every counter but `kills` and
+//! `broker_kills` is 0.
 //!
 //! The same binary, run as `tensorbus-chaos role KIND ...`, is every client
 //! process (see [`roles`]).
@@ -27,13 +30,18 @@ use std::path::PathBuf;
 fn usage() -> ! {
     eprintln!(
         "usage: tensorbus-chaos [--kills N] [--seconds S] [--seed X] [--interval-ms M] [--dir D] [--keep]\n\
+         \x20                      [--kill-broker [--broker-every K]]\n\
          \n\
          --kills N        stop after N kill -9s (default 200, or unlimited with --seconds)\n\
          --seconds S      stop after S seconds of chaos, even if fewer kills were made\n\
          --seed X         seed of every random choice (default: from the clock; printed)\n\
          --interval-ms M  mean time between kills (default 150; uniform in 0..2M)\n\
          --dir D          where the journals go (default: a fresh directory in $TMPDIR)\n\
-         --keep           keep the journals and the clients' stderr files (kept anyway when a check fails)"
+         --keep           keep the journals and the clients' stderr files (kept anyway when a check fails)\n\
+         --kill-broker    run the broker as its own process and kill -9 it too, after every K client\n\
+         \x20                kills; each time, check that the clients go on without it, stop them, start\n\
+         \x20                a new broker on the same socket and new clients (see docs/reliability.md)\n\
+         --broker-every K client kills between broker kills (default 50)"
     );
     std::process::exit(2);
 }
@@ -50,6 +58,8 @@ fn main() {
         interval_ms: 150,
         dir: None,
         keep: false,
+        kill_broker: false,
+        broker_every: 50,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -72,6 +82,8 @@ fn main() {
             "--interval-ms" => opts.interval_ms = num(value("milliseconds")).max(1),
             "--dir" => opts.dir = Some(PathBuf::from(value("a directory"))),
             "--keep" => opts.keep = true,
+            "--kill-broker" => opts.kill_broker = true,
+            "--broker-every" => opts.broker_every = num(value("a count")).max(1),
             "-h" | "--help" => usage(),
             other => {
                 eprintln!("tensorbus-chaos: unknown argument {other:?}");

@@ -3,12 +3,13 @@
 
 use crate::check::{self, Outcome, Record};
 use crate::journal::{Journal, STATE_READY};
-use crate::payload::Rng;
+use crate::payload::{self, Rng};
+use std::collections::{HashMap, HashSet};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
-use tensorbus::Client;
+use tensorbus::{Client, RequestError};
 use tensorbus_broker::{Config, EmbeddedBroker};
 
 /// Command-line options.
@@ -25,12 +26,16 @@ pub struct Opts {
     pub dir: Option<PathBuf>,
     /// Keep the journal directory.
     pub keep: bool,
+    /// Run the broker as its own process and `kill -9` it too.
+    pub kill_broker: bool,
+    /// With `kill_broker`: client kills between broker kills.
+    pub broker_every: u64,
 }
 
-/// The broker configuration: two size classes (tensors of up to 1 KiB use
+/// The broker configuration (also what `role broker` runs): two size classes (tensors of up to 1 KiB use
 /// the small pool, or the big one when it is exhausted), a broadcast
 /// channel, a work queue, and a two-channel stage pipeline.
-const CONFIG: &str = r#"
+pub const CONFIG: &str = r#"
 [limits]
 max_channels = 8
 max_producers_per_channel = 8
@@ -258,6 +263,79 @@ struct Run {
     records: Vec<Record>,
     live: Vec<Option<Proc>>,
     next_inc: u32,
+    /// Current broker epoch (see [`Record::epoch`]).
+    epoch: u32,
+    /// Whether the current epoch's broker has been killed.
+    broker_dead: bool,
+}
+
+/// What a process that does not stop when asked counts as.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Hang {
+    /// A crash (a hang).
+    Crash,
+    /// Expected: a `block` producer waiting for a subscriber that died
+    /// while no broker ran to retire it. Killed, counted as stalled.
+    Stalled,
+}
+
+/// The broker: on a thread of the orchestrator, or (`--kill-broker`) its
+/// own process, `tensorbus-chaos role broker`.
+enum BrokerHandle {
+    /// Held for its `Drop`, which stops the broker thread.
+    Embedded {
+        _broker: EmbeddedBroker,
+    },
+    Process(Child),
+}
+
+impl BrokerHandle {
+    fn start(run: &Run, external: bool) -> Result<(BrokerHandle, Client), String> {
+        let handle = if external {
+            let err = run.dir.join(format!("broker-{}.stderr", run.epoch));
+            let child = Command::new(&run.exe)
+                .arg("role")
+                .arg("broker")
+                .arg("--socket")
+                .arg(&run.socket)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&err).map_err(|e| e.to_string())?)
+                .spawn()
+                .map_err(|e| format!("spawn the broker: {e}"))?;
+            BrokerHandle::Process(child)
+        } else {
+            let config = Config::from_toml(CONFIG).map_err(|e| e.to_string())?;
+            BrokerHandle::Embedded {
+                _broker: EmbeddedBroker::start(&config, &run.socket).map_err(|e| e.to_string())?,
+            }
+        };
+        // A restarted broker must be found on the same path (the dead one's
+        // socket file is stale, not an obstacle).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let client = loop {
+            match Client::connect_to(Some(&run.socket), "chaos") {
+                Ok(c) => break c,
+                Err(e) if Instant::now() > deadline => {
+                    return Err(format!(
+                        "no broker at {} after 10 s: {e}",
+                        run.socket.display()
+                    ))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        };
+        Ok((handle, client))
+    }
+}
+
+impl Drop for BrokerHandle {
+    fn drop(&mut self) {
+        if let BrokerHandle::Process(c) = self {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 /// Journal capacity in entries: survivors see everything for the whole run.
@@ -316,6 +394,7 @@ impl Run {
             journal: journal_path,
             stderr: err_path,
             outcome: Outcome::Running,
+            epoch: self.epoch,
         });
         self.live[role_index] = Some(Proc {
             record: self.records.len() - 1,
@@ -330,6 +409,10 @@ impl Run {
         let rec = &mut self.records[p.record];
         rec.outcome = if stopped && status.success() {
             Outcome::Exited
+        } else if self.broker_dead && p.journal.state() < STATE_READY && status.code() == Some(2) {
+            // Still connecting or opening its handle when the broker died:
+            // it got a BrokerUnavailable error, as it should.
+            Outcome::NoBroker
         } else {
             let why = if status.success() {
                 "exited 0 without being asked to stop".to_string()
@@ -422,7 +505,9 @@ impl Run {
     }
 
     /// Asks every live process of `roles` to stop and waits for them.
-    fn stop(&mut self, roles: &[usize], limit: Duration) {
+    /// Returns how many were killed as [`Hang::Stalled`].
+    fn stop(&mut self, roles: &[usize], limit: Duration, hang: Hang) -> u64 {
+        let mut stalled = 0;
         for &i in roles {
             if let Some(p) = &self.live[i] {
                 p.journal.request_stop();
@@ -448,6 +533,11 @@ impl Run {
                     let _ = p.child.kill();
                     let _ = p.child.wait();
                     let rec = &mut self.records[p.record];
+                    if hang == Hang::Stalled {
+                        rec.outcome = Outcome::Killed { died_in_pop: false };
+                        stalled += 1;
+                        continue;
+                    }
                     rec.outcome = Outcome::Crashed(format!(
                         "hung: still running {limit:?} after being asked to stop"
                     ));
@@ -458,6 +548,42 @@ impl Run {
                 }
             }
         }
+        stalled
+    }
+
+    /// Total journal entries of the live survivors (what they received).
+    fn survivor_entries(&self) -> u64 {
+        self.live
+            .iter()
+            .flatten()
+            .filter(|p| ROLES[self.records[p.record].role].survivor)
+            .map(|p| p.journal.count())
+            .sum()
+    }
+
+    /// Starts every role (receivers first, so that the survivors are
+    /// subscribed before anything is published) and waits until all are ready.
+    fn start_all(&mut self) -> Result<(), String> {
+        let receivers = roles_of(&[Kind::Consumer, Kind::Worker, Kind::Stage]);
+        let producers = roles_of(&[Kind::Producer]);
+        for group in [&receivers, &producers] {
+            for &i in group {
+                self.spawn(i).map_err(|e| format!("spawn: {e}"))?;
+            }
+            self.wait_ready(group)?;
+        }
+        Ok(())
+    }
+
+    /// Stops every client: producers, then workers and stages (which
+    /// drain), then broadcast consumers (which drain). Returns how many
+    /// producers were killed as stalled (only with `hang` = Stalled).
+    fn quiesce(&mut self, producer_limit: Duration, hang: Hang) -> u64 {
+        let limit = Duration::from_secs(30);
+        let stalled = self.stop(&roles_of(&[Kind::Producer]), producer_limit, hang);
+        self.stop(&roles_of(&[Kind::Worker, Kind::Stage]), limit, Hang::Crash);
+        self.stop(&roles_of(&[Kind::Consumer]), limit, Hang::Crash);
+        stalled
     }
 }
 
@@ -496,10 +622,15 @@ pub fn run(opts: Opts) -> i32 {
         std::env::temp_dir().join(format!("tensorbus-chaos-{}", std::process::id()))
     });
     eprintln!(
-        "chaos: seed={seed} kills={} seconds={} interval_ms={} dir={}",
+        "chaos: seed={seed} kills={} seconds={} interval_ms={} kill_broker={} dir={}",
         opts.kills.map_or("-".into(), |k| k.to_string()),
         opts.seconds.map_or("-".into(), |s| s.to_string()),
         opts.interval_ms,
+        if opts.kill_broker {
+            format!("every {} kills", opts.broker_every)
+        } else {
+            "no".into()
+        },
         dir.display()
     );
     match run_in(&opts, seed, kills_wanted, &dir) {
@@ -524,32 +655,21 @@ pub fn run(opts: Opts) -> i32 {
 fn run_in(opts: &Opts, seed: u64, kills_wanted: u64, dir: &Path) -> Result<i32, String> {
     let t0 = Instant::now();
     std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-    let socket = dir.join("broker.sock");
-    let config = Config::from_toml(CONFIG).map_err(|e| e.to_string())?;
-    let broker = EmbeddedBroker::start(&config, &socket).map_err(|e| e.to_string())?;
-    let client = Client::connect_to(Some(&socket), "chaos").map_err(|e| e.to_string())?;
     let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
     let mut run = Run {
         dir: dir.to_path_buf(),
-        socket,
+        socket: dir.join("broker.sock"),
         exe,
         seed,
         records: Vec::new(),
         live: (0..ROLES.len()).map(|_| None).collect(),
         next_inc: 1,
+        epoch: 0,
+        broker_dead: false,
     };
+    let (mut broker, mut client) = BrokerHandle::start(&run, opts.kill_broker)?;
     let mut rng = Rng::new(seed);
-
-    // Receivers first (survivors must be subscribed before anything is
-    // published), then producers.
-    let receivers = roles_of(&[Kind::Consumer, Kind::Worker, Kind::Stage]);
-    let producers = roles_of(&[Kind::Producer]);
-    for group in [&receivers, &producers] {
-        for &i in group {
-            run.spawn(i).map_err(|e| format!("spawn: {e}"))?;
-        }
-        run.wait_ready(group)?;
-    }
+    run.start_all()?;
     eprintln!(
         "chaos: {} clients up after {:.1} s; killing",
         ROLES.len(),
@@ -563,6 +683,9 @@ fn run_in(opts: &Opts, seed: u64, kills_wanted: u64, dir: &Path) -> Result<i32, 
     let mut next_kill = chaos_start + interval(&mut rng);
     let mut restarts: Vec<(Instant, usize)> = Vec::new();
     let mut kills = 0u64;
+    let mut b = BrokerStats::default();
+    let mut broker_kill_at: Option<Instant> = None;
+    let mut stranded: HashMap<u32, HashSet<(u32, u64)>> = HashMap::new();
     let time_up = |now: Instant| {
         opts.seconds
             .is_some_and(|s| now.duration_since(chaos_start) >= Duration::from_secs(s))
@@ -574,7 +697,18 @@ fn run_in(opts: &Opts, seed: u64, kills_wanted: u64, dir: &Path) -> Result<i32, 
             }
         }
         let now = Instant::now();
-        if now >= next_kill {
+        if broker_kill_at.is_some_and(|t| now >= t) {
+            // The broker's turn: kill it, check the bus goes on without it,
+            // end this epoch, start a new broker and new clients.
+            broker_kill_at = None;
+            restarts.clear();
+            let (set, nb, nc) = broker_cycle(&mut run, broker, client, &mut rng, &mut b)?;
+            stranded.insert(run.epoch - 1, set);
+            (broker, client) = (nb, nc);
+            next_kill = Instant::now() + interval(&mut rng);
+            continue;
+        }
+        if now >= next_kill && broker_kill_at.is_none() {
             let alive: Vec<usize> = victims
                 .iter()
                 .copied()
@@ -589,6 +723,19 @@ fn run_in(opts: &Opts, seed: u64, kills_wanted: u64, dir: &Path) -> Result<i32, 
                             "chaos: {kills} kills after {:.1} s",
                             chaos_start.elapsed().as_secs_f64()
                         );
+                    }
+                    if opts.kill_broker
+                        && kills % opts.broker_every.max(1) == 0
+                        && kills < kills_wanted
+                    {
+                        // Half the time within 0-2 ms, while the broker is
+                        // still repairing after this death; otherwise later.
+                        let delay = if rng.below(2) == 0 {
+                            Duration::from_millis(rng.below(3))
+                        } else {
+                            interval(&mut rng)
+                        };
+                        broker_kill_at = Some(now + delay);
                     }
                 }
                 // Most replacements start at once; some after a pause, so
@@ -621,10 +768,7 @@ fn run_in(opts: &Opts, seed: u64, kills_wanted: u64, dir: &Path) -> Result<i32, 
     // Quiesce: producers stop; then workers and stages drain and stop; then
     // the broadcast consumers drain and stop.
     eprintln!("chaos: {kills} kills in {chaos_secs:.1} s; quiescing");
-    let limit = Duration::from_secs(30);
-    run.stop(&producers, limit);
-    run.stop(&roles_of(&[Kind::Worker, Kind::Stage]), limit);
-    run.stop(&roles_of(&[Kind::Consumer]), limit);
+    run.quiesce(Duration::from_secs(30), Hang::Crash);
 
     // Leaks: every slot free once the broker has reclaimed everything.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -643,20 +787,192 @@ fn run_in(opts: &Opts, seed: u64, kills_wanted: u64, dir: &Path) -> Result<i32, 
     drop(client);
     drop(broker);
 
-    let report = check::check(&run.records)?;
+    let report = check::check(&run.records, &stranded)?;
     let ok = leaked == 0
         && report.lost == 0
         && report.duplicated == 0
         && report.corrupt == 0
-        && report.crashed == 0;
+        && report.crashed == 0
+        && report.unaccounted_drops == 0
+        && b.failures == 0;
     eprintln!(
         "chaos: {} incarnations, {:.1} s in all (seed {seed})",
         run.records.len(),
         t0.elapsed().as_secs_f64()
     );
-    println!(
-        "chaos: kills={kills} leaked_slots={leaked} lost={} duplicated={} corrupt={} crashed={}",
-        report.lost, report.duplicated, report.corrupt, report.crashed
+    let mut line = format!("chaos: kills={kills}");
+    if opts.kill_broker {
+        eprintln!(
+            "chaos: broker: {} kills; survivors received {} tensors in {} ms without a broker (least in one outage: {}); {} clients killed while no broker ran; {} producers stalled on a dead block subscriber; {} clients refused while starting; {} slots stranded ({} tensors)",
+            b.kills,
+            b.flow,
+            b.outage_ms,
+            b.min_flow.unwrap_or(0),
+            b.outage_kills,
+            b.stalled,
+            run.records.iter().filter(|r| r.outcome == Outcome::NoBroker).count(),
+            b.stranded_slots,
+            stranded.values().map(HashSet::len).sum::<usize>()
+        );
+        line += &format!(" broker_kills={}", b.kills);
+    }
+    line += &format!(
+        " leaked_slots={leaked} lost={} duplicated={} corrupt={} crashed={} unaccounted_drops={}",
+        report.lost, report.duplicated, report.corrupt, report.crashed, report.unaccounted_drops
     );
+    if opts.kill_broker {
+        line += &format!(" broker_failures={}", b.failures);
+    }
+    println!("{line}");
     Ok(if ok { 0 } else { 1 })
+}
+
+/// What the broker kills did.
+#[derive(Default)]
+struct BrokerStats {
+    /// Broker kills.
+    kills: u64,
+    /// Checks that failed: a control call not refused while the broker was
+    /// dead, or an outage in which no survivor received anything.
+    failures: u64,
+    /// Tensors the survivors received while no broker ran.
+    flow: u64,
+    /// Fewest in one outage.
+    min_flow: Option<u64>,
+    /// Milliseconds without a broker, in all.
+    outage_ms: u64,
+    /// Producers killed after not stopping (stalled on a dead subscriber).
+    stalled: u64,
+    /// Clients killed while no broker ran.
+    outage_kills: u64,
+    /// Slots still held in the orphaned buses after their clients exited.
+    stranded_slots: u64,
+}
+
+/// Tensors stranded in the dead broker's bus, the new broker, its client.
+type NextEpoch = (HashSet<(u32, u64)>, BrokerHandle, Client);
+
+/// One broker kill: `kill -9` the broker; check that control calls are
+/// refused and that the survivors keep receiving without it for 200-500 ms;
+/// `kill -9` one more client, which nobody can repair after now; stop every
+/// client of that broker (they drain over the pools they have mapped);
+/// record what is left held in its slots (stranded: no broker repaired
+/// it); start a new broker on the same socket path, connect to it, and
+/// start every role again as its clients.
+fn broker_cycle(
+    run: &mut Run,
+    broker: BrokerHandle,
+    client: Client,
+    rng: &mut Rng,
+    b: &mut BrokerStats,
+) -> Result<NextEpoch, String> {
+    drop(broker); // SIGKILL and reap
+    run.broker_dead = true;
+    b.kills += 1;
+    match client.stat() {
+        Err(RequestError::BrokerUnavailable { .. }) => {}
+        other => {
+            b.failures += 1;
+            eprintln!("chaos: BROKER a control call after its death returned {other:?}, not BrokerUnavailable");
+        }
+    }
+    let before = run.survivor_entries();
+    let outage = Duration::from_millis(200 + rng.below(301));
+    let start = Instant::now();
+    while start.elapsed() < outage {
+        run.reap();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let flow = run.survivor_entries().saturating_sub(before);
+    b.flow += flow;
+    b.outage_ms += outage.as_millis() as u64;
+    b.min_flow = Some(b.min_flow.map_or(flow, |m| m.min(flow)));
+    if flow == 0 {
+        b.failures += 1;
+        eprintln!(
+            "chaos: BROKER no survivor received anything in {} ms without a broker",
+            outage.as_millis()
+        );
+    }
+    // One more client dies while no broker runs: nobody repairs after it.
+    // Whatever it held or had queued stays held (stranded, below), and a
+    // block producer it was subscribed to waits for it forever.
+    let victims: Vec<usize> = (0..ROLES.len())
+        .filter(|&i| !ROLES[i].survivor && run.live[i].is_some())
+        .collect();
+    if !victims.is_empty() {
+        let i = victims[rng.below(victims.len() as u64) as usize];
+        if run.kill(i) {
+            b.outage_kills += 1;
+        }
+        let pause = Instant::now();
+        while pause.elapsed() < Duration::from_millis(50 + rng.below(101)) {
+            run.reap();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    // End the epoch. A block producer waiting for a subscriber that died
+    // while no broker ran never returns from publish: killed as stalled.
+    b.stalled += run.quiesce(Duration::from_secs(2), Hang::Stalled);
+    let (set, held) = stranded_tensors(&client)?;
+    b.stranded_slots += held;
+    eprintln!(
+        "chaos: broker kill {}: {flow} received by survivors in {} ms without it; {held} slots stranded",
+        b.kills,
+        outage.as_millis()
+    );
+    drop(client);
+    run.epoch += 1;
+    run.broker_dead = false;
+    let (broker, client) = BrokerHandle::start(run, true)?;
+    run.start_all()?;
+    Ok((set, broker, client))
+}
+
+/// After a dead broker's clients have all exited: the slots of its bus that
+/// are still held (by handles it never reclaimed, queued in dead
+/// subscribers' rings, or in its own custody), and the tensors `(inc, seq)`
+/// in them, from their user headers. Read through the orchestrator's own
+/// mapping of that bus's control segment, which `client` keeps alive.
+fn stranded_tensors(client: &Client) -> Result<(HashSet<(u32, u64)>, u64), String> {
+    let config = Config::from_toml(CONFIG).map_err(|e| e.to_string())?;
+    let layout = tensorbus_core::layout::Layout::compute(&config.layout_params())
+        .map_err(|e| e.to_string())?;
+    let maps = std::fs::read_to_string("/proc/self/maps").map_err(|e| e.to_string())?;
+    let (base, len) = maps
+        .lines()
+        .filter(|l| l.contains("memfd:tensorbus-control") && l.contains("rw-s"))
+        .find_map(|l| {
+            let (a, b) = l.split_whitespace().next()?.split_once('-')?;
+            let a = usize::from_str_radix(a, 16).ok()?;
+            Some((a, usize::from_str_radix(b, 16).ok()? - a))
+        })
+        .ok_or("no control segment mapped")?;
+    let _alive = client; // the mapping lives as long as the client
+                         // SAFETY: the orchestrator's client maps exactly one control segment
+                         // (the previous epoch's client is gone), read-write and shared, for as
+                         // long as `client` lives, which outlives `ctl`; only atomics are used.
+    let ctl = unsafe { tensorbus_core::control::Control::from_raw(base as *mut u8, len, layout) }
+        .map_err(|e| e.to_string())?;
+    let mut set = HashSet::new();
+    let mut held = 0;
+    for pool in 0..ctl.pools() {
+        for index in 0..ctl.slots(pool) {
+            let Some(slot) = ctl.slot(pool, index) else {
+                continue;
+            };
+            if slot.holders() == 0 {
+                continue;
+            }
+            held += 1;
+            if let Some((_, seq, inc)) = slot
+                .read_meta()
+                .ok()
+                .and_then(|m| payload::parse_header(m.user_header()))
+            {
+                set.insert((inc, seq));
+            }
+        }
+    }
+    Ok((set, held))
 }

@@ -4,6 +4,7 @@
 //! tensorbus-chaos role KIND --socket S --journal J --inc N --channel C
 //!     [--output O] [--policy P] [--depth D] [--pace-us U] [--hold-us U]
 //!     [--delta B] [--seed X]
+//! tensorbus-chaos role broker --socket S
 //! ```
 //!
 //! * `producer`: publishes `(inc, 0), (inc, 1), ...` until told to stop,
@@ -11,7 +12,9 @@
 //!   each `publish()`; sleeps up to `--pace-us` between tensors.
 //! * `consumer`: a broadcast subscriber (`recv_timeout`); journals every
 //!   tensor it receives (after checking every byte), holds it up to
-//!   `--hold-us`, then releases it.
+//!   `--hold-us`, then releases it; when it exits, journals its own
+//!   `delivered` and `dropped` counters from the broker's `stat`.
+//! * `broker`: the broker, as a process of its own (`--kill-broker`).
 //! * `worker`: a work-queue subscriber; like `consumer`, but each receive is
 //!   a non-blocking attempt bracketed by `begin_pop`/`end_pop`, so the
 //!   orchestrator knows whether a kill landed between "took an entry" and
@@ -91,6 +94,9 @@ pub fn run(args: &[String]) -> ! {
         fail("usage: tensorbus-chaos role KIND --socket S --journal J --inc N --channel C ...");
     };
     let a = Args::parse(rest);
+    if kind == "broker" {
+        broker(&a);
+    }
     let journal = Journal::open(Path::new(a.str("journal")))
         .unwrap_or_else(|e| fail(&format!("journal: {e}")));
     let inc = u32::try_from(a.num("inc", 0)).unwrap_or_else(|_| fail("--inc too large"));
@@ -109,6 +115,17 @@ pub fn run(args: &[String]) -> ! {
         other => fail(&format!("unknown role {other:?}")),
     }
     journal.set_state(STATE_DONE);
+    std::process::exit(0);
+}
+
+/// `role broker --socket S`: the broker of `--kill-broker` runs, as its own
+/// process, until it is killed (with the orchestrator, at the latest).
+fn broker(a: &Args) -> ! {
+    let config = tensorbus_broker::Config::from_toml(crate::orchestrator::CONFIG)
+        .unwrap_or_else(|e| fail(&format!("config: {e}")));
+    let mut broker = tensorbus_broker::Broker::bind(&config, Path::new(a.str("socket")))
+        .unwrap_or_else(|e| fail(&format!("broker: {e}")));
+    broker.run(&std::sync::atomic::AtomicBool::new(false));
     std::process::exit(0);
 }
 
@@ -197,6 +214,7 @@ fn consumer(client: &Client, a: &Args, journal: &Journal, rng: &mut Rng) {
             }
             Err(RecvError::Timeout(_)) => {
                 if drain.idle(journal) {
+                    record_stat(client, &c, journal);
                     return;
                 }
             }
@@ -206,6 +224,25 @@ fn consumer(client: &Client, a: &Args, journal: &Journal, rng: &mut Rng) {
             }
             Err(e) => fail(&format!("receive: {e}")),
         }
+    }
+}
+
+/// Journals the subscription's own `delivered` and `dropped` counters, for
+/// the drop reconciliation of lossy subscribers. Skipped (with a note) when
+/// no broker answers: the data path needs none, `stat` does.
+fn record_stat(client: &Client, c: &tensorbus::Consumer, journal: &Journal) {
+    match client.stat() {
+        Ok(s) => {
+            if let Some(me) = s
+                .channels
+                .iter()
+                .flat_map(|ch| &ch.subscribers)
+                .find(|s| s.handle == c.handle())
+            {
+                journal.set_stat(me.delivered, me.dropped);
+            }
+        }
+        Err(e) => eprintln!("no stat at exit: {e}"),
     }
 }
 
