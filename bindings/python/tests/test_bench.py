@@ -38,3 +38,8 @@ def test_bench_quick_is_complete(tmp_path):
     assert set(res["inprocess"]) == {str(1 << 20), str(16 << 20)}
     assert "tensorbus_16MiB_rtt_p50 / inprocess_16MiB_write_read_p50" in res["ratios"]
     assert res["machine"]["nproc"] >= 1
+
+
+def test_bench_work_measures_the_python_side():
+    ns = bench.python_work(n=200, repeats=1)
+    assert 0 < ns < 10_000_000

@@ -446,6 +446,49 @@ def _ratios(results, inproc):
     return out
 
 
+def python_work(n=20000, repeats=5):
+    """ns of Python-side work per empty round trip, both sides in one process.
+
+    The very calls of the tensorbus sender and echo above, on channels whose
+    tensor is always already queued: no waiting and no second process, so
+    the number is the CPU cost of the bindings and numpy per message (best
+    of ``repeats`` runs of ``n``), unaffected by scheduling on a busy machine.
+    """
+    import tensorbus as tb
+
+    with tempfile.TemporaryDirectory(prefix="tb-bench-work-") as d:
+        with tb.Broker(TB_CONFIG, os.path.join(d, "broker.sock")) as broker:
+            c = tb.Client(broker.socket, name="bench-work")
+            ping, pong = c.producer("bench/ping"), c.producer("bench/pong")
+            cping = c.consumer("bench/ping", depth=4, policy="block", wait="busy")
+            cpong = c.consumer("bench/pong", depth=4, policy="block", wait="busy")
+
+            def once():
+                with ping.loan((0,), "uint8") as t:  # sender
+                    t.publish()
+                with cping.recv() as t:  # echo
+                    a = np.asarray(t)
+                    s = int(a.sum()) if a.size else 0
+                    stop = t.user_header[:1] == b"S"
+                    del a
+                with pong.loan(1, "int64") as r:
+                    np.asarray(r)[0] = s
+                    r.publish()
+                with cpong.recv() as r:  # sender
+                    return int(np.asarray(r)[0]) + stop
+
+            for _ in range(1000):
+                once()
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter_ns()
+                for _ in range(n):
+                    once()
+                best = min(best, (time.perf_counter_ns() - t0) / n)
+            c.close()
+    return best
+
+
 def _label(n):
     return "empty" if n == 0 else f"{n // MiB} MiB"
 
@@ -481,7 +524,16 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     ap.add_argument("--only", nargs="*", choices=TRANSPORTS, help="a subset of the transports")
+    ap.add_argument(
+        "--work",
+        action="store_true",
+        help="only the Python-side work per empty round trip of tensorbus, in one process (ns)",
+    )
     args = ap.parse_args(argv)
+    if args.work:
+        n = 2000 if args.quick else 20000
+        print(f"tensorbus Python-side work per empty round trip (one process, best of 5 x {n}): {python_work(n) / 1e3:.2f} us")
+        return 0
     if args.quick:
         rounds, iters, warmup = args.rounds or 1, {0: 5, MiB: 3, 16 * MiB: 2}, 1
     else:
