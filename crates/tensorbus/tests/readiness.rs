@@ -3,37 +3,28 @@
 //! embedded broker on a thread of this process.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tensorbus::{Client, DType};
-use tensorbus_broker::{Config, EmbeddedBroker};
+use tensorbus_broker::EmbeddedBroker;
 
-fn socket(name: &str) -> PathBuf {
-    std::env::temp_dir()
-        .join(format!("tb-ready-{}-{name}", std::process::id()))
-        .join("broker.sock")
-}
+mod common;
+
+const CONFIG: &str = r#"
+    [[pools]]
+    name = "p"
+    slot_size = 4096
+    slots = 8
+    [[channels]]
+    name = "b"
+    [[channels]]
+    name = "w"
+    mode = "workqueue"
+    [[channels]]
+    name = "o"
+"#;
 
 fn start(name: &str) -> (EmbeddedBroker, Client) {
-    let config = Config::from_toml(
-        r#"
-        [[pools]]
-        name = "p"
-        slot_size = 4096
-        slots = 8
-        [[channels]]
-        name = "b"
-        [[channels]]
-        name = "w"
-        mode = "workqueue"
-        [[channels]]
-        name = "o"
-        "#,
-    )
-    .unwrap();
-    let sock = socket(name);
-    let broker = EmbeddedBroker::start(&config, &sock).unwrap();
-    let client = Client::connect_to(Some(&sock), name).unwrap();
+    let (broker, client, _) = common::start("ready", name, CONFIG);
     (broker, client)
 }
 

@@ -1,19 +1,15 @@
 //! `StagedTensor::check_forward[_to]`: whether a forward would succeed,
 //! without consuming the tensor (a failed forward releases the slot).
 
-use std::path::PathBuf;
 use tensorbus::{Client, DType, PublishError};
-use tensorbus_broker::{Config, EmbeddedBroker};
 
-fn socket(name: &str) -> PathBuf {
-    std::env::temp_dir()
-        .join(format!("tb-fwd-{}-{name}", std::process::id()))
-        .join("broker.sock")
-}
+mod common;
 
 #[test]
 fn check_forward_to_reports_without_consuming() {
-    let config = Config::from_toml(
+    let (_broker, client, sock) = common::start(
+        "fwd",
+        "check",
         r#"
         [[pools]]
         name = "a"
@@ -34,11 +30,7 @@ fn check_forward_to_reports_without_consuming() {
         name = "other-pool"
         pools = ["b"]
         "#,
-    )
-    .unwrap();
-    let sock = socket("check");
-    let _broker = EmbeddedBroker::start(&config, &sock).unwrap();
-    let client = Client::connect_to(Some(&sock), "fwd").unwrap();
+    );
     let mut stage = client.stage("in", "out").unwrap();
     let out = client.consumer("out").unwrap();
     let mut wrong = client.producer("other-pool").unwrap();
