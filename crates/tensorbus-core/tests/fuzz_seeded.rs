@@ -3,7 +3,9 @@
 //! coverage-guided libFuzzer runs (`scripts/fuzz.sh`) are manual.
 //!
 //! `TB_FUZZ_ITERS=N` changes the number of inputs per target (default
-//! 20,000; 40 under Miri); `TB_FUZZ_SEED=S` the seed.
+//! 20,000; 40 under Miri); `TB_FUZZ_SEED=S` the seed. Not built for the
+//! loom models (`--cfg loom`), where the modules it drives are compiled out.
+#![cfg(not(loom))]
 
 mod fuzz_harness;
 
