@@ -44,7 +44,12 @@ step "chaos with broker kills: 100 client kill -9s, the broker kill -9ed after e
 scripts/chaos.sh --kills 100 --kill-broker --broker-every 25
 
 step "sanitizers: ASan and TSan over core, shm, broker, client and the cross-process tests"
-scripts/sanitizers.sh asan tsan
+if [ -d "$(rustc --print sysroot)/lib/rustlib/src/rust/library" ]; then
+  scripts/sanitizers.sh asan tsan
+else
+  scripts/sanitizers.sh asan
+  echo "sanitizers: tsan NOT RUN: it rebuilds std and needs the rust-src component (rustup component add rust-src)"
+fi
 # (The libFuzzer runs, scripts/fuzz.sh, are manual; their harnesses run above
 # on stable with a seeded PRNG: tensorbus-core's fuzz_seeded test. Miri needs
 # a nightly toolchain: scripts/sanitizers.sh miri.)
