@@ -11,37 +11,23 @@ fn three_consumer_processes_see_every_tensor_in_order() {
     let n = N.to_string();
     let mut consumers: Vec<Peer> = (0..3)
         .map(|i| {
-            bus.spawn(
-                &format!("consumer{i}"),
+            let name = format!("consumer{i}");
+            bus.subscriber(
+                &name,
                 "consumer",
-                &[
-                    "--channel",
-                    "b/frames",
-                    "--policy",
-                    "block",
-                    "--depth",
-                    "8",
-                    "--count",
-                    &n,
-                ],
+                "b/frames",
+                "block",
+                "8",
+                &["--count", &n],
             )
         })
         .collect();
-    for c in &mut consumers {
-        c.wait_line("ready");
-    }
-    let producer = bus.spawn(
-        "producer",
-        "producer",
-        &["--channel", "b/frames", "--count", &n, "--size", "12345"],
-    );
-    let out = producer.finish();
-    assert!(out.contains(&format!("done {N}")), "{out:?}");
-    for (i, c) in consumers.into_iter().enumerate() {
-        let who = format!("consumer{i}");
-        let lines = c.finish();
-        assert_clean(&who, &lines);
-        assert_all_in_order(&who, &seqs(&lines), N);
+    wait_all_ready(&mut consumers);
+    let out = bus.producer("b/frames", N, &["--size", "12345"]).finish();
+    assert_done(&out, N);
+    for c in consumers {
+        let who = c.name.clone();
+        let lines = finish_all_in_order(c, N);
         assert!(
             msgs(&lines).iter().all(|m| m.meta_seq == m.seq),
             "{who}: metadata seq differs from the producer's"

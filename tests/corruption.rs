@@ -8,42 +8,53 @@
 
 mod common;
 
-use common::Bus;
-use std::os::unix::process::ExitStatusExt;
+use common::{count_lines, Bus};
 
 const CONFIG: &str = "[limits]\nring_capacity = 8\n\
 [[pools]]\nname = \"p\"\nslot_size = 4096\nslots = 16\n\
 [[channels]]\nname = \"x/c\"\n";
 
-#[test]
-fn hostile_writes_yield_errors_not_crashes() {
-    let bus = Bus::start("corruption", CONFIG);
-    let config = std::env::temp_dir().join(format!("tb-it-{}-corruption.toml", std::process::id()));
-    std::fs::write(&config, CONFIG).unwrap();
-    let config = config.to_str().unwrap();
+/// Starts a broker with `CONFIG` for the test `name`, a `drop_newest`
+/// consumer of depth 8 on `x/c` (a producer never waits on a ring whose
+/// indices are garbage), `--gate`d when `gated`, and waits until it is
+/// ready. Also writes `CONFIG` where the hostile client can read it and
+/// returns that path.
+fn bus_with_consumer(name: &str, gated: bool) -> (Bus, common::Peer, String) {
+    let bus = Bus::start(name, CONFIG);
+    let config = bus.write_config(CONFIG);
+    let extra: &[&str] = if gated { &["--gate"] } else { &[] };
+    let consumer = bus
+        .subscriber("consumer", "consumer", "x/c", "drop_newest", "8", extra)
+        .ready();
+    (bus, consumer, config)
+}
 
-    // drop_newest: a producer never waits on a ring whose indices are garbage.
-    let mut consumer = bus.spawn(
-        "consumer",
-        "consumer",
+/// What `attack_live_traffic` leaves to check.
+struct LiveAttack {
+    /// The broker, still running.
+    bus: Bus,
+    /// What the hostile client printed.
+    wrote: Vec<String>,
+    /// The producer's lines.
+    plines: Vec<String>,
+    /// The consumer's exit status.
+    cstatus: std::process::ExitStatus,
+    /// The consumer's lines.
+    clines: Vec<String>,
+}
+
+/// Live traffic under attack: a producer streams `count` tensors of 1 KiB
+/// (pacing 50 us, loan timeout 300 ms) to the consumer of
+/// `bus_with_consumer` while the hostile client writes 10,000 times (pacing
+/// 10 us) with `seed` at `target`, then both finish: neither may have
+/// crashed, the producer may at worst have timed out loaning (exit 2), and
+/// the consumer must have succeeded.
+fn attack_live_traffic(name: &str, count: u64, seed: u64, target: Option<&str>) -> LiveAttack {
+    let (bus, consumer, config) = bus_with_consumer(name, false);
+    let producer = bus.producer(
+        "x/c",
+        count,
         &[
-            "--channel",
-            "x/c",
-            "--policy",
-            "drop_newest",
-            "--depth",
-            "8",
-        ],
-    );
-    consumer.wait_line("ready");
-    let producer = bus.spawn(
-        "producer",
-        "producer",
-        &[
-            "--channel",
-            "x/c",
-            "--count",
-            "4000",
             "--pace-us",
             "50",
             "--size",
@@ -52,43 +63,62 @@ fn hostile_writes_yield_errors_not_crashes() {
             "300",
         ],
     );
-    let hostile = bus.spawn(
-        "hostile",
-        "hostile",
-        &[
-            "--config",
-            config,
-            "--count",
-            "10000",
-            "--seed",
-            "7",
-            "--pace-us",
-            "10",
-        ],
-    );
-    let wrote = hostile.finish();
-    assert!(wrote.iter().any(|l| l == "wrote 10000"), "{wrote:?}");
-
-    let (status, plines) = producer.finish_status();
-    assert!(status.signal().is_none(), "the producer crashed: {status}");
+    let wrote = bus.run_hostile(&config, 10_000, seed, 10, target);
+    let (status, plines) = producer.finish_uncrashed();
     assert!(
         status.success() || status.code() == Some(2),
         "producer: {status}"
     );
-    let (status, clines) = consumer.finish_status();
-    assert!(status.signal().is_none(), "the consumer crashed: {status}");
+    let (status, clines) = consumer.finish_uncrashed();
     assert!(status.success(), "consumer: {status} {:?}", clines.last());
-    let received = clines.iter().filter(|l| l.starts_with("msg ")).count();
-    let corrupt = clines.iter().filter(|l| l.starts_with("corrupt ")).count();
-    let published = plines.iter().filter(|l| l.starts_with("pub ")).count();
+    LiveAttack {
+        bus,
+        wrote,
+        plines,
+        cstatus: status,
+        clines,
+    }
+}
+
+/// Queued messages under attack: 8 tensors of 1 KiB wait in the gated
+/// consumer of `bus_with_consumer` while the hostile client writes `count`
+/// times (no pacing) with `seed` at `target`; then the consumer reads them.
+/// Returns the broker, what the hostile client printed and the consumer's
+/// lines; the consumer must not have crashed and must have succeeded.
+fn attack_queued(
+    name: &str,
+    count: u32,
+    seed: u64,
+    target: &str,
+) -> (Bus, Vec<String>, Vec<String>) {
+    let (bus, mut consumer, config) = bus_with_consumer(name, true);
+    bus.producer("x/c", 8, &["--size", "1024"]).finish();
+    let wrote = bus.run_hostile(&config, count, seed, 0, Some(target));
+    consumer.send("go");
+    let (status, lines) = consumer.finish_uncrashed();
+    assert!(status.success(), "consumer: {status}");
+    (bus, wrote, lines)
+}
+
+#[test]
+fn hostile_writes_yield_errors_not_crashes() {
+    let LiveAttack {
+        bus,
+        wrote,
+        plines,
+        cstatus: status,
+        clines,
+    } = attack_live_traffic("corruption", 4000, 7, None);
+    assert!(wrote.iter().any(|l| l == "wrote 10000"), "{wrote:?}");
+    let received = count_lines(&clines, "msg ");
+    let corrupt = count_lines(&clines, "corrupt ");
+    let published = count_lines(&plines, "pub ");
     eprintln!("corruption: received {received}, corrupt {corrupt}, producer lines {published}, consumer {status}");
     // The broker is alive and still answers, and with every client gone
     // nothing stays held: the bits of closed handles were cleared, the
     // bits of no handle swept.
-    let stat = bus.client.stat().expect("the broker survived");
+    let stat = bus.assert_survived_and_all_free();
     assert_eq!(stat.pools.len(), 1);
-    bus.assert_all_free();
-    let _ = std::fs::remove_file(config);
 }
 
 /// Deterministic variant: 8 tensors wait in a gated consumer's ring while
@@ -98,64 +128,17 @@ fn hostile_writes_yield_errors_not_crashes() {
 /// nothing is delivered that was not published.
 #[test]
 fn queued_messages_under_attack_are_rejected_not_crashed_on() {
-    let bus = Bus::start("corruption-queued", CONFIG);
-    let config =
-        std::env::temp_dir().join(format!("tb-it-{}-corruption-q.toml", std::process::id()));
-    std::fs::write(&config, CONFIG).unwrap();
-    let config = config.to_str().unwrap();
-    let mut consumer = bus.spawn(
-        "consumer",
-        "consumer",
-        &[
-            "--channel",
-            "x/c",
-            "--policy",
-            "drop_newest",
-            "--depth",
-            "8",
-            "--gate",
-        ],
-    );
-    consumer.wait_line("ready");
-    let producer = bus.spawn(
-        "producer",
-        "producer",
-        &["--channel", "x/c", "--count", "8", "--size", "1024"],
-    );
-    producer.finish();
-    let hostile = bus.spawn(
-        "hostile",
-        "hostile",
-        &[
-            "--config",
-            config,
-            "--count",
-            "10000",
-            "--seed",
-            "11",
-            "--pace-us",
-            "0",
-            "--target",
-            "slots",
-        ],
-    );
-    let wrote = hostile.finish();
+    let (bus, wrote, lines) = attack_queued("corruption-queued", 10_000, 11, "slots");
     assert!(wrote.iter().any(|l| l.starts_with("wrote ")), "{wrote:?}");
-    consumer.send("go");
-    let (status, lines) = consumer.finish_status();
-    assert!(status.signal().is_none(), "the consumer crashed: {status}");
-    assert!(status.success(), "consumer: {status}");
-    let received = lines.iter().filter(|l| l.starts_with("msg ")).count();
-    let corrupt = lines.iter().filter(|l| l.starts_with("corrupt ")).count();
+    let received = count_lines(&lines, "msg ");
+    let corrupt = count_lines(&lines, "corrupt ");
     eprintln!("queued under attack: received {received}, rejected {corrupt}");
     assert!(corrupt > 0, "damaged metadata was not detected: {lines:?}");
     assert!(
         received + corrupt <= 8,
         "more messages than published: {lines:?}"
     );
-    bus.client.stat().expect("the broker survived");
-    bus.assert_all_free();
-    let _ = std::fs::remove_file(config);
+    bus.assert_survived_and_all_free();
 }
 
 /// The holder word alone, over 8 tensors queued at a gated consumer: 4,000
@@ -170,53 +153,8 @@ fn queued_messages_under_attack_are_rejected_not_crashed_on() {
 /// validation can prevent that; see docs/reliability.md.)
 #[test]
 fn holder_word_attack_yields_intact_tensors_or_not_holder_errors() {
-    let bus = Bus::start("corruption-holders", CONFIG);
-    let config =
-        std::env::temp_dir().join(format!("tb-it-{}-corruption-h.toml", std::process::id()));
-    std::fs::write(&config, CONFIG).unwrap();
-    let config = config.to_str().unwrap();
-    let mut consumer = bus.spawn(
-        "consumer",
-        "consumer",
-        &[
-            "--channel",
-            "x/c",
-            "--policy",
-            "drop_newest",
-            "--depth",
-            "8",
-            "--gate",
-        ],
-    );
-    consumer.wait_line("ready");
-    let producer = bus.spawn(
-        "producer",
-        "producer",
-        &["--channel", "x/c", "--count", "8", "--size", "1024"],
-    );
-    producer.finish();
-    let hostile = bus.spawn(
-        "hostile",
-        "hostile",
-        &[
-            "--config",
-            config,
-            "--count",
-            "4000",
-            "--seed",
-            "23",
-            "--pace-us",
-            "0",
-            "--target",
-            "holders",
-        ],
-    );
-    let wrote = hostile.finish();
+    let (bus, wrote, lines) = attack_queued("corruption-holders", 4000, 23, "holders");
     assert!(wrote.iter().any(|l| l == "wrote 4000"), "{wrote:?}");
-    consumer.send("go");
-    let (status, lines) = consumer.finish_status();
-    assert!(status.signal().is_none(), "the consumer crashed: {status}");
-    assert!(status.success(), "consumer: {status}");
     let msgs: Vec<&String> = lines.iter().filter(|l| l.starts_with("msg ")).collect();
     let corrupt: Vec<&String> = lines.iter().filter(|l| l.starts_with("corrupt ")).collect();
     eprintln!(
@@ -239,9 +177,7 @@ fn holder_word_attack_yields_intact_tensors_or_not_holder_errors() {
             "unexpected error: {c}"
         );
     }
-    bus.client.stat().expect("the broker survived");
-    bus.assert_all_free();
-    let _ = std::fs::remove_file(config);
+    bus.assert_survived_and_all_free();
 }
 
 /// The holder word under live traffic: a producer and a consumer stream
@@ -253,71 +189,15 @@ fn holder_word_attack_yields_intact_tensors_or_not_holder_errors() {
 /// every slot is free.
 #[test]
 fn holder_word_attack_under_traffic_never_crashes_and_leaks_nothing() {
-    let bus = Bus::start("corruption-holders-live", CONFIG);
-    let config =
-        std::env::temp_dir().join(format!("tb-it-{}-corruption-hl.toml", std::process::id()));
-    std::fs::write(&config, CONFIG).unwrap();
-    let config = config.to_str().unwrap();
-    let mut consumer = bus.spawn(
-        "consumer",
-        "consumer",
-        &[
-            "--channel",
-            "x/c",
-            "--policy",
-            "drop_newest",
-            "--depth",
-            "8",
-        ],
-    );
-    consumer.wait_line("ready");
-    let producer = bus.spawn(
-        "producer",
-        "producer",
-        &[
-            "--channel",
-            "x/c",
-            "--count",
-            "3000",
-            "--pace-us",
-            "50",
-            "--size",
-            "1024",
-            "--loan-timeout-ms",
-            "300",
-        ],
-    );
-    let hostile = bus.spawn(
-        "hostile",
-        "hostile",
-        &[
-            "--config",
-            config,
-            "--count",
-            "10000",
-            "--seed",
-            "29",
-            "--pace-us",
-            "10",
-            "--target",
-            "holders",
-        ],
-    );
-    let wrote = hostile.finish();
+    let LiveAttack {
+        bus,
+        wrote,
+        clines: lines,
+        ..
+    } = attack_live_traffic("corruption-holders-live", 3000, 29, Some("holders"));
     assert!(wrote.iter().any(|l| l == "wrote 10000"), "{wrote:?}");
-    let (status, _) = producer.finish_status();
-    assert!(status.signal().is_none(), "the producer crashed: {status}");
-    assert!(
-        status.success() || status.code() == Some(2),
-        "producer: {status}"
-    );
-    let (status, lines) = consumer.finish_status();
-    assert!(status.signal().is_none(), "the consumer crashed: {status}");
-    assert!(status.success(), "consumer: {status} {:?}", lines.last());
-    let received = lines.iter().filter(|l| l.starts_with("msg ")).count();
-    let corrupt = lines.iter().filter(|l| l.starts_with("corrupt ")).count();
+    let received = count_lines(&lines, "msg ");
+    let corrupt = count_lines(&lines, "corrupt ");
     eprintln!("holder attack under traffic: received {received}, rejected {corrupt}");
-    bus.client.stat().expect("the broker survived");
-    bus.assert_all_free();
-    let _ = std::fs::remove_file(config);
+    bus.assert_survived_and_all_free();
 }

@@ -28,32 +28,21 @@ fn killed_holding_consumer_is_reclaimed_and_producer_continues() {
     const N: u64 = 200;
     let bus = Bus::start("kill-holder", &config(16, &[("k/hold", "broadcast")]));
     let n = N.to_string();
-    let mut holder = bus.spawn(
+    let mut holder = bus.subscriber(
         "holder",
         "consumer",
-        &[
-            "--channel",
-            "k/hold",
-            "--policy",
-            "block",
-            "--depth",
-            "4",
-            "--hold",
-            "3",
-        ],
+        "k/hold",
+        "block",
+        "4",
+        &["--hold", "3"],
     );
     let mut other = bus.spawn(
         "other",
         "consumer",
         &["--channel", "k/hold", "--policy", "block", "--count", &n],
     );
-    holder.wait_line("ready");
-    other.wait_line("ready");
-    let producer = bus.spawn(
-        "producer",
-        "producer",
-        &["--channel", "k/hold", "--count", &n],
-    );
+    wait_all_ready([&mut holder, &mut other]);
+    let producer = bus.producer("k/hold", N, &[]);
     holder.wait_line("holding");
     let in_flight: u32 = bus.stat().pools.iter().map(|p| p.in_flight).sum();
     assert!(
@@ -62,11 +51,8 @@ fn killed_holding_consumer_is_reclaimed_and_producer_continues() {
     );
     let held = holder.kill9();
     assert_eq!(seqs(&held), vec![0, 1, 2]);
-    let out = producer.finish();
-    assert!(out.contains(&format!("done {N}")));
-    let lines = other.finish();
-    assert_clean("other", &lines);
-    assert_all_in_order("other", &seqs(&lines), N);
+    assert_done(&producer.finish(), N);
+    finish_all_in_order(other, N);
     bus.assert_all_free();
 }
 
@@ -78,44 +64,35 @@ fn killed_stage_mid_stream_leaks_nothing() {
         "kill-stage",
         &config(16, &[("k/raw", "workqueue"), ("k/out", "broadcast")]),
     );
-    let mut consumer = bus.spawn(
-        "consumer",
-        "consumer",
-        &[
-            "--channel",
-            "k/out",
-            "--policy",
-            "block",
-            "--verify",
-            "plus1",
-        ],
-    );
-    consumer.wait_line("ready");
-    let mut stage = bus.spawn(
-        "stage",
-        "stage",
-        &[
-            "--input",
-            "k/raw",
-            "--output",
-            "k/out",
-            "--sleep-us",
-            "1000",
-        ],
-    );
-    stage.wait_line("ready");
-    let producer = bus.spawn(
-        "producer",
-        "producer",
-        &[
-            "--channel",
-            "k/raw",
-            "--count",
-            &N.to_string(),
-            "--pace-us",
-            "300",
-        ],
-    );
+    let consumer = bus
+        .spawn(
+            "consumer",
+            "consumer",
+            &[
+                "--channel",
+                "k/out",
+                "--policy",
+                "block",
+                "--verify",
+                "plus1",
+            ],
+        )
+        .ready();
+    let mut stage = bus
+        .spawn(
+            "stage",
+            "stage",
+            &[
+                "--input",
+                "k/raw",
+                "--output",
+                "k/out",
+                "--sleep-us",
+                "1000",
+            ],
+        )
+        .ready();
+    let producer = bus.producer("k/raw", N, &["--pace-us", "300"]);
     stage.wait_lines("fwd", 20);
     let forwarded: BTreeSet<u64> = slots(&stage.kill9(), "fwd ").into_keys().collect();
     // With no worker left, the producer's publishes reach no one.
@@ -140,53 +117,26 @@ fn killed_broadcast_consumer_does_not_disturb_survivors() {
     let n = N.to_string();
     let mut survivors: Vec<Peer> = (0..2)
         .map(|i| {
-            bus.spawn(
-                &format!("survivor{i}"),
-                "consumer",
-                &[
-                    "--channel",
-                    "k/bcast",
-                    "--policy",
-                    "block",
-                    "--depth",
-                    "8",
-                    "--count",
-                    &n,
-                ],
-            )
+            let name = format!("survivor{i}");
+            bus.subscriber(&name, "consumer", "k/bcast", "block", "8", &["--count", &n])
         })
         .collect();
     // The victim is slow, so the producer is still running when it dies.
-    let mut victim = bus.spawn(
+    let mut victim = bus.subscriber(
         "victim",
         "consumer",
-        &[
-            "--channel",
-            "k/bcast",
-            "--policy",
-            "block",
-            "--depth",
-            "8",
-            "--sleep-us",
-            "2000",
-        ],
+        "k/bcast",
+        "block",
+        "8",
+        &["--sleep-us", "2000"],
     );
-    for p in survivors.iter_mut().chain([&mut victim]) {
-        p.wait_line("ready");
-    }
-    let producer = bus.spawn(
-        "producer",
-        "producer",
-        &["--channel", "k/bcast", "--count", &n],
-    );
+    wait_all_ready(survivors.iter_mut().chain([&mut victim]));
+    let producer = bus.producer("k/bcast", N, &[]);
     victim.wait_lines("msg", 30);
     victim.kill9();
-    assert!(producer.finish().contains(&format!("done {N}")));
-    for (i, s) in survivors.into_iter().enumerate() {
-        let who = format!("survivor{i}");
-        let lines = s.finish();
-        assert_clean(&who, &lines);
-        assert_all_in_order(&who, &seqs(&lines), N);
+    assert_done(&producer.finish(), N);
+    for s in survivors {
+        finish_all_in_order(s, N);
     }
     bus.assert_all_free();
 }
@@ -200,31 +150,19 @@ fn killed_worker_loses_only_what_it_had_taken() {
     let bus = Bus::start("kill-wq", &config(32, &[("k/jobs", "workqueue")]));
     // Slow workers keep their rings full, so the victim dies with queued work.
     let worker = |name: &str| {
-        bus.spawn(
+        bus.subscriber(
             name,
             "worker",
-            &[
-                "--channel",
-                "k/jobs",
-                "--policy",
-                "block",
-                "--depth",
-                "4",
-                "--sleep-us",
-                "1000",
-            ],
+            "k/jobs",
+            "block",
+            "4",
+            &["--sleep-us", "1000"],
         )
     };
     let mut survivors = vec![worker("survivor0"), worker("survivor1")];
     let mut victim = worker("victim");
-    for p in survivors.iter_mut().chain([&mut victim]) {
-        p.wait_line("ready");
-    }
-    let producer = bus.spawn(
-        "producer",
-        "producer",
-        &["--channel", "k/jobs", "--count", &N.to_string()],
-    );
+    wait_all_ready(survivors.iter_mut().chain([&mut victim]));
+    let producer = bus.producer("k/jobs", N, &[]);
     victim.wait_lines("msg", 20);
     let taken: BTreeSet<u64> = seqs(&victim.kill9()).into_iter().collect();
     producer.finish();
@@ -232,8 +170,8 @@ fn killed_worker_loses_only_what_it_had_taken() {
     // included), everything is free.
     bus.assert_all_free();
     let mut seen: BTreeMap<u64, usize> = BTreeMap::new();
-    for (i, s) in survivors.into_iter().enumerate() {
-        let who = format!("survivor{i}");
+    for s in survivors {
+        let who = s.name.clone();
         let lines = s.finish();
         assert_clean(&who, &lines);
         for q in seqs(&lines) {
@@ -273,30 +211,19 @@ fn killed_producer_mid_publish_leaks_nothing() {
     for round in 0..3 {
         let mut consumers: Vec<Peer> = (0..2)
             .map(|i| {
-                bus.spawn(
-                    &format!("round{round}-consumer{i}"),
+                let name = format!("round{round}-consumer{i}");
+                bus.subscriber(
+                    &name,
                     "consumer",
-                    &[
-                        "--channel",
-                        "k/src",
-                        "--policy",
-                        "block",
-                        "--depth",
-                        "4",
-                        "--sleep-us",
-                        "200",
-                    ],
+                    "k/src",
+                    "block",
+                    "4",
+                    &["--sleep-us", "200"],
                 )
             })
             .collect();
-        for c in &mut consumers {
-            c.wait_line("ready");
-        }
-        let mut producer = bus.spawn(
-            "producer",
-            "producer",
-            &["--channel", "k/src", "--count", "1000000", "--size", "1000"],
-        );
+        wait_all_ready(&mut consumers);
+        let mut producer = bus.producer("k/src", 1_000_000, &["--size", "1000"]);
         consumers[0].wait_lines("msg", 50 + 10 * round);
         producer.kill9();
         let mut lens = Vec::new();
@@ -330,40 +257,15 @@ fn killed_producer_mid_publish_leaks_nothing() {
 
 fn producer_blocked_on_dead_worker_redispatches() {
     let bus = Bus::start("kill-blocked", &config(16, &[("k/blocked", "workqueue")]));
-    let mut victim = bus.spawn(
-        "victim",
-        "worker",
-        &[
-            "--channel",
-            "k/blocked",
-            "--policy",
-            "block",
-            "--depth",
-            "2",
-            "--gate",
-        ],
-    );
-    victim.wait_line("ready");
-    let mut producer = bus.spawn(
-        "producer",
-        "producer",
-        &["--channel", "k/blocked", "--count", "3", "--report"],
-    );
+    let mut victim = bus
+        .subscriber("victim", "worker", "k/blocked", "block", "2", &["--gate"])
+        .ready();
+    let mut producer = bus.producer("k/blocked", 3, &["--report"]);
     // 0 and 1 fill the victim's ring; 2 waits for space in it.
     producer.wait_lines("pub", 2);
-    let mut survivor = bus.spawn(
-        "survivor",
-        "worker",
-        &[
-            "--channel",
-            "k/blocked",
-            "--policy",
-            "block",
-            "--depth",
-            "2",
-        ],
-    );
-    survivor.wait_line("ready");
+    let survivor = bus
+        .subscriber("survivor", "worker", "k/blocked", "block", "2", &[])
+        .ready();
     std::thread::sleep(std::time::Duration::from_millis(200));
     let taken = seqs(&victim.kill9());
     assert!(taken.is_empty(), "the victim took nothing: {taken:?}");
@@ -386,21 +288,8 @@ fn dead_workers_queue_larger_than_a_ring_is_not_lost() {
                 [[channels]]\nname = \"k/overflow\"\nmode = \"workqueue\"\n";
     let bus = Bus::start("kill-overflow", toml);
     let worker = |name: &str| {
-        let mut w = bus.spawn(
-            name,
-            "worker",
-            &[
-                "--channel",
-                "k/overflow",
-                "--policy",
-                "block",
-                "--depth",
-                "4",
-                "--gate",
-            ],
-        );
-        w.wait_line("ready");
-        w
+        bus.subscriber(name, "worker", "k/overflow", "block", "4", &["--gate"])
+            .ready()
     };
     let mut victim = worker("victim");
     let mut survivor = worker("survivor");

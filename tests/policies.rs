@@ -13,33 +13,12 @@ fn each_policy_keeps_what_it_promises_for_a_stalled_consumer() {
     let mut consumers: Vec<Peer> = spec
         .iter()
         .map(|(policy, depth)| {
-            bus.spawn(
-                policy,
-                "consumer",
-                &[
-                    "--channel",
-                    "p/gated",
-                    "--policy",
-                    policy,
-                    "--depth",
-                    depth,
-                    "--gate",
-                ],
-            )
+            bus.subscriber(policy, "consumer", "p/gated", policy, depth, &["--gate"])
         })
         .collect();
-    for c in &mut consumers {
-        c.wait_line("ready");
-    }
+    wait_all_ready(&mut consumers);
     // No consumer reads, and none blocks: the producer runs to the end.
-    let out = bus
-        .spawn(
-            "producer",
-            "producer",
-            &["--channel", "p/gated", "--count", &N.to_string()],
-        )
-        .finish();
-    assert!(out.contains(&format!("done {N}")));
+    assert_done(&bus.producer("p/gated", N, &[]).finish(), N);
     let expect: [Vec<u64>; 3] = [(N - 4..N).collect(), (0..4).collect(), vec![N - 1]];
     for ((policy, _), (mut c, want)) in spec.iter().zip(consumers.into_iter().zip(expect)) {
         c.send("go");
@@ -60,55 +39,31 @@ fn slow_lossy_consumers_do_not_stall_producer_or_fast_block_consumer() {
     const N: u64 = 300;
     let bus = Bus::start("policies-slow", &config(48, &[("p/live", "broadcast")]));
     let n = N.to_string();
-    let mut fast = bus.spawn(
+    let mut fast = bus.subscriber(
         "fast-block",
         "consumer",
-        &[
-            "--channel",
-            "p/live",
-            "--policy",
-            "block",
-            "--depth",
-            "8",
-            "--count",
-            &n,
-        ],
+        "p/live",
+        "block",
+        "8",
+        &["--count", &n],
     );
     let slow_spec = [("drop_oldest", "4"), ("drop_newest", "4"), ("latest", "1")];
     let mut slow: Vec<Peer> = slow_spec
         .iter()
         .map(|(policy, depth)| {
-            bus.spawn(
+            bus.subscriber(
                 policy,
                 "consumer",
-                &[
-                    "--channel",
-                    "p/live",
-                    "--policy",
-                    policy,
-                    "--depth",
-                    depth,
-                    "--sleep-us",
-                    "3000",
-                ],
+                "p/live",
+                policy,
+                depth,
+                &["--sleep-us", "3000"],
             )
         })
         .collect();
-    fast.wait_line("ready");
-    for c in &mut slow {
-        c.wait_line("ready");
-    }
-    let out = bus
-        .spawn(
-            "producer",
-            "producer",
-            &["--channel", "p/live", "--count", &n],
-        )
-        .finish();
-    assert!(out.contains(&format!("done {N}")));
-    let lines = fast.finish();
-    assert_clean("fast-block", &lines);
-    assert_all_in_order("fast-block", &seqs(&lines), N);
+    wait_all_ready(std::iter::once(&mut fast).chain(&mut slow));
+    assert_done(&bus.producer("p/live", N, &[]).finish(), N);
+    let lines = finish_all_in_order(fast, N);
     assert_eq!(own_stat(&lines), (N, 0), "fast-block: (delivered, dropped)");
     let published = bus
         .stat()
@@ -157,30 +112,18 @@ fn slow_block_consumer_receives_everything() {
         "policies-block",
         &config(16, &[("p/lossless", "broadcast")]),
     );
-    let mut c = bus.spawn(
-        "block",
-        "consumer",
-        &[
-            "--channel",
-            "p/lossless",
-            "--policy",
+    let c = bus
+        .subscriber(
             "block",
-            "--depth",
+            "consumer",
+            "p/lossless",
+            "block",
             "2",
-            "--sleep-us",
-            "1000",
-        ],
-    );
-    c.wait_line("ready");
-    bus.spawn(
-        "producer",
-        "producer",
-        &["--channel", "p/lossless", "--count", &N.to_string()],
-    )
-    .finish();
-    let lines = c.finish();
-    assert_clean("block", &lines);
-    assert_all_in_order("block", &seqs(&lines), N);
+            &["--sleep-us", "1000"],
+        )
+        .ready();
+    bus.producer("p/lossless", N, &[]).finish();
+    let lines = finish_all_in_order(c, N);
     assert_eq!(own_stat(&lines), (N, 0), "block: (delivered, dropped)");
     bus.assert_all_free();
 }

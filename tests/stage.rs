@@ -11,37 +11,32 @@ fn stage_process_forwards_the_same_slot_modified_in_place() {
         &config(16, &[("s/raw", "workqueue"), ("s/cooked", "broadcast")]),
     );
     let n = N.to_string();
-    let mut consumer = bus.spawn(
-        "consumer",
-        "consumer",
-        &[
-            "--channel",
-            "s/cooked",
-            "--policy",
-            "block",
-            "--verify",
-            "plus1",
-            "--count",
-            &n,
-        ],
-    );
-    consumer.wait_line("ready");
-    let mut stage = bus.spawn(
-        "stage",
-        "stage",
-        &["--input", "s/raw", "--output", "s/cooked"],
-    );
-    stage.wait_line("ready");
-    let producer = bus.spawn(
-        "producer",
-        "producer",
-        &["--channel", "s/raw", "--count", &n, "--report"],
-    );
-    let loaned = slots(&producer.finish(), "pub ");
-    let got = consumer.finish();
+    let consumer = bus
+        .spawn(
+            "consumer",
+            "consumer",
+            &[
+                "--channel",
+                "s/cooked",
+                "--policy",
+                "block",
+                "--verify",
+                "plus1",
+                "--count",
+                &n,
+            ],
+        )
+        .ready();
+    let stage = bus
+        .spawn(
+            "stage",
+            "stage",
+            &["--input", "s/raw", "--output", "s/cooked"],
+        )
+        .ready();
+    let loaned = slots(&bus.producer("s/raw", N, &["--report"]).finish(), "pub ");
+    let got = finish_all_in_order(consumer, N);
     let forwarded = slots(&stage.finish(), "fwd ");
-    assert_clean("consumer", &got);
-    assert_all_in_order("consumer", &seqs(&got), N);
     assert_eq!(loaned.len() as u64, N);
     assert_eq!(forwarded.len() as u64, N);
     for m in msgs(&got) {

@@ -9,28 +9,15 @@ fn three_worker_processes_share_every_tensor_exactly_once() {
     const N: u64 = 600;
     let bus = Bus::start("wq3", &config(32, &[("w/jobs", "workqueue")]));
     let mut workers: Vec<Peer> = (0..3)
-        .map(|i| {
-            bus.spawn(
-                &format!("worker{i}"),
-                "worker",
-                &["--channel", "w/jobs", "--policy", "block", "--depth", "4"],
-            )
-        })
+        .map(|i| bus.subscriber(&format!("worker{i}"), "worker", "w/jobs", "block", "4", &[]))
         .collect();
-    for w in &mut workers {
-        w.wait_line("ready");
-    }
-    let producer = bus.spawn(
-        "producer",
-        "producer",
-        &["--channel", "w/jobs", "--count", &N.to_string()],
-    );
-    producer.finish();
+    wait_all_ready(&mut workers);
+    bus.producer("w/jobs", N, &[]).finish();
     // Workers still run: once they have drained everything, all is free.
     bus.assert_all_free();
     let mut seen: BTreeMap<u64, usize> = BTreeMap::new();
-    for (i, w) in workers.into_iter().enumerate() {
-        let who = format!("worker{i}");
+    for w in workers {
+        let who = w.name.clone();
         let lines = w.finish();
         assert_clean(&who, &lines);
         let mine = seqs(&lines);

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -105,6 +106,77 @@ impl Bus {
             stderr,
             reaped: false,
         }
+    }
+
+    /// Spawns a subscribing `role` (`consumer` or `worker`) named `name` on
+    /// `channel` with `--policy POLICY --depth DEPTH`, then `extra`; does
+    /// not wait for it to be ready.
+    pub fn subscriber(
+        &self,
+        name: &str,
+        role: &str,
+        channel: &str,
+        policy: &str,
+        depth: &str,
+        extra: &[&str],
+    ) -> Peer {
+        let mut args = vec!["--channel", channel, "--policy", policy, "--depth", depth];
+        args.extend_from_slice(extra);
+        self.spawn(name, role, &args)
+    }
+
+    /// Spawns a producer named `producer` that publishes `count` tensors on
+    /// `channel`, with `extra` arguments after `--count`.
+    pub fn producer(&self, channel: &str, count: u64, extra: &[&str]) -> Peer {
+        let count = count.to_string();
+        let mut args = vec!["--channel", channel, "--count", &count];
+        args.extend_from_slice(extra);
+        self.spawn("producer", "producer", &args)
+    }
+
+    /// Writes `toml` to `config.toml` in this bus's private directory (it
+    /// goes with the `Bus`) and returns its path, for `tb-peer hostile
+    /// --config`.
+    pub fn write_config(&self, toml: &str) -> String {
+        let path = self.dir.join("config.toml");
+        std::fs::write(&path, toml).expect("write the config file");
+        path.to_str().expect("a UTF-8 temp path").to_owned()
+    }
+
+    /// Runs `tb-peer hostile --config CONFIG --count COUNT --seed SEED
+    /// --pace-us PACE [--target TARGET]` to a successful exit and returns
+    /// what it printed.
+    pub fn run_hostile(
+        &self,
+        config: &str,
+        count: u32,
+        seed: u64,
+        pace_us: u32,
+        target: Option<&str>,
+    ) -> Vec<String> {
+        let (count, seed, pace_us) = (count.to_string(), seed.to_string(), pace_us.to_string());
+        let mut args = vec![
+            "--config",
+            config,
+            "--count",
+            &count,
+            "--seed",
+            &seed,
+            "--pace-us",
+            &pace_us,
+        ];
+        if let Some(target) = target {
+            args.extend(["--target", target]);
+        }
+        self.spawn("hostile", "hostile", &args).finish()
+    }
+
+    /// Asserts that the broker still answers `stat` (it survived whatever
+    /// the test did) and that every slot is free again.
+    pub fn assert_survived_and_all_free(&self) -> StatReport {
+        let stat = self.client.stat().expect("the broker survived");
+        self.assert_all_free();
+        stat
     }
 
     /// A stat snapshot.
@@ -234,9 +306,15 @@ impl Peer {
         self.stdin = None;
     }
 
-    /// Closes stdin, waits (with a deadline) for any exit and returns the
-    /// status and every stdout line.
-    pub fn finish_status(mut self) -> (std::process::ExitStatus, Vec<String>) {
+    /// Waits for the `ready` line and hands the peer back, for chaining
+    /// after a spawn.
+    pub fn ready(mut self) -> Peer {
+        self.wait_line("ready");
+        self
+    }
+
+    /// Closes stdin and waits (with a deadline) for the child to exit.
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
         self.close_stdin();
         let deadline = Instant::now() + WAIT;
         let status = loop {
@@ -250,6 +328,13 @@ impl Peer {
             }
         };
         self.reaped = true;
+        status
+    }
+
+    /// Closes stdin, waits (with a deadline) for any exit and returns the
+    /// status and every stdout line.
+    pub fn finish_status(mut self) -> (std::process::ExitStatus, Vec<String>) {
+        let status = self.wait_exit();
         while let Ok(line) = self.rx.recv_timeout(WAIT) {
             self.lines.push(line);
         }
@@ -260,22 +345,19 @@ impl Peer {
         (status, std::mem::take(&mut self.lines))
     }
 
+    /// Like `finish_status`, and asserts that the child was not killed by a
+    /// signal (`the NAME crashed`).
+    pub fn finish_uncrashed(self) -> (std::process::ExitStatus, Vec<String>) {
+        let name = self.name.clone();
+        let (status, lines) = self.finish_status();
+        assert!(status.signal().is_none(), "the {name} crashed: {status}");
+        (status, lines)
+    }
+
     /// Closes stdin, waits (with a deadline) for a successful exit and
     /// returns every stdout line.
     pub fn finish(mut self) -> Vec<String> {
-        self.close_stdin();
-        let deadline = Instant::now() + WAIT;
-        let status = loop {
-            match self.child.try_wait() {
-                Ok(Some(s)) => break s,
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(5))
-                }
-                Ok(None) => self.die("did not exit in time"),
-                Err(e) => self.die(&format!("wait failed: {e}")),
-            }
-        };
-        self.reaped = true;
+        let status = self.wait_exit();
         // The reader thread ends at EOF, which follows the exit.
         loop {
             match self.rx.recv_timeout(WAIT) {
@@ -414,6 +496,33 @@ pub fn assert_increasing(who: &str, seqs: &[u64]) {
     if let Some(w) = seqs.windows(2).find(|w| w[0] >= w[1]) {
         panic!("{who}: sequence not strictly increasing at {w:?}");
     }
+}
+
+/// Waits for the `ready` line of every peer in `peers`.
+pub fn wait_all_ready<'a>(peers: impl IntoIterator<Item = &'a mut Peer>) {
+    for p in peers {
+        p.wait_line("ready");
+    }
+}
+
+/// Asserts that a producer's output reports `done N`.
+pub fn assert_done(out: &[String], n: u64) {
+    assert!(out.contains(&format!("done {n}")), "{out:?}");
+}
+
+/// Finishes a consumer (successful exit) and asserts, under its name, that
+/// it received exactly 0..n in order with intact bytes; returns its lines.
+pub fn finish_all_in_order(peer: Peer, n: u64) -> Vec<String> {
+    let who = peer.name.clone();
+    let lines = peer.finish();
+    assert_clean(&who, &lines);
+    assert_all_in_order(&who, &seqs(&lines), n);
+    lines
+}
+
+/// How many of `lines` start with `prefix`.
+pub fn count_lines(lines: &[String], prefix: &str) -> usize {
+    lines.iter().filter(|l| l.starts_with(prefix)).count()
 }
 
 /// A config with one 64 KiB pool of `slots` slots and the given
