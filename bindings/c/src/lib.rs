@@ -30,12 +30,14 @@
 
 #![allow(non_camel_case_types)]
 
+mod handle;
 mod registry;
 mod status;
 
 pub use status::tb_status;
 use status::*;
 
+use handle::{close, live, live_inner, open, register, Child, Shell};
 use registry::Kind;
 use std::cell::UnsafeCell;
 use std::ffi::{c_char, c_int, c_void, CStr};
@@ -44,8 +46,8 @@ use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 use std::time::Duration;
 use tensorbus::{
-    Client, Consumer, ConsumerOptions, DType, Policy, Producer, Stage, StagedTensor, Tensor,
-    TensorMeta, TensorMut, TryRecvError,
+    Client, Consumer, ConsumerOptions, DType, Policy, Producer, RecvError, Stage, StagedTensor,
+    Tensor, TensorMeta, TensorMut, TryRecvError,
 };
 
 /// Element type of a tensor (one of the `TB_DTYPE_*` constants).
@@ -149,7 +151,7 @@ impl View {
 }
 
 /// Frees a quarantined shell (its contents were dropped when it was closed).
-fn free_shell(addr: usize, kind: Kind) {
+pub(crate) fn free_shell(addr: usize, kind: Kind) {
     // SAFETY: `addr` came from `Box::into_raw` of the type `kind` names
     // (registered in `register`/`new_tensor`), it was retired so no call uses
     // it any more, and it is freed exactly once (it just left the quarantine).
@@ -162,25 +164,6 @@ fn free_shell(addr: usize, kind: Kind) {
             Kind::Tensor => drop(Box::from_raw(addr as *mut tb_tensor)),
         }
     }
-}
-
-/// Boxes a handle shell and records it as live.
-fn register<T>(shell: T, kind: Kind) -> *mut T {
-    let p = Box::into_raw(Box::new(shell));
-    registry::lock().insert(p as usize, kind);
-    p
-}
-
-/// Returns a reference to a live handle, or an error if `p` is not one.
-///
-/// # Safety
-/// The handle must not be closed by another thread while the reference is used.
-unsafe fn live<'a, T>(p: *const T, kind: Kind) -> Res<&'a T> {
-    registry::lock().check(p as usize, kind)?;
-    // SAFETY: the registry says `p` is a live handle of this kind, i.e. a
-    // `Box<T>` that has not been retired; the caller keeps it from being
-    // closed meanwhile.
-    Ok(unsafe { &*p })
 }
 
 /// Wraps a view in a tensor handle (reusing an old shell when one is due).
@@ -201,6 +184,28 @@ fn new_tensor(view: View) -> *mut tb_tensor {
     };
     reg.insert(p as usize, Kind::Tensor);
     p
+}
+
+/// Hands out a new tensor from a live handle: clears `out`, looks `owner`
+/// up, runs `take` on it and writes the new tensor handle through `out`.
+///
+/// # Safety
+/// `out` is NULL or writable; `owner` is not closed meanwhile and is used by
+/// this thread only.
+unsafe fn lend<T: Shell>(
+    owner: *mut T,
+    out: *mut *mut tb_tensor,
+    take: impl FnOnce(&T) -> Res<View>,
+) -> Res {
+    // SAFETY: forwarded caller promises.
+    unsafe { clear_out(out) }?;
+    // SAFETY: checked by the registry; the caller keeps it open.
+    let shell = unsafe { live(owner) }?;
+    let view = take(shell)?;
+    let t = new_tensor(view);
+    // SAFETY: checked non-NULL and writable by `clear_out`.
+    unsafe { out.write(t) };
+    Ok(())
 }
 
 /// Runs `f` on a live tensor's view.
@@ -246,19 +251,61 @@ fn finish(view: View) {
         View::Loan(t, p) => {
             drop(t);
             // SAFETY: the producer cannot be closed while its loan lives.
-            unsafe { (*p).loaned.store(false, Ordering::Release) };
+            unsafe { (*p).tensor_done() };
         }
         View::Recv(t, c) => {
             drop(t);
             // SAFETY: the consumer cannot be closed while its tensors live.
-            unsafe { (*c).live.fetch_sub(1, Ordering::AcqRel) };
+            unsafe { (*c).tensor_done() };
         }
         View::Staged(t, s) => {
             drop(t);
             // SAFETY: the stage cannot be closed while its tensor lives.
-            unsafe { (*s).busy.store(false, Ordering::Release) };
+            unsafe { (*s).tensor_done() };
         }
     }
+}
+
+/// Publishes a loan (`staged` false) or forwards a staged tensor (`staged`
+/// true) and ends its view; any other tensor fails with `wrong` and is left
+/// as it was. Once accepted, the handle is consumed whatever the outcome;
+/// `delivered_or_null` receives how many subscribers got it.
+///
+/// # Safety
+/// `tensor` is not used by another thread meanwhile; `delivered_or_null` is
+/// NULL or writable.
+unsafe fn send(
+    tensor: *mut tb_tensor,
+    delivered_or_null: *mut u32,
+    staged: bool,
+    wrong: &str,
+) -> Res {
+    // SAFETY: the registry checks `tensor`; the caller uses it on one thread.
+    let view = unsafe {
+        take_view(tensor, |v| match (v, staged) {
+            (View::Loan(..), false) | (View::Staged(..), true) => Ok(()),
+            _ => Err(invalid(wrong)),
+        })
+    }?;
+    let result = match view {
+        View::Loan(t, p) => {
+            let r = t.publish();
+            // SAFETY: the producer cannot be closed while its loan lives.
+            unsafe { (*p).tensor_done() };
+            r
+        }
+        View::Staged(t, s) => {
+            let r = t.forward();
+            // SAFETY: the stage cannot be closed while its tensor lives.
+            unsafe { (*s).tensor_done() };
+            r
+        }
+        View::Recv(..) => unreachable!("received tensors are not accepted"),
+    };
+    let outcome = result?;
+    // SAFETY: NULL or writable (caller's promise).
+    unsafe { put(delivered_or_null, outcome.delivered) };
+    Ok(())
 }
 
 /// Fails when a required pointer is NULL.
@@ -322,11 +369,31 @@ fn dtype_code(d: DType) -> tb_dtype {
     tb_dtype::from(d.code())
 }
 
+/// Receives with `timeout_ns` as the C API means it: 0 polls (`poll`),
+/// `TB_TIMEOUT_INFINITE` waits forever (`wait`), anything else waits that
+/// long (`wait_for`).
+fn recv_within<S, T>(
+    timeout_ns: u64,
+    from: S,
+    poll: fn(S) -> Result<T, TryRecvError>,
+    wait: fn(S) -> Result<T, RecvError>,
+    wait_for: fn(S, Duration) -> Result<T, RecvError>,
+) -> Res<T> {
+    Ok(match timeout_ns {
+        0 => poll(from).map_err(|e| match e {
+            TryRecvError::Empty => err(TB_ERR_TIMEOUT, "no tensor queued"),
+            other => err(TB_ERR_CORRUPTED, other.to_string()),
+        })?,
+        TB_TIMEOUT_INFINITE => wait(from)?,
+        ns => wait_for(from, Duration::from_nanos(ns))?,
+    })
+}
+
 /// Clears an out-handle before anything can fail.
 ///
 /// # Safety
 /// `out` is NULL or valid for writes.
-unsafe fn clear_out<T>(out: *mut *mut T) -> Res {
+pub(crate) unsafe fn clear_out<T>(out: *mut *mut T) -> Res {
     need(out, "out")?;
     // SAFETY: non-NULL and writable (caller's promise).
     unsafe { out.write(ptr::null_mut()) };
@@ -380,13 +447,10 @@ pub unsafe extern "C" fn tb_client_connect(
             Some(Path::new(unsafe { text(socket_or_null, "socket") }?))
         };
         let client = Client::connect_to(socket, name)?;
-        let shell = register(
-            tb_client {
-                client: AtomicPtr::new(Box::into_raw(Box::new(client))),
-                children: AtomicUsize::new(0),
-            },
-            Kind::Client,
-        );
+        let shell = register(tb_client {
+            client: AtomicPtr::new(Box::into_raw(Box::new(client))),
+            children: AtomicUsize::new(0),
+        });
         // SAFETY: checked non-NULL and writable by `clear_out`.
         unsafe { out.write(shell) };
         Ok(())
@@ -400,27 +464,8 @@ pub unsafe extern "C" fn tb_client_connect(
 /// No other thread may be using `client` during this call.
 #[no_mangle]
 pub unsafe extern "C" fn tb_client_close(client: *mut tb_client) -> tb_status {
-    guard(|| {
-        let mut reg = registry::lock();
-        reg.check(client as usize, Kind::Client)?;
-        // SAFETY: live client shell (checked under the lock we hold).
-        let shell = unsafe { &*client };
-        let open = shell.children.load(Ordering::Acquire);
-        if open > 0 {
-            return Err(err(
-                TB_ERR_BUSY,
-                format!("client still has {open} open handle(s); close its producers, consumers and stages first"),
-            ));
-        }
-        let inner = shell.client.swap(ptr::null_mut(), Ordering::AcqRel);
-        reg.retire(client as usize, Kind::Client, free_shell);
-        drop(reg);
-        if !inner.is_null() {
-            // SAFETY: from `Box::into_raw` in `tb_client_connect`, swapped out once.
-            drop(unsafe { Box::from_raw(inner) });
-        }
-        Ok(())
-    })
+    // SAFETY: the registry checks `client`; the caller uses it on one thread.
+    guard(|| unsafe { close(client) })
 }
 
 /// This client's id at the broker (stored as the producer id of every tensor it publishes).
@@ -432,33 +477,11 @@ pub unsafe extern "C" fn tb_client_id(client: *const tb_client, out: *mut u32) -
     guard(|| {
         need(out, "out")?;
         // SAFETY: checked by the registry; the caller keeps it open.
-        let shell = unsafe { live(client, Kind::Client) }?;
-        // SAFETY: a live client's box is set until close.
-        let c = unsafe { &*shell.client.load(Ordering::Acquire) };
+        let (_, c) = unsafe { live_inner(client) }?;
         // SAFETY: non-NULL (checked) and writable (caller's promise).
         unsafe { put(out, c.id()) };
         Ok(())
     })
-}
-
-/// Looks up a live client and returns it with its Rust `Client`.
-///
-/// # Safety
-/// See [`live`].
-unsafe fn client_of<'a>(client: *const tb_client) -> Res<(&'a tb_client, &'a Client)> {
-    // SAFETY: forwarded contract.
-    let shell = unsafe { live(client, Kind::Client) }?;
-    // SAFETY: a live client's box is set until close, which the caller excludes.
-    Ok((shell, unsafe { &*shell.client.load(Ordering::Acquire) }))
-}
-
-/// Tells a client that one of its handles was closed.
-///
-/// # Safety
-/// `client` is the live client the handle was opened from.
-unsafe fn child_closed(client: *const tb_client) {
-    // SAFETY: a client cannot be closed while it has open handles.
-    unsafe { (*client).children.fetch_sub(1, Ordering::AcqRel) };
 }
 
 // -------------------------------------------------------------- producer ---
@@ -474,25 +497,13 @@ pub unsafe extern "C" fn tb_producer_open(
     out: *mut *mut tb_producer,
 ) -> tb_status {
     guard(|| {
+        let make = |c: &Client| {
+            // SAFETY: NULL or NUL-terminated (caller's promise).
+            let channel = unsafe { text(channel, "channel") }?;
+            Ok(c.producer(channel)?)
+        };
         // SAFETY: forwarded caller promises.
-        unsafe { clear_out(out) }?;
-        // SAFETY: as above.
-        let (shell, c) = unsafe { client_of(client) }?;
-        // SAFETY: as above.
-        let channel = unsafe { text(channel, "channel") }?;
-        let producer = c.producer(channel)?;
-        shell.children.fetch_add(1, Ordering::AcqRel);
-        let p = register(
-            tb_producer {
-                client,
-                producer: AtomicPtr::new(Box::into_raw(Box::new(producer))),
-                loaned: AtomicBool::new(false),
-            },
-            Kind::Producer,
-        );
-        // SAFETY: checked non-NULL and writable.
-        unsafe { out.write(p) };
-        Ok(())
+        unsafe { open(client, out, make) }
     })
 }
 
@@ -502,28 +513,8 @@ pub unsafe extern "C" fn tb_producer_open(
 /// No other thread may be using `producer` during this call.
 #[no_mangle]
 pub unsafe extern "C" fn tb_producer_close(producer: *mut tb_producer) -> tb_status {
-    guard(|| {
-        let mut reg = registry::lock();
-        reg.check(producer as usize, Kind::Producer)?;
-        // SAFETY: live producer shell (checked under the lock we hold).
-        let shell = unsafe { &*producer };
-        if shell.loaned.load(Ordering::Acquire) {
-            return Err(err(
-                TB_ERR_BUSY,
-                "producer has a loaned tensor; publish or release it first",
-            ));
-        }
-        let client = shell.client;
-        let inner = shell.producer.swap(ptr::null_mut(), Ordering::AcqRel);
-        reg.retire(producer as usize, Kind::Producer, free_shell);
-        drop(reg);
-        // SAFETY: from `Box::into_raw` in `tb_producer_open`, swapped out
-        // once, and no loan borrows it (checked above).
-        drop(unsafe { Box::from_raw(inner) });
-        // SAFETY: the client it was opened from is still open.
-        unsafe { child_closed(client) };
-        Ok(())
-    })
+    // SAFETY: the registry checks `producer`; the caller uses it on one thread.
+    guard(|| unsafe { close(producer) })
 }
 
 /// Loans a slot for a C-contiguous tensor of `ndim` extents `shape` and
@@ -562,49 +553,44 @@ pub unsafe extern "C" fn tb_loan_timeout(
     out: *mut *mut tb_tensor,
 ) -> tb_status {
     guard(|| {
+        let take = |shell: &tb_producer| {
+            let dtype = self::dtype(dtype)?;
+            if ndim > TB_MAX_DIMS {
+                return Err(invalid(format!(
+                    "ndim {ndim} exceeds TB_MAX_DIMS ({TB_MAX_DIMS})"
+                )));
+            }
+            let shape: &[usize] = if ndim == 0 {
+                &[]
+            } else {
+                need(shape, "shape")?;
+                // SAFETY: non-NULL and `ndim` readable values (caller's promise).
+                unsafe { std::slice::from_raw_parts(shape, ndim) }
+            };
+            if shell.loaned.swap(true, Ordering::AcqRel) {
+                return Err(err(
+                    TB_ERR_BUSY,
+                    "this producer already has a loaned tensor (one loan per producer at a time); publish or release it first",
+                ));
+            }
+            // SAFETY: the producer box lives until `tb_producer_close`, which
+            // refuses while `loaned` is set; `loaned` makes this the only
+            // `&mut` to it until the loan ends (then `loaned` is cleared).
+            let p: &'static mut Producer = unsafe { &mut *shell.producer.load(Ordering::Acquire) };
+            let result = match timeout_ns {
+                0 => p.loan(shape, dtype),
+                t => p.loan_timeout(shape, dtype, Duration::from_nanos(t)),
+            };
+            match result {
+                Ok(t) => Ok(View::Loan(t, producer)),
+                Err(e) => {
+                    shell.loaned.store(false, Ordering::Release);
+                    Err(e.into())
+                }
+            }
+        };
         // SAFETY: forwarded caller promises.
-        unsafe { clear_out(out) }?;
-        // SAFETY: checked by the registry; the caller keeps it open.
-        let shell = unsafe { live(producer, Kind::Producer) }?;
-        let dtype = self::dtype(dtype)?;
-        if ndim > TB_MAX_DIMS {
-            return Err(invalid(format!(
-                "ndim {ndim} exceeds TB_MAX_DIMS ({TB_MAX_DIMS})"
-            )));
-        }
-        let shape: &[usize] = if ndim == 0 {
-            &[]
-        } else {
-            need(shape, "shape")?;
-            // SAFETY: non-NULL and `ndim` readable values (caller's promise).
-            unsafe { std::slice::from_raw_parts(shape, ndim) }
-        };
-        if shell.loaned.swap(true, Ordering::AcqRel) {
-            return Err(err(
-                TB_ERR_BUSY,
-                "this producer already has a loaned tensor (one loan per producer at a time); publish or release it first",
-            ));
-        }
-        // SAFETY: the producer box lives until `tb_producer_close`, which
-        // refuses while `loaned` is set; `loaned` makes this the only
-        // `&mut` to it until the loan ends (then `loaned` is cleared).
-        let p: &'static mut Producer = unsafe { &mut *shell.producer.load(Ordering::Acquire) };
-        let result = match timeout_ns {
-            0 => p.loan(shape, dtype),
-            t => p.loan_timeout(shape, dtype, Duration::from_nanos(t)),
-        };
-        match result {
-            Ok(t) => {
-                let t = new_tensor(View::Loan(t, producer));
-                // SAFETY: checked non-NULL and writable.
-                unsafe { out.write(t) };
-                Ok(())
-            }
-            Err(e) => {
-                shell.loaned.store(false, Ordering::Release);
-                Err(e.into())
-            }
-        }
+        unsafe { lend(producer, out, take) }
     })
 }
 
@@ -619,28 +605,14 @@ pub unsafe extern "C" fn tb_publish(
     tensor: *mut tb_tensor,
     delivered_or_null: *mut u32,
 ) -> tb_status {
-    guard(|| {
-        // SAFETY: the registry checks `tensor`; the caller uses it on one thread.
-        let view = unsafe {
-            take_view(tensor, |v| {
-                match v {
-                View::Loan(..) => Ok(()),
-                _ => Err(invalid(
-                    "tb_publish takes a loaned tensor (use tb_forward for staged, tb_release for received tensors)",
-                )),
-            }
-            })
-        }?;
-        let View::Loan(t, p) = view else {
-            unreachable!("accepted loans only")
-        };
-        let result = t.publish();
-        // SAFETY: the producer cannot be closed while its loan lives.
-        unsafe { (*p).loaned.store(false, Ordering::Release) };
-        let outcome = result?;
-        // SAFETY: NULL or writable (caller's promise).
-        unsafe { put(delivered_or_null, outcome.delivered) };
-        Ok(())
+    // SAFETY: forwarded caller promises.
+    guard(|| unsafe {
+        send(
+            tensor,
+            delivered_or_null,
+            false,
+            "tb_publish takes a loaned tensor (use tb_forward for staged, tb_release for received tensors)",
+        )
     })
 }
 
@@ -660,32 +632,20 @@ pub unsafe extern "C" fn tb_consumer_open(
     out: *mut *mut tb_consumer,
 ) -> tb_status {
     guard(|| {
+        let make = |c: &Client| {
+            // SAFETY: NULL or NUL-terminated (caller's promise).
+            let channel = unsafe { text(channel, "channel") }?;
+            let mut opts = ConsumerOptions::default();
+            if let Some(p) = self::policy(policy)? {
+                opts = opts.policy(p);
+            }
+            if depth > 0 {
+                opts = opts.depth(depth);
+            }
+            Ok(c.consumer_with(channel, opts)?)
+        };
         // SAFETY: forwarded caller promises.
-        unsafe { clear_out(out) }?;
-        // SAFETY: as above.
-        let (shell, c) = unsafe { client_of(client) }?;
-        // SAFETY: as above.
-        let channel = unsafe { text(channel, "channel") }?;
-        let mut opts = ConsumerOptions::default();
-        if let Some(p) = self::policy(policy)? {
-            opts = opts.policy(p);
-        }
-        if depth > 0 {
-            opts = opts.depth(depth);
-        }
-        let consumer = c.consumer_with(channel, opts)?;
-        shell.children.fetch_add(1, Ordering::AcqRel);
-        let p = register(
-            tb_consumer {
-                client,
-                consumer: AtomicPtr::new(Box::into_raw(Box::new(consumer))),
-                live: AtomicUsize::new(0),
-            },
-            Kind::Consumer,
-        );
-        // SAFETY: checked non-NULL and writable.
-        unsafe { out.write(p) };
-        Ok(())
+        unsafe { open(client, out, make) }
     })
 }
 
@@ -696,29 +656,8 @@ pub unsafe extern "C" fn tb_consumer_open(
 /// No other thread may be using `consumer` during this call.
 #[no_mangle]
 pub unsafe extern "C" fn tb_consumer_close(consumer: *mut tb_consumer) -> tb_status {
-    guard(|| {
-        let mut reg = registry::lock();
-        reg.check(consumer as usize, Kind::Consumer)?;
-        // SAFETY: live consumer shell (checked under the lock we hold).
-        let shell = unsafe { &*consumer };
-        let live = shell.live.load(Ordering::Acquire);
-        if live > 0 {
-            return Err(err(
-                TB_ERR_BUSY,
-                format!("consumer still has {live} received tensor(s); tb_release them first"),
-            ));
-        }
-        let client = shell.client;
-        let inner = shell.consumer.swap(ptr::null_mut(), Ordering::AcqRel);
-        reg.retire(consumer as usize, Kind::Consumer, free_shell);
-        drop(reg);
-        // SAFETY: from `Box::into_raw` in `tb_consumer_open`, swapped out
-        // once, and no tensor borrows it (checked above).
-        drop(unsafe { Box::from_raw(inner) });
-        // SAFETY: the client it was opened from is still open.
-        unsafe { child_closed(client) };
-        Ok(())
-    })
+    // SAFETY: the registry checks `consumer`; the caller uses it on one thread.
+    guard(|| unsafe { close(consumer) })
 }
 
 /// Receives the next tensor: a read-only view of the bytes the producer
@@ -734,27 +673,23 @@ pub unsafe extern "C" fn tb_recv(
     out: *mut *mut tb_tensor,
 ) -> tb_status {
     guard(|| {
-        // SAFETY: forwarded caller promises.
-        unsafe { clear_out(out) }?;
-        // SAFETY: checked by the registry; the caller keeps it open.
-        let shell = unsafe { live(consumer, Kind::Consumer) }?;
-        // SAFETY: the consumer box lives until `tb_consumer_close`, which
-        // refuses while tensors received from it live; tensors only borrow
-        // it shared.
-        let c: &'static Consumer = unsafe { &*shell.consumer.load(Ordering::Acquire) };
-        let t = match timeout_ns {
-            0 => c.try_recv().map_err(|e| match e {
-                TryRecvError::Empty => err(TB_ERR_TIMEOUT, "no tensor queued"),
-                other => err(TB_ERR_CORRUPTED, other.to_string()),
-            })?,
-            TB_TIMEOUT_INFINITE => c.recv()?,
-            ns => c.recv_timeout(Duration::from_nanos(ns))?,
+        let take = |shell: &tb_consumer| {
+            // SAFETY: the consumer box lives until `tb_consumer_close`, which
+            // refuses while tensors received from it live; tensors only borrow
+            // it shared.
+            let c: &'static Consumer = unsafe { &*shell.consumer.load(Ordering::Acquire) };
+            let t = recv_within(
+                timeout_ns,
+                c,
+                Consumer::try_recv,
+                Consumer::recv,
+                Consumer::recv_timeout,
+            )?;
+            shell.live.fetch_add(1, Ordering::AcqRel);
+            Ok(View::Recv(t, consumer))
         };
-        shell.live.fetch_add(1, Ordering::AcqRel);
-        let t = new_tensor(View::Recv(t, consumer));
-        // SAFETY: checked non-NULL and writable.
-        unsafe { out.write(t) };
-        Ok(())
+        // SAFETY: forwarded caller promises.
+        unsafe { lend(consumer, out, take) }
     })
 }
 
@@ -789,27 +724,15 @@ pub unsafe extern "C" fn tb_stage_open(
     out: *mut *mut tb_stage,
 ) -> tb_status {
     guard(|| {
+        let make = |c: &Client| {
+            // SAFETY: NULL or NUL-terminated (caller's promise).
+            let input = unsafe { text(input, "input") }?;
+            // SAFETY: as above.
+            let output = unsafe { text(output, "output") }?;
+            Ok(c.stage(input, output)?)
+        };
         // SAFETY: forwarded caller promises.
-        unsafe { clear_out(out) }?;
-        // SAFETY: as above.
-        let (shell, c) = unsafe { client_of(client) }?;
-        // SAFETY: as above.
-        let input = unsafe { text(input, "input") }?;
-        // SAFETY: as above.
-        let output = unsafe { text(output, "output") }?;
-        let stage = c.stage(input, output)?;
-        shell.children.fetch_add(1, Ordering::AcqRel);
-        let p = register(
-            tb_stage {
-                client,
-                stage: AtomicPtr::new(Box::into_raw(Box::new(stage))),
-                busy: AtomicBool::new(false),
-            },
-            Kind::Stage,
-        );
-        // SAFETY: checked non-NULL and writable.
-        unsafe { out.write(p) };
-        Ok(())
+        unsafe { open(client, out, make) }
     })
 }
 
@@ -819,28 +742,8 @@ pub unsafe extern "C" fn tb_stage_open(
 /// No other thread may be using `stage` during this call.
 #[no_mangle]
 pub unsafe extern "C" fn tb_stage_close(stage: *mut tb_stage) -> tb_status {
-    guard(|| {
-        let mut reg = registry::lock();
-        reg.check(stage as usize, Kind::Stage)?;
-        // SAFETY: live stage shell (checked under the lock we hold).
-        let shell = unsafe { &*stage };
-        if shell.busy.load(Ordering::Acquire) {
-            return Err(err(
-                TB_ERR_BUSY,
-                "stage holds a tensor; forward or release it first",
-            ));
-        }
-        let client = shell.client;
-        let inner = shell.stage.swap(ptr::null_mut(), Ordering::AcqRel);
-        reg.retire(stage as usize, Kind::Stage, free_shell);
-        drop(reg);
-        // SAFETY: from `Box::into_raw` in `tb_stage_open`, swapped out once,
-        // and no tensor borrows it (checked above).
-        drop(unsafe { Box::from_raw(inner) });
-        // SAFETY: the client it was opened from is still open.
-        unsafe { child_closed(client) };
-        Ok(())
-    })
+    // SAFETY: the registry checks `stage`; the caller uses it on one thread.
+    guard(|| unsafe { close(stage) })
 }
 
 /// Takes the next input tensor exclusively: its bytes are writable in place
@@ -856,41 +759,33 @@ pub unsafe extern "C" fn tb_recv_mut(
     out: *mut *mut tb_tensor,
 ) -> tb_status {
     guard(|| {
-        // SAFETY: forwarded caller promises.
-        unsafe { clear_out(out) }?;
-        // SAFETY: checked by the registry; the caller keeps it open.
-        let shell = unsafe { live(stage, Kind::Stage) }?;
-        if shell.busy.swap(true, Ordering::AcqRel) {
-            return Err(err(
-                TB_ERR_BUSY,
-                "this stage already holds a tensor; forward or release it first",
-            ));
-        }
-        // SAFETY: the stage box lives until `tb_stage_close`, which refuses
-        // while `busy` is set; `busy` makes this the only `&mut` to it.
-        let s: &'static mut Stage = unsafe { &mut *shell.stage.load(Ordering::Acquire) };
-        let result = match timeout_ns {
-            0 => s.try_recv_mut().map_err(|e| match e {
-                TryRecvError::Empty => err(TB_ERR_TIMEOUT, "no tensor queued"),
-                other => err(TB_ERR_CORRUPTED, other.to_string()),
-            }),
-            TB_TIMEOUT_INFINITE => s.recv_mut().map_err(Error::from),
-            ns => s
-                .recv_mut_timeout(Duration::from_nanos(ns))
-                .map_err(Error::from),
+        let take = |shell: &tb_stage| {
+            if shell.busy.swap(true, Ordering::AcqRel) {
+                return Err(err(
+                    TB_ERR_BUSY,
+                    "this stage already holds a tensor; forward or release it first",
+                ));
+            }
+            // SAFETY: the stage box lives until `tb_stage_close`, which refuses
+            // while `busy` is set; `busy` makes this the only `&mut` to it.
+            let s: &'static mut Stage = unsafe { &mut *shell.stage.load(Ordering::Acquire) };
+            let result = recv_within(
+                timeout_ns,
+                s,
+                Stage::try_recv_mut,
+                Stage::recv_mut,
+                Stage::recv_mut_timeout,
+            );
+            match result {
+                Ok(t) => Ok(View::Staged(t, stage)),
+                Err(e) => {
+                    shell.busy.store(false, Ordering::Release);
+                    Err(e)
+                }
+            }
         };
-        match result {
-            Ok(t) => {
-                let t = new_tensor(View::Staged(t, stage));
-                // SAFETY: checked non-NULL and writable.
-                unsafe { out.write(t) };
-                Ok(())
-            }
-            Err(e) => {
-                shell.busy.store(false, Ordering::Release);
-                Err(e)
-            }
-        }
+        // SAFETY: forwarded caller promises.
+        unsafe { lend(stage, out, take) }
     })
 }
 
@@ -904,26 +799,14 @@ pub unsafe extern "C" fn tb_forward(
     tensor: *mut tb_tensor,
     delivered_or_null: *mut u32,
 ) -> tb_status {
-    guard(|| {
-        // SAFETY: the registry checks `tensor`; the caller uses it on one thread.
-        let view = unsafe {
-            take_view(tensor, |v| match v {
-                View::Staged(..) => Ok(()),
-                _ => Err(invalid(
-                    "tb_forward takes a tensor from tb_recv_mut (use tb_publish for loans)",
-                )),
-            })
-        }?;
-        let View::Staged(t, s) = view else {
-            unreachable!("accepted staged tensors only")
-        };
-        let result = t.forward();
-        // SAFETY: the stage cannot be closed while its tensor lives.
-        unsafe { (*s).busy.store(false, Ordering::Release) };
-        let outcome = result?;
-        // SAFETY: NULL or writable (caller's promise).
-        unsafe { put(delivered_or_null, outcome.delivered) };
-        Ok(())
+    // SAFETY: forwarded caller promises.
+    guard(|| unsafe {
+        send(
+            tensor,
+            delivered_or_null,
+            true,
+            "tb_forward takes a tensor from tb_recv_mut (use tb_publish for loans)",
+        )
     })
 }
 
