@@ -6,7 +6,7 @@ use std::error::Error;
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 use tensorbus_shm::{Access, Mapping, Memfd};
@@ -150,6 +150,10 @@ const FLAG_OFF: usize = 0;
 const DONE_OFF: usize = 64;
 /// Offset of the stop flag.
 const STOP_OFF: usize = 128;
+/// Offsets of the `futex-raw` contender's two futex words (ping, pong),
+/// each on a cache line of its own.
+const FUTEX_PING_OFF: usize = 192;
+const FUTEX_PONG_OFF: usize = 256;
 /// Offset of the limit's small inline payload (same line as the flag).
 pub const INLINE_OFF: usize = 8;
 /// Largest payload the limit carries inside the flag's cache line.
@@ -228,6 +232,20 @@ impl Shared {
     /// Non-zero tells streaming children to stop.
     pub fn stop(&self) -> &AtomicU64 {
         self.word(STOP_OFF)
+    }
+
+    /// The `futex-raw` contender's words: `ping` (written by the parent)
+    /// and `pong` (written by the child).
+    pub fn futex_words(&self) -> (&AtomicU32, &AtomicU32) {
+        let w = |off: usize| {
+            // SAFETY: `off` is one of the two fixed offsets below DATA_OFF,
+            // 4-aligned, inside the page-aligned read-write mapping, which
+            // lives as long as `self`; every bit pattern is a valid u32 and
+            // the word is only accessed atomically (and by futex(2), which
+            // reads it atomically) by every process.
+            unsafe { &*self.map.as_ptr().add(off).cast::<AtomicU32>() }
+        };
+        (w(FUTEX_PING_OFF), w(FUTEX_PONG_OFF))
     }
 
     /// Raw pointer to data buffer `which` (0: parent to child, 1: back), or
@@ -334,6 +352,11 @@ impl Peer {
         Ok(peer)
     }
 
+    /// The child's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends a command line.
     pub fn send(&mut self, cmd: &str) -> Result<()> {
         let stdin = self.stdin.as_mut().ok_or("child stdin already closed")?;
@@ -386,6 +409,80 @@ impl Drop for Peer {
             let _ = self.child.kill();
         }
         let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Context switches
+
+/// Voluntary and involuntary context switches: a voluntary one per round
+/// trip means that side slept (went through the futex or the kernel's
+/// socket/pipe wait); involuntary ones are preemptions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Switches {
+    /// Voluntary switches (the thread blocked).
+    pub voluntary: u64,
+    /// Involuntary switches (the thread was preempted).
+    pub involuntary: u64,
+}
+
+impl Switches {
+    /// `self - earlier`, saturating (counters only grow).
+    pub fn since(self, earlier: Switches) -> Switches {
+        Switches {
+            voluntary: self.voluntary.saturating_sub(earlier.voluntary),
+            involuntary: self.involuntary.saturating_sub(earlier.involuntary),
+        }
+    }
+
+    /// Adds `other` to `self`.
+    pub fn add(&mut self, other: Switches) {
+        self.voluntary += other.voluntary;
+        self.involuntary += other.involuntary;
+    }
+
+    /// Parses the `voluntary_ctxt_switches` / `nonvoluntary_ctxt_switches`
+    /// lines of a `/proc/.../status` file.
+    fn parse_status(text: &str) -> Option<Switches> {
+        let field = |name: &str| -> Option<u64> {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse().ok())
+        };
+        Some(Switches {
+            voluntary: field("voluntary_ctxt_switches:")?,
+            involuntary: field("nonvoluntary_ctxt_switches:")?,
+        })
+    }
+
+    /// The calling thread's switches (`getrusage(RUSAGE_THREAD)`).
+    pub fn this_thread() -> Option<Switches> {
+        let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+        // SAFETY: getrusage writes one `struct rusage` to the pointer, which
+        // points at a (zeroed) value of exactly that type.
+        if unsafe { libc::getrusage(libc::RUSAGE_THREAD, ru.as_mut_ptr()) } != 0 {
+            return None;
+        }
+        // SAFETY: getrusage succeeded and filled the struct (and all-zero
+        // bytes are a valid rusage anyway).
+        let ru = unsafe { ru.assume_init() };
+        Some(Switches {
+            voluntary: u64::try_from(ru.ru_nvcsw).ok()?,
+            involuntary: u64::try_from(ru.ru_nivcsw).ok()?,
+        })
+    }
+
+    /// All threads of process `pid` together (`/proc/PID/task/*/status`).
+    pub fn process(pid: u32) -> Option<Switches> {
+        let mut sum = Switches::default();
+        for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+            // A thread that exited meanwhile has no status any more: skip it.
+            let Ok(status) = std::fs::read_to_string(task.ok()?.path().join("status")) else {
+                continue;
+            };
+            sum.add(Switches::parse_status(&status)?);
+        }
+        Some(sum)
     }
 }
 

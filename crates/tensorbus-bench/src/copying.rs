@@ -71,6 +71,11 @@ fn inherited(s: &str) -> Result<File> {
 }
 
 impl Copying {
+    /// The child's process id (for its context switches).
+    pub fn pid(&self) -> u32 {
+        self.peer.pid()
+    }
+
     /// Creates the socketpair or pipes and spawns the echoing child.
     pub fn start(kind: Kind, max_size: usize) -> Result<Copying> {
         let (tx, rx, child_fds): (File, File, Vec<File>) = match kind {

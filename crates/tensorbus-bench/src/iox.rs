@@ -160,6 +160,11 @@ pub struct Iox {
 }
 
 impl Iox {
+    /// The child's process id (for its context switches).
+    pub fn pid(&self) -> u32 {
+        self.peer.pid()
+    }
+
     /// Creates the node and event services and spawns the child.
     pub fn start(shared: &Shared) -> Result<Iox> {
         quiet_logs();

@@ -27,7 +27,8 @@ const USAGE: &str =
   --sizes LIST   payload sizes, comma-separated (default 8,4KiB,1MiB,16MiB,64MiB)
   --only LIST    benches or contenders to run, comma-separated, matched as prefixes:
                  pingpong, streaming, fanout, workqueue, limit, tensorbus,
-                 iceoryx2, uds, pipe (default: everything)
+                 futex-raw, iceoryx2, uds, pipe (default: everything;
+                 futex-raw runs at sizes up to 56 B only)
   --blocks N     alternating blocks per size (default 10, --quick 4)";
 
 fn main() -> ExitCode {

@@ -1,6 +1,6 @@
 //! Percentiles, the markdown table, the JSON object and the ratios.
 
-use crate::common::Variant;
+use crate::common::{Switches, Variant};
 use crate::run::{Mode, Options};
 use serde_json::{json, Map, Value};
 use std::fmt::Write as _;
@@ -29,6 +29,39 @@ pub struct Row {
     pub max: u64,
     /// Round trips per second (ping-pong) or messages per second.
     pub msgs_per_s: f64,
+    /// Ping-pong only: context switches of both sides over all round trips
+    /// (warm-up included); `None` where they could not be read.
+    pub switches: Option<PerRound>,
+}
+
+/// Context switches of the parent's measuring thread and of the child
+/// process, summed over blocks, and the round trips they cover. One
+/// voluntary switch per round trip on a side means that side slept every
+/// time (the futex, a socket or pipe read); a "futex" contender near zero
+/// never slept.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PerRound {
+    /// The parent's measuring thread.
+    pub parent: Switches,
+    /// All threads of the child process.
+    pub child: Switches,
+    /// Round trips covered.
+    pub rounds: u64,
+}
+
+impl PerRound {
+    /// Adds one block.
+    pub fn add(&mut self, parent: Switches, child: Switches, rounds: u64) {
+        self.parent.add(parent);
+        self.child.add(child);
+        self.rounds += rounds;
+    }
+
+    /// `(voluntary, involuntary)` per round trip of `side`.
+    pub fn per_round(&self, side: Switches) -> (f64, f64) {
+        let n = self.rounds.max(1) as f64;
+        (side.voluntary as f64 / n, side.involuntary as f64 / n)
+    }
 }
 
 /// Nearest-rank percentile of sorted samples.
@@ -61,6 +94,7 @@ impl Row {
             p999: percentile(&s, 0.999),
             max: s.last().copied().unwrap_or(0),
             msgs_per_s: rate,
+            switches: None,
         }
     }
 
@@ -207,6 +241,15 @@ pub fn ratios(rows: &[Row], sizes: &[usize]) -> Vec<Ratio> {
         "<= 1.1",
         |x| x <= 1.1,
     );
+    push(
+        "tensorbus_futex_over_futex_raw_8B".into(),
+        q(
+            p50("pingpong", "tensorbus-futex", full, 8),
+            p50("pingpong", "futex-raw", full, 8),
+        ),
+        "(info)",
+        |_| true,
+    );
     for &s in sizes {
         push(
             format!("streaming_tensorbus_over_iceoryx2_{}", size_label(s)),
@@ -272,6 +315,10 @@ fn us(ns: u64) -> String {
     }
 }
 
+fn switches(v: Option<(f64, f64)>) -> String {
+    v.map_or("—".into(), |(vol, inv)| format!("{vol:.2}/{inv:.2}"))
+}
+
 fn rate(r: f64) -> String {
     if r >= 100.0 {
         format!("{r:.0}")
@@ -308,12 +355,16 @@ pub fn markdown(
         "- contenders alternate in blocks (order rotating); percentiles merge all blocks; times in µs; wall time {:.1} s\n",
         wall.as_secs_f64()
     );
-    let header = "| bench | contender | variant | size | samples | p50 µs | p99 µs | p99.9 µs | max µs | msgs/s |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|";
+    let _ = writeln!(
+        s,
+        "- ctx sw/RT: context switches per round trip (ping-pong), voluntary/involuntary, of the parent's measuring thread and of the child process (getrusage, /proc/PID/task/*/status); a voluntary 1.00 means that side slept every round trip\n"
+    );
+    let header = "| bench | contender | variant | size | samples | p50 µs | p99 µs | p99.9 µs | max µs | msgs/s | ctx sw/RT parent | ctx sw/RT child |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|";
     let _ = writeln!(s, "{header}");
     for r in rows {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.bench,
             r.contender,
             r.variant.name(),
@@ -323,7 +374,9 @@ pub fn markdown(
             us(r.p99),
             us(r.p999),
             us(r.max),
-            rate(r.msgs_per_s)
+            rate(r.msgs_per_s),
+            switches(r.switches.map(|w| w.per_round(w.parent))),
+            switches(r.switches.map(|w| w.per_round(w.child))),
         );
     }
     let _ = writeln!(s, "\n## Ratios (p50 within this run; streaming: msgs/s)\n");
@@ -371,6 +424,17 @@ pub fn json(
                 "p999_ns": r.p999,
                 "max_ns": r.max,
                 "msgs_per_s": r.msgs_per_s,
+                "ctx_switches_per_rt": r.switches.map_or(Value::Null, |w| {
+                    let (pv, pi) = w.per_round(w.parent);
+                    let (cv, ci) = w.per_round(w.child);
+                    json!({
+                        "parent_voluntary": pv,
+                        "parent_involuntary": pi,
+                        "child_voluntary": cv,
+                        "child_involuntary": ci,
+                        "round_trips": w.rounds,
+                    })
+                }),
             })
         })
         .collect();

@@ -1,6 +1,6 @@
 //! Options, the plan of rounds, and the alternating-block orchestration.
 
-use crate::common::{Result, Shared, Variant, ROUND_TIMEOUT};
+use crate::common::{Result, Shared, Switches, Variant, INLINE_MAX, ROUND_TIMEOUT};
 use crate::copying::{Copying, Kind};
 use crate::iox::Iox;
 use crate::limit::Limit;
@@ -190,6 +190,9 @@ pub enum Pp {
     TbBusy,
     /// tensorbus, both sides sleeping on the futex.
     TbFutex,
+    /// Reference for the sleeping path: two bare futex words, both sides
+    /// sleep every round trip (payloads up to [`INLINE_MAX`] only).
+    FutexRaw,
     /// iceoryx2, busy-polling `receive`.
     IoxBusy,
     /// iceoryx2 with event/listener wake-ups.
@@ -202,10 +205,11 @@ pub enum Pp {
 
 impl Pp {
     /// All, in report order.
-    pub const ALL: [Pp; 7] = [
+    pub const ALL: [Pp; 8] = [
         Pp::Limit,
         Pp::TbBusy,
         Pp::TbFutex,
+        Pp::FutexRaw,
         Pp::IoxBusy,
         Pp::IoxEvent,
         Pp::Uds,
@@ -218,11 +222,19 @@ impl Pp {
             Pp::Limit => "limit",
             Pp::TbBusy => "tensorbus-busy",
             Pp::TbFutex => "tensorbus-futex",
+            Pp::FutexRaw => "futex-raw",
             Pp::IoxBusy => "iceoryx2-busy",
             Pp::IoxEvent => "iceoryx2-event",
             Pp::Uds => "uds",
             Pp::Pipe => "pipe",
         }
+    }
+
+    /// Whether the contender has a row at `size`: `futex-raw` measures the
+    /// wake-up path, which the payload does not change, so it runs at the
+    /// small sizes only (8 B by default).
+    pub fn runs_at(self, size: usize) -> bool {
+        self != Pp::FutexRaw || size <= INLINE_MAX
     }
 }
 
@@ -262,12 +274,51 @@ struct Rig {
 impl Rig {
     fn has_pp(&self, c: Pp) -> bool {
         match c {
-            Pp::Limit => self.limit.is_some(),
+            Pp::Limit | Pp::FutexRaw => self.limit.is_some(),
             Pp::TbBusy | Pp::TbFutex => self.tb_ping.is_some(),
             Pp::IoxBusy | Pp::IoxEvent => self.iox.is_some(),
             Pp::Uds => self.uds.is_some(),
             Pp::Pipe => self.pipe.is_some(),
         }
+    }
+
+    /// The child process of a ping-pong contender.
+    fn pp_pid(&self, c: Pp) -> Option<u32> {
+        match c {
+            Pp::Limit | Pp::FutexRaw => self.limit.as_ref().map(Limit::pid),
+            Pp::TbBusy | Pp::TbFutex => self.tb_ping.as_ref().map(TbPing::pid),
+            Pp::IoxBusy | Pp::IoxEvent => self.iox.as_ref().map(Iox::pid),
+            Pp::Uds => self.uds.as_ref().map(Copying::pid),
+            Pp::Pipe => self.pipe.as_ref().map(Copying::pid),
+        }
+    }
+
+    /// [`Rig::pp_block`], adding the context switches of the parent's
+    /// (measuring) thread and of the child process over the block's
+    /// `warm + count` round trips to `sw` (left alone when unreadable).
+    #[allow(clippy::too_many_arguments)]
+    fn pp_block_counted(
+        &mut self,
+        c: Pp,
+        size: usize,
+        variant: Variant,
+        warm: usize,
+        count: usize,
+        out: &mut Vec<u64>,
+        sw: &mut Option<report::PerRound>,
+    ) -> Result<()> {
+        let pid = self.pp_pid(c);
+        let before = (Switches::this_thread(), pid.and_then(Switches::process));
+        self.pp_block(c, size, variant, warm, count, out)?;
+        let after = (Switches::this_thread(), pid.and_then(Switches::process));
+        if let ((Some(p0), Some(c0)), (Some(p1), Some(c1))) = (before, after) {
+            sw.get_or_insert_with(Default::default).add(
+                p1.since(p0),
+                c1.since(c0),
+                (warm + count) as u64,
+            );
+        }
+        Ok(())
     }
 
     fn pp_block(
@@ -286,6 +337,11 @@ impl Rig {
                 .as_mut()
                 .ok_or_else(missing)?
                 .block(size, variant, warm, count, out),
+            Pp::FutexRaw => self
+                .limit
+                .as_mut()
+                .ok_or_else(missing)?
+                .futex_block(size, variant, warm, count, out),
             Pp::TbBusy | Pp::TbFutex => self.tb_ping.as_mut().ok_or_else(missing)?.block(
                 c == Pp::TbBusy,
                 size,
@@ -434,7 +490,7 @@ pub fn run(opts: &Options) -> Result<()> {
     let pp_want = |c: Pp| opts.want("pingpong", c.name());
     let st_want = |c: St| opts.want("streaming", c.name());
     let mut rig = Rig {
-        limit: if pp_want(Pp::Limit) {
+        limit: if pp_want(Pp::Limit) || pp_want(Pp::FutexRaw) {
             Some(Limit::start(shared.clone(), max)?)
         } else {
             None
@@ -478,19 +534,30 @@ pub fn run(opts: &Options) -> Result<()> {
             // Ping-pong.
             let list: Vec<Pp> = Pp::ALL
                 .into_iter()
-                .filter(|&c| pp_want(c) && rig.has_pp(c))
+                .filter(|&c| pp_want(c) && rig.has_pp(c) && c.runs_at(size))
                 .collect();
             let mut samples: Vec<Vec<u64>> = vec![Vec::with_capacity(per * blocks); list.len()];
+            let mut switches: Vec<Option<report::PerRound>> = vec![None; list.len()];
             for b in 0..blocks {
                 for k in 0..list.len() {
                     let i = (b + k) % list.len();
                     let warm = opts.warmup(size, b == 0);
-                    rig.pp_block(list[i], size, variant, warm, per, &mut samples[i])
-                        .map_err(|e| format!("pingpong {} {size} B: {e}", list[i].name()))?;
+                    rig.pp_block_counted(
+                        list[i],
+                        size,
+                        variant,
+                        warm,
+                        per,
+                        &mut samples[i],
+                        &mut switches[i],
+                    )
+                    .map_err(|e| format!("pingpong {} {size} B: {e}", list[i].name()))?;
                 }
             }
-            for (c, s) in list.iter().zip(samples) {
-                rows.push(Row::round_trips("pingpong", c.name(), variant, size, s));
+            for ((c, s), sw) in list.iter().zip(samples).zip(switches) {
+                let mut row = Row::round_trips("pingpong", c.name(), variant, size, s);
+                row.switches = sw;
+                rows.push(row);
             }
             // Streaming.
             let list: Vec<St> = St::ALL

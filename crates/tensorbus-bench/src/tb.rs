@@ -126,6 +126,11 @@ pub struct TbPing {
 }
 
 impl TbPing {
+    /// The child's process id (for its context switches).
+    pub fn pid(&self) -> u32 {
+        self.peer.pid()
+    }
+
     /// Opens `ping` (producer) and `pong` (consumer) and spawns the echo child.
     pub fn start(tb: &Tb) -> Result<TbPing> {
         let ping = tb.client.producer("ping")?;

@@ -26,6 +26,10 @@ fn expected_rows() -> HashSet<(String, String, String, u64)> {
             for c in PINGPONG {
                 want.insert(("pingpong".into(), c.into(), v.into(), s));
             }
+            // The bare-futex reference runs at the small sizes only.
+            if s <= 56 {
+                want.insert(("pingpong".into(), "futex-raw".into(), v.into(), s));
+            }
             for c in ["tensorbus", "iceoryx2"] {
                 want.insert(("streaming".into(), c.into(), v.into(), s));
             }
@@ -99,6 +103,22 @@ fn smoke_run_prints_every_row_and_writes_complete_json() {
         }
         assert!(r["msgs_per_s"].as_f64().is_some_and(|x| x > 0.0), "{r}");
         assert!(r["p50_ns"].as_u64() <= r["max_ns"].as_u64(), "{r}");
+        // Ping-pong rows carry context switches per round trip (Linux
+        // always has them); other rows carry null.
+        let sw = &r["ctx_switches_per_rt"];
+        if r["bench"] == "pingpong" {
+            for key in [
+                "parent_voluntary",
+                "parent_involuntary",
+                "child_voluntary",
+                "child_involuntary",
+            ] {
+                assert!(sw[key].as_f64().is_some_and(|x| x >= 0.0), "{key}: {r}");
+            }
+            assert!(sw["round_trips"].as_u64().is_some_and(|n| n > 0), "{r}");
+        } else {
+            assert!(sw.is_null(), "{r}");
+        }
         got.insert((
             r["bench"].as_str().unwrap().to_owned(),
             r["contender"].as_str().unwrap().to_owned(),
@@ -117,6 +137,7 @@ fn smoke_run_prints_every_row_and_writes_complete_json() {
         "tensorbus_over_iceoryx2_8B",
         "blocking_over_uds_8B",
         "touch_64MiB_over_8B",
+        "tensorbus_futex_over_futex_raw_8B",
     ] {
         assert!(
             v["ratios"][key].as_f64().is_some_and(|x| x > 0.0),
