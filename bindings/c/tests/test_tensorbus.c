@@ -181,6 +181,95 @@ static int finish_child(child *ch) {
     return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 }
 
+/* ------------------------------------------------------- test helpers -- */
+
+/* Opens a producer and a consumer (`policy`, `depth`) on `channel`, checking both. */
+static void open_pair(tb_client *c, const char *channel, tb_policy policy, uint32_t depth,
+                      tb_producer **p, tb_consumer **cons) {
+    CHECK_OK(tb_producer_open(c, channel, p));
+    CHECK_OK(tb_consumer_open(c, channel, policy, depth, cons));
+}
+
+/* Closes `cons`, then `p`, then the client `c`, checking each. */
+static void close_pair(tb_client *c, tb_producer *p, tb_consumer *cons) {
+    CHECK_OK(tb_consumer_close(cons));
+    CHECK_OK(tb_producer_close(p));
+    CHECK_OK(tb_client_close(c));
+}
+
+/* Writes 0, 1, 2, ... (mod 256) into the `n` bytes at `data` (nothing if NULL). */
+static void fill_counting(void *data, size_t n) {
+    for (size_t i = 0; data && i < n; i++)
+        ((uint8_t *)data)[i] = (uint8_t)i;
+}
+
+/* Loans a 1-D u8 tensor of `n` bytes from `p` and publishes it unchanged. */
+static void loan_and_publish(tb_producer *p, size_t n) {
+    tb_tensor *t = NULL;
+    CHECK_OK(tb_loan(p, TB_DTYPE_U8, 1, &n, &t));
+    CHECK_OK(tb_publish(t, NULL));
+}
+
+/* Loans a 1-D u8 tensor of `n` bytes from `p` and releases it unpublished. */
+static void loan_and_release(tb_producer *p, size_t n) {
+    tb_tensor *t = NULL;
+    CHECK_OK(tb_loan(p, TB_DTYPE_U8, 1, &n, &t));
+    CHECK_OK(tb_release(t)); /* an unpublished loan goes back */
+}
+
+/* Receives one tensor from `cons` within `timeout_ns` and releases it. */
+static void recv_and_release(tb_consumer *cons, uint64_t timeout_ns) {
+    tb_tensor *r = NULL;
+    CHECK_OK(tb_recv(cons, timeout_ns, &r));
+    CHECK_OK(tb_release(r));
+}
+
+/* What a received tensor says about itself (see read_meta). */
+typedef struct {
+    const void *data;
+    size_t nbytes;
+    const uint8_t *header;
+    size_t header_len;
+    uint64_t seq;
+    tb_dtype dtype;
+    size_t ndim;
+    size_t dims[TB_MAX_DIMS];
+} tensor_meta;
+
+/* Reads `t`'s data, user header, sequence number, dtype and shape into `m`,
+ * checking each call. Fields start as sentinels (seq, header_len and ndim at
+ * their maximum, dtype 0), so a getter that leaves its output unwritten fails
+ * the caller's checks. */
+static void read_meta(const tb_tensor *t, tensor_meta *m) {
+    memset(m, 0, sizeof *m);
+    m->seq = UINT64_MAX;
+    m->header_len = SIZE_MAX;
+    m->ndim = SIZE_MAX;
+    CHECK_OK(tb_tensor_const_data(t, &m->data, &m->nbytes));
+    CHECK_OK(tb_tensor_user_header(t, &m->header, &m->header_len));
+    CHECK_OK(tb_tensor_seq(t, &m->seq));
+    CHECK_OK(tb_tensor_dtype(t, &m->dtype));
+    CHECK_OK(tb_tensor_shape(t, &m->ndim, m->dims, TB_MAX_DIMS));
+}
+
+enum { CROSS_COUNT = 200 };
+
+/* Spawns `tb-peer ROLE --socket S --channel CHANNEL --count CROSS_COUNT OPT VALUE`
+ * with its stdout piped to us; returns 0, or -1 after a failed check. */
+static int spawn_peer(const char *role, const char *channel, const char *opt, const char *value,
+                      child *ch) {
+    char count[16];
+    snprintf(count, sizeof count, "%d", CROSS_COUNT);
+    char *argv[] = {(char *)g_peer, (char *)role,  "--socket",     (char *)g_socket,
+                    "--channel",    (char *)channel, "--count",    count,
+                    (char *)opt,    (char *)value,   NULL};
+    if (spawn(argv, ch, 1) != 0) {
+        FAIL_AT("cannot spawn %s", g_peer);
+        return -1;
+    }
+    return 0;
+}
+
 /* -------------------------------------------------------------- tests -- */
 
 static void test_connect_and_open_errors(void) {
@@ -215,8 +304,7 @@ static void test_publish_and_receive(void) {
     CHECK_OK(tb_client_id(c, &id));
     tb_producer *p = NULL;
     tb_consumer *c1 = NULL, *c2 = NULL;
-    CHECK_OK(tb_producer_open(c, "c/bcast", &p));
-    CHECK_OK(tb_consumer_open(c, "c/bcast", TB_POLICY_DEFAULT, 0, &c1));
+    open_pair(c, "c/bcast", TB_POLICY_DEFAULT, 0, &p, &c1);
     CHECK_OK(tb_consumer_open(c, "c/bcast", TB_POLICY_DROP_OLDEST, 2, &c2));
 
     size_t shape[2] = {16, 16};
@@ -226,9 +314,7 @@ static void test_publish_and_receive(void) {
     size_t nbytes = 0;
     CHECK_OK(tb_tensor_data(t, &data, &nbytes));
     CHECK(data != NULL && nbytes == 256);
-    if (data)
-        for (size_t i = 0; i < nbytes; i++)
-            ((uint8_t *)data)[i] = (uint8_t)i;
+    fill_counting(data, nbytes);
     CHECK_OK(tb_tensor_set_user_header(t, "hello", 5));
     uint64_t before = now_ns();
     uint32_t delivered = 0;
@@ -239,28 +325,21 @@ static void test_publish_and_receive(void) {
     CHECK_OK(tb_recv(c1, 1000000000ull, &r1));
     CHECK_OK(tb_recv(c2, 0, &r2));
     if (r1 && r2) {
-        size_t ndim = 0, dims[TB_MAX_DIMS] = {0};
-        CHECK_OK(tb_tensor_shape(r1, &ndim, dims, TB_MAX_DIMS));
-        CHECK(ndim == 2 && dims[0] == 16 && dims[1] == 16);
-        tb_dtype dt = 0;
-        CHECK_OK(tb_tensor_dtype(r1, &dt));
-        CHECK(dt == TB_DTYPE_U8);
-        uint64_t seq = 99, ts = 0;
-        CHECK_OK(tb_tensor_seq(r1, &seq));
-        CHECK(seq == 0);
+        tensor_meta m;
+        read_meta(r1, &m);
+        CHECK(m.ndim == 2 && m.dims[0] == 16 && m.dims[1] == 16);
+        CHECK(m.dtype == TB_DTYPE_U8);
+        CHECK(m.seq == 0);
+        uint64_t ts = 0;
         CHECK_OK(tb_tensor_timestamp_ns(r1, &ts));
         CHECK(ts >= before && ts <= now_ns());
         uint32_t pid = 0;
         CHECK_OK(tb_tensor_producer_id(r1, &pid));
         CHECK(pid == id);
-        const uint8_t *hdr = NULL;
-        size_t hlen = 0;
-        CHECK_OK(tb_tensor_user_header(r1, &hdr, &hlen));
-        CHECK(hlen == 5 && hdr && memcmp(hdr, "hello", 5) == 0);
+        CHECK(m.header_len == 5 && m.header && memcmp(m.header, "hello", 5) == 0);
 
-        const void *cd1 = NULL, *cd2 = NULL;
-        size_t n1 = 0;
-        CHECK_OK(tb_tensor_const_data(r1, &cd1, &n1));
+        const void *cd1 = m.data, *cd2 = NULL;
+        size_t n1 = m.nbytes;
         CHECK_OK(tb_tensor_const_data(r2, &cd2, NULL));
         /* Zero copy: the very bytes the loan wrote, at the same address. */
         CHECK(cd1 == data && cd2 == data && n1 == 256);
@@ -289,27 +368,17 @@ static void test_publish_and_receive(void) {
     CHECK_OK(tb_publish(t, NULL));
     CHECK_OK(tb_recv(c1, TB_TIMEOUT_INFINITE, &r1));
     if (r1) {
-        uint64_t seq = 0;
-        tb_dtype dt = 0;
-        const void *cd = NULL;
-        CHECK_OK(tb_tensor_seq(r1, &seq));
-        CHECK_OK(tb_tensor_dtype(r1, &dt));
-        CHECK_OK(tb_tensor_const_data(r1, &cd, &nbytes));
-        CHECK(seq == 1 && dt == TB_DTYPE_F32 && nbytes == 48);
-        CHECK(cd && ((const float *)cd)[11] == 5.5f);
-        const uint8_t *hdr = (const uint8_t *)0x1;
-        size_t hlen = 99;
-        CHECK_OK(tb_tensor_user_header(r1, &hdr, &hlen));
-        CHECK(hlen == 0);
+        tensor_meta m;
+        read_meta(r1, &m);
+        CHECK(m.seq == 1 && m.dtype == TB_DTYPE_F32 && m.nbytes == 48);
+        CHECK(m.data && ((const float *)m.data)[11] == 5.5f);
+        CHECK(m.header_len == 0);
     }
     CHECK_OK(tb_release(r1));
-    CHECK_OK(tb_recv(c2, 1000000000ull, &r2));
-    CHECK_OK(tb_release(r2));
+    recv_and_release(c2, 1000000000ull);
 
     CHECK_OK(tb_consumer_close(c1));
-    CHECK_OK(tb_consumer_close(c2));
-    CHECK_OK(tb_producer_close(p));
-    CHECK_OK(tb_client_close(c));
+    close_pair(c, p, c2);
 }
 
 static void test_timeouts(void) {
@@ -336,15 +405,14 @@ static void test_pool_exhausted_and_too_large(void) {
         return;
     tb_producer *p = NULL;
     tb_consumer *cons = NULL;
-    CHECK_OK(tb_producer_open(c, "c/tiny", &p));
-    CHECK_OK(tb_consumer_open(c, "c/tiny", TB_POLICY_BLOCK, 4, &cons));
+    open_pair(c, "c/tiny", TB_POLICY_BLOCK, 4, &p, &cons);
     size_t n = 100;
     tb_tensor *t = NULL;
-    for (int i = 0; i < 2; i++) {
-        CHECK_OK(tb_loan(p, TB_DTYPE_U8, 1, &n, &t));
-        CHECK_OK(tb_publish(t, NULL));
-    }
-    /* Both slots of pool "tiny" are queued to the consumer. */
+    for (int i = 0; i < 2; i++)
+        loan_and_publish(p, n);
+    /* Both slots of pool "tiny" are queued to the consumer. A failed loan
+     * clears its out pointer. */
+    t = (tb_tensor *)0x1;
     CHECK_ST(tb_loan(p, TB_DTYPE_U8, 1, &n, &t), TB_ERR_POOL_EXHAUSTED);
     CHECK(t == NULL);
     CHECK_MSG("exhausted");
@@ -355,19 +423,15 @@ static void test_pool_exhausted_and_too_large(void) {
     CHECK_OK(tb_recv(cons, 1000000000ull, &r[1]));
     CHECK_OK(tb_release(r[0]));
     CHECK_OK(tb_release(r[1]));
-    CHECK_OK(tb_loan(p, TB_DTYPE_U8, 1, &n, &t));
-    CHECK_OK(tb_release(t)); /* an unpublished loan goes back */
+    loan_and_release(p, n);
 
     size_t big = 8192;
     CHECK_ST(tb_loan(p, TB_DTYPE_U8, 1, &big, &t), TB_ERR_TOO_LARGE);
     CHECK_MSG("4096");
     /* After a failed loan the producer can loan again. */
-    CHECK_OK(tb_loan(p, TB_DTYPE_U8, 1, &n, &t));
-    CHECK_OK(tb_release(t));
+    loan_and_release(p, n);
 
-    CHECK_OK(tb_consumer_close(cons));
-    CHECK_OK(tb_producer_close(p));
-    CHECK_OK(tb_client_close(c));
+    close_pair(c, p, cons);
 }
 
 static void test_stage_in_place(void) {
@@ -389,8 +453,7 @@ static void test_stage_in_place(void) {
     void *a = NULL;
     CHECK_OK(tb_loan(p, TB_DTYPE_U8, 1, &n, &t));
     CHECK_OK(tb_tensor_data(t, &a, NULL));
-    for (size_t i = 0; a && i < n; i++)
-        ((uint8_t *)a)[i] = (uint8_t)i;
+    fill_counting(a, n);
     uint32_t delivered = 0;
     CHECK_OK(tb_publish(t, &delivered));
     CHECK(delivered == 1);
@@ -451,8 +514,7 @@ static void test_misuse(void) {
         return;
     tb_producer *p = NULL;
     tb_consumer *cons = NULL;
-    CHECK_OK(tb_producer_open(c, "c/bcast", &p));
-    CHECK_OK(tb_consumer_open(c, "c/bcast", TB_POLICY_DEFAULT, 0, &cons));
+    open_pair(c, "c/bcast", TB_POLICY_DEFAULT, 0, &p, &cons);
     size_t n = 64;
     tb_tensor *t = NULL;
 
@@ -552,18 +614,14 @@ static void test_many_tensors(void) {
         return;
     tb_producer *p = NULL;
     tb_consumer *cons = NULL;
-    CHECK_OK(tb_producer_open(c, "c/bcast", &p));
-    CHECK_OK(tb_consumer_open(c, "c/bcast", TB_POLICY_BLOCK, 8, &cons));
+    open_pair(c, "c/bcast", TB_POLICY_BLOCK, 8, &p, &cons);
     size_t n = 32;
     for (int i = 0; i < 3000; i++) {
-        tb_tensor *t = NULL, *r = NULL;
-        CHECK_OK(tb_loan(p, TB_DTYPE_U8, 1, &n, &t));
         if (i % 2) {
-            CHECK_OK(tb_publish(t, NULL));
-            CHECK_OK(tb_recv(cons, 1000000000ull, &r));
-            CHECK_OK(tb_release(r));
+            loan_and_publish(p, n);
+            recv_and_release(cons, 1000000000ull);
         } else {
-            CHECK_OK(tb_release(t));
+            loan_and_release(p, n);
         }
         if (g_failed_checks)
             break;
@@ -573,12 +631,8 @@ static void test_many_tensors(void) {
     CHECK_OK(tb_release(t));
     CHECK_ST(tb_release(t), TB_ERR_INVALID_ARGUMENT);
     CHECK_MSG("tensor already released");
-    CHECK_OK(tb_consumer_close(cons));
-    CHECK_OK(tb_producer_close(p));
-    CHECK_OK(tb_client_close(c));
+    close_pair(c, p, cons);
 }
-
-enum { CROSS_COUNT = 200 };
 
 static void test_c_producer_rust_consumer(void) {
     tb_client *c = connect_client("c-producer");
@@ -586,13 +640,8 @@ static void test_c_producer_rust_consumer(void) {
         return;
     tb_producer *p = NULL;
     CHECK_OK(tb_producer_open(c, "c/c2r", &p));
-    char count[16];
-    snprintf(count, sizeof count, "%d", CROSS_COUNT);
-    char *argv[] = {(char *)g_peer, "consumer", "--socket", (char *)g_socket, "--channel",
-                    "c/c2r", "--count", count, "--policy", "block", NULL};
     child ch;
-    if (spawn(argv, &ch, 1) != 0) {
-        FAIL_AT("cannot spawn %s", g_peer);
+    if (spawn_peer("consumer", "c/c2r", "--policy", "block", &ch) != 0) {
         tb_producer_close(p);
         tb_client_close(c);
         return;
@@ -643,13 +692,8 @@ static void test_rust_producer_c_consumer(void) {
         return;
     tb_consumer *cons = NULL;
     CHECK_OK(tb_consumer_open(c, "c/r2c", TB_POLICY_BLOCK, 8, &cons));
-    char count[16];
-    snprintf(count, sizeof count, "%d", CROSS_COUNT);
-    char *argv[] = {(char *)g_peer, "producer", "--socket", (char *)g_socket, "--channel",
-                    "c/r2c", "--count", count, "--size", "6000", NULL};
     child ch;
-    if (spawn(argv, &ch, 1) != 0) {
-        FAIL_AT("cannot spawn %s", g_peer);
+    if (spawn_peer("producer", "c/r2c", "--size", "6000", &ch) != 0) {
         tb_consumer_close(cons);
         tb_client_close(c);
         return;
@@ -664,21 +708,13 @@ static void test_rust_producer_c_consumer(void) {
                     tb_last_error_message());
             break;
         }
-        const void *d = NULL;
-        size_t n = 0, ndim = 0, dims[TB_MAX_DIMS];
-        const uint8_t *h = NULL;
-        size_t hl = 0;
-        uint64_t seq = 0;
-        tb_dtype dt = 0;
-        CHECK_OK(tb_tensor_const_data(t, &d, &n));
-        CHECK_OK(tb_tensor_user_header(t, &h, &hl));
-        CHECK_OK(tb_tensor_seq(t, &seq));
-        CHECK_OK(tb_tensor_dtype(t, &dt));
-        CHECK_OK(tb_tensor_shape(t, &ndim, dims, TB_MAX_DIMS));
+        tensor_meta m;
+        read_meta(t, &m);
         fill(i, expect, 6000);
-        int good = d && n == 6000 && ndim == 1 && dims[0] == 6000 && dt == TB_DTYPE_U8 &&
-                   seq == i && hl == 16 && le64(h) == fnv1a(d, n) && le64(h + 8) == i &&
-                   memcmp(d, expect, n) == 0;
+        int good = m.data && m.nbytes == 6000 && m.ndim == 1 && m.dims[0] == 6000 &&
+                   m.dtype == TB_DTYPE_U8 && m.seq == i && m.header_len == 16 &&
+                   le64(m.header) == fnv1a(m.data, m.nbytes) && le64(m.header + 8) == i &&
+                   memcmp(m.data, expect, m.nbytes) == 0;
         if (!good)
             FAIL_AT("tensor %llu does not verify", (unsigned long long)i);
         ok += good;
