@@ -127,20 +127,29 @@ fn parse_shape(obj: &Bound<'_, PyAny>) -> PyResult<Shape> {
         .map_err(|_| bad())
 }
 
-/// A channel spec for run-time creation.
+/// The channel spec for run-time creation (`create=True`, from `pools` and
+/// `mode`), None without `create`; `pools` or `mode` without it are a
+/// `ValueError`.
 fn create_spec(
+    create: bool,
     pools: Option<Vec<String>>,
     mode: Option<&str>,
-    depth: Option<u32>,
-    policy: Option<&str>,
-) -> PyResult<ChannelSpec> {
-    Ok(ChannelSpec {
+) -> PyResult<Option<ChannelSpec>> {
+    if !create {
+        if pools.is_some() || mode.is_some() {
+            return Err(PyValueError::new_err(
+                "pools and mode only apply with create=True",
+            ));
+        }
+        return Ok(None);
+    }
+    Ok(Some(ChannelSpec {
         name: String::new(),
         pools: pools.unwrap_or_default(),
         mode: mode.map(parse_mode).transpose()?.unwrap_or_default(),
-        depth,
-        policy: policy.map(parse_policy).transpose()?,
-    })
+        depth: None,
+        policy: None,
+    }))
 }
 
 // ------------------------------------------------------------- children ---
@@ -177,6 +186,97 @@ impl<T> Slot<T> {
     fn get(&self) -> Option<Arc<T>> {
         lock(&self.0).clone()
     }
+
+    /// The core, or `Closed` ("this {what} is closed") after `close()`.
+    fn core(&self, what: &str) -> PyResult<Arc<T>> {
+        self.get().ok_or_else(|| closed(what))
+    }
+}
+
+/// The one-at-a-time flag of a handle that lends `&mut` access to itself
+/// (a producer's loan, a stage's staged tensor): whoever sets it holds the
+/// only `&mut` until it is cleared.
+pub(crate) struct Busy(AtomicBool);
+
+impl Busy {
+    fn new() -> Busy {
+        Busy(AtomicBool::new(false))
+    }
+
+    /// Sets the flag; `Busy` (with `msg`) when it was already set.
+    #[inline]
+    fn take(&self, msg: &'static str) -> PyResult<()> {
+        if self.0.swap(true, Ordering::AcqRel) {
+            return Err(tb_err("Busy", msg));
+        }
+        Ok(())
+    }
+
+    /// Clears the flag: the lent `&mut` is gone.
+    #[inline]
+    fn clear(&self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// A core that lends a view of itself under its [`Busy`] flag.
+trait Lender: Core + Sized {
+    /// The flag held while a view is out.
+    fn busy(&self) -> &Busy;
+    /// The tensor's [`Owner`] of this core.
+    fn owner(core: Arc<Self>) -> Owner;
+}
+
+/// The Python tensor of a view `core` just lent (its `Busy` flag held), or,
+/// when lending failed, the error with the flag cleared again.
+#[inline]
+fn lent<C: Lender, V>(
+    py: Python<'_>,
+    core: Arc<C>,
+    r: PyResult<V>,
+    view: impl FnOnce(V) -> View,
+) -> PyResult<Py<PyTensor>> {
+    match r {
+        Ok(v) => PyTensor::new_py(py, view(v), C::owner(core)),
+        Err(e) => {
+            core.busy().clear();
+            Err(e)
+        }
+    }
+}
+
+/// Runs `f(arg)` with the GIL released (broker requests, waits): `arg`
+/// and the result cross to the detached closure as [`AssertSend`], whose
+/// contract the callers keep (see each call).
+#[inline]
+fn detached<A, R>(py: Python<'_>, arg: A, f: impl FnOnce(A) -> R + Send) -> R {
+    let arg = AssertSend(arg);
+    let r = py.detach(move || {
+        let arg = arg;
+        AssertSend(f(arg.0))
+    });
+    r.0
+}
+
+/// The `Timeout` of a receive that got nothing on `channel` within `timeout`.
+fn recv_timeout(channel: &str, timeout: Option<Duration>) -> PyErr {
+    tb_err(
+        "Timeout",
+        format!(
+            "no tensor arrived on {:?} within {:?}",
+            channel,
+            timeout.unwrap_or_default()
+        ),
+    )
+}
+
+/// The wait left before `timeout` (from `start`; None: forever) and the
+/// slice to wait next (at most [`WAIT_SLICE`], so that signals and
+/// `close()` are checked between slices).
+#[inline]
+fn next_slice(start: Instant, timeout: Option<Duration>) -> (Option<Duration>, Duration) {
+    let left = timeout.map(|t| t.saturating_sub(start.elapsed()));
+    (left, left.map_or(WAIT_SLICE, |l| l.min(WAIT_SLICE)))
 }
 
 // ---------------------------------------------------------------- broker ---
@@ -307,10 +407,29 @@ impl PyClient {
             .ok_or_else(|| closed("client"))
     }
 
-    fn adopt(&self, child: Weak<dyn Closable>) {
+    /// Opens a handle with `open(client)` (a clone from [`PyClient::client`],
+    /// taken before the arguments are checked), the GIL released for the
+    /// broker request; errors as `open_err` maps them.
+    fn open_with<H>(
+        py: Python<'_>,
+        client: Client,
+        open: impl FnOnce(Client) -> Result<H, OpenError> + Send,
+    ) -> PyResult<H> {
+        // `Client` is `Send` in substance (see `ClientBox`); the handle
+        // comes back to this thread.
+        detached(py, client, open).map_err(open_err)
+    }
+
+    /// Puts a new handle core in its Python handle's slot and registers
+    /// the slot to be closed with the client.
+    fn adopt<C: Core + 'static>(&self, core: C) -> Arc<Slot<C>> {
+        let slot = Slot::new(core);
+        let child = Arc::downgrade(&slot) as Weak<dyn Closable>;
         let mut st = lock(&self.state);
         st.children.retain(|w| w.strong_count() > 0);
         st.children.push(child);
+        drop(st);
+        slot
     }
 }
 
@@ -369,25 +488,15 @@ impl PyClient {
     ) -> PyResult<PyProducer> {
         let client = self.client()?;
         let mut opts = ProducerOptions::default();
-        if create {
-            opts = opts.create_with(create_spec(pools, mode, None, None)?);
-        } else if pools.is_some() || mode.is_some() {
-            return Err(PyValueError::new_err(
-                "pools and mode only apply with create=True",
-            ));
+        if let Some(spec) = create_spec(create, pools, mode)? {
+            opts = opts.create_with(spec);
         }
-        let c = AssertSend(client);
-        let opened = py.detach(move || {
-            let c = c;
-            c.0.producer_with(channel, opts).map(AssertSend)
-        });
-        let producer = opened.map_err(open_err)?.0;
+        let producer = Self::open_with(py, client, move |c| c.producer_with(channel, opts))?;
         let channel = producer.channel().to_owned();
-        let slot = Slot::new(ProducerCore {
+        let slot = self.adopt(ProducerCore {
             p: UnsafeCell::new(producer),
-            busy: AtomicBool::new(false),
+            busy: Busy::new(),
         });
-        self.adopt(Arc::downgrade(&slot) as Weak<dyn Closable>);
         Ok(PyProducer { slot, channel })
     }
 
@@ -420,30 +529,20 @@ impl PyClient {
         if let Some(w) = wait {
             opts = opts.wait(parse_wait(w)?);
         }
-        if create {
-            opts = opts.create_with(create_spec(pools, mode, None, None)?);
-        } else if pools.is_some() || mode.is_some() {
-            return Err(PyValueError::new_err(
-                "pools and mode only apply with create=True",
-            ));
+        if let Some(spec) = create_spec(create, pools, mode)? {
+            opts = opts.create_with(spec);
         }
-        let c = AssertSend(client);
-        let opened = py.detach(move || {
-            let c = c;
-            c.0.consumer_with(channel, opts).map(AssertSend)
-        });
-        let consumer = opened.map_err(open_err)?.0;
+        let consumer = Self::open_with(py, client, move |c| c.consumer_with(channel, opts))?;
         let info = (
             consumer.channel().to_owned(),
             policy_name(consumer.policy()),
             consumer.depth(),
         );
-        let slot = Slot::new(ConsumerCore {
+        let slot = self.adopt(ConsumerCore {
             c: consumer,
             lock: Mutex::new(()),
             aio: AtomicBool::new(false),
         });
-        self.adopt(Arc::downgrade(&slot) as Weak<dyn Closable>);
         Ok(PyConsumer {
             slot,
             channel: info.0,
@@ -468,20 +567,16 @@ impl PyClient {
         if let Some(d) = depth {
             opts = opts.depth(d);
         }
-        let c = AssertSend(client.clone());
-        let opened = py.detach(move || {
-            let c = c;
-            c.0.stage_with(input, output, opts).map(AssertSend)
-        });
-        let stage = opened.map_err(open_err)?.0;
-        let slot = Slot::new(StageCore {
+        let stage = Self::open_with(py, client.clone(), move |c| {
+            c.stage_with(input, output, opts)
+        })?;
+        let slot = self.adopt(StageCore {
             s: UnsafeCell::new(stage),
-            busy: AtomicBool::new(false),
+            busy: Busy::new(),
             output: output.to_owned(),
             client,
             extra: Mutex::new(Vec::new()),
         });
-        self.adopt(Arc::downgrade(&slot) as Weak<dyn Closable>);
         Ok(PyStage {
             slot,
             input: input.to_owned(),
@@ -493,12 +588,8 @@ impl PyClient {
     /// `tensorbus stat --json`): pools (slots_free, loaned, in_flight),
     /// channels (subscribers with delivered/dropped/queued) and clients.
     fn stat<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let client = AssertSend(self.client()?);
-        let report = py.detach(move || {
-            let c = client;
-            c.0.stat().map(AssertSend)
-        });
-        let report = report.map_err(request_err)?.0;
+        // `Client` is `Send` in substance (see `ClientBox`).
+        let report = detached(py, self.client()?, |c| c.stat()).map_err(request_err)?;
         let text =
             serde_json::to_string(&report).map_err(|e| tb_err("ProtocolError", e.to_string()))?;
         py.import("json")?.call_method1("loads", (text,))
@@ -582,7 +673,7 @@ fn policy_name(p: tensorbus::Policy) -> &'static str {
 /// loan lives, so a producer has one loan at a time (`busy`).
 pub(crate) struct ProducerCore {
     p: UnsafeCell<Producer>,
-    busy: AtomicBool,
+    busy: Busy,
 }
 
 // SAFETY: the `Producer` is only reached through `&mut` by the thread that
@@ -595,6 +686,15 @@ unsafe impl Sync for ProducerCore {}
 
 impl Core for ProducerCore {}
 
+impl Lender for ProducerCore {
+    fn busy(&self) -> &Busy {
+        &self.busy
+    }
+    fn owner(core: Arc<Self>) -> Owner {
+        Owner::Producer(core)
+    }
+}
+
 /// A producer claimed while no loan is out (to forward a staged tensor
 /// through it); unclaimed on drop.
 pub(crate) struct Claimed<'a>(&'a ProducerCore);
@@ -602,17 +702,13 @@ pub(crate) struct Claimed<'a>(&'a ProducerCore);
 impl ProducerCore {
     /// Ends a loan: called after its `TensorMut` is dropped or published.
     pub(crate) fn idle(&self) {
-        self.busy.store(false, Ordering::Release);
+        self.busy.clear();
     }
 
     /// Claims the producer (`Busy` while it has a loan out).
     pub(crate) fn claim(&self) -> PyResult<Claimed<'_>> {
-        if self.busy.swap(true, Ordering::AcqRel) {
-            return Err(tb_err(
-                "Busy",
-                "that producer has a loan out: publish or release it first",
-            ));
-        }
+        self.busy
+            .take("that producer has a loan out: publish or release it first")?;
         Ok(Claimed(self))
     }
 }
@@ -650,7 +746,7 @@ pub struct PyProducer {
 impl PyProducer {
     /// The producer's core (`Closed` after `close()`).
     pub(crate) fn core(&self) -> PyResult<Arc<ProducerCore>> {
-        self.slot.get().ok_or_else(|| closed("producer"))
+        self.slot.core("producer")
     }
 }
 
@@ -680,31 +776,20 @@ impl PyProducer {
         dtype: Option<&Bound<'_, PyAny>>,
         timeout: Option<f64>,
     ) -> PyResult<Py<PyTensor>> {
-        let core = self.slot.get().ok_or_else(|| closed("producer"))?;
+        let core = self.core()?;
         let shape = parse_shape(shape)?;
         let dtype = match dtype {
             Some(d) => parse_dtype(d)?,
             None => tensorbus::DType::U8,
         };
         let timeout = timeout_of(timeout)?;
-        if core.busy.swap(true, Ordering::AcqRel) {
-            return Err(tb_err(
-                "Busy",
-                "this producer already has a loan (one at a time): publish or release it first; a loan whose numpy arrays are still alive after its with block is released when they are deleted",
-            ));
-        }
+        core.busy.take("this producer already has a loan (one at a time): publish or release it first; a loan whose numpy arrays are still alive after its with block is released when they are deleted")?;
         // SAFETY: `busy` was false and is now ours: no other `&mut` to the
         // producer exists until the loan made here ends (then `idle()`).
         // The producer is kept alive by the tensor's `Arc` of the core.
         let p: &'static mut Producer = unsafe { &mut *core.p.get() };
         let result = loan_with(py, p, shape.as_slice(), dtype, timeout);
-        match result {
-            Ok(t) => PyTensor::new_py(py, View::Loan(t), Owner::Producer(core)),
-            Err(e) => {
-                core.idle();
-                Err(e)
-            }
-        }
+        lent(py, core, result, View::Loan)
     }
 
     /// Closes the producer. A loan still alive keeps it open until the
@@ -743,15 +828,13 @@ fn loan_with(
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let slice = left.min(WAIT_SLICE);
-        let p = AssertSend(raw);
-        let r = py.detach(move || {
-            let p = p;
+        let r = detached(py, raw, move |p| {
             // SAFETY: the caller holds the producer's `busy` flag: this is
             // the only reference to it; it lives as long as the caller's core.
-            let prod: &'static mut Producer = unsafe { &mut *p.0 };
-            AssertSend(prod.loan_timeout(shape, dtype, slice))
+            let prod: &'static mut Producer = unsafe { &mut *p };
+            prod.loan_timeout(shape, dtype, slice)
         });
-        match r.0 {
+        match r {
             Err(LoanError::Timeout { .. }) if !left.is_zero() && left > slice => {
                 py.check_signals()?;
             }
@@ -904,7 +987,7 @@ impl PyConsumer {
     /// (Ctrl-C) and `close()` between them. `Ok(None)`: timed out or closed.
     fn wait(&self, py: Python<'_>, timeout: Option<Duration>) -> PyResult<Option<Py<PyTensor>>> {
         // Fast path: a tensor is already queued; no clock, no GIL release.
-        let core = self.slot.get().ok_or_else(|| closed("consumer"))?;
+        let core = self.slot.core("consumer")?;
         if let Some(t) = try_take_py(py, core)? {
             return Ok(Some(t));
         }
@@ -913,19 +996,15 @@ impl PyConsumer {
         }
         let start = Instant::now();
         loop {
-            let core = self.slot.get().ok_or_else(|| closed("consumer"))?;
-            let left = timeout.map(|t| t.saturating_sub(start.elapsed()));
-            let slice = left.map_or(WAIT_SLICE, |l| l.min(WAIT_SLICE));
+            let core = self.slot.core("consumer")?;
+            let (left, slice) = next_slice(start, timeout);
             let got = if slice.is_zero() {
-                take(&core, Duration::ZERO).map(AssertSend)
+                take(&core, Duration::ZERO)
             } else {
-                let c = AssertSend(&*core);
-                py.detach(move || {
-                    let c = c;
-                    take(c.0, slice).map(AssertSend)
-                })
+                // The core is `Sync`; the tensor is taken by this thread.
+                detached(py, &*core, |c| take(c, slice))
             };
-            match got.map_err(recv_err)?.0 {
+            match got.map_err(recv_err)? {
                 Some(t) => {
                     return PyTensor::new_py(py, View::Recv(t), Owner::Consumer(core)).map(Some)
                 }
@@ -970,20 +1049,13 @@ impl PyConsumer {
         let t = timeout_of(timeout)?;
         match self.wait(py, t)? {
             Some(x) => Ok(x),
-            None => Err(tb_err(
-                "Timeout",
-                format!(
-                    "no tensor arrived on {:?} within {:?}",
-                    self.channel,
-                    t.unwrap_or_default()
-                ),
-            )),
+            None => Err(recv_timeout(&self.channel, t)),
         }
     }
 
     /// The next tensor if one is queued, else None (never waits).
     fn try_recv(&self, py: Python<'_>) -> PyResult<Option<Py<PyTensor>>> {
-        let core = self.slot.get().ok_or_else(|| closed("consumer"))?;
+        let core = self.slot.core("consumer")?;
         try_take_py(py, core)
     }
 
@@ -1013,7 +1085,7 @@ impl PyConsumer {
 
     /// The readiness fd helper of `recv_async` (internal).
     fn _readiness(&self) -> PyResult<PyReadiness> {
-        let core = self.slot.get().ok_or_else(|| closed("consumer"))?;
+        let core = self.slot.core("consumer")?;
         let fd = core
             .c
             .readiness_fd()
@@ -1070,7 +1142,7 @@ impl PyConsumer {
 /// tensor lives, so a stage holds one tensor at a time (`busy`).
 pub(crate) struct StageCore {
     s: UnsafeCell<Stage>,
-    busy: AtomicBool,
+    busy: Busy,
     output: String,
     /// The client the stage came from: opens producers for `forward("name")`.
     client: Client,
@@ -1086,10 +1158,19 @@ unsafe impl Sync for StageCore {}
 
 impl Core for StageCore {}
 
+impl Lender for StageCore {
+    fn busy(&self) -> &Busy {
+        &self.busy
+    }
+    fn owner(core: Arc<Self>) -> Owner {
+        Owner::Stage(core)
+    }
+}
+
 impl StageCore {
     /// Ends a staged tensor: called after it is dropped or forwarded.
     pub(crate) fn idle(&self) {
-        self.busy.store(false, Ordering::Release);
+        self.busy.clear();
     }
 
     /// The output channel's name.
@@ -1104,12 +1185,8 @@ impl StageCore {
             return Ok(());
         }
         // Open outside the lock (the broker request runs without the GIL).
-        let c = AssertSend(self.client.clone());
-        let opened = py.detach(move || {
-            let c = c;
-            c.0.producer(channel).map(AssertSend)
-        });
-        let p = opened.map_err(open_err)?.0;
+        // `Client` is `Send` in substance (see `ClientBox`).
+        let p = detached(py, self.client.clone(), |c| c.producer(channel)).map_err(open_err)?;
         let mut extra = lock(&self.extra);
         if !extra.iter().any(|(n, _)| n == channel) {
             extra.push((channel.to_owned(), p));
@@ -1181,20 +1258,12 @@ impl PyStage {
     #[pyo3(signature = (timeout = None))]
     fn recv_mut(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Py<PyTensor>> {
         let timeout = timeout_of(timeout)?;
-        let core = self.slot.get().ok_or_else(|| closed("stage"))?;
-        if core.busy.swap(true, Ordering::AcqRel) {
-            return Err(tb_err(
-                "Busy",
-                "this stage already holds a tensor (one at a time): forward or release it first",
-            ));
-        }
-        match self.recv_mut_with(py, &core, timeout) {
-            Ok(t) => PyTensor::new_py(py, View::Staged(t), Owner::Stage(core)),
-            Err(e) => {
-                core.idle();
-                Err(e)
-            }
-        }
+        let core = self.slot.core("stage")?;
+        core.busy.take(
+            "this stage already holds a tensor (one at a time): forward or release it first",
+        )?;
+        let result = self.recv_mut_with(py, &core, timeout);
+        lent(py, core, result, View::Staged)
     }
 
     /// Closes the stage. A staged tensor still alive keeps it open.
@@ -1229,25 +1298,22 @@ impl PyStage {
     ) -> PyResult<StagedTensor<'static>> {
         let start = Instant::now();
         loop {
-            let left = timeout.map(|t| t.saturating_sub(start.elapsed()));
-            let slice = left.map_or(WAIT_SLICE, |l| l.min(WAIT_SLICE));
-            let s = AssertSend(core.s.get());
-            let r = py.detach(move || {
-                let s = s;
+            let (left, slice) = next_slice(start, timeout);
+            let r = detached(py, core.s.get(), move |s| {
                 // SAFETY: the caller holds `busy`: this is the only reference
                 // to the stage, which the caller's `Arc` keeps alive; the
                 // staged tensor is stored with that `Arc` and dropped first.
-                let stage: &'static mut Stage = unsafe { &mut *s.0 };
-                AssertSend(if slice.is_zero() {
+                let stage: &'static mut Stage = unsafe { &mut *s };
+                if slice.is_zero() {
                     stage.try_recv_mut().map_err(|e| match e {
                         TryRecvError::Empty => RecvError::Timeout(Duration::ZERO),
                         TryRecvError::Corrupted(c) => RecvError::Corrupted(c),
                     })
                 } else {
                     stage.recv_mut_timeout(slice)
-                })
+                }
             });
-            match r.0 {
+            match r {
                 Ok(t) => return Ok(t),
                 Err(RecvError::Timeout(_)) if left.is_none_or(|l| l > slice) => {
                     py.check_signals()?;
@@ -1255,16 +1321,7 @@ impl PyStage {
                         return Err(closed("stage"));
                     }
                 }
-                Err(RecvError::Timeout(_)) => {
-                    return Err(tb_err(
-                        "Timeout",
-                        format!(
-                            "no tensor arrived on {:?} within {:?}",
-                            self.input,
-                            timeout.unwrap_or_default()
-                        ),
-                    ))
-                }
+                Err(RecvError::Timeout(_)) => return Err(recv_timeout(&self.input, timeout)),
                 Err(e) => return Err(recv_err(e)),
             }
         }

@@ -48,13 +48,35 @@ fn end_view(view: View, owner: &Owner) {
     }
 }
 
+/// Ends a view taken out of a tensor's state (if any), then lets go of the
+/// handle (if taken): both outside the state's lock.
+fn end_parts(view: Option<View>, owner: Option<Owner>) {
+    if let (Some(v), Some(o)) = (view, owner.as_ref()) {
+        end_view(v, o);
+    }
+    drop(owner);
+}
+
+/// `Released`: the view is gone (`gone`: why).
+fn released(gone: &str) -> PyErr {
+    tb_err("Released", format!("tensor already {gone}"))
+}
+
+/// Evaluates `$e` with `$t` bound to the tensor of whichever variant `$v`
+/// (a `View` or a reference to one) is: the accessors all three share.
+macro_rules! on_view {
+    ($v:expr, $t:ident => $e:expr) => {
+        match $v {
+            View::Loan($t) => $e,
+            View::Recv($t) => $e,
+            View::Staged($t) => $e,
+        }
+    };
+}
+
 impl View {
     fn meta(&self) -> &TensorMeta {
-        match self {
-            View::Loan(t) => t.meta(),
-            View::Recv(t) => t.meta(),
-            View::Staged(t) => t.meta(),
-        }
+        on_view!(self, t => t.meta())
     }
 }
 
@@ -119,6 +141,17 @@ impl State {
             Body::Gone(m) => m,
         }
     }
+
+    /// After the view was taken out to be published or forwarded: records
+    /// why (`gone`) and hands out the handle when no export needs it.
+    fn retire(&mut self, gone: &'static str) -> Option<Owner> {
+        self.gone = gone;
+        if self.exports == 0 {
+            self.owner.take()
+        } else {
+            None
+        }
+    }
 }
 
 impl Drop for State {
@@ -153,11 +186,12 @@ unsafe impl Sync for PyTensor {}
 
 impl PyTensor {
     pub(crate) fn new_py(py: Python<'_>, view: View, owner: Owner) -> PyResult<Py<PyTensor>> {
-        let (kind, ptr) = match &view {
-            View::Loan(t) => (Kind::Loan, t.as_ptr() as usize),
-            View::Recv(t) => (Kind::Received, t.as_ptr() as usize),
-            View::Staged(t) => (Kind::Staged, t.as_ptr() as usize),
+        let kind = match &view {
+            View::Loan(_) => Kind::Loan,
+            View::Recv(_) => Kind::Received,
+            View::Staged(_) => Kind::Staged,
         };
+        let ptr = on_view!(&view, t => t.as_ptr() as usize);
         Py::new(
             py,
             PyTensor {
@@ -191,13 +225,10 @@ impl PyTensor {
     fn begin_export(&self) -> PyResult<TensorMeta> {
         let mut st = lock(&self.state);
         if !st.has_view() {
-            return Err(tb_err(
-                "Released",
-                format!(
-                    "tensor already {}; its bytes belong to someone else now",
-                    st.gone
-                ),
-            ));
+            return Err(released(&format!(
+                "{}; its bytes belong to someone else now",
+                st.gone
+            )));
         }
         st.exports += 1;
         Ok(*st.meta())
@@ -225,10 +256,7 @@ impl PyTensor {
             };
             (view, owner)
         };
-        if let (Some(v), Some(o)) = (view, owner.as_ref()) {
-            end_view(v, o);
-        }
-        drop(owner);
+        end_parts(view, owner);
     }
 
     /// Releases now (`force`: error under exports) or when the last export ends.
@@ -251,10 +279,7 @@ impl PyTensor {
             st.gone = "released";
             (st.take_view(), st.owner.take())
         };
-        if let (Some(v), Some(o)) = (view, owner.as_ref()) {
-            end_view(v, o);
-        }
-        drop(owner);
+        end_parts(view, owner);
         Ok(())
     }
 
@@ -404,7 +429,7 @@ impl PyTensor {
                     "a received tensor's user header is read-only",
                 ))
             }
-            None => return Err(tb_err("Released", format!("tensor already {gone}"))),
+            None => return Err(released(gone)),
         };
         r.map_err(|e| tb_err("ShapeError", e.to_string()))
     }
@@ -449,10 +474,8 @@ impl PyTensor {
     fn slot(&self) -> PyResult<(u8, u32, u32)> {
         let st = lock(&self.state);
         let id = match st.view() {
-            Some(View::Loan(t)) => t.slot_id(),
-            Some(View::Recv(t)) => t.slot_id(),
-            Some(View::Staged(t)) => t.slot_id(),
-            None => return Err(tb_err("Released", format!("tensor already {}", st.gone))),
+            Some(v) => on_view!(v, t => t.slot_id()),
+            None => return Err(released(st.gone)),
         };
         Ok((id.pool, id.index, id.generation))
     }
@@ -480,22 +503,16 @@ impl PyTensor {
                         "publish() is for loans (use forward() for staged tensors, release() for received ones)",
                     ))
                 }
-                None => return Err(tb_err("Released", format!("tensor already {gone}"))),
+                None => return Err(released(gone)),
             }
             let Some(View::Loan(t)) = st.take_view() else {
                 unreachable!("checked above")
             };
-            st.gone = "published";
             let core = match &st.owner {
                 Some(Owner::Producer(p)) => p.clone(),
                 _ => unreachable!("loans are owned by producers"),
             };
-            let owner = if st.exports == 0 {
-                st.owner.take()
-            } else {
-                None
-            };
-            (t, core, owner)
+            (t, core, st.retire("published"))
         };
         let r = t.publish_stamped();
         core.idle();
@@ -540,19 +557,18 @@ impl PyTensor {
         };
         // Everything that can fail without consuming the tensor comes first:
         // a busy producer, a channel that does not exist.
-        let core = {
-            let st = lock(&self.state);
-            match (st.view(), &st.owner) {
-                (Some(View::Staged(_)), Some(Owner::Stage(s))) => s.clone(),
-                (Some(_), _) => {
-                    return Err(tb_err(
+        let core =
+            {
+                let st = lock(&self.state);
+                match (st.view(), &st.owner) {
+                    (Some(View::Staged(_)), Some(Owner::Stage(s))) => s.clone(),
+                    (Some(_), _) => return Err(tb_err(
                         "InvalidArgument",
                         "forward() is for tensors from Stage.recv_mut() (use publish() for loans)",
-                    ))
+                    )),
+                    (None, _) => return Err(released(st.gone)),
                 }
-                (None, _) => return Err(tb_err("Released", format!("tensor already {}", st.gone))),
-            }
-        };
+            };
         if let Target::Named(name) = &target {
             if name != core.output_name() {
                 core.open_extra(py, name)?;
@@ -576,18 +592,12 @@ impl PyTensor {
             let gone = st.gone;
             match st.view() {
                 Some(View::Staged(t)) => check(t).map_err(forward_err)?,
-                _ => return Err(tb_err("Released", format!("tensor already {gone}"))),
+                _ => return Err(released(gone)),
             }
             let Some(View::Staged(t)) = st.take_view() else {
                 unreachable!("checked above")
             };
-            st.gone = "forwarded";
-            let owner = if st.exports == 0 {
-                st.owner.take()
-            } else {
-                None
-            };
-            (t, owner)
+            (t, st.retire("forwarded"))
         };
         let r = match &target {
             Target::Output => t.forward_stamped(),
@@ -846,6 +856,44 @@ struct StructExport {
     tensor: Option<Py<PyTensor>>,
 }
 
+impl StructExport {
+    /// The export of a C array at `data` with extents and byte strides
+    /// `dims`; the interface's pointers into the box (and to `descr`) are
+    /// set by [`new_struct_capsule`].
+    fn new(
+        data: *mut c_void,
+        (typekind, itemsize, flags): (u8, usize, c_int),
+        dims: impl ExactSizeIterator<Item = (isize, isize)>,
+        descr: Option<Py<PyAny>>,
+        tensor: Option<Py<PyTensor>>,
+    ) -> Box<StructExport> {
+        let nd = dims.len() as c_int;
+        let mut shape = [0isize; tensorbus::MAX_DIMS];
+        let mut strides = [0isize; tensorbus::MAX_DIMS];
+        for (i, (n, st)) in dims.enumerate() {
+            shape[i] = n;
+            strides[i] = st;
+        }
+        Box::new(StructExport {
+            iface: PyArrayInterface {
+                two: 2,
+                nd,
+                typekind: typekind as c_char,
+                itemsize: itemsize as c_int,
+                flags,
+                shape: std::ptr::null_mut(),
+                strides: std::ptr::null_mut(),
+                data,
+                descr: std::ptr::null_mut(),
+            },
+            shape,
+            strides,
+            descr,
+            tensor,
+        })
+    }
+}
+
 /// The numpy dtype of each tensorbus dtype, made once (bfloat16: uint16).
 fn numpy_descr(py: Python<'_>, d: DType) -> PyResult<Py<PyAny>> {
     static DESCRS: PyOnceLock<Vec<(DType, Py<PyAny>)>> = PyOnceLock::new();
@@ -938,34 +986,23 @@ fn array_struct<'py>(t: &Bound<'py, PyTensor>) -> PyResult<Bound<'py, PyAny>> {
             return Err(e);
         }
     };
-    let mut shape = [0isize; tensorbus::MAX_DIMS];
-    let mut strides = [0isize; tensorbus::MAX_DIMS];
-    for (i, (&n, &st)) in meta.shape().iter().zip(meta.strides()).enumerate() {
-        shape[i] = n as isize;
-        strides[i] = st as isize;
-    }
     let writable = if this.writable() {
         NPY_ARRAY_WRITEABLE
     } else {
         0
     };
-    let b = Box::new(StructExport {
-        iface: PyArrayInterface {
-            two: 2,
-            nd: meta.shape().len() as c_int,
-            typekind: typestr(meta.dtype).as_bytes()[1] as c_char,
-            itemsize: meta.dtype.itemsize() as c_int,
-            flags: NPY_ARRAY_NOTSWAPPED | NPY_ARR_HAS_DESCR | writable,
-            shape: std::ptr::null_mut(),
-            strides: std::ptr::null_mut(),
-            data: this.ptr as *mut c_void,
-            descr: std::ptr::null_mut(),
-        },
-        shape,
-        strides,
-        descr: Some(descr),
-        tensor: Some(t.clone().unbind()),
-    });
+    let dims = meta.shape().iter().zip(meta.strides());
+    let b = StructExport::new(
+        this.ptr as *mut c_void,
+        (
+            typestr(meta.dtype).as_bytes()[1],
+            meta.dtype.itemsize(),
+            NPY_ARRAY_NOTSWAPPED | NPY_ARR_HAS_DESCR | writable,
+        ),
+        dims.map(|(&n, &st)| (n as isize, st as isize)),
+        Some(descr),
+        Some(t.clone().unbind()),
+    );
     new_struct_capsule(py, b)
 }
 
@@ -981,27 +1018,13 @@ static PROBE_BYTE: u8 = 7;
 impl StructProbe {
     #[getter]
     fn __array_struct__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let mut shape = [0isize; tensorbus::MAX_DIMS];
-        let mut strides = [0isize; tensorbus::MAX_DIMS];
-        shape[0] = 1;
-        strides[0] = 1;
-        let b = Box::new(StructExport {
-            iface: PyArrayInterface {
-                two: 2,
-                nd: 1,
-                typekind: b'u' as c_char,
-                itemsize: 1,
-                flags: NPY_ARRAY_NOTSWAPPED,
-                shape: std::ptr::null_mut(),
-                strides: std::ptr::null_mut(),
-                data: (&PROBE_BYTE as *const u8).cast_mut().cast(),
-                descr: std::ptr::null_mut(),
-            },
-            shape,
-            strides,
-            descr: None,
-            tensor: None,
-        });
+        let b = StructExport::new(
+            (&PROBE_BYTE as *const u8).cast_mut().cast(),
+            (b'u', 1, NPY_ARRAY_NOTSWAPPED),
+            std::iter::once((1, 1)),
+            None,
+            None,
+        );
         new_struct_capsule(py, b)
     }
 }
@@ -1080,26 +1103,74 @@ struct DLManagedTensorVersioned {
     dl_tensor: DLTensor,
 }
 
-/// A legacy export: the managed tensor first, then what it points into.
+/// One DLPack export: the managed tensor (`M`: legacy or versioned) first,
+/// then what it points into. Boxed; `manager_ctx` points to the box.
 #[repr(C)]
-struct Legacy {
-    managed: DLManagedTensor,
+struct DlExport<M> {
+    managed: M,
     shape: [i64; tensorbus::MAX_DIMS],
     strides: [i64; tensorbus::MAX_DIMS],
     tensor: Option<Py<PyTensor>>,
 }
 
-/// A versioned export.
-#[repr(C)]
-struct Versioned {
-    managed: DLManagedTensorVersioned,
-    shape: [i64; tensorbus::MAX_DIMS],
-    strides: [i64; tensorbus::MAX_DIMS],
-    tensor: Option<Py<PyTensor>>,
+/// A DLPack managed tensor struct: `DLManagedTensor` (legacy capsules) or
+/// `DLManagedTensorVersioned`; what [`new_dl_capsule`], [`delete_export`]
+/// and [`capsule_destructor`] need of either.
+trait Managed: Sized {
+    /// The capsule name of an unconsumed export.
+    const NAME: &'static CStr;
+    /// The managed tensor of `dl` (`read_only`: a received tensor), with
+    /// [`delete_export`] as its deleter and no context yet.
+    fn new(dl: DLTensor, read_only: bool) -> Self;
+    /// The `manager_ctx` field.
+    fn ctx(&mut self) -> &mut *mut c_void;
+    /// The `dl_tensor` field.
+    fn dl_tensor(&mut self) -> &mut DLTensor;
+    /// The `deleter` field.
+    fn deleter(&self) -> Option<unsafe extern "C" fn(*mut Self)>;
 }
 
-const NAME_LEGACY: &CStr = c"dltensor";
-const NAME_VERSIONED: &CStr = c"dltensor_versioned";
+impl Managed for DLManagedTensor {
+    const NAME: &'static CStr = c"dltensor";
+    fn new(dl: DLTensor, _read_only: bool) -> Self {
+        DLManagedTensor {
+            dl_tensor: dl,
+            manager_ctx: std::ptr::null_mut(),
+            deleter: Some(delete_export::<Self>),
+        }
+    }
+    fn ctx(&mut self) -> &mut *mut c_void {
+        &mut self.manager_ctx
+    }
+    fn dl_tensor(&mut self) -> &mut DLTensor {
+        &mut self.dl_tensor
+    }
+    fn deleter(&self) -> Option<unsafe extern "C" fn(*mut Self)> {
+        self.deleter
+    }
+}
+
+impl Managed for DLManagedTensorVersioned {
+    const NAME: &'static CStr = c"dltensor_versioned";
+    fn new(dl: DLTensor, read_only: bool) -> Self {
+        DLManagedTensorVersioned {
+            version: DLPackVersion { major: 1, minor: 0 },
+            manager_ctx: std::ptr::null_mut(),
+            deleter: Some(delete_export::<Self>),
+            flags: if read_only { DLPACK_FLAG_READ_ONLY } else { 0 },
+            dl_tensor: dl,
+        }
+    }
+    fn ctx(&mut self) -> &mut *mut c_void {
+        &mut self.manager_ctx
+    }
+    fn dl_tensor(&mut self) -> &mut DLTensor {
+        &mut self.dl_tensor
+    }
+    fn deleter(&self) -> Option<unsafe extern "C" fn(*mut Self)> {
+        self.deleter
+    }
+}
 
 fn dl_dtype(d: DType) -> DLDataType {
     let (code, bits) = match d {
@@ -1135,51 +1206,89 @@ fn end_dlpack_export(tensor: Option<Py<PyTensor>>) {
     }
 }
 
-unsafe extern "C" fn delete_legacy(m: *mut DLManagedTensor) {
+/// The deleter of an export: frees its box and ends the export.
+unsafe extern "C" fn delete_export<M: Managed>(m: *mut M) {
     if m.is_null() {
         return;
     }
-    // SAFETY: `m` is the first field of a `Legacy` leaked by `dlpack_capsule`
-    // (its `manager_ctx` points to that box), and the DLPack contract calls
-    // the deleter exactly once.
-    let b = unsafe { Box::from_raw((*m).manager_ctx.cast::<Legacy>()) };
+    // SAFETY: `m` is the first field of a `DlExport<M>` leaked by
+    // `new_dl_capsule` (its `manager_ctx` points to that box), and the
+    // DLPack contract calls the deleter exactly once.
+    let b = unsafe { Box::from_raw((*(*m).ctx()).cast::<DlExport<M>>()) };
     let mut b = b;
     end_dlpack_export(b.tensor.take());
 }
 
-unsafe extern "C" fn delete_versioned(m: *mut DLManagedTensorVersioned) {
-    if m.is_null() {
-        return;
+/// Runs the deleter of an unconsumed capsule `cap` if it holds an `M`
+/// (its name is `M::NAME`); whether it did.
+///
+/// # Safety
+/// `cap` must be a capsule.
+unsafe fn delete_unconsumed<M: Managed>(cap: *mut ffi::PyObject) -> bool {
+    // SAFETY: `cap` is a capsule (the caller's contract); `PyCapsule_IsValid`
+    // checks the name without raising, and a capsule of that name holds an
+    // `M` made by `new_dl_capsule`.
+    unsafe {
+        if ffi::PyCapsule_IsValid(cap, M::NAME.as_ptr()) != 1 {
+            return false;
+        }
+        let p = ffi::PyCapsule_GetPointer(cap, M::NAME.as_ptr()).cast::<M>();
+        if !p.is_null() {
+            if let Some(d) = (*p).deleter() {
+                d(p);
+            }
+        }
     }
-    // SAFETY: as in `delete_legacy`, for a `Versioned` box.
-    let b = unsafe { Box::from_raw((*m).manager_ctx.cast::<Versioned>()) };
-    let mut b = b;
-    end_dlpack_export(b.tensor.take());
+    true
 }
 
 /// Capsule destructor: frees an export nobody consumed (a consumer renames
 /// the capsule to `used_dltensor[_versioned]` and takes over the deleter).
 unsafe extern "C" fn capsule_destructor(cap: *mut ffi::PyObject) {
-    // SAFETY: `cap` is a capsule (CPython calls this on its own capsules);
-    // `PyCapsule_IsValid` checks the name without raising.
+    // SAFETY: CPython calls this on its own capsules.
     unsafe {
-        if ffi::PyCapsule_IsValid(cap, NAME_LEGACY.as_ptr()) == 1 {
-            let p = ffi::PyCapsule_GetPointer(cap, NAME_LEGACY.as_ptr()).cast::<DLManagedTensor>();
-            if !p.is_null() {
-                if let Some(d) = (*p).deleter {
-                    d(p);
-                }
-            }
-        } else if ffi::PyCapsule_IsValid(cap, NAME_VERSIONED.as_ptr()) == 1 {
-            let p = ffi::PyCapsule_GetPointer(cap, NAME_VERSIONED.as_ptr())
-                .cast::<DLManagedTensorVersioned>();
-            if !p.is_null() {
-                if let Some(d) = (*p).deleter {
-                    d(p);
-                }
-            }
-        }
+        let _ = delete_unconsumed::<DLManagedTensor>(cap)
+            || delete_unconsumed::<DLManagedTensorVersioned>(cap);
     }
+}
+
+/// The DLPack capsule of one export: boxes `managed` with the arrays its
+/// tensor points into and the exported `tensor`; the capsule (or, once
+/// consumed, the consumer) frees it through the deleter.
+fn new_dl_capsule<M: Managed>(
+    py: Python<'_>,
+    managed: M,
+    shape: [i64; tensorbus::MAX_DIMS],
+    strides: [i64; tensorbus::MAX_DIMS],
+    tensor: Option<Py<PyTensor>>,
+) -> PyResult<Bound<'_, PyAny>> {
+    let b = Box::into_raw(Box::new(DlExport {
+        managed,
+        shape,
+        strides,
+        tensor,
+    }));
+    // SAFETY: `b` is a fresh, valid box; the pointers we store point
+    // into it, which stays put until the deleter frees it.
+    unsafe {
+        let shape = (*b).shape.as_mut_ptr();
+        let strides = (*b).strides.as_mut_ptr();
+        *(*b).managed.ctx() = b.cast();
+        let dl = (*b).managed.dl_tensor();
+        dl.shape = shape;
+        dl.strides = strides;
+    }
+    // SAFETY: `b` is a valid managed tensor (its first field), `M::NAME` a
+    // static C string, and the destructor matches the capsule's contents.
+    let cap = unsafe { ffi::PyCapsule_New(b.cast(), M::NAME.as_ptr(), Some(capsule_destructor)) };
+    if cap.is_null() {
+        let err = PyErr::fetch(py);
+        // SAFETY: the capsule was not made, so we still own the box.
+        unsafe { delete_export::<M>(b.cast()) };
+        return Err(err);
+    }
+    // SAFETY: `cap` is a new, non-NULL reference.
+    Ok(unsafe { Bound::from_owned_ptr(py, cap) })
 }
 
 fn dlpack_capsule<'py>(t: &Bound<'py, PyTensor>, versioned: bool) -> PyResult<Bound<'py, PyAny>> {
@@ -1212,65 +1321,12 @@ fn dlpack_capsule<'py>(t: &Bound<'py, PyTensor>, versioned: bool) -> PyResult<Bo
         byte_offset: 0,
     };
     let owner = Some(t.clone().unbind());
-    let (ptr, name): (*mut c_void, &CStr) = if versioned {
-        let b = Box::into_raw(Box::new(Versioned {
-            managed: DLManagedTensorVersioned {
-                version: DLPackVersion { major: 1, minor: 0 },
-                manager_ctx: std::ptr::null_mut(),
-                deleter: Some(delete_versioned),
-                flags: if this.writable() {
-                    0
-                } else {
-                    DLPACK_FLAG_READ_ONLY
-                },
-                dl_tensor: dl,
-            },
-            shape,
-            strides,
-            tensor: owner,
-        }));
-        // SAFETY: `b` is a fresh, valid box; the pointers we store point
-        // into it, which stays put until the deleter frees it.
-        unsafe {
-            (*b).managed.manager_ctx = b.cast();
-            (*b).managed.dl_tensor.shape = (*b).shape.as_mut_ptr();
-            (*b).managed.dl_tensor.strides = (*b).strides.as_mut_ptr();
-        }
-        (b.cast(), NAME_VERSIONED)
+    let read_only = !this.writable();
+    if versioned {
+        let m = DLManagedTensorVersioned::new(dl, read_only);
+        new_dl_capsule(py, m, shape, strides, owner)
     } else {
-        let b = Box::into_raw(Box::new(Legacy {
-            managed: DLManagedTensor {
-                dl_tensor: dl,
-                manager_ctx: std::ptr::null_mut(),
-                deleter: Some(delete_legacy),
-            },
-            shape,
-            strides,
-            tensor: owner,
-        }));
-        // SAFETY: as above.
-        unsafe {
-            (*b).managed.manager_ctx = b.cast();
-            (*b).managed.dl_tensor.shape = (*b).shape.as_mut_ptr();
-            (*b).managed.dl_tensor.strides = (*b).strides.as_mut_ptr();
-        }
-        (b.cast(), NAME_LEGACY)
-    };
-    // SAFETY: `ptr` is a valid managed tensor, `name` a static C string, and
-    // the destructor matches the capsule's contents.
-    let cap = unsafe { ffi::PyCapsule_New(ptr, name.as_ptr(), Some(capsule_destructor)) };
-    if cap.is_null() {
-        let err = PyErr::fetch(py);
-        // SAFETY: the capsule was not made, so we still own the box.
-        unsafe {
-            if versioned {
-                delete_versioned(ptr.cast());
-            } else {
-                delete_legacy(ptr.cast());
-            }
-        }
-        return Err(err);
+        let m = DLManagedTensor::new(dl, read_only);
+        new_dl_capsule(py, m, shape, strides, owner)
     }
-    // SAFETY: `cap` is a new, non-NULL reference.
-    Ok(unsafe { Bound::from_owned_ptr(py, cap) })
 }
