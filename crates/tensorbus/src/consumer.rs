@@ -8,6 +8,7 @@ use crate::producer::SlotId;
 use crate::readiness::Readiness;
 use std::cell::Cell;
 use std::os::fd::BorrowedFd;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tensorbus_core::proto::ChannelInfo;
@@ -107,6 +108,34 @@ impl Consumer {
     /// Changes how `recv` waits.
     pub fn set_wait_strategy(&mut self, wait: WaitStrategy) {
         self.wait = wait;
+    }
+    /// Tensors that producers dropped for this subscriber since it
+    /// subscribed (`drop_oldest`: released unread; `drop_newest`: never
+    /// queued; `latest`: replaced); always 0 under `block`. The counter
+    /// `tensorbus stat` shows, read from the subscriber's shared record with
+    /// one relaxed load: no syscall, cheap enough to poll per frame.
+    ///
+    /// ```no_run
+    /// # use tensorbus::{Client, ConsumerOptions, Policy};
+    /// let client = Client::connect()?;
+    /// let frames = client.consumer_with("camera/raw", ConsumerOptions::default().policy(Policy::Latest))?;
+    /// let t = frames.recv()?;
+    /// println!("seq {} ({} frames skipped so far)", t.seq(), frames.dropped());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn dropped(&self) -> u64 {
+        self.inner
+            .control
+            .subscriber(self.channel.index as usize, self.sub)
+            .map_or(0, |s| s.dropped.load(Ordering::Relaxed))
+    }
+    /// Tensors this subscriber has received since it subscribed (the
+    /// `delivered` counter of `tensorbus stat`).
+    pub fn received(&self) -> u64 {
+        self.inner
+            .control
+            .subscriber(self.channel.index as usize, self.sub)
+            .map_or(0, |s| s.delivered.load(Ordering::Relaxed))
     }
 
     #[inline]
