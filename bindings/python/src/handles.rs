@@ -1041,6 +1041,22 @@ impl PyConsumer {
         self.slot.get().is_none()
     }
 
+    /// Tensors producers dropped for this subscriber since it subscribed
+    /// (drop_oldest, drop_newest, latest; always 0 under block): the
+    /// counter `tensorbus stat` shows, one atomic load. Raises `Closed`
+    /// after `close()`.
+    #[getter]
+    fn dropped(&self) -> PyResult<u64> {
+        Ok(self.slot.core("consumer")?.c.dropped())
+    }
+
+    /// Tensors this subscriber has received since it subscribed. Raises
+    /// `Closed` after `close()`.
+    #[getter]
+    fn received(&self) -> PyResult<u64> {
+        Ok(self.slot.core("consumer")?.c.received())
+    }
+
     /// Waits for the next tensor (at most `timeout` seconds; None: forever)
     /// and returns a read-only `Tensor`. Raises `Timeout`. The GIL is
     /// released while waiting and Ctrl-C interrupts the wait.

@@ -189,8 +189,15 @@ def test_lossy_policies(client, policy, depth, expect):
         got.append(t.seq)
         t.release()
     assert got == expect
+    # Everything published is either received or counted as dropped.
+    assert (cons.received, cons.dropped) == (len(expect), 5 - len(expect))
     stat = client.stat()
+    [sub] = [s for c in stat["channels"] if c["name"] == "bcast" for s in c["subscribers"]]
+    assert sub["dropped"] == cons.dropped
     assert free_slots(client) == 16
+    cons.close()
+    with pytest.raises(tb.Closed):
+        cons.dropped
 
 
 def test_workqueue_in_process(client):

@@ -124,6 +124,13 @@ class Consumer:
     def depth(self) -> int: ...
     @property
     def closed(self) -> bool: ...
+    @property
+    def dropped(self) -> int:
+        """Tensors producers dropped for this subscriber since it subscribed
+        (drop_oldest, drop_newest, latest; always 0 under block)."""
+    @property
+    def received(self) -> int:
+        """Tensors this subscriber has received since it subscribed."""
     def recv(self, timeout: Optional[float] = None) -> Tensor:
         """Waits (GIL released, Ctrl-C interrupts) for the next tensor; raises Timeout."""
     def try_recv(self) -> Optional[Tensor]: ...
