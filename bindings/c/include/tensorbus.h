@@ -241,6 +241,14 @@ enum tb_status tb_consumer_open(struct tb_client *client,
 // No other thread may be using `consumer` during this call.
 enum tb_status tb_consumer_close(struct tb_consumer *consumer);
 
+// Tensors producers dropped for this subscriber since it opened
+// (`TB_POLICY_DROP_OLDEST`, `_DROP_NEWEST`, `_LATEST`; always 0 under
+// block): the counter `tensorbus stat` shows, one atomic load.
+//
+// # Safety
+// `out` is NULL or writable; `consumer` is not closed during the call.
+enum tb_status tb_consumer_dropped(const struct tb_consumer *consumer, uint64_t *out);
+
 // Receives the next tensor: a read-only view of the bytes the producer
 // wrote. `timeout_ns` 0 polls, `TB_TIMEOUT_INFINITE` waits forever;
 // `TB_ERR_TIMEOUT` if nothing arrived. Release it with [`tb_release`].

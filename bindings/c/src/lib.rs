@@ -660,6 +660,27 @@ pub unsafe extern "C" fn tb_consumer_close(consumer: *mut tb_consumer) -> tb_sta
     guard(|| unsafe { close(consumer) })
 }
 
+/// Tensors producers dropped for this subscriber since it opened
+/// (`TB_POLICY_DROP_OLDEST`, `_DROP_NEWEST`, `_LATEST`; always 0 under
+/// block): the counter `tensorbus stat` shows, one atomic load.
+///
+/// # Safety
+/// `out` is NULL or writable; `consumer` is not closed during the call.
+#[no_mangle]
+pub unsafe extern "C" fn tb_consumer_dropped(
+    consumer: *const tb_consumer,
+    out: *mut u64,
+) -> tb_status {
+    guard(|| {
+        need(out, "out")?;
+        // SAFETY: checked by the registry; the caller keeps it open.
+        let (_, c) = unsafe { live_inner(consumer) }?;
+        // SAFETY: non-NULL (checked) and writable (caller's promise).
+        unsafe { put(out, c.dropped()) };
+        Ok(())
+    })
+}
+
 /// Receives the next tensor: a read-only view of the bytes the producer
 /// wrote. `timeout_ns` 0 polls, `TB_TIMEOUT_INFINITE` waits forever;
 /// `TB_ERR_TIMEOUT` if nothing arrived. Release it with [`tb_release`].

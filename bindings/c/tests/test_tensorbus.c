@@ -634,6 +634,33 @@ static void test_many_tensors(void) {
     close_pair(c, p, cons);
 }
 
+/* A drop_oldest subscriber of depth 2 that reads nothing misses 3 of 5
+ * tensors and says so; a block subscriber beside it misses none. */
+static void test_dropped_counter(void) {
+    tb_client *c = connect_client("c-test");
+    if (!c)
+        return;
+    tb_producer *p = NULL;
+    tb_consumer *block = NULL, *lossy = NULL;
+    open_pair(c, "c/bcast", TB_POLICY_BLOCK, 8, &p, &block);
+    CHECK_OK(tb_consumer_open(c, "c/bcast", TB_POLICY_DROP_OLDEST, 2, &lossy));
+    for (int i = 0; i < 5; i++)
+        loan_and_publish(p, 8);
+    uint64_t dropped = 42;
+    CHECK_OK(tb_consumer_dropped(lossy, &dropped));
+    CHECK(dropped == 3);
+    CHECK_OK(tb_consumer_dropped(block, &dropped));
+    CHECK(dropped == 0);
+    CHECK_ST(tb_consumer_dropped(lossy, NULL), TB_ERR_INVALID_ARGUMENT);
+    CHECK_ST(tb_consumer_dropped(NULL, &dropped), TB_ERR_INVALID_ARGUMENT);
+    for (int i = 0; i < 2; i++)
+        recv_and_release(lossy, 0);
+    for (int i = 0; i < 5; i++)
+        recv_and_release(block, 0);
+    CHECK_OK(tb_consumer_close(lossy));
+    close_pair(c, p, block);
+}
+
 static void test_c_producer_rust_consumer(void) {
     tb_client *c = connect_client("c-producer");
     if (!c)
@@ -788,6 +815,7 @@ int main(int argc, char **argv) {
         {"stage_in_place", test_stage_in_place},
         {"misuse", test_misuse},
         {"many_tensors", test_many_tensors},
+        {"dropped_counter", test_dropped_counter},
         {"c_producer_rust_consumer", test_c_producer_rust_consumer},
         {"rust_producer_c_consumer", test_rust_producer_c_consumer},
     };
