@@ -2,13 +2,12 @@
 //! hangs; nothing here asserts on timing.
 
 use std::io::Read;
-use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 mod common;
 
-use common::{drain, temp_dir, wait_or_kill, BIN};
+use common::{drain, spawn_broker, temp_dir, text, wait_or_kill, BIN};
 
 /// Runs the binary with `args` to completion (bounded by `limit`).
 fn run(args: &[&str], limit: Duration) -> Output {
@@ -27,10 +26,6 @@ fn run(args: &[&str], limit: Duration) -> Output {
         stdout: out_reader.join().unwrap(),
         stderr: err_reader.join().unwrap(),
     }
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 /// The value of `key=` in a `demo: k=v ...` line.
@@ -57,30 +52,6 @@ fn demo_runs_lossless_and_verified() {
     }
 }
 
-/// Kills the child if the test panics while it runs.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if self.0.try_wait().ok().flatten().is_none() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-/// Waits until the broker's socket exists (or the broker exited).
-fn wait_for_socket(broker: &mut Child, socket: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !socket.exists() {
-        if let Some(status) = broker.try_wait().unwrap() {
-            panic!("broker exited early: {status}");
-        }
-        assert!(Instant::now() < deadline, "broker never created {socket:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn broker_stat_and_sigterm() {
     let dir = temp_dir("broker");
@@ -103,20 +74,8 @@ fn broker_stat_and_sigterm() {
     )
     .unwrap();
     let socket = dir.join("run").join("broker.sock");
-    let broker = Command::new(BIN)
-        .arg("broker")
-        .arg("--config")
-        .arg(&config)
-        .arg("--socket")
-        .arg(&socket)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut guard = KillOnDrop(broker);
+    let mut guard = spawn_broker(&config, &socket, Stdio::piped());
     let broker = &mut guard.0;
-    wait_for_socket(broker, &socket);
     let sock = socket.to_str().unwrap();
 
     let out = run(

@@ -4,26 +4,14 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::process::{ChildStdout, Command, ExitStatus, Stdio};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 mod common;
 
-use common::{drain, temp_dir, text, wait_or_kill, BIN};
+use common::{drain, spawn_broker, temp_dir, text, wait_or_kill, KillOnDrop, BIN};
 const LIMIT: Duration = Duration::from_secs(120);
-
-/// Kills the child if the test panics while it runs.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if self.0.try_wait().ok().flatten().is_none() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
 
 /// A broker on a private socket with one `slots` x 1 MiB pool and the
 /// channel `video`.
@@ -51,33 +39,9 @@ fn broker(name: &str, slots: u32) -> Broker {
     )
     .unwrap();
     let socket = dir.join("broker.sock");
-    let mut child = Command::new(BIN)
-        .arg("broker")
-        .arg("--config")
-        .arg(&config)
-        .arg("--socket")
-        .arg(&socket)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for_socket(&mut child, &socket);
     Broker {
-        _child: KillOnDrop(child),
+        _child: spawn_broker(&config, &socket, Stdio::null()),
         socket,
-    }
-}
-
-/// Waits until the broker's socket exists (or the broker exited).
-fn wait_for_socket(broker: &mut Child, socket: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !socket.exists() {
-        if let Some(status) = broker.try_wait().unwrap() {
-            panic!("broker exited early: {status}");
-        }
-        assert!(Instant::now() < deadline, "broker never created {socket:?}");
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

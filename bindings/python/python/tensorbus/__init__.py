@@ -17,24 +17,8 @@ them is alive.
 ...     x = np.asarray(t)                                 # read-only, zero-copy
 """
 
-from ._errors import (
-    BrokerUnavailable,
-    Busy,
-    ChannelNotFound,
-    Closed,
-    Corrupted,
-    InvalidArgument,
-    LimitReached,
-    PermissionDenied,
-    PoolExhausted,
-    ProtocolError,
-    ReadOnly,
-    Released,
-    ShapeError,
-    TensorbusError,
-    Timeout,
-    TooLarge,
-)
+from . import _errors
+from ._errors import *  # noqa: F403 (every exception; _errors.__all__ lists them)
 from ._tensorbus import (
     DTYPES,
     MAX_DIMS,
@@ -61,20 +45,5 @@ __all__ = [
     "DTYPES",
     "MAX_DIMS",
     "USER_HEADER_LEN",
-    "TensorbusError",
-    "BrokerUnavailable",
-    "PermissionDenied",
-    "ProtocolError",
-    "ChannelNotFound",
-    "InvalidArgument",
-    "LimitReached",
-    "PoolExhausted",
-    "TooLarge",
-    "Timeout",
-    "ShapeError",
-    "Corrupted",
-    "Busy",
-    "Closed",
-    "Released",
-    "ReadOnly",
 ]
+__all__ += _errors.__all__  # the exceptions, listed once in _errors

@@ -3,8 +3,8 @@
 #![allow(dead_code)] // each test file uses its own subset
 
 use std::io::Read;
-use std::path::PathBuf;
-use std::process::{Child, ExitStatus};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -47,4 +47,47 @@ pub fn drain(mut r: impl Read + Send + 'static) -> JoinHandle<Vec<u8>> {
 /// Bytes as (lossy) text.
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Kills the child if the test panics while it runs.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Waits until the broker's socket exists (or the broker exited).
+pub fn wait_for_socket(broker: &mut Child, socket: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !socket.exists() {
+        if let Some(status) = broker.try_wait().unwrap() {
+            panic!("broker exited early: {status}");
+        }
+        assert!(Instant::now() < deadline, "broker never created {socket:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Starts `tensorbus broker --config config --socket socket` and waits for
+/// its socket; stderr is piped when `stderr` says so (else discarded).
+pub fn spawn_broker(config: &Path, socket: &Path, stderr: Stdio) -> KillOnDrop {
+    let child = Command::new(BIN)
+        .arg("broker")
+        .arg("--config")
+        .arg(config)
+        .arg("--socket")
+        .arg(socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let mut guard = KillOnDrop(child);
+    wait_for_socket(&mut guard.0, socket);
+    guard
 }
