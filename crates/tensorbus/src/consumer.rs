@@ -124,18 +124,22 @@ impl Consumer {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn dropped(&self) -> u64 {
-        self.inner
-            .control
-            .subscriber(self.channel.index as usize, self.sub)
+        self.record()
             .map_or(0, |s| s.dropped.load(Ordering::Relaxed))
     }
     /// Tensors this subscriber has received since it subscribed (the
     /// `delivered` counter of `tensorbus stat`).
     pub fn received(&self) -> u64 {
+        self.record()
+            .map_or(0, |s| s.delivered.load(Ordering::Relaxed))
+    }
+
+    /// This subscriber's shared record (statistics only: Relaxed loads of
+    /// counters that order nothing else).
+    fn record(&self) -> Option<&tensorbus_core::records::SubscriberRecord> {
         self.inner
             .control
             .subscriber(self.channel.index as usize, self.sub)
-            .map_or(0, |s| s.delivered.load(Ordering::Relaxed))
     }
 
     #[inline]

@@ -78,6 +78,15 @@ impl std::fmt::Debug for Readiness {
 }
 
 /// What the consumer and the waiter thread share.
+///
+/// Orderings: every access to `armed` and `closed` is `SeqCst`. The flag
+/// handshake with the futex sleep is a Dekker pair: the consumer stores a
+/// flag, then bumps the event's `seq` (`kick`); the thread takes its wait
+/// key from `seq` (`prepare_wait`), then loads the flags. SeqCst on the flag
+/// accesses, together with the RMWs on the event count, forbids the
+/// outcome where the thread misses the new flag and still sleeps on a key
+/// newer than the bump. None of this is on the receive path: `try_recv` and
+/// `recv` never touch these flags.
 struct Shared {
     efd: OwnedFd,
     /// Set by `arm`, cleared by `disarm` or by the thread when it fires.
