@@ -147,6 +147,12 @@ impl ProducerPath<'_> {
     /// Publishes slot `desc` (whose metadata is already written) held by
     /// `own_bit`. `cached_heads` has one entry per subscriber index and `rr`
     /// is the work-queue cursor; both are the producer's private state.
+    ///
+    /// Precondition: `own_bit` is not the holder bit of a subscriber of this
+    /// channel. Publish clears `own_bit` once the receivers hold the slot; if
+    /// it were also a receiver's bit, the queued tensor would lose its hold.
+    /// (A stage forwarding into its own input first moves its hold to its
+    /// output producer's bit with [`SlotHeader::hand_over`].)
     pub fn publish(
         &self,
         desc: Descriptor,

@@ -235,6 +235,20 @@ fn forward_slot(
     r: &Received,
 ) -> Result<Published, PublishError> {
     match check_forward(input, producer, r) {
+        Ok(()) if producer.channel.index == input.channel.index => {
+            // Forwarding into our own input (a retry loop): our input
+            // subscription may be chosen as the receiver, and publish clears
+            // the publisher's own bit after delivering; if that bit were the
+            // receiver's too, the queued tensor would lose its only hold
+            // (issue 11.1). So first move the hold to the output producer's
+            // bit, in one atomic step: publishing then works exactly like a
+            // fresh loan of that producer. Both bits belong to this client,
+            // so a death between the steps is reclaimed like any other.
+            if let Some(slot) = producer.slot(r.id) {
+                slot.hand_over(input.bit, producer.bit);
+            }
+            Ok(producer.publish_slot(r.id, r.meta, producer.bit))
+        }
         Ok(()) => Ok(producer.publish_slot(r.id, r.meta, input.bit)),
         Err(e) => {
             input.release(r.id);
