@@ -299,6 +299,8 @@ enum tb_status tb_forward(struct tb_tensor *tensor, uint32_t *delivered_or_null)
 // The writable bytes of a loaned or staged tensor. Received tensors are
 // read-only: they return `TB_ERR_READ_ONLY` (use [`tb_tensor_const_data`]).
 // The pointer is valid until the tensor is published, forwarded or released.
+// On any error `*data` is set to NULL and `*nbytes_or_null` to 0, like the
+// out-handles of the other calls.
 //
 // # Safety
 // `data` is NULL or writable; `nbytes_or_null` is NULL or writable.

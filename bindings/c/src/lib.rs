@@ -836,6 +836,8 @@ pub unsafe extern "C" fn tb_forward(
 /// The writable bytes of a loaned or staged tensor. Received tensors are
 /// read-only: they return `TB_ERR_READ_ONLY` (use [`tb_tensor_const_data`]).
 /// The pointer is valid until the tensor is published, forwarded or released.
+/// On any error `*data` is set to NULL and `*nbytes_or_null` to 0, like the
+/// out-handles of the other calls.
 ///
 /// # Safety
 /// `data` is NULL or writable; `nbytes_or_null` is NULL or writable.
@@ -847,6 +849,13 @@ pub unsafe extern "C" fn tb_tensor_data(
 ) -> tb_status {
     guard(|| {
         need(data, "data")?;
+        // SAFETY: `data` is non-NULL (checked) and writable, `nbytes_or_null`
+        // NULL or writable (caller's promise): cleared first, so an error
+        // leaves NULL / 0 behind.
+        unsafe {
+            put(data, std::ptr::null_mut());
+            put(nbytes_or_null, 0);
+        }
         // SAFETY: the registry checks `tensor`; the caller uses it on one thread.
         let (p, n) = unsafe {
             with_view(tensor, |v| {

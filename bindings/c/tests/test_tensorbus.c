@@ -350,7 +350,9 @@ static void test_publish_and_receive(void) {
 
         /* Received data is const. */
         void *w = (void *)0x1;
-        CHECK_ST(tb_tensor_data(r1, &w, NULL), TB_ERR_READ_ONLY);
+        size_t wn = 99;
+        CHECK_ST(tb_tensor_data(r1, &w, &wn), TB_ERR_READ_ONLY);
+        CHECK(w == NULL && wn == 0); /* like the out-handles: NULL on error */
         CHECK_ST(tb_tensor_set_user_header(r1, "x", 1), TB_ERR_READ_ONLY);
         CHECK_ST(tb_publish(r1, NULL), TB_ERR_INVALID_ARGUMENT);
     }
@@ -497,6 +499,53 @@ static void test_stage_in_place(void) {
     /* Nothing queued: recv_mut times out and the stage is free again. */
     CHECK_ST(tb_recv_mut(st, 0, &s), TB_ERR_TIMEOUT);
     CHECK_OK(tb_consumer_close(out));
+    CHECK_OK(tb_stage_close(st));
+    CHECK_OK(tb_producer_close(p));
+    CHECK_OK(tb_client_close(c));
+}
+
+/* Issue 11.1: a stage whose output is its own work-queue input (a retry
+ * loop). The forward used to clear the hold of the queued tensor: the next
+ * recv_mut said TB_ERR_CORRUPTED and the slot was free while queued. */
+static void test_stage_into_own_input(void) {
+    tb_client *c = connect_client("c-test");
+    if (!c)
+        return;
+    tb_producer *p = NULL;
+    tb_stage *st = NULL;
+    CHECK_OK(tb_producer_open(c, "c/loop", &p));
+    CHECK_OK(tb_stage_open(c, "c/loop", "c/loop", &st));
+    size_t n = 16;
+    tb_tensor *t = NULL;
+    void *a = NULL;
+    CHECK_OK(tb_loan(p, TB_DTYPE_U8, 1, &n, &t));
+    CHECK_OK(tb_tensor_data(t, &a, NULL));
+    memset(a, 0, n);
+    CHECK_OK(tb_publish(t, NULL));
+    for (int round = 0; round < 50; round++) {
+        tb_tensor *s = NULL;
+        CHECK_OK(tb_recv_mut(st, 1000000000ull, &s));
+        if (!s)
+            break;
+        void *b = NULL;
+        CHECK_OK(tb_tensor_data(s, &b, NULL));
+        CHECK(b != NULL && ((uint8_t *)b)[0] == (uint8_t)round);
+        if (b)
+            ((uint8_t *)b)[0]++;
+        uint32_t delivered = 0;
+        CHECK_OK(tb_forward(s, &delivered));
+        CHECK(delivered == 1);
+    }
+    tb_tensor *last = NULL;
+    CHECK_OK(tb_recv_mut(st, 1000000000ull, &last));
+    if (last) {
+        const void *d = NULL;
+        CHECK_OK(tb_tensor_const_data(last, &d, NULL));
+        CHECK(d != NULL && ((const uint8_t *)d)[0] == 50);
+        CHECK_OK(tb_release(last));
+    }
+    tb_tensor *none = NULL;
+    CHECK_ST(tb_recv_mut(st, 0, &none), TB_ERR_TIMEOUT);
     CHECK_OK(tb_stage_close(st));
     CHECK_OK(tb_producer_close(p));
     CHECK_OK(tb_client_close(c));
@@ -813,6 +862,7 @@ int main(int argc, char **argv) {
         {"timeouts", test_timeouts},
         {"pool_exhausted_and_too_large", test_pool_exhausted_and_too_large},
         {"stage_in_place", test_stage_in_place},
+        {"stage_into_own_input", test_stage_into_own_input},
         {"misuse", test_misuse},
         {"many_tensors", test_many_tensors},
         {"dropped_counter", test_dropped_counter},

@@ -11,8 +11,8 @@ use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 use std::cell::UnsafeCell;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, Weak};
 use std::time::{Duration, Instant};
 use tensorbus::{
     ChannelSpec, Client, ConnectError, Consumer, ConsumerOptions, LoanError, OpenError, Producer,
@@ -249,7 +249,7 @@ fn lent<C: Lender, V>(
 /// and the result cross to the detached closure as [`AssertSend`], whose
 /// contract the callers keep (see each call).
 #[inline]
-fn detached<A, R>(py: Python<'_>, arg: A, f: impl FnOnce(A) -> R + Send) -> R {
+pub(crate) fn detached<A, R>(py: Python<'_>, arg: A, f: impl FnOnce(A) -> R + Send) -> R {
     let arg = AssertSend(arg);
     let r = py.detach(move || {
         let arg = arg;
@@ -538,11 +538,7 @@ impl PyClient {
             policy_name(consumer.policy()),
             consumer.depth(),
         );
-        let slot = self.adopt(ConsumerCore {
-            c: consumer,
-            lock: Mutex::new(()),
-            aio: AtomicBool::new(false),
-        });
+        let slot = self.adopt(ConsumerCore::new(consumer));
         Ok(PyConsumer {
             slot,
             channel: info.0,
@@ -850,11 +846,29 @@ fn loan_with(
 
 /// A subscription. `Consumer` is `!Sync` (a `Cell` cursor): receives are
 /// serialized by `lock`; releases only touch atomics in shared memory.
+///
+/// Closing ends the subscription at the broker at once (issue 11.2), even
+/// while other references to the core remain (an asyncio waiter kept by a
+/// reference cycle, a readiness fd): the Rust `Consumer` is dropped as soon
+/// as no tensor received from it is alive (`live`), else by the release of
+/// the last one. Until then a closed core receives nothing more.
 pub(crate) struct ConsumerCore {
-    c: Consumer,
+    /// `None` once closed and every received tensor is gone. Tensors borrow
+    /// the `Consumer` in here (lifetime erased): it is only taken out (under
+    /// `lock` and the write lock) while `live` is 0.
+    c: RwLock<Option<Consumer>>,
+    /// Serializes receives (the `Cell` cursor) and the close.
     lock: Mutex<()>,
+    /// Received tensors alive (each holds a [`ConsumerLease`]).
+    live: AtomicUsize,
+    /// `close()` was called: no more receives.
+    closed: AtomicBool,
     /// Whether `recv_async` made the consumer's readiness fd.
     aio: AtomicBool,
+    /// A duplicate of the consumer's readiness eventfd, made on first use:
+    /// it stays open (for an event loop that watches it) after the consumer
+    /// is closed and dropped, and keeps one fd number for the core's life.
+    efd: OnceLock<Arc<std::fs::File>>,
 }
 
 // SAFETY: the only non-thread-safe state of `Consumer` is its ring cursor
@@ -865,23 +879,78 @@ unsafe impl Send for ConsumerCore {}
 // SAFETY: as above.
 unsafe impl Sync for ConsumerCore {}
 
+impl ConsumerCore {
+    fn new(c: Consumer) -> ConsumerCore {
+        ConsumerCore {
+            c: RwLock::new(Some(c)),
+            lock: Mutex::new(()),
+            live: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+            aio: AtomicBool::new(false),
+            efd: OnceLock::new(),
+        }
+    }
+
+    /// Runs `f` on the consumer while it is open (`None` after close).
+    fn with<R>(&self, f: impl FnOnce(&Consumer) -> R) -> Option<R> {
+        let g = self.c.read().unwrap_or_else(|p| p.into_inner());
+        g.as_ref().map(f)
+    }
+
+    /// Drops the Rust consumer (which closes the subscription at the
+    /// broker) if closed and no received tensor is alive.
+    fn finish_close(&self) {
+        if !self.closed.load(Ordering::Acquire) || self.live.load(Ordering::Acquire) != 0 {
+            return;
+        }
+        let _g = lock(&self.lock); // no receive in progress
+        if self.live.load(Ordering::Acquire) != 0 {
+            return; // a receive just handed out a tensor: its release finishes
+        }
+        let c = self.c.write().unwrap_or_else(|p| p.into_inner()).take();
+        drop(c); // sends Close to the broker
+    }
+}
+
 impl Core for ConsumerCore {
-    /// Wakes `recv_async` waiters so that they see the consumer closed.
+    /// Stops receiving, wakes `recv_async` waiters so that they see the
+    /// consumer closed, and ends the subscription unless tensors are alive.
     fn closing(&self) {
+        self.closed.store(true, Ordering::Release);
         if self.aio.load(Ordering::Acquire) {
-            if let Ok(r) = self.c.readiness() {
-                r.wake();
-            }
+            self.with(|c| c.readiness().map(|r| r.wake()));
+        }
+        self.finish_close();
+    }
+}
+
+/// A received tensor's hold on its consumer core: counted in `live`; the
+/// last one dropped after `close()` ends the subscription.
+pub(crate) struct ConsumerLease(Arc<ConsumerCore>);
+
+impl Drop for ConsumerLease {
+    fn drop(&mut self) {
+        if self.0.live.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.finish_close();
         }
     }
 }
 
-/// One non-blocking receive as a Python tensor (`None`: nothing queued).
+/// One non-blocking receive as a Python tensor (`None`: nothing queued, or closed).
 fn try_take_py(py: Python<'_>, core: Arc<ConsumerCore>) -> PyResult<Option<Py<PyTensor>>> {
     match take(&core, Duration::ZERO).map_err(recv_err)? {
-        Some(t) => PyTensor::new_py(py, View::Recv(t), Owner::Consumer(core)).map(Some),
+        Some(t) => received_py(py, t, core).map(Some),
         None => Ok(None),
     }
+}
+
+/// The Python tensor of `t`, which [`take`] counted in `core.live`.
+fn received_py(
+    py: Python<'_>,
+    t: Tensor<'static>,
+    core: Arc<ConsumerCore>,
+) -> PyResult<Py<PyTensor>> {
+    PyTensor::new_py(py, View::Recv(t), Owner::Consumer(ConsumerLease(core)))
 }
 
 /// The asyncio helpers (`tensorbus/_aio.py`).
@@ -899,15 +968,18 @@ fn aio(py: Python<'_>) -> PyResult<&Bound<'_, pyo3::types::PyModule>> {
 pub struct PyReadiness {
     core: Arc<ConsumerCore>,
     slot: Arc<Slot<ConsumerCore>>,
-    fd: i32,
+    /// A duplicate of the consumer's eventfd: it stays open (for the event
+    /// loop that watches it) after the consumer is closed and dropped.
+    fd: Arc<std::fs::File>,
 }
 
 impl PyReadiness {
-    fn readiness(&self) -> PyResult<&tensorbus::Readiness> {
-        self.core
-            .c
-            .readiness()
-            .map_err(|e| tb_err("TensorbusError", format!("readiness fd: {e}")))
+    /// Runs `f` on the readiness of the open consumer (nothing once closed).
+    fn readiness(&self, f: impl FnOnce(&tensorbus::Readiness)) -> PyResult<()> {
+        match self.core.with(|c| c.readiness().map(f)) {
+            Some(Err(e)) => Err(tb_err("TensorbusError", format!("readiness fd: {e}"))),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -915,24 +987,24 @@ impl PyReadiness {
 impl PyReadiness {
     /// The eventfd to watch for readability.
     fn fileno(&self) -> i32 {
-        self.fd
+        std::os::fd::AsRawFd::as_raw_fd(&self.fd)
     }
 
     /// Asks for one notification (the fd turns readable when a tensor is queued).
     fn arm(&self) -> PyResult<()> {
-        self.readiness()?.arm();
-        Ok(())
+        self.readiness(|r| r.arm())
     }
 
     /// Withdraws `arm()`.
     fn disarm(&self) -> PyResult<()> {
-        self.readiness()?.disarm();
-        Ok(())
+        self.readiness(|r| r.disarm())
     }
 
     /// Makes the fd unreadable (call after it was readable).
     fn clear(&self) -> PyResult<()> {
-        self.readiness()?.clear();
+        // The eventfd is non-blocking (one file with the consumer's): a read
+        // resets its count, or fails with EAGAIN when nothing is pending.
+        let _ = std::io::Read::read(&mut &*self.fd, &mut [0u8; 8]);
         Ok(())
     }
 
@@ -952,24 +1024,41 @@ impl PyReadiness {
     }
 }
 
-/// Receives one tensor; `None`: nothing arrived within `wait` (`ZERO` polls).
+/// Receives one tensor; `None`: nothing arrived within `wait` (`ZERO`
+/// polls) or the consumer is closed. A tensor returned is counted in
+/// `core.live`: make it a Python tensor with [`received_py`].
 fn take(core: &ConsumerCore, wait: Duration) -> Result<Option<Tensor<'static>>, RecvError> {
     let _g = lock(&core.lock);
-    // SAFETY: the tensor's borrow of the consumer is erased to 'static; the
-    // tensor is stored with an `Arc` of this core, dropped after it.
-    let c: &'static Consumer = unsafe { &*(&core.c as *const Consumer) };
-    if wait.is_zero() {
-        return match c.try_recv() {
+    if core.closed.load(Ordering::Acquire) {
+        return Ok(None);
+    }
+    let guard = core.c.read().unwrap_or_else(|p| p.into_inner());
+    let Some(c) = guard.as_ref() else {
+        return Ok(None);
+    };
+    // SAFETY: the tensor's borrow of the consumer is erased to 'static. The
+    // consumer stays in place while the tensor lives: it is counted in
+    // `live` below (before `lock` is released) and its lease, dropped after
+    // the view, keeps the core; `finish_close` takes the consumer out only
+    // under `lock` with `live` at 0.
+    let c: &'static Consumer = unsafe { &*(c as *const Consumer) };
+    let got = if wait.is_zero() {
+        match c.try_recv() {
             Ok(t) => Ok(Some(t)),
             Err(TryRecvError::Empty) => Ok(None),
             Err(TryRecvError::Corrupted(x)) => Err(RecvError::Corrupted(x)),
-        };
+        }
+    } else {
+        match c.recv_timeout(wait) {
+            Ok(t) => Ok(Some(t)),
+            Err(RecvError::Timeout(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    };
+    if let Ok(Some(_)) = got {
+        core.live.fetch_add(1, Ordering::AcqRel);
     }
-    match c.recv_timeout(wait) {
-        Ok(t) => Ok(Some(t)),
-        Err(RecvError::Timeout(_)) => Ok(None),
-        Err(e) => Err(e),
-    }
+    got
 }
 
 /// The reading end of a channel: `recv()` returns read-only tensors;
@@ -1005,9 +1094,7 @@ impl PyConsumer {
                 detached(py, &*core, |c| take(c, slice))
             };
             match got.map_err(recv_err)? {
-                Some(t) => {
-                    return PyTensor::new_py(py, View::Recv(t), Owner::Consumer(core)).map(Some)
-                }
+                Some(t) => return received_py(py, t, core).map(Some),
                 None if left.is_some_and(|l| l <= slice) => return Ok(None),
                 None => py.check_signals()?,
             }
@@ -1047,14 +1134,17 @@ impl PyConsumer {
     /// after `close()`.
     #[getter]
     fn dropped(&self) -> PyResult<u64> {
-        Ok(self.slot.core("consumer")?.c.dropped())
+        let core = self.slot.core("consumer")?;
+        core.with(|c| c.dropped()).ok_or_else(|| closed("consumer"))
     }
 
     /// Tensors this subscriber has received since it subscribed. Raises
     /// `Closed` after `close()`.
     #[getter]
     fn received(&self) -> PyResult<u64> {
-        Ok(self.slot.core("consumer")?.c.received())
+        let core = self.slot.core("consumer")?;
+        core.with(|c| c.received())
+            .ok_or_else(|| closed("consumer"))
     }
 
     /// Waits for the next tensor (at most `timeout` seconds; None: forever)
@@ -1102,11 +1192,20 @@ impl PyConsumer {
     /// The readiness fd helper of `recv_async` (internal).
     fn _readiness(&self) -> PyResult<PyReadiness> {
         let core = self.slot.core("consumer")?;
-        let fd = core
-            .c
-            .readiness_fd()
-            .map_err(|e| tb_err("TensorbusError", format!("cannot make a readiness fd: {e}")))?;
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&fd);
+        let fd = match core.efd.get() {
+            Some(fd) => fd.clone(),
+            None => {
+                let fd = core
+                    .with(|c| c.readiness_fd().and_then(|fd| fd.try_clone_to_owned()))
+                    .ok_or_else(|| closed("consumer"))?
+                    .map_err(|e| {
+                        tb_err("TensorbusError", format!("cannot make a readiness fd: {e}"))
+                    })?;
+                core.efd
+                    .get_or_init(|| Arc::new(std::fs::File::from(fd)))
+                    .clone()
+            }
+        };
         core.aio.store(true, Ordering::Release);
         Ok(PyReadiness {
             core,
@@ -1129,7 +1228,11 @@ impl PyConsumer {
         }
     }
 
-    /// Unsubscribes. Tensors still alive keep their slots until released.
+    /// Unsubscribes at once, whatever references to this consumer remain
+    /// (an `await` that timed out, a readiness fd an event loop watches):
+    /// nothing more is delivered to it. Tensors received from it and still
+    /// alive keep their slots until released; the broker drops the
+    /// subscription when the last of them is released.
     fn close(&self) {
         self.slot.close();
     }
@@ -1149,6 +1252,15 @@ impl PyConsumer {
             "tensorbus.Consumer(channel={:?}, policy={:?}, depth={})",
             self.channel, self.policy, self.depth
         )
+    }
+}
+
+/// Dropping the last reference to a Python consumer closes it (issue 11.2):
+/// the subscription must not wait for the cycle collector to free an object
+/// (a readiness fd, an `await` that timed out) that still refers to the core.
+impl Drop for PyConsumer {
+    fn drop(&mut self) {
+        self.slot.close();
     }
 }
 
@@ -1221,6 +1333,16 @@ impl StageCore {
         match extra.iter().find(|(n, _)| n == channel) {
             Some((_, p)) => t.check_forward_to(p),
             None => unreachable!("open_extra ran first"),
+        }
+    }
+
+    /// Waits up to `timeout` until a forward on `channel` (opened by
+    /// [`StageCore::open_extra`]) would not wait for room.
+    pub(crate) fn wait_extra(&self, channel: &str, timeout: Duration) -> bool {
+        let extra = lock(&self.extra);
+        match extra.iter().find(|(n, _)| n == channel) {
+            Some((_, p)) => p.wait_for_room(timeout),
+            None => true,
         }
     }
 

@@ -1,7 +1,7 @@
 //! `Tensor`: a loaned, received or staged slot, its numpy and DLPack
 //! exports, and the export counting that keeps the slot alive under them.
 
-use crate::handles::{lock, ConsumerCore, ProducerCore, PyProducer, StageCore};
+use crate::handles::{lock, ConsumerLease, ProducerCore, PyProducer, StageCore};
 use crate::{dtype_name, tb_err};
 use pyo3::exceptions::{PyAttributeError, PyBufferError, PyValueError};
 use pyo3::ffi;
@@ -24,9 +24,10 @@ pub(crate) enum View {
 /// The handle a view borrows, kept alive by this `Arc` until the view is gone.
 pub(crate) enum Owner {
     Producer(Arc<ProducerCore>),
-    /// Only held: releases go through the view.
+    /// Only held: releases go through the view; the lease's drop may end
+    /// a closed consumer's subscription.
     #[allow(dead_code)]
-    Consumer(Arc<ConsumerCore>),
+    Consumer(ConsumerLease),
     Stage(Arc<StageCore>),
 }
 
@@ -55,6 +56,36 @@ fn end_parts(view: Option<View>, owner: Option<Owner>) {
         end_view(v, o);
     }
     drop(owner);
+}
+
+/// Waits until `has_room(view, timeout)` says a publish or forward of
+/// `view` would not wait for a full `block` queue: at once when it would not
+/// (GIL held: the common case costs a few loads), else in slices of
+/// [`crate::WAIT_SLICE`] with the GIL released, checking signals between
+/// them (issue 11.3). A signal's error comes back with the view, which the
+/// caller keeps.
+fn wait_for_room<V>(
+    py: Python<'_>,
+    view: V,
+    has_room: impl Fn(&V, std::time::Duration) -> bool + Sync,
+) -> Result<V, (V, PyErr)> {
+    if has_room(&view, std::time::Duration::ZERO) {
+        return Ok(view);
+    }
+    let mut view = view;
+    loop {
+        let (v, ok) = crate::handles::detached(py, view, |v| {
+            let ok = has_room(&v, crate::WAIT_SLICE);
+            (v, ok)
+        });
+        view = v;
+        if ok {
+            return Ok(view);
+        }
+        if let Err(e) = py.check_signals() {
+            return Err((view, e));
+        }
+    }
 }
 
 /// `Released`: the view is gone (`gone`: why).
@@ -121,6 +152,13 @@ impl State {
 
     fn has_view(&self) -> bool {
         matches!(self.body, Body::Live(_))
+    }
+
+    /// Puts back a view taken out by a publish or forward that was
+    /// interrupted while it waited for room (it stays the caller's).
+    fn restore(&mut self, view: View, gone: &'static str) {
+        self.body = Body::Live(view);
+        self.gone = gone;
     }
 
     /// Takes the view out, keeping its metadata.
@@ -485,9 +523,14 @@ impl PyTensor {
     /// are then `t.seq` and `t.timestamp_ns`. Numpy arrays of the loan stay
     /// valid memory but must not be written to any more: the bytes now
     /// belong to the consumers.
+    ///
+    /// While a `block` subscriber's queue is full, `publish()` waits with
+    /// the GIL released (other threads, such as the consumer, run) and
+    /// checks for signals every 50 ms: Ctrl-C raises `KeyboardInterrupt`
+    /// and the tensor stays an unpublished loan.
     #[pyo3(signature = (user_header = None))]
-    fn publish(&self, user_header: Option<&[u8]>) -> PyResult<u32> {
-        let (t, core, owner) = {
+    fn publish(&self, py: Python<'_>, user_header: Option<&[u8]>) -> PyResult<u32> {
+        let (t, core, gone) = {
             let mut st = lock(&self.state);
             let gone = st.gone;
             match st.view_mut() {
@@ -512,8 +555,17 @@ impl PyTensor {
                 Some(Owner::Producer(p)) => p.clone(),
                 _ => unreachable!("loans are owned by producers"),
             };
-            (t, core, st.retire("published"))
+            let gone = std::mem::replace(&mut st.gone, "being published (waiting for room)");
+            (t, core, gone)
         };
+        let t = match wait_for_room(py, t, |t, d| t.wait_for_room(d)) {
+            Ok(t) => t,
+            Err((t, e)) => {
+                lock(&self.state).restore(View::Loan(t), gone);
+                return Err(e);
+            }
+        };
+        let owner = lock(&self.state).retire("published");
         let r = t.publish_stamped();
         core.idle();
         drop(owner);
@@ -587,7 +639,7 @@ impl PyTensor {
                 None => unreachable!("claimed above"),
             },
         };
-        let (t, owner) = {
+        let (t, gone) = {
             let mut st = lock(&self.state);
             let gone = st.gone;
             match st.view() {
@@ -597,8 +649,25 @@ impl PyTensor {
             let Some(View::Staged(t)) = st.take_view() else {
                 unreachable!("checked above")
             };
-            (t, st.retire("forwarded"))
+            st.gone = "being forwarded (waiting for room)";
+            (t, gone)
         };
+        let waited = wait_for_room(py, t, |t, d| match &target {
+            Target::Output => t.wait_for_room(d),
+            Target::Named(name) if name == core.output_name() => t.wait_for_room(d),
+            Target::Named(name) => core.wait_extra(name, d),
+            Target::Producer(_) => claimed
+                .as_ref()
+                .is_none_or(|c| c.producer_ref().wait_for_room(d)),
+        });
+        let t = match waited {
+            Ok(t) => t,
+            Err((t, e)) => {
+                lock(&self.state).restore(View::Staged(t), gone);
+                return Err(e);
+            }
+        };
+        let owner = lock(&self.state).retire("forwarded");
         let r = match &target {
             Target::Output => t.forward_stamped(),
             Target::Named(name) if name == core.output_name() => t.forward_stamped(),

@@ -256,6 +256,73 @@ impl ProducerPath<'_> {
         out
     }
 
+    /// Whether a publish now would find room without waiting: every active
+    /// `block` subscriber's ring from this producer has room (broadcast), or
+    /// some subscriber would take it at once (work queue). Lossy policies
+    /// never wait, and no subscriber means nothing to wait for.
+    ///
+    /// Only this producer pushes into its own rings and consumers only take
+    /// entries out, so room seen here is still there at the next publish
+    /// (a subscriber that joins meanwhile has an empty ring).
+    pub fn has_room(&self) -> bool {
+        self.first_full_block_ring().is_none()
+    }
+
+    /// The subscriber index of a full `block` ring that would make a
+    /// publish wait now (see [`ProducerPath::has_room`]), if any.
+    fn first_full_block_ring(&self) -> Option<usize> {
+        let ch = self.ctl.channel(self.channel)?;
+        let valid = low_mask(self.ctl.layout().params.max_subscribers as usize);
+        let receivers = ch.subscribers.load(Ordering::Acquire) & valid;
+        let mut full = None;
+        for s in set_bits(receivers) {
+            let (Some(sub), Some(ring)) = (
+                self.ctl.subscriber(self.channel, s),
+                self.ctl.ring(self.channel, self.row, s),
+            ) else {
+                continue;
+            };
+            let blocks = Policy::from_code(sub.config.policy.load(Ordering::Relaxed))
+                == Policy::Block
+                && sub.config.state.load(Ordering::Acquire) == STATE_ACTIVE;
+            let depth = u64::from(sub.config.depth.load(Ordering::Relaxed));
+            let is_full = blocks && ring.len() >= depth.clamp(1, ring.capacity());
+            match (self.mode, is_full) {
+                (Mode::Workqueue, false) => return None, // this worker takes it at once
+                (_, true) => full = full.or(Some(s)),
+                (Mode::Broadcast, false) => {}
+            }
+        }
+        full
+    }
+
+    /// Waits up to `timeout` until [`ProducerPath::has_room`]; returns
+    /// whether it did. Parks on the full ring's space event like a blocked
+    /// publish (so consumers wake it), re-checking at least every
+    /// [`BLOCK_RECHECK`]. Nothing is published or changed: a caller that
+    /// gives up (a signal, a deadline) still has its loan.
+    pub fn wait_for_room(&self, timeout: Duration, parker: &impl Parker) -> bool {
+        let start = std::time::Instant::now();
+        loop {
+            let Some(s) = self.first_full_block_ring() else {
+                return true;
+            };
+            let left = timeout.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                return false;
+            }
+            let Some(ring) = self.ctl.ring(self.channel, self.row, s) else {
+                continue;
+            };
+            let space = &ring.header().consumer.space;
+            let key = space.prepare_wait();
+            if self.first_full_block_ring() == Some(s) {
+                parker.wait(&space.seq, key, left.min(BLOCK_RECHECK));
+            }
+            space.cancel_wait();
+        }
+    }
+
     /// Pushes to one subscriber under its policy. With `retry`, a `block`
     /// subscriber that stays full for one park slice gives its bit back and
     /// returns [`Delivery::Retry`] (work queues then look for another worker).

@@ -278,6 +278,19 @@ impl Producer {
         }
     }
 
+    /// Waits up to `timeout` until a publish on this producer would not
+    /// wait for a `block` subscriber's full queue (see
+    /// [`TensorMut::wait_for_room`]); returns whether it would not.
+    pub fn wait_for_room(&self, timeout: Duration) -> bool {
+        let path = ProducerPath {
+            ctl: &self.inner.control,
+            channel: self.channel.index as usize,
+            row: self.row,
+            mode: self.channel.mode,
+        };
+        path.wait_for_room(timeout, &FutexParker)
+    }
+
     /// Publishes a slot this handle (or, for stages, `own_bit`) holds.
     #[inline]
     pub(crate) fn publish_slot(
@@ -393,6 +406,31 @@ impl TensorMut<'_> {
     /// Sets the user header (at most 64 bytes: frame id, camera id, ...).
     pub fn set_user_header(&mut self, bytes: &[u8]) -> Result<(), ShapeError> {
         self.meta.set_user_header(bytes)
+    }
+
+    /// Waits up to `timeout` until [`TensorMut::publish`] would not wait
+    /// for room: every `block` subscriber's queue from this producer has
+    /// room (broadcast) or some worker can take the tensor at once (work
+    /// queue). Returns whether it would not wait. Nothing is published: a
+    /// caller that gives up keeps its loan. Publishing in a loop of short
+    /// waits keeps a program responsive (signals, shutdown flags) while a
+    /// consumer is slow:
+    ///
+    /// ```no_run
+    /// # use std::sync::atomic::{AtomicBool, Ordering};
+    /// # use std::time::Duration;
+    /// # static STOP: AtomicBool = AtomicBool::new(false);
+    /// # let client = tensorbus::Client::connect()?;
+    /// let mut producer = client.producer("frames")?;
+    /// let frame = producer.loan(&[1024], tensorbus::DType::U8)?;
+    /// while !frame.wait_for_room(Duration::from_millis(50)) {
+    ///     if STOP.load(Ordering::Relaxed) { return Ok(()); } // the loan is given back
+    /// }
+    /// frame.publish()?;                                       // no wait now
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn wait_for_room(&self, timeout: Duration) -> bool {
+        self.producer.wait_for_room(timeout)
     }
 
     /// Publishes to every subscriber (broadcast) or one worker (work queue).

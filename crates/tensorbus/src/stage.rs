@@ -175,6 +175,14 @@ impl StagedTensor<'_> {
         self.forward_to_stamped(producer).map(|p| p.outcome)
     }
 
+    /// Waits up to `timeout` until [`StagedTensor::forward`] would not wait
+    /// for room downstream (see [`crate::TensorMut::wait_for_room`]);
+    /// returns whether it would not. Nothing is forwarded. (For a forward
+    /// to another producer: [`Producer::wait_for_room`].)
+    pub fn wait_for_room(&self, timeout: Duration) -> bool {
+        self.stage.output.wait_for_room(timeout)
+    }
+
     /// Whether [`StagedTensor::forward`] would succeed, without consuming
     /// the tensor (a failed forward releases the slot): the output channel
     /// uses the slot's pool and the metadata fits the slot.

@@ -157,6 +157,11 @@ async def recv_async(consumer: Any, timeout: Any = None) -> Any:
         except BaseException:
             # Timeout (set by _expire) or cancellation of the awaiting task.
             w.forget(fut)
+            # The future holds the exception, whose traceback holds this
+            # frame, which holds the future: break that cycle, so that the
+            # consumer (a local here) is freed by reference counting when
+            # the caller lets go of it, not by the cycle collector later.
+            del fut
             raise
         finally:
             if timer is not None:
