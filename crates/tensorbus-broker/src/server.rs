@@ -93,11 +93,7 @@ impl Broker {
         };
         // SAFETY: geteuid has no preconditions and cannot fail.
         let me = unsafe { libc::geteuid() };
-        let access = Access::new(
-            me,
-            &config.broker.allowed_uids,
-            &config.broker.allowed_gids,
-        );
+        let access = Access::new(me, &config.broker.allowed_uids, &config.broker.allowed_gids);
         tensorbus_shm::socket::check_socket_path(socket).map_err(sock_err)?;
         tensorbus_shm::prepare_socket_dir(rendezvous::socket_dir(socket), access.dir_mode)
             .map_err(sock_err)?;

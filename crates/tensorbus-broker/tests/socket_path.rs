@@ -63,7 +63,10 @@ fn directory_and_symlink_are_refused() {
     let sub = d.join("sub.sock");
     std::fs::create_dir(&sub).unwrap();
     let msg = bind_err(&sub).to_string();
-    assert!(msg.contains("directory") && msg.contains(&sub.display().to_string()), "{msg}");
+    assert!(
+        msg.contains("directory") && msg.contains(&sub.display().to_string()),
+        "{msg}"
+    );
     assert!(sub.is_dir());
 
     let stale = d.join("stale.sock");
@@ -71,8 +74,14 @@ fn directory_and_symlink_are_refused() {
     let link = d.join("link.sock");
     std::os::unix::fs::symlink(&stale, &link).unwrap();
     let msg = bind_err(&link).to_string();
-    assert!(msg.contains("symbolic link") && msg.contains("stale.sock"), "{msg}");
-    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+    assert!(
+        msg.contains("symbolic link") && msg.contains("stale.sock"),
+        "{msg}"
+    );
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
     let _ = std::fs::remove_dir_all(&d);
 }
 
@@ -100,7 +109,10 @@ fn live_foreign_seqpacket_socket_is_refused() {
     let path = d.join("quiet.sock");
     let quiet = SeqpacketListener::bind(&path).unwrap();
     let msg = bind_err(&path).to_string();
-    assert!(msg.contains("did not answer as a tensorbus broker"), "{msg}");
+    assert!(
+        msg.contains("did not answer as a tensorbus broker"),
+        "{msg}"
+    );
     // The connection of the probe is pending on the other program's socket.
     quiet.accept().unwrap();
     assert!(std::fs::symlink_metadata(&path).is_ok());
@@ -118,7 +130,10 @@ fn live_broker_is_refused_and_stale_socket_taken_over() {
     assert!(matches!(bind_err(&path), StartError::AlreadyRunning(_)));
     Client::connect_to(Some(&path), "still-there").unwrap();
     drop(first);
-    assert!(std::fs::symlink_metadata(&path).is_err(), "socket removed at stop");
+    assert!(
+        std::fs::symlink_metadata(&path).is_err(),
+        "socket removed at stop"
+    );
     let _ = std::fs::remove_dir_all(&d);
 }
 
@@ -146,7 +161,10 @@ fn unsafe_existing_directories_are_refused() {
     let d = dir("unsafe");
     std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o777)).unwrap();
     let msg = bind_err(&d.join("b.sock")).to_string();
-    assert!(msg.contains("sticky") && msg.contains(&d.display().to_string()), "{msg}");
+    assert!(
+        msg.contains("sticky") && msg.contains(&d.display().to_string()),
+        "{msg}"
+    );
     assert_eq!(mode(&d), 0o777);
     assert!(!d.join("b.sock").exists());
 
@@ -176,7 +194,10 @@ fn created_directory_and_socket_modes_follow_the_config() {
     assert_eq!(mode(&private), 0o600);
     drop(b);
 
-    for extra in ["[broker]\nallowed_uids = [65534]", "[broker]\nallowed_gids = [65534]"] {
+    for extra in [
+        "[broker]\nallowed_uids = [65534]",
+        "[broker]\nallowed_gids = [65534]",
+    ] {
         let shared = d.join("shared/run/broker.sock");
         let _ = std::fs::remove_dir_all(d.join("shared"));
         let b = EmbeddedBroker::start(&config(extra), &shared).unwrap();
