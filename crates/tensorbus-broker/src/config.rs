@@ -156,9 +156,15 @@ pub struct BrokerSection {
     /// Socket path (overridden by `--socket`).
     pub socket: Option<PathBuf>,
     /// User ids allowed to connect; empty = the broker's own uid (and root).
+    ///
+    /// When this names another user, or `allowed_gids` is not empty, the
+    /// broker makes the directories it creates 0711 and its socket 0666,
+    /// and SO_PEERCRED admission decides who gets in; otherwise they are
+    /// 0700 and 0600. Existing directories are never changed.
     #[serde(default)]
     pub allowed_uids: Vec<u32>,
-    /// Group ids whose members may connect (in addition to `allowed_uids`).
+    /// Group ids whose members may connect (in addition to `allowed_uids`);
+    /// matched against the peer's effective gid.
     #[serde(default)]
     pub allowed_gids: Vec<u32>,
 }
