@@ -21,7 +21,9 @@ pub enum ConfigError {
         /// OS error.
         source: std::io::Error,
     },
-    /// TOML syntax or an unknown/mistyped field.
+    /// TOML syntax or an unknown/mistyped field: one line,
+    /// `FIELD: what is wrong` (FIELD such as `pools[0].slot_size`, or
+    /// `line L, column C` for a syntax error).
     #[error("invalid config: {0}")]
     Parse(String),
     /// A value out of range or inconsistent.
@@ -61,16 +63,89 @@ impl ByteSize {
 
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            N(u64),
-            S(String),
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a byte count: a non-negative integer or a string such as \"64KiB\" or \"8MiB\"")
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(n))
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<ByteSize, E> {
+                u64::try_from(n).map(ByteSize).map_err(|_| {
+                    E::custom(format!(
+                        "{n} is negative; expected a byte count such as 4096 or \"8MiB\""
+                    ))
+                })
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<ByteSize, E> {
+                ByteSize::parse(s).map_err(E::custom)
+            }
         }
-        match Raw::deserialize(d)? {
-            Raw::N(n) => Ok(ByteSize(n)),
-            Raw::S(s) => ByteSize::parse(&s).map_err(serde::de::Error::custom),
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// Builds the one-line `FIELD: what is wrong` text of a TOML error: the
+/// field is the dotted path of the key the error points at (for example
+/// `pools[0].slot_size`), or the line and column where no key applies.
+fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
+    let message = e
+        .message()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let Some(span) = e.span() else {
+        return message;
+    };
+    let path = toml::de::DeTable::parse(text)
+        .ok()
+        .and_then(|root| find_key(root.get_ref(), span.start, String::new()));
+    match path {
+        Some(p) if !p.is_empty() => format!("{p}: {message}"),
+        _ => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("line {line}, column {column}: {message}")
         }
+    }
+}
+
+/// The dotted path of the deepest key whose name or value contains `pos`.
+fn find_key(table: &toml::de::DeTable<'_>, pos: usize, prefix: String) -> Option<String> {
+    let mut best = None;
+    for (key, value) in table {
+        let path = if prefix.is_empty() {
+            key.get_ref().to_string()
+        } else {
+            format!("{prefix}.{}", key.get_ref())
+        };
+        if key.span().contains(&pos) {
+            return Some(path);
+        }
+        if let Some(inner) = find_in_value(value.get_ref(), pos, &path) {
+            return Some(inner);
+        }
+        if value.span().contains(&pos) {
+            best = Some(path);
+        }
+    }
+    best
+}
+
+fn find_in_value(value: &toml::de::DeValue<'_>, pos: usize, path: &str) -> Option<String> {
+    match value {
+        toml::de::DeValue::Table(t) => find_key(t, pos, path.to_owned()),
+        toml::de::DeValue::Array(a) => a.iter().enumerate().find_map(|(i, v)| {
+            let item = format!("{path}[{i}]");
+            find_in_value(v.get_ref(), pos, &item)
+                .or_else(|| v.span().contains(&pos).then_some(item))
+        }),
+        _ => None,
     }
 }
 
@@ -81,9 +156,15 @@ pub struct BrokerSection {
     /// Socket path (overridden by `--socket`).
     pub socket: Option<PathBuf>,
     /// User ids allowed to connect; empty = the broker's own uid (and root).
+    ///
+    /// When this names another user, or `allowed_gids` is not empty, the
+    /// broker makes the directories it creates 0711 and its socket 0666,
+    /// and SO_PEERCRED admission decides who gets in; otherwise they are
+    /// 0700 and 0600. Existing directories are never changed.
     #[serde(default)]
     pub allowed_uids: Vec<u32>,
-    /// Group ids whose members may connect (in addition to `allowed_uids`).
+    /// Group ids whose members may connect (in addition to `allowed_uids`);
+    /// matched against the peer's effective gid.
     #[serde(default)]
     pub allowed_gids: Vec<u32>,
 }
@@ -223,7 +304,8 @@ impl Config {
     /// assert_eq!(c.pools[0].slot_size.0, 8 << 20);
     /// ```
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        let c: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let c: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(describe_toml_error(text, &e)))?;
         c.validate()?;
         Ok(c)
     }
@@ -370,10 +452,58 @@ mod tests {
         }
     }
 
+    /// issue 12.11: TOML errors are one line naming the field; a negative or
+    /// boolean byte size says what is expected (not "untagged enum Raw").
+    #[test]
+    fn toml_errors_are_one_line_naming_the_field() {
+        let pool = "[[pools]]\nname='a'\nslot_size=64\nslots=1\n";
+        let cases = [
+            (
+                "[[pools]]\nname='a'\nslot_size=-1\nslots=1".to_owned(),
+                "invalid config: pools[0].slot_size: -1 is negative",
+            ),
+            (
+                "[[pools]]\nname='a'\nslot_size=true\nslots=1".to_owned(),
+                "invalid config: pools[0].slot_size: invalid type: boolean `true`, expected a byte count",
+            ),
+            (
+                format!("{pool}[[pools]]\nname='b'\nslot_size='8 parsecs'\nslots=1"),
+                "invalid config: pools[1].slot_size: unknown unit",
+            ),
+            (
+                format!("{pool}bogus_field = 1"),
+                "invalid config: pools[0].bogus_field: unknown field `bogus_field`",
+            ),
+            (
+                format!("[limits]\nring_capacity = 'many'\n{pool}"),
+                "invalid config: limits.ring_capacity: invalid type: string",
+            ),
+            (
+                format!("[broker]\nallowed_uids = [1, -2]\n{pool}"),
+                "invalid config: broker.allowed_uids",
+            ),
+            (
+                format!("{pool}[[channels]]\nname='c'\nmode='fanout'"),
+                "invalid config: channels[0].mode: unknown variant `fanout`",
+            ),
+            ("[[pools]]\nname='a'\nslots=1".to_owned(), "invalid config: pools[0]: missing field `slot_size`"),
+            ("[[pools]\nname='a'".to_owned(), "invalid config: line 1, column"),
+        ];
+        for (text, want) in cases {
+            let err = Config::from_toml(&text).unwrap_err().to_string();
+            assert!(err.starts_with(want), "{text:?}:\n{err}");
+            assert!(!err.contains('\n'), "{text:?}: not one line:\n{err}");
+            assert!(!err.contains("untagged"), "{text:?}: {err}");
+        }
+    }
+
     #[test]
     fn example_config_parses() {
         let text = include_str!("../../../examples/tensorbus.toml");
         let c = Config::from_toml(text).unwrap();
         assert!(!c.channels.is_empty());
+        // issue 12.11: the example states the real handle limit.
+        assert!(text.contains("limited to 63 per broker"), "{text}");
+        assert!(!text.contains("64 per broker"), "{text}");
     }
 }

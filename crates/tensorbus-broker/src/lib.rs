@@ -19,6 +19,7 @@
 pub mod config;
 mod names;
 mod reclaim;
+mod rendezvous;
 mod server;
 mod stat;
 mod state;

@@ -1,6 +1,7 @@
 //! The broker's event loop: admission, requests, liveness.
 
 use crate::config::Config;
+use crate::rendezvous::{self, Access, SocketFile};
 use crate::state::{Handle, HandleKind, State};
 use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd};
@@ -19,6 +20,15 @@ pub enum StartError {
     /// Another broker answers on the socket.
     #[error("a broker is already running at {0}; stop it first or use another --socket")]
     AlreadyRunning(PathBuf),
+    /// Something other than a stale tensorbus socket is at the socket path
+    /// (a file, directory, symbolic link, another program's live socket).
+    #[error("refusing to use {path} as the broker socket: {what}; it is left as it is: remove it yourself if it is not needed, or use another --socket")]
+    Occupied {
+        /// Socket path.
+        path: PathBuf,
+        /// What is there.
+        what: String,
+    },
     /// The socket could not be created.
     #[error("cannot listen on {path}: {source}")]
     Socket {
@@ -50,6 +60,10 @@ struct ClientConn {
 pub struct Broker {
     listener: SeqpacketListener,
     socket: PathBuf,
+    /// The socket file this broker created (removed at stop only if the
+    /// path still is that file).
+    socket_file: SocketFile,
+    socket_removed: bool,
     state: State,
     clients: HashMap<u32, ClientConn>,
     next_client: u32,
@@ -61,27 +75,36 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// Creates pools and the control segment and binds the socket (removing
-    /// a stale socket file left by a dead broker; the directory is made 0700).
+    /// Creates pools and the control segment and binds the socket.
+    ///
+    /// Only a stale tensorbus socket at `socket` is replaced; a file,
+    /// directory, symbolic link or another program's live socket is
+    /// refused ([`StartError::Occupied`]), a live broker too
+    /// ([`StartError::AlreadyRunning`]). Missing directories are created
+    /// (0700, or 0711 when the config admits other users); an existing
+    /// directory is checked and never changed. The socket is 0600, or 0666
+    /// when other users are admitted (SO_PEERCRED admission is then the
+    /// gate). At stop, [`Broker::run`] removes the socket only if the path
+    /// still is the socket this broker created.
     pub fn bind(config: &Config, socket: &Path) -> Result<Broker, StartError> {
         let sock_err = |source: std::io::Error| StartError::Socket {
             path: socket.to_path_buf(),
             source,
         };
-        if let Some(dir) = socket.parent().filter(|d| !d.as_os_str().is_empty()) {
-            tensorbus_shm::ensure_private_dir(dir).map_err(sock_err)?;
-        }
-        if socket.exists() {
-            if SeqpacketConn::connect(socket).is_ok() {
-                return Err(StartError::AlreadyRunning(socket.to_path_buf()));
-            }
-            std::fs::remove_file(socket).map_err(sock_err)?;
-        }
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let me = unsafe { libc::geteuid() };
+        let access = Access::new(me, &config.broker.allowed_uids, &config.broker.allowed_gids);
+        tensorbus_shm::socket::check_socket_path(socket).map_err(sock_err)?;
+        tensorbus_shm::prepare_socket_dir(rendezvous::socket_dir(socket), access.dir_mode)
+            .map_err(sock_err)?;
+        rendezvous::take_over(socket)?;
         let state = State::new(config).map_err(StartError::Memory)?;
         let listener = SeqpacketListener::bind(socket).map_err(sock_err)?;
         listener.set_nonblocking(true).map_err(sock_err)?;
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let me = unsafe { libc::geteuid() };
+        let socket_file = SocketFile::bound(socket, access.socket_mode).map_err(sock_err)?;
+        if access.shared {
+            rendezvous::warn_if_unreachable(socket, &config.broker.allowed_gids);
+        }
         let mut allowed_uids = config.broker.allowed_uids.clone();
         if allowed_uids.is_empty() {
             allowed_uids = vec![me, 0];
@@ -89,6 +112,8 @@ impl Broker {
         Ok(Broker {
             listener,
             socket: socket.to_path_buf(),
+            socket_file,
+            socket_removed: false,
             state,
             clients: HashMap::new(),
             next_client: 1,
@@ -109,7 +134,15 @@ impl Broker {
         &self.socket
     }
 
-    /// Serves until `stop` becomes true, then removes the socket file.
+    /// Whether [`Broker::run`] removed the socket file when it stopped
+    /// (false if the path had become another file, e.g. a newer broker's
+    /// socket, which is left alone).
+    pub fn socket_removed(&self) -> bool {
+        self.socket_removed
+    }
+
+    /// Serves until `stop` becomes true, then removes the socket file if
+    /// the path still is the socket this broker created.
     pub fn run(&mut self, stop: &AtomicBool) {
         let mut ids: Vec<u32> = Vec::new();
         let mut ready: Vec<bool> = Vec::new();
@@ -124,8 +157,10 @@ impl Broker {
             }
             ready.clear();
             ready.resize(fds.len(), false);
+            // The idle tick bounds how long a stop request waits (SIGTERM
+            // sets `stop` from another thread): well under 100 ms.
             let tick = if self.state.pending.is_empty() && self.state.redispatch.is_empty() {
-                100
+                50
             } else {
                 2
             };
@@ -153,7 +188,7 @@ impl Broker {
                 }
             }
         }
-        let _ = std::fs::remove_file(&self.socket);
+        self.socket_removed = self.socket_file.remove_if_ours();
     }
 
     fn accept_all(&mut self) {

@@ -35,7 +35,8 @@ pub fn human_bytes(n: u64) -> String {
     format!("{n}B")
 }
 
-/// Runs the broker until Ctrl-C or SIGTERM; the socket file is removed on exit.
+/// Runs the broker until Ctrl-C or SIGTERM; the socket file is removed on
+/// exit if it still is the one this broker created.
 pub fn run(args: Args) -> Result<(), CliError> {
     let config = match &args.config {
         Some(path) => Config::from_file(path).map_err(|e| match e {
@@ -74,7 +75,14 @@ pub fn run(args: Args) -> Result<(), CliError> {
     );
     broker.run(&stop);
     if args.verbose {
-        eprintln!("tensorbus broker: stopped, removed {}", socket.display());
+        if broker.socket_removed() {
+            eprintln!("tensorbus broker: stopped, removed {}", socket.display());
+        } else {
+            eprintln!(
+                "tensorbus broker: stopped; {} is no longer this broker's socket (a newer broker's?), left in place",
+                socket.display()
+            );
+        }
     }
     Ok(())
 }

@@ -45,7 +45,7 @@ enum Command {
     Demo(demo::Args),
     /// Measure latency and throughput against the cache-line limit, iceoryx2 and copying paths (runs the separately built tensorbus-bench).
     Bench(bench::Args),
-    /// Read raw frames (--shape, --dtype) from stdin into loaned slots and publish them.
+    /// Read raw frames (--shape, --dtype) from stdin into loaned slots and publish them (a truncated last frame is dropped: exit 1).
     Pub(pubsub::PubArgs),
     /// Write every tensor received on a channel to stdout as raw bytes.
     Sub(pubsub::SubArgs),
@@ -77,6 +77,62 @@ impl<E: std::error::Error> From<E> for CliError {
     }
 }
 
+impl CliError {
+    /// The marker for "stdout was closed by its reader": `main` exits 0
+    /// without a message (like `head` closing a pipe).
+    pub fn broken_pipe() -> CliError {
+        CliError(BROKEN_PIPE.to_owned())
+    }
+
+    /// Whether this is [`CliError::broken_pipe`].
+    pub fn is_broken_pipe(&self) -> bool {
+        self.0 == BROKEN_PIPE
+    }
+}
+
+/// The text of [`CliError::broken_pipe`] (never printed).
+const BROKEN_PIPE: &str = "\0stdout closed";
+
+/// Writes `text` to stdout and flushes; a closed stdout (EPIPE) becomes
+/// [`CliError::broken_pipe`], so the command exits quietly instead of
+/// panicking as `print!` would.
+pub fn print_stdout(text: &str) -> Result<(), CliError> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(CliError::broken_pipe()),
+        Err(e) => Err(CliError(format!("writing to stdout: {e}"))),
+    }
+}
+
+/// Parses a floating-point flag value: finite and within `min..=max`, or
+/// exactly 0 when `zero_ok` (clap `value_parser`).
+fn parse_f64_in(s: &str, min: f64, max: f64, zero_ok: bool) -> Result<f64, String> {
+    let s = s.trim();
+    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if !v.is_finite() {
+        return Err(format!("{s:?} is not a finite number"));
+    }
+    if (zero_ok && v == 0.0) || (min..=max).contains(&v) {
+        return Ok(v);
+    }
+    Err(format!(
+        "{s} is out of range: expected {}a number between {min} and {max}",
+        if zero_ok { "0 or " } else { "" }
+    ))
+}
+
+/// `--fps`: 0 (no pacing) or 0.001 ..= 1000000 frames per second.
+pub fn parse_fps(s: &str) -> Result<f64, String> {
+    parse_f64_in(s, 0.001, 1_000_000.0, true)
+}
+
+/// A duration in seconds: 0 ..= 31536000 (365 days).
+pub fn parse_seconds(s: &str) -> Result<f64, String> {
+    parse_f64_in(s, 0.0, 31_536_000.0, false)
+}
+
 /// Shorthand for building a [`CliError`] from a message.
 pub fn fail<T>(msg: impl Into<String>) -> Result<T, CliError> {
     Err(CliError(msg.into()))
@@ -105,9 +161,31 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is_broken_pipe() => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tensorbus {name}: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// issue 12.10: numeric flags refuse non-finite and out-of-range values.
+    #[test]
+    fn numeric_flags_are_range_checked() {
+        for bad in ["1e-20", "-1", "nan", "inf", "1e30", "x", "2000000"] {
+            assert!(parse_fps(bad).is_err(), "--fps {bad}");
+        }
+        for good in ["0", "30", "0.5", "1000000"] {
+            assert!(parse_fps(good).is_ok(), "--fps {good}");
+        }
+        for bad in ["1e30", "-1", "nan", "-inf", "4e7"] {
+            assert!(parse_seconds(bad).is_err(), "--timeout {bad}");
+        }
+        assert_eq!(parse_seconds("0.25"), Ok(0.25));
+        assert!(CliError::broken_pipe().is_broken_pipe());
     }
 }

@@ -25,8 +25,18 @@ const LOAN_WAIT: Duration = Duration::from_secs(365 * 24 * 3600);
 /// How often `sub` wakes up to look at Ctrl-C and its idle timeout.
 const RECV_SLICE: Duration = Duration::from_millis(100);
 
+/// What `pub --help` says after the flags.
+const PUB_AFTER_HELP: &str = "\
+Input: raw frames of exactly product(--shape) x itemsize(--dtype) bytes each, back to back.
+End of input: at EOF on a frame boundary pub prints `pub: frames=N bytes=B` and exits 0.
+If stdin ends inside a frame, that truncated last frame is dropped (never published): pub
+prints its summary and an error saying how many bytes were missing, and exits 1.
+Ctrl-C / SIGTERM: the frame being read is not published; pub prints its summary with
+`(interrupted)` and exits 130.";
+
 /// Arguments of `tensorbus pub`.
 #[derive(clap::Args, Debug)]
+#[command(after_help = PUB_AFTER_HELP)]
 pub struct PubArgs {
     /// Channel to publish on.
     #[arg(long)]
@@ -53,15 +63,15 @@ pub struct PubArgs {
     /// With --create: a pool the channel may loan from (repeat for several; default: every pool of the broker).
     #[arg(long = "pool", value_name = "NAME", requires = "create")]
     pools: Vec<String>,
-    /// Publish at most this many frames per second (0 or absent: as fast as stdin delivers).
-    #[arg(long, value_name = "F")]
+    /// Publish at most this many frames per second, 0.001 to 1000000 (0 or absent: as fast as stdin delivers).
+    #[arg(long, value_name = "F", value_parser = crate::parse_fps)]
     fps: Option<f64>,
     /// Put the frame index (u64, little endian) in each tensor's user header.
     #[arg(long)]
     user_header_seq: bool,
-    /// Before reading stdin, wait (at most 10 s) until the channel has N subscribers.
-    #[arg(long, value_name = "N")]
-    wait_subscribers: Option<usize>,
+    /// Before reading stdin, wait (at most 10 s) until the channel has N subscribers (1 to 64).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=64))]
+    wait_subscribers: Option<u64>,
 }
 
 /// Arguments of `tensorbus sub`.
@@ -70,19 +80,19 @@ pub struct SubArgs {
     /// Channel to subscribe to.
     #[arg(long)]
     channel: String,
-    /// Stop after N tensors.
-    #[arg(long, value_name = "N")]
+    /// Stop after N tensors (at least 1).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     count: Option<u64>,
     #[command(flatten)]
     socket: SocketArg,
     /// Policy when this subscriber falls behind: block (lossless, default), drop_oldest, drop_newest, latest.
     #[arg(long, value_name = "P", default_value = "block")]
     policy: Policy,
-    /// Ring depth (channel default if absent).
-    #[arg(long, value_name = "D")]
+    /// Ring depth, at least 1 and at most the broker's limits.ring_capacity (channel default if absent).
+    #[arg(long, value_name = "D", value_parser = clap::value_parser!(u32).range(1..))]
     depth: Option<u32>,
-    /// Stop when no tensor arrives within SECS seconds (default: wait forever).
-    #[arg(long, value_name = "SECS")]
+    /// Stop when no tensor arrives within SECS seconds, 0 to 31536000 (default: wait forever).
+    #[arg(long, value_name = "SECS", value_parser = crate::parse_seconds)]
     timeout: Option<f64>,
 }
 
@@ -137,7 +147,7 @@ fn read_full(input: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 }
 
 /// Waits until `channel` has at least `n` subscribers.
-fn wait_subscribers(client: &Client, channel: &str, n: usize) -> Result<(), CliError> {
+fn wait_subscribers(client: &Client, channel: &str, n: u64) -> Result<(), CliError> {
     let deadline = Instant::now() + WAIT_SUBSCRIBERS_LIMIT;
     loop {
         let have = client
@@ -145,7 +155,7 @@ fn wait_subscribers(client: &Client, channel: &str, n: usize) -> Result<(), CliE
             .channels
             .iter()
             .find(|c| c.name == channel)
-            .map_or(0, |c| c.subscribers.len());
+            .map_or(0, |c| c.subscribers.len() as u64);
         if have >= n {
             return Ok(());
         }
@@ -163,6 +173,8 @@ pub fn run_pub(args: PubArgs) -> Result<(), CliError> {
     let Some(frame_len) = frame_bytes(&args.shape.0, args.dtype) else {
         return fail(format!("shape {:?} is too large", args.shape.0));
     };
+    let published = Arc::new(AtomicU64::new(0));
+    summary_on_interrupt(published.clone(), frame_len as u64)?;
     let client = Client::connect_to(args.socket.socket.as_deref(), "tensorbus-pub")?;
     let opts = if args.create {
         let pools: Vec<&str> = args.pools.iter().map(String::as_str).collect();
@@ -183,8 +195,6 @@ pub fn run_pub(args: PubArgs) -> Result<(), CliError> {
         .map(|f| Duration::from_secs_f64(1.0 / f));
     let start = Instant::now();
     let (mut frames, mut bytes) = (0u64, 0u64);
-    let published = Arc::new(AtomicU64::new(0));
-    summary_on_interrupt(published.clone(), frame_len as u64)?;
     loop {
         let mut t = loan(&mut producer, &args.shape.0, args.dtype)?;
         let got = read_full(&mut stdin, t.as_mut_bytes())
@@ -206,9 +216,13 @@ pub fn run_pub(args: PubArgs) -> Result<(), CliError> {
             t.set_user_header(&frames.to_le_bytes())?;
         }
         if let Some(p) = period {
-            let due = start + p.mul_f64(frames as f64);
+            // --fps is at least 0.001, so `p` is at most 1000 s; checked
+            // arithmetic all the same, so no flag value can panic here.
+            let due = Duration::try_from_secs_f64(p.as_secs_f64() * frames as f64)
+                .ok()
+                .and_then(|d| start.checked_add(d));
             let now = Instant::now();
-            if due > now {
+            if let Some(due) = due.filter(|&d| d > now) {
                 std::thread::sleep(due - now);
             }
         }
@@ -251,19 +265,67 @@ fn is_broken_pipe(e: &io::Error) -> bool {
     e.kind() == ErrorKind::BrokenPipe
 }
 
-/// Subscribes and writes every tensor's bytes to stdout.
-pub fn run_sub(args: SubArgs) -> Result<(), CliError> {
-    let idle_limit = match args.timeout {
-        Some(s) if !(s.is_finite() && s >= 0.0) => {
-            return fail(format!("--timeout {s}: expected a number of seconds >= 0"))
+/// How long `sub`'s signal handler waits for the main loop to stop by
+/// itself (it looks at the flag between tensors) before it prints the
+/// summary and exits on its own (the loop may be stuck in a write to a
+/// stdout nobody reads).
+const STOP_GRACE: Duration = Duration::from_millis(50);
+
+/// Exit status after Ctrl-C / SIGTERM (128 + SIGINT, as shells report it).
+const INTERRUPTED: i32 = 130;
+
+/// What `sub` has written so far, shared with its signal handler.
+#[derive(Default)]
+struct SubProgress {
+    frames: AtomicU64,
+    bytes: AtomicU64,
+    /// Set by whoever prints the summary (main loop or signal handler), so
+    /// that it is printed once.
+    summarized: AtomicBool,
+}
+
+impl SubProgress {
+    /// Prints the summary unless it was printed already; returns whether
+    /// this call printed it.
+    fn summarize(&self, interrupted: bool) -> bool {
+        if self.summarized.swap(true, Ordering::AcqRel) {
+            return false;
         }
-        Some(s) => Some(Duration::from_secs_f64(s)),
-        None => None,
-    };
+        eprintln!(
+            "sub: frames={} bytes={}{}",
+            self.frames.load(Ordering::Relaxed),
+            self.bytes.load(Ordering::Relaxed),
+            if interrupted { " (interrupted)" } else { "" }
+        );
+        true
+    }
+}
+
+/// Subscribes and writes every tensor's bytes to stdout.
+///
+/// Ctrl-C / SIGTERM stop it within 100 ms even while tensors keep coming
+/// (the flag is read before every tensor): the summary ends in
+/// `(interrupted)` and the exit status is 130. A closed stdout ends it
+/// quietly with status 0.
+pub fn run_sub(args: SubArgs) -> Result<(), CliError> {
+    let idle_limit = args.timeout.map(Duration::from_secs_f64);
     let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    ctrlc::set_handler(move || flag.store(true, Ordering::Relaxed))
-        .map_err(|e| CliError(format!("cannot install the signal handler: {e}")))?;
+    let progress = Arc::new(SubProgress::default());
+    let (flag, shared) = (stop.clone(), progress.clone());
+    ctrlc::set_handler(move || {
+        flag.store(true, Ordering::Relaxed);
+        let deadline = Instant::now() + STOP_GRACE;
+        while Instant::now() < deadline {
+            if shared.summarized.load(Ordering::Acquire) {
+                return; // the main loop stopped and reports
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if shared.summarize(true) {
+            std::process::exit(INTERRUPTED);
+        }
+    })
+    .map_err(|e| CliError(format!("cannot install the signal handler: {e}")))?;
     let client = Client::connect_to(args.socket.socket.as_deref(), "tensorbus-sub")?;
     let mut opts = ConsumerOptions::default().policy(args.policy);
     if let Some(d) = args.depth {
@@ -274,17 +336,17 @@ pub fn run_sub(args: SubArgs) -> Result<(), CliError> {
     // BufWriter passes writes of at least its capacity straight through.
     let stdout = File::from(io::stdout().as_fd().try_clone_to_owned()?);
     let mut out = BufWriter::with_capacity(64 << 10, stdout);
-    let (mut frames, mut bytes) = (0u64, 0u64);
+    let mut frames = 0u64;
     let mut last = Instant::now();
     let result: io::Result<()> = (|| {
         while args.count.is_none_or(|n| frames < n) {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
             let t = match consumer.try_recv() {
                 Ok(t) => t,
                 Err(TryRecvError::Empty) => {
                     out.flush()?; // about to wait: let the reader see what we have
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
                     let slice = match idle_limit {
                         Some(limit) => match limit.checked_sub(last.elapsed()) {
                             Some(left) if !left.is_zero() => left.min(RECV_SLICE),
@@ -304,16 +366,32 @@ pub fn run_sub(args: SubArgs) -> Result<(), CliError> {
             out.write_all(&t)?;
             drop(t);
             frames += 1;
-            bytes += n;
+            progress.frames.store(frames, Ordering::Relaxed);
+            progress.bytes.fetch_add(n, Ordering::Relaxed);
             last = Instant::now();
         }
         out.flush()
     })();
+    let interrupted = stop.load(Ordering::Relaxed);
     match result {
-        Err(e) if is_broken_pipe(&e) => Ok(()),
-        Err(e) => fail(format!("after {frames} tensors: {e}")),
+        Err(e) if is_broken_pipe(&e) => {
+            progress.summarized.store(true, Ordering::Release);
+            Err(CliError::broken_pipe())
+        }
+        Err(e) => {
+            progress.summarized.store(true, Ordering::Release);
+            fail(format!("after {frames} tensors: {e}"))
+        }
         Ok(()) => {
-            eprintln!("sub: frames={frames} bytes={bytes}");
+            if !progress.summarize(interrupted) {
+                // The signal handler printed it and is exiting.
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            if interrupted {
+                drop(consumer);
+                drop(client);
+                std::process::exit(INTERRUPTED);
+            }
             Ok(())
         }
     }

@@ -19,15 +19,15 @@ pub struct Args {
 pub fn run(args: Args) -> Result<(), CliError> {
     let client = Client::connect_to(args.socket.socket.as_deref(), "tensorbus-stat")?;
     let report = client.stat()?;
+    // A closed stdout (`tensorbus stat | head -1`) ends the command quietly.
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        crate::print_stdout(&format!("{}\n", serde_json::to_string_pretty(&report)?))
     } else {
-        print!(
-            "{}",
-            render(&report, &client.socket_path().display().to_string())
-        );
+        crate::print_stdout(&render(
+            &report,
+            &client.socket_path().display().to_string(),
+        ))
     }
-    Ok(())
 }
 
 /// The human-readable report.

@@ -14,8 +14,8 @@
 //! * [`socket`]: Unix `SOCK_SEQPACKET` sockets with `SCM_RIGHTS` file
 //!   descriptor passing and `SO_PEERCRED`.
 //! * [`poll`]: a tiny `poll(2)` wrapper for event loops.
-//! * [`dirs`]: creation and verification of private (mode 0700) runtime
-//!   directories.
+//! * [`dirs`]: socket directories: created with a chosen mode, or, if they
+//!   exist, checked (owner, mode) and left unchanged.
 //! * [`clock`]: a cheap monotonic clock.
 //!
 //! # Errors
@@ -39,7 +39,7 @@ pub mod poll;
 pub mod socket;
 
 pub use clock::monotonic_ns;
-pub use dirs::ensure_private_dir;
+pub use dirs::{ensure_private_dir, prepare_socket_dir, SocketDir};
 pub use futex::WaitOutcome;
 pub use mapping::{Access, Mapping};
 pub use memfd::{fd_len, Memfd};

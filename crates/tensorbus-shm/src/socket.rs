@@ -163,6 +163,59 @@ impl From<SeqpacketListener> for OwnedFd {
     }
 }
 
+/// Checks that `path` can be a socket address (not empty, no NUL byte, at
+/// most 107 bytes), without touching the file system.
+///
+/// ```
+/// use std::path::Path;
+/// assert!(tensorbus_shm::socket::check_socket_path(Path::new("/tmp/b.sock")).is_ok());
+/// let long = format!("/tmp/{}", "x".repeat(200));
+/// assert!(tensorbus_shm::socket::check_socket_path(Path::new(&long)).is_err());
+/// ```
+///
+/// # Errors
+///
+/// `InvalidInput` naming the path and what is wrong with it.
+pub fn check_socket_path(path: &Path) -> io::Result<()> {
+    sockaddr_un(path).map(|_| ())
+}
+
+/// The longest socket path, in bytes (`sun_path` less its NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+impl SeqpacketConn {
+    /// Connects to `path` without waiting: a listener whose backlog is full
+    /// gives `WouldBlock` instead of blocking. The connection returned is
+    /// blocking, like one from [`SeqpacketConn::connect`].
+    ///
+    /// Errors are the OS error of `connect` **unchanged** (no path in the
+    /// message), so that `raw_os_error()` tells what is at the path:
+    /// `ECONNREFUSED` for a socket file nobody listens on (stale),
+    /// `EPROTOTYPE` for a socket of another type (stream, datagram),
+    /// `EAGAIN` for a full backlog, `ENOENT`, `EACCES`, ...; `InvalidInput`
+    /// for a bad path (with the path).
+    ///
+    /// # Errors
+    ///
+    /// As above.
+    pub fn connect_nonblocking(path: &Path) -> io::Result<Self> {
+        let (addr, addr_len) = sockaddr_un(path)?;
+        let fd = seqpacket_socket()?;
+        set_nonblocking(fd.as_fd(), true)?;
+        // SAFETY: `addr` is a valid sockaddr_un of which the first `addr_len`
+        // bytes are initialised; connect does not retain the pointer.
+        cvt(unsafe {
+            libc::connect(
+                fd.as_raw_fd(),
+                ptr::addr_of!(addr).cast::<libc::sockaddr>(),
+                addr_len,
+            )
+        })?;
+        set_nonblocking(fd.as_fd(), false)?;
+        Ok(SeqpacketConn { fd })
+    }
+}
+
 /// A connected Unix seqpacket socket.
 ///
 /// ```
@@ -692,6 +745,32 @@ mod tests {
         assert_eq!(ok.len(), 107);
         assert!(sockaddr_un(Path::new(&ok)).is_ok());
         assert!(sockaddr_un(Path::new(&format!("{ok}z"))).is_err());
+    }
+
+    #[test]
+    fn connect_nonblocking_tells_what_is_at_the_path() {
+        let path = sock_path("probe");
+        // Nothing there.
+        let e = SeqpacketConn::connect_nonblocking(&path).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
+        // A live seqpacket listener.
+        let l = SeqpacketListener::bind(&path).unwrap();
+        let c = SeqpacketConn::connect_nonblocking(&path).unwrap();
+        let s = l.accept().unwrap();
+        c.send(b"hi", &[]).unwrap();
+        assert_eq!(s.recv(&mut [0u8; 4], &mut Vec::new()).unwrap(), 2);
+        // A stale socket file: nobody listens any more.
+        drop((l, s, c));
+        let e = SeqpacketConn::connect_nonblocking(&path).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ECONNREFUSED));
+        std::fs::remove_file(&path).unwrap();
+        // A live stream socket of another program.
+        let stream = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let e = SeqpacketConn::connect_nonblocking(&path).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPROTOTYPE));
+        drop(stream);
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(MAX_SOCKET_PATH, 107);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The connection to the broker and the shared memory it hands out.
 
-use crate::error::{ConnectError, OpenError, RequestError};
+use crate::error::{ConnectError, OpenError, RequestError, NO_ANSWER};
 use crate::paths::socket_path;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -13,6 +13,9 @@ use tensorbus_shm::{Access, Mapping, SeqpacketConn};
 
 /// How long a control request waits for the broker's answer.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The reason given when the broker did not answer within [`REQUEST_TIMEOUT`].
+const NO_REPLY: &str = "no reply within 10 s";
 
 /// A pool mapping a handle uses on its hot path.
 #[derive(Clone, Copy, Debug)]
@@ -137,9 +140,13 @@ fn exchange(
         .map_err(|e| ExchangeError::Unavailable(e.to_string()))?;
     let mut buf = vec![0u8; MAX_MESSAGE];
     let mut fds = Vec::new();
-    let n = conn
-        .recv(&mut buf, &mut fds)
-        .map_err(|e| ExchangeError::Unavailable(e.to_string()))?;
+    let n = conn.recv(&mut buf, &mut fds).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::WouldBlock {
+            ExchangeError::Unavailable(NO_REPLY.into())
+        } else {
+            ExchangeError::Unavailable(e.to_string())
+        }
+    })?;
     if n == 0 {
         return Err(ExchangeError::Unavailable(
             "the broker closed the connection".into(),
@@ -218,9 +225,24 @@ impl Client {
     /// Connects to the broker at `socket` (or the default path) as `name`.
     pub fn connect_to(socket: Option<&Path>, name: &str) -> Result<Client, ConnectError> {
         let path = socket_path(socket);
-        let conn = SeqpacketConn::connect(&path).map_err(|e| ConnectError::BrokerUnavailable {
-            path: path.clone(),
-            reason: e.to_string(),
+        let conn = SeqpacketConn::connect(&path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::PermissionDenied {
+                // SAFETY: geteuid has no preconditions and cannot fail.
+                let uid = unsafe { libc::geteuid() };
+                ConnectError::PermissionDenied {
+                    path: path.clone(),
+                    message: format!(
+                        "{e}: the file permissions of the socket (or of its directory) keep uid {uid} out; \
+                         the broker's [broker] allowed_uids (or allowed_gids) must admit this user, \
+                         and the broker then opens its socket to other users"
+                    ),
+                }
+            } else {
+                ConnectError::BrokerUnavailable {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                }
+            }
         })?;
         let _ = conn.set_read_timeout(Some(REQUEST_TIMEOUT));
         let hello = Request::Hello {
@@ -228,6 +250,16 @@ impl Client {
             version: LAYOUT_VERSION,
         };
         let (resp, fds) = exchange(&conn, &hello).map_err(|e| match e {
+            ExchangeError::Unavailable(reason) if reason == NO_REPLY => {
+                ConnectError::BrokerUnavailable {
+                    reason: format!(
+                        "{NO_ANSWER} at {} within {} s (a program accepted the connection but sent no reply)",
+                        path.display(),
+                        REQUEST_TIMEOUT.as_secs()
+                    ),
+                    path: path.clone(),
+                }
+            }
             ExchangeError::Unavailable(reason) => ConnectError::BrokerUnavailable {
                 path: path.clone(),
                 reason,

@@ -8,8 +8,10 @@ use tensorbus_core::ShapeError;
 /// Why [`crate::Client::connect`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    /// Nothing listens at the socket path.
-    #[error("broker unreachable at {path}: {reason}. Start one with `tensorbus broker` (or `tensorbus broker --socket {path}`), or point TENSORBUS_SOCKET at a running broker's socket")]
+    /// Nothing listens at the socket path, or nothing answered there as a
+    /// broker. The message's advice depends on the case (a path too long
+    /// for a socket address is not suggested again).
+    #[error("{}", unavailable_message(path, reason))]
     BrokerUnavailable {
         /// Socket path tried.
         path: PathBuf,
@@ -30,6 +32,30 @@ pub enum ConnectError {
     /// Mapping the shared memory failed.
     #[error("could not map the broker's shared memory: {0}")]
     Map(#[source] std::io::Error),
+}
+
+/// Start of the `reason` of a [`ConnectError::BrokerUnavailable`] when a
+/// program accepted the connection but did not answer the hello.
+pub(crate) const NO_ANSWER: &str = "nothing answered as a tensorbus broker";
+
+/// The text of [`ConnectError::BrokerUnavailable`].
+fn unavailable_message(path: &std::path::Path, reason: &str) -> String {
+    let shown = path.display();
+    if path.as_os_str().len() > tensorbus_shm::socket::MAX_SOCKET_PATH {
+        return format!(
+            "broker unreachable at {shown}: {reason}. Use a socket path of at most {} bytes (--socket, TENSORBUS_SOCKET or [broker] socket), for example {}",
+            tensorbus_shm::socket::MAX_SOCKET_PATH,
+            crate::paths::short_default_socket().display()
+        );
+    }
+    if reason.starts_with(NO_ANSWER) {
+        return format!(
+            "broker unreachable at {shown}: {reason}. Check that --socket / TENSORBUS_SOCKET names a tensorbus broker's socket, and that the broker is not stopped (SIGSTOP) or hung"
+        );
+    }
+    format!(
+        "broker unreachable at {shown}: {reason}. Start one with `tensorbus broker` (or `tensorbus broker --socket {shown}`), or point TENSORBUS_SOCKET at a running broker's socket"
+    )
 }
 
 /// Why a control request (open, close, stat) failed.

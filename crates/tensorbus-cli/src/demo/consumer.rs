@@ -158,7 +158,7 @@ pub fn run(args: RoleArgs) -> Result<(), CliError> {
         "span_s": span,
         "fps": rate(received, span),
     });
-    println!("{summary}");
+    crate::print_stdout(&format!("{summary}\n"))?;
     Ok(())
 }
 

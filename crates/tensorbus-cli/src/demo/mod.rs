@@ -40,11 +40,11 @@ pub const NEXT_WAIT: Duration = Duration::from_secs(10);
 /// Arguments of `tensorbus demo`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Frames the camera publishes.
-    #[arg(long, default_value_t = 300)]
+    /// Frames the camera publishes (at least 1).
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
     pub frames: u64,
-    /// Camera frame rate; 0 = as fast as the pipeline goes.
-    #[arg(long, default_value_t = 30.0)]
+    /// Camera frame rate, 0.001 to 1000000; 0 = as fast as the pipeline goes.
+    #[arg(long, default_value_t = 30.0, value_parser = crate::parse_fps)]
     pub fps: f64,
     /// Use the broker at this socket (channels are created if missing)
     /// instead of starting a private one.
@@ -65,7 +65,7 @@ pub struct RoleArgs {
     #[arg(long)]
     pub frames: u64,
     /// Camera frame rate (0 = unpaced).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = crate::parse_fps)]
     pub fps: f64,
     /// No progress output.
     #[arg(long, short)]

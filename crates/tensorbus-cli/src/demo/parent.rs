@@ -43,15 +43,6 @@ impl Drop for Children {
 
 /// Runs the demo and prints `demo: frames=N fps=F e2e_p50_us=X e2e_p99_us=Y dropped=D errors=E`.
 pub fn run(args: Args) -> Result<(), CliError> {
-    if !args.fps.is_finite() || args.fps < 0.0 {
-        return fail(format!(
-            "--fps must be 0 (unpaced) or positive, not {}",
-            args.fps
-        ));
-    }
-    if args.frames == 0 {
-        return fail("--frames must be at least 1");
-    }
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     ctrlc::set_handler(move || flag.store(true, Ordering::Relaxed))
@@ -202,13 +193,13 @@ fn summarize(args: &Args, output: &str, failed: u64) -> Result<(), CliError> {
     let received = num("received") as u64;
     let errors = num("errors") as u64 + failed;
     let dropped = args.frames.saturating_sub(received);
-    println!(
-        "demo: frames={} fps={:.1} e2e_p50_us={:.0} e2e_p99_us={:.0} dropped={dropped} errors={errors}",
+    crate::print_stdout(&format!(
+        "demo: frames={} fps={:.1} e2e_p50_us={:.0} e2e_p99_us={:.0} dropped={dropped} errors={errors}\n",
         args.frames,
         num("fps"),
         num("e2e_p50_us"),
         num("e2e_p99_us"),
-    );
+    ))?;
     if failed > 0 {
         return fail(format!(
             "{failed} demo process(es) failed (see the messages above)"
