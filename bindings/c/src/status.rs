@@ -170,6 +170,8 @@ impl From<RecvError> for Error {
         let status = match &e {
             RecvError::Timeout(_) => TB_ERR_TIMEOUT,
             RecvError::NotExclusive(_) => TB_ERR_NOT_EXCLUSIVE,
+            // The C API never detaches a consumer; a detached one is misuse.
+            RecvError::Detached => TB_ERR_INVALID_ARGUMENT,
             _ => TB_ERR_CORRUPTED,
         };
         err(status, e.to_string())

@@ -77,6 +77,7 @@ pub(crate) fn recv_err(e: RecvError) -> PyErr {
         RecvError::Timeout(_) => "Timeout",
         RecvError::Corrupted(_) => "Corrupted",
         RecvError::NotExclusive(_) => "TensorbusError",
+        RecvError::Detached => "Closed",
     };
     tb_err(name, e.to_string())
 }
@@ -872,7 +873,8 @@ pub(crate) struct ConsumerCore {
 }
 
 // SAFETY: the only non-thread-safe state of `Consumer` is its ring cursor
-// (`Cell`), touched by receives alone, which `lock` serializes. Releasing a
+// and detached flag (`Cell`s), touched by receives and `detach` alone, which
+// `lock` serializes (`finish_close` detaches under it). Releasing a
 // tensor reads immutable fields and clears a bit atomically; the readiness
 // (a `OnceLock` of an eventfd and atomics) is thread-safe.
 unsafe impl Send for ConsumerCore {}
@@ -897,15 +899,19 @@ impl ConsumerCore {
         g.as_ref().map(f)
     }
 
-    /// Drops the Rust consumer (which closes the subscription at the
-    /// broker) if closed and no received tensor is alive.
+    /// Ends the subscription of a closed core: drops the Rust consumer
+    /// (Close at the broker) when no received tensor is alive, else detaches
+    /// it (no more deliveries; the tensors' holds stay until released, and
+    /// the last release comes back here to drop it).
     fn finish_close(&self) {
-        if !self.closed.load(Ordering::Acquire) || self.live.load(Ordering::Acquire) != 0 {
+        if !self.closed.load(Ordering::Acquire) {
             return;
         }
         let _g = lock(&self.lock); // no receive in progress
         if self.live.load(Ordering::Acquire) != 0 {
-            return; // a receive just handed out a tensor: its release finishes
+            // Best effort: a broker that is gone delivers nothing anyway.
+            let _ = self.with(|c| c.detach());
+            return;
         }
         let c = self.c.write().unwrap_or_else(|p| p.into_inner()).take();
         drop(c); // sends Close to the broker
@@ -1230,9 +1236,9 @@ impl PyConsumer {
 
     /// Unsubscribes at once, whatever references to this consumer remain
     /// (an `await` that timed out, a readiness fd an event loop watches):
-    /// nothing more is delivered to it. Tensors received from it and still
-    /// alive keep their slots until released; the broker drops the
-    /// subscription when the last of them is released.
+    /// nothing more is delivered to it (a `block` producer no longer waits
+    /// for it). Tensors received from it and still alive keep their slots
+    /// until released.
     fn close(&self) {
         self.slot.close();
     }

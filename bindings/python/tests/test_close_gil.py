@@ -129,21 +129,26 @@ def test_cancelled_await_then_close(broker, nogc, kind):
     client.close()
 
 
-def test_close_with_a_live_tensor_defers_to_its_release(broker, client, nogc):
-    """A tensor still held keeps its slot: the subscription ends at its release."""
-    cons = client.consumer("bcast", policy="block", depth=2)
+def test_close_with_a_live_tensor_ends_deliveries_and_keeps_it(broker, client, nogc):
+    """close() while a received tensor is alive: no more deliveries at once (a
+    depth-1 block producer is not stalled), the tensor stays valid and held."""
+    cons = client.consumer("bcast", policy="block", depth=1)
     prod = client.producer("bcast")
     with prod.loan((4,), "int32") as t:
         np.asarray(t)[...] = 7
         t.publish()
     held = cons.recv(timeout=5)
     cons.close()
+    assert subscribers(client, "bcast") == 0
+    for i in range(20):  # would stall at the second one behind a ghost of depth 1
+        with prod.loan((4,), "int32", timeout=5.0) as t:
+            np.asarray(t)[...] = i
+            assert t.publish() == 0
     with pytest.raises(tb.Closed):
         cons.recv(timeout=0.1)
-    assert int(np.asarray(held)[0]) == 7  # still readable, still held
+    assert int(np.asarray(held)[0]) == 7  # still readable, not overwritten
     assert free_slots(client) == total_slots(client) - 1
     held.release()
-    assert subscribers(client, "bcast") == 0
     assert free_slots(client) == total_slots(client)
 
 

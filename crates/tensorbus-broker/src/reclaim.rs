@@ -43,12 +43,53 @@ impl State {
         }
     }
 
+    /// Detaches a subscriber (see [`tensorbus_core::proto::Request::Detach`]):
+    /// retired from its channel like a closed one, but its bit stays
+    /// allocated (so the stray-bit sweep leaves it alone) and set on the
+    /// slots of the tensors its client received, until the handle is closed.
+    /// Returns false if `id` is not an open subscriber.
+    pub fn detach_handle(&mut self, id: u32) -> bool {
+        let Some(h) = self.handles.get_mut(&id) else {
+            return false;
+        };
+        let HandleKind::Subscriber { channel, sub } = h.kind else {
+            return false;
+        };
+        h.kind = HandleKind::Detached;
+        let bit = h.bit;
+        self.retire(channel, sub, bit, true);
+        true
+    }
+
+    /// Retires subscriber `sub` of `channel` (holder bit `bit`) and queues
+    /// its clean-up for when in-flight publishes have settled.
+    fn retire(&mut self, channel: usize, sub: usize, bit: u32, keep: bool) {
+        reclaim::retire_subscriber(&self.control, channel, sub, &BrokerParker);
+        let mut snapshot = Vec::new();
+        reclaim::intents(&self.control, channel, &mut snapshot);
+        self.busy_subs.push((channel, sub));
+        self.pending.push(Pending::Subscriber {
+            channel,
+            sub,
+            bit,
+            snapshot,
+            keep,
+        });
+        self.progress();
+    }
+
     /// Closes one handle (graceful close and death take the same path).
     pub fn close_handle(&mut self, id: u32) -> bool {
         let Some(h) = self.handles.remove(&id) else {
             return false;
         };
         match h.kind {
+            HandleKind::Detached => {
+                // Retired already; now the holds of what it received end.
+                reclaim::clear_holder_everywhere(&self.control, 1u64 << h.bit);
+                self.free_bit(h.bit);
+                return true;
+            }
             HandleKind::Producer { channel, row } => {
                 reclaim::recover_producer(&self.control, channel, row);
                 if let (Some(ch), Some(p)) = (
@@ -64,16 +105,8 @@ impl State {
                 self.pending.push(Pending::Row { channel, row });
             }
             HandleKind::Subscriber { channel, sub } => {
-                reclaim::retire_subscriber(&self.control, channel, sub, &BrokerParker);
-                let mut snapshot = Vec::new();
-                reclaim::intents(&self.control, channel, &mut snapshot);
-                self.busy_subs.push((channel, sub));
-                self.pending.push(Pending::Subscriber {
-                    channel,
-                    sub,
-                    bit: h.bit,
-                    snapshot,
-                });
+                self.retire(channel, sub, h.bit, false);
+                return true;
             }
         }
         self.progress();
@@ -93,6 +126,7 @@ impl State {
                     sub,
                     bit,
                     snapshot,
+                    keep,
                 } => {
                     if !reclaim::publishes_settled(&self.control, channel, &snapshot) {
                         self.pending.push(Pending::Subscriber {
@@ -100,10 +134,11 @@ impl State {
                             sub,
                             bit,
                             snapshot,
+                            keep,
                         });
                         continue;
                     }
-                    self.finish_subscriber(channel, sub, bit);
+                    self.finish_subscriber(channel, sub, bit, keep);
                 }
                 Pending::Row { channel, row } => {
                     if reclaim::row_drained(&self.control, channel, row) {
@@ -118,10 +153,15 @@ impl State {
         !self.pending.is_empty() || !self.redispatch.is_empty()
     }
 
-    fn finish_subscriber(&mut self, channel: usize, sub: usize, bit: u32) {
+    /// Drains a retired subscriber's rings (a work queue's untaken entries
+    /// go to live workers) and frees its record; `keep` (detached): only
+    /// the holds of the drained entries end, the bit stays allocated and set
+    /// on the tensors its client received; else every hold of the bit ends.
+    fn finish_subscriber(&mut self, channel: usize, sub: usize, bit: u32, keep: bool) {
         let mask = 1u64 << bit;
         let mut queued = Vec::new();
         reclaim::drain_subscriber(&self.control, channel, sub, |_, d| queued.push(d));
+        let drained = if keep { queued.clone() } else { Vec::new() };
         if self.is_workqueue(channel) {
             // The dead worker's untaken entries pass into the broker's
             // custody (its own holder bit) before the dead bit is cleared,
@@ -139,9 +179,19 @@ impl State {
                 }
             }
         }
-        reclaim::clear_holder_everywhere(&self.control, mask);
+        if keep {
+            for d in drained {
+                if let Some(slot) = self.control.slot(usize::from(d.pool), d.index as usize) {
+                    if d.matches_generation(slot.generation.load(Ordering::Acquire)) {
+                        slot.release(mask);
+                    }
+                }
+            }
+        } else {
+            reclaim::clear_holder_everywhere(&self.control, mask);
+            self.free_bit(bit);
+        }
         reclaim::free_subscriber(&self.control, channel, sub);
-        self.free_bit(bit);
         self.busy_subs.retain(|&x| x != (channel, sub));
         self.redispatch_pending();
     }

@@ -355,6 +355,24 @@ impl Broker {
                     )
                 }
             }
+            Request::Detach { handle } => {
+                let owned = self
+                    .state
+                    .handles
+                    .get(&handle)
+                    .is_some_and(|h| h.client == id);
+                if owned && self.state.detach_handle(handle) {
+                    (Response::Ok, Vec::new())
+                } else {
+                    (
+                        error(
+                            ErrorKind::InvalidArgument,
+                            format!("no open subscriber handle {handle}"),
+                        ),
+                        Vec::new(),
+                    )
+                }
+            }
             Request::Stat => (Response::Stat(self.stat()), Vec::new()),
         }
     }

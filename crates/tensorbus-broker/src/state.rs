@@ -88,8 +88,17 @@ impl Channel {
 /// What a handle is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum HandleKind {
-    Producer { channel: usize, row: usize },
-    Subscriber { channel: usize, sub: usize },
+    Producer {
+        channel: usize,
+        row: usize,
+    },
+    Subscriber {
+        channel: usize,
+        sub: usize,
+    },
+    /// A subscriber that left its channel ([`tensorbus_core::proto::Request::Detach`]):
+    /// it keeps its holder bit for the tensors its client still holds.
+    Detached,
 }
 
 /// An open handle.
@@ -109,6 +118,8 @@ pub(crate) enum Pending {
         sub: usize,
         bit: u32,
         snapshot: Vec<u64>,
+        /// Detached, not closed: keep the holds of received tensors.
+        keep: bool,
     },
     /// A closed or dead producer's row: waiting for its rings to drain.
     Row { channel: usize, row: usize },

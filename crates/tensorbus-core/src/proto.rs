@@ -96,6 +96,14 @@ pub enum Request {
         /// Handle id.
         handle: u32,
     },
+    /// Ends a subscription's deliveries at once (it leaves its channel; its
+    /// queued tensors are released, or re-dispatched on a work queue) but
+    /// keeps the holds of the tensors its client already received, so that
+    /// they stay valid until released. A later `Close` frees the handle.
+    Detach {
+        /// Handle id of a subscriber.
+        handle: u32,
+    },
     /// Asks for a statistics snapshot.
     Stat,
 }

@@ -2,7 +2,7 @@
 
 use crate::client::{Inner, PoolRef};
 use crate::element::{cast_slice, check_typed, Element};
-use crate::error::{RecvError, TryRecvError, TypeError};
+use crate::error::{RecvError, RequestError, TryRecvError, TypeError};
 use crate::parker::FutexParker;
 use crate::producer::SlotId;
 use crate::readiness::Readiness;
@@ -12,6 +12,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tensorbus_core::proto::ChannelInfo;
+use tensorbus_core::proto::{Request, Response};
 use tensorbus_core::receive::SubscriberPath;
 use tensorbus_core::sync::spin_hint;
 use tensorbus_core::{DType, Descriptor, Policy, TensorMeta};
@@ -67,6 +68,8 @@ pub struct Consumer {
     /// The eventfd and waiter thread of [`Consumer::readiness`], made on
     /// first use (never touched by `recv`).
     pub(crate) readiness: OnceLock<Readiness>,
+    /// [`Consumer::detach`] ran: receives find nothing.
+    pub(crate) detached: Cell<bool>,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -153,8 +156,44 @@ impl Consumer {
         }
     }
 
+    /// Ends this subscription's deliveries at once, while tensors received
+    /// from it stay valid until they are dropped: the subscriber leaves its
+    /// channel at the broker (producers stop delivering to it, a `block`
+    /// producer no longer waits for it; its queued tensors are released, or
+    /// handed to the other workers of a work queue). Afterwards `try_recv`
+    /// finds nothing (`Empty`) and `recv`/`recv_timeout` return
+    /// [`RecvError::Detached`]. Dropping the consumer closes the handle.
+    /// Bindings use it for `close()` while tensors are alive; detaching twice
+    /// does nothing.
+    ///
+    /// ```no_run
+    /// # let client = tensorbus::Client::connect()?;
+    /// let frames = client.consumer("camera/raw")?;
+    /// let keep = frames.recv()?;          // still in use below
+    /// frames.detach()?;                   // no more deliveries from here on
+    /// println!("{}", keep.len());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn detach(&self) -> Result<(), RequestError> {
+        if self.detached.replace(true) {
+            return Ok(());
+        }
+        match self.inner.request(&Request::Detach {
+            handle: self.handle,
+        })? {
+            (Response::Ok, _) => Ok(()),
+            (Response::Error { message, .. }, _) => Err(RequestError::Protocol(message)),
+            (other, _) => Err(RequestError::Protocol(format!(
+                "unexpected reply {other:?}"
+            ))),
+        }
+    }
+
     #[inline]
     pub(crate) fn try_take(&self) -> Result<Received, TryRecvError> {
+        if self.detached.get() {
+            return Err(TryRecvError::Empty);
+        }
         let path = self.path();
         let mut cursor = self.cursor.get();
         let desc = path.pop(&mut cursor, &FutexParker);
@@ -204,6 +243,7 @@ impl Consumer {
             match self.try_take() {
                 Ok(r) => return Ok(r),
                 Err(TryRecvError::Corrupted(c)) => return Err(RecvError::Corrupted(c)),
+                Err(TryRecvError::Empty) if self.detached.get() => return Err(RecvError::Detached),
                 Err(TryRecvError::Empty) => {}
             }
             if self.wait == WaitStrategy::Park {

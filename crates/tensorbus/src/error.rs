@@ -183,6 +183,10 @@ pub enum RecvError {
     /// A stage could not get exclusive hold of the slot.
     #[error("slot is still shared after {0:?}; stages need a work-queue input channel")]
     NotExclusive(Duration),
+    /// The consumer was detached ([`crate::Consumer::detach`]): it receives
+    /// nothing more.
+    #[error("this consumer was detached from its channel: it receives nothing more")]
+    Detached,
 }
 
 /// Why a typed view could not be made.

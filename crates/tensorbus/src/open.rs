@@ -187,6 +187,7 @@ impl Client {
                     depth,
                     pools,
                     cursor: Cell::new(0),
+                    detached: Cell::new(false),
                     wait: opts.wait,
                     readiness: std::sync::OnceLock::new(),
                 })
