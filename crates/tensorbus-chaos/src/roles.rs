@@ -323,6 +323,7 @@ fn stage(client: &Client, a: &Args, journal: &Journal, rng: &mut Rng) {
                 eprintln!("stage input not exclusive after {d:?}; the tensor was released");
                 journal.count_not_exclusive();
             }
+            Err(RecvError::Detached) => fail("stage input detached (never done by chaos roles)"),
         }
     }
 }
