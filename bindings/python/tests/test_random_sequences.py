@@ -64,7 +64,9 @@ POLICIES = ["block", "drop_oldest", "drop_newest", "latest"]
 DEPTH = 4  # every subscriber's depth: rings of 8 cells, room checked by the model
 
 # Seeds that found defects (keep them running first).
-REGRESSION_SEEDS = []
+# 100337472375454, 100339994918223: found issue 11.1 (a stage forwarding into its own
+# work-queue input cleared the queued tensor's hold) when run against the code before its fix.
+REGRESSION_SEEDS = [100337472375454, 100339994918223]
 
 DOCUMENTED = (tb.TensorbusError, BufferError, TypeError, ValueError)
 
