@@ -166,6 +166,7 @@ impl Inner {
 }
 
 /// Why one request/response exchange failed.
+#[derive(Debug)]
 enum ExchangeError {
     /// The socket failed or the broker closed it.
     Unavailable(String),
@@ -575,5 +576,112 @@ impl Client {
         self.stat()
             .map(|s| s.channels.into_iter().map(|c| c.name).collect())
             .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tensorbus_core::proto::ChannelInfo;
+    use tensorbus_core::{Mode, Policy};
+
+    /// Reads one single-frame request from the fake broker's end.
+    fn read_request(sock: &SeqpacketConn) -> (u64, Request) {
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        let n = sock.recv(&mut buf, &mut Vec::new()).unwrap();
+        let (h, body) = parse_frame(&buf[..n]).unwrap();
+        (h.id, serde_json::from_slice(body).unwrap())
+    }
+
+    fn send_reply(
+        sock: &SeqpacketConn,
+        id: u64,
+        resp: &Response,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) {
+        let frames = encode_frames(id, &serde_json::to_vec(resp).unwrap());
+        for (i, f) in frames.iter().enumerate() {
+            sock.send(f, if i == 0 { fds } else { &[] }).unwrap();
+        }
+    }
+
+    /// Issue 12.5: a request that timed out is cancelled at once; its late
+    /// reply is discarded (its descriptors closed) and a handle it opened
+    /// is closed, so the next request gets its own reply. Before the fix
+    /// the next request returned the late reply ("unexpected reply
+    /// Consumer{...}") and the handle stayed open.
+    #[test]
+    fn late_replies_are_discarded_and_what_they_opened_is_closed() {
+        let (client_end, broker_end) = SeqpacketConn::pair().unwrap();
+        let mut conn = Conn::new(client_end, Duration::from_millis(50));
+        let open = Request::OpenConsumer {
+            channel: "x".into(),
+            policy: None,
+            depth: None,
+            writable: false,
+            create: None,
+        };
+        assert!(matches!(conn.exchange(&open), Err(ExchangeError::Timeout)));
+        let (open_id, _) = read_request(&broker_end);
+        let (_, cancel) = read_request(&broker_end);
+        assert!(
+            matches!(cancel, Request::Cancel { request } if request == open_id),
+            "{cancel:?}"
+        );
+
+        let fake = std::thread::spawn(move || {
+            let (stat_id, stat) = read_request(&broker_end);
+            assert!(matches!(stat, Request::Stat));
+            // The late reply of the open (with a pool fd), in two parts to
+            // show that multi-part late replies are skipped whole...
+            let late = Response::Consumer {
+                handle: 77,
+                bit: 3,
+                sub: 0,
+                policy: Policy::Block,
+                depth: 8,
+                channel: ChannelInfo {
+                    index: 0,
+                    name: "x".into(),
+                    mode: Mode::Broadcast,
+                    pools: vec![0],
+                },
+            };
+            let pool = tensorbus_shm::Memfd::create("tb-late", 4096, false).unwrap();
+            send_reply(&broker_end, open_id, &late, &[pool.as_fd()]);
+            send_reply(
+                &broker_end,
+                open_id + 1,
+                &Response::Error {
+                    kind: ErrorKind::Internal,
+                    message: "y".repeat(MAX_CHUNK * 2),
+                },
+                &[],
+            );
+            // ...then the stat's own reply, in three parts.
+            let mut report = StatReport {
+                broker_pid: 42,
+                ..StatReport::default()
+            };
+            report.clients.push(tensorbus_core::proto::ClientStat {
+                name: "z".repeat(MAX_CHUNK * 2),
+                ..Default::default()
+            });
+            send_reply(&broker_end, stat_id, &Response::Stat(report), &[]);
+            // The client closes the late reply's handle.
+            let (_, close) = read_request(&broker_end);
+            assert!(matches!(close, Request::Close { handle: 77 }), "{close:?}");
+        });
+        conn.timeout = Duration::from_secs(10);
+        let reply = conn.exchange(&Request::Stat).expect("the stat's own reply");
+        match reply.resp {
+            Response::Stat(s) => {
+                assert_eq!(s.broker_pid, 42);
+                assert_eq!(s.clients[0].name.len(), MAX_CHUNK * 2);
+            }
+            other => panic!("got {other:?}"),
+        }
+        assert!(reply.fds.is_empty());
+        fake.join().unwrap();
     }
 }
