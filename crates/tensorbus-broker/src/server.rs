@@ -44,11 +44,16 @@ const SWEEP_SLOTS: usize = 16_384;
 /// their descriptors) while its socket is full, and go out when poll says it
 /// is writable. The broker never blocks on one client's socket.
 ///
-/// A client that reads its replies has at most about one reply pending. One
-/// that keeps sending requests without reading is disconnected (and
-/// reclaimed, like a death) when a new reply finds more than this many bytes
-/// already waiting; a single reply of any size is always accepted.
-pub const MAX_PENDING_OUTPUT: usize = 1 << 20;
+/// A client that reads its replies has about one reply pending (a few more
+/// right after it abandoned requests on a timeout). One that keeps sending
+/// requests without reading is disconnected (and reclaimed, like a death)
+/// when a new reply finds [`MAX_PENDING_REPLIES`] replies or more than
+/// [`MAX_PENDING_OUTPUT`] bytes still waiting; a reply of any size is
+/// accepted when nothing is waiting.
+pub const MAX_PENDING_OUTPUT: usize = 16 << 20;
+
+/// Replies that may wait for one client (see [`MAX_PENDING_OUTPUT`]).
+pub const MAX_PENDING_REPLIES: usize = 1024;
 
 /// How many recent opens per client [`Request::Cancel`] can still undo.
 const RECENT_OPENS: usize = 32;
@@ -57,6 +62,8 @@ const RECENT_OPENS: usize = 32;
 struct Outgoing {
     frame: Vec<u8>,
     fds: Vec<OwnedFd>,
+    /// Part 0 of a reply.
+    first: bool,
 }
 
 struct ClientConn {
@@ -68,6 +75,8 @@ struct ClientConn {
     out: VecDeque<Outgoing>,
     /// Bytes in `out`.
     out_bytes: usize,
+    /// Replies (first frames) in `out`.
+    out_replies: usize,
     /// (request id, handle) of the latest successful opens, for Cancel.
     recent_opens: VecDeque<(u64, u32)>,
 }
@@ -205,6 +214,7 @@ impl Broker {
                     admitted: false,
                     out: VecDeque::new(),
                     out_bytes: 0,
+                    out_replies: 0,
                     recent_opens: VecDeque::new(),
                 },
             );
@@ -269,16 +279,18 @@ impl Broker {
 
     /// Queues `resp` (split into frames of request `req_id`; `fds` go with
     /// the first) for client `id` and sends what its socket takes now. A
-    /// client that already has more than [`MAX_PENDING_OUTPUT`] bytes
-    /// waiting is disconnected instead.
+    /// client over its output bound ([`MAX_PENDING_OUTPUT`]) is disconnected
+    /// instead.
     fn reply(&mut self, id: u32, req_id: u64, resp: &Response, fds: Vec<OwnedFd>) {
         let Some(c) = self.clients.get_mut(&id) else {
             return;
         };
-        if c.out_bytes > MAX_PENDING_OUTPUT {
+        if !c.out.is_empty()
+            && (c.out_replies >= MAX_PENDING_REPLIES || c.out_bytes > MAX_PENDING_OUTPUT)
+        {
             eprintln!(
-                "tensorbus broker: client {id} ({}, pid {}) does not read its replies ({} bytes waiting, limit {MAX_PENDING_OUTPUT}); disconnecting it and reclaiming its holds",
-                c.name, c.cred.pid, c.out_bytes
+                "tensorbus broker: client {id} ({}, pid {}) does not read its replies ({} replies, {} bytes waiting; limits {MAX_PENDING_REPLIES} replies, {MAX_PENDING_OUTPUT} bytes); disconnecting it and reclaiming its holds",
+                c.name, c.cred.pid, c.out_replies, c.out_bytes
             );
             self.drop_client(id);
             return;
@@ -289,11 +301,14 @@ impl Broker {
         let mut fds = Some(fds);
         for frame in encode_frames(req_id, &json) {
             c.out_bytes += frame.len();
+            let first = fds.is_some();
             c.out.push_back(Outgoing {
                 frame,
                 fds: fds.take().unwrap_or_default(),
+                first,
             });
         }
+        c.out_replies += 1;
         self.flush(id);
     }
 
@@ -309,6 +324,7 @@ impl Broker {
             match c.conn.try_send(&o.frame, &borrowed) {
                 Ok(()) => {
                     c.out_bytes -= o.frame.len();
+                    c.out_replies -= usize::from(o.first);
                     c.out.pop_front();
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,

@@ -35,7 +35,11 @@ fn run(args: &[&str], input: &[u8]) -> Output {
     let out = drain(child.stdout.take().unwrap());
     let err = drain(child.stderr.take().unwrap());
     let mut child = KillOnDrop(child);
-    let status = wait_or_kill(&mut child.0, LIMIT, &format!("tensorbus {}", args.join(" ")));
+    let status = wait_or_kill(
+        &mut child.0,
+        LIMIT,
+        &format!("tensorbus {}", args.join(" ")),
+    );
     writer.join().unwrap();
     Output {
         status,
