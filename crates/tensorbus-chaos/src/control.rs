@@ -27,7 +27,8 @@
 //!
 //! An opener exits 0 when its stdin closes, 3 after a phantom; it prints a
 //! `timeout` line per request that timed out, an `emfile` line per open
-//! that reported EMFILE, and `opener: opens=O timeouts=T emfile=E limits=L
+//! that reported EMFILE, a `phantom` line per failed check (so that the
+//! orchestrator counts them even in openers it kills later), and `opener: opens=O timeouts=T emfile=E limits=L
 //! phantoms=P` last. A greedy
 //! client exits 0 once disconnected, 4 if the broker stopped reading its
 //! requests.
@@ -197,6 +198,7 @@ fn check(client: &Client, consumers: &[Consumer], producer: bool, s: &mut Opener
     let want = consumers.len() + usize::from(producer);
     if subs != consumers.len() || handles != want {
         s.phantoms += 1;
+        println!("phantom");
         eprintln!(
             "opener: PHANTOM: the broker holds {subs} subscribers and {handles} handles of client {me}, which has {} consumers and {} producer",
             consumers.len(),
@@ -451,7 +453,7 @@ impl Control {
         unsafe { libc::kill(self.broker_pid, sig) };
     }
 
-    /// Adds what an opener printed (one line per timeout and per EMFILE)
+    /// Adds what an opener printed (one line per timeout, EMFILE, phantom)
     /// to the counters.
     fn absorb(&mut self, p: &CtlProc) {
         let out = std::fs::read_to_string(&p.stdout).unwrap_or_default();
@@ -459,6 +461,7 @@ impl Control {
             match line {
                 "timeout" => self.stats.timeouts += 1,
                 "emfile" => self.stats.emfile += 1,
+                "phantom" => self.stats.phantoms += 1,
                 _ => {}
             }
         }
@@ -486,7 +489,6 @@ impl Control {
         match status.code() {
             Some(0) => {}
             Some(3) => {
-                self.stats.phantoms += 1;
                 eprintln!("chaos: PHANTOM reported by an opener: {:?}", p.tail());
             }
             _ => {
@@ -518,7 +520,10 @@ impl Control {
                 self.stats.greedy_disconnected += 1;
             } else {
                 self.stats.failures += 1;
-                eprintln!("chaos: CONTROL greedy client ended with {status}: {:?}", p.tail());
+                eprintln!(
+                    "chaos: CONTROL greedy client ended with {status}: {:?}",
+                    p.tail()
+                );
             }
         }
         Ok(())
@@ -621,6 +626,7 @@ impl Control {
                 None => {
                     let _ = p.child.kill();
                     let _ = p.child.wait();
+                    self.absorb(&p);
                     self.stats.failures += 1;
                     eprintln!("chaos: CONTROL opener hung after stop: {:?}", p.tail());
                 }
