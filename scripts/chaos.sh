@@ -7,7 +7,7 @@
 #
 # Usage: scripts/chaos.sh [--kills N] [--seconds S] [--seed X]
 #                         [--interval-ms M] [--dir D] [--keep]
-#                         [--kill-broker [--broker-every K]]
+#                         [--kill-broker [--broker-every K] | --control]
 #
 # Progress goes to stderr; the last line on stdout is
 #   chaos: kills=N leaked_slots=L lost=M duplicated=D corrupt=C crashed=X unaccounted_drops=U
@@ -15,6 +15,12 @@
 # --kill-broker also kill -9s the broker (its own process then) after every
 # K client kills (default 50): the line gains broker_kills=B after kills and
 # broker_failures=F at the end (see docs/reliability.md, "Broker kills").
+# --control adds control-plane chaos (the broker runs as its own process):
+# it is frozen with SIGSTOP past the openers' request timeout, clients send
+# requests and never read the replies, run out of file descriptors, and are
+# kill -9ed mid-request; the line gains freezes=F greedy_disconnected=G
+# opener_kills=K request_timeouts=T emfile=E after kills and
+# phantom_subscribers=P control_failures=C at the end (both must be 0).
 # Re-run with the printed --seed to replay the same kill schedule (the
 # processes' own interleaving still varies from run to run).
 set -euo pipefail

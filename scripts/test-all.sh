@@ -43,6 +43,9 @@ scripts/chaos.sh --kills 200
 step "chaos with broker kills: 100 client kill -9s, the broker kill -9ed after every 25"
 scripts/chaos.sh --kills 100 --kill-broker --broker-every 25
 
+step "control-plane chaos: broker frozen past request timeouts, greedy clients, fd exhaustion, deaths mid-request; no phantom subscriber"
+scripts/chaos.sh --kills 200 --control
+
 step "sanitizers: ASan and TSan over core, shm, broker, client and the cross-process tests"
 if [ -d "$(rustc --print sysroot)/lib/rustlib/src/rust/library" ]; then
   scripts/sanitizers.sh asan tsan

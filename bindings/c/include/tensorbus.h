@@ -30,7 +30,7 @@
 typedef enum tb_status {
   // Success.
   TB_OK = 0,
-  // Nothing arrived (or no slot became free) in time; `timeout_ns == 0` polls.
+  // Nothing arrived (or no slot became free, or the broker did not answer a request) in time; `timeout_ns == 0` polls.
   TB_ERR_TIMEOUT = 1,
   // Every slot of every pool that fits is held.
   TB_ERR_POOL_EXHAUSTED = 2,
@@ -48,7 +48,7 @@ typedef enum tb_status {
   TB_ERR_TOO_LARGE = 8,
   // The broker refused this process or request.
   TB_ERR_PERMISSION_DENIED = 9,
-  // A fixed broker limit (handles, channels, subscribers) was reached.
+  // A fixed broker limit (handles, channels, subscribers) was reached, or this process has no free file descriptor (EMFILE).
   TB_ERR_LIMIT_REACHED = 10,
   // A queued descriptor or slot header was invalid (the message was skipped).
   TB_ERR_CORRUPTED = 11,

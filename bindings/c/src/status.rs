@@ -13,7 +13,7 @@ use tensorbus::{ConnectError, LoanError, OpenError, PublishError, RecvError, Req
 pub enum tb_status {
     /// Success.
     TB_OK = 0,
-    /// Nothing arrived (or no slot became free) in time; `timeout_ns == 0` polls.
+    /// Nothing arrived (or no slot became free, or the broker did not answer a request) in time; `timeout_ns == 0` polls.
     TB_ERR_TIMEOUT = 1,
     /// Every slot of every pool that fits is held.
     TB_ERR_POOL_EXHAUSTED = 2,
@@ -31,7 +31,7 @@ pub enum tb_status {
     TB_ERR_TOO_LARGE = 8,
     /// The broker refused this process or request.
     TB_ERR_PERMISSION_DENIED = 9,
-    /// A fixed broker limit (handles, channels, subscribers) was reached.
+    /// A fixed broker limit (handles, channels, subscribers) was reached, or this process has no free file descriptor (EMFILE).
     TB_ERR_LIMIT_REACHED = 10,
     /// A queued descriptor or slot header was invalid (the message was skipped).
     TB_ERR_CORRUPTED = 11,
@@ -126,6 +126,8 @@ impl From<RequestError> for Error {
     fn from(e: RequestError) -> Error {
         let status = match &e {
             RequestError::BrokerUnavailable { .. } => TB_ERR_BROKER_UNAVAILABLE,
+            RequestError::Timeout { .. } => TB_ERR_TIMEOUT,
+            RequestError::NoFreeFd { .. } => TB_ERR_LIMIT_REACHED,
             _ => TB_ERR_PROTOCOL,
         };
         err(status, e.to_string())
@@ -140,6 +142,8 @@ impl From<OpenError> for Error {
             OpenError::LimitReached(_) => TB_ERR_LIMIT_REACHED,
             OpenError::PermissionDenied(_) => TB_ERR_PERMISSION_DENIED,
             OpenError::Request(RequestError::BrokerUnavailable { .. }) => TB_ERR_BROKER_UNAVAILABLE,
+            OpenError::Request(RequestError::Timeout { .. }) => TB_ERR_TIMEOUT,
+            OpenError::Request(RequestError::NoFreeFd { .. }) => TB_ERR_LIMIT_REACHED,
             OpenError::Map(_) => TB_ERR_IO,
             _ => TB_ERR_PROTOCOL,
         };

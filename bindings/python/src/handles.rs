@@ -43,6 +43,8 @@ pub(crate) fn request_err(e: RequestError) -> PyErr {
     let name = match &e {
         RequestError::BrokerUnavailable { .. } => "BrokerUnavailable",
         RequestError::Protocol(_) => "ProtocolError",
+        RequestError::Timeout { .. } => "Timeout",
+        RequestError::NoFreeFd { .. } => "LimitReached",
     };
     tb_err(name, e.to_string())
 }
@@ -56,6 +58,8 @@ pub(crate) fn open_err(e: OpenError) -> PyErr {
         OpenError::Request(r) => match r {
             RequestError::BrokerUnavailable { .. } => "BrokerUnavailable",
             RequestError::Protocol(_) => "ProtocolError",
+            RequestError::Timeout { .. } => "Timeout",
+            RequestError::NoFreeFd { .. } => "LimitReached",
         },
         OpenError::Map(_) => "TensorbusError",
     };

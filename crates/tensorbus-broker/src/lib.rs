@@ -26,4 +26,4 @@ mod state;
 
 pub use config::{Config, ConfigError};
 pub use names::{validate_name, MAX_NAME_LEN};
-pub use server::{Broker, EmbeddedBroker, StartError};
+pub use server::{Broker, EmbeddedBroker, StartError, MAX_PENDING_OUTPUT, MAX_PENDING_REPLIES};

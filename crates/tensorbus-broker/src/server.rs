@@ -3,16 +3,18 @@
 use crate::config::Config;
 use crate::rendezvous::{self, Access, SocketFile};
 use crate::state::{Handle, HandleKind, State};
-use std::collections::HashMap;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tensorbus_core::layout::LAYOUT_VERSION;
-use tensorbus_core::proto::{ErrorKind, Request, Response, MAX_MESSAGE};
+use tensorbus_core::proto::{
+    encode_frames, parse_frame, ErrorKind, Request, Response, MAX_MESSAGE,
+};
 use tensorbus_core::records::{STATE_ACTIVE, STATE_FREE};
-use tensorbus_shm::{PeerCred, SeqpacketConn, SeqpacketListener};
+use tensorbus_shm::{PeerCred, Ready, SeqpacketConn, SeqpacketListener};
 
 /// Why the broker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -48,11 +50,45 @@ pub enum StartError {
 const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
 const SWEEP_SLOTS: usize = 16_384;
 
+/// Output a client has not taken yet: replies wait here (in order, with
+/// their descriptors) while its socket is full, and go out when poll says it
+/// is writable. The broker never blocks on one client's socket.
+///
+/// A client that reads its replies has about one reply pending (a few more
+/// right after it abandoned requests on a timeout). One that keeps sending
+/// requests without reading is disconnected (and reclaimed, like a death)
+/// when a new reply finds [`MAX_PENDING_REPLIES`] replies or more than
+/// [`MAX_PENDING_OUTPUT`] bytes still waiting; a reply of any size is
+/// accepted when nothing is waiting.
+pub const MAX_PENDING_OUTPUT: usize = 16 << 20;
+
+/// Replies that may wait for one client (see [`MAX_PENDING_OUTPUT`]).
+pub const MAX_PENDING_REPLIES: usize = 1024;
+
+/// How many recent opens per client [`Request::Cancel`] can still undo.
+const RECENT_OPENS: usize = 32;
+
+/// One frame waiting to be sent.
+struct Outgoing {
+    frame: Vec<u8>,
+    fds: Vec<OwnedFd>,
+    /// Part 0 of a reply.
+    first: bool,
+}
+
 struct ClientConn {
     conn: SeqpacketConn,
     cred: PeerCred,
     name: String,
     admitted: bool,
+    /// Frames not yet sent, oldest first.
+    out: VecDeque<Outgoing>,
+    /// Bytes in `out`.
+    out_bytes: usize,
+    /// Replies (first frames) in `out`.
+    out_replies: usize,
+    /// (request id, handle) of the latest successful opens, for Cancel.
+    recent_opens: VecDeque<(u64, u32)>,
 }
 
 /// A broker bound to its socket. Run it with [`Broker::run`], or use
@@ -145,18 +181,20 @@ impl Broker {
     /// the path still is the socket this broker created.
     pub fn run(&mut self, stop: &AtomicBool) {
         let mut ids: Vec<u32> = Vec::new();
-        let mut ready: Vec<bool> = Vec::new();
+        let mut ready: Vec<Ready> = Vec::new();
         let mut last_sweep = std::time::Instant::now();
         while !stop.load(Ordering::Relaxed) {
             ids.clear();
             ids.extend(self.clients.keys().copied());
-            let mut fds: Vec<BorrowedFd<'_>> = Vec::with_capacity(ids.len() + 1);
-            fds.push(self.listener.as_fd());
+            // Writability is watched only for clients with output pending.
+            let mut fds: Vec<(BorrowedFd<'_>, bool)> = Vec::with_capacity(ids.len() + 1);
+            fds.push((self.listener.as_fd(), false));
             for id in &ids {
-                fds.push(self.clients[id].conn.as_fd());
+                let c = &self.clients[id];
+                fds.push((c.conn.as_fd(), !c.out.is_empty()));
             }
             ready.clear();
-            ready.resize(fds.len(), false);
+            ready.resize(fds.len(), Ready::default());
             // The idle tick bounds how long a stop request waits (SIGTERM
             // sets `stop` from another thread): well under 100 ms.
             let tick = if self.state.pending.is_empty() && self.state.redispatch.is_empty() {
@@ -164,16 +202,18 @@ impl Broker {
             } else {
                 2
             };
-            let n =
-                tensorbus_shm::poll_readable(&fds, &mut ready, Some(Duration::from_millis(tick)));
+            let n = tensorbus_shm::poll_ready(&fds, &mut ready, Some(Duration::from_millis(tick)));
             drop(fds);
             if let Ok(n) = n {
                 if n > 0 {
-                    if ready[0] {
+                    if ready[0].read {
                         self.accept_all();
                     }
                     for (i, id) in ids.iter().enumerate() {
-                        if ready[i + 1] {
+                        if ready[i + 1].write {
+                            self.flush(*id);
+                        }
+                        if ready[i + 1].read {
                             self.serve(*id);
                         }
                     }
@@ -207,6 +247,10 @@ impl Broker {
                     cred,
                     name: String::new(),
                     admitted: false,
+                    out: VecDeque::new(),
+                    out_bytes: 0,
+                    out_replies: 0,
+                    recent_opens: VecDeque::new(),
                 },
             );
         }
@@ -216,22 +260,37 @@ impl Broker {
         self.allowed_uids.contains(&cred.uid) || self.allowed_gids.contains(&cred.gid)
     }
 
+    /// Reads one request of client `id`, handles it and queues the reply.
     fn serve(&mut self, id: u32) {
         let mut fds = Vec::new();
         let Some(c) = self.clients.get(&id) else {
             return;
         };
-        let parsed = match c.conn.recv(&mut self.buf, &mut fds) {
+        let received = match c.conn.recv(&mut self.buf, &mut fds) {
             Ok(0) | Err(_) => None,
-            Ok(n) => Some(serde_json::from_slice::<Request>(&self.buf[..n])),
+            Ok(n) => Some(n),
         };
         drop(fds);
-        let Some(parsed) = parsed else {
+        let Some(n) = received else {
             self.drop_client(id);
             return;
         };
+        let (req_id, parsed) = match parse_frame(&self.buf[..n]) {
+            Ok((h, _)) if h.parts != 1 => (
+                h.id,
+                Err(format!(
+                    "a request must be one frame, got part {} of {}",
+                    h.part, h.parts
+                )),
+            ),
+            Ok((h, body)) => (
+                h.id,
+                serde_json::from_slice::<Request>(body).map_err(|e| e.to_string()),
+            ),
+            Err(e) => (0, Err(e.to_string())),
+        };
         let (resp, send_fds) = match parsed {
-            Ok(req) => self.handle(id, req),
+            Ok(req) => self.handle(id, req_id, req),
             Err(e) => (
                 error(
                     ErrorKind::InvalidArgument,
@@ -240,20 +299,77 @@ impl Broker {
                 Vec::new(),
             ),
         };
-        let Some(c) = self.clients.get(&id) else {
-            return;
-        };
-        let bytes = serde_json::to_vec(&resp).unwrap_or_default();
-        let borrowed: Vec<BorrowedFd<'_>> = send_fds.iter().map(|f| f.as_fd()).collect();
-        let failed = c.conn.send(&bytes, &borrowed).is_err();
         let refused = matches!(
             &resp,
             Response::Error {
                 kind: ErrorKind::PermissionDenied,
                 ..
             }
-        ) && !c.admitted;
-        if failed || refused {
+        ) && self.clients.get(&id).is_some_and(|c| !c.admitted);
+        self.reply(id, req_id, &resp, send_fds);
+        if refused {
+            self.drop_client(id);
+        }
+    }
+
+    /// Queues `resp` (split into frames of request `req_id`; `fds` go with
+    /// the first) for client `id` and sends what its socket takes now. A
+    /// client over its output bound ([`MAX_PENDING_OUTPUT`]) is disconnected
+    /// instead.
+    fn reply(&mut self, id: u32, req_id: u64, resp: &Response, fds: Vec<OwnedFd>) {
+        let Some(c) = self.clients.get_mut(&id) else {
+            return;
+        };
+        if !c.out.is_empty()
+            && (c.out_replies >= MAX_PENDING_REPLIES || c.out_bytes > MAX_PENDING_OUTPUT)
+        {
+            eprintln!(
+                "tensorbus broker: client {id} ({}, pid {}) does not read its replies ({} replies, {} bytes waiting; limits {MAX_PENDING_REPLIES} replies, {MAX_PENDING_OUTPUT} bytes); disconnecting it and reclaiming its holds",
+                c.name, c.cred.pid, c.out_replies, c.out_bytes
+            );
+            self.drop_client(id);
+            return;
+        }
+        let json = serde_json::to_vec(resp).unwrap_or_else(|e| {
+            serde_json::to_vec(&error(ErrorKind::Internal, e.to_string())).unwrap_or_default()
+        });
+        let mut fds = Some(fds);
+        for frame in encode_frames(req_id, &json) {
+            c.out_bytes += frame.len();
+            let first = fds.is_some();
+            c.out.push_back(Outgoing {
+                frame,
+                fds: fds.take().unwrap_or_default(),
+                first,
+            });
+        }
+        c.out_replies += 1;
+        self.flush(id);
+    }
+
+    /// Sends client `id`'s pending frames until its socket is full; a
+    /// client whose socket fails is dropped.
+    fn flush(&mut self, id: u32) {
+        let Some(c) = self.clients.get_mut(&id) else {
+            return;
+        };
+        let mut failed = false;
+        while let Some(o) = c.out.front() {
+            let borrowed: Vec<BorrowedFd<'_>> = o.fds.iter().map(|f| f.as_fd()).collect();
+            match c.conn.try_send(&o.frame, &borrowed) {
+                Ok(()) => {
+                    c.out_bytes -= o.frame.len();
+                    c.out_replies -= usize::from(o.first);
+                    c.out.pop_front();
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        if failed {
             self.drop_client(id);
         }
     }
@@ -270,7 +386,22 @@ impl Broker {
         }
     }
 
-    fn handle(&mut self, id: u32, req: Request) -> (Response, Vec<std::os::fd::OwnedFd>) {
+    /// Handles request `req_id` of client `id`, remembering what it opened
+    /// (for [`Request::Cancel`]).
+    fn handle(&mut self, id: u32, req_id: u64, req: Request) -> (Response, Vec<OwnedFd>) {
+        let (resp, fds) = self.handle_request(id, req);
+        if let Response::Producer { handle, .. } | Response::Consumer { handle, .. } = &resp {
+            if let Some(c) = self.clients.get_mut(&id) {
+                if c.recent_opens.len() == RECENT_OPENS {
+                    c.recent_opens.pop_front();
+                }
+                c.recent_opens.push_back((req_id, *handle));
+            }
+        }
+        (resp, fds)
+    }
+
+    fn handle_request(&mut self, id: u32, req: Request) -> (Response, Vec<OwnedFd>) {
         let admitted = self.clients.get(&id).is_some_and(|c| c.admitted);
         match req {
             Request::Hello { name, version } => {
@@ -372,6 +503,23 @@ impl Broker {
                         Vec::new(),
                     )
                 }
+            }
+            Request::Cancel { request } => {
+                let handle = self.clients.get_mut(&id).and_then(|c| {
+                    let i = c.recent_opens.iter().position(|&(r, _)| r == request)?;
+                    c.recent_opens.remove(i).map(|(_, h)| h)
+                });
+                if let Some(handle) = handle {
+                    let owned = self
+                        .state
+                        .handles
+                        .get(&handle)
+                        .is_some_and(|h| h.client == id);
+                    if owned {
+                        self.state.close_handle(handle);
+                    }
+                }
+                (Response::Ok, Vec::new())
             }
             Request::Stat => (Response::Stat(self.stat()), Vec::new()),
         }

@@ -7,19 +7,23 @@
 //!
 //! ```text
 //! tensorbus-chaos [--kills N] [--seconds S] [--seed X] [--interval-ms M] [--dir D] [--keep]
-//!                 [--kill-broker [--broker-every K]]
+//!                 [--kill-broker [--broker-every K] | --control]
 //! ```
 //!
 //! Progress goes to stderr; stdout gets one line:
 //! `chaos: kills=N leaked_slots=L lost=M duplicated=D corrupt=C crashed=X unaccounted_drops=U`
 //! (with `--kill-broker`: `broker_kills=B` after `kills`, `broker_failures=F`
-//! at the end). The exit status is 0 only if every counter but `kills` and
-//! `broker_kills` is 0.
+//! at the end; with `--control`: `freezes=F greedy_disconnected=G
+//! opener_kills=K request_timeouts=T emfile=E` after `kills`, and
+//! `phantom_subscribers=P control_failures=C` at the end, see [`control`]).
+//! The exit status is 0 only if every counter but `kills`, `broker_kills`
+//! and the `--control` activity counts is 0.
 //!
 //! The same binary, run as `tensorbus-chaos role KIND ...`, is every client
 //! process (see [`roles`]).
 
 mod check;
+mod control;
 mod journal;
 mod orchestrator;
 mod payload;
@@ -30,7 +34,7 @@ use std::path::PathBuf;
 fn usage() -> ! {
     eprintln!(
         "usage: tensorbus-chaos [--kills N] [--seconds S] [--seed X] [--interval-ms M] [--dir D] [--keep]\n\
-         \x20                      [--kill-broker [--broker-every K]]\n\
+         \x20                      [--kill-broker [--broker-every K] | --control]\n\
          \n\
          --kills N        stop after N kill -9s (default 200, or unlimited with --seconds)\n\
          --seconds S      stop after S seconds of chaos, even if fewer kills were made\n\
@@ -41,7 +45,11 @@ fn usage() -> ! {
          --kill-broker    run the broker as its own process and kill -9 it too, after every K client\n\
          \x20                kills; each time, check that the clients go on without it, stop them, start\n\
          \x20                a new broker on the same socket and new clients (see docs/reliability.md)\n\
-         --broker-every K client kills between broker kills (default 50)"
+         --broker-every K client kills between broker kills (default 50)\n\
+         --control        control-plane chaos too: the broker runs as its own process and is frozen\n\
+         \x20                (SIGSTOP) past the openers' request timeout; clients that never read their\n\
+         \x20                replies, run out of descriptors, or die mid-request; at the end no phantom\n\
+         \x20                subscriber may be left (see docs/reliability.md)"
     );
     std::process::exit(2);
 }
@@ -60,6 +68,7 @@ fn main() {
         keep: false,
         kill_broker: false,
         broker_every: 50,
+        control: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -84,12 +93,17 @@ fn main() {
             "--keep" => opts.keep = true,
             "--kill-broker" => opts.kill_broker = true,
             "--broker-every" => opts.broker_every = num(value("a count")).max(1),
+            "--control" => opts.control = true,
             "-h" | "--help" => usage(),
             other => {
                 eprintln!("tensorbus-chaos: unknown argument {other:?}");
                 usage()
             }
         }
+    }
+    if opts.control && opts.kill_broker {
+        eprintln!("tensorbus-chaos: --control and --kill-broker do not go together");
+        usage()
     }
     std::process::exit(orchestrator::run(opts));
 }

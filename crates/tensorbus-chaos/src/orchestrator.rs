@@ -2,6 +2,7 @@
 //! the quiescing, and the final line.
 
 use crate::check::{self, Outcome, Record};
+use crate::control::Control;
 use crate::journal::{Journal, STATE_READY};
 use crate::payload::{self, Rng};
 use std::collections::{HashMap, HashSet};
@@ -30,6 +31,8 @@ pub struct Opts {
     pub kill_broker: bool,
     /// With `kill_broker`: client kills between broker kills.
     pub broker_every: u64,
+    /// Control-plane chaos too (see [`crate::control`]).
+    pub control: bool,
 }
 
 /// The broker configuration (also what `role broker` runs): two size classes (tensors of up to 1 KiB use
@@ -326,6 +329,16 @@ impl BrokerHandle {
             }
         };
         Ok((handle, client))
+    }
+}
+
+impl BrokerHandle {
+    /// The broker's process id, when it runs as its own process.
+    fn pid(&self) -> Option<u32> {
+        match self {
+            BrokerHandle::Process(c) => Some(c.id()),
+            BrokerHandle::Embedded { .. } => None,
+        }
     }
 }
 
@@ -667,9 +680,20 @@ fn run_in(opts: &Opts, seed: u64, kills_wanted: u64, dir: &Path) -> Result<i32, 
         epoch: 0,
         broker_dead: false,
     };
-    let (mut broker, mut client) = BrokerHandle::start(&run, opts.kill_broker)?;
+    let (mut broker, mut client) = BrokerHandle::start(&run, opts.kill_broker || opts.control)?;
     let mut rng = Rng::new(seed);
     run.start_all()?;
+    let mut ctl = match (opts.control, broker.pid()) {
+        (true, Some(pid)) => Some(Control::start(
+            &run.dir,
+            &run.socket,
+            &run.exe,
+            seed,
+            pid,
+            opts.interval_ms,
+        )?),
+        _ => None,
+    };
     eprintln!(
         "chaos: {} clients up after {:.1} s; killing",
         ROLES.len(),
@@ -749,6 +773,23 @@ fn run_in(opts: &Opts, seed: u64, kills_wanted: u64, dir: &Path) -> Result<i32, 
             }
             next_kill = now + interval(&mut rng);
         }
+        if let Some(ctl) = ctl.as_mut() {
+            ctl.tick(&mut |crng: &mut Rng| {
+                // A data-plane client dies while the broker is frozen.
+                let alive: Vec<usize> = victims
+                    .iter()
+                    .copied()
+                    .filter(|&i| run.live[i].is_some())
+                    .collect();
+                if !alive.is_empty() {
+                    let i = alive[crng.below(alive.len() as u64) as usize];
+                    if run.kill(i) {
+                        kills += 1;
+                    }
+                    restarts.push((Instant::now() + Duration::from_millis(10), i));
+                }
+            })?;
+        }
         let now = Instant::now();
         let mut k = 0;
         while k < restarts.len() {
@@ -769,6 +810,9 @@ fn run_in(opts: &Opts, seed: u64, kills_wanted: u64, dir: &Path) -> Result<i32, 
     // the broadcast consumers drain and stop.
     eprintln!("chaos: {kills} kills in {chaos_secs:.1} s; quiescing");
     run.quiesce(Duration::from_secs(30), Hang::Crash);
+    if let Some(ctl) = ctl.as_mut() {
+        ctl.finish(&client)?;
+    }
 
     // Leaks: every slot free once the broker has reclaimed everything.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -794,7 +838,10 @@ fn run_in(opts: &Opts, seed: u64, kills_wanted: u64, dir: &Path) -> Result<i32, 
         && report.corrupt == 0
         && report.crashed == 0
         && report.unaccounted_drops == 0
-        && b.failures == 0;
+        && b.failures == 0
+        && ctl
+            .as_ref()
+            .is_none_or(|c| c.stats.phantoms == 0 && c.stats.failures == 0);
     eprintln!(
         "chaos: {} incarnations, {:.1} s in all (seed {seed})",
         run.records.len(),
@@ -816,12 +863,25 @@ fn run_in(opts: &Opts, seed: u64, kills_wanted: u64, dir: &Path) -> Result<i32, 
         );
         line += &format!(" broker_kills={}", b.kills);
     }
+    if let Some(c) = &ctl {
+        let c = &c.stats;
+        line += &format!(
+            " freezes={} greedy_disconnected={} opener_kills={} request_timeouts={} emfile={}",
+            c.freezes, c.greedy_disconnected, c.opener_kills, c.timeouts, c.emfile
+        );
+    }
     line += &format!(
         " leaked_slots={leaked} lost={} duplicated={} corrupt={} crashed={} unaccounted_drops={}",
         report.lost, report.duplicated, report.corrupt, report.crashed, report.unaccounted_drops
     );
     if opts.kill_broker {
         line += &format!(" broker_failures={}", b.failures);
+    }
+    if let Some(c) = &ctl {
+        line += &format!(
+            " phantom_subscribers={} control_failures={}",
+            c.stats.phantoms, c.stats.failures
+        );
     }
     println!("{line}");
     Ok(if ok { 0 } else { 1 })

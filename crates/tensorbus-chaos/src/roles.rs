@@ -14,7 +14,10 @@
 //!   tensor it receives (after checking every byte), holds it up to
 //!   `--hold-us`, then releases it; when it exits, journals its own
 //!   `delivered` and `dropped` counters from the broker's `stat`.
-//! * `broker`: the broker, as a process of its own (`--kill-broker`).
+//! * `broker`: the broker, as a process of its own (`--kill-broker`,
+//!   `--control`).
+//! * `opener`, `greedy`: the control-plane clients of `--control` (see
+//!   [`crate::control`]).
 //! * `worker`: a work-queue subscriber; like `consumer`, but each receive is
 //!   a non-blocking attempt bracketed by `begin_pop`/`end_pop`, so the
 //!   orchestrator knows whether a kill landed between "took an entry" and
@@ -40,10 +43,10 @@ pub const QUIET: Duration = Duration::from_millis(300);
 const IDLE: Duration = Duration::from_micros(400);
 
 /// `--key value` arguments.
-struct Args(HashMap<String, String>);
+pub(crate) struct Args(HashMap<String, String>);
 
 impl Args {
-    fn parse(args: &[String]) -> Args {
+    pub(crate) fn parse(args: &[String]) -> Args {
         let mut map = HashMap::new();
         let mut it = args.iter();
         while let Some(a) = it.next() {
@@ -57,13 +60,13 @@ impl Args {
         }
         Args(map)
     }
-    fn str(&self, key: &str) -> &str {
+    pub(crate) fn str(&self, key: &str) -> &str {
         self.0
             .get(key)
             .map(String::as_str)
             .unwrap_or_else(|| fail(&format!("--{key} is required")))
     }
-    fn num(&self, key: &str, default: u64) -> u64 {
+    pub(crate) fn num(&self, key: &str, default: u64) -> u64 {
         self.0.get(key).map_or(default, |v| {
             v.parse()
                 .unwrap_or_else(|_| fail(&format!("--{key} {v:?} is not a number")))
@@ -71,7 +74,7 @@ impl Args {
     }
 }
 
-fn fail(msg: &str) -> ! {
+pub(crate) fn fail(msg: &str) -> ! {
     eprintln!("tensorbus-chaos role: {msg}");
     std::process::exit(2);
 }
@@ -96,6 +99,12 @@ pub fn run(args: &[String]) -> ! {
     let a = Args::parse(rest);
     if kind == "broker" {
         broker(&a);
+    }
+    if kind == "opener" {
+        crate::control::opener(&a);
+    }
+    if kind == "greedy" {
+        crate::control::greedy(&a);
     }
     let journal = Journal::open(Path::new(a.str("journal")))
         .unwrap_or_else(|e| fail(&format!("journal: {e}")));

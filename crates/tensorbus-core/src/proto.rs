@@ -1,13 +1,142 @@
 //! Messages between clients and the broker (JSON over a Unix seqpacket
 //! socket; file descriptors travel alongside as SCM_RIGHTS). The control
 //! path only: nothing here is on the data path.
+//!
+//! # Framing
+//!
+//! Every seqpacket message is one *frame*: a [`FRAME_HEADER`]-byte header
+//! ([`FrameHeader`]: magic, request id, part number, part count) followed by
+//! up to [`MAX_CHUNK`] bytes of JSON. A request is one frame whose id the
+//! client picks (increasing per connection); its reply echoes that id and
+//! may be split into any number of parts (a `stat` of thousands of
+//! channels is larger than a socket buffer), sent back to back, in order;
+//! the JSON of a reply is the concatenation of its parts. File descriptors
+//! travel only with part 0. A client that gave up on a request (timeout)
+//! recognises that request's late reply by its id and discards it.
 
 use crate::layout::LayoutParams;
 use crate::records::{Mode, Policy};
 use serde::{Deserialize, Serialize};
 
-/// Largest control message in bytes.
-pub const MAX_MESSAGE: usize = 1 << 20;
+/// Magic bytes that start every frame (`TB`, frame format `F`, version 1).
+pub const FRAME_MAGIC: [u8; 4] = *b"TBF1";
+
+/// Bytes of a frame header: magic (4), id (u64 LE), part (u32 LE), parts (u32 LE).
+pub const FRAME_HEADER: usize = 20;
+
+/// Most JSON bytes in one frame. Small enough that a frame always fits a
+/// Unix socket's default send buffer (about 208 KiB), large enough that
+/// ordinary replies are a single frame.
+pub const MAX_CHUNK: usize = 48 * 1024;
+
+/// Largest control message (one frame) in bytes: a receive buffer of this
+/// size holds any frame.
+pub const MAX_MESSAGE: usize = FRAME_HEADER + MAX_CHUNK;
+
+/// Largest reassembled reply a client accepts (1 GiB), so that a corrupt
+/// part count cannot make it allocate without bound.
+pub const MAX_REPLY: usize = 1 << 30;
+
+/// The header of one frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// Request id (a reply carries its request's id).
+    pub id: u64,
+    /// Part number, from 0.
+    pub part: u32,
+    /// Number of parts of the whole message (at least 1).
+    pub parts: u32,
+}
+
+/// Why a message is not a valid frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FrameError {
+    /// Shorter than a header, or the magic bytes differ (a peer speaking
+    /// another protocol version, or not tensorbus at all).
+    NotAFrame,
+    /// `parts` is 0 or `part >= parts`, or the JSON part is empty or longer
+    /// than [`MAX_CHUNK`].
+    BadPart {
+        /// Part number found.
+        part: u32,
+        /// Part count found.
+        parts: u32,
+    },
+}
+
+impl std::fmt::Display for FrameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FrameError::NotAFrame => write!(
+                f,
+                "not a tensorbus control frame (no {:?} header: another protocol version?)",
+                std::str::from_utf8(&FRAME_MAGIC).unwrap_or("TBF1")
+            ),
+            FrameError::BadPart { part, parts } => {
+                write!(f, "malformed frame: part {part} of {parts}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for FrameError {}
+
+impl FrameHeader {
+    /// The header as bytes.
+    pub fn encode(&self) -> [u8; FRAME_HEADER] {
+        let mut h = [0u8; FRAME_HEADER];
+        h[..4].copy_from_slice(&FRAME_MAGIC);
+        h[4..12].copy_from_slice(&self.id.to_le_bytes());
+        h[12..16].copy_from_slice(&self.part.to_le_bytes());
+        h[16..20].copy_from_slice(&self.parts.to_le_bytes());
+        h
+    }
+}
+
+/// Splits a received message into its header and JSON part, checking the
+/// magic and the part numbers.
+pub fn parse_frame(msg: &[u8]) -> Result<(FrameHeader, &[u8]), FrameError> {
+    if msg.len() < FRAME_HEADER || msg[..4] != FRAME_MAGIC {
+        return Err(FrameError::NotAFrame);
+    }
+    let u32_at = |i: usize| u32::from_le_bytes([msg[i], msg[i + 1], msg[i + 2], msg[i + 3]]);
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&msg[4..12]);
+    let h = FrameHeader {
+        id: u64::from_le_bytes(id),
+        part: u32_at(12),
+        parts: u32_at(16),
+    };
+    let body = &msg[FRAME_HEADER..];
+    if h.parts == 0 || h.part >= h.parts || body.is_empty() || body.len() > MAX_CHUNK {
+        return Err(FrameError::BadPart {
+            part: h.part,
+            parts: h.parts,
+        });
+    }
+    Ok((h, body))
+}
+
+/// Splits `json` (a serialized request or reply, not empty) into the frames
+/// of message `id`, each at most [`MAX_MESSAGE`] bytes.
+pub fn encode_frames(id: u64, json: &[u8]) -> Vec<Vec<u8>> {
+    let chunks: Vec<&[u8]> = if json.is_empty() {
+        vec![b"null".as_slice()]
+    } else {
+        json.chunks(MAX_CHUNK).collect()
+    };
+    let parts = u32::try_from(chunks.len()).unwrap_or(u32::MAX);
+    chunks
+        .iter()
+        .zip(0u32..)
+        .map(|(chunk, part)| {
+            let mut f = Vec::with_capacity(FRAME_HEADER + chunk.len());
+            f.extend_from_slice(&FrameHeader { id, part, parts }.encode());
+            f.extend_from_slice(chunk);
+            f
+        })
+        .collect()
+}
 
 /// Options of a channel created at run time (or declared in the config).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,6 +232,13 @@ pub enum Request {
     Detach {
         /// Handle id of a subscriber.
         handle: u32,
+    },
+    /// The client gave up waiting for request `request` (timeout): if that
+    /// request opened a handle, close it again. Sent without waiting for
+    /// the answer; a no-op for a request that opened nothing.
+    Cancel {
+        /// Id of the abandoned request.
+        request: u64,
     },
     /// Asks for a statistics snapshot.
     Stat,
@@ -261,4 +397,59 @@ pub struct ClientStat {
     pub handles: u32,
     /// Slots any of its handles holds.
     pub holds: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_split_large_payloads() {
+        let small = encode_frames(7, b"{\"op\":\"ok\"}");
+        assert_eq!(small.len(), 1);
+        let (h, body) = parse_frame(&small[0]).unwrap();
+        assert_eq!(
+            h,
+            FrameHeader {
+                id: 7,
+                part: 0,
+                parts: 1
+            }
+        );
+        assert_eq!(body, b"{\"op\":\"ok\"}");
+
+        let big: Vec<u8> = (0..MAX_CHUNK * 2 + 5).map(|i| (i % 251) as u8).collect();
+        let frames = encode_frames(u64::MAX, &big);
+        assert_eq!(frames.len(), 3);
+        let mut joined = Vec::new();
+        for (i, f) in frames.iter().enumerate() {
+            assert!(f.len() <= MAX_MESSAGE);
+            let (h, body) = parse_frame(f).unwrap();
+            assert_eq!((h.id, h.part, h.parts), (u64::MAX, i as u32, 3));
+            joined.extend_from_slice(body);
+        }
+        assert_eq!(joined, big);
+    }
+
+    #[test]
+    fn bad_frames_are_refused() {
+        assert_eq!(
+            parse_frame(b"{\"op\":\"stat\"}"),
+            Err(FrameError::NotAFrame)
+        );
+        assert_eq!(parse_frame(b"TBF1"), Err(FrameError::NotAFrame));
+        let mut f = encode_frames(1, b"x").remove(0);
+        f[16..20].copy_from_slice(&0u32.to_le_bytes());
+        assert!(matches!(parse_frame(&f), Err(FrameError::BadPart { .. })));
+        let header_only = FrameHeader {
+            id: 1,
+            part: 0,
+            parts: 1,
+        }
+        .encode();
+        assert!(matches!(
+            parse_frame(&header_only),
+            Err(FrameError::BadPart { .. })
+        ));
+    }
 }

@@ -58,6 +58,96 @@ pub fn poll_readable(
             revents: 0,
         })
         .collect();
+    ready[..fds.len()].fill(false);
+    if !wait(&mut pollfds, timeout)? {
+        return Ok(0);
+    }
+    let mut count = 0;
+    for (slot, pfd) in ready.iter_mut().zip(&pollfds) {
+        if pfd.revents & READ_MASK != 0 {
+            *slot = true;
+            count += 1;
+        }
+    }
+    Ok(count)
+}
+
+/// What [`poll_ready`] found for one descriptor.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ready {
+    /// `POLLIN`, `POLLHUP`, `POLLERR` or `POLLNVAL`: the next `recv` (or
+    /// `accept`) will not block.
+    pub read: bool,
+    /// `POLLOUT` (asked for): the next send of a message that fits will not
+    /// block.
+    pub write: bool,
+}
+
+/// Like [`poll_readable`], but each descriptor comes with whether to watch
+/// it for writability too (`POLLOUT`), for event loops that queue output to
+/// slow peers. `ready[i]` is set for every `i < fds.len()`; returns how
+/// many descriptors have anything ready (0 on timeout or `EINTR`).
+///
+/// ```
+/// use std::os::fd::AsFd;
+/// use std::time::Duration;
+/// use tensorbus_shm::poll::{poll_ready, Ready};
+/// use tensorbus_shm::SeqpacketConn;
+///
+/// let (a, _b) = SeqpacketConn::pair()?;
+/// let mut ready = [Ready::default()];
+/// assert_eq!(poll_ready(&[(a.as_fd(), true)], &mut ready, Some(Duration::ZERO))?, 1);
+/// assert_eq!(ready[0], Ready { read: false, write: true });
+/// # Ok::<(), std::io::Error>(())
+/// ```
+///
+/// # Errors
+///
+/// As [`poll_readable`].
+pub fn poll_ready(
+    fds: &[(BorrowedFd<'_>, bool)],
+    ready: &mut [Ready],
+    timeout: Option<Duration>,
+) -> io::Result<usize> {
+    if ready.len() < fds.len() {
+        return Err(invalid_input(format!(
+            "poll_ready: {} descriptors but only {} ready slots",
+            fds.len(),
+            ready.len()
+        )));
+    }
+    let mut pollfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|(fd, write)| libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: if *write {
+                libc::POLLIN | libc::POLLOUT
+            } else {
+                libc::POLLIN
+            },
+            revents: 0,
+        })
+        .collect();
+    ready[..fds.len()].fill(Ready::default());
+    if !wait(&mut pollfds, timeout)? {
+        return Ok(0);
+    }
+    let mut count = 0;
+    for (slot, pfd) in ready.iter_mut().zip(&pollfds) {
+        slot.read = pfd.revents & READ_MASK != 0;
+        slot.write = pfd.revents & libc::POLLOUT != 0;
+        if slot.read || slot.write {
+            count += 1;
+        }
+    }
+    Ok(count)
+}
+
+/// Events that make a descriptor count as readable.
+const READ_MASK: libc::c_short = libc::POLLIN | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL;
+
+/// Runs `poll(2)`; `Ok(false)` when interrupted by a signal.
+fn wait(pollfds: &mut [libc::pollfd], timeout: Option<Duration>) -> io::Result<bool> {
     let timeout_ms: libc::c_int = match timeout {
         None => -1,
         Some(d) => {
@@ -66,28 +156,19 @@ pub fn poll_readable(
             libc::c_int::try_from(ms).unwrap_or(libc::c_int::MAX)
         }
     };
-    ready[..fds.len()].fill(false);
     let nfds = libc::nfds_t::try_from(pollfds.len())
-        .map_err(|_| invalid_input("poll_readable: too many descriptors"))?;
+        .map_err(|_| invalid_input("poll: too many descriptors"))?;
     // SAFETY: `pollfds` is a valid, writable array of `nfds` pollfd entries
     // that outlives the call; the descriptors are borrowed, hence open.
     let ret = unsafe { libc::poll(pollfds.as_mut_ptr(), nfds, timeout_ms) };
     if ret < 0 {
         let err = io::Error::last_os_error();
         if err.kind() == io::ErrorKind::Interrupted {
-            return Ok(0);
+            return Ok(false);
         }
         return Err(err);
     }
-    let mask = libc::POLLIN | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL;
-    let mut count = 0;
-    for (slot, pfd) in ready.iter_mut().zip(&pollfds) {
-        if pfd.revents & mask != 0 {
-            *slot = true;
-            count += 1;
-        }
-    }
-    Ok(count)
+    Ok(true)
 }
 
 #[cfg(test)]
@@ -125,6 +206,38 @@ mod tests {
         let (a, _b) = SeqpacketConn::pair().unwrap();
         let e = poll_readable(&[a.as_fd()], &mut [], Some(Duration::ZERO)).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+    }
+
+    #[test]
+    fn poll_ready_reports_write_only_when_asked() {
+        let (a, b) = SeqpacketConn::pair().unwrap();
+        let mut ready = [Ready::default(); 2];
+        let n = poll_ready(
+            &[(a.as_fd(), false), (b.as_fd(), true)],
+            &mut ready,
+            Some(Duration::ZERO),
+        )
+        .unwrap();
+        assert_eq!(n, 1);
+        assert_eq!(ready[0], Ready::default());
+        assert_eq!(
+            ready[1],
+            Ready {
+                read: false,
+                write: true
+            }
+        );
+        // Fill a's queue to b: a is no longer writable.
+        while a.try_send(&[0u8; 4096], &[]).is_ok() {}
+        let n = poll_ready(
+            &[(a.as_fd(), true), (b.as_fd(), false)],
+            &mut ready,
+            Some(Duration::ZERO),
+        )
+        .unwrap();
+        assert_eq!(n, 1);
+        assert_eq!(ready[0], Ready::default());
+        assert!(ready[1].read);
     }
 
     #[test]

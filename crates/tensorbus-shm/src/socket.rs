@@ -301,6 +301,26 @@ impl SeqpacketConn {
     /// is reported as `WriteZero`, though the kernel sends seqpacket
     /// messages atomically.
     pub fn send(&self, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        self.send_flags(data, fds, libc::MSG_NOSIGNAL)
+    }
+
+    /// Like [`send`](Self::send) but never waits (`MSG_DONTWAIT`), whatever
+    /// the socket's mode: fails with `WouldBlock` when the peer's queue is
+    /// full. Nothing is sent in that case (seqpacket sends are atomic).
+    ///
+    /// # Errors
+    ///
+    /// As [`send`](Self::send).
+    pub fn try_send(&self, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        self.send_flags(data, fds, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
+    }
+
+    fn send_flags(
+        &self,
+        data: &[u8],
+        fds: &[BorrowedFd<'_>],
+        flags: libc::c_int,
+    ) -> io::Result<()> {
         if data.is_empty() {
             return Err(invalid_input("cannot send an empty seqpacket message"));
         }
@@ -345,7 +365,7 @@ impl SeqpacketConn {
             // SAFETY: `msg` points to `iov` (which points into `data`) and to
             // `cmsg_buf`, all alive and initialised for the call; sendmsg
             // only reads them.
-            let n = unsafe { libc::sendmsg(self.fd.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+            let n = unsafe { libc::sendmsg(self.fd.as_raw_fd(), &msg, flags) };
             if n >= 0 {
                 break n as usize;
             }
@@ -372,12 +392,41 @@ impl SeqpacketConn {
     /// # Errors
     ///
     /// `InvalidData` if the message did not fit in `buf` (`MSG_TRUNC`; the
-    /// rest of the message is lost) or more than [`MAX_FDS`] descriptors
-    /// were attached (`MSG_CTRUNC`; the kernel closes the ones that did not
-    /// fit). Descriptors that did arrive are still appended to `fds` in that
-    /// case. Otherwise the OS error of `recvmsg` (`WouldBlock` in
-    /// non-blocking mode or when the read timeout expires, ...).
+    /// rest of the message is lost). When descriptors were lost
+    /// (`MSG_CTRUNC`), the error of [`recv_keeping_data`](Self::recv_keeping_data):
+    /// `EMFILE`/`ENFILE` (raw OS error) when this process had no free
+    /// descriptor to receive them, `InvalidData` when more than [`MAX_FDS`]
+    /// were attached. Descriptors that did arrive are still appended to
+    /// `fds` in those cases. Otherwise the OS error of `recvmsg`
+    /// (`WouldBlock` in non-blocking mode or when the read timeout expires,
+    /// ...).
     pub fn recv(&self, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
+        let (n, lost) = self.recv_keeping_data(buf, fds)?;
+        match lost {
+            Some(e) => Err(e),
+            None => Ok(n),
+        }
+    }
+
+    /// Like [`recv`](Self::recv), but a message whose descriptors were
+    /// lost (`MSG_CTRUNC`) still counts as received: returns its length and
+    /// `Some(why the descriptors were lost)`, so that the caller can act on
+    /// the message (for example give back what it describes). The kernel
+    /// closes the descriptors that could not be installed.
+    ///
+    /// Why: `EMFILE` or `ENFILE` (as raw OS errors) when this process (or
+    /// the system) had no free descriptor, which is checked right after the
+    /// receive; `InvalidData` when more than [`MAX_FDS`] were attached.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidData` if the message did not fit in `buf` (`MSG_TRUNC`);
+    /// otherwise the OS error of `recvmsg`.
+    pub fn recv_keeping_data(
+        &self,
+        buf: &mut [u8],
+        fds: &mut Vec<OwnedFd>,
+    ) -> io::Result<(usize, Option<io::Error>)> {
         let mut iov = libc::iovec {
             iov_base: buf.as_mut_ptr().cast(),
             iov_len: buf.len(),
@@ -407,7 +456,9 @@ impl SeqpacketConn {
             msg.msg_controllen = CMSG_BUF_LEN as _;
         };
 
+        let before = fds.len();
         take_fds(&msg, fds);
+        let arrived = fds.len() - before;
 
         if msg.msg_flags & libc::MSG_TRUNC != 0 {
             return Err(io::Error::new(
@@ -419,12 +470,40 @@ impl SeqpacketConn {
             ));
         }
         if msg.msg_flags & libc::MSG_CTRUNC != 0 {
-            return Err(io::Error::new(
+            return Ok((n, Some(self.why_fds_lost(arrived))));
+        }
+        Ok((n, None))
+    }
+
+    /// Explains a `MSG_CTRUNC` after `arrived` descriptors were installed.
+    /// The control buffer holds [`MAX_FDS`], so fewer than that means the
+    /// kernel could not install the rest: almost always because the
+    /// descriptor table is full, which a probe (`F_DUPFD_CLOEXEC`) confirms.
+    fn why_fds_lost(&self, arrived: usize) -> io::Error {
+        if arrived >= MAX_FDS {
+            return io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("control data truncated: more than {MAX_FDS} descriptors attached"),
-            ));
+            );
         }
-        Ok(n)
+        // SAFETY: F_DUPFD_CLOEXEC duplicates our open socket descriptor; the
+        // result, if any, is owned below and closed at once.
+        let probe = unsafe { libc::fcntl(self.fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+        if probe < 0 {
+            let e = io::Error::last_os_error();
+            if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
+                return e;
+            }
+        } else {
+            // SAFETY: fcntl just returned this descriptor; nobody else owns it.
+            drop(unsafe { OwnedFd::from_raw_fd(probe) });
+        }
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "control data truncated: {arrived} descriptor(s) arrived, the others could not be installed in this process"
+            ),
+        )
     }
 
     /// Returns the credentials of the peer (`SO_PEERCRED`).
@@ -477,13 +556,27 @@ impl SeqpacketConn {
     /// zero timeout as "no timeout"); otherwise the OS error of
     /// `setsockopt`.
     pub fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.set_timeout(libc::SO_RCVTIMEO, timeout)
+    }
+
+    /// Sets a timeout for blocking `send` calls (`SO_SNDTIMEO`); `None`
+    /// removes it. When it expires, `send` fails with `WouldBlock`.
+    ///
+    /// # Errors
+    ///
+    /// As [`set_read_timeout`](Self::set_read_timeout).
+    pub fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.set_timeout(libc::SO_SNDTIMEO, timeout)
+    }
+
+    fn set_timeout(&self, option: libc::c_int, timeout: Option<Duration>) -> io::Result<()> {
         let tv = match timeout {
             None => libc::timeval {
                 tv_sec: 0,
                 tv_usec: 0,
             },
             Some(d) if d.is_zero() => {
-                return Err(invalid_input("a zero read timeout is not allowed"));
+                return Err(invalid_input("a zero socket timeout is not allowed"));
             }
             Some(d) => {
                 let mut secs = libc::time_t::try_from(d.as_secs()).unwrap_or(libc::time_t::MAX);
@@ -505,7 +598,7 @@ impl SeqpacketConn {
             libc::setsockopt(
                 self.fd.as_raw_fd(),
                 libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
+                option,
                 ptr::addr_of!(tv).cast(),
                 mem::size_of::<libc::timeval>() as libc::socklen_t,
             )
@@ -868,6 +961,82 @@ mod tests {
         let e = b.recv(&mut [0u8; 4], &mut fds).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
         assert!(fds.len() <= MAX_FDS && !fds.is_empty(), "{}", fds.len());
+    }
+
+    #[test]
+    fn try_send_never_waits_and_write_timeout_expires() {
+        let (a, b) = SeqpacketConn::pair().unwrap();
+        let mut sent = 0usize;
+        let err = loop {
+            match a.try_send(&[1u8; 4096], &[]) {
+                Ok(()) => sent += 1,
+                Err(e) => break e,
+            }
+            assert!(sent < 1_000_000, "the peer's queue never filled");
+        };
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+        a.set_write_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        let start = Instant::now();
+        assert_eq!(
+            a.send(&[1u8; 4096], &[]).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+        assert!(start.elapsed() >= Duration::from_millis(15));
+        // Everything that was accepted arrives, whole.
+        let mut buf = [0u8; 8192];
+        let mut fds = Vec::new();
+        for _ in 0..sent {
+            assert_eq!(b.recv(&mut buf, &mut fds).unwrap(), 4096);
+        }
+    }
+
+    #[test]
+    fn recv_keeping_data_returns_the_message_when_fds_are_lost() {
+        // More than MAX_FDS attached: the data still comes back, with why
+        // the descriptors were lost.
+        let (a, b) = SeqpacketConn::pair().unwrap();
+        let seg = Memfd::create("tb-keep", 0, false).unwrap();
+        send_raw_fds(&a, b"data", seg.as_raw_fd(), 40);
+        let mut buf = [0u8; 16];
+        let mut fds = Vec::new();
+        let (n, lost) = b.recv_keeping_data(&mut buf, &mut fds).unwrap();
+        assert_eq!(&buf[..n], b"data");
+        let lost = lost.expect("descriptors were lost");
+        assert_eq!(lost.kind(), io::ErrorKind::InvalidData);
+        assert!(lost.to_string().contains("more than 32"), "{lost}");
+    }
+
+    /// Sends `data` with `count` copies of `fd` through a raw sendmsg.
+    fn send_raw_fds(a: &SeqpacketConn, data: &[u8], fd: RawFd, count: usize) {
+        let payload = count * FD_SIZE;
+        // SAFETY: pure arithmetic.
+        let space = unsafe { libc::CMSG_SPACE(payload as libc::c_uint) } as usize;
+        let mut cbuf = vec![0u64; space.div_ceil(8)];
+        let mut iov = libc::iovec {
+            iov_base: data.as_ptr().cast_mut().cast(),
+            iov_len: data.len(),
+        };
+        // SAFETY: all-zero is a valid msghdr.
+        let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        // SAFETY: the control buffer holds `space` bytes, enough for one
+        // header and `count` descriptors; `msg` and its buffers outlive
+        // sendmsg.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(payload as libc::c_uint) as _;
+            let d = libc::CMSG_DATA(c).cast::<RawFd>();
+            for i in 0..count {
+                d.add(i).write_unaligned(fd);
+            }
+            assert_eq!(libc::sendmsg(a.as_raw_fd(), &msg, 0), data.len() as isize);
+        }
     }
 
     #[test]

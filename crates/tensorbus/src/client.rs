@@ -4,18 +4,34 @@ use crate::error::{ConnectError, OpenError, RequestError, NO_ANSWER};
 use crate::paths::socket_path;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 use tensorbus_core::control::Control;
 use tensorbus_core::layout::{Layout, LAYOUT_VERSION};
-use tensorbus_core::proto::{ErrorKind, PoolInfo, Request, Response, StatReport, MAX_MESSAGE};
+use tensorbus_core::proto::{
+    encode_frames, parse_frame, ErrorKind, PoolInfo, Request, Response, StatReport, MAX_CHUNK,
+    MAX_MESSAGE, MAX_REPLY,
+};
 use tensorbus_shm::{Access, Mapping, SeqpacketConn};
 
-/// How long a control request waits for the broker's answer.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a control request waits for the broker's answer unless
+/// [`REQUEST_TIMEOUT_ENV`] or [`Client::set_request_timeout`] says otherwise.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The reason given when the broker did not answer within [`REQUEST_TIMEOUT`].
-const NO_REPLY: &str = "no reply within 10 s";
+/// Environment variable read at connect: the control request timeout in
+/// milliseconds (a positive integer; anything else is ignored and the
+/// default of [`DEFAULT_REQUEST_TIMEOUT`] applies).
+pub const REQUEST_TIMEOUT_ENV: &str = "TENSORBUS_REQUEST_TIMEOUT_MS";
+
+/// The request timeout from [`REQUEST_TIMEOUT_ENV`], or the default.
+fn timeout_from_env() -> Duration {
+    std::env::var(REQUEST_TIMEOUT_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|&ms| ms > 0)
+        .map(Duration::from_millis)
+        .unwrap_or(DEFAULT_REQUEST_TIMEOUT)
+}
 
 /// A pool mapping a handle uses on its hot path.
 #[derive(Clone, Copy, Debug)]
@@ -39,7 +55,7 @@ pub(crate) struct Inner {
     // Field order matters: `control` points into `_control_map`.
     pub control: Control,
     _control_map: Mapping,
-    conn: Mutex<SeqpacketConn>,
+    conn: Mutex<Conn>,
     pub socket: PathBuf,
     pub client_id: u32,
     pub pools: Vec<PoolInfo>,
@@ -47,16 +63,43 @@ pub(crate) struct Inner {
 }
 
 impl Inner {
+    fn conn(&self) -> MutexGuard<'_, Conn> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Sends a request and waits for the answer and its fds.
+    ///
+    /// A reply whose descriptors could not be received (no free fd in this
+    /// process) is an error, and a handle it opened is closed again first,
+    /// so that nothing stays open at the broker.
     pub fn request(&self, req: &Request) -> Result<(Response, Vec<OwnedFd>), RequestError> {
-        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        exchange(&conn, req).map_err(|e| match e {
+        let mut conn = self.conn();
+        let reply = conn
+            .exchange(req)
+            .map_err(|e| self.request_error(e, &conn))?;
+        let Some(lost) = reply.fds_lost else {
+            return Ok((reply.resp, reply.fds));
+        };
+        drop(reply.fds);
+        if let Some(handle) = opened_handle(&reply.resp) {
+            // Waits for the answer: when this returns, the broker has closed it.
+            let _ = conn.exchange(&Request::Close { handle });
+        }
+        Err(fds_lost_error(&reply.resp, &lost))
+    }
+
+    fn request_error(&self, e: ExchangeError, conn: &Conn) -> RequestError {
+        match e {
             ExchangeError::Unavailable(reason) => RequestError::BrokerUnavailable {
                 path: self.socket.clone(),
                 reason,
             },
             ExchangeError::Protocol(m) => RequestError::Protocol(m),
-        })
+            ExchangeError::Timeout => RequestError::Timeout {
+                path: self.socket.clone(),
+                timeout: conn.timeout,
+            },
+        }
     }
 
     /// Maps the pools that came with an open response (one fd per pool in
@@ -123,38 +166,216 @@ impl Inner {
 }
 
 /// Why one request/response exchange failed.
+#[derive(Debug)]
 enum ExchangeError {
     /// The socket failed or the broker closed it.
     Unavailable(String),
     /// The answer was not a response.
     Protocol(String),
+    /// No (complete) answer within the request timeout.
+    Timeout,
 }
 
-/// Sends one request and receives its response and file descriptors.
-fn exchange(
-    conn: &SeqpacketConn,
-    req: &Request,
-) -> Result<(Response, Vec<OwnedFd>), ExchangeError> {
-    let bytes = serde_json::to_vec(req).map_err(|e| ExchangeError::Protocol(e.to_string()))?;
-    conn.send(&bytes, &[])
-        .map_err(|e| ExchangeError::Unavailable(e.to_string()))?;
-    let mut buf = vec![0u8; MAX_MESSAGE];
-    let mut fds = Vec::new();
-    let n = conn.recv(&mut buf, &mut fds).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::WouldBlock {
-            ExchangeError::Unavailable(NO_REPLY.into())
-        } else {
-            ExchangeError::Unavailable(e.to_string())
-        }
-    })?;
-    if n == 0 {
-        return Err(ExchangeError::Unavailable(
-            "the broker closed the connection".into(),
+/// One complete reply.
+struct Reply {
+    resp: Response,
+    /// Descriptors that came with part 0.
+    fds: Vec<OwnedFd>,
+    /// Why descriptors that came with it were lost (`EMFILE`, ...).
+    fds_lost: Option<std::io::Error>,
+}
+
+/// The handle a reply opened, if any.
+fn opened_handle(resp: &Response) -> Option<u32> {
+    match resp {
+        Response::Producer { handle, .. } | Response::Consumer { handle, .. } => Some(*handle),
+        _ => None,
+    }
+}
+
+/// The error for a reply whose descriptors could not be received.
+fn fds_lost_error(resp: &Response, lost: &std::io::Error) -> RequestError {
+    if !matches!(lost.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
+        return RequestError::Protocol(format!(
+            "the file descriptors of the broker's reply were lost: {lost}"
         ));
     }
-    let resp = serde_json::from_slice(&buf[..n])
-        .map_err(|e| ExchangeError::Protocol(format!("bad response: {e}")))?;
-    Ok((resp, fds))
+    let what = match resp {
+        Response::Producer { channel, .. } | Response::Consumer { channel, .. } => format!(
+            "the pool descriptors of channel {:?} ({} pools)",
+            channel.name,
+            channel.pools.len()
+        ),
+        Response::Welcome { .. } => "the broker's control segment".to_owned(),
+        _ => "the descriptors of the broker's reply".to_owned(),
+    };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into `lim`, which is valid and writable.
+    let limit = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        lim.rlim_cur
+    } else {
+        0
+    };
+    RequestError::NoFreeFd { what, limit }
+}
+
+/// The client's end of the control connection: requests carry increasing
+/// ids, replies are matched to them by id (see `tensorbus_core::proto`).
+struct Conn {
+    sock: SeqpacketConn,
+    /// Id of the next request.
+    next_id: u64,
+    /// How long one request waits for its reply.
+    timeout: Duration,
+    /// Receive buffer for one frame.
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    fn new(sock: SeqpacketConn, timeout: Duration) -> Conn {
+        Conn {
+            sock,
+            next_id: 1,
+            timeout,
+            buf: vec![0u8; MAX_MESSAGE],
+        }
+    }
+
+    fn take_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1).max(1);
+        id
+    }
+
+    /// Serializes `req` as the single frame of request `id`.
+    fn frame(id: u64, req: &Request) -> Result<Vec<u8>, ExchangeError> {
+        let json = serde_json::to_vec(req).map_err(|e| ExchangeError::Protocol(e.to_string()))?;
+        if json.len() > MAX_CHUNK {
+            return Err(ExchangeError::Protocol(format!(
+                "request of {} bytes is larger than the {MAX_CHUNK} bytes a request may have",
+                json.len()
+            )));
+        }
+        Ok(encode_frames(id, &json).swap_remove(0))
+    }
+
+    /// Sends `req` without waiting for (or ever reading) its answer, which
+    /// the next exchange discards as a reply of no current request.
+    /// `wait = false` gives up at once if the broker's queue is full.
+    fn send_and_forget(&mut self, req: &Request, wait: bool) {
+        let id = self.take_id();
+        if let Ok(frame) = Conn::frame(id, req) {
+            let _ = if wait {
+                self.sock.send(&frame, &[])
+            } else {
+                self.sock.try_send(&frame, &[])
+            };
+        }
+    }
+
+    /// Gives up on request `id`: asks the broker to undo what it opens for it.
+    fn abandon(&mut self, id: u64) {
+        self.send_and_forget(&Request::Cancel { request: id }, false);
+    }
+
+    /// Handles a frame of an earlier request (one that timed out, or a
+    /// Close/Cancel sent without waiting): its descriptors are closed (by
+    /// dropping `fds`), and a handle it opened is closed at the broker.
+    fn discard_late(&mut self, handle: Option<u32>, fds: Vec<OwnedFd>) {
+        drop(fds);
+        if let Some(handle) = handle {
+            self.send_and_forget(&Request::Close { handle }, true);
+        }
+    }
+
+    /// Sends one request and receives its (possibly multi-part) reply,
+    /// discarding late replies of earlier requests on the way.
+    fn exchange(&mut self, req: &Request) -> Result<Reply, ExchangeError> {
+        let id = self.take_id();
+        let frame = Conn::frame(id, req)?;
+        let deadline = Instant::now() + self.timeout;
+        let _ = self.sock.set_write_timeout(Some(self.timeout));
+        match self.sock.send(&frame, &[]) {
+            Ok(()) => {}
+            // Nothing was sent (seqpacket sends are atomic): nothing to cancel.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(ExchangeError::Timeout)
+            }
+            Err(e) => return Err(ExchangeError::Unavailable(e.to_string())),
+        }
+        let mut json = Vec::new();
+        let mut fds = Vec::new();
+        let mut fds_lost = None;
+        let mut parts = 0u32;
+        let mut next = 0u32;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                self.abandon(id);
+                return Err(ExchangeError::Timeout);
+            }
+            let _ = self.sock.set_read_timeout(Some(deadline - now));
+            let mut got = Vec::new();
+            let (n, lost) = match self.sock.recv_keeping_data(&mut self.buf, &mut got) {
+                Ok(r) => r,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    self.abandon(id);
+                    return Err(ExchangeError::Timeout);
+                }
+                Err(e) => return Err(ExchangeError::Unavailable(e.to_string())),
+            };
+            if n == 0 {
+                return Err(ExchangeError::Unavailable(
+                    "the broker closed the connection".into(),
+                ));
+            }
+            let (h, body) = parse_frame(&self.buf[..n])
+                .map_err(|e| ExchangeError::Protocol(format!("bad reply: {e}")))?;
+            if h.id != id {
+                let handle = if h.part == 0 && h.parts == 1 {
+                    serde_json::from_slice::<Response>(body)
+                        .ok()
+                        .as_ref()
+                        .and_then(opened_handle)
+                } else {
+                    None
+                };
+                self.discard_late(handle, got);
+                continue;
+            }
+            if h.part != next || (next > 0 && h.parts != parts) {
+                return Err(ExchangeError::Protocol(format!(
+                    "reply part {} of {} arrived, expected part {next}",
+                    h.part, h.parts
+                )));
+            }
+            if next == 0 {
+                parts = h.parts;
+                if (parts as usize).saturating_mul(MAX_CHUNK) > MAX_REPLY {
+                    return Err(ExchangeError::Protocol(format!(
+                        "reply of {parts} parts is larger than {MAX_REPLY} bytes"
+                    )));
+                }
+                fds = got;
+                fds_lost = lost;
+            }
+            json.extend_from_slice(body);
+            next += 1;
+            if next == parts {
+                break;
+            }
+        }
+        let resp = serde_json::from_slice(&json)
+            .map_err(|e| ExchangeError::Protocol(format!("bad response: {e}")))?;
+        Ok(Reply {
+            resp,
+            fds,
+            fds_lost,
+        })
+    }
 }
 
 /// Maps a broker error reply to an [`OpenError`].
@@ -244,28 +465,32 @@ impl Client {
                 }
             }
         })?;
-        let _ = conn.set_read_timeout(Some(REQUEST_TIMEOUT));
+        let mut conn = Conn::new(conn, timeout_from_env());
         let hello = Request::Hello {
             name: name.to_owned(),
             version: LAYOUT_VERSION,
         };
-        let (resp, fds) = exchange(&conn, &hello).map_err(|e| match e {
-            ExchangeError::Unavailable(reason) if reason == NO_REPLY => {
-                ConnectError::BrokerUnavailable {
-                    reason: format!(
-                        "{NO_ANSWER} at {} within {} s (a program accepted the connection but sent no reply)",
-                        path.display(),
-                        REQUEST_TIMEOUT.as_secs()
-                    ),
-                    path: path.clone(),
-                }
-            }
+        let reply = conn.exchange(&hello).map_err(|e| match e {
             ExchangeError::Unavailable(reason) => ConnectError::BrokerUnavailable {
                 path: path.clone(),
                 reason,
             },
             ExchangeError::Protocol(m) => ConnectError::Protocol(m),
+            ExchangeError::Timeout => ConnectError::BrokerUnavailable {
+                path: path.clone(),
+                reason: format!(
+                    "{NO_ANSWER} at {} within {:?} (a program accepted the connection but sent no reply)",
+                    path.display(),
+                    conn.timeout
+                ),
+            },
         })?;
+        if let Some(lost) = &reply.fds_lost {
+            return Err(ConnectError::Map(std::io::Error::other(
+                fds_lost_error(&reply.resp, lost).to_string(),
+            )));
+        }
+        let (resp, fds) = (reply.resp, reply.fds);
         let (client_id, layout, pools) = match resp {
             Response::Welcome {
                 client_id,
@@ -330,6 +555,22 @@ impl Client {
         &self.inner.socket
     }
 
+    /// How long each control request (open, close, stat) waits for the
+    /// broker's answer.
+    pub fn request_timeout(&self) -> Duration {
+        self.inner.conn().timeout
+    }
+
+    /// Sets how long each control request of this client (and its clones)
+    /// waits for the broker's answer; zero is taken as 1 ms. The default is
+    /// [`DEFAULT_REQUEST_TIMEOUT`], or [`REQUEST_TIMEOUT_ENV`] when set at
+    /// connect. A request that times out fails with
+    /// [`RequestError::Timeout`]; the broker undoes what it opens for it and
+    /// the client discards its late reply.
+    pub fn set_request_timeout(&self, timeout: Duration) {
+        self.inner.conn().timeout = timeout.max(Duration::from_millis(1));
+    }
+
     /// The broker's pool table.
     pub fn pools(&self) -> &[PoolInfo] {
         &self.inner.pools
@@ -351,5 +592,112 @@ impl Client {
         self.stat()
             .map(|s| s.channels.into_iter().map(|c| c.name).collect())
             .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tensorbus_core::proto::ChannelInfo;
+    use tensorbus_core::{Mode, Policy};
+
+    /// Reads one single-frame request from the fake broker's end.
+    fn read_request(sock: &SeqpacketConn) -> (u64, Request) {
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        let n = sock.recv(&mut buf, &mut Vec::new()).unwrap();
+        let (h, body) = parse_frame(&buf[..n]).unwrap();
+        (h.id, serde_json::from_slice(body).unwrap())
+    }
+
+    fn send_reply(
+        sock: &SeqpacketConn,
+        id: u64,
+        resp: &Response,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) {
+        let frames = encode_frames(id, &serde_json::to_vec(resp).unwrap());
+        for (i, f) in frames.iter().enumerate() {
+            sock.send(f, if i == 0 { fds } else { &[] }).unwrap();
+        }
+    }
+
+    /// Issue 12.5: a request that timed out is cancelled at once; its late
+    /// reply is discarded (its descriptors closed) and a handle it opened
+    /// is closed, so the next request gets its own reply. Before the fix
+    /// the next request returned the late reply ("unexpected reply
+    /// Consumer{...}") and the handle stayed open.
+    #[test]
+    fn late_replies_are_discarded_and_what_they_opened_is_closed() {
+        let (client_end, broker_end) = SeqpacketConn::pair().unwrap();
+        let mut conn = Conn::new(client_end, Duration::from_millis(50));
+        let open = Request::OpenConsumer {
+            channel: "x".into(),
+            policy: None,
+            depth: None,
+            writable: false,
+            create: None,
+        };
+        assert!(matches!(conn.exchange(&open), Err(ExchangeError::Timeout)));
+        let (open_id, _) = read_request(&broker_end);
+        let (_, cancel) = read_request(&broker_end);
+        assert!(
+            matches!(cancel, Request::Cancel { request } if request == open_id),
+            "{cancel:?}"
+        );
+
+        let fake = std::thread::spawn(move || {
+            let (stat_id, stat) = read_request(&broker_end);
+            assert!(matches!(stat, Request::Stat));
+            // The late reply of the open (with a pool fd), in two parts to
+            // show that multi-part late replies are skipped whole...
+            let late = Response::Consumer {
+                handle: 77,
+                bit: 3,
+                sub: 0,
+                policy: Policy::Block,
+                depth: 8,
+                channel: ChannelInfo {
+                    index: 0,
+                    name: "x".into(),
+                    mode: Mode::Broadcast,
+                    pools: vec![0],
+                },
+            };
+            let pool = tensorbus_shm::Memfd::create("tb-late", 4096, false).unwrap();
+            send_reply(&broker_end, open_id, &late, &[pool.as_fd()]);
+            send_reply(
+                &broker_end,
+                open_id + 1,
+                &Response::Error {
+                    kind: ErrorKind::Internal,
+                    message: "y".repeat(MAX_CHUNK * 2),
+                },
+                &[],
+            );
+            // ...then the stat's own reply, in three parts.
+            let mut report = StatReport {
+                broker_pid: 42,
+                ..StatReport::default()
+            };
+            report.clients.push(tensorbus_core::proto::ClientStat {
+                name: "z".repeat(MAX_CHUNK * 2),
+                ..Default::default()
+            });
+            send_reply(&broker_end, stat_id, &Response::Stat(report), &[]);
+            // The client closes the late reply's handle.
+            let (_, close) = read_request(&broker_end);
+            assert!(matches!(close, Request::Close { handle: 77 }), "{close:?}");
+        });
+        conn.timeout = Duration::from_secs(10);
+        let reply = conn.exchange(&Request::Stat).expect("the stat's own reply");
+        match reply.resp {
+            Response::Stat(s) => {
+                assert_eq!(s.broker_pid, 42);
+                assert_eq!(s.clients[0].name.len(), MAX_CHUNK * 2);
+            }
+            other => panic!("got {other:?}"),
+        }
+        assert!(reply.fds.is_empty());
+        fake.join().unwrap();
     }
 }

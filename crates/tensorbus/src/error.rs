@@ -72,6 +72,26 @@ pub enum RequestError {
     /// The broker sent something unexpected.
     #[error("broker protocol error: {0}")]
     Protocol(String),
+    /// The broker did not answer in time (it is stopped, e.g. SIGSTOP, or
+    /// overloaded). The request is abandoned: the broker is asked to undo
+    /// whatever it opens for it, and its late reply is discarded, so the
+    /// client stays usable.
+    #[error("broker at {path} did not answer within {timeout:?} (is it stopped or overloaded?); the request was abandoned and anything it opens is closed again. Retry, or raise the timeout (Client::set_request_timeout or TENSORBUS_REQUEST_TIMEOUT_MS)")]
+    Timeout {
+        /// Socket path.
+        path: PathBuf,
+        /// How long the request waited.
+        timeout: Duration,
+    },
+    /// This process had no free file descriptor to receive the ones the
+    /// reply carried (EMFILE). Whatever the reply opened was closed again.
+    #[error("no free file descriptor in this process (EMFILE) to receive {what}: raise `ulimit -n` (RLIMIT_NOFILE is {limit}) or close unused descriptors; nothing was left open at the broker")]
+    NoFreeFd {
+        /// What the descriptors were (e.g. the pools of channel "x").
+        what: String,
+        /// The soft RLIMIT_NOFILE of this process.
+        limit: u64,
+    },
 }
 
 /// Why opening a producer, consumer or stage failed.

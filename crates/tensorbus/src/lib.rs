@@ -39,7 +39,7 @@ mod producer;
 mod readiness;
 mod stage;
 
-pub use client::Client;
+pub use client::{Client, DEFAULT_REQUEST_TIMEOUT, REQUEST_TIMEOUT_ENV};
 pub use consumer::{Consumer, Tensor, WaitStrategy};
 pub use element::Element;
 pub use error::{

@@ -45,7 +45,7 @@ class InvalidArgument(TensorbusError, ValueError):
 
 
 class LimitReached(TensorbusError):
-    """A fixed limit (handles, producers or subscribers per channel, channels) was reached."""
+    """A fixed limit (handles, producers or subscribers per channel, channels, or this process's file descriptors) was reached."""
 
 
 class PoolExhausted(TensorbusError):
@@ -57,7 +57,7 @@ class TooLarge(TensorbusError, ValueError):
 
 
 class Timeout(TensorbusError, TimeoutError):
-    """Nothing arrived (or no slot became free) in time."""
+    """Nothing arrived (or no slot became free, or the broker did not answer a request) in time."""
 
 
 class ShapeError(TensorbusError, ValueError):
