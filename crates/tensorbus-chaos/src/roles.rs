@@ -276,6 +276,7 @@ fn worker(client: &Client, a: &Args, journal: &Journal, rng: &mut Rng) {
                 eprintln!("corrupted receive: {e}");
                 journal.count_corrupt();
             }
+            Err(e @ TryRecvError::ForkedChild(_)) => fail(&format!("receive: {e}")),
         }
     }
 }
@@ -323,6 +324,7 @@ fn stage(client: &Client, a: &Args, journal: &Journal, rng: &mut Rng) {
                 eprintln!("stage input not exclusive after {d:?}; the tensor was released");
                 journal.count_not_exclusive();
             }
+            Err(e @ RecvError::ForkedChild(_)) => fail(&format!("receive: {e}")),
         }
     }
 }
