@@ -148,6 +148,17 @@ impl View {
             View::Staged(t, _) => t.meta(),
         }
     }
+
+    /// `TB_ERR_FORKED_CHILD` in a process forked after the tensor was
+    /// taken: its bytes are the parent's to read and write.
+    fn fork_check(&self) -> Res {
+        match self {
+            View::Loan(t, _) => t.fork_check(),
+            View::Recv(t, _) => t.fork_check(),
+            View::Staged(t, _) => t.fork_check(),
+        }
+        .map_err(Error::from)
+    }
 }
 
 /// Frees a quarantined shell (its contents were dropped when it was closed).
@@ -380,10 +391,7 @@ fn recv_within<S, T>(
     wait_for: fn(S, Duration) -> Result<T, RecvError>,
 ) -> Res<T> {
     Ok(match timeout_ns {
-        0 => poll(from).map_err(|e| match e {
-            TryRecvError::Empty => err(TB_ERR_TIMEOUT, "no tensor queued"),
-            other => err(TB_ERR_CORRUPTED, other.to_string()),
-        })?,
+        0 => poll(from)?,
         TB_TIMEOUT_INFINITE => wait(from)?,
         ns => wait_for(from, Duration::from_nanos(ns))?,
     })
@@ -850,6 +858,7 @@ pub unsafe extern "C" fn tb_tensor_data(
         // SAFETY: the registry checks `tensor`; the caller uses it on one thread.
         let (p, n) = unsafe {
             with_view(tensor, |v| {
+                v.fork_check()?;
                 match v {
                 View::Loan(t, _) => Ok((t.as_ptr(), t.meta().nbytes)),
                 View::Staged(t, _) => Ok((t.as_ptr(), t.meta().nbytes)),
@@ -885,6 +894,7 @@ pub unsafe extern "C" fn tb_tensor_const_data(
         // SAFETY: the registry checks `tensor`; the caller uses it on one thread.
         let (p, n) = unsafe {
             with_view(tensor, |v| {
+                v.fork_check()?;
                 let p = match v {
                     View::Loan(t, _) => t.as_ptr().cast_const(),
                     View::Staged(t, _) => t.as_ptr().cast_const(),
