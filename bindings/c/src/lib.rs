@@ -27,6 +27,12 @@
 //!   must be used by one thread at a time (it may move between threads).
 //!   Closing a handle while another thread is inside a call on it is a bug
 //!   in the caller.
+//! * `fork()`: a child's inherited handles are inert. Opening, loaning,
+//!   publishing, receiving, forwarding and `tb_tensor_data` /
+//!   `tb_tensor_const_data` on them return `TB_ERR_FORKED_CHILD`; the
+//!   closes and `tb_release` succeed in the child and leave the parent's
+//!   handles, subscriptions and held slots untouched (metadata getters
+//!   still answer). A child connects a client of its own.
 
 #![allow(non_camel_case_types)]
 

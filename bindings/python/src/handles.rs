@@ -15,9 +15,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 use tensorbus::{
-    ChannelSpec, Client, ConnectError, Consumer, ConsumerOptions, LoanError, OpenError, Producer,
-    ProducerOptions, Published, RecvError, RequestError, Stage, StagedTensor, Tensor, TensorMut,
-    TryRecvError, WaitStrategy,
+    ChannelSpec, Client, ConnectError, Consumer, ConsumerOptions, ForkedChild, LoanError,
+    OpenError, Producer, ProducerOptions, Published, RecvError, RequestError, Stage, StagedTensor,
+    Tensor, TensorMut, TryRecvError, WaitStrategy,
 };
 use tensorbus_broker::{Config, EmbeddedBroker};
 
@@ -43,6 +43,7 @@ pub(crate) fn request_err(e: RequestError) -> PyErr {
     let name = match &e {
         RequestError::BrokerUnavailable { .. } => "BrokerUnavailable",
         RequestError::Protocol(_) => "ProtocolError",
+        RequestError::ForkedChild(_) => "ForkedChild",
     };
     tb_err(name, e.to_string())
 }
@@ -56,6 +57,7 @@ pub(crate) fn open_err(e: OpenError) -> PyErr {
         OpenError::Request(r) => match r {
             RequestError::BrokerUnavailable { .. } => "BrokerUnavailable",
             RequestError::Protocol(_) => "ProtocolError",
+            RequestError::ForkedChild(_) => "ForkedChild",
         },
         OpenError::Map(_) => "TensorbusError",
     };
@@ -68,6 +70,7 @@ pub(crate) fn loan_err(e: LoanError) -> PyErr {
         LoanError::TooLarge { .. } => "TooLarge",
         LoanError::Shape(_) => "ShapeError",
         LoanError::Timeout { .. } => "Timeout",
+        LoanError::ForkedChild(_) => "ForkedChild",
     };
     tb_err(name, e.to_string())
 }
@@ -77,8 +80,14 @@ pub(crate) fn recv_err(e: RecvError) -> PyErr {
         RecvError::Timeout(_) => "Timeout",
         RecvError::Corrupted(_) => "Corrupted",
         RecvError::NotExclusive(_) => "TensorbusError",
+        RecvError::ForkedChild(_) => "ForkedChild",
     };
     tb_err(name, e.to_string())
+}
+
+/// The `ForkedChild` error of a handle used in a forked child.
+pub(crate) fn forked_err(e: ForkedChild) -> PyErr {
+    tb_err("ForkedChild", e.to_string())
 }
 
 fn closed(what: &str) -> PyErr {
@@ -164,6 +173,9 @@ trait Closable: Send + Sync {
 pub(crate) trait Core: Send + Sync {
     /// The Python handle was closed.
     fn closing(&self) {}
+    /// `Err` in a process forked after the handle was opened (one relaxed
+    /// load): the handle is inert there.
+    fn fork_check(&self) -> Result<(), ForkedChild>;
 }
 
 /// The Python handle's reference to its core (`None` once closed).
@@ -187,9 +199,17 @@ impl<T> Slot<T> {
         lock(&self.0).clone()
     }
 
-    /// The core, or `Closed` ("this {what} is closed") after `close()`.
-    fn core(&self, what: &str) -> PyResult<Arc<T>> {
-        self.get().ok_or_else(|| closed(what))
+    /// The core, or `Closed` ("this {what} is closed") after `close()`,
+    /// or `ForkedChild` in a process forked after the handle was opened
+    /// (checked before any lock of the core is taken: a lock some thread of
+    /// the parent held at the fork stays locked in the child forever).
+    fn core(&self, what: &str) -> PyResult<Arc<T>>
+    where
+        T: Core,
+    {
+        let core = self.get().ok_or_else(|| closed(what))?;
+        core.fork_check().map_err(forked_err)?;
+        Ok(core)
     }
 }
 
@@ -291,10 +311,40 @@ fn next_slice(start: Instant, timeout: Option<Duration>) -> (Option<Duration>, D
 /// with tb.Broker(config_toml, "/tmp/tb/broker.sock") as broker:
 ///     client = tb.Client(broker.socket)
 /// ```
+///
+/// A process forked while the broker runs does not own it: in the child
+/// `close()` (and the end of a `with` block, and the object's destructor)
+/// leaves the parent's broker running and its socket in place.
 #[pyclass(frozen, module = "tensorbus", name = "Broker")]
 pub struct PyBroker {
     inner: Mutex<Option<EmbeddedBroker>>,
     socket: PathBuf,
+    /// The process that started the broker (its thread lives only there).
+    pid: u32,
+}
+
+impl PyBroker {
+    /// Stops the broker in the process that started it; in a forked child
+    /// forgets the copy instead (the broker thread is the parent's: joining
+    /// it would wait forever, and the parent still serves its clients).
+    fn stop(broker: Option<EmbeddedBroker>, pid: u32) {
+        if std::process::id() == pid {
+            drop(broker);
+        } else {
+            std::mem::forget(broker);
+        }
+    }
+}
+
+impl Drop for PyBroker {
+    fn drop(&mut self) {
+        let b = self
+            .inner
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        PyBroker::stop(b, self.pid);
+    }
 }
 
 #[pymethods]
@@ -326,6 +376,7 @@ impl PyBroker {
         Ok(PyBroker {
             inner: Mutex::new(Some(broker)),
             socket,
+            pid: std::process::id(),
         })
     }
 
@@ -345,7 +396,8 @@ impl PyBroker {
     /// tensors on the pools they have mapped; new connections fail.
     fn close(&self, py: Python<'_>) {
         let b = lock(&self.inner).take();
-        py.detach(move || drop(b));
+        let pid = self.pid;
+        py.detach(move || PyBroker::stop(b, pid));
     }
 
     fn __enter__(slf: Py<Self>) -> Py<Self> {
@@ -400,11 +452,15 @@ struct ClientBox(Client);
 unsafe impl Send for ClientBox {}
 
 impl PyClient {
+    /// The client, or `Closed` after `close()`, or `ForkedChild` in a
+    /// process forked after it connected.
     fn client(&self) -> PyResult<Client> {
-        lock(&self.state)
+        let client = lock(&self.state)
             .client
             .clone()
-            .ok_or_else(|| closed("client"))
+            .ok_or_else(|| closed("client"))?;
+        client.fork_check().map_err(forked_err)?;
+        Ok(client)
     }
 
     /// Opens a handle with `open(client)` (a clone from [`PyClient::client`],
@@ -491,11 +547,13 @@ impl PyClient {
         if let Some(spec) = create_spec(create, pools, mode)? {
             opts = opts.create_with(spec);
         }
-        let producer = Self::open_with(py, client, move |c| c.producer_with(channel, opts))?;
+        let producer =
+            Self::open_with(py, client.clone(), move |c| c.producer_with(channel, opts))?;
         let channel = producer.channel().to_owned();
         let slot = self.adopt(ProducerCore {
             p: UnsafeCell::new(producer),
             busy: Busy::new(),
+            client,
         });
         Ok(PyProducer { slot, channel })
     }
@@ -674,6 +732,8 @@ fn policy_name(p: tensorbus::Policy) -> &'static str {
 pub(crate) struct ProducerCore {
     p: UnsafeCell<Producer>,
     busy: Busy,
+    /// The client the producer came from (for `fork_check`).
+    client: Client,
 }
 
 // SAFETY: the `Producer` is only reached through `&mut` by the thread that
@@ -684,7 +744,12 @@ unsafe impl Send for ProducerCore {}
 // SAFETY: as above.
 unsafe impl Sync for ProducerCore {}
 
-impl Core for ProducerCore {}
+impl Core for ProducerCore {
+    fn fork_check(&self) -> Result<(), ForkedChild> {
+        // The client, not the producer: a loan may hold `&mut Producer`.
+        self.client.fork_check()
+    }
+}
 
 impl Lender for ProducerCore {
     fn busy(&self) -> &Busy {
@@ -866,6 +931,10 @@ unsafe impl Send for ConsumerCore {}
 unsafe impl Sync for ConsumerCore {}
 
 impl Core for ConsumerCore {
+    fn fork_check(&self) -> Result<(), ForkedChild> {
+        self.c.fork_check()
+    }
+
     /// Wakes `recv_async` waiters so that they see the consumer closed.
     fn closing(&self) {
         if self.aio.load(Ordering::Acquire) {
@@ -904,6 +973,7 @@ pub struct PyReadiness {
 
 impl PyReadiness {
     fn readiness(&self) -> PyResult<&tensorbus::Readiness> {
+        self.core.c.fork_check().map_err(forked_err)?;
         self.core
             .c
             .readiness()
@@ -954,6 +1024,8 @@ impl PyReadiness {
 
 /// Receives one tensor; `None`: nothing arrived within `wait` (`ZERO` polls).
 fn take(core: &ConsumerCore, wait: Duration) -> Result<Option<Tensor<'static>>, RecvError> {
+    // Before the lock: in a forked child it may be held forever.
+    core.c.fork_check()?;
     let _g = lock(&core.lock);
     // SAFETY: the tensor's borrow of the consumer is erased to 'static; the
     // tensor is stored with an `Arc` of this core, dropped after it.
@@ -963,6 +1035,7 @@ fn take(core: &ConsumerCore, wait: Duration) -> Result<Option<Tensor<'static>>, 
             Ok(t) => Ok(Some(t)),
             Err(TryRecvError::Empty) => Ok(None),
             Err(TryRecvError::Corrupted(x)) => Err(RecvError::Corrupted(x)),
+            Err(TryRecvError::ForkedChild(f)) => Err(RecvError::ForkedChild(f)),
         };
     }
     match c.recv_timeout(wait) {
@@ -1172,7 +1245,11 @@ unsafe impl Send for StageCore {}
 // SAFETY: as above.
 unsafe impl Sync for StageCore {}
 
-impl Core for StageCore {}
+impl Core for StageCore {
+    fn fork_check(&self) -> Result<(), ForkedChild> {
+        self.client.fork_check()
+    }
+}
 
 impl Lender for StageCore {
     fn busy(&self) -> &Busy {
@@ -1324,6 +1401,7 @@ impl PyStage {
                     stage.try_recv_mut().map_err(|e| match e {
                         TryRecvError::Empty => RecvError::Timeout(Duration::ZERO),
                         TryRecvError::Corrupted(c) => RecvError::Corrupted(c),
+                        TryRecvError::ForkedChild(f) => RecvError::ForkedChild(f),
                     })
                 } else {
                     stage.recv_mut_timeout(slice)

@@ -336,9 +336,9 @@ impl Client {
 
     /// `Err(ForkedChild)` in a process forked after this client connected:
     /// the client and every handle opened from it are inert here (see
-    /// [Fork](#fork)).
+    /// [Fork](#fork)). One relaxed load, no syscall.
     pub fn fork_check(&self) -> Result<(), ForkedChild> {
-        self.inner.origin.check_slow()
+        self.inner.origin.check()
     }
 
     /// The broker's socket path.
