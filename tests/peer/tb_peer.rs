@@ -27,6 +27,24 @@
 //!   the same slot and prints `fwd SEQ POOL INDEX GEN`; stops like a consumer.
 //! * `loaner --channel C --count K`: loans K slots, never publishes, prints
 //!   `loaned K` and sleeps until killed (or stdin closes).
+//! * `forker --channel C --own-channel O --stage-input I --stage-output S
+//!   [--count N]` (issue 12.4, fork semantics): opens a producer and a
+//!   consumer on C (its readiness armed) and a stage I -> S, publishes
+//!   tensor 0 and keeps it received, loans tensor 1 and keeps the loan,
+//!   prints `ready CLIENT`, then forks. The child tries every inherited
+//!   handle (`child stat|loan|recv|stage|readiness ok|err MESSAGE`), drops
+//!   them all, connects a client of its own that exchanges one tensor on O
+//!   (`child own N`), prints `child done` and exits normally. The parent
+//!   waits for it (`child exited CODE`), prints `parent ready-fd 0|1`
+//!   (whether its readiness fd turned readable meanwhile) and `forked`,
+//!   waits for `go`, publishes the kept loan and tensors 2..=N
+//!   (`parent pub SEQ DELIVERED`), prints `parent ready-fd-after 0|1`,
+//!   receives them (`parent received COUNT`), checks the kept tensor 0
+//!   (`parent t0-intact 0|1`) and prints `done`. With `--linger` the child
+//!   keeps its inherited handles, prints `child pid PID` and `child done`
+//!   and sleeps until killed, and the parent prints `forked` at once and
+//!   sleeps until killed (or stdin closes): the broker must notice the
+//!   parent's death although the child inherited its connection.
 //! * `broker --config FILE`: runs a broker on `--socket` (prints
 //!   `listening`) until killed or its stdin closes; for broker-death tests.
 //! * `hostile --config FILE --count N [--seed S] [--pace-us U] [--target slots|holders|rings|both]`:
@@ -448,6 +466,167 @@ fn hostile(a: &Args) {
     println!("wrote {count}");
 }
 
+/// Writes tensor `seq`'s payload and user header (as `producer` does).
+fn stamp(t: &mut tensorbus::TensorMut<'_>, seq: u64) {
+    fill(seq, t);
+    let mut h = [0u8; 16];
+    h[..8].copy_from_slice(&checksum(t).to_le_bytes());
+    h[8..].copy_from_slice(&seq.to_le_bytes());
+    t.set_user_header(&h)
+        .unwrap_or_else(|e| fail(&e.to_string()));
+}
+
+/// `ok`, or `err MESSAGE`.
+fn outcome<T, E: std::fmt::Display>(r: Result<T, E>) -> String {
+    match r {
+        Ok(_) => "ok".into(),
+        Err(e) => format!("err {e}"),
+    }
+}
+
+/// Whether `fd` turns readable within `ms` milliseconds.
+fn readable(fd: std::os::fd::BorrowedFd<'_>, ms: i32) -> u8 {
+    use std::os::fd::AsRawFd;
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+    u8::from(n > 0 && pfd.revents & libc::POLLIN != 0)
+}
+
+/// The `forker` role (see the module docs).
+fn forker(client: Client, a: &Args, stdin: &Stdin) {
+    let or_fail = |e: &dyn std::fmt::Display| -> ! { fail(&e.to_string()) };
+    let size = 4096;
+    let count = a.num("count", 6);
+    let mut p = client
+        .producer(a.str("channel"))
+        .unwrap_or_else(|e| or_fail(&e));
+    let k = client
+        .consumer(a.str("channel"))
+        .unwrap_or_else(|e| or_fail(&e));
+    let mut stage = client
+        .stage(a.str("stage-input"), a.str("stage-output"))
+        .unwrap_or_else(|e| or_fail(&e));
+    let ready = k.readiness().unwrap_or_else(|e| or_fail(&e));
+    let mut t = p.loan_bytes(size).unwrap_or_else(|e| or_fail(&e));
+    stamp(&mut t, 0);
+    t.publish().unwrap_or_else(|e| or_fail(&e));
+    let t0 = k.recv_timeout(POLL * 100).unwrap_or_else(|e| or_fail(&e));
+    let t0_sum = checksum(&t0);
+    ready.arm();
+    let mut held = p.loan_bytes(size).unwrap_or_else(|e| or_fail(&e));
+    stamp(&mut held, 1);
+    println!("ready {}", client.id());
+    // SAFETY: fork(2) has no memory-safety preconditions; the child below
+    // only uses what it inherited (the point of the test), its own new
+    // client, and exits without returning into the caller.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        fail(&format!("fork: {}", std::io::Error::last_os_error()));
+    }
+    if pid == 0 && a.flag("linger") {
+        // Keeps every inherited handle (as a long-lived worker would) and
+        // lets go of the parent's pipes, so that whoever reads them sees
+        // their end when the parent dies.
+        println!("child pid {}", std::process::id());
+        println!("child done");
+        // SAFETY: plain descriptor calls on this process's own table.
+        unsafe {
+            let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+            for fd in 0..3 {
+                libc::dup2(null, fd);
+            }
+        }
+        loop {
+            std::thread::sleep(POLL);
+        }
+    }
+    if pid == 0 {
+        println!("child stat {}", outcome(client.stat()));
+        ready.wake();
+        ready.clear();
+        drop(held);
+        println!("child loan {}", outcome(p.loan_bytes(size)));
+        drop(t0);
+        println!("child recv {}", outcome(k.try_recv()));
+        println!("child stage {}", outcome(stage.try_recv_mut()));
+        println!("child readiness {}", outcome(k.readiness()));
+        drop(stage);
+        drop(k);
+        drop(p);
+        drop(client);
+        let own = Client::connect_to(Some(Path::new(a.str("socket"))), "tb-peer-forker-child")
+            .unwrap_or_else(|e| or_fail(&e));
+        let mut op = own
+            .producer(a.str("own-channel"))
+            .unwrap_or_else(|e| or_fail(&e));
+        let oc = own
+            .consumer(a.str("own-channel"))
+            .unwrap_or_else(|e| or_fail(&e));
+        let mut t = op.loan_bytes(size).unwrap_or_else(|e| or_fail(&e));
+        stamp(&mut t, 7);
+        t.publish().unwrap_or_else(|e| or_fail(&e));
+        let got = oc.recv_timeout(POLL * 100).unwrap_or_else(|e| or_fail(&e));
+        println!("child own {}", header(got.user_header()).1);
+        drop(got);
+        drop((oc, op, own));
+        println!("child done");
+        std::process::exit(0);
+    }
+    if a.flag("linger") {
+        println!("forked");
+        return stdin.sleep_until_closed();
+    }
+    let mut status = 0;
+    // SAFETY: waits for our own child; `status` is a live int.
+    if unsafe { libc::waitpid(pid, &mut status, 0) } != pid {
+        fail(&format!("waitpid: {}", std::io::Error::last_os_error()));
+    }
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        -1
+    };
+    println!("child exited {code}");
+    println!("parent ready-fd {}", readable(ready.fd(), 0));
+    println!("forked");
+    if !stdin.wait_go() {
+        fail("stdin closed before go");
+    }
+    let out = held.publish().unwrap_or_else(|e| or_fail(&e));
+    println!("parent pub 1 {}", out.delivered);
+    for seq in 2..=count {
+        let mut t = p.loan_bytes(size).unwrap_or_else(|e| or_fail(&e));
+        stamp(&mut t, seq);
+        let out = t.publish().unwrap_or_else(|e| or_fail(&e));
+        println!("parent pub {seq} {}", out.delivered);
+    }
+    println!("parent ready-fd-after {}", readable(ready.fd(), 5000));
+    let mut received = 0;
+    for seq in 1..=count {
+        match k.recv_timeout(POLL * 50) {
+            Ok(t) if header(t.user_header()) == (checksum(&t), seq) => received += 1,
+            Ok(t) => fail(&format!(
+                "tensor {seq}: got header {:?}",
+                header(t.user_header())
+            )),
+            Err(e) => {
+                println!("parent recv {seq}: {e}");
+                break;
+            }
+        }
+    }
+    println!("parent received {received}");
+    println!("parent t0-intact {}", u8::from(checksum(&t0) == t0_sum));
+    drop(t0);
+    drop((stage, k, p));
+    println!("done");
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some((role, rest)) = args.split_first() else {
@@ -465,6 +644,7 @@ fn main() {
         "consumer" | "worker" => consumer(&client, &a, &stdin),
         "stage" => stage(&client, &a, &stdin),
         "loaner" => loaner(&client, &a, &stdin),
+        "forker" => forker(client, &a, &stdin),
         "hostile" => hostile(&a),
         other => fail(&format!("unknown role {other:?}")),
     }

@@ -60,6 +60,10 @@ typedef enum tb_status {
   TB_ERR_IO = 14,
   // A bug in tensorbus (a caught panic); the message says where.
   TB_ERR_INTERNAL = 15,
+  // The handle was opened by another process before `fork()`: in a
+  // forked child inherited handles are inert (closing them leaves the
+  // parent's open); connect a new client in the child.
+  TB_ERR_FORKED_CHILD = 16,
 } tb_status;
 
 // A connection to a broker (opaque).

@@ -27,6 +27,12 @@
 //!   must be used by one thread at a time (it may move between threads).
 //!   Closing a handle while another thread is inside a call on it is a bug
 //!   in the caller.
+//! * `fork()`: a child's inherited handles are inert. Opening, loaning,
+//!   publishing, receiving, forwarding and `tb_tensor_data` /
+//!   `tb_tensor_const_data` on them return `TB_ERR_FORKED_CHILD`; the
+//!   closes and `tb_release` succeed in the child and leave the parent's
+//!   handles, subscriptions and held slots untouched (metadata getters
+//!   still answer). A child connects a client of its own.
 
 #![allow(non_camel_case_types)]
 
@@ -147,6 +153,17 @@ impl View {
             View::Recv(t, _) => t.meta(),
             View::Staged(t, _) => t.meta(),
         }
+    }
+
+    /// `TB_ERR_FORKED_CHILD` in a process forked after the tensor was
+    /// taken: its bytes are the parent's to read and write.
+    fn fork_check(&self) -> Res {
+        match self {
+            View::Loan(t, _) => t.fork_check(),
+            View::Recv(t, _) => t.fork_check(),
+            View::Staged(t, _) => t.fork_check(),
+        }
+        .map_err(Error::from)
     }
 }
 
@@ -380,10 +397,7 @@ fn recv_within<S, T>(
     wait_for: fn(S, Duration) -> Result<T, RecvError>,
 ) -> Res<T> {
     Ok(match timeout_ns {
-        0 => poll(from).map_err(|e| match e {
-            TryRecvError::Empty => err(TB_ERR_TIMEOUT, "no tensor queued"),
-            other => err(TB_ERR_CORRUPTED, other.to_string()),
-        })?,
+        0 => poll(from)?,
         TB_TIMEOUT_INFINITE => wait(from)?,
         ns => wait_for(from, Duration::from_nanos(ns))?,
     })
@@ -859,6 +873,7 @@ pub unsafe extern "C" fn tb_tensor_data(
         // SAFETY: the registry checks `tensor`; the caller uses it on one thread.
         let (p, n) = unsafe {
             with_view(tensor, |v| {
+                v.fork_check()?;
                 match v {
                 View::Loan(t, _) => Ok((t.as_ptr(), t.meta().nbytes)),
                 View::Staged(t, _) => Ok((t.as_ptr(), t.meta().nbytes)),
@@ -894,6 +909,7 @@ pub unsafe extern "C" fn tb_tensor_const_data(
         // SAFETY: the registry checks `tensor`; the caller uses it on one thread.
         let (p, n) = unsafe {
             with_view(tensor, |v| {
+                v.fork_check()?;
                 let p = match v {
                     View::Loan(t, _) => t.as_ptr().cast_const(),
                     View::Staged(t, _) => t.as_ptr().cast_const(),

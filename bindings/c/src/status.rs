@@ -4,7 +4,10 @@
 use std::cell::RefCell;
 use std::ffi::{c_char, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use tensorbus::{ConnectError, LoanError, OpenError, PublishError, RecvError, RequestError};
+use tensorbus::{
+    ConnectError, ForkedChild, LoanError, OpenError, PublishError, RecvError, RequestError,
+    TryRecvError,
+};
 
 /// What every call returns. `TB_OK` is 0; on any other value
 /// `tb_last_error_message()` describes what went wrong on this thread.
@@ -43,6 +46,10 @@ pub enum tb_status {
     TB_ERR_IO = 14,
     /// A bug in tensorbus (a caught panic); the message says where.
     TB_ERR_INTERNAL = 15,
+    /// The handle was opened by another process before `fork()`: in a
+    /// forked child inherited handles are inert (closing them leaves the
+    /// parent's open); connect a new client in the child.
+    TB_ERR_FORKED_CHILD = 16,
 }
 
 pub use tb_status::*;
@@ -128,6 +135,7 @@ impl From<RequestError> for Error {
             RequestError::BrokerUnavailable { .. } => TB_ERR_BROKER_UNAVAILABLE,
             RequestError::Timeout { .. } => TB_ERR_TIMEOUT,
             RequestError::NoFreeFd { .. } => TB_ERR_LIMIT_REACHED,
+            RequestError::ForkedChild(_) => TB_ERR_FORKED_CHILD,
             _ => TB_ERR_PROTOCOL,
         };
         err(status, e.to_string())
@@ -144,6 +152,7 @@ impl From<OpenError> for Error {
             OpenError::Request(RequestError::BrokerUnavailable { .. }) => TB_ERR_BROKER_UNAVAILABLE,
             OpenError::Request(RequestError::Timeout { .. }) => TB_ERR_TIMEOUT,
             OpenError::Request(RequestError::NoFreeFd { .. }) => TB_ERR_LIMIT_REACHED,
+            OpenError::Request(RequestError::ForkedChild(_)) => TB_ERR_FORKED_CHILD,
             OpenError::Map(_) => TB_ERR_IO,
             _ => TB_ERR_PROTOCOL,
         };
@@ -157,6 +166,7 @@ impl From<LoanError> for Error {
             LoanError::PoolExhausted { .. } => TB_ERR_POOL_EXHAUSTED,
             LoanError::TooLarge { .. } => TB_ERR_TOO_LARGE,
             LoanError::Timeout { .. } => TB_ERR_TIMEOUT,
+            LoanError::ForkedChild(_) => TB_ERR_FORKED_CHILD,
             _ => TB_ERR_INVALID_ARGUMENT,
         };
         err(status, e.to_string())
@@ -165,7 +175,11 @@ impl From<LoanError> for Error {
 
 impl From<PublishError> for Error {
     fn from(e: PublishError) -> Error {
-        err(TB_ERR_INVALID_ARGUMENT, e.to_string())
+        let status = match &e {
+            PublishError::ForkedChild(_) => TB_ERR_FORKED_CHILD,
+            _ => TB_ERR_INVALID_ARGUMENT,
+        };
+        err(status, e.to_string())
     }
 }
 
@@ -176,7 +190,25 @@ impl From<RecvError> for Error {
             RecvError::NotExclusive(_) => TB_ERR_NOT_EXCLUSIVE,
             // The C API never detaches a consumer; a detached one is misuse.
             RecvError::Detached => TB_ERR_INVALID_ARGUMENT,
+            RecvError::ForkedChild(_) => TB_ERR_FORKED_CHILD,
             _ => TB_ERR_CORRUPTED,
+        };
+        err(status, e.to_string())
+    }
+}
+
+impl From<ForkedChild> for Error {
+    fn from(e: ForkedChild) -> Error {
+        err(TB_ERR_FORKED_CHILD, e.to_string())
+    }
+}
+
+impl From<TryRecvError> for Error {
+    fn from(e: TryRecvError) -> Error {
+        let status = match &e {
+            TryRecvError::Empty => TB_ERR_TIMEOUT,
+            TryRecvError::ForkedChild(_) => TB_ERR_FORKED_CHILD,
+            TryRecvError::Corrupted(_) => TB_ERR_CORRUPTED,
         };
         err(status, e.to_string())
     }
@@ -201,6 +233,7 @@ pub(crate) fn status_name(code: i32) -> &'static std::ffi::CStr {
         13 => c"TB_ERR_PROTOCOL",
         14 => c"TB_ERR_IO",
         15 => c"TB_ERR_INTERNAL",
+        16 => c"TB_ERR_FORKED_CHILD",
         _ => c"TB_ERR_UNKNOWN_STATUS",
     }
 }

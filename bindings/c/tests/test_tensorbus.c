@@ -809,6 +809,136 @@ static void test_rust_producer_c_consumer(void) {
     CHECK_OK(tb_client_close(c));
 }
 
+/* In a forked child, checks that `call` fails with TB_ERR_FORKED_CHILD and
+ * a message naming the fork (no CHECK: the child reports by exit status). */
+#define CHILD_FORKED(call)                                                        \
+    do {                                                                          \
+        tb_status s_ = (call);                                                    \
+        if (s_ != TB_ERR_FORKED_CHILD ||                                          \
+            strstr(tb_last_error_message(), "before fork()") == NULL) {           \
+            fprintf(stderr, "  child: %s returned %s (%s), expected TB_ERR_FORKED_CHILD\n", \
+                    #call, tb_status_str((int)s_), tb_last_error_message());      \
+            bad++;                                                                \
+        }                                                                         \
+    } while (0)
+
+#define CHILD_OK(call)                                                            \
+    do {                                                                          \
+        tb_status s_ = (call);                                                    \
+        if (s_ != TB_OK) {                                                        \
+            fprintf(stderr, "  child: %s returned %s (%s)\n", #call,               \
+                    tb_status_str((int)s_), tb_last_error_message());             \
+            bad++;                                                                \
+        }                                                                         \
+    } while (0)
+
+/* Issue 12.4: a forked child's inherited handles are inert. Every use fails
+ * with TB_ERR_FORKED_CHILD, closing them (and publishing or releasing the
+ * tensors) leaves the parent's subscriber, producer, loan and received tensor
+ * as they were, and the child can connect a client of its own. Before the
+ * fix the child's closes unsubscribed the parent at the broker: its next
+ * publish reached nobody. */
+static void test_fork(void) {
+    tb_client *c = connect_client("c-fork");
+    if (!c)
+        return;
+    tb_producer *p = NULL;
+    tb_consumer *cons = NULL;
+    open_pair(c, "c/bcast", TB_POLICY_BLOCK, 8, &p, &cons);
+    loan_and_publish(p, 8);
+    tb_tensor *got = NULL, *loan = NULL;
+    CHECK_OK(tb_recv(cons, 0, &got)); /* kept across the fork */
+    size_t n = 8;
+    CHECK_OK(tb_loan(p, TB_DTYPE_U8, 1, &n, &loan)); /* kept too */
+    fflush(stdout);
+    fflush(stderr);
+    pid_t pid = fork();
+    if (pid < 0) {
+        FAIL_AT("fork: %s", strerror(errno));
+        return;
+    }
+    if (pid == 0) {
+        int bad = 0;
+        void *d = NULL;
+        const void *cd = NULL;
+        tb_tensor *t = NULL;
+        tb_producer *p2 = NULL;
+        tb_consumer *c2 = NULL;
+        CHILD_FORKED(tb_tensor_data(loan, &d, NULL));
+        CHILD_FORKED(tb_tensor_const_data(got, &cd, NULL));
+        CHILD_FORKED(tb_publish(loan, NULL));
+        CHILD_FORKED(tb_loan(p, TB_DTYPE_U8, 1, &n, &t));
+        CHILD_FORKED(tb_recv(cons, 0, &t));
+        CHILD_FORKED(tb_recv(cons, 1000000, &t));
+        CHILD_FORKED(tb_producer_open(c, "c/bcast", &p2));
+        CHILD_FORKED(tb_consumer_open(c, "c/bcast", TB_POLICY_BLOCK, 8, &c2));
+        CHILD_OK(tb_release(got)); /* releases nothing of the parent's */
+        CHILD_OK(tb_consumer_close(cons));
+        CHILD_OK(tb_producer_close(p));
+        CHILD_OK(tb_client_close(c));
+        /* A client of its own works. */
+        tb_client *own = NULL;
+        CHILD_OK(tb_client_connect(g_socket, "c-fork-child", &own));
+        if (own) {
+            CHILD_OK(tb_producer_open(own, "c/out", &p2));
+            CHILD_OK(tb_consumer_open(own, "c/out", TB_POLICY_BLOCK, 8, &c2));
+            CHILD_OK(tb_loan(p2, TB_DTYPE_U8, 1, &n, &t));
+            CHILD_OK(tb_publish(t, NULL));
+            CHILD_OK(tb_recv(c2, 1000000000ull, &t));
+            CHILD_OK(tb_release(t));
+            CHILD_OK(tb_consumer_close(c2));
+            CHILD_OK(tb_producer_close(p2));
+            CHILD_OK(tb_client_close(own));
+        }
+        fflush(stderr);
+        exit(bad ? 1 : 0); /* a normal exit (valgrind checks the child too) */
+    }
+    int st = 0;
+    CHECK(waitpid(pid, &st, 0) == pid && WIFEXITED(st) && WEXITSTATUS(st) == 0);
+
+    /* The parent's handles are intact; another client's new subscriber gets
+     * every tensor (before the fix it shared the subscriber slot the child
+     * closed with the parent's stale consumer). */
+    tb_client *other = connect_client("c-fork-other");
+    tb_consumer *fresh = NULL;
+    if (other)
+        CHECK_OK(tb_consumer_open(other, "c/bcast", TB_POLICY_BLOCK, 8, &fresh));
+    void *d = NULL;
+    CHECK_OK(tb_tensor_data(loan, &d, NULL));
+    uint32_t delivered = 0;
+    CHECK_OK(tb_publish(loan, &delivered));
+    CHECK(delivered == (fresh ? 2u : 1u));
+    for (int i = 0; i < 3; i++) {
+        tb_tensor *t = NULL;
+        CHECK_OK(tb_loan(p, TB_DTYPE_U8, 1, &n, &t));
+        delivered = 0;
+        CHECK_OK(tb_publish(t, &delivered));
+        CHECK(delivered == (fresh ? 2u : 1u));
+    }
+    const void *cd = NULL;
+    CHECK_OK(tb_tensor_const_data(got, &cd, NULL));
+    CHECK_OK(tb_release(got));
+    for (uint64_t seq = 1; seq <= 4; seq++) {
+        tb_consumer *each[2] = {cons, fresh};
+        for (int k = 0; k < 2 && each[k]; k++) {
+            tb_tensor *t = NULL;
+            uint64_t s = UINT64_MAX;
+            CHECK_OK(tb_recv(each[k], 1000000000ull, &t));
+            CHECK_OK(tb_tensor_seq(t, &s));
+            CHECK(s == seq);
+            CHECK_OK(tb_release(t));
+        }
+    }
+    if (fresh) {
+        tb_tensor *t = NULL;
+        CHECK_ST(tb_recv(fresh, 0, &t), TB_ERR_TIMEOUT);
+        CHECK_OK(tb_consumer_close(fresh));
+    }
+    if (other)
+        CHECK_OK(tb_client_close(other));
+    close_pair(c, p, cons);
+}
+
 /* --------------------------------------------------------------- main -- */
 
 typedef struct {
@@ -868,6 +998,7 @@ int main(int argc, char **argv) {
         {"dropped_counter", test_dropped_counter},
         {"c_producer_rust_consumer", test_c_producer_rust_consumer},
         {"rust_producer_c_consumer", test_rust_producer_c_consumer},
+        {"fork", test_fork},
     };
     int passed = 0, failed = 0;
     for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++) {

@@ -15,9 +15,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, Weak};
 use std::time::{Duration, Instant};
 use tensorbus::{
-    ChannelSpec, Client, ConnectError, Consumer, ConsumerOptions, LoanError, OpenError, Producer,
-    ProducerOptions, Published, RecvError, RequestError, Stage, StagedTensor, Tensor, TensorMut,
-    TryRecvError, WaitStrategy,
+    ChannelSpec, Client, ConnectError, Consumer, ConsumerOptions, ForkedChild, LoanError,
+    OpenError, Producer, ProducerOptions, Published, RecvError, RequestError, Stage, StagedTensor,
+    Tensor, TensorMut, TryRecvError, WaitStrategy,
 };
 use tensorbus_broker::{Config, EmbeddedBroker};
 
@@ -45,6 +45,7 @@ pub(crate) fn request_err(e: RequestError) -> PyErr {
         RequestError::Protocol(_) => "ProtocolError",
         RequestError::Timeout { .. } => "Timeout",
         RequestError::NoFreeFd { .. } => "LimitReached",
+        RequestError::ForkedChild(_) => "ForkedChild",
     };
     tb_err(name, e.to_string())
 }
@@ -60,6 +61,7 @@ pub(crate) fn open_err(e: OpenError) -> PyErr {
             RequestError::Protocol(_) => "ProtocolError",
             RequestError::Timeout { .. } => "Timeout",
             RequestError::NoFreeFd { .. } => "LimitReached",
+            RequestError::ForkedChild(_) => "ForkedChild",
         },
         OpenError::Map(_) => "TensorbusError",
     };
@@ -72,6 +74,7 @@ pub(crate) fn loan_err(e: LoanError) -> PyErr {
         LoanError::TooLarge { .. } => "TooLarge",
         LoanError::Shape(_) => "ShapeError",
         LoanError::Timeout { .. } => "Timeout",
+        LoanError::ForkedChild(_) => "ForkedChild",
     };
     tb_err(name, e.to_string())
 }
@@ -82,8 +85,14 @@ pub(crate) fn recv_err(e: RecvError) -> PyErr {
         RecvError::Corrupted(_) => "Corrupted",
         RecvError::NotExclusive(_) => "TensorbusError",
         RecvError::Detached => "Closed",
+        RecvError::ForkedChild(_) => "ForkedChild",
     };
     tb_err(name, e.to_string())
+}
+
+/// The `ForkedChild` error of a handle used in a forked child.
+pub(crate) fn forked_err(e: ForkedChild) -> PyErr {
+    tb_err("ForkedChild", e.to_string())
 }
 
 fn closed(what: &str) -> PyErr {
@@ -169,6 +178,9 @@ trait Closable: Send + Sync {
 pub(crate) trait Core: Send + Sync {
     /// The Python handle was closed.
     fn closing(&self) {}
+    /// `Err` in a process forked after the handle was opened (one relaxed
+    /// load): the handle is inert there.
+    fn fork_check(&self) -> Result<(), ForkedChild>;
 }
 
 /// The Python handle's reference to its core (`None` once closed).
@@ -192,9 +204,17 @@ impl<T> Slot<T> {
         lock(&self.0).clone()
     }
 
-    /// The core, or `Closed` ("this {what} is closed") after `close()`.
-    fn core(&self, what: &str) -> PyResult<Arc<T>> {
-        self.get().ok_or_else(|| closed(what))
+    /// The core, or `Closed` ("this {what} is closed") after `close()`,
+    /// or `ForkedChild` in a process forked after the handle was opened
+    /// (checked before any lock of the core is taken: a lock some thread of
+    /// the parent held at the fork stays locked in the child forever).
+    fn core(&self, what: &str) -> PyResult<Arc<T>>
+    where
+        T: Core,
+    {
+        let core = self.get().ok_or_else(|| closed(what))?;
+        core.fork_check().map_err(forked_err)?;
+        Ok(core)
     }
 }
 
@@ -296,10 +316,40 @@ fn next_slice(start: Instant, timeout: Option<Duration>) -> (Option<Duration>, D
 /// with tb.Broker(config_toml, "/tmp/tb/broker.sock") as broker:
 ///     client = tb.Client(broker.socket)
 /// ```
+///
+/// A process forked while the broker runs does not own it: in the child
+/// `close()` (and the end of a `with` block, and the object's destructor)
+/// leaves the parent's broker running and its socket in place.
 #[pyclass(frozen, module = "tensorbus", name = "Broker")]
 pub struct PyBroker {
     inner: Mutex<Option<EmbeddedBroker>>,
     socket: PathBuf,
+    /// The process that started the broker (its thread lives only there).
+    pid: u32,
+}
+
+impl PyBroker {
+    /// Stops the broker in the process that started it; in a forked child
+    /// forgets the copy instead (the broker thread is the parent's: joining
+    /// it would wait forever, and the parent still serves its clients).
+    fn stop(broker: Option<EmbeddedBroker>, pid: u32) {
+        if std::process::id() == pid {
+            drop(broker);
+        } else {
+            std::mem::forget(broker);
+        }
+    }
+}
+
+impl Drop for PyBroker {
+    fn drop(&mut self) {
+        let b = self
+            .inner
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        PyBroker::stop(b, self.pid);
+    }
 }
 
 #[pymethods]
@@ -331,6 +381,7 @@ impl PyBroker {
         Ok(PyBroker {
             inner: Mutex::new(Some(broker)),
             socket,
+            pid: std::process::id(),
         })
     }
 
@@ -350,7 +401,8 @@ impl PyBroker {
     /// tensors on the pools they have mapped; new connections fail.
     fn close(&self, py: Python<'_>) {
         let b = lock(&self.inner).take();
-        py.detach(move || drop(b));
+        let pid = self.pid;
+        py.detach(move || PyBroker::stop(b, pid));
     }
 
     fn __enter__(slf: Py<Self>) -> Py<Self> {
@@ -405,11 +457,15 @@ struct ClientBox(Client);
 unsafe impl Send for ClientBox {}
 
 impl PyClient {
+    /// The client, or `Closed` after `close()`, or `ForkedChild` in a
+    /// process forked after it connected.
     fn client(&self) -> PyResult<Client> {
-        lock(&self.state)
+        let client = lock(&self.state)
             .client
             .clone()
-            .ok_or_else(|| closed("client"))
+            .ok_or_else(|| closed("client"))?;
+        client.fork_check().map_err(forked_err)?;
+        Ok(client)
     }
 
     /// Opens a handle with `open(client)` (a clone from [`PyClient::client`],
@@ -496,11 +552,13 @@ impl PyClient {
         if let Some(spec) = create_spec(create, pools, mode)? {
             opts = opts.create_with(spec);
         }
-        let producer = Self::open_with(py, client, move |c| c.producer_with(channel, opts))?;
+        let producer =
+            Self::open_with(py, client.clone(), move |c| c.producer_with(channel, opts))?;
         let channel = producer.channel().to_owned();
         let slot = self.adopt(ProducerCore {
             p: UnsafeCell::new(producer),
             busy: Busy::new(),
+            client,
         });
         Ok(PyProducer { slot, channel })
     }
@@ -543,7 +601,7 @@ impl PyClient {
             policy_name(consumer.policy()),
             consumer.depth(),
         );
-        let slot = self.adopt(ConsumerCore::new(consumer));
+        let slot = self.adopt(ConsumerCore::new(consumer, self.client()?));
         Ok(PyConsumer {
             slot,
             channel: info.0,
@@ -675,6 +733,8 @@ fn policy_name(p: tensorbus::Policy) -> &'static str {
 pub(crate) struct ProducerCore {
     p: UnsafeCell<Producer>,
     busy: Busy,
+    /// The client the producer came from (for `fork_check`).
+    client: Client,
 }
 
 // SAFETY: the `Producer` is only reached through `&mut` by the thread that
@@ -685,7 +745,12 @@ unsafe impl Send for ProducerCore {}
 // SAFETY: as above.
 unsafe impl Sync for ProducerCore {}
 
-impl Core for ProducerCore {}
+impl Core for ProducerCore {
+    fn fork_check(&self) -> Result<(), ForkedChild> {
+        // The client, not the producer: a loan may hold `&mut Producer`.
+        self.client.fork_check()
+    }
+}
 
 impl Lender for ProducerCore {
     fn busy(&self) -> &Busy {
@@ -870,6 +935,8 @@ pub(crate) struct ConsumerCore {
     closed: AtomicBool,
     /// Whether `recv_async` made the consumer's readiness fd.
     aio: AtomicBool,
+    /// The client the consumer came from (for `fork_check`).
+    client: Client,
     /// A duplicate of the consumer's readiness eventfd, made on first use:
     /// it stays open (for an event loop that watches it) after the consumer
     /// is closed and dropped, and keeps one fd number for the core's life.
@@ -886,8 +953,9 @@ unsafe impl Send for ConsumerCore {}
 unsafe impl Sync for ConsumerCore {}
 
 impl ConsumerCore {
-    fn new(c: Consumer) -> ConsumerCore {
+    fn new(c: Consumer, client: Client) -> ConsumerCore {
         ConsumerCore {
+            client,
             c: RwLock::new(Some(c)),
             lock: Mutex::new(()),
             live: AtomicUsize::new(0),
@@ -908,7 +976,9 @@ impl ConsumerCore {
     /// it (no more deliveries; the tensors' holds stay until released, and
     /// the last release comes back here to drop it).
     fn finish_close(&self) {
-        if !self.closed.load(Ordering::Acquire) {
+        // Inert in a forked child (and its locks may be held by a parent
+        // thread that does not exist here).
+        if !self.closed.load(Ordering::Acquire) || self.fork_check().is_err() {
             return;
         }
         let _g = lock(&self.lock); // no receive in progress
@@ -923,9 +993,18 @@ impl ConsumerCore {
 }
 
 impl Core for ConsumerCore {
+    fn fork_check(&self) -> Result<(), ForkedChild> {
+        // The client, not the consumer: no lock is taken (one a parent
+        // thread held at fork time would stay locked in the child).
+        self.client.fork_check()
+    }
+
     /// Stops receiving, wakes `recv_async` waiters so that they see the
     /// consumer closed, and ends the subscription unless tensors are alive.
     fn closing(&self) {
+        if self.fork_check().is_err() {
+            return; // the parent's consumer: nothing to do from a child
+        }
         self.closed.store(true, Ordering::Release);
         if self.aio.load(Ordering::Acquire) {
             self.with(|c| c.readiness().map(|r| r.wake()));
@@ -986,6 +1065,7 @@ pub struct PyReadiness {
 impl PyReadiness {
     /// Runs `f` on the readiness of the open consumer (nothing once closed).
     fn readiness(&self, f: impl FnOnce(&tensorbus::Readiness)) -> PyResult<()> {
+        self.core.fork_check().map_err(forked_err)?;
         match self.core.with(|c| c.readiness().map(f)) {
             Some(Err(e)) => Err(tb_err("TensorbusError", format!("readiness fd: {e}"))),
             _ => Ok(()),
@@ -1038,6 +1118,8 @@ impl PyReadiness {
 /// polls) or the consumer is closed. A tensor returned is counted in
 /// `core.live`: make it a Python tensor with [`received_py`].
 fn take(core: &ConsumerCore, wait: Duration) -> Result<Option<Tensor<'static>>, RecvError> {
+    // Before the lock: in a forked child it may be held forever.
+    core.fork_check()?;
     let _g = lock(&core.lock);
     if core.closed.load(Ordering::Acquire) {
         return Ok(None);
@@ -1057,6 +1139,7 @@ fn take(core: &ConsumerCore, wait: Duration) -> Result<Option<Tensor<'static>>, 
             Ok(t) => Ok(Some(t)),
             Err(TryRecvError::Empty) => Ok(None),
             Err(TryRecvError::Corrupted(x)) => Err(RecvError::Corrupted(x)),
+            Err(TryRecvError::ForkedChild(f)) => Err(RecvError::ForkedChild(f)),
         }
     } else {
         match c.recv_timeout(wait) {
@@ -1294,7 +1377,11 @@ unsafe impl Send for StageCore {}
 // SAFETY: as above.
 unsafe impl Sync for StageCore {}
 
-impl Core for StageCore {}
+impl Core for StageCore {
+    fn fork_check(&self) -> Result<(), ForkedChild> {
+        self.client.fork_check()
+    }
+}
 
 impl Lender for StageCore {
     fn busy(&self) -> &Busy {
@@ -1456,6 +1543,7 @@ impl PyStage {
                     stage.try_recv_mut().map_err(|e| match e {
                         TryRecvError::Empty => RecvError::Timeout(Duration::ZERO),
                         TryRecvError::Corrupted(c) => RecvError::Corrupted(c),
+                        TryRecvError::ForkedChild(f) => RecvError::ForkedChild(f),
                     })
                 } else {
                     stage.recv_mut_timeout(slice)

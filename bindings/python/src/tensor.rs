@@ -259,15 +259,17 @@ impl PyTensor {
         f(lock(&self.state).meta())
     }
 
-    /// Starts an export; fails when the view is gone.
+    /// Starts an export; fails when the view is gone, or in a process
+    /// forked after the tensor was taken (its bytes are the parent's).
     fn begin_export(&self) -> PyResult<TensorMeta> {
         let mut st = lock(&self.state);
-        if !st.has_view() {
+        let Some(view) = st.view() else {
             return Err(released(&format!(
                 "{}; its bytes belong to someone else now",
                 st.gone
             )));
-        }
+        };
+        on_view!(view, t => t.fork_check()).map_err(crate::handles::forked_err)?;
         st.exports += 1;
         Ok(*st.meta())
     }
@@ -347,13 +349,14 @@ impl PyTensor {
     }
 }
 
-/// The Python error of a forward the target channel cannot take.
+/// The Python error of a publish or forward that failed.
 fn forward_err(e: PublishError) -> PyErr {
     match e {
         PublishError::PoolNotAllowed { .. } | PublishError::ForeignClient => {
             tb_err("InvalidArgument", e.to_string())
         }
         PublishError::Shape(_) => tb_err("ShapeError", e.to_string()),
+        PublishError::ForkedChild(_) => tb_err("ForkedChild", e.to_string()),
     }
 }
 
@@ -569,7 +572,7 @@ impl PyTensor {
         let r = t.publish_stamped();
         core.idle();
         drop(owner);
-        let p = r.map_err(|e| tb_err("ShapeError", e.to_string()))?;
+        let p = r.map_err(forward_err)?;
         self.stamp(&p);
         Ok(p.outcome.delivered)
     }

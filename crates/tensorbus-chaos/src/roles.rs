@@ -285,6 +285,7 @@ fn worker(client: &Client, a: &Args, journal: &Journal, rng: &mut Rng) {
                 eprintln!("corrupted receive: {e}");
                 journal.count_corrupt();
             }
+            Err(e @ TryRecvError::ForkedChild(_)) => fail(&format!("receive: {e}")),
         }
     }
 }
@@ -333,6 +334,7 @@ fn stage(client: &Client, a: &Args, journal: &Journal, rng: &mut Rng) {
                 journal.count_not_exclusive();
             }
             Err(RecvError::Detached) => fail("stage input detached (never done by chaos roles)"),
+            Err(e @ RecvError::ForkedChild(_)) => fail(&format!("receive: {e}")),
         }
     }
 }

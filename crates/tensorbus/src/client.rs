@@ -1,6 +1,7 @@
 //! The connection to the broker and the shared memory it hands out.
 
-use crate::error::{ConnectError, OpenError, RequestError, NO_ANSWER};
+use crate::error::{ConnectError, ForkedChild, OpenError, RequestError, NO_ANSWER};
+use crate::fork::Origin;
 use crate::paths::socket_path;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -55,6 +56,9 @@ pub(crate) struct Inner {
     // Field order matters: `control` points into `_control_map`.
     pub control: Control,
     _control_map: Mapping,
+    /// The process this client belongs to (fork semantics, see `fork.rs`);
+    /// dropped before `conn`, whose socket it tracks.
+    pub origin: Origin,
     conn: Mutex<Conn>,
     pub socket: PathBuf,
     pub client_id: u32,
@@ -73,6 +77,9 @@ impl Inner {
     /// process) is an error, and a handle it opened is closed again first,
     /// so that nothing stays open at the broker.
     pub fn request(&self, req: &Request) -> Result<(Response, Vec<OwnedFd>), RequestError> {
+        // A forked child sends nothing on the parent's connection (so
+        // dropping an inherited handle closes nothing at the broker).
+        self.origin.check_slow()?;
         let mut conn = self.conn();
         let reply = conn
             .exchange(req)
@@ -414,6 +421,39 @@ pub(crate) fn open_error(
 /// frame.publish()?;                     // consumers now see the same bytes
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
+///
+/// # Fork
+///
+/// A process forked after `connect` inherits the client and everything
+/// opened from it, but they stay the parent's: in the child they are
+/// *inert*. Using one fails with [`ForkedChild`] (inside
+/// [`RequestError::ForkedChild`], [`crate::LoanError::ForkedChild`],
+/// [`crate::PublishError::ForkedChild`], [`crate::RecvError::ForkedChild`],
+/// [`crate::TryRecvError::ForkedChild`]; [`crate::Consumer::readiness`]
+/// fails too and an inherited [`crate::Readiness`] does nothing), and
+/// dropping one does nothing to the parent's: no close request reaches the
+/// broker, no holder bit is released, no queued tensor is taken, no
+/// sleeper is woken. The parent's handles keep working as if the child did
+/// not exist, and the broker still reclaims the parent's handles the moment
+/// the parent dies (the child's copy of the connection is replaced by
+/// `/dev/null` at fork). The child connects a client of its own to use the
+/// bus. The check costs one relaxed atomic load on the data path: no
+/// syscall. It relies on libc's `fork()` (which runs `pthread_atfork`
+/// handlers: `os.fork`, `multiprocessing`, `libc::fork`); the control
+/// path also compares the pid.
+///
+/// ```no_run
+/// # let client = tensorbus::Client::connect()?;
+/// # let producer = client.producer("camera/raw")?;
+/// // SAFETY: the child only drops inherited handles and makes a new client.
+/// if unsafe { libc::fork() } == 0 {
+///     assert!(client.fork_check().is_err());
+///     drop(producer);                       // the parent's producer stays open
+///     let mine = tensorbus::Client::connect()?;
+///     let _consumer = mine.consumer("camera/raw")?;
+/// }
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Clone)]
 pub struct Client {
     pub(crate) inner: Arc<Inner>,
@@ -535,6 +575,7 @@ impl Client {
             inner: Arc::new(Inner {
                 control,
                 _control_map: map,
+                origin: Origin::here(conn.sock.as_raw_fd()),
                 conn: Mutex::new(conn),
                 socket: path,
                 client_id,
@@ -548,6 +589,13 @@ impl Client {
     /// every tensor it publishes).
     pub fn id(&self) -> u32 {
         self.inner.client_id
+    }
+
+    /// `Err(ForkedChild)` in a process forked after this client connected:
+    /// the client and every handle opened from it are inert here (see
+    /// [Fork](#fork)). One relaxed load, no syscall.
+    pub fn fork_check(&self) -> Result<(), ForkedChild> {
+        self.inner.origin.check()
     }
 
     /// The broker's socket path.

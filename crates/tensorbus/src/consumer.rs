@@ -2,7 +2,7 @@
 
 use crate::client::{Inner, PoolRef};
 use crate::element::{cast_slice, check_typed, Element};
-use crate::error::{RecvError, RequestError, TryRecvError, TypeError};
+use crate::error::{ForkedChild, RecvError, RequestError, TryRecvError, TypeError};
 use crate::parker::FutexParker;
 use crate::producer::SlotId;
 use crate::readiness::Readiness;
@@ -108,6 +108,12 @@ impl Consumer {
     pub fn depth(&self) -> u32 {
         self.depth
     }
+    /// `Err(ForkedChild)` in a process forked after this consumer's client
+    /// connected: the consumer is inert here (see [`crate::Client`]'s fork
+    /// semantics). One relaxed load.
+    pub fn fork_check(&self) -> Result<(), ForkedChild> {
+        self.inner.origin.check()
+    }
     /// Changes how `recv` waits.
     pub fn set_wait_strategy(&mut self, wait: WaitStrategy) {
         self.wait = wait;
@@ -191,6 +197,8 @@ impl Consumer {
 
     #[inline]
     pub(crate) fn try_take(&self) -> Result<Received, TryRecvError> {
+        // An inherited consumer takes nothing from the parent's queue.
+        self.inner.origin.check()?;
         if self.detached.get() {
             return Err(TryRecvError::Empty);
         }
@@ -244,6 +252,7 @@ impl Consumer {
                 Ok(r) => return Ok(r),
                 Err(TryRecvError::Corrupted(c)) => return Err(RecvError::Corrupted(c)),
                 Err(TryRecvError::Empty) if self.detached.get() => return Err(RecvError::Detached),
+                Err(TryRecvError::ForkedChild(f)) => return Err(RecvError::ForkedChild(f)),
                 Err(TryRecvError::Empty) => {}
             }
             if self.wait == WaitStrategy::Park {
@@ -313,6 +322,7 @@ impl Consumer {
     /// a tensor is queued (while armed), for event loops that cannot block
     /// in [`Consumer::recv`] (asyncio, epoll, tokio). The first call creates
     /// the eventfd and one waiter thread; both live as long as the consumer.
+    /// In a forked child it fails (see [`ForkedChild`]).
     /// `recv` and `try_recv` are unchanged by it: no syscall and no
     /// allocation while it is not armed.
     ///
@@ -326,6 +336,7 @@ impl Consumer {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn readiness(&self) -> std::io::Result<&Readiness> {
+        self.fork_check().map_err(std::io::Error::other)?;
         if let Some(r) = self.readiness.get() {
             return Ok(r);
         }
@@ -348,8 +359,12 @@ impl Consumer {
         self.readiness().map(Readiness::fd)
     }
 
-    /// Releases a slot this subscriber holds.
+    /// Releases a slot this subscriber holds (not in a forked child: there
+    /// the hold is the parent's).
     pub(crate) fn release(&self, id: SlotId) {
+        if self.inner.origin.is_forked() {
+            return;
+        }
         if let Some(slot) = self
             .inner
             .control
@@ -363,7 +378,8 @@ impl Consumer {
 impl Drop for Consumer {
     fn drop(&mut self) {
         // Stop the waiter thread before the subscriber record goes back to
-        // the broker (it parks on that record's event count).
+        // the broker (it parks on that record's event count). In a forked
+        // child both are no-ops (see `Readiness`'s drop, `Inner::request`).
         drop(self.readiness.take());
         self.inner.close_handle(self.handle);
     }
@@ -425,6 +441,11 @@ impl Tensor<'_> {
     /// Address of the first payload byte.
     pub fn as_ptr(&self) -> *const u8 {
         self.r.ptr
+    }
+    /// `Err(ForkedChild)` in a process forked after this tensor's consumer
+    /// was opened: the hold is the parent's; dropping it releases nothing.
+    pub fn fork_check(&self) -> Result<(), ForkedChild> {
+        self.consumer.fork_check()
     }
     /// The tensor as a typed slice (dtype must match; contiguous).
     pub fn as_slice_of<T: Element>(&self) -> Result<&[T], TypeError> {

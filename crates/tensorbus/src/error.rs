@@ -5,6 +5,20 @@ use std::time::Duration;
 pub use tensorbus_core::receive::Corruption;
 use tensorbus_core::ShapeError;
 
+/// A handle was used in a process forked after it was opened.
+///
+/// A forked child's inherited handles (clients, producers, consumers,
+/// stages, loans, received and staged tensors) are inert: using them fails
+/// with this error and dropping them does nothing to the parent's (see
+/// [`crate::Client`]'s fork semantics). Open a new [`crate::Client`] in the
+/// child instead.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("this handle was opened by process {pid} before fork(); a forked child's inherited handles are inert (using them fails, dropping them leaves the parent's untouched): open a new Client in the child")]
+pub struct ForkedChild {
+    /// The process that opened the handle (the parent, or an earlier ancestor).
+    pub pid: u32,
+}
+
 /// Why [`crate::Client::connect`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -92,6 +106,10 @@ pub enum RequestError {
         /// The soft RLIMIT_NOFILE of this process.
         limit: u64,
     },
+    /// The client was connected by another process, before a fork: the
+    /// request was not sent.
+    #[error(transparent)]
+    ForkedChild(#[from] ForkedChild),
 }
 
 /// Why opening a producer, consumer or stage failed.
@@ -159,9 +177,14 @@ pub enum LoanError {
         /// How long we waited.
         timeout: Duration,
     },
+    /// The producer was opened by another process, before a fork: nothing
+    /// was loaned.
+    #[error(transparent)]
+    ForkedChild(#[from] ForkedChild),
 }
 
-/// Why a publish or forward failed. The tensor is released.
+/// Why a publish or forward failed. The tensor is released (except after
+/// [`PublishError::ForkedChild`]: the slot is the parent's, left as it is).
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
     /// The slot's pool is not one the target channel may use.
@@ -178,6 +201,10 @@ pub enum PublishError {
     /// A stage forwarded to a producer of another `Client`.
     #[error("forward_to needs a producer opened from the same Client as the stage")]
     ForeignClient,
+    /// The tensor was loaned (or received) by another process, before a
+    /// fork: nothing was published and the slot was left to that process.
+    #[error(transparent)]
+    ForkedChild(#[from] ForkedChild),
 }
 
 /// Why [`crate::Consumer::try_recv`] returned nothing.
@@ -189,6 +216,10 @@ pub enum TryRecvError {
     /// A queued descriptor or its slot header was invalid (the message is skipped).
     #[error("corrupted descriptor: {0}")]
     Corrupted(#[from] Corruption),
+    /// The consumer was opened by another process, before a fork: nothing
+    /// was taken from its queue.
+    #[error(transparent)]
+    ForkedChild(#[from] ForkedChild),
 }
 
 /// Why [`crate::Consumer::recv`] or `recv_timeout` returned nothing.
@@ -207,6 +238,10 @@ pub enum RecvError {
     /// nothing more.
     #[error("this consumer was detached from its channel: it receives nothing more")]
     Detached,
+    /// The consumer or stage was opened by another process, before a fork:
+    /// nothing was taken from its queue.
+    #[error(transparent)]
+    ForkedChild(#[from] ForkedChild),
 }
 
 /// Why a typed view could not be made.

@@ -25,6 +25,10 @@
 //!
 //! Errors are one enum per operation ([`ConnectError`], [`OpenError`],
 //! [`LoanError`], [`PublishError`], [`RecvError`], [`TryRecvError`]).
+//!
+//! After `fork()`, the child's inherited handles are inert: using them
+//! fails with [`ForkedChild`], dropping them leaves the parent's open (see
+//! [`Client`], "Fork").
 
 #![deny(missing_docs)]
 
@@ -32,6 +36,7 @@ mod client;
 mod consumer;
 mod element;
 pub mod error;
+mod fork;
 mod open;
 mod parker;
 mod paths;
@@ -43,8 +48,8 @@ pub use client::{Client, DEFAULT_REQUEST_TIMEOUT, REQUEST_TIMEOUT_ENV};
 pub use consumer::{Consumer, Tensor, WaitStrategy};
 pub use element::Element;
 pub use error::{
-    ConnectError, Corruption, LoanError, OpenError, PublishError, RecvError, RequestError,
-    TryRecvError, TypeError,
+    ConnectError, Corruption, ForkedChild, LoanError, OpenError, PublishError, RecvError,
+    RequestError, TryRecvError, TypeError,
 };
 pub use open::{ConsumerOptions, ProducerOptions};
 pub use paths::{socket_path, SOCKET_ENV};

@@ -2,7 +2,7 @@
 
 use crate::client::{Client, Inner, PoolRef};
 use crate::element::{typed_mut, Element};
-use crate::error::{LoanError, PublishError, TypeError};
+use crate::error::{ForkedChild, LoanError, PublishError, TypeError};
 use crate::parker::FutexParker;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -113,6 +113,13 @@ impl Producer {
         self.handle
     }
 
+    /// `Err(ForkedChild)` in a process forked after this producer's client
+    /// connected: the producer is inert here (see [`Client`]'s fork
+    /// semantics). One relaxed load.
+    pub fn fork_check(&self) -> Result<(), ForkedChild> {
+        self.inner.origin.check()
+    }
+
     fn ctl(&self) -> &Control {
         &self.inner.control
     }
@@ -174,6 +181,8 @@ impl Producer {
     /// Finds a free slot; `Ok(None)` when every fitting slot is held.
     #[inline]
     fn try_slot(&mut self, meta: &TensorMeta) -> Result<Option<(u8, usize, u32)>, LoanError> {
+        // An inherited producer takes no slot (one relaxed load).
+        self.inner.origin.check()?;
         let span = meta.span()?.max(meta.nbytes);
         let mut fits = false;
         for &p in &self.order {
@@ -337,6 +346,7 @@ impl Producer {
 
 impl Drop for Producer {
     fn drop(&mut self) {
+        // Sends nothing in a forked child (`Inner::request` refuses).
         self.inner.close_handle(self.handle);
     }
 }
@@ -386,6 +396,13 @@ impl TensorMut<'_> {
     /// Payload bytes the slot can hold.
     pub fn capacity(&self) -> u64 {
         self.capacity
+    }
+
+    /// `Err(ForkedChild)` in a process forked after this loan's producer was
+    /// opened: the slot is the parent's loan; publishing it fails and
+    /// dropping it leaves it to the parent.
+    pub fn fork_check(&self) -> Result<(), ForkedChild> {
+        self.producer.fork_check()
     }
 
     /// The tensor's bytes, writable.
@@ -453,6 +470,9 @@ impl TensorMut<'_> {
     /// ```
     #[inline]
     pub fn publish_stamped(mut self) -> Result<Published, PublishError> {
+        // In a forked child: nothing published, and `drop` leaves the slot
+        // to the parent's loan.
+        self.producer.inner.origin.check()?;
         self.done = true;
         let bit = self.producer.bit;
         Ok(self.producer.publish_slot(self.id, self.meta, bit))
@@ -475,7 +495,9 @@ impl std::ops::DerefMut for TensorMut<'_> {
 
 impl Drop for TensorMut<'_> {
     fn drop(&mut self) {
-        if !self.done {
+        // A forked child's copy of a loan gives nothing back: the slot is
+        // the parent's.
+        if !self.done && !self.producer.inner.origin.is_forked() {
             if let Some(slot) = self.producer.slot(self.id) {
                 slot.release(self.producer.bit);
             }

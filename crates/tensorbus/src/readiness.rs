@@ -24,6 +24,12 @@
 //! fd means "try again", never "a tensor is certainly there" (another
 //! thread may have taken it, [`Readiness::wake`] may have been called).
 //!
+//! After `fork()`, an inherited readiness is inert in the child: its
+//! waiter thread did not survive the fork and its eventfd is the parent's
+//! (one object, shared). So `arm`, `disarm`, `clear` and `wake` do nothing
+//! there (clearing would swallow the parent's notification, waking would
+//! fake one), and dropping it neither wakes nor joins anything.
+//!
 //! [`Consumer::recv`]: crate::Consumer::recv
 //! [`Consumer::try_recv`]: crate::Consumer::try_recv
 
@@ -237,7 +243,11 @@ impl Readiness {
     /// Asks for one notification: the fd becomes readable as soon as a
     /// tensor is queued for this consumer (at once if one already is).
     /// Then the readiness disarms itself; arm again for the next one.
+    /// (Nothing in a forked child: see the module docs.)
     pub fn arm(&self) {
+        if self.forked() {
+            return;
+        }
         if !self.shared.armed.swap(true, Ordering::SeqCst) {
             let _g = lock(&self.shared.idle);
             self.shared.cv.notify_all();
@@ -247,6 +257,9 @@ impl Readiness {
     /// Withdraws an [`Readiness::arm`] (a cancelled wait): the thread stops
     /// watching the channel. The fd may still be readable from before.
     pub fn disarm(&self) {
+        if self.forked() {
+            return;
+        }
         if self.shared.armed.swap(false, Ordering::SeqCst) {
             self.shared.kick();
         }
@@ -260,6 +273,9 @@ impl Readiness {
     /// Makes the fd unreadable again (reads the eventfd counter). Call it
     /// when the fd was readable, before trying to receive.
     pub fn clear(&self) {
+        if self.forked() {
+            return;
+        }
         let mut buf: u64 = 0;
         // SAFETY: reads at most 8 bytes into a live u64 from an eventfd we
         // own; non-blocking, so EAGAIN (nothing pending) returns at once.
@@ -275,12 +291,28 @@ impl Readiness {
     /// Makes the fd readable now, armed or not: tells a waiting event loop
     /// to look again (for instance because the consumer is being closed).
     pub fn wake(&self) {
+        if self.forked() {
+            return;
+        }
         self.shared.signal();
+    }
+
+    /// Whether this is a forked child's copy (then every method is a no-op).
+    fn forked(&self) -> bool {
+        self.shared.inner.origin.is_forked()
     }
 }
 
 impl Drop for Readiness {
     fn drop(&mut self) {
+        if self.forked() {
+            // The waiter thread is the parent's (a join would wait forever)
+            // and the event count too (a kick would wake the parent's
+            // sleepers): leak the handle and the shared state, which the
+            // dead thread's copied stack still counts as referenced.
+            std::mem::forget(self.thread.take());
+            return;
+        }
         self.shared.closed.store(true, Ordering::SeqCst);
         self.shared.armed.store(false, Ordering::SeqCst);
         self.shared.kick();

@@ -3,7 +3,7 @@
 
 use crate::consumer::{Consumer, Received};
 use crate::element::{typed_mut, Element};
-use crate::error::{PublishError, RecvError, TryRecvError, TypeError};
+use crate::error::{ForkedChild, PublishError, RecvError, TryRecvError, TypeError};
 use crate::producer::{Producer, Published, SlotId};
 use std::time::{Duration, Instant};
 use tensorbus_core::publish::PublishOutcome;
@@ -34,6 +34,12 @@ impl Stage {
     /// The input subscription.
     pub fn input(&self) -> &Consumer {
         &self.input
+    }
+    /// `Err(ForkedChild)` in a process forked after this stage's client
+    /// connected: the stage is inert here (see [`crate::Client`]'s fork
+    /// semantics).
+    pub fn fork_check(&self) -> Result<(), ForkedChild> {
+        self.input.fork_check()
     }
     /// The output producer (it can also loan fresh slots).
     pub fn output(&mut self) -> &mut Producer {
@@ -71,6 +77,7 @@ impl Stage {
         let r = self.input.try_take()?;
         self.exclusive(r).map_err(|e| match e {
             RecvError::Corrupted(c) => TryRecvError::Corrupted(c),
+            RecvError::ForkedChild(f) => TryRecvError::ForkedChild(f),
             _ => TryRecvError::Empty,
         })
     }
@@ -128,6 +135,12 @@ impl StagedTensor<'_> {
     /// Address of the first payload byte.
     pub fn as_ptr(&self) -> *mut u8 {
         self.r.ptr
+    }
+    /// `Err(ForkedChild)` in a process forked after this tensor's stage was
+    /// opened: the slot is the parent's; forwarding fails, dropping it
+    /// releases nothing.
+    pub fn fork_check(&self) -> Result<(), ForkedChild> {
+        self.stage.fork_check()
     }
     /// Changes the metadata in place (e.g. a new shape or dtype for the same
     /// bytes); validated against the slot at [`StagedTensor::forward`].
@@ -212,6 +225,7 @@ impl StagedTensor<'_> {
 /// Whether `producer` may publish the slot the stage holds: same client,
 /// a channel that uses the slot's pool, metadata valid for the slot.
 fn check_forward(input: &Consumer, producer: &Producer, r: &Received) -> Result<(), PublishError> {
+    input.fork_check()?;
     let pool = usize::from(r.id.pool);
     let slot_size = input
         .pools
@@ -242,6 +256,9 @@ fn forward_slot(
     producer: &mut Producer,
     r: &Received,
 ) -> Result<Published, PublishError> {
+    // In a forked child: nothing forwarded, nothing released (the hold is
+    // the parent's).
+    input.fork_check()?;
     match check_forward(input, producer, r) {
         Ok(()) if producer.channel.index == input.channel.index => {
             // Forwarding into our own input (a retry loop): our input

@@ -17,6 +17,7 @@ __all__ = [
     "Closed",
     "Released",
     "ReadOnly",
+    "ForkedChild",
 ]
 
 
@@ -82,3 +83,13 @@ class Released(TensorbusError, ValueError):
 
 class ReadOnly(TensorbusError):
     """Received tensors are read-only."""
+
+
+class ForkedChild(TensorbusError):
+    """The handle was opened by another process before ``fork()``.
+
+    A forked child's inherited clients, producers, consumers, stages and
+    tensors are inert: using them raises this, closing them (or their
+    destructors) leaves the parent's untouched. Open a new ``Client`` in
+    the child.
+    """
