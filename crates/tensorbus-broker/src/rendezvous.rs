@@ -27,7 +27,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tensorbus_core::layout::LAYOUT_VERSION;
-use tensorbus_core::proto::{Request, Response, MAX_MESSAGE};
+use tensorbus_core::proto::{encode_frames, parse_frame, Request, MAX_MESSAGE};
 use tensorbus_shm::SeqpacketConn;
 
 /// How long a live socket at the path has to answer a hello before it is
@@ -163,13 +163,19 @@ fn answers_as_broker(conn: &SeqpacketConn) -> bool {
     let Ok(bytes) = serde_json::to_vec(&hello) else {
         return false;
     };
-    if conn.set_read_timeout(Some(PROBE_TIMEOUT)).is_err() || conn.send(&bytes, &[]).is_err() {
+    // One frame of request id 1 (a hello is far below a frame's size).
+    let Some(frame) = encode_frames(1, &bytes).into_iter().next() else {
+        return false;
+    };
+    if conn.set_read_timeout(Some(PROBE_TIMEOUT)).is_err() || conn.send(&frame, &[]).is_err() {
         return false;
     }
     let mut buf = vec![0u8; MAX_MESSAGE];
     let mut fds = Vec::new();
+    // A broker answers with a frame of our request's id (its welcome, or an
+    // error); anything else is another program.
     match conn.recv(&mut buf, &mut fds) {
-        Ok(n) if n > 0 => serde_json::from_slice::<Response>(&buf[..n]).is_ok(),
+        Ok(n) if n > 0 => parse_frame(&buf[..n]).is_ok_and(|(h, _)| h.id == 1),
         _ => false,
     }
 }
