@@ -1092,6 +1092,7 @@ impl PyReadiness {
 
     /// Makes the fd unreadable (call after it was readable).
     fn clear(&self) -> PyResult<()> {
+        self.core.fork_check().map_err(forked_err)?;
         // The eventfd is non-blocking (one file with the consumer's): a read
         // resets its count, or fails with EAGAIN when nothing is pending.
         let _ = std::io::Read::read(&mut &*self.fd, &mut [0u8; 8]);
