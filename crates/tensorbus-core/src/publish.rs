@@ -122,17 +122,32 @@ pub struct ProducerPath<'c> {
 }
 
 impl ProducerPath<'_> {
-    /// Chooses the work-queue receiver: the active subscriber with the
-    /// fewest queued entries, ties broken round-robin from `*rr`.
+    /// Chooses the work-queue receiver: among the active subscribers, one
+    /// whose ring has room before any whose ring is full (up to its depth),
+    /// then the one with the fewest queued entries, ties broken round-robin
+    /// from `*rr`. Room comes first because workers may ask for different
+    /// depths: a full depth-1 worker with one entry must not be chosen over
+    /// a depth-4 worker with two (the publish would wait on the full one
+    /// forever while the other has room, although `has_room` said yes).
     fn choose_worker(&self, candidates: u64, rr: &mut usize) -> u64 {
-        let mut best: Option<(u64, usize)> = None;
+        let mut best: Option<((bool, u64), usize)> = None;
         for s in rotated_bits(candidates, *rr) {
-            let len = self
-                .ctl
-                .ring(self.channel, self.row, s)
-                .map_or(u64::MAX, |r| r.len());
-            if best.is_none_or(|(l, _)| len < l) {
-                best = Some((len, s));
+            let key = match (
+                self.ctl.ring(self.channel, self.row, s),
+                self.ctl.subscriber(self.channel, s),
+            ) {
+                (Some(r), Some(sub)) => {
+                    let len = r.len();
+                    let depth = match Policy::from_code(sub.config.policy.load(Ordering::Relaxed)) {
+                        Policy::Latest => 1,
+                        _ => u64::from(sub.config.depth.load(Ordering::Relaxed)),
+                    };
+                    (len >= depth.clamp(1, r.capacity()), len)
+                }
+                _ => (true, u64::MAX),
+            };
+            if best.is_none_or(|(k, _)| key < k) {
+                best = Some((key, s));
             }
         }
         match best {
