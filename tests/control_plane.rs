@@ -44,6 +44,35 @@ impl BrokerProcess {
         let pid = libc::pid_t::try_from(self.0.id()).unwrap();
         // SAFETY: kill(2) on our own unreaped child.
         assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+        if sig == libc::SIGSTOP {
+            self.wait_stopped(pid);
+        }
+    }
+
+    /// kill(2) returns before the group stop completes: wait until every
+    /// thread of the broker is stopped (state `T`), so the next request
+    /// really meets a frozen broker (on a loaded machine the stop can lag).
+    fn wait_stopped(&self, pid: libc::pid_t) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let all_stopped = || {
+            let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+                return false;
+            };
+            tasks.flatten().all(|t| {
+                std::fs::read_to_string(t.path().join("stat")).is_ok_and(|st| {
+                    // `pid (comm) S ...`: the state follows the last ')'.
+                    st.rsplit_once(')')
+                        .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+                })
+            })
+        };
+        while !all_stopped() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the broker did not stop"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 }
 
