@@ -18,9 +18,11 @@
 # --control adds control-plane chaos (the broker runs as its own process):
 # it is frozen with SIGSTOP past the openers' request timeout, clients send
 # requests and never read the replies, run out of file descriptors, and are
-# kill -9ed mid-request; the line gains freezes=F greedy_disconnected=G
-# opener_kills=K request_timeouts=T emfile=E after kills and
-# phantom_subscribers=P control_failures=C at the end (both must be 0).
+# kill -9ed mid-request, and a client forks children whose inherited handles
+# must be inert while its own keep working; the line gains freezes=F
+# greedy_disconnected=G opener_kills=K request_timeouts=T emfile=E forks=N
+# forked_child_errors=R after kills and phantom_subscribers=P
+# control_failures=C fork_failures=X at the end (all three must be 0).
 # Re-run with the printed --seed to replay the same kill schedule (the
 # processes' own interleaving still varies from run to run).
 set -euo pipefail

@@ -292,6 +292,20 @@ pub fn next_command(stdin: &mut impl BufRead) -> Result<Option<Vec<String>>> {
     Ok(Some(line.split_whitespace().map(str::to_owned).collect()))
 }
 
+/// Writes `text` to stdout (the report, the usage). A closed stdout
+/// (`tensorbus bench | head -1`: EPIPE) is not an error: the output is
+/// dropped and the run goes on (the `--json` file is still written) and
+/// exits 0, where `print!` would panic with status 101.
+pub fn print_stdout(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(format!("writing to stdout: {e}").into())
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Prints a protocol line to the parent.
 pub fn say(what: &str) -> Result<()> {
     let mut out = std::io::stdout().lock();

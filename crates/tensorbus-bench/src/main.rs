@@ -38,10 +38,7 @@ fn main() -> ExitCode {
     } else {
         match run::Options::parse(&args[1..]) {
             Ok(Some(opts)) => run::run(&opts),
-            Ok(None) => {
-                println!("{USAGE}");
-                Ok(())
-            }
+            Ok(None) => common::print_stdout(&format!("{USAGE}\n")),
             Err(e) => Err(format!("{e}\n{USAGE}").into()),
         }
     };

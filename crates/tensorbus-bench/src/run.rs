@@ -683,7 +683,7 @@ pub fn run(opts: &Options) -> Result<()> {
 
     let ratios = report::ratios(&rows, &opts.sizes);
     let wall = started.elapsed();
-    print!("{}", report::markdown(opts, &rows, &ratios, clock_ns, wall));
+    crate::common::print_stdout(&report::markdown(opts, &rows, &ratios, clock_ns, wall))?;
     if let Some(path) = &opts.json {
         let text = report::json(opts, &rows, &ratios, clock_ns, wall);
         std::fs::write(path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;

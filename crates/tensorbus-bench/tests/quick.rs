@@ -177,3 +177,39 @@ fn bad_arguments_are_refused_clearly() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("--quick"));
 }
+
+/// issue 12.10: `tensorbus bench` (this binary, which the CLI execs) exits
+/// quietly with status 0 when its stdout is closed (`tensorbus bench |
+/// head -1`), for the usage and for a run's report, and still writes the
+/// JSON file; before, `println!`/`print!` panicked (status 101).
+#[test]
+fn closed_stdout_ends_quietly() {
+    let dir = std::env::temp_dir().join(format!("tb-bench-epipe-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json_path = dir.join("bench.json");
+    let run: Vec<String> = [
+        "--quick", "--only", "limit", "--sizes", "8", "--blocks", "1", "--json",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([json_path.to_str().unwrap().to_owned()])
+    .collect();
+    for args in [vec!["--help".to_owned()], run] {
+        // A socket pair whose other end is closed: every write is EPIPE.
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        drop(ours);
+        let out = Command::new(BIN)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+    let json = std::fs::read_to_string(&json_path).expect("the JSON file is written");
+    assert!(json.contains("\"rows\""), "{json}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

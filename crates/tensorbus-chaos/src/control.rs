@@ -7,7 +7,7 @@
 //!   request in flight) or a data-plane client (reclaimed after SIGCONT);
 //! * starts a `greedy` client that sends stat requests and never reads a
 //!   reply, which the broker must disconnect (and must not block on);
-//! * `kill -9`s an opener at any moment (often mid-request).
+//! * `kill -9`s an opener or the forker at any moment (often mid-request).
 //!
 //! Two `opener` processes run all the time. Each opens and closes consumers
 //! (block policy) and a producer on the channel [`CHANNEL`] with a short
@@ -17,12 +17,19 @@
 //! its live objects: its subscribers on [`CHANNEL`] and its handle count
 //! equal the consumers (and producer) it has. A mismatch is a phantom.
 //!
-//! At the end (after the data plane quiesced) the openers are stopped and
-//! the broker must hold no subscriber and no producer at all.
+//! A `forker` process runs all the time too (see [`crate::forker`]): it
+//! forks children that must find every inherited handle inert
+//! (`ForkedChild`), then use a client of their own, and exit or are
+//! `kill -9`ed, while the parent's handles must keep working as before.
+//!
+//! At the end (after the data plane quiesced) the openers and the forker
+//! are stopped and the broker must hold no subscriber and no producer at
+//! all.
 //!
 //! ```text
 //! tensorbus-chaos role opener --socket S --inc N --seed X --timeout-ms T
 //! tensorbus-chaos role greedy --socket S
+//! tensorbus-chaos role forker --socket S --inc N --seed X
 //! ```
 //!
 //! An opener exits 0 when its stdin closes, 3 after a phantom; it prints a
@@ -364,6 +371,18 @@ pub struct ControlStats {
     /// Control-plane clients that failed otherwise (crash, greedy never
     /// disconnected, broker stopped reading).
     pub failures: u64,
+    /// Forks made by forkers.
+    pub forks: u64,
+    /// Inherited handles that refused with `ForkedChild` in a child.
+    pub forked_child_errors: u64,
+    /// Forked children their parent killed (`kill -9`) on purpose.
+    pub fork_child_kills: u64,
+    /// Forkers killed (`kill -9`) by the orchestrator.
+    pub forker_kills: u64,
+    /// Fork failures: a child whose inherited handle did not refuse or whose
+    /// own client failed, a parent whose handles a child affected, or a
+    /// forker that crashed or hung.
+    pub fork_failures: u64,
 }
 
 /// The control-plane side of a run.
@@ -376,6 +395,7 @@ pub struct Control {
     rng: Rng,
     openers: Vec<Option<CtlProc>>,
     greedy: Option<CtlProc>,
+    forker: Option<CtlProc>,
     next_inc: u64,
     next_action: Instant,
     interval_ms: u64,
@@ -402,6 +422,7 @@ impl Control {
             rng: Rng::new(seed ^ 0xC0_47_20_1C),
             openers: (0..OPENERS).map(|_| None).collect(),
             greedy: None,
+            forker: None,
             next_inc: 1,
             next_action: Instant::now(),
             interval_ms: interval_ms.max(1) * 4,
@@ -410,6 +431,7 @@ impl Control {
         for i in 0..OPENERS {
             c.openers[i] = Some(c.spawn("opener")?);
         }
+        c.forker = Some(c.spawn("forker")?);
         c.next_action = Instant::now() + c.interval();
         Ok(c)
     }
@@ -462,6 +484,10 @@ impl Control {
                 "timeout" => self.stats.timeouts += 1,
                 "emfile" => self.stats.emfile += 1,
                 "phantom" => self.stats.phantoms += 1,
+                "fork" => self.stats.forks += 1,
+                "forked_child" => self.stats.forked_child_errors += 1,
+                "child_kill" => self.stats.fork_child_kills += 1,
+                "fork_failure" => self.stats.fork_failures += 1,
                 _ => {}
             }
         }
@@ -482,6 +508,39 @@ impl Control {
         }
         self.openers[i] = Some(self.spawn("opener")?);
         Ok(())
+    }
+
+    /// Kills control client `i` (an opener, or the forker for `OPENERS`).
+    fn kill_client(&mut self, i: usize) -> Result<(), String> {
+        if i < OPENERS {
+            return self.kill_opener(i);
+        }
+        if let Some(mut p) = self.forker.take() {
+            let _ = p.child.kill();
+            if let Ok(s) = p.child.wait() {
+                if s.signal() == Some(libc::SIGKILL) {
+                    self.stats.forker_kills += 1;
+                    self.absorb(&p);
+                } else {
+                    self.forker_ended(&p, s);
+                }
+            }
+        }
+        self.forker = Some(self.spawn("forker")?);
+        Ok(())
+    }
+
+    fn forker_ended(&mut self, p: &CtlProc, status: std::process::ExitStatus) {
+        self.absorb(p);
+        match status.code() {
+            Some(0) => {}
+            // It printed a `fork_failure` line (counted) before exiting.
+            Some(3) => eprintln!("chaos: FORK a forker's parent was affected: {:?}", p.tail()),
+            _ => {
+                self.stats.fork_failures += 1;
+                eprintln!("chaos: FORK forker ended with {status}: {:?}", p.tail());
+            }
+        }
     }
 
     fn opener_ended(&mut self, p: &CtlProc, status: std::process::ExitStatus) {
@@ -509,6 +568,15 @@ impl Control {
                 self.opener_ended(&p, status);
                 self.openers[i] = Some(self.spawn("opener")?);
             }
+        }
+        let done = self
+            .forker
+            .as_mut()
+            .and_then(|p| p.child.try_wait().ok().flatten());
+        if let Some(status) = done {
+            let p = self.forker.take().expect("checked above");
+            self.forker_ended(&p, status);
+            self.forker = Some(self.spawn("forker")?);
         }
         let done = self
             .greedy
@@ -551,8 +619,8 @@ impl Control {
                         done = true;
                         match what {
                             0 => {
-                                let i = self.rng.below(OPENERS as u64) as usize;
-                                self.kill_opener(i)?;
+                                let i = self.rng.below(OPENERS as u64 + 1) as usize;
+                                self.kill_client(i)?;
                             }
                             1 => kill_data(&mut self.rng),
                             _ => {}
@@ -569,8 +637,8 @@ impl Control {
                 }
             }
             _ => {
-                let i = self.rng.below(OPENERS as u64) as usize;
-                self.kill_opener(i)?;
+                let i = self.rng.below(OPENERS as u64 + 1) as usize;
+                self.kill_client(i)?;
             }
         }
         self.next_action = Instant::now() + self.interval();
@@ -632,6 +700,30 @@ impl Control {
                 }
             }
         }
+        if let Some(mut p) = self.forker.take() {
+            drop(p.stdin.take());
+            // It finishes its round first: a child lives for milliseconds.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let status = loop {
+                match p.child.try_wait() {
+                    Ok(Some(s)) => break Some(s),
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(5))
+                    }
+                    _ => break None,
+                }
+            };
+            match status {
+                Some(s) => self.forker_ended(&p, s),
+                None => {
+                    let _ = p.child.kill();
+                    let _ = p.child.wait();
+                    self.absorb(&p);
+                    self.stats.fork_failures += 1;
+                    eprintln!("chaos: FORK forker hung after stop: {:?}", p.tail());
+                }
+            }
+        }
         // Dead openers are reclaimed by the broker promptly; wait for it.
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -656,7 +748,12 @@ impl Control {
 impl Drop for Control {
     fn drop(&mut self) {
         self.signal(libc::SIGCONT);
-        for p in self.openers.iter_mut().chain([&mut self.greedy]).flatten() {
+        for p in self
+            .openers
+            .iter_mut()
+            .chain([&mut self.greedy, &mut self.forker])
+            .flatten()
+        {
             let _ = p.child.kill();
             let _ = p.child.wait();
         }

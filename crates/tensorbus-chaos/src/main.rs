@@ -14,8 +14,9 @@
 //! `chaos: kills=N leaked_slots=L lost=M duplicated=D corrupt=C crashed=X unaccounted_drops=U`
 //! (with `--kill-broker`: `broker_kills=B` after `kills`, `broker_failures=F`
 //! at the end; with `--control`: `freezes=F greedy_disconnected=G
-//! opener_kills=K request_timeouts=T emfile=E` after `kills`, and
-//! `phantom_subscribers=P control_failures=C` at the end, see [`control`]).
+//! opener_kills=K request_timeouts=T emfile=E forks=N forked_child_errors=R`
+//! after `kills`, and `phantom_subscribers=P control_failures=C
+//! fork_failures=X` at the end, see [`control`] and [`forker`]).
 //! The exit status is 0 only if every counter but `kills`, `broker_kills`
 //! and the `--control` activity counts is 0.
 //!
@@ -24,6 +25,7 @@
 
 mod check;
 mod control;
+mod forker;
 mod journal;
 mod orchestrator;
 mod payload;
@@ -48,8 +50,9 @@ fn usage() -> ! {
          --broker-every K client kills between broker kills (default 50)\n\
          --control        control-plane chaos too: the broker runs as its own process and is frozen\n\
          \x20                (SIGSTOP) past the openers' request timeout; clients that never read their\n\
-         \x20                replies, run out of descriptors, or die mid-request; at the end no phantom\n\
-         \x20                subscriber may be left (see docs/reliability.md)"
+         \x20                replies, run out of descriptors, die mid-request, or fork (the children's\n\
+         \x20                inherited handles must be inert, the parent's must keep working); at the\n\
+         \x20                end no phantom subscriber may be left (see docs/reliability.md)"
     );
     std::process::exit(2);
 }

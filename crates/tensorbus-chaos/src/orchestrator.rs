@@ -839,9 +839,9 @@ fn run_in(opts: &Opts, seed: u64, kills_wanted: u64, dir: &Path) -> Result<i32, 
         && report.crashed == 0
         && report.unaccounted_drops == 0
         && b.failures == 0
-        && ctl
-            .as_ref()
-            .is_none_or(|c| c.stats.phantoms == 0 && c.stats.failures == 0);
+        && ctl.as_ref().is_none_or(|c| {
+            c.stats.phantoms == 0 && c.stats.failures == 0 && c.stats.fork_failures == 0
+        });
     eprintln!(
         "chaos: {} incarnations, {:.1} s in all (seed {seed})",
         run.records.len(),
@@ -865,9 +865,19 @@ fn run_in(opts: &Opts, seed: u64, kills_wanted: u64, dir: &Path) -> Result<i32, 
     }
     if let Some(c) = &ctl {
         let c = &c.stats;
+        eprintln!(
+            "chaos: control: {} forks; {} inherited handles refused in children; {} children killed by their parent; {} forkers killed",
+            c.forks, c.forked_child_errors, c.fork_child_kills, c.forker_kills
+        );
         line += &format!(
-            " freezes={} greedy_disconnected={} opener_kills={} request_timeouts={} emfile={}",
-            c.freezes, c.greedy_disconnected, c.opener_kills, c.timeouts, c.emfile
+            " freezes={} greedy_disconnected={} opener_kills={} request_timeouts={} emfile={} forks={} forked_child_errors={}",
+            c.freezes,
+            c.greedy_disconnected,
+            c.opener_kills,
+            c.timeouts,
+            c.emfile,
+            c.forks,
+            c.forked_child_errors
         );
     }
     line += &format!(
@@ -879,8 +889,8 @@ fn run_in(opts: &Opts, seed: u64, kills_wanted: u64, dir: &Path) -> Result<i32, 
     }
     if let Some(c) = &ctl {
         line += &format!(
-            " phantom_subscribers={} control_failures={}",
-            c.stats.phantoms, c.stats.failures
+            " phantom_subscribers={} control_failures={} fork_failures={}",
+            c.stats.phantoms, c.stats.failures, c.stats.fork_failures
         );
     }
     println!("{line}");

@@ -16,8 +16,8 @@
 //!   `delivered` and `dropped` counters from the broker's `stat`.
 //! * `broker`: the broker, as a process of its own (`--kill-broker`,
 //!   `--control`).
-//! * `opener`, `greedy`: the control-plane clients of `--control` (see
-//!   [`crate::control`]).
+//! * `opener`, `greedy`, `forker`: the control-plane clients of
+//!   `--control` (see [`crate::control`] and [`crate::forker`]).
 //! * `worker`: a work-queue subscriber; like `consumer`, but each receive is
 //!   a non-blocking attempt bracketed by `begin_pop`/`end_pop`, so the
 //!   orchestrator knows whether a kill landed between "took an entry" and
@@ -105,6 +105,9 @@ pub fn run(args: &[String]) -> ! {
     }
     if kind == "greedy" {
         crate::control::greedy(&a);
+    }
+    if kind == "forker" {
+        crate::forker::forker(&a);
     }
     let journal = Journal::open(Path::new(a.str("journal")))
         .unwrap_or_else(|e| fail(&format!("journal: {e}")));

@@ -458,3 +458,111 @@ fn config_errors_are_one_line_naming_the_field() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// issue 12.10: `tensorbus demo` stops on SIGTERM (to the demo process
+/// alone) and on SIGINT (to its whole process group, as Ctrl-C does) with
+/// its usual summary line, the frames received so far, marked
+/// `(interrupted)`, exit status 130 like `pub` and `sub`; its children and
+/// its private broker's directory are gone. Before, it printed only
+/// "tensorbus demo: interrupted" on stderr and exited 1, with no summary.
+#[test]
+fn demo_stops_on_signals_with_its_summary() {
+    use std::io::BufRead;
+    for group in [false, true] {
+        let mut demo = KillOnDrop(
+            Command::new(BIN)
+                .args(["demo", "--frames", "1000000", "--fps", "30"])
+                .process_group(0)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let out = drain(demo.0.stdout.take().unwrap());
+        // stderr line by line: the start line (pids, socket), then progress.
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let stderr = demo.0.stderr.take().unwrap();
+        let err = std::thread::spawn(move || {
+            let mut all = String::new();
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line.clone());
+                all += &line;
+                all.push('\n');
+            }
+            all
+        });
+        let mut start = None;
+        loop {
+            let line = rx
+                .recv_timeout(Duration::from_secs(120))
+                .expect("the demo prints its start line and a progress line");
+            if line.contains(" pid ") {
+                start = Some(line);
+            } else if line.contains("/1000000 frames,") {
+                break; // frames are flowing
+            }
+        }
+        let start = start.expect("start line before progress");
+        let pids: Vec<u32> = start
+            .split(" pid ")
+            .skip(1)
+            .map(|r| {
+                r.split(|c: char| !c.is_ascii_digit())
+                    .next()
+                    .unwrap()
+                    .parse()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(pids.len(), 3, "{start}");
+        let socket_dir = PathBuf::from(
+            start
+                .split(" on ")
+                .nth(1)
+                .and_then(|r| r.split(" (").next())
+                .unwrap(),
+        )
+        .parent()
+        .unwrap()
+        .to_path_buf();
+        assert!(socket_dir.exists(), "{start}");
+        let pid = demo.0.id();
+        if group {
+            // SAFETY: kill(2) on the demo's own process group; no memory
+            // is touched.
+            let sent = unsafe { libc::kill(-(pid as libc::pid_t), libc::SIGINT) };
+            assert_eq!(sent, 0);
+        } else {
+            signal(pid, libc::SIGTERM);
+        }
+        let status = wait_or_kill(&mut demo.0, Duration::from_secs(20), "demo after a signal");
+        let out = text(&out.join().unwrap());
+        let err = err.join().unwrap();
+        assert_eq!(status.code(), Some(130), "group={group}: {out} {err}");
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("demo: frames="))
+            .unwrap_or_else(|| panic!("no summary line: {out} {err}"));
+        assert!(line.ends_with(" (interrupted)"), "{line}");
+        for key in ["fps=", "e2e_p50_us=", "e2e_p99_us=", "dropped=", "errors=0"] {
+            assert!(line.contains(key), "{line}");
+        }
+        let frames: u64 = line["demo: frames=".len()..]
+            .split_whitespace()
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap();
+        assert!(frames > 0, "{line}");
+        assert!(!err.contains("panicked"), "{err}");
+        // Children reaped or dead (none left running), the broker's
+        // private directory removed.
+        for child in &pids {
+            let alive = std::fs::read_to_string(format!("/proc/{child}/stat"))
+                .is_ok_and(|s| !s.contains(") Z "));
+            assert!(!alive, "demo child {child} still runs: {start}");
+        }
+        assert!(!socket_dir.exists(), "{} left behind", socket_dir.display());
+    }
+}

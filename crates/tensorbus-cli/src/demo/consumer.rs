@@ -7,6 +7,8 @@ use super::pattern::{
 };
 use super::{consumer_options, percentile, RoleArgs, FIRST_WAIT, INPUT, NEXT_WAIT};
 use crate::{fail, CliError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tensorbus::{RecvError, Tensor};
 use tensorbus_shm::monotonic_ns;
@@ -15,6 +17,10 @@ use tensorbus_shm::monotonic_ns;
 const SAMPLES: usize = 64;
 /// Largest accepted difference between a channel's mean and the expected one.
 const MEAN_TOLERANCE: f64 = 1e-6;
+/// Longest wait for a tensor between two looks at the stop flag.
+const STOP_SLICE: Duration = Duration::from_millis(10);
+/// Exit status after SIGINT / SIGTERM (128 + SIGINT, as `pub` and `sub`).
+pub const INTERRUPTED: i32 = 130;
 
 /// What the checker needs, computed once.
 struct Checker {
@@ -48,13 +54,18 @@ impl Checker {
         }
     }
 
-    /// Problems with the tensor of frame `index`, if any.
-    fn check(&self, t: &Tensor<'_>, index: u64) -> Result<(), String> {
+    /// Problems with the tensor of frame `index`, if any. Gives up (`Ok`)
+    /// between two channels once `stop` is set, so that an interrupt is
+    /// not held up by the check (about a third of it at most).
+    fn check(&self, t: &Tensor<'_>, index: u64, stop: &AtomicBool) -> Result<(), String> {
         if t.shape() != [1, C as u32, S as u32, S as u32] {
             return Err(format!("shape {:?}", t.shape()));
         }
         let data = t.as_slice_of::<f32>().map_err(|e| e.to_string())?;
         for (c, plane) in data.chunks_exact(PLANE).enumerate() {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(());
+            }
             for &(oy, ox) in &self.samples {
                 let v = pixel(self.resize.ys[oy], self.resize.xs[ox], index, c);
                 let want = self.lut[c][usize::from(v)];
@@ -76,7 +87,16 @@ impl Checker {
 }
 
 /// Receives `--frames` model inputs and prints the JSON summary.
+///
+/// SIGINT / SIGTERM (Ctrl-C reaches the whole process group; the parent
+/// sends SIGTERM when it is interrupted) stop it within [`STOP_SLICE`] plus
+/// one tensor's check: it prints the summary of what it received so far,
+/// with `"interrupted": true`, and exits with status [`INTERRUPTED`].
 pub fn run(args: RoleArgs) -> Result<(), CliError> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || flag.store(true, Ordering::Relaxed))
+        .map_err(|e| CliError(format!("cannot install the signal handler: {e}")))?;
     let client = super::connect(&args, "demo-consumer")?;
     let input = client.consumer_with(INPUT, consumer_options(&client, INPUT, "tensors"))?;
     let checker = Checker::new();
@@ -85,23 +105,31 @@ pub fn run(args: RoleArgs) -> Result<(), CliError> {
     let (mut first, mut last) = (None::<Instant>, Instant::now());
     let mut report_at = Instant::now() + Duration::from_secs(1);
     let mut window: Vec<u64> = Vec::new();
-    while (latencies.len() as u64) < args.frames {
+    let mut waiting_since = Instant::now();
+    while (latencies.len() as u64) < args.frames && !stop.load(Ordering::Relaxed) {
         let wait = if first.is_none() {
             FIRST_WAIT
         } else {
             NEXT_WAIT
         };
-        let t = match input.recv_timeout(wait) {
+        let t = match input.recv_timeout(STOP_SLICE) {
             Ok(t) => t,
+            Err(RecvError::Timeout(_)) if waiting_since.elapsed() < wait => continue,
             Err(RecvError::Timeout(_)) if first.is_some() => {
                 eprintln!("demo: consumer: no tensor for {wait:?}; the pipeline stalled");
                 errors += 1;
                 break;
             }
+            Err(RecvError::Timeout(_)) => {
+                return fail(format!(
+                    "receiving from {INPUT}: nothing arrived within {wait:?}"
+                ))
+            }
             Err(e) => return fail(format!("receiving from {INPUT}: {e}")),
         };
         let now_ns = monotonic_ns();
         last = Instant::now();
+        waiting_since = last;
         first.get_or_insert(last);
         let header = t.user_header();
         let (Some(index), Some(camera_ts)) = (header_u64(header, 0), header_u64(header, 8)) else {
@@ -122,7 +150,7 @@ pub fn run(args: RoleArgs) -> Result<(), CliError> {
             gaps += index - next;
             next = index + 1;
         }
-        if let Err(e) = checker.check(&t, index) {
+        if let Err(e) = checker.check(&t, index, &stop) {
             errors += 1;
             if errors <= 5 {
                 eprintln!("demo: consumer: frame {index}: {e}");
@@ -157,8 +185,14 @@ pub fn run(args: RoleArgs) -> Result<(), CliError> {
         "e2e_p99_us": percentile(&latencies, 0.99) as f64 / 1e3,
         "span_s": span,
         "fps": rate(received, span),
+        "interrupted": stop.load(Ordering::Relaxed),
     });
     crate::print_stdout(&format!("{summary}\n"))?;
+    if stop.load(Ordering::Relaxed) {
+        drop(input);
+        drop(client);
+        std::process::exit(INTERRUPTED);
+    }
     Ok(())
 }
 

@@ -41,8 +41,44 @@ impl Drop for Children {
     }
 }
 
+/// How often the parent looks at its children and the stop flag.
+const TICK: Duration = Duration::from_millis(5);
+/// How long an interrupted parent waits at most for the consumer to report
+/// what it received before it kills it (the consumer looks at its stop
+/// flag every 10 ms and between the channels of a tensor's check: it
+/// reports within a few ms of a release build; this is the fallback).
+const REPORT_GRACE: Duration = Duration::from_millis(250);
+
+/// How the children ended.
+enum Ending {
+    /// Every child ran to its end, or one failed or hung (the count).
+    Done(u64),
+    /// SIGINT or SIGTERM reached the demo (the parent or a child); the
+    /// children are stopped.
+    Interrupted,
+}
+
 /// Runs the demo and prints `demo: frames=N fps=F e2e_p50_us=X e2e_p99_us=Y dropped=D errors=E`.
+///
+/// On SIGINT / SIGTERM (Ctrl-C reaches the children too; a SIGTERM to the
+/// parent alone is passed on to the consumer) it stops within 100 ms: the
+/// consumer reports what it received so far, the other children are killed
+/// and reaped, the private broker stops and its directory is removed, and
+/// the line reports the frames received so far (`frames=` those,
+/// `dropped=` those missing among them) ending in `(interrupted)`; the
+/// exit status is 130, as for `pub` and `sub`.
 pub fn run(args: Args) -> Result<(), CliError> {
+    let interrupted = run_until_done(args)?;
+    if interrupted {
+        // Every child, the broker and its directory are gone by now.
+        std::process::exit(super::consumer::INTERRUPTED);
+    }
+    Ok(())
+}
+
+/// [`run`] up to the exit: `Ok(true)` when interrupted (the summary is
+/// printed; children and broker are cleaned up on return).
+fn run_until_done(args: Args) -> Result<bool, CliError> {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     ctrlc::set_handler(move || flag.store(true, Ordering::Relaxed))
@@ -99,9 +135,12 @@ pub fn run(args: Args) -> Result<(), CliError> {
         0.0
     };
     let limit = Duration::from_secs_f64(60.0 + 2.0 * paced + 0.5 * args.frames as f64);
-    let failed = supervise(&mut children, &stop, limit)?;
+    let ending = supervise(&mut children, &stop, limit)?;
     let output = reader.join().unwrap_or_default();
-    summarize(&args, &output, failed)
+    match ending {
+        Ending::Done(failed) => summarize(&args, &output, failed).map(|()| false),
+        Ending::Interrupted => summarize_interrupted(&output).map(|()| true),
+    }
 }
 
 /// Starts one role as a child process of the current executable.
@@ -129,9 +168,20 @@ fn spawn(role: &str, args: &Args, socket: &Path) -> Result<Child, CliError> {
         .map_err(|e| CliError(format!("cannot start {role}: {e}")))
 }
 
+/// Whether a child's end means the demo was interrupted: killed by SIGINT
+/// or SIGTERM, or (the consumer) stopped by one.
+fn interrupted_by(s: &ExitStatus) -> bool {
+    s.signal()
+        .is_some_and(|sig| sig == libc::SIGINT || sig == libc::SIGTERM)
+        || s.code() == Some(super::consumer::INTERRUPTED)
+}
+
 /// Waits for every child; on a failure, a hang or Ctrl-C kills the rest.
-/// Returns the number of children that did not succeed.
-fn supervise(children: &mut Children, stop: &AtomicBool, limit: Duration) -> Result<u64, CliError> {
+fn supervise(
+    children: &mut Children,
+    stop: &AtomicBool,
+    limit: Duration,
+) -> Result<Ending, CliError> {
     let deadline = Instant::now() + limit;
     loop {
         let mut running = 0;
@@ -150,16 +200,17 @@ fn supervise(children: &mut Children, stop: &AtomicBool, limit: Duration) -> Res
         }
         // Ctrl-C reaches the whole process group: the children may die of
         // it before our own handler has run.
-        let signalled = children.0.iter().any(|(_, _, s)| {
-            s.and_then(|s| s.signal())
-                .is_some_and(|sig| sig == libc::SIGINT || sig == libc::SIGTERM)
-        });
+        let signalled = children
+            .0
+            .iter()
+            .any(|(_, _, s)| s.as_ref().is_some_and(interrupted_by));
         if stop.load(Ordering::Relaxed) || signalled {
-            return fail("interrupted");
+            stop_all(children);
+            return Ok(Ending::Interrupted);
         }
         let timed_out = Instant::now() >= deadline;
         if running > 0 && failed == 0 && !timed_out {
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(TICK);
             continue;
         }
         for (role, child, status) in &mut children.0 {
@@ -178,8 +229,60 @@ fn supervise(children: &mut Children, stop: &AtomicBool, limit: Duration) -> Res
                 Some(_) => {}
             }
         }
-        return Ok(failed);
+        return Ok(Ending::Done(failed));
     }
+}
+
+/// After an interrupt: asks the consumer (SIGTERM) to report what it
+/// received, kills the other children, and reaps them all; a consumer that
+/// has not reported within [`REPORT_GRACE`] is killed too.
+fn stop_all(children: &mut Children) {
+    for (role, child, status) in &mut children.0 {
+        if status.is_some() {
+            continue;
+        }
+        if *role == "demo-consumer" {
+            // SAFETY: kill(2) on our own child, not yet reaped (its pid
+            // cannot have been reused).
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        } else {
+            let _ = child.kill();
+            *status = child.wait().ok();
+        }
+    }
+    let deadline = Instant::now() + REPORT_GRACE;
+    for (role, child, status) in &mut children.0 {
+        while status.is_none() {
+            *status = child.try_wait().ok().flatten();
+            if status.is_none() && Instant::now() >= deadline {
+                eprintln!("demo: {role} did not stop within {REPORT_GRACE:?}; killing it");
+                let _ = child.kill();
+                *status = child.wait().ok();
+            } else if status.is_none() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+}
+
+/// Prints the summary line of an interrupted run: what the consumer
+/// received until then (nothing when it could not report).
+fn summarize_interrupted(output: &str) -> Result<(), CliError> {
+    let summary: serde_json::Value = output
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .unwrap_or_default();
+    let num = |k: &str| summary.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
+    crate::print_stdout(&format!(
+        "demo: frames={} fps={:.1} e2e_p50_us={:.0} e2e_p99_us={:.0} dropped={} errors={} (interrupted)\n",
+        num("received") as u64,
+        num("fps"),
+        num("e2e_p50_us"),
+        num("e2e_p99_us"),
+        num("gaps") as u64,
+        num("errors") as u64,
+    ))
 }
 
 /// Prints the summary line from the consumer's JSON output.
