@@ -3,10 +3,14 @@
 # integration (multi-process) and doc tests, the loom models of every
 # lock-free structure, and the hot-path syscall check under strace.
 # Usage: scripts/test-all.sh        (from anywhere; exits non-zero on the first failure)
+# On a fresh machine it first installs what it needs (scripts/setup.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 step() { printf '\n== %s ==\n' "$*"; }
+
+step "setup: tools and packages the tests need (scripts/setup.sh)"
+scripts/setup.sh
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

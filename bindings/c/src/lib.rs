@@ -85,6 +85,27 @@ pub const TB_DTYPE_F32: tb_dtype = 12;
 /// IEEE 754 double precision (`double`).
 pub const TB_DTYPE_F64: tb_dtype = 13;
 
+// The C dtype constants are the Rust codes (`DType::code`, the byte stored in
+// slot headers): a compile-time check, so neither side can drift alone.
+const _: () = {
+    const fn same(c: tb_dtype, d: DType) -> bool {
+        c == d.code() as tb_dtype
+    }
+    assert!(same(TB_DTYPE_BOOL, DType::Bool));
+    assert!(same(TB_DTYPE_U8, DType::U8));
+    assert!(same(TB_DTYPE_I8, DType::I8));
+    assert!(same(TB_DTYPE_U16, DType::U16));
+    assert!(same(TB_DTYPE_I16, DType::I16));
+    assert!(same(TB_DTYPE_U32, DType::U32));
+    assert!(same(TB_DTYPE_I32, DType::I32));
+    assert!(same(TB_DTYPE_U64, DType::U64));
+    assert!(same(TB_DTYPE_I64, DType::I64));
+    assert!(same(TB_DTYPE_F16, DType::F16));
+    assert!(same(TB_DTYPE_BF16, DType::BF16));
+    assert!(same(TB_DTYPE_F32, DType::F32));
+    assert!(same(TB_DTYPE_F64, DType::F64));
+};
+
 /// Backpressure policy of a subscription (one of the `TB_POLICY_*` constants).
 pub type tb_policy = u32;
 /// The channel's default policy.

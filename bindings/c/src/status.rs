@@ -209,6 +209,7 @@ impl From<TryRecvError> for Error {
             TryRecvError::Empty => TB_ERR_TIMEOUT,
             TryRecvError::ForkedChild(_) => TB_ERR_FORKED_CHILD,
             TryRecvError::Corrupted(_) => TB_ERR_CORRUPTED,
+            TryRecvError::NotExclusive(_) => TB_ERR_NOT_EXCLUSIVE,
         };
         err(status, e.to_string())
     }

@@ -1141,6 +1141,7 @@ fn take(core: &ConsumerCore, wait: Duration) -> Result<Option<Tensor<'static>>, 
             Err(TryRecvError::Empty) => Ok(None),
             Err(TryRecvError::Corrupted(x)) => Err(RecvError::Corrupted(x)),
             Err(TryRecvError::ForkedChild(f)) => Err(RecvError::ForkedChild(f)),
+            Err(TryRecvError::NotExclusive(d)) => Err(RecvError::NotExclusive(d)),
         }
     } else {
         match c.recv_timeout(wait) {
@@ -1545,6 +1546,7 @@ impl PyStage {
                         TryRecvError::Empty => RecvError::Timeout(Duration::ZERO),
                         TryRecvError::Corrupted(c) => RecvError::Corrupted(c),
                         TryRecvError::ForkedChild(f) => RecvError::ForkedChild(f),
+                        TryRecvError::NotExclusive(d) => RecvError::NotExclusive(d),
                     })
                 } else {
                     stage.recv_mut_timeout(slice)

@@ -288,7 +288,9 @@ fn worker(client: &Client, a: &Args, journal: &Journal, rng: &mut Rng) {
                 eprintln!("corrupted receive: {e}");
                 journal.count_corrupt();
             }
-            Err(e @ TryRecvError::ForkedChild(_)) => fail(&format!("receive: {e}")),
+            Err(e @ (TryRecvError::ForkedChild(_) | TryRecvError::NotExclusive(_))) => {
+                fail(&format!("receive: {e}"))
+            }
         }
     }
 }

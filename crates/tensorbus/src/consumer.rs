@@ -253,6 +253,8 @@ impl Consumer {
                 Err(TryRecvError::Corrupted(c)) => return Err(RecvError::Corrupted(c)),
                 Err(TryRecvError::Empty) if self.detached.get() => return Err(RecvError::Detached),
                 Err(TryRecvError::ForkedChild(f)) => return Err(RecvError::ForkedChild(f)),
+                // Only stages report it, and not from `try_take`.
+                Err(TryRecvError::NotExclusive(d)) => return Err(RecvError::NotExclusive(d)),
                 Err(TryRecvError::Empty) => {}
             }
             if self.wait == WaitStrategy::Park {

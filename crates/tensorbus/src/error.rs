@@ -220,6 +220,11 @@ pub enum TryRecvError {
     /// was taken from its queue.
     #[error(transparent)]
     ForkedChild(#[from] ForkedChild),
+    /// A stage's tensor was still shared after the given wait (upstream has
+    /// not let go of it): nothing is lost, the stage keeps the tensor and
+    /// the next receive tries it again first.
+    #[error("slot is still shared after {0:?}; the stage keeps the tensor and the next recv_mut tries it again")]
+    NotExclusive(Duration),
 }
 
 /// Why [`crate::Consumer::recv`] or `recv_timeout` returned nothing.
@@ -231,8 +236,10 @@ pub enum RecvError {
     /// A queued descriptor or its slot header was invalid (the message is skipped).
     #[error("corrupted descriptor: {0}")]
     Corrupted(#[from] Corruption),
-    /// A stage could not get exclusive hold of the slot.
-    #[error("slot is still shared after {0:?}; stages need a work-queue input channel")]
+    /// A stage could not get exclusive hold of the slot in time: nothing is
+    /// lost, the stage keeps the tensor and the next receive tries it again
+    /// first.
+    #[error("slot is still shared after {0:?}; the stage keeps the tensor and the next recv_mut tries it again")]
     NotExclusive(Duration),
     /// The consumer was detached ([`crate::Consumer::detach`]): it receives
     /// nothing more.

@@ -224,6 +224,10 @@ impl Client {
             )));
         }
         let output = self.producer(output)?;
-        Ok(Stage { input, output })
+        Ok(Stage {
+            input,
+            output,
+            held_back: None,
+        })
     }
 }

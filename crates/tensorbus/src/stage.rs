@@ -28,6 +28,37 @@ const EXCLUSIVE_WAIT: Duration = Duration::from_secs(2);
 pub struct Stage {
     pub(crate) input: Consumer,
     pub(crate) output: Producer,
+    /// A tensor taken from the input that was not yet exclusive when the
+    /// last receive gave up waiting: held (never released unseen) and tried
+    /// again first by the next receive.
+    pub(crate) held_back: Option<HeldBack>,
+}
+
+/// A received tensor the stage keeps for its next receive (see
+/// [`Stage::held_back`]); the address is kept as an integer so that the
+/// stage stays `Send` without an unsafe impl.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct HeldBack {
+    id: SlotId,
+    meta: TensorMeta,
+    addr: usize,
+}
+
+impl HeldBack {
+    fn of(r: &Received) -> HeldBack {
+        HeldBack {
+            id: r.id,
+            meta: r.meta,
+            addr: r.ptr as usize,
+        }
+    }
+    fn received(self) -> Received {
+        Received {
+            id: self.id,
+            meta: self.meta,
+            ptr: self.addr as *mut u8,
+        }
+    }
 }
 
 impl Stage {
@@ -46,19 +77,21 @@ impl Stage {
         &mut self.output
     }
 
-    fn exclusive(&mut self, r: Received) -> Result<StagedTensor<'_>, RecvError> {
+    /// Waits up to `wait` until the stage is the slot's only holder (the
+    /// upstream producer clears its own bit right after pushing: normally
+    /// nanoseconds). On timeout the tensor is kept in `held_back`, never
+    /// released unseen (issue 13.3).
+    fn exclusive(&mut self, r: Received, wait: Duration) -> Result<StagedTensor<'_>, Duration> {
         let ctl = &self.input.inner.control;
         if let Some(slot) = ctl.slot(usize::from(r.id.pool), r.id.index as usize) {
-            // The upstream producer clears its own bit right after pushing;
-            // wait for that (normally nanoseconds).
             let start = Instant::now();
             let mut n = 0u32;
             while slot.holders() != self.input.bit {
                 n += 1;
                 if n % 128 == 0 {
-                    if start.elapsed() > EXCLUSIVE_WAIT {
-                        self.input.release(r.id);
-                        return Err(RecvError::NotExclusive(EXCLUSIVE_WAIT));
+                    if start.elapsed() > wait {
+                        self.held_back = Some(HeldBack::of(&r));
+                        return Err(wait);
                     }
                     std::thread::yield_now();
                 }
@@ -72,26 +105,53 @@ impl Stage {
         })
     }
 
-    /// Takes the next tensor exclusively, if one is queued.
-    pub fn try_recv_mut(&mut self) -> Result<StagedTensor<'_>, TryRecvError> {
-        let r = self.input.try_take()?;
-        self.exclusive(r).map_err(|e| match e {
-            RecvError::Corrupted(c) => TryRecvError::Corrupted(c),
-            RecvError::ForkedChild(f) => TryRecvError::ForkedChild(f),
-            _ => TryRecvError::Empty,
-        })
+    /// The next tensor to try: one held back by an earlier receive first.
+    fn next_held_back(&mut self) -> Option<Received> {
+        self.held_back.take().map(HeldBack::received)
     }
 
-    /// Waits for the next tensor and takes it exclusively.
+    /// Takes the next tensor exclusively, if one is queued. A tensor that
+    /// upstream still shares after a short wait is not lost: it is
+    /// [`TryRecvError::NotExclusive`], and the stage keeps it for its next
+    /// receive.
+    pub fn try_recv_mut(&mut self) -> Result<StagedTensor<'_>, TryRecvError> {
+        let r = match self.next_held_back() {
+            Some(r) => r,
+            None => self.input.try_take()?,
+        };
+        self.exclusive(r, EXCLUSIVE_WAIT)
+            .map_err(TryRecvError::NotExclusive)
+    }
+
+    /// Waits for the next tensor and takes it exclusively
+    /// ([`RecvError::NotExclusive`]: see [`Stage::try_recv_mut`]).
     pub fn recv_mut(&mut self) -> Result<StagedTensor<'_>, RecvError> {
-        let r = self.input.take_timeout(None)?;
-        self.exclusive(r)
+        let r = match self.next_held_back() {
+            Some(r) => r,
+            None => self.input.take_timeout(None)?,
+        };
+        self.exclusive(r, EXCLUSIVE_WAIT)
+            .map_err(RecvError::NotExclusive)
     }
 
     /// Like [`Stage::recv_mut`], waiting at most `timeout`.
     pub fn recv_mut_timeout(&mut self, timeout: Duration) -> Result<StagedTensor<'_>, RecvError> {
-        let r = self.input.take_timeout(Some(timeout))?;
-        self.exclusive(r)
+        let r = match self.next_held_back() {
+            Some(r) => r,
+            None => self.input.take_timeout(Some(timeout))?,
+        };
+        self.exclusive(r, EXCLUSIVE_WAIT)
+            .map_err(RecvError::NotExclusive)
+    }
+}
+
+impl Drop for Stage {
+    fn drop(&mut self) {
+        // A held-back tensor goes back with the stage (in a forked child,
+        // `release` does nothing).
+        if let Some(h) = self.held_back.take() {
+            self.input.release(h.id);
+        }
     }
 }
 
@@ -303,5 +363,85 @@ impl Drop for StagedTensor<'_> {
         if !self.done {
             self.stage.input.release(self.r.id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{Client, DType, TryRecvError};
+    use tensorbus_broker::{Config, EmbeddedBroker};
+
+    /// Issue 13.3: a slot upstream still shares is an error the caller sees,
+    /// and the tensor is not lost: the next receive gets it.
+    #[test]
+    fn a_tensor_not_yet_exclusive_is_kept_not_lost() {
+        let config = Config::from_toml(
+            r#"
+            [[pools]]
+            name = "p"
+            slot_size = 4096
+            slots = 4
+            [[channels]]
+            name = "wq"
+            mode = "workqueue"
+            [[channels]]
+            name = "out"
+            [[channels]]
+            name = "other"
+            "#,
+        )
+        .unwrap();
+        let sock = std::env::temp_dir()
+            .join(format!("tb-stage-unit-{}", std::process::id()))
+            .join("b.sock");
+        let _broker = EmbeddedBroker::start(&config, &sock).unwrap();
+        let client = Client::connect_to(Some(&sock), "unit").unwrap();
+        let mut stage = client.stage("wq", "out").unwrap();
+        let out = client.consumer("out").unwrap();
+        // A live handle's bit (so the broker's stray-bit sweep leaves it):
+        // it stands for an upstream producer that has not let go yet.
+        let other = client.consumer("other").unwrap();
+        let mut src = client.producer("wq").unwrap();
+        let mut t = src.loan(&[4], DType::U8).unwrap();
+        t.fill(9);
+        let id = t.slot_id();
+        t.publish().unwrap();
+        let slot = client
+            .inner
+            .control
+            .slot(usize::from(id.pool), id.index as usize)
+            .unwrap();
+        slot.add_holders(other.bit);
+        assert!(matches!(
+            stage.try_recv_mut(),
+            Err(TryRecvError::NotExclusive(_))
+        ));
+        // Not released: still held by the stage and the stand-in.
+        assert_eq!(slot.holders(), other.bit | stage.input.bit);
+        slot.release(other.bit);
+        let s = stage.try_recv_mut().unwrap();
+        assert_eq!(s.slot_id(), id);
+        assert!(s.iter().all(|&b| b == 9));
+        s.forward().unwrap();
+        assert_eq!(out.try_recv().unwrap()[0], 9);
+        // Held back when the stage goes: given back with it.
+        let mut t = src.loan(&[4], DType::U8).unwrap();
+        let id = t.slot_id();
+        t.fill(1);
+        t.publish().unwrap();
+        let slot = client
+            .inner
+            .control
+            .slot(usize::from(id.pool), id.index as usize)
+            .unwrap();
+        slot.add_holders(other.bit);
+        assert!(stage.try_recv_mut().is_err());
+        drop(stage);
+        slot.release(other.bit);
+        assert_eq!(
+            slot.holders(),
+            0,
+            "the held-back tensor went back with the stage"
+        );
     }
 }

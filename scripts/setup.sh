@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Installs what scripts/test-all.sh needs on a fresh machine, and nothing that
+# is already there (so it costs ~1 s on a set-up machine): Debian packages
+# (strace, valgrind, pkg-config, make, gcc, python3-venv, GStreamer's
+# videotestsrc), the clippy/rustfmt/rust-src components, and cbindgen (pinned:
+# the committed C header is checked against its exact output). The Python
+# virtual environment and its pins are set up by scripts/python-env.sh when
+# the Python steps run.
+# Usage: scripts/setup.sh      (run by scripts/test-all.sh; apt-get needs root or sudo)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v strace >/dev/null || need_apt+=(strace)
+# --- C bindings ---
+command -v valgrind >/dev/null || need_apt+=(valgrind)
+command -v pkg-config >/dev/null || need_apt+=(pkg-config)
+command -v make >/dev/null || need_apt+=(make)
+command -v cc >/dev/null || need_apt+=(gcc)
+# --- end C bindings ---
+# --- Python bindings ---
+command -v python3 >/dev/null || need_apt+=(python3)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv python3-pip)
+# --- end Python bindings ---
+# --- shell pipes ---
+# crates/tensorbus-cli/tests/pipes.rs pipes GStreamer's videotestsrc through pub/sub.
+command -v gst-launch-1.0 >/dev/null || need_apt+=(gstreamer1.0-tools gstreamer1.0-plugins-base)
+# --- end shell pipes ---
+if [ ${#need_apt[@]} -gt 0 ]; then
+  sudo=()
+  if [ "$(id -u)" != 0 ]; then
+    if command -v sudo >/dev/null; then
+      sudo=(sudo)
+    else
+      echo "setup: need Debian packages ${need_apt[*]}; run as root: apt-get install ${need_apt[*]}" >&2
+      exit 1
+    fi
+  fi
+  echo "setup: installing ${need_apt[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  "${sudo[@]}" apt-get update -qq
+  "${sudo[@]}" apt-get install -y -qq "${need_apt[@]}"
+fi
+rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
+# --- C bindings ---
+cbindgen --version 2>/dev/null | grep -qx 'cbindgen 0.29.4' || cargo install cbindgen --version 0.29.4 --locked
+# --- end C bindings ---
+# --- hardening ---
+# ThreadSanitizer rebuilds std instrumented (-Zbuild-std), which needs the std sources.
+# If they cannot be downloaded, the TSan step says "NOT RUN" instead of failing.
+rustup component list --installed 2>/dev/null | grep -q '^rust-src' || rustup component add rust-src ||
+  echo "setup: WARNING: rustup could not add rust-src; ThreadSanitizer will not run" >&2
+# --- end hardening ---
+exit 0
