@@ -112,9 +112,13 @@ int main(int argc, char **argv) {
         float scale = 1.0f; /* each stage doubled every value */
         for (unsigned s = 0; s < stages; s++)
             scale *= 2.0f;
-        for (int i = 0; i < ROWS * COLS; i++)
-            if (x[i] != (float)(frame * 100 + (unsigned long long)i) * scale)
-                fail("wrong value", frame);
+        for (int i = 0; i < ROWS * COLS; i++) {
+            float want = (float)(frame * 100 + (unsigned long long)i) * scale;
+            if (x[i] != want) {
+                fprintf(stderr, "consumer: frame %llu element %d: %g, want %g\n", frame, i, x[i], want);
+                exit(1);
+            }
+        }
         printf("consumer: frame %llu seq %llu stages %u row 0 [", frame, (unsigned long long)seq,
                stages);
         for (int i = 0; i < COLS; i++)

@@ -86,10 +86,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 return Err(format!("frame {frame} element {i}: {x}, want {want}").into());
             }
         }
+        let row0: Vec<String> = values[..COLS as usize].iter().map(f32::to_string).collect();
         println!(
-            "consumer: frame {frame} seq {} stages {stages} row 0 {:?} ok",
+            "consumer: frame {frame} seq {} stages {stages} row 0 [{}] ok",
             t.seq(),
-            &values[..COLS as usize]
+            row0.join(", ")
         );
         // Dropping `t` releases the slot.
     }
