@@ -1,19 +1,58 @@
 #!/usr/bin/env bash
-# Smoke run of the C examples: a broker with examples/c/sensor.toml, the C
-# consumer, and the C sensor producer publishing 20 sweeps at 200 Hz.
+# Smoke runs of the C examples:
+#  1. a broker with examples/c/sensor.toml, the C sensor_consumer, and the C
+#     sensor producer publishing 20 sweeps at 200 Hz;
+#  2. a broker with examples/tensorbus.toml and the C frame chain
+#     producer -> stage -> consumer (issue 13.8), the consumer checking every
+#     value. (bindings/python/tests/test_examples.py runs the same programs
+#     mixed with their Rust and Python mirrors.)
 # Usage: run-examples.sh TENSORBUS_BIN BUILD_DIR EXAMPLES_DIR
 set -euo pipefail
 broker_bin=$1 build=$2 examples=$3
 dir=$(mktemp -d /tmp/tb-cexample-XXXXXX)
-sock=$dir/broker.sock
-"$broker_bin" broker --config "$examples/sensor.toml" --socket "$sock" 2>/dev/null &
-broker=$!
-trap 'kill $broker 2>/dev/null; wait $broker 2>/dev/null; rm -rf "$dir"' EXIT
-for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.05; done
-"$build/consumer" "$sock" 20 > "$dir/consumer.out" &
+brokers=()
+trap 'for b in "${brokers[@]}"; do kill $b 2>/dev/null; wait $b 2>/dev/null; done; rm -rf "$dir"' EXIT
+
+# start_broker CONFIG SOCKET: starts a broker and waits for its socket.
+start_broker() {
+  "$broker_bin" broker --config "$1" --socket "$2" 2>/dev/null &
+  brokers+=($!)
+  for _ in $(seq 100); do [ -S "$2" ] && return; sleep 0.05; done
+  echo "run-examples: the broker did not create $2" >&2
+  exit 1
+}
+
+# wait_line FILE TEXT: waits (up to 5 s) until FILE has a line starting with TEXT.
+wait_line() {
+  for _ in $(seq 100); do grep -q "^$2" "$1" && return; sleep 0.05; done
+  echo "run-examples: no line '$2' in $1:" >&2
+  cat "$1" >&2
+  exit 1
+}
+
+# 1. sensor sweeps
+sock=$dir/sensor.sock
+start_broker "$examples/sensor.toml" "$sock"
+"$build/sensor_consumer" "$sock" 20 > "$dir/consumer.out" &
 consumer=$!
 sleep 0.3   # let the consumer subscribe before the first sweep
 "$build/sensor_producer" "$sock" 20 200
 wait $consumer
 tail -n 2 "$dir/consumer.out"
-grep -q "consumer: received 20 sweeps" "$dir/consumer.out"
+grep -q "sensor_consumer: received 20 sweeps" "$dir/consumer.out"
+
+# 2. producer -> stage -> consumer
+sock=$dir/frames.sock
+start_broker "$examples/../tensorbus.toml" "$sock"
+"$build/consumer" --socket "$sock" --count 20 > "$dir/frames-consumer.out" &
+consumer=$!
+wait_line "$dir/frames-consumer.out" "consumer: subscribed"
+"$build/stage" --socket "$sock" --count 20 > "$dir/stage.out" &
+stage=$!
+wait_line "$dir/stage.out" "stage: frames/raw -> frames/doubled"
+"$build/producer" --socket "$sock" --count 20 --interval-ms 0 > "$dir/producer.out"
+wait $stage
+wait $consumer
+tail -n 2 "$dir/frames-consumer.out"
+grep -q "consumer: frame 19 seq 19 stages 1 row 0 \[3800, 3802, 3804" "$dir/frames-consumer.out"
+grep -q "consumer: 20 frames checked" "$dir/frames-consumer.out"
