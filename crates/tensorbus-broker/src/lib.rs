@@ -18,10 +18,8 @@
 
 pub mod config;
 mod names;
-mod reclaim;
 mod rendezvous;
 mod server;
-mod stat;
 mod state;
 
 pub use config::{Config, ConfigError};

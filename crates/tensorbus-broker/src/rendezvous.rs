@@ -181,7 +181,7 @@ fn answers_as_broker(conn: &SeqpacketConn) -> bool {
 }
 
 /// The socket file this broker created: its path and (device, inode).
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct SocketFile {
     path: PathBuf,
     id: (u64, u64),

@@ -2,7 +2,7 @@
 
 use crate::config::Config;
 use crate::rendezvous::{self, Access, SocketFile};
-use crate::state::{Handle, HandleKind, State};
+use crate::state::{InitError, Role, State};
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -13,11 +13,11 @@ use tensorbus_core::layout::LAYOUT_VERSION;
 use tensorbus_core::proto::{
     encode_frames, parse_frame, ErrorKind, Request, Response, MAX_MESSAGE,
 };
-use tensorbus_core::records::{STATE_ACTIVE, STATE_FREE};
 use tensorbus_shm::{PeerCred, Ready, SeqpacketConn, SeqpacketListener};
 
 /// Why the broker could not start.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StartError {
     /// Another broker answers on the socket.
     #[error("a broker is already running at {0}; stop it first or use another --socket")]
@@ -42,6 +42,23 @@ pub enum StartError {
     /// Shared memory could not be created.
     #[error("cannot create shared memory: {0}")]
     Memory(#[source] std::io::Error),
+    /// The configuration cannot be laid out, or a channel it declares
+    /// names a pool that does not exist (a config that passed
+    /// [`Config::validate`] never does this).
+    #[error(transparent)]
+    Config(#[from] crate::ConfigError),
+    /// [`EmbeddedBroker::start`] could not start the broker's thread.
+    #[error("cannot start the broker thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+impl From<InitError> for StartError {
+    fn from(e: InitError) -> StartError {
+        match e {
+            InitError::Config(m) => StartError::Config(crate::ConfigError::Invalid(m)),
+            InitError::Memory(e) => StartError::Memory(e),
+        }
+    }
 }
 
 /// How often the broker sweeps slot headers for stray holder bits, and how
@@ -134,7 +151,7 @@ impl Broker {
         tensorbus_shm::prepare_socket_dir(rendezvous::socket_dir(socket), access.dir_mode)
             .map_err(sock_err)?;
         rendezvous::take_over(socket)?;
-        let state = State::new(config).map_err(StartError::Memory)?;
+        let state = State::new(config)?;
         let listener = SeqpacketListener::bind(socket).map_err(sock_err)?;
         listener.set_nonblocking(true).map_err(sock_err)?;
         let socket_file = SocketFile::bound(socket, access.socket_mode).map_err(sock_err)?;
@@ -197,11 +214,7 @@ impl Broker {
             ready.resize(fds.len(), Ready::default());
             // The idle tick bounds how long a stop request waits (SIGTERM
             // sets `stop` from another thread): well under 100 ms.
-            let tick = if self.state.pending.is_empty() && self.state.redispatch.is_empty() {
-                50
-            } else {
-                2
-            };
+            let tick = if self.state.has_pending_work() { 2 } else { 50 };
             let n = tensorbus_shm::poll_ready(&fds, &mut ready, Some(Duration::from_millis(tick)));
             drop(fds);
             if let Ok(n) = n {
@@ -432,9 +445,17 @@ impl Broker {
                         Vec::new(),
                     );
                 }
-                let fd = match self.state.control_fd.as_fd().try_clone_to_owned() {
+                let fd = match self.state.dup_control_fd() {
                     Ok(fd) => fd,
-                    Err(e) => return (error(ErrorKind::Internal, e.to_string()), Vec::new()),
+                    Err(e) => {
+                        return (
+                            error(
+                                ErrorKind::Internal,
+                                format!("cannot duplicate the control segment descriptor: {e}"),
+                            ),
+                            Vec::new(),
+                        )
+                    }
                 };
                 if let Some(c) = self.clients.get_mut(&id) {
                     c.admitted = true;
@@ -450,8 +471,8 @@ impl Broker {
                     Response::Welcome {
                         client_id: id,
                         broker_pid: std::process::id(),
-                        layout: self.state.control.layout().params.clone(),
-                        pools: self.state.pools.iter().map(|p| p.info.clone()).collect(),
+                        layout: self.state.layout_params(),
+                        pools: self.state.pool_infos(),
                     },
                     vec![fd],
                 )
@@ -460,21 +481,27 @@ impl Broker {
                 error(ErrorKind::PermissionDenied, "say hello first".into()),
                 Vec::new(),
             ),
-            Request::OpenProducer { channel, create } => self.open_producer(id, &channel, create),
+            Request::OpenProducer { channel, create } => {
+                self.open(id, &channel, create, Role::Producer)
+            }
             Request::OpenConsumer {
                 channel,
                 policy,
                 depth,
                 writable,
                 create,
-            } => self.open_consumer(id, &channel, policy, depth, writable, create),
+            } => self.open(
+                id,
+                &channel,
+                create,
+                Role::Subscriber {
+                    policy,
+                    depth,
+                    writable,
+                },
+            ),
             Request::Close { handle } => {
-                let owned = self
-                    .state
-                    .handles
-                    .get(&handle)
-                    .is_some_and(|h| h.client == id);
-                if owned && self.state.close_handle(handle) {
+                if self.state.close_handle_of(id, handle) {
                     (Response::Ok, Vec::new())
                 } else {
                     (
@@ -487,12 +514,7 @@ impl Broker {
                 }
             }
             Request::Detach { handle } => {
-                let owned = self
-                    .state
-                    .handles
-                    .get(&handle)
-                    .is_some_and(|h| h.client == id);
-                if owned && self.state.detach_handle(handle) {
+                if self.state.detach_handle_of(id, handle) {
                     (Response::Ok, Vec::new())
                 } else {
                     (
@@ -510,14 +532,7 @@ impl Broker {
                     c.recent_opens.remove(i).map(|(_, h)| h)
                 });
                 if let Some(handle) = handle {
-                    let owned = self
-                        .state
-                        .handles
-                        .get(&handle)
-                        .is_some_and(|h| h.client == id);
-                    if owned {
-                        self.state.close_handle(handle);
-                    }
+                    self.state.close_handle_of(id, handle);
                 }
                 (Response::Ok, Vec::new())
             }
@@ -525,206 +540,23 @@ impl Broker {
         }
     }
 
-    fn find_or_create(
-        &mut self,
-        channel: &str,
-        create: Option<tensorbus_core::proto::ChannelSpec>,
-    ) -> Result<usize, Response> {
-        if let Err(e) = crate::names::validate_name(channel) {
-            return Err(error(ErrorKind::InvalidName, format!("channel: {e}")));
-        }
-        if let Some(c) = self.state.channel_by_name(channel) {
-            return Ok(c);
-        }
-        match create {
-            Some(mut spec) => {
-                spec.name = channel.to_owned();
-                self.state
-                    .create_channel(spec)
-                    .map_err(|e| error(ErrorKind::InvalidArgument, e))
-            }
-            None => Err(error(
-                ErrorKind::UnknownChannel,
-                format!(
-                    "unknown channel {channel:?}; known: {}",
-                    self.state.channel_names().join(", ")
-                ),
-            )),
-        }
-    }
-
-    fn pool_fds(&self, pools: &[u8], writable: bool) -> std::io::Result<Vec<std::os::fd::OwnedFd>> {
-        pools
-            .iter()
-            .map(|&p| {
-                let pool = &self.state.pools[usize::from(p)];
-                if writable {
-                    pool.memfd.as_fd().try_clone_to_owned()
-                } else {
-                    pool.read_only.try_clone()
-                }
-            })
-            .collect()
-    }
-
-    fn open_producer(
+    /// Opens a producer or subscriber handle (one path for both, in
+    /// [`State::open`]).
+    fn open(
         &mut self,
         client: u32,
         channel: &str,
         create: Option<tensorbus_core::proto::ChannelSpec>,
-    ) -> (Response, Vec<std::os::fd::OwnedFd>) {
-        let c = match self.find_or_create(channel, create) {
-            Ok(c) => c,
-            Err(r) => return (r, Vec::new()),
-        };
-        let ctl = &self.state.control;
-        let rows = ctl.layout().rows();
-        let ch = ctl.channel(c).expect("channel index in range");
-        let used = ch.producer_rows.load(Ordering::Acquire);
-        let Some(row) = (1..rows).find(|&r| {
-            used & (1 << r) == 0
-                && !self.state.busy_rows.contains(&(c, r))
-                && ctl
-                    .producer(c, r)
-                    .is_some_and(|p| p.state.load(Ordering::Acquire) == STATE_FREE)
-        }) else {
-            return (
-                error(
-                    ErrorKind::LimitReached,
-                    format!("channel {channel:?} already has {} producers; raise limits.max_producers_per_channel", rows - 1),
-                ),
-                Vec::new(),
-            );
-        };
-        let bit = match self.state.alloc_bit() {
-            Ok(b) => b,
-            Err(e) => return (error(ErrorKind::LimitReached, e), Vec::new()),
-        };
-        let fds = match self.pool_fds(&self.state.channels[c].pools, true) {
-            Ok(f) => f,
-            Err(e) => {
-                self.state.free_bit(bit);
-                return (error(ErrorKind::Internal, e.to_string()), Vec::new());
-            }
-        };
-        let ctl = &self.state.control;
-        let rec = ctl.producer(c, row).expect("row in range");
-        rec.holder_bit.store(bit, Ordering::Relaxed);
-        rec.intent.store(0, Ordering::Relaxed);
-        rec.intent_receivers.store(0, Ordering::Relaxed);
-        rec.published.store(0, Ordering::Relaxed);
-        rec.state.store(STATE_ACTIVE, Ordering::Release);
-        ctl.channel(c)
-            .expect("in range")
-            .producer_rows
-            .fetch_or(1 << row, Ordering::AcqRel);
-        let handle = self.state.new_handle();
-        self.state.handles.insert(
-            handle,
-            Handle {
-                client,
-                kind: HandleKind::Producer { channel: c, row },
-                bit,
-            },
-        );
-        (
-            Response::Producer {
-                handle,
-                bit,
-                row: row as u32,
-                channel: self.state.channels[c].info(),
-            },
-            fds,
-        )
-    }
-
-    fn open_consumer(
-        &mut self,
-        client: u32,
-        channel: &str,
-        policy: Option<tensorbus_core::Policy>,
-        depth: Option<u32>,
-        writable: bool,
-        create: Option<tensorbus_core::proto::ChannelSpec>,
-    ) -> (Response, Vec<std::os::fd::OwnedFd>) {
-        let c = match self.find_or_create(channel, create) {
-            Ok(c) => c,
-            Err(r) => return (r, Vec::new()),
-        };
-        let cap = self.state.control.layout().params.ring_capacity;
-        let depth = match depth {
-            Some(d) if d == 0 || d > cap => {
-                return (
-                    error(ErrorKind::InvalidArgument, format!("depth {d} must be between 1 and the ring capacity {cap} (limits.ring_capacity)")),
-                    Vec::new(),
-                )
-            }
-            Some(d) => d,
-            None => self.state.channels[c].default_depth(cap),
-        };
-        let policy = policy.unwrap_or_else(|| self.state.channels[c].default_policy());
-        let ctl = &self.state.control;
-        let subs = ctl.layout().params.max_subscribers as usize;
-        let Some(sub) = (0..subs).find(|&s| {
-            !self.state.busy_subs.contains(&(c, s))
-                && ctl
-                    .subscriber(c, s)
-                    .is_some_and(|r| r.config.state.load(Ordering::Acquire) == STATE_FREE)
-        }) else {
-            return (
-                error(ErrorKind::LimitReached, format!("channel {channel:?} already has {subs} subscribers; raise limits.max_subscribers_per_channel")),
-                Vec::new(),
-            );
-        };
-        let bit = match self.state.alloc_bit() {
-            Ok(b) => b,
-            Err(e) => return (error(ErrorKind::LimitReached, e), Vec::new()),
-        };
-        let fds = match self.pool_fds(&self.state.channels[c].pools, writable) {
-            Ok(f) => f,
-            Err(e) => {
-                self.state.free_bit(bit);
-                return (error(ErrorKind::Internal, e.to_string()), Vec::new());
-            }
-        };
-        let ctl = &self.state.control;
-        let rec = ctl.subscriber(c, sub).expect("in range");
-        rec.config.holder_bit.store(bit, Ordering::Relaxed);
-        rec.config.policy.store(policy.code(), Ordering::Relaxed);
-        rec.config.depth.store(depth, Ordering::Relaxed);
-        rec.config.data.waiters.store(0, Ordering::Relaxed);
-        rec.delivered.store(0, Ordering::Relaxed);
-        rec.dropped.store(0, Ordering::Relaxed);
-        rec.config.state.store(STATE_ACTIVE, Ordering::SeqCst);
-        ctl.channel(c)
-            .expect("in range")
-            .subscribers
-            .fetch_or(1 << sub, Ordering::SeqCst);
-        let handle = self.state.new_handle();
-        self.state.handles.insert(
-            handle,
-            Handle {
-                client,
-                kind: HandleKind::Subscriber { channel: c, sub },
-                bit,
-            },
-        );
-        (
-            Response::Consumer {
-                handle,
-                bit,
-                sub: sub as u32,
-                policy,
-                depth,
-                channel: self.state.channels[c].info(),
-            },
-            fds,
-        )
+        role: Role,
+    ) -> (Response, Vec<OwnedFd>) {
+        match self.state.open(client, channel, create, role) {
+            Ok(opened) => opened.into_reply(),
+            Err(e) => (error(e.kind(), e.to_string()), Vec::new()),
+        }
     }
 
     fn stat(&self) -> tensorbus_core::proto::StatReport {
-        crate::stat::report(
-            &self.state,
+        self.state.stat_report(
             self.clients
                 .iter()
                 .filter(|(_, c)| c.admitted)
@@ -746,16 +578,33 @@ pub struct EmbeddedBroker {
 }
 
 impl EmbeddedBroker {
-    /// Binds at `socket` and starts serving on a new thread.
+    /// Binds at `socket` and starts serving on a new thread. A thread that
+    /// cannot be started is [`StartError::Thread`] (and the socket is
+    /// removed again).
     pub fn start(config: &Config, socket: &Path) -> Result<EmbeddedBroker, StartError> {
+        Self::start_on(
+            config,
+            socket,
+            std::thread::Builder::new().name("tensorbus-broker".into()),
+        )
+    }
+
+    /// [`EmbeddedBroker::start`] with the thread made by `thread`.
+    fn start_on(
+        config: &Config,
+        socket: &Path,
+        thread: std::thread::Builder,
+    ) -> Result<EmbeddedBroker, StartError> {
         let mut broker = Broker::bind(config, socket)?;
         broker.set_verbose(std::env::var_os("TENSORBUS_VERBOSE").is_some());
+        let socket_file = broker.socket_file.clone();
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("tensorbus-broker".into())
-            .spawn(move || broker.run(&flag))
-            .map_err(StartError::Memory)?;
+        let thread = thread.spawn(move || broker.run(&flag)).map_err(|e| {
+            // The broker never ran: its socket must not outlive it.
+            socket_file.remove_if_ours();
+            StartError::Thread(e)
+        })?;
         Ok(EmbeddedBroker {
             stop,
             thread: Some(thread),
@@ -775,5 +624,72 @@ impl Drop for EmbeddedBroker {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        Config::from_toml("[[pools]]\nname = \"p\"\nslot_size = 4096\nslots = 4\n").unwrap()
+    }
+
+    fn socket(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("tb-server-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d.join("broker.sock")
+    }
+
+    /// Issue 13.4: a broker thread that cannot be started is reported as
+    /// that, not as "cannot create shared memory" (before: `StartError::Memory`),
+    /// and the socket it bound is removed again. The thread asks for a
+    /// 256 TiB stack, more than a process's address space, so the spawn fails.
+    #[test]
+    fn thread_spawn_failure_is_a_thread_error() {
+        let path = socket("spawn");
+        let huge = std::thread::Builder::new().stack_size(1 << 48);
+        let err = match EmbeddedBroker::start_on(&config(), &path, huge) {
+            Ok(_) => panic!(
+                "precondition: a thread with a 256 TiB stack was expected not to start, and it did"
+            ),
+            Err(e) => e,
+        };
+        assert!(matches!(err, StartError::Thread(_)), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.contains("cannot start the broker thread"), "{msg}");
+        assert!(!msg.contains("memory"), "{msg}");
+        assert!(
+            std::fs::symlink_metadata(&path).is_err(),
+            "the socket of a broker that never ran is left at {path:?}"
+        );
+        // Nothing is left that stops a broker from starting there now.
+        drop(EmbeddedBroker::start(&config(), &path).unwrap());
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    /// Issue 13.4: a config that was not validated and declares a channel
+    /// on a pool that does not exist is a config error naming the pool
+    /// (before: `StartError::Memory`, "cannot create shared memory").
+    #[test]
+    fn channel_on_a_missing_pool_is_a_config_error() {
+        let path = socket("config");
+        let mut cfg = config();
+        cfg.channels.push(crate::config::ChannelConfig {
+            name: "cam".into(),
+            pools: vec!["nope".into()],
+            mode: tensorbus_core::Mode::Broadcast,
+            depth: None,
+            policy: None,
+        });
+        let err = match Broker::bind(&cfg, &path) {
+            Ok(_) => panic!("a channel on a missing pool was accepted"),
+            Err(e) => e,
+        };
+        assert!(matches!(err, StartError::Config(_)), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.contains("invalid config"), "{msg}");
+        assert!(msg.contains("\"nope\""), "{msg}");
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 }

@@ -1,15 +1,77 @@
 //! The broker's memory: pools, the control segment, channels, handles.
+//!
+//! [`State`] keeps its fields to itself: the event loop (`server.rs`) asks
+//! it to open, close, detach and reclaim handles, to make progress on
+//! pending reclaims and to report stats, and the invariants that tie the
+//! fields together (a holder bit is free or belongs to exactly one handle;
+//! a record being reclaimed is not handed out) are kept here and in the
+//! child modules [`open`], [`reclaim`] and [`stat`].
+
+mod open;
+mod reclaim;
+mod stat;
+
+pub(crate) use open::Role;
 
 use crate::config::{Config, DEFAULT_DEPTH};
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering;
 use tensorbus_core::control::Control;
-use tensorbus_core::layout::{Layout, MAX_HOLDERS};
+use tensorbus_core::layout::{Layout, LayoutParams, MAX_HOLDERS};
 use tensorbus_core::proto::{ChannelInfo, ChannelSpec, PoolInfo};
 use tensorbus_core::records::STATE_ACTIVE;
 use tensorbus_core::{Mode, Policy};
 use tensorbus_shm::{Access, Mapping, Memfd};
+
+/// Why [`State::new`] failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum InitError {
+    /// The configuration cannot be laid out or names something that does
+    /// not exist (a config that passed [`Config::validate`] never does).
+    #[error("{0}")]
+    Config(String),
+    /// Shared memory could not be created or mapped.
+    #[error("{0}")]
+    Memory(#[from] std::io::Error),
+}
+
+/// Why a channel could not be created.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ChannelError {
+    /// The name is not a valid channel name.
+    #[error("{0}")]
+    InvalidName(String),
+    /// Every channel record of the control segment is in use.
+    #[error("all {max} channels are in use; raise limits.max_channels in the broker config")]
+    TooMany {
+        /// limits.max_channels.
+        max: usize,
+    },
+    /// The spec names a pool the broker does not have.
+    #[error("channel {channel:?} asks for pool {pool:?}, which does not exist; pools: {}", pools.join(", "))]
+    UnknownPool {
+        /// Channel name.
+        channel: String,
+        /// The missing pool.
+        pool: String,
+        /// The pools there are.
+        pools: Vec<String>,
+    },
+    /// The default depth is outside 1..=ring capacity.
+    #[error("depth {depth} must be between 1 and the ring capacity {capacity}")]
+    Depth {
+        /// Requested depth.
+        depth: u32,
+        /// limits.ring_capacity.
+        capacity: u32,
+    },
+}
+
+/// Every holder bit is handed out.
+#[derive(Debug, thiserror::Error)]
+#[error("all {} holder handles of this broker are in use (each producer, subscriber and stage half takes one of the {MAX_HOLDERS} bits of a slot's holder word; the broker keeps one); close unused handles", MAX_HOLDERS - 1)]
+pub(crate) struct BitsExhausted;
 
 /// Bytes of physical memory (RAM plus swap) of this machine.
 fn machine_memory() -> Option<u64> {
@@ -54,22 +116,22 @@ fn check_memory(config: &Config) -> std::io::Result<()> {
 }
 
 /// One pool's memory.
-pub(crate) struct Pool {
-    pub info: PoolInfo,
-    pub memfd: Memfd,
-    pub read_only: OwnedFd,
+struct Pool {
+    info: PoolInfo,
+    memfd: Memfd,
+    read_only: OwnedFd,
 }
 
 /// A channel the broker knows.
-pub(crate) struct Channel {
-    pub index: usize,
-    pub spec: ChannelSpec,
+struct Channel {
+    index: usize,
+    spec: ChannelSpec,
     /// Pool indices, smallest slot first.
-    pub pools: Vec<u8>,
+    pools: Vec<u8>,
 }
 
 impl Channel {
-    pub fn info(&self) -> ChannelInfo {
+    fn info(&self) -> ChannelInfo {
         ChannelInfo {
             index: self.index as u32,
             name: self.spec.name.clone(),
@@ -77,17 +139,17 @@ impl Channel {
             pools: self.pools.clone(),
         }
     }
-    pub fn default_depth(&self, capacity: u32) -> u32 {
+    fn default_depth(&self, capacity: u32) -> u32 {
         self.spec.depth.unwrap_or(DEFAULT_DEPTH).clamp(1, capacity)
     }
-    pub fn default_policy(&self) -> Policy {
+    fn default_policy(&self) -> Policy {
         self.spec.policy.unwrap_or_default()
     }
 }
 
 /// What a handle is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum HandleKind {
+enum HandleKind {
     Producer {
         channel: usize,
         row: usize,
@@ -103,15 +165,15 @@ pub(crate) enum HandleKind {
 
 /// An open handle.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Handle {
-    pub client: u32,
-    pub kind: HandleKind,
-    pub bit: u32,
+struct Handle {
+    client: u32,
+    kind: HandleKind,
+    bit: u32,
 }
 
 /// Work the broker must finish later (waiting on live producers).
 #[derive(Debug)]
-pub(crate) enum Pending {
+enum Pending {
     /// A retired subscriber: waiting for in-flight publishes to settle.
     Subscriber {
         channel: usize,
@@ -125,36 +187,40 @@ pub(crate) enum Pending {
     Row { channel: usize, row: usize },
 }
 
-/// Everything but the sockets.
+/// Everything but the sockets. The fields are private to this module and
+/// its children: the event loop goes through the methods.
 pub(crate) struct State {
     // Field order: `control` points into `_control_map`.
-    pub control: Control,
+    control: Control,
     _control_map: Mapping,
-    pub control_fd: Memfd,
-    pub pools: Vec<Pool>,
-    pub channels: Vec<Channel>,
-    pub handles: HashMap<u32, Handle>,
-    pub free_bits: u64,
-    pub next_handle: u32,
-    pub pending: Vec<Pending>,
+    control_fd: Memfd,
+    pools: Vec<Pool>,
+    channels: Vec<Channel>,
+    handles: HashMap<u32, Handle>,
+    /// Holder bits not handed out (the custody bit never is).
+    free_bits: u64,
+    next_handle: u32,
+    pending: Vec<Pending>,
     /// Subscriber records and rows that are being reclaimed (not reusable yet).
-    pub busy_subs: Vec<(usize, usize)>,
-    pub busy_rows: Vec<(usize, usize)>,
+    busy_subs: Vec<(usize, usize)>,
+    busy_rows: Vec<(usize, usize)>,
     /// The broker's private cached heads for its row-0 pushes.
-    pub broker_heads: HashMap<(usize, usize), u64>,
+    broker_heads: HashMap<(usize, usize), u64>,
     /// The holder bit the broker itself holds slots with (a dead worker's
     /// untaken work items waiting for room at a live worker).
-    pub custody_bit: u32,
+    custody_bit: u32,
     /// Work items in the broker's custody: (channel, descriptor).
-    pub redispatch: Vec<(usize, tensorbus_core::Descriptor)>,
+    redispatch: Vec<(usize, tensorbus_core::Descriptor)>,
     /// Where the next sweep for stray holder bits starts: (pool, slot).
-    pub sweep_cursor: (usize, usize),
+    sweep_cursor: (usize, usize),
 }
 
 impl State {
-    pub fn new(config: &Config) -> std::io::Result<State> {
+    /// Creates the control segment and the pools of `config`, and the
+    /// channels it declares.
+    pub fn new(config: &Config) -> Result<State, InitError> {
         let layout = Layout::compute(&config.layout_params())
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+            .map_err(|e| InitError::Config(e.to_string()))?;
         let control_fd = Memfd::create("tensorbus-control", layout.total, false)?;
         let map = Mapping::map(control_fd.as_fd(), layout.total, Access::ReadWrite, 4096)?;
         // SAFETY: `map` is a fresh read-write mapping of `layout.total` bytes
@@ -231,27 +297,65 @@ impl State {
         for spec in config.channel_specs() {
             state
                 .create_channel(spec)
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+                .map_err(|e| InitError::Config(e.to_string()))?;
         }
         Ok(state)
     }
 
-    pub fn channel_by_name(&self, name: &str) -> Option<usize> {
+    /// Whether reclaims or re-dispatches are waiting (the event loop then
+    /// ticks faster to finish them).
+    pub fn has_pending_work(&self) -> bool {
+        !self.pending.is_empty() || !self.redispatch.is_empty()
+    }
+
+    /// A new descriptor of the control segment, for a client's Welcome.
+    pub fn dup_control_fd(&self) -> std::io::Result<OwnedFd> {
+        self.control_fd.as_fd().try_clone_to_owned()
+    }
+
+    /// The layout parameters of the control segment.
+    pub fn layout_params(&self) -> LayoutParams {
+        self.control.layout().params.clone()
+    }
+
+    /// What clients need to know about each pool.
+    pub fn pool_infos(&self) -> Vec<PoolInfo> {
+        self.pools.iter().map(|p| p.info.clone()).collect()
+    }
+
+    /// Whether `handle` is open and belongs to `client`.
+    fn owns(&self, client: u32, handle: u32) -> bool {
+        self.handles
+            .get(&handle)
+            .is_some_and(|h| h.client == client)
+    }
+
+    /// Closes `handle` of `client`; false (and nothing done) if `client`
+    /// has no such open handle.
+    pub fn close_handle_of(&mut self, client: u32, handle: u32) -> bool {
+        self.owns(client, handle) && self.close_handle(handle)
+    }
+
+    /// Detaches subscriber `handle` of `client`; false (and nothing done)
+    /// if `client` has no such open subscriber handle.
+    pub fn detach_handle_of(&mut self, client: u32, handle: u32) -> bool {
+        self.owns(client, handle) && self.detach_handle(handle)
+    }
+
+    fn channel_by_name(&self, name: &str) -> Option<usize> {
         self.channels.iter().position(|c| c.spec.name == name)
     }
 
-    pub fn channel_names(&self) -> Vec<String> {
+    fn channel_names(&self) -> Vec<String> {
         self.channels.iter().map(|c| c.spec.name.clone()).collect()
     }
 
-    /// Creates a channel from a spec (validated by the caller's name check).
-    pub fn create_channel(&mut self, spec: ChannelSpec) -> Result<usize, String> {
-        crate::names::validate_name(&spec.name)?;
+    /// Creates a channel from a spec.
+    fn create_channel(&mut self, spec: ChannelSpec) -> Result<usize, ChannelError> {
+        crate::names::validate_name(&spec.name).map_err(ChannelError::InvalidName)?;
         let max = self.control.layout().params.max_channels as usize;
         if self.channels.len() >= max {
-            return Err(format!(
-                "all {max} channels are in use; raise limits.max_channels in the broker config"
-            ));
+            return Err(ChannelError::TooMany { max });
         }
         let mut pools = Vec::new();
         if spec.pools.is_empty() {
@@ -262,16 +366,10 @@ impl State {
                     .pools
                     .iter()
                     .position(|p| &p.info.name == name)
-                    .ok_or_else(|| {
-                        format!(
-                            "channel {:?} asks for pool {name:?}, which does not exist; pools: {}",
-                            spec.name,
-                            self.pools
-                                .iter()
-                                .map(|p| p.info.name.as_str())
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        )
+                    .ok_or_else(|| ChannelError::UnknownPool {
+                        channel: spec.name.clone(),
+                        pool: name.clone(),
+                        pools: self.pools.iter().map(|p| p.info.name.clone()).collect(),
                     })?;
                 pools.push(p as u8);
             }
@@ -281,13 +379,18 @@ impl State {
         let cap = self.control.layout().params.ring_capacity;
         if let Some(d) = spec.depth {
             if d == 0 || d > cap {
-                return Err(format!(
-                    "depth {d} must be between 1 and the ring capacity {cap}"
-                ));
+                return Err(ChannelError::Depth {
+                    depth: d,
+                    capacity: cap,
+                });
             }
         }
         let index = self.channels.len();
-        let rec = self.control.channel(index).ok_or("channel table full")?;
+        // In range: `index` < max_channels, checked above.
+        let rec = self
+            .control
+            .channel(index)
+            .ok_or(ChannelError::TooMany { max })?;
         rec.mode.store(spec.mode.code(), Ordering::Relaxed);
         rec.state.store(STATE_ACTIVE, Ordering::Release);
         self.channels.push(Channel { index, spec, pools });
@@ -295,19 +398,16 @@ impl State {
     }
 
     /// Takes a free holder bit.
-    pub fn alloc_bit(&mut self) -> Result<u32, String> {
+    fn alloc_bit(&mut self) -> Result<u32, BitsExhausted> {
         if self.free_bits == 0 {
-            return Err(format!(
-                "all {} holder handles of this broker are in use (each producer, subscriber and stage half takes one of the {MAX_HOLDERS} bits of a slot's holder word; the broker keeps one); close unused handles",
-                MAX_HOLDERS - 1
-            ));
+            return Err(BitsExhausted);
         }
         let bit = self.free_bits.trailing_zeros();
         self.free_bits &= !(1u64 << bit);
         Ok(bit)
     }
 
-    pub fn free_bit(&mut self, bit: u32) {
+    fn free_bit(&mut self, bit: u32) {
         self.free_bits |= 1u64 << (bit & 63);
     }
 
@@ -353,21 +453,21 @@ impl State {
         freed
     }
 
-    pub fn new_handle(&mut self) -> u32 {
+    fn new_handle(&mut self) -> u32 {
         let h = self.next_handle;
         self.next_handle = self.next_handle.wrapping_add(1).max(1);
         h
     }
 
     /// Holder bits that belong to subscribers (for stats).
-    pub fn subscriber_bits(&self) -> u64 {
+    fn subscriber_bits(&self) -> u64 {
         self.handles
             .values()
             .filter(|h| matches!(h.kind, HandleKind::Subscriber { .. }))
             .fold(0, |m, h| m | 1u64 << h.bit)
     }
 
-    pub fn is_workqueue(&self, channel: usize) -> bool {
+    fn is_workqueue(&self, channel: usize) -> bool {
         self.channels
             .get(channel)
             .is_some_and(|c| c.spec.mode == Mode::Workqueue)

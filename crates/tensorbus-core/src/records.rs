@@ -2,7 +2,7 @@
 //! producer handles and its subscribers.
 
 use crate::event::EventCount;
-use crate::sync::{AtomicU32, AtomicU64};
+use crate::sync::{AtomicU32, AtomicU64, Ordering};
 use crate::CacheLine;
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -169,6 +169,51 @@ pub struct ProducerRecord {
 /// Flag bit of [`ProducerRecord::intent`].
 pub const INTENT_VALID: u64 = 1 << 63;
 
+impl ProducerRecord {
+    /// Whether the record is free for a new producer handle.
+    ///
+    /// Acquire: pairs with the Release store of [`STATE_FREE`] that ends a
+    /// reclaim (`reclaim::free_row`), so everything the reclaim did to the
+    /// row (intent cleared, rings drained) happens before the record is
+    /// handed out again.
+    pub fn is_free(&self) -> bool {
+        self.state.load(Ordering::Acquire) == STATE_FREE
+    }
+
+    /// Activates this free record, row `row` of `channel`, for a producer
+    /// handle with holder bit `holder_bit`: resets the publish state and the
+    /// counter, marks the record [`STATE_ACTIVE`], and only then sets the
+    /// row's bit in the channel's [`ChannelRecord::producer_rows`].
+    ///
+    /// Only the broker calls this, from its one thread, on a record that
+    /// [`ProducerRecord::is_free`] and whose row it is not reclaiming. Every
+    /// other writer of `producer_rows` is that same thread (row removal,
+    /// the broker's own row 0), so the mask has one writer.
+    pub fn activate(&self, channel: &ChannelRecord, row: usize, holder_bit: u32) {
+        // Relaxed: a free record has no concurrent reader that acts on these
+        // fields. The producer process that will own it learns its row from
+        // the broker's reply, which it reads after these stores (the socket
+        // send and receive order them); the broker's own readers (repair,
+        // settling, stats) run on this thread. Anyone else who looks
+        // synchronises through the Release store and RMW below.
+        self.holder_bit.store(holder_bit, Ordering::Relaxed);
+        self.intent.store(0, Ordering::Relaxed);
+        self.intent_receivers.store(0, Ordering::Relaxed);
+        self.published.store(0, Ordering::Relaxed);
+        // Release: a peer that reads ACTIVE with Acquire also reads the
+        // reset fields above, never a previous owner's intent or count.
+        self.state.store(STATE_ACTIVE, Ordering::Release);
+        // Release: consumers load `producer_rows` with Acquire (receive.rs)
+        // before they poll the row; one that sees the new bit therefore sees
+        // the record active and reset (the ring entries themselves are
+        // ordered by the ring's own cell protocol). No Acquire half is
+        // needed: every other write to the mask comes from this thread.
+        channel
+            .producer_rows
+            .fetch_or(1u64 << (row & 63), Ordering::Release);
+    }
+}
+
 /// A subscriber's shared record.
 #[repr(C)]
 #[derive(Debug, Default)]
@@ -179,6 +224,72 @@ pub struct SubscriberRecord {
     pub delivered: CacheLine<AtomicU64>,
     /// Written by producers (drops under drop_oldest, drop_newest, latest).
     pub dropped: CacheLine<AtomicU64>,
+}
+
+impl SubscriberRecord {
+    /// Whether the record is free for a new subscriber.
+    ///
+    /// Acquire: pairs with the Release store of [`STATE_FREE`] that ends a
+    /// reclaim (`reclaim::free_subscriber`), so the drained rings and cleared
+    /// holder bits of the previous subscriber happen before the reuse.
+    pub fn is_free(&self) -> bool {
+        self.config.state.load(Ordering::Acquire) == STATE_FREE
+    }
+
+    /// Activates this free record, subscriber `sub` of `channel`, for a
+    /// subscriber with holder bit `holder_bit`, `policy` and ring `depth`:
+    /// writes the configuration, resets the counters and the waiter count,
+    /// marks the record [`STATE_ACTIVE`], and only then sets bit `sub` in
+    /// the channel's [`ChannelRecord::subscribers`] mask, which is what
+    /// makes producers deliver to it.
+    ///
+    /// Only the broker calls this, from its one thread, on a record that
+    /// [`SubscriberRecord::is_free`] and that it is not reclaiming.
+    pub fn activate(
+        &self,
+        channel: &ChannelRecord,
+        sub: usize,
+        holder_bit: u32,
+        policy: Policy,
+        depth: u32,
+    ) {
+        let config = &self.config;
+        // Relaxed: no producer reads these before it has seen bit `sub` in
+        // the mask, and the mask's Release RMW below publishes them to every
+        // producer that does (publish.rs loads the mask with Acquire or
+        // SeqCst and only then reads `holder_bit`, `policy`, `depth` and
+        // `state`). The consumer that owns the record learns its index from
+        // the broker's reply, read after these stores.
+        config.holder_bit.store(holder_bit, Ordering::Relaxed);
+        config.policy.store(policy.code(), Ordering::Relaxed);
+        config.depth.store(depth, Ordering::Relaxed);
+        // A previous owner that died between prepare_wait and cancel_wait
+        // left its count behind; the new consumer starts with none. Relaxed
+        // for the same reason: producers read it (`notify_needed`) only for
+        // a subscriber whose bit they saw.
+        config.data.waiters.store(0, Ordering::Relaxed);
+        // Relaxed: `delivered` is written by the new consumer only (after the
+        // reply); `dropped` is added to by producers only after they saw the
+        // bit, so the Release below orders this reset before their adds.
+        self.delivered.store(0, Ordering::Relaxed);
+        self.dropped.store(0, Ordering::Relaxed);
+        // Release (Relaxed would do, given the RMW below; Release keeps the
+        // record self-describing): a producer that sees the bit reads
+        // `state` with Acquire in its blocking loop and must read ACTIVE (or
+        // a later DEAD), never the FREE of the previous owner.
+        config.state.store(STATE_ACTIVE, Ordering::Release);
+        // Release: the subscriber's configuration must be visible before its
+        // bit appears in the mask. Producers load the mask with Acquire (or
+        // SeqCst) in publish.rs and has_room; a load that reads this RMW, or
+        // any later RMW of the mask (they continue its release sequence),
+        // synchronises with it. SeqCst is not needed: the one Dekker pair on
+        // the mask is retirement (clear the bit, then snapshot intents),
+        // and a producer that misses a subscriber joining concurrently just
+        // does not deliver to it, which is allowed.
+        channel
+            .subscribers
+            .fetch_or(1u64 << (sub & 63), Ordering::Release);
+    }
 }
 
 /// The producer-read part of a subscriber record.
@@ -195,4 +306,70 @@ pub struct SubscriberConfig {
     pub depth: AtomicU32,
     /// The consumer parks here when all its rings are empty.
     pub data: EventCount,
+}
+
+#[cfg(all(test, loom))]
+mod loom_tests {
+    //! Issue 13.4: the activation orderings, checked. A peer that sees a
+    //! record's bit in its channel's mask (the only way producers and
+    //! consumers find records) sees the record configured and reset.
+
+    use super::*;
+    use loom::sync::Arc;
+
+    /// A producer that sees a new subscriber's bit reads its configuration,
+    /// not the previous owner's, and its drop count lands after the reset.
+    #[test]
+    fn subscriber_config_visible_before_its_bit() {
+        loom::model(|| {
+            let ch = Arc::new(ChannelRecord::default());
+            let rec = Arc::new(SubscriberRecord::default());
+            // The previous owner's leftovers.
+            rec.config.holder_bit.store(3, Ordering::Relaxed);
+            rec.config.depth.store(9, Ordering::Relaxed);
+            rec.config.data.waiters.store(1, Ordering::Relaxed);
+            rec.dropped.store(5, Ordering::Relaxed);
+            let (c2, r2) = (ch.clone(), rec.clone());
+            let broker = loom::thread::spawn(move || {
+                r2.activate(&c2, 2, 7, Policy::DropNewest, 4);
+            });
+            // The producer side, as in publish.rs.
+            let saw = ch.subscribers.load(Ordering::Acquire) & (1 << 2) != 0;
+            if saw {
+                let c = &rec.config;
+                assert_eq!(c.holder_bit.load(Ordering::Relaxed), 7);
+                assert_eq!(c.depth.load(Ordering::Relaxed), 4);
+                assert_eq!(
+                    Policy::from_code(c.policy.load(Ordering::Relaxed)),
+                    Policy::DropNewest
+                );
+                assert_eq!(c.state.load(Ordering::Acquire), STATE_ACTIVE);
+                assert_eq!(c.data.waiters.load(Ordering::Relaxed), 0);
+                rec.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            broker.join().unwrap();
+            assert_eq!(rec.dropped.load(Ordering::Relaxed), u64::from(saw));
+        });
+    }
+
+    /// A consumer that sees a new producer row reads the record active and
+    /// reset, never a previous owner's intent.
+    #[test]
+    fn producer_record_reset_before_its_row_bit() {
+        loom::model(|| {
+            let ch = Arc::new(ChannelRecord::default());
+            let rec = Arc::new(ProducerRecord::default());
+            rec.intent.store(INTENT_VALID | 42, Ordering::Relaxed);
+            rec.published.store(8, Ordering::Relaxed);
+            let (c2, r2) = (ch.clone(), rec.clone());
+            let broker = loom::thread::spawn(move || r2.activate(&c2, 1, 11));
+            if ch.producer_rows.load(Ordering::Acquire) & (1 << 1) != 0 {
+                assert_eq!(rec.state.load(Ordering::Acquire), STATE_ACTIVE);
+                assert_eq!(rec.holder_bit.load(Ordering::Relaxed), 11);
+                assert_eq!(rec.intent.load(Ordering::Relaxed), 0);
+                assert_eq!(rec.published.load(Ordering::Relaxed), 0);
+            }
+            broker.join().unwrap();
+        });
+    }
 }

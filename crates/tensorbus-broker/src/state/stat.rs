@@ -1,44 +1,47 @@
 //! Statistics snapshots.
 
-use crate::state::{HandleKind, State};
+use super::{HandleKind, State};
 use std::sync::atomic::Ordering;
 use tensorbus_core::proto::{ChannelStat, ClientStat, PoolStat, StatReport, SubscriberStat};
 use tensorbus_core::reclaim::count_held;
 use tensorbus_core::{Mode, Policy};
 use tensorbus_shm::PeerCred;
 
-/// Builds a report from shared memory and the broker's registry.
-pub(crate) fn report<'a>(
-    state: &State,
-    clients: impl Iterator<Item = (u32, PeerCred, &'a str)>,
-) -> StatReport {
-    let ctl = &state.control;
-    let sub_bits = state.subscriber_bits();
-    let pools = state
-        .pools
-        .iter()
-        .enumerate()
-        .map(|(p, pool)| {
-            let mut s = PoolStat {
-                name: pool.info.name.clone(),
-                slot_size: pool.info.slot_size,
-                slots_total: pool.info.slots,
-                ..PoolStat::default()
-            };
-            for i in 0..ctl.slots(p) {
-                let h = ctl.slot(p, i).map_or(0, |x| x.holders());
-                if h == 0 {
-                    s.slots_free += 1;
-                } else if h & sub_bits != 0 {
-                    s.in_flight += 1;
-                } else {
-                    s.loaned += 1;
+impl State {
+    /// Builds a report from shared memory and the broker's registry, with
+    /// `clients` (id, credentials, name) the admitted clients.
+    pub fn stat_report<'a>(
+        &self,
+        clients: impl Iterator<Item = (u32, PeerCred, &'a str)>,
+    ) -> StatReport {
+        let state = self;
+        let ctl = &state.control;
+        let sub_bits = state.subscriber_bits();
+        let pools = state
+            .pools
+            .iter()
+            .enumerate()
+            .map(|(p, pool)| {
+                let mut s = PoolStat {
+                    name: pool.info.name.clone(),
+                    slot_size: pool.info.slot_size,
+                    slots_total: pool.info.slots,
+                    ..PoolStat::default()
+                };
+                for i in 0..ctl.slots(p) {
+                    let h = ctl.slot(p, i).map_or(0, |x| x.holders());
+                    if h == 0 {
+                        s.slots_free += 1;
+                    } else if h & sub_bits != 0 {
+                        s.in_flight += 1;
+                    } else {
+                        s.loaned += 1;
+                    }
                 }
-            }
-            s
-        })
-        .collect();
-    let channels = state
+                s
+            })
+            .collect();
+        let channels = state
         .channels
         .iter()
         .map(|c| {
@@ -91,32 +94,33 @@ pub(crate) fn report<'a>(
             }
         })
         .collect();
-    let mut clients: Vec<ClientStat> = clients
-        .map(|(id, cred, name)| {
-            let mask = state
-                .handles
-                .values()
-                .filter(|h| h.client == id)
-                .fold(0u64, |m, h| m | 1 << h.bit);
-            ClientStat {
-                id,
-                pid: cred.pid,
-                uid: cred.uid,
-                name: name.to_owned(),
-                handles: state.handles.values().filter(|h| h.client == id).count() as u32,
-                holds: if mask == 0 {
-                    0
-                } else {
-                    count_held(ctl, mask) as u32
-                },
-            }
-        })
-        .collect();
-    clients.sort_by_key(|c| c.id);
-    StatReport {
-        broker_pid: std::process::id(),
-        pools,
-        channels,
-        clients,
+        let mut clients: Vec<ClientStat> = clients
+            .map(|(id, cred, name)| {
+                let mask = state
+                    .handles
+                    .values()
+                    .filter(|h| h.client == id)
+                    .fold(0u64, |m, h| m | 1 << h.bit);
+                ClientStat {
+                    id,
+                    pid: cred.pid,
+                    uid: cred.uid,
+                    name: name.to_owned(),
+                    handles: state.handles.values().filter(|h| h.client == id).count() as u32,
+                    holds: if mask == 0 {
+                        0
+                    } else {
+                        count_held(ctl, mask) as u32
+                    },
+                }
+            })
+            .collect();
+        clients.sort_by_key(|c| c.id);
+        StatReport {
+            broker_pid: std::process::id(),
+            pools,
+            channels,
+            clients,
+        }
     }
 }

@@ -5,7 +5,7 @@
 //! record), then subscribers (retired at once, their bits cleared once every
 //! publish that might still deliver to them has finished).
 
-use crate::state::{HandleKind, Pending, State};
+use super::{Handle, HandleKind, Pending, State};
 use std::sync::atomic::Ordering;
 use tensorbus_core::reclaim;
 use tensorbus_core::records::STATE_ACTIVE;
@@ -31,7 +31,7 @@ impl tensorbus_core::park::Parker for BrokerParker {
 impl State {
     /// Closes (or reclaims) every handle of `client`: producers first.
     pub fn reclaim_client(&mut self, client: u32) {
-        let mut mine: Vec<(u32, crate::state::Handle)> = self
+        let mut mine: Vec<(u32, Handle)> = self
             .handles
             .iter()
             .filter(|(_, h)| h.client == client)
@@ -48,7 +48,7 @@ impl State {
     /// allocated (so the stray-bit sweep leaves it alone) and set on the
     /// slots of the tensors its client received, until the handle is closed.
     /// Returns false if `id` is not an open subscriber.
-    pub fn detach_handle(&mut self, id: u32) -> bool {
+    pub(super) fn detach_handle(&mut self, id: u32) -> bool {
         let Some(h) = self.handles.get_mut(&id) else {
             return false;
         };
@@ -79,7 +79,7 @@ impl State {
     }
 
     /// Closes one handle (graceful close and death take the same path).
-    pub fn close_handle(&mut self, id: u32) -> bool {
+    pub(super) fn close_handle(&mut self, id: u32) -> bool {
         let Some(h) = self.handles.remove(&id) else {
             return false;
         };
