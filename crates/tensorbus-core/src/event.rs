@@ -92,7 +92,9 @@ impl EventCount {
     ///
     /// `ready` is called exactly once, after the announcement, and must read
     /// the state the waker changes before it calls [`EventCount::notify`]
-    /// (or [`EventCount::bump`]). That is the whole contract; the orderings:
+    /// (or, after a SeqCst fence or SeqCst store of its own, as the broker's
+    /// retirement and the readiness kick do, [`EventCount::bump`]). That is
+    /// the whole contract; the orderings:
     ///
     /// * `prepare_wait` increments `waiters`, issues a SeqCst fence, then
     ///   loads `seq` (the key). `ready()` runs after the fence, so its loads
