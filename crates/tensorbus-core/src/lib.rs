@@ -7,7 +7,9 @@
 //! * [`slot`]: slot headers and the holder word (ownership that survives a
 //!   kill -9 at any instruction);
 //! * [`ring`]: the single-producer single-consumer descriptor ring;
-//! * [`event`]: the event count that makes wake-ups free when nobody sleeps;
+//! * [`event`]: the event count that makes wake-ups free when nobody sleeps,
+//!   and its one wait helper ([`event::EventCount::wait_unless`]);
+//! * [`park`]: the [`park::Parker`] trait the syscall-making crates implement;
 //! * [`layout`] and [`control`]: where everything lives in the control segment;
 //! * [`publish`], [`receive`], [`reclaim`]: the data path and the broker's
 //!   repairs, written against [`control::Control`].
@@ -24,6 +26,7 @@ pub mod dtype;
 pub mod event;
 pub mod layout;
 pub mod meta;
+pub mod park;
 pub mod records;
 pub mod ring;
 pub mod slot;
@@ -31,8 +34,6 @@ pub mod sync;
 
 #[cfg(not(loom))]
 pub mod control;
-#[cfg(not(loom))]
-pub mod park;
 #[cfg(not(loom))]
 pub mod proto;
 #[cfg(not(loom))]

@@ -1,5 +1,9 @@
-//! How a blocked party sleeps: implemented with futexes by `tensorbus`,
-//! and by a spinning stand-in in tests. This crate makes no syscalls.
+//! How a blocked party sleeps: implemented with futexes once, by
+//! `tensorbus_shm::futex::FutexParker` (used by the client library and the
+//! broker alike), and by a spinning stand-in in tests. This crate makes no
+//! syscalls. Waiters do not call a parker directly but go through
+//! [`EventCount::wait_unless`](crate::event::EventCount::wait_unless), and
+//! wakers through [`EventCount::notify`](crate::event::EventCount::notify).
 
 use crate::sync::AtomicU32;
 use std::time::Duration;

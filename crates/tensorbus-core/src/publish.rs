@@ -329,12 +329,13 @@ impl ProducerPath<'_> {
             let Some(ring) = self.ctl.ring(self.channel, self.row, s) else {
                 continue;
             };
-            let space = &ring.header().consumer.space;
-            let key = space.prepare_wait();
-            if self.first_full_block_ring() == Some(s) {
-                parker.wait(&space.seq, key, left.min(BLOCK_RECHECK));
-            }
-            space.cancel_wait();
+            // Consumers pop, then notify the ring's space event; the
+            // re-check is that the same ring is still the one that is full.
+            ring.header().consumer.space.wait_unless(
+                parker,
+                || self.first_full_block_ring() != Some(s),
+                left.min(BLOCK_RECHECK),
+            );
         }
     }
 
@@ -369,9 +370,7 @@ impl ProducerPath<'_> {
         let mut spins = 0u32;
         loop {
             if ring.push(depth, packed, cached).is_ok() {
-                if sub.config.data.notify_needed() {
-                    parker.wake_all(&sub.config.data.seq);
-                }
+                sub.config.data.notify(parker);
                 return Delivery::Delivered { dropped };
             }
             match policy {
@@ -398,14 +397,17 @@ impl ProducerPath<'_> {
                         crate::sync::spin_hint();
                         continue;
                     }
-                    let space = &ring.header().consumer.space;
-                    let key = space.prepare_wait();
-                    if ring.len() >= depth.clamp(1, ring.capacity())
-                        && sub.config.state.load(Ordering::Acquire) == STATE_ACTIVE
-                    {
-                        parker.wait(&space.seq, key, BLOCK_RECHECK);
-                    }
-                    space.cancel_wait();
+                    // Consumers pop and the broker retires, then each
+                    // notifies (or bumps) the ring's space event; the re-check
+                    // reads both.
+                    ring.header().consumer.space.wait_unless(
+                        parker,
+                        || {
+                            ring.len() < depth.clamp(1, ring.capacity())
+                                || sub.config.state.load(Ordering::Acquire) != STATE_ACTIVE
+                        },
+                        BLOCK_RECHECK,
+                    );
                     if retry && ring.len() >= depth.clamp(1, ring.capacity()) {
                         slot.release(bit);
                         return Delivery::Retry;

@@ -99,8 +99,8 @@ impl SubscriberPath<'_> {
             };
             if let Some(bits) = ring.pop() {
                 *cursor = row + 1;
-                if self.lossless && ring.header().consumer.space.notify_needed() {
-                    parker.wake_all(&ring.header().consumer.space.seq);
+                if self.lossless {
+                    ring.header().consumer.space.notify(parker);
                 }
                 return Some(Descriptor::unpack(bits));
             }

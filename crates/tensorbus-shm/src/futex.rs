@@ -12,6 +12,7 @@
 
 use std::sync::atomic::AtomicU32;
 use std::time::Duration;
+use tensorbus_core::park::Parker;
 
 /// Why [`wait`] returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -117,6 +118,39 @@ pub fn wake(word: &AtomicU32, count: i32) -> usize {
     usize::try_from(ret).unwrap_or(0)
 }
 
+/// The futex [`Parker`]: what the client library and the broker both hand
+/// to `tensorbus-core`'s data path and to
+/// [`EventCount::wait_unless`](tensorbus_core::event::EventCount::wait_unless).
+/// Sleeps with [`wait`] and wakes with [`wake`] (all waiters), shared
+/// futexes, so it works across processes on a word in a shared mapping.
+///
+/// ```
+/// use std::time::Duration;
+/// use tensorbus_core::event::EventCount;
+/// use tensorbus_shm::futex::FutexParker;
+///
+/// let ev = EventCount::new();
+/// // The condition holds: no sleep.
+/// assert!(ev.wait_unless(&FutexParker, || true, Duration::from_secs(10)));
+/// // It does not: sleeps (here until the timeout), then reports it.
+/// assert!(!ev.wait_unless(&FutexParker, || false, Duration::from_millis(1)));
+/// ev.notify(&FutexParker); // nobody announced: no syscall
+/// ```
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FutexParker;
+
+impl Parker for FutexParker {
+    #[inline]
+    fn wait(&self, word: &AtomicU32, expected: u32, timeout: Duration) {
+        // The outcome does not matter: the caller re-checks its condition.
+        let _ = wait(word, expected, Some(timeout));
+    }
+    #[inline]
+    fn wake_all(&self, word: &AtomicU32) {
+        wake(word, i32::MAX);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,5 +247,57 @@ mod tests {
         // SAFETY: `status` is a valid out-pointer; `pid` is our child.
         assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
         assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+    }
+
+    /// issue 13.5: the one futex parker, with the core's wait helper, wakes a
+    /// waiter in another process sleeping on an event count in a shared
+    /// mapping (as a blocked publish or a parked recv does), and the
+    /// waiter count returns to zero. The child's sleeps are long (10 s), so
+    /// a lost wake-up shows as a failure, not as a slow pass.
+    #[test]
+    fn futex_parker_wakes_event_count_waiter_in_other_process() {
+        use tensorbus_core::event::EventCount;
+        let map = crate::Mapping::anonymous(4096).unwrap();
+        // SAFETY: the mapping is 4096 bytes, page aligned and zero-filled;
+        // an all-zero EventCount (two AtomicU32) is valid and fresh, and the
+        // flag word at offset 64 is in bounds; both live as long as `map`.
+        let (ev, flag): (&EventCount, &AtomicU32) = unsafe {
+            (
+                &*map.as_ptr().cast::<EventCount>(),
+                &*map.as_ptr().add(64).cast::<AtomicU32>(),
+            )
+        };
+        // SAFETY: fork has no memory-safety preconditions; the child only
+        // runs atomics and the futex syscall (async-signal-safe) and _exits.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let start = std::time::Instant::now();
+            while !ev.wait_unless(
+                &FutexParker,
+                || flag.load(Ordering::Acquire) == 1,
+                Duration::from_secs(10),
+            ) {}
+            let code = i32::from(start.elapsed() >= Duration::from_secs(10));
+            // SAFETY: _exit terminates the child without running the parent's
+            // destructors or atexit handlers.
+            unsafe { libc::_exit(code) };
+        }
+        // Wait (bounded) until the child is announced, so the wake path runs.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while ev.waiters.load(Ordering::Acquire) == 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        flag.store(1, Ordering::Release);
+        ev.notify(&FutexParker);
+        let mut status = 0;
+        // SAFETY: `status` is a valid out-pointer; `pid` is our child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "child missed the wake-up (status {status:#x})"
+        );
+        assert_eq!(ev.waiters.load(Ordering::Acquire), 0);
     }
 }

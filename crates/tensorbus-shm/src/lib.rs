@@ -10,7 +10,8 @@
 //! * [`mapping`]: `mmap` of such files, optionally at a large alignment
 //!   (for example 2 MiB), unmapped on drop.
 //! * [`futex`]: process-shared futex wait/wake on an `AtomicU32` that lives
-//!   in a shared mapping.
+//!   in a shared mapping, and [`futex::FutexParker`], the one implementation
+//!   of `tensorbus_core::park::Parker` that the client and the broker use.
 //! * [`socket`]: Unix `SOCK_SEQPACKET` sockets with `SCM_RIGHTS` file
 //!   descriptor passing and `SO_PEERCRED`.
 //! * [`poll`]: a tiny `poll(2)` wrapper for event loops.

@@ -3,7 +3,6 @@
 use crate::client::{Inner, PoolRef};
 use crate::element::{cast_slice, check_typed, Element};
 use crate::error::{ForkedChild, RecvError, RequestError, TryRecvError, TypeError};
-use crate::parker::FutexParker;
 use crate::producer::SlotId;
 use crate::readiness::Readiness;
 use std::cell::Cell;
@@ -16,6 +15,7 @@ use tensorbus_core::proto::{Request, Response};
 use tensorbus_core::receive::SubscriberPath;
 use tensorbus_core::sync::spin_hint;
 use tensorbus_core::{DType, Descriptor, Policy, TensorMeta};
+use tensorbus_shm::futex::FutexParker;
 
 /// How `recv` waits when nothing is queued.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -291,13 +291,11 @@ impl Consumer {
             std::thread::sleep(Duration::from_millis(1));
             return;
         };
-        let ev = &sub.config.data;
-        let key = ev.prepare_wait();
-        if !self.path().has_entry() {
-            let slice = remaining.map_or(PARK_SLICE, |r| r.min(PARK_SLICE));
-            tensorbus_shm::futex::wait(&ev.seq, key, Some(slice));
-        }
-        ev.cancel_wait();
+        let slice = remaining.map_or(PARK_SLICE, |r| r.min(PARK_SLICE));
+        // Producers push, then notify this event; `has_entry` is the re-check.
+        sub.config
+            .data
+            .wait_unless(&FutexParker, || self.path().has_entry(), slice);
     }
 
     /// Returns the next tensor if one is queued, without waiting.

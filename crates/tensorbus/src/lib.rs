@@ -38,7 +38,6 @@ mod element;
 pub mod error;
 mod fork;
 mod open;
-mod parker;
 mod paths;
 mod producer;
 mod readiness;

@@ -3,7 +3,6 @@
 use crate::client::{Client, Inner, PoolRef};
 use crate::element::{typed_mut, Element};
 use crate::error::{ForkedChild, LoanError, PublishError, TypeError};
-use crate::parker::FutexParker;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tensorbus_core::control::Control;
@@ -11,6 +10,7 @@ use tensorbus_core::proto::ChannelInfo;
 use tensorbus_core::publish::{loan, ProducerPath, PublishOutcome};
 use tensorbus_core::slot::SlotHeader;
 use tensorbus_core::{DType, Descriptor, ShapeError, TensorMeta};
+use tensorbus_shm::futex::FutexParker;
 
 /// Where a slot is: pool index, slot index, generation. Two views with equal
 /// `SlotId`s are the very same bytes.

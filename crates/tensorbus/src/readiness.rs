@@ -40,7 +40,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
+use tensorbus_core::park::Parker;
 use tensorbus_core::receive::SubscriberPath;
+use tensorbus_shm::futex::FutexParker;
 
 /// Longest single futex sleep of the waiter thread (it re-checks its flags
 /// and the rings after each; wake-ups normally end the sleep much earlier).
@@ -88,7 +90,8 @@ impl std::fmt::Debug for Readiness {
 /// Orderings: every access to `armed` and `closed` is `SeqCst`. The flag
 /// handshake with the futex sleep is a Dekker pair: the consumer stores a
 /// flag, then bumps the event's `seq` (`kick`); the thread takes its wait
-/// key from `seq` (`prepare_wait`), then loads the flags. SeqCst on the flag
+/// key from `seq` (`prepare_wait`, inside `EventCount::wait_unless`), then
+/// loads the flags. SeqCst on the flag
 /// accesses, together with the RMWs on the event count, forbids the
 /// outcome where the thread misses the new flag and still sleeps on a key
 /// newer than the bump. None of this is on the receive path: `try_recv` and
@@ -143,7 +146,7 @@ impl Shared {
     /// Gets the thread out of its futex sleep after `armed` or `closed`
     /// changed: bumps the event's sequence (so a sleep that is about to
     /// start returns at once) and wakes the futex. The thread reads the
-    /// flag after its wait key (`prepare_wait`), so either it sees the new
+    /// flag after its wait key (`prepare_wait` in `wait_unless`), so either it sees the new
     /// flag or its key is older than the bump.
     fn kick(&self) {
         {
@@ -153,7 +156,7 @@ impl Shared {
         if let Some(rec) = self.inner.control.subscriber(self.channel, self.sub) {
             let ev = &rec.config.data;
             ev.bump();
-            tensorbus_shm::futex::wake(&ev.seq, i32::MAX);
+            FutexParker.wake_all(&ev.seq);
         }
     }
 
@@ -174,23 +177,22 @@ impl Shared {
                 std::thread::sleep(PARK_SLICE);
                 continue;
             };
-            let ev = &rec.config.data;
-            // Announce ourselves first, then look (the event count's
-            // protocol): a producer that pushes after our look sees us.
-            let key = ev.prepare_wait();
-            if self.closed.load(Ordering::SeqCst) || !self.armed.load(Ordering::SeqCst) {
-                ev.cancel_wait();
-                continue;
-            }
-            if self.path().has_entry() {
-                ev.cancel_wait();
-                if self.armed.swap(false, Ordering::SeqCst) {
-                    self.signal();
+            // `wait_unless` announces us first, then looks: a producer that
+            // pushes after our look sees us and wakes us. The look includes
+            // the flags (`kick` bumps the event after changing them, see
+            // `Shared`): closed or disarmed, go back to the top at once.
+            let mut fire = false;
+            let ready = || {
+                if self.closed.load(Ordering::SeqCst) || !self.armed.load(Ordering::SeqCst) {
+                    return true;
                 }
-                continue;
+                fire = self.path().has_entry();
+                fire
+            };
+            rec.config.data.wait_unless(&FutexParker, ready, PARK_SLICE);
+            if fire && self.armed.swap(false, Ordering::SeqCst) {
+                self.signal();
             }
-            tensorbus_shm::futex::wait(&ev.seq, key, Some(PARK_SLICE));
-            ev.cancel_wait();
         }
     }
 }

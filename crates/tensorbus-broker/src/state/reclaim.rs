@@ -10,23 +10,7 @@ use std::sync::atomic::Ordering;
 use tensorbus_core::reclaim;
 use tensorbus_core::records::STATE_ACTIVE;
 use tensorbus_core::Descriptor;
-
-/// The futex parker the broker uses to wake blocked peers.
-pub(crate) struct BrokerParker;
-
-impl tensorbus_core::park::Parker for BrokerParker {
-    fn wait(
-        &self,
-        word: &std::sync::atomic::AtomicU32,
-        expected: u32,
-        timeout: std::time::Duration,
-    ) {
-        tensorbus_shm::futex::wait(word, expected, Some(timeout));
-    }
-    fn wake_all(&self, word: &std::sync::atomic::AtomicU32) {
-        tensorbus_shm::futex::wake(word, i32::MAX);
-    }
-}
+use tensorbus_shm::futex::FutexParker;
 
 impl State {
     /// Closes (or reclaims) every handle of `client`: producers first.
@@ -64,7 +48,7 @@ impl State {
     /// Retires subscriber `sub` of `channel` (holder bit `bit`) and queues
     /// its clean-up for when in-flight publishes have settled.
     fn retire(&mut self, channel: usize, sub: usize, bit: u32, keep: bool) {
-        reclaim::retire_subscriber(&self.control, channel, sub, &BrokerParker);
+        reclaim::retire_subscriber(&self.control, channel, sub, &FutexParker);
         let mut snapshot = Vec::new();
         reclaim::intents(&self.control, channel, &mut snapshot);
         self.busy_subs.push((channel, sub));
@@ -249,9 +233,7 @@ impl State {
             ch.producer_rows.fetch_or(1, Ordering::AcqRel);
             let head = self.broker_heads.entry((channel, s)).or_insert(0);
             if ring.push(ring.capacity(), d.pack(), head).is_ok() {
-                if sub.config.data.notify_needed() {
-                    tensorbus_shm::futex::wake(&sub.config.data.seq, i32::MAX);
-                }
+                sub.config.data.notify(&FutexParker);
                 return Dispatch::Done;
             }
             slot.release(bit);
