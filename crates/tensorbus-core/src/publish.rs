@@ -18,7 +18,7 @@
 //! 5. `intent = 0`.
 //!
 //! A death after 2 leaves receivers' bits set for rings that never got the
-//! descriptor; the broker finds them with [`crate::Ring::recover_last_push`]
+//! descriptor; the broker finds them with [`crate::ring::Ring::recover_last_push`]
 //! (the last entry of each of this producer's rings) and clears exactly
 //! those bits.
 
