@@ -929,34 +929,7 @@ mod tests {
         let (a, b) = SeqpacketConn::pair().unwrap();
         let seg = Memfd::create("tb-ctrunc", 0, false).unwrap();
         const N: usize = 40;
-        let payload = N * FD_SIZE;
-        // SAFETY: pure arithmetic.
-        let space = unsafe { libc::CMSG_SPACE(payload as libc::c_uint) } as usize;
-        let mut cbuf = vec![0u64; space.div_ceil(8)];
-        let data = [1u8];
-        let mut iov = libc::iovec {
-            iov_base: data.as_ptr().cast_mut().cast(),
-            iov_len: 1,
-        };
-        // SAFETY: all-zero is a valid msghdr.
-        let mut msg: libc::msghdr = unsafe { mem::zeroed() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cbuf.as_mut_ptr().cast();
-        msg.msg_controllen = space as _;
-        // SAFETY: the control buffer holds `space` bytes, enough for one
-        // header and N descriptors; `msg` and its buffers outlive sendmsg.
-        unsafe {
-            let c = libc::CMSG_FIRSTHDR(&msg);
-            (*c).cmsg_level = libc::SOL_SOCKET;
-            (*c).cmsg_type = libc::SCM_RIGHTS;
-            (*c).cmsg_len = libc::CMSG_LEN(payload as libc::c_uint) as _;
-            let d = libc::CMSG_DATA(c).cast::<RawFd>();
-            for i in 0..N {
-                d.add(i).write_unaligned(seg.as_raw_fd());
-            }
-            assert_eq!(libc::sendmsg(a.as_raw_fd(), &msg, 0), 1);
-        }
+        send_raw_fds(&a, &[1u8], seg.as_raw_fd(), N);
         let mut fds = Vec::new();
         let e = b.recv(&mut [0u8; 4], &mut fds).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
