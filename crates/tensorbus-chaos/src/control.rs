@@ -652,15 +652,7 @@ impl Control {
         if let Some(mut g) = self.greedy.take() {
             // Disconnected within milliseconds of the broker running.
             let deadline = g.started.max(Instant::now()) + Duration::from_secs(10);
-            let status = loop {
-                match g.child.try_wait() {
-                    Ok(Some(s)) => break Some(s),
-                    Ok(None) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(5))
-                    }
-                    _ => break None,
-                }
-            };
+            let status = exit_by(&mut g.child, deadline);
             match status {
                 Some(s) if s.success() => self.stats.greedy_disconnected += 1,
                 other => {
@@ -679,16 +671,7 @@ impl Control {
                 continue;
             };
             drop(p.stdin.take());
-            let deadline = Instant::now() + Duration::from_secs(30);
-            let status = loop {
-                match p.child.try_wait() {
-                    Ok(Some(s)) => break Some(s),
-                    Ok(None) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(5))
-                    }
-                    _ => break None,
-                }
-            };
+            let status = exit_by(&mut p.child, Instant::now() + Duration::from_secs(30));
             match status {
                 Some(s) => self.opener_ended(&p, s),
                 None => {
@@ -703,16 +686,7 @@ impl Control {
         if let Some(mut p) = self.forker.take() {
             drop(p.stdin.take());
             // It finishes its round first: a child lives for milliseconds.
-            let deadline = Instant::now() + Duration::from_secs(30);
-            let status = loop {
-                match p.child.try_wait() {
-                    Ok(Some(s)) => break Some(s),
-                    Ok(None) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(5))
-                    }
-                    _ => break None,
-                }
-            };
+            let status = exit_by(&mut p.child, Instant::now() + Duration::from_secs(30));
             match status {
                 Some(s) => self.forker_ended(&p, s),
                 None => {
@@ -766,4 +740,19 @@ fn held(stat: &StatReport) -> u64 {
         .iter()
         .map(|c| u64::from(c.producers) + c.subscribers.len() as u64)
         .sum()
+}
+
+/// The child's exit status if it exits by `deadline` (polled every 5 ms),
+/// else `None` (it is still running, or waiting for it failed).
+pub(crate) fn exit_by(
+    child: &mut std::process::Child,
+    deadline: Instant,
+) -> Option<std::process::ExitStatus> {
+    loop {
+        match child.try_wait() {
+            Ok(Some(s)) => return Some(s),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            _ => return None,
+        }
+    }
 }

@@ -531,15 +531,7 @@ impl Run {
             let Some(mut p) = self.live[i].take() else {
                 continue;
             };
-            let status = loop {
-                match p.child.try_wait() {
-                    Ok(Some(s)) => break Some(s),
-                    Ok(None) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(5))
-                    }
-                    _ => break None,
-                }
-            };
+            let status = crate::control::exit_by(&mut p.child, deadline);
             match status {
                 Some(s) => self.ended(p, s, true),
                 None => {
