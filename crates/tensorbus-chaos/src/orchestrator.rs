@@ -725,11 +725,7 @@ fn run_in(opts: &Opts, seed: u64, kills_wanted: u64, dir: &Path) -> Result<i32, 
             continue;
         }
         if now >= next_kill && broker_kill_at.is_none() {
-            let alive: Vec<usize> = victims
-                .iter()
-                .copied()
-                .filter(|&i| run.live[i].is_some())
-                .collect();
+            let alive = alive_victims(&victims, &run.live);
             if !alive.is_empty() {
                 let i = alive[rng.below(alive.len() as u64) as usize];
                 if run.kill(i) {
@@ -768,11 +764,7 @@ fn run_in(opts: &Opts, seed: u64, kills_wanted: u64, dir: &Path) -> Result<i32, 
         if let Some(ctl) = ctl.as_mut() {
             ctl.tick(&mut |crng: &mut Rng| {
                 // A data-plane client dies while the broker is frozen.
-                let alive: Vec<usize> = victims
-                    .iter()
-                    .copied()
-                    .filter(|&i| run.live[i].is_some())
-                    .collect();
+                let alive = alive_victims(&victims, &run.live);
                 if !alive.is_empty() {
                     let i = alive[crng.below(alive.len() as u64) as usize];
                     if run.kill(i) {
@@ -1037,4 +1029,13 @@ fn stranded_tensors(client: &Client) -> Result<(HashSet<(u32, u64)>, u64), Strin
         }
     }
     Ok((set, held))
+}
+
+/// The roles among `victims` that have a live process now.
+fn alive_victims(victims: &[usize], live: &[Option<Proc>]) -> Vec<usize> {
+    victims
+        .iter()
+        .copied()
+        .filter(|&i| live[i].is_some())
+        .collect()
 }
