@@ -11,6 +11,7 @@ pub const USER_HEADER_LEN: usize = 64;
 
 /// Why a shape, stride set or metadata record is not acceptable.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ShapeError {
     /// More than [`MAX_DIMS`] dimensions.
     TooManyDims {
@@ -157,7 +158,7 @@ impl TensorMeta {
     /// assert_eq!(m.strides(), &[12, 4]);
     /// ```
     #[inline]
-    pub fn contiguous(dtype: DType, shape: &[usize]) -> Result<TensorMeta, ShapeError> {
+    pub fn contiguous(dtype: DType, shape: &[u32]) -> Result<TensorMeta, ShapeError> {
         if shape.len() > MAX_DIMS {
             return Err(ShapeError::TooManyDims { ndim: shape.len() });
         }
@@ -176,11 +177,10 @@ impl TensorMeta {
         let mut stride: u64 = dtype.itemsize() as u64;
         for axis in (0..shape.len()).rev() {
             let extent = shape[axis];
-            meta.shape[axis] =
-                u32::try_from(extent).map_err(|_| ShapeError::DimTooLarge { axis, extent })?;
+            meta.shape[axis] = extent;
             meta.strides[axis] = i64::try_from(stride).map_err(|_| ShapeError::Overflow)?;
             stride = stride
-                .checked_mul(extent as u64)
+                .checked_mul(u64::from(extent))
                 .ok_or(ShapeError::Overflow)?;
         }
         meta.nbytes = stride;
@@ -335,7 +335,7 @@ mod tests {
             TensorMeta::contiguous(DType::U8, &[1; 9]),
             Err(ShapeError::TooManyDims { ndim: 9 })
         ));
-        assert!(TensorMeta::contiguous(DType::U8, &[usize::MAX, 2]).is_err());
+        assert!(TensorMeta::contiguous(DType::U8, &[u32::MAX, u32::MAX, u32::MAX]).is_err());
         assert!(TensorMeta::contiguous(DType::F64, &[1 << 31, 1 << 31, 1 << 31]).is_err());
         let mut m = TensorMeta::contiguous(DType::U8, &[4, 4]).unwrap();
         m.strides[0] = 100;

@@ -12,6 +12,7 @@ use std::fmt;
 /// A descriptor or header that failed validation. The hold it carried (if
 /// the slot was real and ours) has been released.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Corruption {
     /// Pool or slot index out of range.
     BadIndex {

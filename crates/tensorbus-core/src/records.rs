@@ -18,6 +18,7 @@ pub const STATE_DEAD: u32 = 2;
 /// How a channel distributes tensors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum Mode {
     /// Every subscriber receives every tensor.
     #[default]
@@ -68,6 +69,7 @@ impl FromStr for Mode {
 /// What a producer does when a subscriber's ring is full.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum Policy {
     /// Lossless: the producer waits for room.
     #[default]

@@ -10,28 +10,19 @@ use std::time::{Duration, Instant};
 use tensorbus_core::control::Control;
 use tensorbus_core::layout::{Layout, LAYOUT_VERSION};
 use tensorbus_core::proto::{
-    encode_frames, parse_frame, ErrorKind, PoolInfo, Request, Response, StatReport, MAX_CHUNK,
+    encode_frames, parse_frame, ErrorKind, PoolInfo, Request, Response, MAX_CHUNK,
     MAX_MESSAGE, MAX_REPLY,
 };
 use tensorbus_shm::{Access, Mapping, SeqpacketConn};
 
-/// How long a control request waits for the broker's answer unless
-/// [`REQUEST_TIMEOUT_ENV`] or [`Client::set_request_timeout`] says otherwise.
-pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Environment variable read at connect: the control request timeout in
-/// milliseconds (a positive integer; anything else is ignored and the
-/// default of [`DEFAULT_REQUEST_TIMEOUT`] applies).
-pub const REQUEST_TIMEOUT_ENV: &str = "TENSORBUS_REQUEST_TIMEOUT_MS";
-
-/// The request timeout from [`REQUEST_TIMEOUT_ENV`], or the default.
+/// The request timeout from [`Client::REQUEST_TIMEOUT_ENV`], or the default.
 fn timeout_from_env() -> Duration {
-    std::env::var(REQUEST_TIMEOUT_ENV)
+    std::env::var(Client::REQUEST_TIMEOUT_ENV)
         .ok()
         .and_then(|v| v.trim().parse::<u64>().ok())
         .filter(|&ms| ms > 0)
         .map(Duration::from_millis)
-        .unwrap_or(DEFAULT_REQUEST_TIMEOUT)
+        .unwrap_or(Client::DEFAULT_REQUEST_TIMEOUT)
 }
 
 /// A pool mapping a handle uses on its hot path.
@@ -45,6 +36,9 @@ pub(crate) struct PoolRef {
 // SAFETY: `base` points into a mapping owned by the client's `Inner`, which
 // every handle keeps alive through an `Arc`; the pointer itself is just data.
 unsafe impl Send for PoolRef {}
+// SAFETY: as for `Send`: sharing a `&PoolRef` shares an address, and every
+// access through it is argued by the guard that makes it (holder bits).
+unsafe impl Sync for PoolRef {}
 
 #[derive(Default)]
 struct PoolMaps {
@@ -469,7 +463,32 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
-    /// Connects to the broker at the default socket path (see [`socket_path`])
+    /// Environment variable that overrides the default socket path.
+    pub const SOCKET_ENV: &'static str = crate::paths::SOCKET_ENV;
+
+    /// How long a control request waits for the broker's answer unless
+    /// [`Client::REQUEST_TIMEOUT_ENV`] or [`Client::set_request_timeout`]
+    /// says otherwise.
+    pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// Environment variable read at connect: the control request timeout in
+    /// milliseconds (a positive integer; anything else is ignored and
+    /// [`Client::DEFAULT_REQUEST_TIMEOUT`] applies).
+    pub const REQUEST_TIMEOUT_ENV: &'static str = "TENSORBUS_REQUEST_TIMEOUT_MS";
+
+    /// The socket path [`Client::connect`] uses: `$TENSORBUS_SOCKET`, else
+    /// `$XDG_RUNTIME_DIR/tensorbus/broker.sock`, else
+    /// `/tmp/tensorbus-$UID/broker.sock`.
+    ///
+    /// ```
+    /// println!("connecting to {}", tensorbus::Client::default_socket_path().display());
+    /// ```
+    pub fn default_socket_path() -> PathBuf {
+        socket_path(None)
+    }
+
+    /// Connects to the broker at the default socket path (see
+    /// [`Client::default_socket_path`])
     /// with the process name as client name.
     pub fn connect() -> Result<Client, ConnectError> {
         let name = std::env::args()
@@ -611,7 +630,7 @@ impl Client {
 
     /// Sets how long each control request of this client (and its clones)
     /// waits for the broker's answer; zero is taken as 1 ms. The default is
-    /// [`DEFAULT_REQUEST_TIMEOUT`], or [`REQUEST_TIMEOUT_ENV`] when set at
+    /// [`Client::DEFAULT_REQUEST_TIMEOUT`], or [`Client::REQUEST_TIMEOUT_ENV`] when set at
     /// connect. A request that times out fails with
     /// [`RequestError::Timeout`]; the broker undoes what it opens for it and
     /// the client discards its late reply.
@@ -620,14 +639,14 @@ impl Client {
     }
 
     /// The broker's pool table.
-    pub fn pools(&self) -> &[PoolInfo] {
-        &self.inner.pools
+    pub fn pools(&self) -> Vec<crate::stat::PoolInfo> {
+        self.inner.pools.iter().map(Into::into).collect()
     }
 
     /// A statistics snapshot from the broker.
-    pub fn stat(&self) -> Result<StatReport, RequestError> {
+    pub fn stat(&self) -> Result<crate::stat::StatReport, RequestError> {
         match self.inner.request(&Request::Stat)?.0 {
-            Response::Stat(s) => Ok(s),
+            Response::Stat(s) => Ok(s.into()),
             Response::Error { message, .. } => Err(RequestError::Protocol(message)),
             other => Err(RequestError::Protocol(format!(
                 "unexpected reply {other:?}"
@@ -646,6 +665,7 @@ impl Client {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tensorbus_core::proto::StatReport;
     use tensorbus_core::proto::ChannelInfo;
     use tensorbus_core::{Mode, Policy};
 

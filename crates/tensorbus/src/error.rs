@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 pub use tensorbus_core::receive::Corruption;
-use tensorbus_core::ShapeError;
+pub use tensorbus_core::ShapeError;
 
 /// A handle was used in a process forked after it was opened.
 ///
@@ -21,6 +21,7 @@ pub struct ForkedChild {
 
 /// Why [`crate::Client::connect`] failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ConnectError {
     /// Nothing listens at the socket path, or nothing answered there as a
     /// broker. The message's advice depends on the case (a path too long
@@ -74,6 +75,7 @@ fn unavailable_message(path: &std::path::Path, reason: &str) -> String {
 
 /// Why a control request (open, close, stat) failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum RequestError {
     /// The broker went away (control requests need it; data keeps flowing on mapped pools).
     #[error("broker at {path} is unavailable: {reason}. Tensors on already-open channels keep flowing; restart the broker with `tensorbus broker` to open new handles")]
@@ -114,6 +116,7 @@ pub enum RequestError {
 
 /// Why opening a producer, consumer or stage failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum OpenError {
     /// No channel of that name; `known` lists the existing ones.
     #[error("unknown channel {channel:?}; known channels: [{}]. Declare it in the broker config or open a producer with create options", known.join(", "))]
@@ -145,6 +148,7 @@ pub enum OpenError {
 
 /// Why a loan failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum LoanError {
     /// Every slot of every pool that fits is held.
     #[error("pool {pool:?} exhausted: all {slots} slots are held ({holders}). Release received tensors sooner, add slots to the pool, or use loan_timeout to wait; `tensorbus stat` shows who holds what")]
@@ -186,6 +190,7 @@ pub enum LoanError {
 /// Why a publish or forward failed. The tensor is released (except after
 /// [`PublishError::ForkedChild`]: the slot is the parent's, left as it is).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum PublishError {
     /// The slot's pool is not one the target channel may use.
     #[error("cannot forward a slot of pool {pool:?} to channel {channel:?}, which does not use that pool; add it to the channel's pools")]
@@ -209,6 +214,7 @@ pub enum PublishError {
 
 /// Why [`crate::Consumer::try_recv`] returned nothing.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum TryRecvError {
     /// Nothing is queued.
     #[error("no tensor queued")]
@@ -229,6 +235,7 @@ pub enum TryRecvError {
 
 /// Why [`crate::Consumer::recv`] or `recv_timeout` returned nothing.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum RecvError {
     /// Nothing arrived in time.
     #[error("no tensor arrived within {0:?}")]
@@ -253,6 +260,7 @@ pub enum RecvError {
 
 /// Why a typed view could not be made.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum TypeError {
     /// The tensor's dtype is another one.
     #[error("tensor has dtype {actual}, not {requested}")]

@@ -1,39 +1,101 @@
 //! Opening producers, consumers and stages.
 
 use crate::client::{open_error, Client};
-use crate::consumer::{Consumer, WaitStrategy};
+use crate::consumer::{Consumer, ConsumerCore, WaitStrategy};
 use crate::error::{OpenError, RequestError};
 use crate::producer::Producer;
 use crate::stage::Stage;
-use std::cell::Cell;
-use tensorbus_core::proto::{ChannelSpec, Request, Response};
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+use tensorbus_core::proto::{self, Request, Response};
 use tensorbus_core::{Mode, Policy};
+
+/// How to create a channel at run time when it does not exist yet
+/// ([`ProducerOptions::create`], [`ConsumerOptions::create`]): its mode,
+/// the pools it may loan from, and the defaults for its subscribers.
+///
+/// ```no_run
+/// use tensorbus::{ChannelSpec, Mode, Policy, ProducerOptions};
+/// # let client = tensorbus::Client::connect()?;
+/// let spec = ChannelSpec::new(Mode::Broadcast).pools(&["frames"]).depth(4).policy(Policy::Latest);
+/// let producer = client.producer_with("camera/raw", ProducerOptions::default().create(spec))?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChannelSpec {
+    mode: Mode,
+    pools: Vec<String>,
+    depth: Option<u32>,
+    policy: Option<Policy>,
+}
+
+impl Default for ChannelSpec {
+    fn default() -> Self {
+        ChannelSpec::new(Mode::Broadcast)
+    }
+}
+
+impl ChannelSpec {
+    /// A channel of `mode` that may use every pool, with the broker's
+    /// default depth and policy.
+    pub fn new(mode: Mode) -> ChannelSpec {
+        ChannelSpec {
+            mode,
+            pools: Vec::new(),
+            depth: None,
+            policy: None,
+        }
+    }
+    /// The pools the channel may loan from, by name (empty: every pool).
+    pub fn pools(mut self, pools: &[&str]) -> Self {
+        self.pools = pools.iter().map(|s| s.to_string()).collect();
+        self
+    }
+    /// The ring depth of subscribers that do not ask for one.
+    pub fn depth(mut self, depth: u32) -> Self {
+        self.depth = Some(depth);
+        self
+    }
+    /// The policy of subscribers that do not ask for one.
+    pub fn policy(mut self, policy: Policy) -> Self {
+        self.policy = Some(policy);
+        self
+    }
+    /// The mode.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// The wire form, named `channel`.
+    fn named(&self, channel: &str) -> proto::ChannelSpec {
+        proto::ChannelSpec {
+            name: channel.to_owned(),
+            pools: self.pools.clone(),
+            mode: self.mode,
+            depth: self.depth,
+            policy: self.policy,
+        }
+    }
+}
 
 /// Options for [`Client::producer_with`].
 #[derive(Clone, Debug, Default)]
+#[non_exhaustive]
 pub struct ProducerOptions {
     /// Create the channel with this spec if it does not exist yet.
     pub create: Option<ChannelSpec>,
 }
 
 impl ProducerOptions {
-    /// Creates the channel at run time if missing, with `mode` and the
-    /// given pools (empty = all pools).
-    pub fn create(mut self, mode: Mode, pools: &[&str]) -> Self {
-        self.create = Some(spec(mode, pools));
-        self
-    }
-
-    /// Creates the channel at run time if missing, with every option of
-    /// `spec` (its `name` is replaced by the channel being opened).
-    pub fn create_with(mut self, spec: ChannelSpec) -> Self {
+    /// Creates the channel at run time if it is missing.
+    pub fn create(mut self, spec: ChannelSpec) -> Self {
         self.create = Some(spec);
         self
     }
 }
 
-/// Options for [`Client::consumer_with`].
+/// Options for [`Client::consumer_with`] and [`Client::stage_with`].
 #[derive(Clone, Debug, Default)]
+#[non_exhaustive]
 pub struct ConsumerOptions {
     /// Backpressure policy (channel default if `None`).
     pub policy: Option<Policy>,
@@ -61,36 +123,11 @@ impl ConsumerOptions {
         self.wait = wait;
         self
     }
-    /// Creates the channel at run time if missing.
-    pub fn create(mut self, mode: Mode, pools: &[&str]) -> Self {
-        self.create = Some(spec(mode, pools));
-        self
-    }
-
-    /// Creates the channel at run time if missing, with every option of
-    /// `spec` (its `name` is replaced by the channel being opened).
-    pub fn create_with(mut self, spec: ChannelSpec) -> Self {
+    /// Creates the channel at run time if it is missing.
+    pub fn create(mut self, spec: ChannelSpec) -> Self {
         self.create = Some(spec);
         self
     }
-}
-
-/// A channel spec with `mode` and `pools` and the broker's defaults otherwise.
-fn spec(mode: Mode, pools: &[&str]) -> ChannelSpec {
-    ChannelSpec {
-        name: String::new(),
-        pools: pools.iter().map(|s| s.to_string()).collect(),
-        mode,
-        depth: None,
-        policy: None,
-    }
-}
-
-fn named(spec: Option<ChannelSpec>, channel: &str) -> Option<ChannelSpec> {
-    spec.map(|mut s| {
-        s.name = channel.to_owned();
-        s
-    })
 }
 
 impl Client {
@@ -107,7 +144,7 @@ impl Client {
     ) -> Result<Producer, OpenError> {
         let req = Request::OpenProducer {
             channel: channel.to_owned(),
-            create: named(opts.create, channel),
+            create: opts.create.as_ref().map(|s| s.named(channel)),
         };
         let (resp, fds) = self.inner.request(&req)?;
         match resp {
@@ -158,7 +195,7 @@ impl Client {
             policy: opts.policy,
             depth: opts.depth,
             writable,
-            create: named(opts.create, channel),
+            create: opts.create.as_ref().map(|s| s.named(channel)),
         };
         let (resp, fds) = self.inner.request(&req)?;
         match resp {
@@ -177,7 +214,7 @@ impl Client {
                         return Err(e);
                     }
                 };
-                Ok(Consumer {
+                let core = ConsumerCore {
                     inner: self.inner.clone(),
                     handle,
                     bit: 1u64 << (bit & 63),
@@ -186,11 +223,12 @@ impl Client {
                     policy,
                     depth,
                     pools,
-                    cursor: Cell::new(0),
-                    detached: Cell::new(false),
-                    wait: opts.wait,
+                    cursor: AtomicUsize::new(0),
+                    taking: AtomicBool::new(false),
+                    detached: AtomicBool::new(false),
                     readiness: std::sync::OnceLock::new(),
-                })
+                };
+                Ok(Consumer::new(core, opts.wait))
             }
             Response::Error { kind, message } => {
                 Err(open_error(kind, message, channel, self.known_channels()))
@@ -217,17 +255,13 @@ impl Client {
         opts: ConsumerOptions,
     ) -> Result<Stage, OpenError> {
         let input = self.open_consumer(input, opts, true)?;
-        if input.channel.mode != Mode::Workqueue {
+        if input.core.channel.mode != Mode::Workqueue {
             return Err(OpenError::InvalidArgument(format!(
                 "stage input {:?} is a broadcast channel; a stage changes slots in place, so its input must be a workqueue channel (each tensor goes to one worker)",
-                input.channel.name
+                input.core.channel.name
             )));
         }
         let output = self.producer(output)?;
-        Ok(Stage {
-            input,
-            output,
-            held_back: None,
-        })
+        Ok(Stage::new(input, output))
     }
 }

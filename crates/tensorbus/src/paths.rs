@@ -2,18 +2,13 @@
 
 use std::path::{Path, PathBuf};
 
-/// Environment variable that overrides the default socket path.
-pub const SOCKET_ENV: &str = "TENSORBUS_SOCKET";
+/// Environment variable that overrides the default socket path
+/// (`Client::SOCKET_ENV`).
+pub(crate) const SOCKET_ENV: &str = "TENSORBUS_SOCKET";
 
-/// The socket path to use: `explicit` if given, else `$TENSORBUS_SOCKET`,
-/// else `$XDG_RUNTIME_DIR/tensorbus/broker.sock`, else
-/// `/tmp/tensorbus-$UID/broker.sock`.
-///
-/// ```
-/// let p = tensorbus::socket_path(Some(std::path::Path::new("/run/x.sock")));
-/// assert_eq!(p, std::path::PathBuf::from("/run/x.sock"));
-/// ```
-pub fn socket_path(explicit: Option<&Path>) -> PathBuf {
+/// The socket path to use: `explicit` if given, else the default
+/// (`Client::default_socket_path`).
+pub(crate) fn socket_path(explicit: Option<&Path>) -> PathBuf {
     if let Some(p) = explicit {
         return p.to_path_buf();
     }

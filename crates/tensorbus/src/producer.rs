@@ -3,55 +3,60 @@
 use crate::client::{Client, Inner, PoolRef};
 use crate::element::{typed_mut, Element};
 use crate::error::{ForkedChild, LoanError, PublishError, TypeError};
-use std::sync::Arc;
+use crate::view::{Placed, SlotId, SlotPtr, TensorView};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tensorbus_core::control::Control;
 use tensorbus_core::proto::ChannelInfo;
-use tensorbus_core::publish::{loan, ProducerPath, PublishOutcome};
+use tensorbus_core::publish::{loan, ProducerPath};
 use tensorbus_core::slot::SlotHeader;
 use tensorbus_core::{DType, Descriptor, ShapeError, TensorMeta};
 use tensorbus_shm::futex::FutexParker;
 
-/// Where a slot is: pool index, slot index, generation. Two views with equal
-/// `SlotId`s are the very same bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct SlotId {
-    /// Pool index.
-    pub pool: u8,
-    /// Slot index in the pool.
-    pub index: u32,
-    /// Generation (bumped on every loan).
-    pub generation: u32,
-}
-
-/// What a publish (or forward) did, with the sequence number and timestamp
-/// it stamped on the tensor: [`TensorMut::publish_stamped`],
-/// [`crate::StagedTensor::forward_stamped`].
+/// What a publish (or forward) did: how many subscribers received the
+/// tensor, how many dropped something, and the sequence number and
+/// timestamp stamped on it (what receivers read as `seq` and
+/// `timestamp_ns`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Published {
-    /// How many subscribers received it / dropped something.
-    pub outcome: PublishOutcome,
-    /// The producer's sequence number given to this tensor (what receivers
-    /// read as `seq`).
+    /// Subscribers the tensor was delivered to (a work queue: 0 or 1).
+    pub delivered: u32,
+    /// Subscribers for which something was dropped (this tensor under
+    /// `drop_newest`, an older one under `drop_oldest`/`latest`).
+    pub dropped: u32,
+    /// The producer's sequence number given to this tensor.
     pub seq: u64,
-    /// CLOCK_MONOTONIC nanoseconds stamped at publish (receivers'
-    /// `timestamp_ns`).
+    /// CLOCK_MONOTONIC nanoseconds stamped at publish.
     pub timestamp_ns: u64,
 }
 
-/// The writing end of a channel.
+/// The writing end of a channel: a handle over shared state. Loans
+/// ([`TensorMut`]) own what they need, so a loan may outlive the `Producer`
+/// value, move to another thread, or sit next to other loans of the same
+/// producer (each holds one slot until it is published or dropped).
+/// `Producer` is `Send + Sync`: threads may loan and publish through one
+/// `&Producer`; publishes of one producer are serialised by a short lock
+/// that is never contended unless two threads publish at the same instant.
 ///
 /// ```no_run
+/// use tensorbus::TensorView;
 /// # let client = tensorbus::Client::connect()?;
-/// let mut producer = client.producer("imu")?;
+/// let producer = client.producer("imu")?;
 /// let mut t = producer.loan(&[64, 1024], tensorbus::DType::F32)?;
 /// t.as_mut_slice_of::<f32>()?.fill(1.0);
 /// t.set_user_header(b"sweep=1")?;
-/// let outcome = t.publish()?;
-/// println!("delivered to {} subscribers", outcome.delivered);
+/// let published = t.publish()?;
+/// println!("seq {} delivered to {} subscribers", published.seq, published.delivered);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct Producer {
+    pub(crate) core: Arc<ProducerCore>,
+}
+
+/// What a producer's handle and its loans share.
+pub(crate) struct ProducerCore {
     pub(crate) inner: Arc<Inner>,
     pub(crate) handle: u32,
     pub(crate) bit: u64,
@@ -60,18 +65,30 @@ pub struct Producer {
     /// Indexed by pool index; `Some` for the channel's pools.
     pub(crate) pools: Vec<Option<PoolRef>>,
     /// The channel's pools, smallest slot first.
-    pub(crate) order: Vec<u8>,
-    pub(crate) cursors: Vec<usize>,
-    pub(crate) cached_heads: Vec<u64>,
-    pub(crate) rr: usize,
-    pub(crate) seq: u64,
+    order: Vec<u8>,
+    /// Where each pool's next loan starts looking. A hint only: the holder
+    /// word's CAS decides who gets a slot, so concurrent loans that race on
+    /// a cursor (Relaxed load and store) at worst look at a slot twice.
+    cursors: Box<[AtomicUsize]>,
+    /// The publishing side's private state. The lock also makes this
+    /// producer's row of rings single-producer, as the ring protocol
+    /// requires (two threads publishing through one producer take turns).
+    publish: Mutex<PublishState>,
+}
+
+/// What publishing mutates: the sequence counter, cached ring heads and
+/// the work-queue round-robin position.
+struct PublishState {
+    cached_heads: Vec<u64>,
+    rr: usize,
+    seq: u64,
 }
 
 impl std::fmt::Debug for Producer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Producer")
-            .field("channel", &self.channel.name)
-            .field("handle", &self.handle)
+            .field("channel", &self.core.channel.name)
+            .field("handle", &self.core.handle)
             .finish()
     }
 }
@@ -89,71 +106,78 @@ impl Producer {
         order.sort_by_key(|&p| pools[usize::from(p)].map_or(u64::MAX, |r| r.slot_size));
         let subs = client.inner.control.layout().params.max_subscribers as usize;
         Producer {
-            inner: client.inner.clone(),
-            handle,
-            bit: 1u64 << (bit & 63),
-            row: row as usize,
-            pools,
-            order,
-            cursors: vec![0; client.inner.pools.len()],
-            cached_heads: vec![0; subs],
-            rr: 0,
-            seq: 0,
-            channel,
+            core: Arc::new(ProducerCore {
+                inner: client.inner.clone(),
+                handle,
+                bit: 1u64 << (bit & 63),
+                row: row as usize,
+                pools,
+                order,
+                cursors: (0..client.inner.pools.len())
+                    .map(|_| AtomicUsize::new(0))
+                    .collect(),
+                publish: Mutex::new(PublishState {
+                    cached_heads: vec![0; subs],
+                    rr: 0,
+                    seq: 0,
+                }),
+                channel,
+            }),
         }
     }
 
     /// The channel's name.
     pub fn channel(&self) -> &str {
-        &self.channel.name
+        &self.core.channel.name
     }
 
     /// Broker handle id.
     pub fn handle(&self) -> u32 {
-        self.handle
+        self.core.handle
     }
 
     /// `Err(ForkedChild)` in a process forked after this producer's client
     /// connected: the producer is inert here (see [`Client`]'s fork
     /// semantics). One relaxed load.
     pub fn fork_check(&self) -> Result<(), ForkedChild> {
-        self.inner.origin.check()
-    }
-
-    fn ctl(&self) -> &Control {
-        &self.inner.control
+        self.core.inner.origin.check()
     }
 
     /// Loans a slot for a C-contiguous tensor of `shape` and `dtype` from
     /// the smallest pool that fits (larger ones if it is exhausted). Fails
     /// at once with [`LoanError::PoolExhausted`] when every slot is held.
     #[inline]
-    pub fn loan(&mut self, shape: &[usize], dtype: DType) -> Result<TensorMut<'_>, LoanError> {
+    pub fn loan(&self, shape: &[u32], dtype: DType) -> Result<TensorMut, LoanError> {
         let meta = TensorMeta::contiguous(dtype, shape)?;
         self.loan_meta(meta)
     }
 
-    /// Loans a one-dimensional `u8` tensor of `len` bytes.
-    pub fn loan_bytes(&mut self, len: usize) -> Result<TensorMut<'_>, LoanError> {
-        self.loan(&[len], DType::U8)
+    /// Loans a one-dimensional `u8` tensor of `len` bytes (at most
+    /// `u32::MAX`: one extent).
+    pub fn loan_bytes(&self, len: usize) -> Result<TensorMut, LoanError> {
+        let extent = u32::try_from(len).map_err(|_| ShapeError::DimTooLarge {
+            axis: 0,
+            extent: len,
+        })?;
+        self.loan(&[extent], DType::U8)
     }
 
     /// Like [`Producer::loan`], but waits up to `timeout` for a slot to be freed.
     pub fn loan_timeout(
-        &mut self,
-        shape: &[usize],
+        &self,
+        shape: &[u32],
         dtype: DType,
         timeout: Duration,
-    ) -> Result<TensorMut<'_>, LoanError> {
+    ) -> Result<TensorMut, LoanError> {
         let meta = TensorMeta::contiguous(dtype, shape)?;
         let deadline = Instant::now() + timeout;
         let mut backoff = 0u32;
         loop {
-            match self.try_slot(&meta)? {
+            match self.core.try_slot(&meta)? {
                 Some(found) => return Ok(self.make_loan(found, meta)),
                 None if Instant::now() >= deadline => {
                     return Err(LoanError::Timeout {
-                        channel: self.channel.name.clone(),
+                        channel: self.core.channel.name.clone(),
                         timeout,
                     })
                 }
@@ -171,16 +195,51 @@ impl Producer {
 
     /// Loans a slot for a tensor described by `meta` (custom strides allowed).
     #[inline]
-    pub fn loan_meta(&mut self, meta: TensorMeta) -> Result<TensorMut<'_>, LoanError> {
-        match self.try_slot(&meta)? {
+    pub fn loan_meta(&self, meta: TensorMeta) -> Result<TensorMut, LoanError> {
+        match self.core.try_slot(&meta)? {
             Some(found) => Ok(self.make_loan(found, meta)),
-            None => Err(self.exhausted(&meta)),
+            None => Err(self.core.exhausted(&meta)),
         }
+    }
+
+    #[inline]
+    fn make_loan(&self, (pool, index, generation): (u8, usize, u32), meta: TensorMeta) -> TensorMut {
+        let r = self.core.pools[usize::from(pool)].expect("loaned from a mapped pool");
+        // SAFETY: index < slots of the pool (loan checked it) and the pool
+        // mapping is slots * stride bytes, so the offset is in bounds.
+        let ptr = unsafe { r.base.add(index * r.stride as usize) };
+        TensorMut {
+            core: self.core.clone(),
+            at: Placed {
+                id: SlotId {
+                    pool,
+                    index: index as u32,
+                    generation,
+                },
+                ptr: SlotPtr(ptr),
+                meta,
+            },
+            capacity: r.slot_size,
+            done: false,
+        }
+    }
+
+    /// Waits up to `timeout` until a publish on this producer would not
+    /// wait for a `block` subscriber's full queue (see
+    /// [`TensorMut::wait_for_room`]); returns whether it would not.
+    pub fn wait_for_room(&self, timeout: Duration) -> bool {
+        self.core.wait_for_room(timeout)
+    }
+}
+
+impl ProducerCore {
+    fn ctl(&self) -> &Control {
+        &self.inner.control
     }
 
     /// Finds a free slot; `Ok(None)` when every fitting slot is held.
     #[inline]
-    fn try_slot(&mut self, meta: &TensorMeta) -> Result<Option<(u8, usize, u32)>, LoanError> {
+    fn try_slot(&self, meta: &TensorMeta) -> Result<Option<(u8, usize, u32)>, LoanError> {
         // An inherited producer takes no slot (one relaxed load).
         self.inner.origin.check()?;
         let span = meta.span()?.max(meta.nbytes);
@@ -193,10 +252,11 @@ impl Producer {
                 continue;
             }
             fits = true;
-            let cursor = &mut self.cursors[usize::from(p)];
-            if let Some((index, generation)) =
-                loan(&self.inner.control, usize::from(p), self.bit, cursor)
-            {
+            let hint = &self.cursors[usize::from(p)];
+            let mut cursor = hint.load(Ordering::Relaxed);
+            let got = loan(&self.inner.control, usize::from(p), self.bit, &mut cursor);
+            hint.store(cursor, Ordering::Relaxed);
+            if let Some((index, generation)) = got {
                 return Ok(Some((p, index, generation)));
             }
         }
@@ -215,30 +275,6 @@ impl Producer {
             });
         }
         Ok(None)
-    }
-
-    #[inline]
-    fn make_loan(
-        &mut self,
-        (pool, index, generation): (u8, usize, u32),
-        meta: TensorMeta,
-    ) -> TensorMut<'_> {
-        let r = self.pools[usize::from(pool)].expect("loaned from a mapped pool");
-        // SAFETY: index < slots of the pool (loan checked it) and the pool
-        // mapping is slots * stride bytes, so the offset is in bounds.
-        let ptr = unsafe { r.base.add(index * r.stride as usize) };
-        TensorMut {
-            producer: self,
-            id: SlotId {
-                pool,
-                index: index as u32,
-                generation,
-            },
-            ptr,
-            capacity: r.slot_size,
-            meta,
-            done: false,
-        }
     }
 
     fn exhausted(&self, meta: &TensorMeta) -> LoanError {
@@ -287,53 +323,47 @@ impl Producer {
         }
     }
 
-    /// Waits up to `timeout` until a publish on this producer would not
-    /// wait for a `block` subscriber's full queue (see
-    /// [`TensorMut::wait_for_room`]); returns whether it would not.
-    pub fn wait_for_room(&self, timeout: Duration) -> bool {
-        let path = ProducerPath {
+    fn path(&self) -> ProducerPath<'_> {
+        ProducerPath {
             ctl: &self.inner.control,
             channel: self.channel.index as usize,
             row: self.row,
             mode: self.channel.mode,
-        };
-        path.wait_for_room(timeout, &FutexParker)
+        }
+    }
+
+    pub(crate) fn wait_for_room(&self, timeout: Duration) -> bool {
+        self.path().wait_for_room(timeout, &FutexParker)
     }
 
     /// Publishes a slot this handle (or, for stages, `own_bit`) holds.
     #[inline]
-    pub(crate) fn publish_slot(
-        &mut self,
-        id: SlotId,
-        mut meta: TensorMeta,
-        own_bit: u64,
-    ) -> Published {
+    pub(crate) fn publish_slot(&self, id: SlotId, mut meta: TensorMeta, own_bit: u64) -> Published {
         let ctl = &self.inner.control;
         let Some(slot) = ctl.slot(usize::from(id.pool), id.index as usize) else {
             return Published::default();
         };
-        meta.seq = self.seq;
-        self.seq += 1;
+        // Poisoning cannot leave the state inconsistent (every field is
+        // valid at every instant), so a poisoned lock is taken as it is.
+        let mut st = self.publish.lock().unwrap_or_else(|p| p.into_inner());
+        let st = &mut *st;
+        meta.seq = st.seq;
+        st.seq += 1;
         meta.timestamp_ns = tensorbus_shm::monotonic_ns();
         meta.producer = self.inner.client_id;
         slot.write_meta(&meta);
-        let path = ProducerPath {
-            ctl,
-            channel: self.channel.index as usize,
-            row: self.row,
-            mode: self.channel.mode,
-        };
         let desc = Descriptor::new(id.pool, id.index, id.generation);
-        let outcome = path.publish(
+        let outcome = self.path().publish(
             desc,
             slot,
             own_bit,
-            &mut self.cached_heads,
-            &mut self.rr,
+            &mut st.cached_heads,
+            &mut st.rr,
             &FutexParker,
         );
         Published {
-            outcome,
+            delivered: outcome.delivered,
+            dropped: outcome.dropped,
             seq: meta.seq,
             timestamp_ns: meta.timestamp_ns,
         }
@@ -344,85 +374,85 @@ impl Producer {
     }
 }
 
-impl Drop for Producer {
+impl Drop for ProducerCore {
     fn drop(&mut self) {
-        // Sends nothing in a forked child (`Inner::request` refuses).
+        // The last of the handle and its loans is gone. Sends nothing in a
+        // forked child (`Inner::request` refuses).
         self.inner.close_handle(self.handle);
     }
 }
 
 /// A loaned slot: write the tensor in place, then [`TensorMut::publish`].
-/// Dropping it unpublished gives the slot back.
-pub struct TensorMut<'p> {
-    producer: &'p mut Producer,
-    id: SlotId,
-    ptr: *mut u8,
+/// Dropping it unpublished gives the slot back. It owns what it needs (no
+/// borrow of its [`Producer`]): it may be moved to another thread or kept
+/// after the producer value is dropped (the producer's broker handle stays
+/// open until its last loan ends).
+pub struct TensorMut {
+    core: Arc<ProducerCore>,
+    at: Placed,
     capacity: u64,
-    meta: TensorMeta,
     done: bool,
 }
 
-impl std::fmt::Debug for TensorMut<'_> {
+impl std::fmt::Debug for TensorMut {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TensorMut")
-            .field("slot", &self.id)
-            .field("meta", &self.meta)
+            .field("slot", &self.at.id)
+            .field("meta", &self.at.meta)
             .finish()
     }
 }
 
-impl TensorMut<'_> {
-    /// Where the slot is.
-    pub fn slot_id(&self) -> SlotId {
-        self.id
+impl TensorView for TensorMut {
+    fn meta(&self) -> &TensorMeta {
+        &self.at.meta
     }
-    /// The metadata that will be published.
-    pub fn meta(&self) -> &TensorMeta {
-        &self.meta
+    fn slot_id(&self) -> SlotId {
+        self.at.id
     }
-    /// Extents.
-    pub fn shape(&self) -> &[u32] {
-        self.meta.shape()
-    }
-    /// Element type.
-    pub fn dtype(&self) -> DType {
-        self.meta.dtype
-    }
-    /// Address of the first payload byte (the same address every mapping of
-    /// this process sees; useful to prove zero-copy).
-    pub fn as_ptr(&self) -> *mut u8 {
-        self.ptr
+}
+
+impl TensorMut {
+    /// Address of the first payload byte, writable (the same address every
+    /// mapping of this process sees; useful to prove zero-copy).
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.at.ptr.0
     }
     /// Payload bytes the slot can hold.
     pub fn capacity(&self) -> u64 {
         self.capacity
+    }
+    /// The channel this loan will be published on.
+    pub fn channel(&self) -> &str {
+        &self.core.channel.name
     }
 
     /// `Err(ForkedChild)` in a process forked after this loan's producer was
     /// opened: the slot is the parent's loan; publishing it fails and
     /// dropping it leaves it to the parent.
     pub fn fork_check(&self) -> Result<(), ForkedChild> {
-        self.producer.fork_check()
+        self.core.inner.origin.check()
     }
 
     /// The tensor's bytes, writable.
     pub fn as_mut_bytes(&mut self) -> &mut [u8] {
         // SAFETY: we hold the slot exclusively (loan CAS), `ptr..ptr+nbytes`
         // lies inside the slot (nbytes <= span <= slot_size checked at loan)
-        // of a read-write mapping kept alive by the producer's client.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.meta.nbytes as usize) }
+        // of a read-write mapping kept alive by `core.inner`; `&mut self`
+        // makes this the only view.
+        unsafe { self.at.bytes_mut() }
     }
 
     /// The tensor as a typed mutable slice (dtype must match, contiguous).
     pub fn as_mut_slice_of<T: Element>(&mut self) -> Result<&mut [T], TypeError> {
         // SAFETY: we hold the slot exclusively (loan CAS), the range lies in
         // the slot of a read-write mapping, and `&mut self` is the only view.
-        unsafe { typed_mut(&self.meta, self.ptr) }
+        unsafe { typed_mut(&self.at.meta, self.at.ptr.0) }
     }
 
     /// Sets the user header (at most 64 bytes: frame id, camera id, ...).
     pub fn set_user_header(&mut self, bytes: &[u8]) -> Result<(), ShapeError> {
-        self.meta.set_user_header(bytes)
+        self.at.meta.set_user_header(bytes)
     }
 
     /// Waits up to `timeout` until [`TensorMut::publish`] would not wait
@@ -438,7 +468,7 @@ impl TensorMut<'_> {
     /// # use std::time::Duration;
     /// # static STOP: AtomicBool = AtomicBool::new(false);
     /// # let client = tensorbus::Client::connect()?;
-    /// let mut producer = client.producer("frames")?;
+    /// let producer = client.producer("frames")?;
     /// let frame = producer.loan(&[1024], tensorbus::DType::U8)?;
     /// while !frame.wait_for_room(Duration::from_millis(50)) {
     ///     if STOP.load(Ordering::Relaxed) { return Ok(()); } // the loan is given back
@@ -447,59 +477,57 @@ impl TensorMut<'_> {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn wait_for_room(&self, timeout: Duration) -> bool {
-        self.producer.wait_for_room(timeout)
+        self.core.wait_for_room(timeout)
     }
 
-    /// Publishes to every subscriber (broadcast) or one worker (work queue).
-    /// The producer's hold ends here; receivers' holds begin.
-    #[inline]
-    pub fn publish(self) -> Result<PublishOutcome, PublishError> {
-        self.publish_stamped().map(|p| p.outcome)
-    }
-
-    /// Like [`TensorMut::publish`], and also returns the sequence number
-    /// and timestamp the tensor was published with (the producer keeps
-    /// them in registers anyway: this costs nothing extra).
+    /// Publishes to every subscriber (broadcast) or one worker (work queue)
+    /// and returns what was published (receivers, drops, the sequence
+    /// number and timestamp stamped on the tensor). The producer's hold
+    /// ends here; receivers' holds begin. Fails only in a forked child
+    /// ([`PublishError::ForkedChild`]: nothing published, the slot left to
+    /// the parent).
     ///
     /// ```no_run
     /// # let client = tensorbus::Client::connect()?;
-    /// let mut producer = client.producer("imu")?;
-    /// let p = producer.loan(&[16], tensorbus::DType::F32)?.publish_stamped()?;
-    /// println!("seq {} at {} ns to {} subscribers", p.seq, p.timestamp_ns, p.outcome.delivered);
+    /// let producer = client.producer("imu")?;
+    /// let p = producer.loan(&[16], tensorbus::DType::F32)?.publish()?;
+    /// println!("seq {} at {} ns to {} subscribers", p.seq, p.timestamp_ns, p.delivered);
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     #[inline]
-    pub fn publish_stamped(mut self) -> Result<Published, PublishError> {
+    pub fn publish(mut self) -> Result<Published, PublishError> {
         // In a forked child: nothing published, and `drop` leaves the slot
         // to the parent's loan.
-        self.producer.inner.origin.check()?;
+        self.core.inner.origin.check()?;
         self.done = true;
-        let bit = self.producer.bit;
-        Ok(self.producer.publish_slot(self.id, self.meta, bit))
+        Ok(self
+            .core
+            .publish_slot(self.at.id, self.at.meta, self.core.bit))
     }
 }
 
-impl std::ops::Deref for TensorMut<'_> {
+impl std::ops::Deref for TensorMut {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        // SAFETY: see `as_mut_bytes`; shared borrow of our exclusive slot.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.meta.nbytes as usize) }
+        // SAFETY: see `as_mut_bytes`; a shared borrow of our exclusive slot,
+        // so nobody writes it while the borrow lives.
+        unsafe { self.at.bytes() }
     }
 }
 
-impl std::ops::DerefMut for TensorMut<'_> {
+impl std::ops::DerefMut for TensorMut {
     fn deref_mut(&mut self) -> &mut [u8] {
         self.as_mut_bytes()
     }
 }
 
-impl Drop for TensorMut<'_> {
+impl Drop for TensorMut {
     fn drop(&mut self) {
         // A forked child's copy of a loan gives nothing back: the slot is
         // the parent's.
-        if !self.done && !self.producer.inner.origin.is_forked() {
-            if let Some(slot) = self.producer.slot(self.id) {
-                slot.release(self.producer.bit);
+        if !self.done && !self.core.inner.origin.is_forked() {
+            if let Some(slot) = self.core.slot(self.at.id) {
+                slot.release(self.core.bit);
             }
         }
     }

@@ -1,22 +1,27 @@
 //! Stages: take a slot exclusively, change it in place, forward the same
 //! slot downstream. No byte is copied.
 
-use crate::consumer::{Consumer, Received};
+use crate::consumer::{Consumer, ConsumerCore};
 use crate::element::{typed_mut, Element};
 use crate::error::{ForkedChild, PublishError, RecvError, TryRecvError, TypeError};
-use crate::producer::{Producer, Published, SlotId};
+use crate::producer::{Producer, ProducerCore, Published};
+use crate::view::{Placed, SlotId, TensorView};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-use tensorbus_core::publish::PublishOutcome;
-use tensorbus_core::{DType, ShapeError, TensorMeta};
+use tensorbus_core::{ShapeError, TensorMeta};
 
 /// How long `recv_mut` waits for the upstream producer to let go of a slot.
 const EXCLUSIVE_WAIT: Duration = Duration::from_secs(2);
 
-/// A work-queue subscriber on `input` plus a producer on `output`.
+/// A work-queue subscriber on `input` plus a producer on `output`: a handle
+/// over shared state. Staged tensors ([`StagedTensor`]) own what they need;
+/// they may move to other threads and outlive the `Stage` value. Dropping
+/// the stage while staged tensors are alive ends its input subscription's
+/// deliveries at once; forwarding them still works.
 ///
 /// ```no_run
 /// # let client = tensorbus::Client::connect()?;
-/// let mut stage = client.stage("frames/raw", "frames/denoised")?;
+/// let stage = client.stage("frames/raw", "frames/denoised")?;
 /// loop {
 ///     let mut t = stage.recv_mut()?;
 ///     for b in t.iter_mut() { *b = b.saturating_sub(3); }   // in place
@@ -26,71 +31,94 @@ const EXCLUSIVE_WAIT: Duration = Duration::from_secs(2);
 /// ```
 #[derive(Debug)]
 pub struct Stage {
+    pub(crate) core: Arc<StageCore>,
+}
+
+/// What a stage's handle and its staged tensors share.
+#[derive(Debug)]
+pub(crate) struct StageCore {
     pub(crate) input: Consumer,
     pub(crate) output: Producer,
     /// A tensor taken from the input that was not yet exclusive when the
     /// last receive gave up waiting: held (never released unseen) and tried
     /// again first by the next receive.
-    pub(crate) held_back: Option<HeldBack>,
+    held_back: Mutex<Option<Placed>>,
 }
 
-/// A received tensor the stage keeps for its next receive (see
-/// [`Stage::held_back`]); the address is kept as an integer so that the
-/// stage stays `Send` without an unsafe impl.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct HeldBack {
-    id: SlotId,
-    meta: TensorMeta,
-    addr: usize,
-}
-
-impl HeldBack {
-    fn of(r: &Received) -> HeldBack {
-        HeldBack {
-            id: r.id,
-            meta: r.meta,
-            addr: r.ptr as usize,
+impl StageCore {
+    fn input(&self) -> &ConsumerCore {
+        &self.input.core
+    }
+    fn held_back(&self) -> MutexGuard<'_, Option<Placed>> {
+        self.held_back.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    /// Gives a held-back tensor back (the stage is going).
+    fn release_held_back(&self) {
+        if let Some(h) = self.held_back().take() {
+            self.input().release(h.id);
         }
     }
-    fn received(self) -> Received {
-        Received {
-            id: self.id,
-            meta: self.meta,
-            ptr: self.addr as *mut u8,
-        }
+}
+
+impl Drop for StageCore {
+    fn drop(&mut self) {
+        // A held-back tensor goes back with the stage (in a forked child,
+        // `release` does nothing).
+        self.release_held_back();
     }
 }
 
 impl Stage {
+    pub(crate) fn new(input: Consumer, output: Producer) -> Stage {
+        Stage {
+            core: Arc::new(StageCore {
+                input,
+                output,
+                held_back: Mutex::new(None),
+            }),
+        }
+    }
     /// The input subscription.
     pub fn input(&self) -> &Consumer {
-        &self.input
+        &self.core.input
     }
     /// `Err(ForkedChild)` in a process forked after this stage's client
     /// connected: the stage is inert here (see [`crate::Client`]'s fork
     /// semantics).
     pub fn fork_check(&self) -> Result<(), ForkedChild> {
-        self.input.fork_check()
+        self.core.input.fork_check()
     }
     /// The output producer (it can also loan fresh slots).
-    pub fn output(&mut self) -> &mut Producer {
-        &mut self.output
+    pub fn output(&self) -> &Producer {
+        &self.core.output
+    }
+
+    /// Ends the input subscription's deliveries at once (see
+    /// [`Consumer::detach`]); staged tensors stay valid and can still be
+    /// forwarded. A held-back tensor is given back.
+    pub fn detach(&self) -> Result<(), crate::error::RequestError> {
+        self.core.release_held_back();
+        self.core.input.detach()
     }
 
     /// Waits up to `wait` until the stage is the slot's only holder (the
     /// upstream producer clears its own bit right after pushing: normally
     /// nanoseconds). On timeout the tensor is kept in `held_back`, never
     /// released unseen (issue 13.3).
-    fn exclusive(&mut self, r: Received, wait: Duration) -> Result<StagedTensor<'_>, Duration> {
-        let ctl = &self.input.inner.control;
-        if let Some(slot) = ctl.slot(usize::from(r.id.pool), r.id.index as usize) {
+    fn exclusive(&self, r: Placed, wait: Duration) -> Result<StagedTensor, Duration> {
+        let input = self.core.input();
+        if let Some(slot) = input
+            .inner
+            .control
+            .slot(usize::from(r.id.pool), r.id.index as usize)
+        {
             let start = Instant::now();
             let mut n = 0u32;
-            while slot.holders() != self.input.bit {
+            while slot.holders() != input.bit {
                 n += 1;
                 if n % 128 == 0 {
                     if start.elapsed() > wait {
-                        self.held_back = Some(HeldBack::of(&r));
+                        *self.core.held_back() = Some(r);
                         return Err(wait);
                     }
                     std::thread::yield_now();
@@ -99,25 +127,25 @@ impl Stage {
             }
         }
         Ok(StagedTensor {
-            stage: self,
-            r,
+            stage: self.core.clone(),
+            at: r,
             done: false,
         })
     }
 
     /// The next tensor to try: one held back by an earlier receive first.
-    fn next_held_back(&mut self) -> Option<Received> {
-        self.held_back.take().map(HeldBack::received)
+    fn next_held_back(&self) -> Option<Placed> {
+        self.core.held_back().take()
     }
 
     /// Takes the next tensor exclusively, if one is queued. A tensor that
     /// upstream still shares after a short wait is not lost: it is
     /// [`TryRecvError::NotExclusive`], and the stage keeps it for its next
     /// receive.
-    pub fn try_recv_mut(&mut self) -> Result<StagedTensor<'_>, TryRecvError> {
+    pub fn try_recv_mut(&self) -> Result<StagedTensor, TryRecvError> {
         let r = match self.next_held_back() {
             Some(r) => r,
-            None => self.input.try_take()?,
+            None => self.core.input().try_take()?,
         };
         self.exclusive(r, EXCLUSIVE_WAIT)
             .map_err(TryRecvError::NotExclusive)
@@ -125,20 +153,20 @@ impl Stage {
 
     /// Waits for the next tensor and takes it exclusively
     /// ([`RecvError::NotExclusive`]: see [`Stage::try_recv_mut`]).
-    pub fn recv_mut(&mut self) -> Result<StagedTensor<'_>, RecvError> {
+    pub fn recv_mut(&self) -> Result<StagedTensor, RecvError> {
         let r = match self.next_held_back() {
             Some(r) => r,
-            None => self.input.take_timeout(None)?,
+            None => self.core.input.take_timeout(None)?,
         };
         self.exclusive(r, EXCLUSIVE_WAIT)
             .map_err(RecvError::NotExclusive)
     }
 
     /// Like [`Stage::recv_mut`], waiting at most `timeout`.
-    pub fn recv_mut_timeout(&mut self, timeout: Duration) -> Result<StagedTensor<'_>, RecvError> {
+    pub fn recv_mut_timeout(&self, timeout: Duration) -> Result<StagedTensor, RecvError> {
         let r = match self.next_held_back() {
             Some(r) => r,
-            None => self.input.take_timeout(Some(timeout))?,
+            None => self.core.input.take_timeout(Some(timeout))?,
         };
         self.exclusive(r, EXCLUSIVE_WAIT)
             .map_err(RecvError::NotExclusive)
@@ -147,89 +175,85 @@ impl Stage {
 
 impl Drop for Stage {
     fn drop(&mut self) {
-        // A held-back tensor goes back with the stage (in a forked child,
-        // `release` does nothing).
-        if let Some(h) = self.held_back.take() {
-            self.input.release(h.id);
+        // Staged tensors are alive (they hold the core): stop deliveries
+        // and give a held-back tensor back now; the handles close when the
+        // last staged tensor goes.
+        if Arc::strong_count(&self.core) > 1 {
+            let _ = self.detach();
         }
     }
 }
 
-/// A slot held exclusively by a stage: writable, then forwarded or dropped.
-pub struct StagedTensor<'s> {
-    stage: &'s mut Stage,
-    r: Received,
+/// A slot held exclusively by a stage: writable, then forwarded or dropped
+/// (dropping releases it). It owns what it needs: it may move to another
+/// thread and outlive its [`Stage`].
+pub struct StagedTensor {
+    stage: Arc<StageCore>,
+    at: Placed,
     done: bool,
 }
 
-impl std::fmt::Debug for StagedTensor<'_> {
+impl std::fmt::Debug for StagedTensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StagedTensor")
-            .field("slot", &self.r.id)
-            .field("meta", &self.r.meta)
+            .field("slot", &self.at.id)
+            .field("meta", &self.at.meta)
             .finish()
     }
 }
 
-impl StagedTensor<'_> {
-    /// Where the slot is (unchanged by forwarding).
-    pub fn slot_id(&self) -> SlotId {
-        self.r.id
+impl TensorView for StagedTensor {
+    fn meta(&self) -> &TensorMeta {
+        &self.at.meta
     }
-    /// Metadata as received (edit with [`StagedTensor::meta_mut`]).
-    pub fn meta(&self) -> &TensorMeta {
-        &self.r.meta
+    fn slot_id(&self) -> SlotId {
+        self.at.id
     }
-    /// Sequence number from upstream.
-    pub fn seq(&self) -> u64 {
-        self.r.meta.seq
-    }
-    /// Extents.
-    pub fn shape(&self) -> &[u32] {
-        self.r.meta.shape()
-    }
-    /// Element type.
-    pub fn dtype(&self) -> DType {
-        self.r.meta.dtype
-    }
-    /// Address of the first payload byte.
-    pub fn as_ptr(&self) -> *mut u8 {
-        self.r.ptr
+}
+
+impl StagedTensor {
+    /// Address of the first payload byte, writable.
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.at.ptr.0
     }
     /// `Err(ForkedChild)` in a process forked after this tensor's stage was
     /// opened: the slot is the parent's; forwarding fails, dropping it
     /// releases nothing.
     pub fn fork_check(&self) -> Result<(), ForkedChild> {
-        self.stage.fork_check()
+        self.stage.input.fork_check()
     }
     /// Changes the metadata in place (e.g. a new shape or dtype for the same
     /// bytes); validated against the slot at [`StagedTensor::forward`].
     pub fn meta_mut(&mut self) -> &mut TensorMeta {
-        &mut self.r.meta
+        &mut self.at.meta
     }
     /// Sets the user header.
     pub fn set_user_header(&mut self, bytes: &[u8]) -> Result<(), ShapeError> {
-        self.r.meta.set_user_header(bytes)
+        self.at.meta.set_user_header(bytes)
+    }
+    /// The tensor's bytes, writable.
+    pub fn as_mut_bytes(&mut self) -> &mut [u8] {
+        // SAFETY: exclusive hold (holders == our bit, checked in recv_mut)
+        // of a read-write mapping (stage inputs are mapped writable) that
+        // `stage` keeps alive; validated range; `&mut self` makes this the
+        // only view.
+        unsafe { self.at.bytes_mut() }
     }
     /// The tensor as a typed mutable slice.
     pub fn as_mut_slice_of<T: Element>(&mut self) -> Result<&mut [T], TypeError> {
         // SAFETY: exclusive hold (holders == our bit, checked in recv_mut),
         // range validated inside the slot of a read-write mapping, and
         // `&mut self` makes this the only view.
-        unsafe { typed_mut(&self.r.meta, self.r.ptr) }
+        unsafe { typed_mut(&self.at.meta, self.at.ptr.0) }
     }
 
-    /// Publishes this very slot on the stage's output channel.
-    pub fn forward(self) -> Result<PublishOutcome, PublishError> {
-        self.forward_stamped().map(|p| p.outcome)
-    }
-
-    /// Like [`StagedTensor::forward`], and also returns the output
-    /// producer's sequence number and timestamp stamped on the tensor.
-    pub fn forward_stamped(mut self) -> Result<Published, PublishError> {
+    /// Publishes this very slot on the stage's output channel and returns
+    /// what was published (the output producer's sequence number and
+    /// timestamp).
+    pub fn forward(mut self) -> Result<Published, PublishError> {
         self.done = true;
-        let stage = &mut *self.stage;
-        forward_slot(&stage.input, &mut stage.output, &self.r)
+        let stage = self.stage.clone();
+        forward_slot(stage.input(), &stage.output.core, &self.at)
     }
 
     /// Publishes this very slot on another producer's channel (opened from
@@ -238,14 +262,15 @@ impl StagedTensor<'_> {
     ///
     /// ```no_run
     /// # let client = tensorbus::Client::connect()?;
-    /// let mut stage = client.stage("frames/raw", "frames/denoised")?;
-    /// let mut rejects = client.producer("frames/rejected")?;
+    /// let stage = client.stage("frames/raw", "frames/denoised")?;
+    /// let rejects = client.producer("frames/rejected")?;
     /// let t = stage.recv_mut()?;
-    /// if t.iter().all(|&b| b == 0) { t.forward_to(&mut rejects)?; } else { t.forward()?; }
+    /// if t.iter().all(|&b| b == 0) { t.forward_to(&rejects)?; } else { t.forward()?; }
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
-    pub fn forward_to(self, producer: &mut Producer) -> Result<PublishOutcome, PublishError> {
-        self.forward_to_stamped(producer).map(|p| p.outcome)
+    pub fn forward_to(mut self, producer: &Producer) -> Result<Published, PublishError> {
+        self.done = true;
+        forward_slot(self.stage.input(), &producer.core, &self.at)
     }
 
     /// Waits up to `timeout` until [`StagedTensor::forward`] would not wait
@@ -260,32 +285,25 @@ impl StagedTensor<'_> {
     /// the tensor (a failed forward releases the slot): the output channel
     /// uses the slot's pool and the metadata fits the slot.
     pub fn check_forward(&self) -> Result<(), PublishError> {
-        check_forward(&self.stage.input, &self.stage.output, &self.r)
+        check_forward(self.stage.input(), &self.stage.output.core, &self.at)
     }
 
     /// Whether [`StagedTensor::forward_to`] `producer` would succeed,
     /// without consuming the tensor: same client, a channel that uses the
     /// slot's pool, metadata that fits the slot.
     pub fn check_forward_to(&self, producer: &Producer) -> Result<(), PublishError> {
-        check_forward(&self.stage.input, producer, &self.r)
-    }
-
-    /// Like [`StagedTensor::forward_to`], and also returns the sequence
-    /// number and timestamp `producer` stamped on the tensor.
-    pub fn forward_to_stamped(
-        mut self,
-        producer: &mut Producer,
-    ) -> Result<Published, PublishError> {
-        self.done = true;
-        let stage = &mut *self.stage;
-        forward_slot(&stage.input, producer, &self.r)
+        check_forward(self.stage.input(), &producer.core, &self.at)
     }
 }
 
 /// Whether `producer` may publish the slot the stage holds: same client,
 /// a channel that uses the slot's pool, metadata valid for the slot.
-fn check_forward(input: &Consumer, producer: &Producer, r: &Received) -> Result<(), PublishError> {
-    input.fork_check()?;
+fn check_forward(
+    input: &ConsumerCore,
+    producer: &ProducerCore,
+    r: &Placed,
+) -> Result<(), PublishError> {
+    input.inner.origin.check()?;
     let pool = usize::from(r.id.pool);
     let slot_size = input
         .pools
@@ -293,7 +311,7 @@ fn check_forward(input: &Consumer, producer: &Producer, r: &Received) -> Result<
         .copied()
         .flatten()
         .map_or(0, |p| p.slot_size);
-    if !std::sync::Arc::ptr_eq(&input.inner, &producer.inner) {
+    if !Arc::ptr_eq(&input.inner, &producer.inner) {
         Err(PublishError::ForeignClient)
     } else if producer.pools.get(pool).copied().flatten().is_none() {
         Err(PublishError::PoolNotAllowed {
@@ -312,13 +330,13 @@ fn check_forward(input: &Consumer, producer: &Producer, r: &Received) -> Result<
 /// Publishes a slot the stage holds (by its input bit) through `producer`,
 /// or releases it with the reason it cannot go there.
 fn forward_slot(
-    input: &Consumer,
-    producer: &mut Producer,
-    r: &Received,
+    input: &ConsumerCore,
+    producer: &ProducerCore,
+    r: &Placed,
 ) -> Result<Published, PublishError> {
     // In a forked child: nothing forwarded, nothing released (the hold is
     // the parent's).
-    input.fork_check()?;
+    input.inner.origin.check()?;
     match check_forward(input, producer, r) {
         Ok(()) if producer.channel.index == input.channel.index => {
             // Forwarding into our own input (a retry loop): our input
@@ -342,33 +360,32 @@ fn forward_slot(
     }
 }
 
-impl std::ops::Deref for StagedTensor<'_> {
+impl std::ops::Deref for StagedTensor {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        // SAFETY: validated range inside our exclusively held slot.
-        unsafe { std::slice::from_raw_parts(self.r.ptr, self.r.meta.nbytes as usize) }
+        // SAFETY: validated range inside our exclusively held slot of a
+        // mapping `stage` keeps alive; nobody writes it during `&self`.
+        unsafe { self.at.bytes() }
     }
 }
 
-impl std::ops::DerefMut for StagedTensor<'_> {
+impl std::ops::DerefMut for StagedTensor {
     fn deref_mut(&mut self) -> &mut [u8] {
-        // SAFETY: exclusive hold and a read-write mapping (stage inputs are
-        // mapped writable); `&mut self` makes this the only view.
-        unsafe { std::slice::from_raw_parts_mut(self.r.ptr, self.r.meta.nbytes as usize) }
+        self.as_mut_bytes()
     }
 }
 
-impl Drop for StagedTensor<'_> {
+impl Drop for StagedTensor {
     fn drop(&mut self) {
         if !self.done {
-            self.stage.input.release(self.r.id);
+            self.stage.input().release(self.at.id);
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use crate::{Client, DType, TryRecvError};
+    use crate::{Client, DType, TensorView, TryRecvError};
     use tensorbus_broker::{Config, EmbeddedBroker};
 
     /// Issue 13.3: a slot upstream still shares is an error the caller sees,
@@ -396,12 +413,12 @@ mod tests {
             .join("b.sock");
         let _broker = EmbeddedBroker::start(&config, &sock).unwrap();
         let client = Client::connect_to(Some(&sock), "unit").unwrap();
-        let mut stage = client.stage("wq", "out").unwrap();
+        let stage = client.stage("wq", "out").unwrap();
         let out = client.consumer("out").unwrap();
         // A live handle's bit (so the broker's stray-bit sweep leaves it):
         // it stands for an upstream producer that has not let go yet.
         let other = client.consumer("other").unwrap();
-        let mut src = client.producer("wq").unwrap();
+        let src = client.producer("wq").unwrap();
         let mut t = src.loan(&[4], DType::U8).unwrap();
         t.fill(9);
         let id = t.slot_id();
@@ -411,14 +428,14 @@ mod tests {
             .control
             .slot(usize::from(id.pool), id.index as usize)
             .unwrap();
-        slot.add_holders(other.bit);
+        slot.add_holders(other.core.bit);
         assert!(matches!(
             stage.try_recv_mut(),
             Err(TryRecvError::NotExclusive(_))
         ));
         // Not released: still held by the stage and the stand-in.
-        assert_eq!(slot.holders(), other.bit | stage.input.bit);
-        slot.release(other.bit);
+        assert_eq!(slot.holders(), other.core.bit | stage.input().core.bit);
+        slot.release(other.core.bit);
         let s = stage.try_recv_mut().unwrap();
         assert_eq!(s.slot_id(), id);
         assert!(s.iter().all(|&b| b == 9));
@@ -434,10 +451,10 @@ mod tests {
             .control
             .slot(usize::from(id.pool), id.index as usize)
             .unwrap();
-        slot.add_holders(other.bit);
+        slot.add_holders(other.core.bit);
         assert!(stage.try_recv_mut().is_err());
         drop(stage);
-        slot.release(other.bit);
+        slot.release(other.core.bit);
         assert_eq!(
             slot.holders(),
             0,

@@ -269,21 +269,21 @@ pub fn slot_header(data: &[u8]) {
     // Producer side: well-formed metadata round-trips and validates.
     let dtype = DType::ALL[usize::from(inp.u8()) % DType::ALL.len()];
     let ndim = usize::from(inp.u8()) % (MAX_DIMS + 2);
-    let shape: Vec<usize> = (0..ndim)
+    let shape: Vec<u32> = (0..ndim)
         .map(|_| match inp.u8() % 4 {
-            0 => usize::from(inp.u8() % 2),
-            1 => usize::from(inp.u8()),
-            2 => usize::from(inp.u16()),
-            _ => inp.u64() as usize,
+            0 => u32::from(inp.u8() % 2),
+            1 => u32::from(inp.u8()),
+            2 => u32::from(inp.u16()),
+            _ => inp.u64() as u32,
         })
         .collect();
     let user_len = usize::from(inp.u8()) % (USER_HEADER_LEN + 2);
     match TensorMeta::contiguous(dtype, &shape) {
         Err(ShapeError::TooManyDims { .. }) => assert!(ndim > MAX_DIMS),
         Err(_) => {
-            // Refused: an extent does not fit 32 bits, a stride does not fit
-            // i64, or the byte size does not fit u64 (128-bit arithmetic).
-            let mut representable = shape.iter().all(|&e| u32::try_from(e).is_ok());
+            // Refused: a stride does not fit i64, or the byte size does not
+            // fit u64 (128-bit arithmetic).
+            let mut representable = true;
             let mut stride = Some(dtype.itemsize() as u128);
             for &e in shape.iter().rev() {
                 representable &= stride.is_some_and(|s| s <= i64::MAX as u128);
@@ -522,7 +522,7 @@ pub fn descriptor(data: &[u8]) {
         let dtype = DType::ALL[usize::from(inp.u8()) % DType::ALL.len()];
         let max = SLOT_SIZE[pool] as usize / dtype.itemsize();
         let n = usize::from(inp.u16()) % (max + 1);
-        let mut m = TensorMeta::contiguous(dtype, &[n]).expect("fits");
+        let mut m = TensorMeta::contiguous(dtype, &[n as u32]).expect("fits");
         m.seq = seq;
         m.set_user_header(&seq.to_le_bytes()).expect("8 bytes");
         payload[pool][index].fill(seq as u8);

@@ -1,0 +1,230 @@
+//! What [`crate::Client::stat`] and [`crate::Client::pools`] report: the
+//! broker's pools, channels, subscribers and clients. These are the
+//! library's own types (the wire format may change without breaking
+//! them); they serialise to the JSON that `tensorbus stat --json` prints.
+
+use serde::Serialize;
+use tensorbus_core::proto;
+use tensorbus_core::{Mode, Policy};
+
+/// A statistics snapshot of the broker.
+///
+/// ```no_run
+/// # let client = tensorbus::Client::connect()?;
+/// let report = client.stat()?;
+/// for c in &report.channels {
+///     println!("{}: {} published, {} subscribers", c.name, c.published, c.subscribers.len());
+/// }
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct StatReport {
+    /// Broker process id.
+    pub broker_pid: u32,
+    /// Pools.
+    pub pools: Vec<PoolStat>,
+    /// Channels.
+    pub channels: Vec<ChannelStat>,
+    /// Connected clients.
+    pub clients: Vec<ClientStat>,
+}
+
+/// One pool in a [`StatReport`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct PoolStat {
+    /// Name.
+    pub name: String,
+    /// Payload bytes per slot.
+    pub slot_size: u64,
+    /// Slots in the pool.
+    pub slots_total: u32,
+    /// Slots nobody holds.
+    pub slots_free: u32,
+    /// Slots held only by producer handles (loaned, not yet published).
+    pub loaned: u32,
+    /// Slots held by at least one subscriber (queued or being read).
+    pub in_flight: u32,
+}
+
+/// One channel in a [`StatReport`].
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct ChannelStat {
+    /// Name.
+    pub name: String,
+    /// Broadcast or work queue.
+    pub mode: Mode,
+    /// Tensors published.
+    pub published: u64,
+    /// Live producer handles.
+    pub producers: u32,
+    /// Subscribers.
+    pub subscribers: Vec<SubscriberStat>,
+}
+
+/// One subscriber in a [`ChannelStat`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct SubscriberStat {
+    /// Handle id.
+    pub handle: u32,
+    /// Owning client id.
+    pub client: u32,
+    /// Policy.
+    pub policy: Policy,
+    /// Ring depth.
+    pub depth: u32,
+    /// Tensors received.
+    pub delivered: u64,
+    /// Tensors dropped by its policy.
+    pub dropped: u64,
+    /// Entries waiting in its rings.
+    pub queued: u64,
+}
+
+/// One client in a [`StatReport`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct ClientStat {
+    /// Client id.
+    pub id: u32,
+    /// Process id (from SO_PEERCRED).
+    pub pid: i32,
+    /// User id (from SO_PEERCRED).
+    pub uid: u32,
+    /// Name given at connect.
+    pub name: String,
+    /// Open handles.
+    pub handles: u32,
+    /// Slots any of its handles holds.
+    pub holds: u32,
+}
+
+/// A pool of the broker's pool table ([`crate::Client::pools`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct PoolInfo {
+    /// Index in the pool table ([`crate::SlotId::pool`]).
+    pub index: u8,
+    /// Name from the config.
+    pub name: String,
+    /// Payload bytes per slot.
+    pub slot_size: u64,
+    /// Distance between slot payloads (slot_size rounded up to the alignment).
+    pub stride: u64,
+    /// Number of slots.
+    pub slots: u32,
+    /// Payload alignment.
+    pub alignment: u64,
+}
+
+impl From<proto::StatReport> for StatReport {
+    fn from(r: proto::StatReport) -> Self {
+        StatReport {
+            broker_pid: r.broker_pid,
+            pools: r.pools.into_iter().map(PoolStat::from).collect(),
+            channels: r.channels.into_iter().map(ChannelStat::from).collect(),
+            clients: r.clients.into_iter().map(ClientStat::from).collect(),
+        }
+    }
+}
+
+impl From<proto::PoolStat> for PoolStat {
+    fn from(p: proto::PoolStat) -> Self {
+        PoolStat {
+            name: p.name,
+            slot_size: p.slot_size,
+            slots_total: p.slots_total,
+            slots_free: p.slots_free,
+            loaned: p.loaned,
+            in_flight: p.in_flight,
+        }
+    }
+}
+
+impl From<proto::ChannelStat> for ChannelStat {
+    fn from(c: proto::ChannelStat) -> Self {
+        ChannelStat {
+            // The broker writes `Mode`'s own names; an unknown one (a newer
+            // broker) reads as the default rather than failing the report.
+            mode: c.mode.parse().unwrap_or_default(),
+            name: c.name,
+            published: c.published,
+            producers: c.producers,
+            subscribers: c.subscribers.into_iter().map(SubscriberStat::from).collect(),
+        }
+    }
+}
+
+impl From<proto::SubscriberStat> for SubscriberStat {
+    fn from(s: proto::SubscriberStat) -> Self {
+        SubscriberStat {
+            handle: s.handle,
+            client: s.client,
+            policy: s.policy.parse().unwrap_or_default(),
+            depth: s.depth,
+            delivered: s.delivered,
+            dropped: s.dropped,
+            queued: s.queued,
+        }
+    }
+}
+
+impl From<proto::ClientStat> for ClientStat {
+    fn from(c: proto::ClientStat) -> Self {
+        ClientStat {
+            id: c.id,
+            pid: c.pid,
+            uid: c.uid,
+            name: c.name,
+            handles: c.handles,
+            holds: c.holds,
+        }
+    }
+}
+
+impl From<&proto::PoolInfo> for PoolInfo {
+    fn from(p: &proto::PoolInfo) -> Self {
+        PoolInfo {
+            index: p.index,
+            name: p.name.clone(),
+            slot_size: p.slot_size,
+            stride: p.stride,
+            slots: p.slots,
+            alignment: p.alignment,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The JSON `tensorbus stat --json` prints keeps the wire's keys and
+    /// values (scripts read it).
+    #[test]
+    fn json_matches_the_wire_report() {
+        let wire = proto::StatReport {
+            broker_pid: 7,
+            channels: vec![proto::ChannelStat {
+                name: "c".into(),
+                mode: "workqueue".into(),
+                subscribers: vec![proto::SubscriberStat {
+                    policy: "drop_oldest".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let ours = StatReport::from(wire.clone());
+        assert_eq!(ours.channels[0].mode, Mode::Workqueue);
+        assert_eq!(ours.channels[0].subscribers[0].policy, Policy::DropOldest);
+        assert_eq!(
+            serde_json::to_value(&ours).unwrap(),
+            serde_json::to_value(&wire).unwrap()
+        );
+    }
+}
