@@ -25,7 +25,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     let _broker = EmbeddedBroker::start(&config, &sock)?;
     let client = Client::connect_to(Some(&sock), "hot-path")?;
-    let mut producer = client.producer("hot")?;
+    let producer = client.producer("hot")?;
     // drop_oldest: the producer never waits, so nobody ever parks.
     let consumer = client.consumer_with(
         "hot",

@@ -12,7 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     let _b = EmbeddedBroker::start(&config, &sock)?;
     let client = Client::connect_to(Some(&sock), "stc")?;
-    let mut p = client.producer("c")?;
+    let p = client.producer("c")?;
     let c = client.consumer("c")?;
     for round in 0..3 {
         let n = 1_000_000u64;

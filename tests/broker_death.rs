@@ -9,7 +9,7 @@ mod common;
 
 use common::{assert_all_in_order, assert_done, finish_all_in_order, seqs, Bus};
 use std::process::{Child, Command, Stdio};
-use tensorbus::RequestError;
+use tensorbus::error::RequestError;
 
 const CONFIG: &str = "[[pools]]\nname = \"p\"\nslot_size = 4096\nslots = 16\n\
 [[channels]]\nname = \"d/c\"\npolicy = \"block\"\n";

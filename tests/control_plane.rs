@@ -13,7 +13,9 @@ mod common;
 use common::Bus;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-use tensorbus::{Client, OpenError, RequestError, StatReport};
+use tensorbus::error::{OpenError, RequestError};
+use tensorbus::stat::StatReport;
+use tensorbus::Client;
 
 const CONFIG: &str = "[[pools]]\nname = \"p\"\nslot_size = 4096\nslots = 16\n\
 [[channels]]\nname = \"f/c\"\npolicy = \"block\"\n";

@@ -11,7 +11,9 @@
 use std::fs::File;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use tensorbus::{Client, OpenError, RequestError, StatReport};
+use tensorbus::error::{OpenError, RequestError};
+use tensorbus::stat::StatReport;
+use tensorbus::Client;
 
 const CONFIG: &str = "[[pools]]\nname = \"p\"\nslot_size = 4096\nslots = 16\n\
 [[pools]]\nname = \"q\"\nslot_size = 65536\nslots = 4\n\

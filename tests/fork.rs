@@ -9,6 +9,7 @@
 mod common;
 use common::*;
 use tensorbus::ConsumerOptions;
+use tensorbus::TensorView;
 
 const CHANNELS: &[(&str, &str)] = &[
     ("fork/a", "broadcast"),

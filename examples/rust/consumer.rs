@@ -20,6 +20,7 @@
 
 use std::path::PathBuf;
 use std::time::Duration;
+use tensorbus::TensorView;
 use tensorbus::{Client, ConsumerOptions, DType, Policy};
 
 const ROWS: u32 = 4;

@@ -23,8 +23,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 use tensorbus::{Client, DType};
 
-const ROWS: usize = 4;
-const COLS: usize = 8;
+const ROWS: u32 = 4;
+const COLS: u32 = 8;
 
 fn main() {
     if let Err(e) = run() {
@@ -51,7 +51,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     let client = Client::connect_to(socket.as_deref(), "producer.rs")?;
-    let mut producer = client.producer(&channel)?;
+    let producer = client.producer(&channel)?;
     println!("producer: publishing {count} frames of {ROWS}x{COLS} float32 on {channel}");
 
     for frame in 0..count {

@@ -20,6 +20,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 use tensorbus::Client;
+use tensorbus::TensorView;
 
 fn main() {
     if let Err(e) = run() {
@@ -48,7 +49,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     let client = Client::connect_to(socket.as_deref(), "stage.rs")?;
-    let mut stage = client.stage(&input, &output)?;
+    let stage = client.stage(&input, &output)?;
     println!("stage: {input} -> {output}");
 
     for _ in 0..count {

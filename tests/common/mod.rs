@@ -12,7 +12,8 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tensorbus::{Client, SlotId, StatReport};
+use tensorbus::stat::StatReport;
+use tensorbus::{Client, SlotId};
 use tensorbus_broker::{Config, EmbeddedBroker};
 
 /// How long any single wait on a child may take before the test fails.

@@ -64,7 +64,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tensorbus::{Client, ConsumerOptions, DType, Policy, RecvError};
+use tensorbus::error::RecvError;
+use tensorbus::TensorView;
+use tensorbus::{Client, ConsumerOptions, DType, Policy};
 
 /// How long one receive waits before the stop condition is checked again.
 const POLL: Duration = Duration::from_millis(20);
@@ -216,7 +218,7 @@ fn broker(a: &Args, stdin: &Stdin) {
 }
 
 fn producer(client: &Client, a: &Args) {
-    let mut p = client
+    let p = client
         .producer(a.str("channel"))
         .unwrap_or_else(|e| fail(&e.to_string()));
     let count = a.num("count", 0);
@@ -226,7 +228,7 @@ fn producer(client: &Client, a: &Args) {
     for seq in 0..count {
         let mut t = p
             .loan_timeout(
-                &[size],
+                &[size as u32],
                 DType::U8,
                 Duration::from_millis(a.num("loan-timeout-ms", 30_000)),
             )
@@ -335,7 +337,7 @@ fn consumer(client: &Client, a: &Args, stdin: &Stdin) {
 }
 
 fn stage(client: &Client, a: &Args, stdin: &Stdin) {
-    let mut s = client
+    let s = client
         .stage(a.str("input"), a.str("output"))
         .unwrap_or_else(|e| fail(&e.to_string()));
     println!("ready {} {}", client.id(), s.input().handle());
@@ -361,7 +363,7 @@ fn stage(client: &Client, a: &Args, stdin: &Stdin) {
 }
 
 fn loaner(client: &Client, a: &Args, stdin: &Stdin) {
-    let mut p = client
+    let p = client
         .producer(a.str("channel"))
         .unwrap_or_else(|e| fail(&e.to_string()));
     let count = a.num("count", 1);
@@ -467,7 +469,7 @@ fn hostile(a: &Args) {
 }
 
 /// Writes tensor `seq`'s payload and user header (as `producer` does).
-fn stamp(t: &mut tensorbus::TensorMut<'_>, seq: u64) {
+fn stamp(t: &mut tensorbus::TensorMut, seq: u64) {
     fill(seq, t);
     let mut h = [0u8; 16];
     h[..8].copy_from_slice(&checksum(t).to_le_bytes());
@@ -502,13 +504,13 @@ fn forker(client: Client, a: &Args, stdin: &Stdin) {
     let or_fail = |e: &dyn std::fmt::Display| -> ! { fail(&e.to_string()) };
     let size = 4096;
     let count = a.num("count", 6);
-    let mut p = client
+    let p = client
         .producer(a.str("channel"))
         .unwrap_or_else(|e| or_fail(&e));
     let k = client
         .consumer(a.str("channel"))
         .unwrap_or_else(|e| or_fail(&e));
-    let mut stage = client
+    let stage = client
         .stage(a.str("stage-input"), a.str("stage-output"))
         .unwrap_or_else(|e| or_fail(&e));
     let ready = k.readiness().unwrap_or_else(|e| or_fail(&e));
@@ -561,7 +563,7 @@ fn forker(client: Client, a: &Args, stdin: &Stdin) {
         drop(client);
         let own = Client::connect_to(Some(Path::new(a.str("socket"))), "tb-peer-forker-child")
             .unwrap_or_else(|e| or_fail(&e));
-        let mut op = own
+        let op = own
             .producer(a.str("own-channel"))
             .unwrap_or_else(|e| or_fail(&e));
         let oc = own

@@ -86,20 +86,18 @@ impl Tb {
     /// Touches every page of every slot once (loans them all, writes a byte
     /// per page), so later runs do not pay first-touch page allocation.
     pub fn prefault(&self, sizes: &[usize]) -> Result<()> {
-        let mut p = self.client.producer("stream")?;
+        let p = self.client.producer("stream")?;
         for &size in sizes {
+            // Hold every slot that fits at once (loans of one producer may
+            // be in flight together), then give them all back.
+            let mut held = Vec::with_capacity(slots_for(size));
             for _ in 0..slots_for(size) {
                 let Ok(mut t) = p.loan_bytes(size) else { break };
                 for i in (0..t.len()).step_by(4096) {
                     t[i] = 0;
                 }
-                std::mem::forget(t);
+                held.push(t);
             }
-            // Give the loans back by closing and reopening the handle (the
-            // broker clears the handle's bits).
-            drop(p);
-            std::thread::sleep(Duration::from_millis(20));
-            p = self.client.producer("stream")?;
         }
         Ok(())
     }
@@ -215,7 +213,7 @@ pub fn child_ping(args: &[String]) -> Result<()> {
             .depth(8)
             .wait(WaitStrategy::BusyPoll),
     )?;
-    let mut pong = client.producer("pong")?;
+    let pong = client.producer("pong")?;
     say("ready")?;
     let mut stdin = std::io::stdin().lock();
     while let Some(cmd) = next_command(&mut stdin)? {
@@ -289,7 +287,7 @@ impl TbFan {
         self.next += 1;
         let mut t = self
             .producer
-            .loan_timeout(&[size], DType::U8, ROUND_TIMEOUT)?;
+            .loan_timeout(&[size as u32], DType::U8, ROUND_TIMEOUT)?;
         write_payload(&mut t, b, variant);
         t.publish()?;
         Ok(())
@@ -345,7 +343,7 @@ pub fn child_sub(args: &[String]) -> Result<()> {
                     drop(t);
                     shared.done().fetch_add(1, Ordering::AcqRel);
                 }
-                Err(tensorbus::RecvError::Timeout(_)) => {
+                Err(tensorbus::error::RecvError::Timeout(_)) => {
                     if shared.stop().load(Ordering::Acquire) != 0 {
                         break;
                     }

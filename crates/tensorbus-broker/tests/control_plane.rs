@@ -6,7 +6,9 @@
 use std::io::ErrorKind;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use tensorbus::{Client, OpenError, StatReport};
+use tensorbus::error::OpenError;
+use tensorbus::stat::StatReport;
+use tensorbus::Client;
 use tensorbus_broker::{Config, EmbeddedBroker};
 use tensorbus_core::proto::{encode_frames, parse_frame, Request, MAX_CHUNK, MAX_MESSAGE};
 use tensorbus_shm::SeqpacketConn;

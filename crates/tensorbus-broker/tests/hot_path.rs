@@ -7,6 +7,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use tensorbus::TensorView;
 use tensorbus::{Client, ConsumerOptions, DType, Policy};
 use tensorbus_broker::{Config, EmbeddedBroker};
 
@@ -69,7 +70,7 @@ fn hot_path_does_not_allocate() {
     .unwrap();
     let _broker = EmbeddedBroker::start(&config, &sock).unwrap();
     let client = Client::connect_to(Some(&sock), "hot").unwrap();
-    let mut bp = client.producer("b").unwrap();
+    let bp = client.producer("b").unwrap();
     let c1 = client.consumer("b").unwrap();
     let c2 = client
         .consumer_with(
@@ -79,8 +80,8 @@ fn hot_path_does_not_allocate() {
                 .depth(2),
         )
         .unwrap();
-    let mut wp = client.producer("w").unwrap();
-    let mut stage = client.stage("w", "o").unwrap();
+    let wp = client.producer("w").unwrap();
+    let stage = client.stage("w", "o").unwrap();
     let out = client.consumer("o").unwrap();
 
     const N: usize = 100_000;

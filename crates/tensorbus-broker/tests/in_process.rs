@@ -4,9 +4,9 @@
 
 use std::path::PathBuf;
 use std::time::Duration;
-use tensorbus::{
-    Client, ConsumerOptions, DType, LoanError, Mode, OpenError, Policy, ProducerOptions,
-};
+use tensorbus::error::{LoanError, OpenError};
+use tensorbus::TensorView;
+use tensorbus::{Client, ConsumerOptions, DType, Mode, Policy, ProducerOptions};
 use tensorbus_broker::{Config, EmbeddedBroker};
 
 fn socket(name: &str) -> PathBuf {
@@ -61,7 +61,7 @@ fn publish_and_receive_same_bytes() {
     let sock = socket("basic");
     let _b = EmbeddedBroker::start(&config(), &sock).unwrap();
     let client = Client::connect_to(Some(&sock), "test").unwrap();
-    let mut p = client.producer("t/bcast").unwrap();
+    let p = client.producer("t/bcast").unwrap();
     let c1 = client.consumer("t/bcast").unwrap();
     let c2 = client
         .consumer_with("t/bcast", ConsumerOptions::default().depth(2))
@@ -102,23 +102,39 @@ fn errors_are_clear() {
         client.consumer("../x"),
         Err(OpenError::InvalidName(_))
     ));
-    let mut p = client.producer("t/bcast").unwrap();
+    let p = client.producer("t/bcast").unwrap();
     match p.loan(&[2 << 20], DType::U8) {
         Err(e @ LoanError::TooLarge { .. }) => assert!(e.to_string().contains("1048576")),
         other => panic!("{other:?}"),
     }
     let mut held = Vec::new();
     for _ in 0..12 {
-        let t = p.loan(&[10], DType::U8).unwrap();
-        held.push(t.slot_id());
-        std::mem::forget(t);
+        held.push(p.loan(&[10], DType::U8).unwrap());
     }
     let err = p.loan(&[10], DType::U8).unwrap_err();
     assert!(matches!(err, LoanError::PoolExhausted { .. }), "{err}");
-    assert!(err.to_string().contains("this producer holds"), "{err}");
-    drop(p); // closing the handle releases the leaked loans
+    assert!(err.to_string().contains("this producer holds 8"), "{err}");
+    // Loans own their producer's core: they outlive the handle value, and
+    // the broker handle stays open (their slots held) until the last one
+    // goes. (A `mem::forget`ed loan therefore keeps its producer open
+    // until the process ends, like any leaked `Arc`.)
+    drop(p);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(free_slots(&client).0, 2);
+    let last = held.pop().unwrap();
+    assert_eq!(last.publish().unwrap().delivered, 0, "no subscriber yet");
+    drop(held); // the last loans go: slots back, handle closed
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(free_slots(&client), (14, 14));
+    assert!(
+        client
+            .stat()
+            .unwrap()
+            .channels
+            .iter()
+            .all(|c| c.producers == 0),
+        "the producer's handle closed with its last loan"
+    );
     let missing =
         Client::connect_to(Some(std::path::Path::new("/nonexistent/tb.sock")), "x").unwrap_err();
     assert!(
@@ -132,7 +148,7 @@ fn policies() {
     let sock = socket("policies");
     let _b = EmbeddedBroker::start(&config(), &sock).unwrap();
     let client = Client::connect_to(Some(&sock), "test").unwrap();
-    let mut p = client.producer("t/bcast").unwrap();
+    let p = client.producer("t/bcast").unwrap();
     let oldest = client
         .consumer_with(
             "t/bcast",
@@ -179,8 +195,8 @@ fn workqueue_and_stage_in_place() {
     let sock = socket("stage");
     let _b = EmbeddedBroker::start(&config(), &sock).unwrap();
     let client = Client::connect_to(Some(&sock), "test").unwrap();
-    let mut p = client.producer("t/work").unwrap();
-    let mut stage = client.stage("t/work", "t/out").unwrap();
+    let p = client.producer("t/work").unwrap();
+    let stage = client.stage("t/work", "t/out").unwrap();
     let out = client.consumer("t/out").unwrap();
     let mut t = p.loan(&[4], DType::F32).unwrap();
     t.as_mut_slice_of::<f32>()
@@ -212,10 +228,11 @@ fn runtime_channel_creation() {
     let sock = socket("create");
     let _b = EmbeddedBroker::start(&config(), &sock).unwrap();
     let client = Client::connect_to(Some(&sock), "test").unwrap();
-    let mut p = client
+    let p = client
         .producer_with(
             "rt/new",
-            ProducerOptions::default().create(Mode::Workqueue, &["big"]),
+            ProducerOptions::default()
+                .create(tensorbus::ChannelSpec::new(Mode::Workqueue).pools(&["big"])),
         )
         .unwrap();
     let c = client.consumer("rt/new").unwrap();
@@ -251,7 +268,7 @@ fn memory_is_aligned_read_only_for_consumers_and_not_in_dev_shm() {
     let producer_client = Client::connect_to(Some(&sock), "producer").unwrap();
     // A separate client (own mappings) that only consumes.
     let consumer_client = Client::connect_to(Some(&sock), "consumer").unwrap();
-    let mut p = producer_client.producer("t/aligned").unwrap();
+    let p = producer_client.producer("t/aligned").unwrap();
     let c = consumer_client.consumer("t/aligned").unwrap();
     for _ in 0..2 {
         let t = p.loan(&[100], DType::U8).unwrap();
@@ -273,7 +290,7 @@ fn memory_is_aligned_read_only_for_consumers_and_not_in_dev_shm() {
             "consumer maps read-only, shared"
         );
     }
-    let mut q = producer_client.producer("t/bcast").unwrap();
+    let q = producer_client.producer("t/bcast").unwrap();
     let t = q.loan(&[3], DType::U8).unwrap();
     assert_eq!(t.as_ptr() as usize % 4096, 0, "default alignment 4096");
     drop(t);
@@ -306,7 +323,8 @@ fn too_many_holders_is_a_clear_error() {
         let name = format!("h/{k}");
         k += 1;
         for _ in 0..10 {
-            let opts = ConsumerOptions::default().create(Mode::Broadcast, &[]);
+            let opts =
+                ConsumerOptions::default().create(tensorbus::ChannelSpec::new(Mode::Broadcast));
             match client.consumer_with(&name, opts) {
                 Ok(c) => more.push(c),
                 Err(e) => break 'outer e,
@@ -328,10 +346,10 @@ fn stage_forwards_to_another_producer_of_the_same_client() {
     let _b = EmbeddedBroker::start(&config(), &sock).unwrap();
     let client = Client::connect_to(Some(&sock), "test").unwrap();
     let other = Client::connect_to(Some(&sock), "other").unwrap();
-    let mut p = client.producer("t/work").unwrap();
-    let mut stage = client.stage("t/work", "t/out").unwrap();
-    let mut side = client.producer("t/bcast").unwrap();
-    let mut foreign = other.producer("t/bcast").unwrap();
+    let p = client.producer("t/work").unwrap();
+    let stage = client.stage("t/work", "t/out").unwrap();
+    let side = client.producer("t/bcast").unwrap();
+    let foreign = other.producer("t/bcast").unwrap();
     let side_rx = client.consumer("t/bcast").unwrap();
     for _ in 0..2 {
         let t = p.loan(&[8], DType::U8).unwrap();
@@ -340,14 +358,14 @@ fn stage_forwards_to_another_producer_of_the_same_client() {
     }
     let s = stage.recv_mut_timeout(Duration::from_secs(1)).unwrap();
     let id = s.slot_id();
-    assert_eq!(s.forward_to(&mut side).unwrap().delivered, 1);
+    assert_eq!(s.forward_to(&side).unwrap().delivered, 1);
     let r = side_rx.recv_timeout(Duration::from_secs(1)).unwrap();
     assert_eq!(r.slot_id(), id, "the same slot went to the other channel");
     drop(r);
     let s = stage.recv_mut_timeout(Duration::from_secs(1)).unwrap();
-    let err = s.forward_to(&mut foreign).unwrap_err();
+    let err = s.forward_to(&foreign).unwrap_err();
     assert!(
-        matches!(err, tensorbus::PublishError::ForeignClient),
+        matches!(err, tensorbus::error::PublishError::ForeignClient),
         "{err}"
     );
     drop((p, stage, side, foreign, side_rx));

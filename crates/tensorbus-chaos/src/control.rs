@@ -50,10 +50,9 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tensorbus::{
-    Client, Consumer, ConsumerOptions, Mode, OpenError, Policy, Producer, ProducerOptions,
-    RequestError, StatReport,
-};
+use tensorbus::error::{OpenError, RequestError};
+use tensorbus::stat::StatReport;
+use tensorbus::{Client, Consumer, ConsumerOptions, Mode, Policy, Producer, ProducerOptions};
 use tensorbus_core::proto::{encode_frames, Request};
 
 /// The channel the openers use (created at run time; nobody publishes).
@@ -128,7 +127,7 @@ pub fn opener(a: &Args) -> ! {
         ConsumerOptions::default()
             .policy(Policy::Block)
             .depth(2)
-            .create(Mode::Broadcast, &[])
+            .create(tensorbus::ChannelSpec::new(Mode::Broadcast))
     };
     let mut consumers: Vec<Consumer> = Vec::new();
     let mut producer: Option<Producer> = None;
@@ -150,7 +149,7 @@ pub fn opener(a: &Args) -> ! {
                 Some(p) => drop(p),
                 None => match client.producer_with(
                     CHANNEL,
-                    ProducerOptions::default().create(Mode::Broadcast, &[]),
+                    ProducerOptions::default().create(tensorbus::ChannelSpec::new(Mode::Broadcast)),
                 ) {
                     Ok(p) => {
                         s.opens += 1;

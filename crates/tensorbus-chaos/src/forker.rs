@@ -9,7 +9,7 @@
 //!    exactly its objects (one subscriber, two handles);
 //! 2. forks. The child uses every inherited handle (client requests,
 //!    opens, a loan, a receive, the held tensors): each must fail with
-//!    [`tensorbus::ForkedChild`] (it prints a `forked_child` line per
+//!    [`tensorbus::error::ForkedChild`] (it prints a `forked_child` line per
 //!    error); it drops them all, connects a client of its own, opens a
 //!    producer and a consumer on the same channel, exchanges a few tensors
 //!    (all its own must arrive intact and in order), and exits, normally
@@ -34,9 +34,10 @@ use crate::payload::{self, Rng};
 use crate::roles::{fail, Args};
 use std::path::Path;
 use std::time::{Duration, Instant};
+use tensorbus::error::{LoanError, OpenError, RecvError, RequestError, TryRecvError};
+use tensorbus::TensorView;
 use tensorbus::{
-    Client, Consumer, ConsumerOptions, DType, LoanError, Mode, OpenError, Policy, Producer,
-    ProducerOptions, RecvError, RequestError, Tensor, TryRecvError,
+    Client, Consumer, ConsumerOptions, DType, Mode, Policy, Producer, ProducerOptions, Tensor,
 };
 
 /// The channel of the forkers (created at run time).
@@ -80,7 +81,7 @@ fn consumer_opts() -> ConsumerOptions {
     ConsumerOptions::default()
         .policy(Policy::Block)
         .depth(DEPTH)
-        .create(Mode::Broadcast, &[])
+        .create(tensorbus::ChannelSpec::new(Mode::Broadcast))
 }
 
 fn open(client: &Client) -> Result<(Producer, Consumer), OpenError> {
@@ -88,7 +89,7 @@ fn open(client: &Client) -> Result<(Producer, Consumer), OpenError> {
     let c = client.consumer_with(FORK_CHANNEL, consumer_opts())?;
     let p = client.producer_with(
         FORK_CHANNEL,
-        ProducerOptions::default().create(Mode::Broadcast, &[]),
+        ProducerOptions::default().create(tensorbus::ChannelSpec::new(Mode::Broadcast)),
     )?;
     Ok((p, c))
 }
@@ -98,7 +99,7 @@ fn publish(p: &mut Producer, inc: u32, seq: u64) -> Result<(), String> {
     let n = payload::len(inc, seq);
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut t = loop {
-        match p.loan_timeout(&[n], DType::U8, Duration::from_millis(100)) {
+        match p.loan_timeout(&[n as u32], DType::U8, Duration::from_millis(100)) {
             Ok(t) => break t,
             // The data plane may hold every slot for a while.
             Err(LoanError::Timeout { .. }) if Instant::now() < deadline => {}
@@ -117,12 +118,12 @@ fn publish(p: &mut Producer, inc: u32, seq: u64) -> Result<(), String> {
 /// Receives until the own tensors `inc/from..to` arrived, in order and
 /// intact (others' tensors are checked and released). Keeps the last two
 /// own ones in `held` (when given).
-fn receive<'c>(
-    c: &'c Consumer,
+fn receive(
+    c: &Consumer,
     inc: u32,
     from: u64,
     to: u64,
-    mut held: Option<&mut Vec<Tensor<'c>>>,
+    mut held: Option<&mut Vec<Tensor>>,
 ) -> Result<(), String> {
     let mut next = from;
     while next < to {
@@ -196,7 +197,7 @@ pub fn forker(a: &Args) -> ! {
     let client = Client::connect_to(Some(Path::new(&socket)), &format!("chaos-forker-{inc}"))
         .unwrap_or_else(|e| fail(&format!("connect: {e}")));
     let (mut producer, consumer) = open(&client).unwrap_or_else(|e| fail(&format!("open: {e}")));
-    let mut held: Vec<Tensor<'_>> = Vec::new();
+    let mut held: Vec<Tensor> = Vec::new();
     let mut seq = 0u64;
     let mut forks = 0u64;
     let mut round = 0u32;
@@ -315,7 +316,7 @@ fn inherited(
     client: &Client,
     producer: &mut Producer,
     consumer: &Consumer,
-    held: &[Tensor<'_>],
+    held: &[Tensor],
 ) -> Result<(), String> {
     let mut first: Option<String> = None;
     let mut note = |what: &str, forked: bool, got: String| {

@@ -10,7 +10,8 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
-use tensorbus::{Client, RequestError};
+use tensorbus::error::RequestError;
+use tensorbus::Client;
 use tensorbus_broker::{Config, EmbeddedBroker};
 
 /// Command-line options.

@@ -50,7 +50,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
         .socket
         .clone()
         .or_else(|| config.broker.socket.clone())
-        .unwrap_or_else(|| tensorbus::socket_path(None));
+        .unwrap_or_else(tensorbus::Client::default_socket_path);
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     ctrlc::set_handler(move || flag.store(true, Ordering::Relaxed))

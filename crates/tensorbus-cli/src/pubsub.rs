@@ -13,9 +13,9 @@ use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tensorbus::error::{RecvError, TryRecvError};
 use tensorbus::{
-    Client, ConsumerOptions, DType, Mode, Policy, Producer, ProducerOptions, RecvError,
-    TryRecvError,
+    ChannelSpec, Client, ConsumerOptions, DType, Mode, Policy, Producer, ProducerOptions,
 };
 
 /// How long `--wait-subscribers` waits for the subscribers to appear.
@@ -98,19 +98,19 @@ pub struct SubArgs {
 
 /// A parsed `--shape`.
 #[derive(Clone, Debug)]
-pub struct Shape(Vec<usize>);
+pub struct Shape(Vec<u32>);
 
 /// Parses `480x640x3` (or `480,640,3`) into extents, each at least 1.
 fn parse_shape(s: &str) -> Result<Shape, String> {
-    let dims: Result<Vec<usize>, String> = s
+    let dims: Result<Vec<u32>, String> = s
         .split(['x', 'X', ','])
-        .map(|d| match d.trim().parse::<usize>() {
+        .map(|d| match d.trim().parse::<u32>() {
             Ok(0) => Err(format!(
                 "extent 0 in shape {s:?}: every extent must be at least 1"
             )),
             Ok(n) => Ok(n),
             Err(_) => Err(format!(
-                "bad shape {s:?}: expected extents separated by 'x', such as 480x640x3"
+                "bad shape {s:?}: expected extents (1 to 4294967295) separated by 'x', such as 480x640x3"
             )),
         })
         .collect();
@@ -126,10 +126,10 @@ fn parse_shape(s: &str) -> Result<Shape, String> {
 }
 
 /// Bytes of one frame: product(shape) x itemsize.
-fn frame_bytes(shape: &[usize], dtype: DType) -> Option<usize> {
+fn frame_bytes(shape: &[u32], dtype: DType) -> Option<usize> {
     shape
         .iter()
-        .try_fold(dtype.itemsize(), |acc, &d| acc.checked_mul(d))
+        .try_fold(dtype.itemsize(), |acc, &d| acc.checked_mul(d as usize))
 }
 
 /// Reads into `buf` until it is full or stdin ends; returns the bytes read.
@@ -178,11 +178,11 @@ pub fn run_pub(args: PubArgs) -> Result<(), CliError> {
     let client = Client::connect_to(args.socket.socket.as_deref(), "tensorbus-pub")?;
     let opts = if args.create {
         let pools: Vec<&str> = args.pools.iter().map(String::as_str).collect();
-        ProducerOptions::default().create(args.mode, &pools)
+        ProducerOptions::default().create(ChannelSpec::new(args.mode).pools(&pools))
     } else {
         ProducerOptions::default()
     };
-    let mut producer = client.producer_with(&args.channel, opts)?;
+    let producer = client.producer_with(&args.channel, opts)?;
     if let Some(n) = args.wait_subscribers {
         wait_subscribers(&client, &args.channel, n)?;
     }
@@ -196,7 +196,7 @@ pub fn run_pub(args: PubArgs) -> Result<(), CliError> {
     let start = Instant::now();
     let (mut frames, mut bytes) = (0u64, 0u64);
     loop {
-        let mut t = loan(&mut producer, &args.shape.0, args.dtype)?;
+        let mut t = loan(&producer, &args.shape.0, args.dtype)?;
         let got = read_full(&mut stdin, t.as_mut_bytes())
             .map_err(|e| CliError(format!("reading frame {frames} from stdin: {e}")))?;
         if got == 0 {
@@ -208,7 +208,7 @@ pub fn run_pub(args: PubArgs) -> Result<(), CliError> {
             return fail(format!(
                 "stdin ended inside frame {frames}: got {got} of {frame_len} bytes, {} bytes missing (is --shape {} --dtype {} right?)",
                 frame_len - got,
-                args.shape.0.iter().map(usize::to_string).collect::<Vec<_>>().join("x"),
+                args.shape.0.iter().map(u32::to_string).collect::<Vec<_>>().join("x"),
                 args.dtype
             ));
         }
@@ -252,11 +252,11 @@ fn summary_on_interrupt(published: Arc<AtomicU64>, frame_len: u64) -> Result<(),
 
 /// Loans a slot, waiting as long as it takes: a slow subscriber on a
 /// lossless channel holds slots, and that is backpressure, not an error.
-fn loan<'p>(
-    producer: &'p mut Producer,
-    shape: &[usize],
+fn loan(
+    producer: &Producer,
+    shape: &[u32],
     dtype: DType,
-) -> Result<tensorbus::TensorMut<'p>, CliError> {
+) -> Result<tensorbus::TensorMut, CliError> {
     Ok(producer.loan_timeout(shape, dtype, LOAN_WAIT)?)
 }
 

@@ -3,7 +3,8 @@
 use crate::broker::human_bytes;
 use crate::table::Table;
 use crate::{CliError, SocketArg};
-use tensorbus::{Client, StatReport};
+use tensorbus::stat::StatReport;
+use tensorbus::Client;
 
 /// Arguments of `tensorbus stat`.
 #[derive(clap::Args, Debug)]
@@ -63,7 +64,7 @@ pub fn render(r: &StatReport, socket: &str) -> String {
     for c in &r.channels {
         t.row(vec![
             c.name.clone(),
-            c.mode.clone(),
+            c.mode.to_string(),
             c.published.to_string(),
             c.producers.to_string(),
             c.subscribers.len().to_string(),
@@ -87,7 +88,7 @@ pub fn render(r: &StatReport, socket: &str) -> String {
             t.row(vec![
                 s.handle.to_string(),
                 s.client.to_string(),
-                s.policy.clone(),
+                s.policy.to_string(),
                 s.depth.to_string(),
                 s.delivered.to_string(),
                 s.dropped.to_string(),

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use tensorbus_core::control::Control;
 use tensorbus_core::layout::{Layout, LAYOUT_VERSION};
 use tensorbus_core::proto::{
-    encode_frames, parse_frame, ErrorKind, PoolInfo, Request, Response, MAX_CHUNK,
-    MAX_MESSAGE, MAX_REPLY,
+    encode_frames, parse_frame, ErrorKind, PoolInfo, Request, Response, MAX_CHUNK, MAX_MESSAGE,
+    MAX_REPLY,
 };
 use tensorbus_shm::{Access, Mapping, SeqpacketConn};
 
@@ -665,8 +665,8 @@ impl Client {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tensorbus_core::proto::StatReport;
     use tensorbus_core::proto::ChannelInfo;
+    use tensorbus_core::proto::StatReport;
     use tensorbus_core::{Mode, Policy};
 
     /// Reads one single-frame request from the fake broker's end.

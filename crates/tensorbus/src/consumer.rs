@@ -389,9 +389,7 @@ impl ConsumerCore {
             match self.try_take() {
                 Ok(r) => return Ok(r),
                 Err(TryRecvError::Corrupted(c)) => return Err(RecvError::Corrupted(c)),
-                Err(TryRecvError::Empty) if self.is_detached() => {
-                    return Err(RecvError::Detached)
-                }
+                Err(TryRecvError::Empty) if self.is_detached() => return Err(RecvError::Detached),
                 Err(TryRecvError::ForkedChild(f)) => return Err(RecvError::ForkedChild(f)),
                 // Only stages report it, and not from `try_take`.
                 Err(TryRecvError::NotExclusive(d)) => return Err(RecvError::NotExclusive(d)),

@@ -203,7 +203,11 @@ impl Producer {
     }
 
     #[inline]
-    fn make_loan(&self, (pool, index, generation): (u8, usize, u32), meta: TensorMeta) -> TensorMut {
+    fn make_loan(
+        &self,
+        (pool, index, generation): (u8, usize, u32),
+        meta: TensorMeta,
+    ) -> TensorMut {
         let r = self.core.pools[usize::from(pool)].expect("loaned from a mapped pool");
         // SAFETY: index < slots of the pool (loan checked it) and the pool
         // mapping is slots * stride bytes, so the offset is in bounds.

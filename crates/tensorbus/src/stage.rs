@@ -385,7 +385,8 @@ impl Drop for StagedTensor {
 
 #[cfg(test)]
 mod tests {
-    use crate::{Client, DType, TensorView, TryRecvError};
+    use crate::error::TryRecvError;
+    use crate::{Client, DType, TensorView};
     use tensorbus_broker::{Config, EmbeddedBroker};
 
     /// Issue 13.3: a slot upstream still shares is an error the caller sees,

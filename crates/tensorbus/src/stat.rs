@@ -153,7 +153,11 @@ impl From<proto::ChannelStat> for ChannelStat {
             name: c.name,
             published: c.published,
             producers: c.producers,
-            subscribers: c.subscribers.into_iter().map(SubscriberStat::from).collect(),
+            subscribers: c
+                .subscribers
+                .into_iter()
+                .map(SubscriberStat::from)
+                .collect(),
         }
     }
 }

@@ -26,7 +26,7 @@ fn lossy_consumers_count_what_they_missed() {
         .unwrap();
     let latest = client.consumer_with("c", opts(Policy::Latest, 1)).unwrap();
     let block = client.consumer_with("c", opts(Policy::Block, 8)).unwrap();
-    let mut producer = client.producer("c").unwrap();
+    let producer = client.producer("c").unwrap();
     for i in 0..5u8 {
         let mut t = producer.loan(&[1], DType::U8).unwrap();
         t.as_mut_bytes()[0] = i;

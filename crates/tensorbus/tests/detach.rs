@@ -1,7 +1,8 @@
 //! `Consumer::detach`: deliveries end at once, received tensors stay valid
 //! and held until dropped (what Python's `close()` does while tensors live).
 
-use tensorbus::{ConsumerOptions, DType, Policy, RecvError, TryRecvError};
+use tensorbus::error::{RecvError, TryRecvError};
+use tensorbus::{ConsumerOptions, DType, Policy};
 
 mod common;
 
@@ -37,7 +38,7 @@ fn detach_ends_deliveries_and_keeps_received_tensors() {
     let (_broker, client, _) = common::start("detach", "bc", CONFIG);
     let opts = ConsumerOptions::default().policy(Policy::Block).depth(1);
     let cons = client.consumer_with("bc", opts).unwrap();
-    let mut prod = client.producer("bc").unwrap();
+    let prod = client.producer("bc").unwrap();
     let mut t = prod.loan(&[8], DType::U8).unwrap();
     t.fill(42);
     t.publish().unwrap();
@@ -77,7 +78,7 @@ fn detached_worker_hands_its_queue_to_the_others() {
     let (_broker, client, _) = common::start("detach", "wq", CONFIG);
     let a = client.consumer("wq").unwrap();
     let b = client.consumer("wq").unwrap();
-    let mut prod = client.producer("wq").unwrap();
+    let prod = client.producer("wq").unwrap();
     for i in 0..6u8 {
         let mut t = prod.loan(&[1], DType::U8).unwrap();
         t.fill(i);

@@ -39,10 +39,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::io::Write;
 use std::time::Duration;
-use tensorbus::{
-    Client, Consumer, ConsumerOptions, DType, LoanError, OpenError, Policy, Producer, PublishError,
-    RecvError, Stage, TryRecvError,
-};
+use tensorbus::error::{LoanError, OpenError, PublishError, RecvError, TryRecvError};
+use tensorbus::{Client, Consumer, ConsumerOptions, DType, Policy, Producer, Stage};
 
 mod common;
 
@@ -626,11 +624,11 @@ impl World {
         ));
         let p = &mut self.prod[i].as_mut().expect("open").p;
         // The handle's part, with plain results (the model is updated below).
-        let result: Result<Option<tensorbus::PublishOutcome>, String> = (|| {
+        let result: Result<Option<tensorbus::Published>, String> = (|| {
             let loan = if wait {
-                p.loan_timeout(&[len], DType::U8, Duration::from_millis(1))
+                p.loan_timeout(&[len as u32], DType::U8, Duration::from_millis(1))
             } else {
-                p.loan(&[len], DType::U8)
+                p.loan(&[len as u32], DType::U8)
             };
             let mut t = match loan {
                 Ok(t) => t,
@@ -783,7 +781,7 @@ impl World {
             Forward,
             ForwardTo(usize, usize),
         }
-        type PublishResult = Result<tensorbus::PublishOutcome, PublishError>;
+        type PublishResult = Result<tensorbus::Published, PublishError>;
         let stage = &mut self.stage[i].as_mut().expect("open").s;
         let prods = &mut self.prod;
         let result: Result<Option<(u32, Then, Option<PublishResult>)>, String> = (|| {
@@ -845,7 +843,7 @@ impl World {
         id: u32,
         writer: usize,
         ch: usize,
-        r: Result<tensorbus::PublishOutcome, PublishError>,
+        r: Result<tensorbus::Published, PublishError>,
     ) {
         match (r, CHANNEL_POOL[ch]) {
             (Ok(o), 0) => self.published(id, writer, ch, o.delivered, o.dropped),
@@ -886,9 +884,9 @@ impl World {
                     return;
                 };
                 let p = &mut self.prod[i].as_mut().expect("open").p;
-                let (shape, what): (Vec<usize>, &str) = match rng.below(4) {
+                let (shape, what): (Vec<u32>, &str) = match rng.below(4) {
                     0 => (vec![1; 9], "nine dimensions"),
-                    1 => (vec![usize::MAX / 2, 4], "huge extents"),
+                    1 => (vec![u32::MAX; 3], "huge extents"),
                     2 => (vec![1 << 20], "more than a slot"),
                     _ => (vec![3, 0], "zero-sized"),
                 };
@@ -1088,7 +1086,7 @@ fn workqueue_publish_prefers_a_worker_with_room() {
     let opts = |d| ConsumerOptions::default().policy(Policy::Block).depth(d);
     let shallow = client.consumer_with("r/w1", opts(1)).unwrap();
     let deep = client.consumer_with("r/w1", opts(4)).unwrap();
-    let mut p = client.producer("r/w1").unwrap();
+    let p = client.producer("r/w1").unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     let publisher = std::thread::spawn(move || {
         for i in 0..5u8 {

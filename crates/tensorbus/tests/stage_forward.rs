@@ -1,7 +1,9 @@
 //! `StagedTensor::check_forward[_to]`: whether a forward would succeed,
 //! without consuming the tensor (a failed forward releases the slot).
 
-use tensorbus::{Client, DType, PublishError};
+use tensorbus::error::PublishError;
+use tensorbus::TensorView;
+use tensorbus::{Client, DType};
 
 mod common;
 
@@ -31,12 +33,12 @@ fn check_forward_to_reports_without_consuming() {
         pools = ["b"]
         "#,
     );
-    let mut stage = client.stage("in", "out").unwrap();
+    let stage = client.stage("in", "out").unwrap();
     let out = client.consumer("out").unwrap();
-    let mut wrong = client.producer("other-pool").unwrap();
+    let wrong = client.producer("other-pool").unwrap();
     let other_client = Client::connect_to(Some(&sock), "fwd2").unwrap();
     let foreign = other_client.producer("out").unwrap();
-    let mut input = client.producer("in").unwrap();
+    let input = client.producer("in").unwrap();
     input.loan(&[4], DType::U8).unwrap().publish().unwrap();
 
     let t = stage.try_recv_mut().unwrap();
@@ -50,14 +52,14 @@ fn check_forward_to_reports_without_consuming() {
         Err(PublishError::ForeignClient)
     ));
     // still ours after the checks: forward it where it fits
-    let p = t.forward_stamped().unwrap();
-    assert_eq!(p.outcome.delivered, 1);
+    let p = t.forward().unwrap();
+    assert_eq!(p.delivered, 1);
     assert_eq!(out.try_recv().unwrap().seq(), p.seq);
 
     // a forward that does not fit releases the slot (as documented)
     input.loan(&[4], DType::U8).unwrap().publish().unwrap();
     let t = stage.try_recv_mut().unwrap();
-    assert!(t.forward_to(&mut wrong).is_err());
+    assert!(t.forward_to(&wrong).is_err());
     let stat = client.stat().unwrap();
     let free: u32 = stat.pools.iter().map(|p| p.slots_free).sum();
     let total: u32 = stat.pools.iter().map(|p| p.slots_total).sum();

@@ -4,7 +4,8 @@
 //! Nothing may be lost or reported as corrupted, and every slot is free at
 //! the end.
 
-use tensorbus::{Client, ConsumerOptions, DType, Policy, TryRecvError};
+use tensorbus::error::TryRecvError;
+use tensorbus::{Client, ConsumerOptions, DType, Policy};
 
 mod common;
 
@@ -31,7 +32,7 @@ fn all_free(client: &Client) {
 }
 
 fn publish(client: &Client, channel: &str, value: u8) {
-    let mut p = client.producer(channel).unwrap();
+    let p = client.producer(channel).unwrap();
     let mut t = p.loan(&[4], DType::U8).unwrap();
     t.fill(value);
     t.publish().unwrap();
@@ -44,7 +45,7 @@ fn publish(client: &Client, channel: &str, value: u8) {
 #[test]
 fn stage_forwarding_into_its_own_input_keeps_the_tensor() {
     let (_broker, client, _) = common::start("loops", "self", CONFIG);
-    let mut stage = client.stage("wq", "wq").unwrap();
+    let stage = client.stage("wq", "wq").unwrap();
     publish(&client, "wq", 7);
     for round in 0..100u32 {
         let mut t = stage
@@ -72,13 +73,13 @@ fn stage_forwarding_into_its_own_input_keeps_the_tensor() {
 #[test]
 fn forward_to_a_producer_of_the_own_input() {
     let (_broker, client, _) = common::start("loops", "fwdto", CONFIG);
-    let mut stage = client.stage("wq", "bc").unwrap();
-    let mut back = client.producer("wq").unwrap();
+    let stage = client.stage("wq", "bc").unwrap();
+    let back = client.producer("wq").unwrap();
     let watcher = client.consumer("bc").unwrap();
     publish(&client, "wq", 1);
     for _ in 0..50 {
         let t = stage.try_recv_mut().unwrap();
-        assert_eq!(t.forward_to(&mut back).unwrap().delivered, 1);
+        assert_eq!(t.forward_to(&back).unwrap().delivered, 1);
     }
     stage.try_recv_mut().unwrap().forward().unwrap();
     assert_eq!(watcher.try_recv().unwrap()[0], 1);
@@ -90,19 +91,19 @@ fn forward_to_a_producer_of_the_own_input() {
 #[test]
 fn two_stages_in_a_cycle_and_shared_workers() {
     let (_broker, client, sock) = common::start("loops", "cycle", CONFIG);
-    let mut a = client.stage("wq", "wq2").unwrap();
-    let mut b = client.stage("wq2", "wq").unwrap();
+    let a = client.stage("wq", "wq2").unwrap();
+    let b = client.stage("wq2", "wq").unwrap();
     // Another client's worker on the loop's input, and a producer of wq in
     // the same client as the stages.
     let other = Client::connect_to(Some(&sock), "other").unwrap();
-    let mut c = other.stage("wq", "bc").unwrap();
+    let c = other.stage("wq", "bc").unwrap();
     let exit = client
         .consumer_with(
             "bc",
             ConsumerOptions::default().policy(Policy::Block).depth(16),
         )
         .unwrap();
-    let mut src = client.producer("wq").unwrap();
+    let src = client.producer("wq").unwrap();
     for i in 0..4u8 {
         let mut t = src.loan(&[4], DType::U8).unwrap();
         t.fill(i);
@@ -138,7 +139,7 @@ fn producer_and_consumer_of_one_channel_in_one_client() {
     let (_broker, client, _) = common::start("loops", "same", CONFIG);
     for ch in ["bc", "wq"] {
         let cons = client.consumer(ch).unwrap();
-        let mut prod = client.producer(ch).unwrap();
+        let prod = client.producer(ch).unwrap();
         for i in 0..20u8 {
             let mut t = prod.loan(&[1], DType::U8).unwrap();
             t.fill(i);

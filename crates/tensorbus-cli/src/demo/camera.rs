@@ -13,7 +13,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Publishes `--frames` frames on `camera/raw`, paced to `--fps`.
 pub fn run(args: RoleArgs) -> Result<(), CliError> {
     let client = connect(&args, "demo-camera")?;
-    let mut producer = client.producer_with(RAW, producer_options(&client, RAW, "frames"))?;
+    let producer = client.producer_with(RAW, producer_options(&client, RAW, "frames"))?;
     wait_for_subscribers(&client)?;
     let row = stripe_row();
     let period_ns = if args.fps > 0.0 {
@@ -28,7 +28,8 @@ pub fn run(args: RoleArgs) -> Result<(), CliError> {
         if due > now {
             std::thread::sleep(Duration::from_nanos(due - now));
         }
-        let mut frame = producer.loan_timeout(&[H, W, C], DType::U8, NEXT_WAIT)?;
+        let mut frame =
+            producer.loan_timeout(&[H as u32, W as u32, C as u32], DType::U8, NEXT_WAIT)?;
         for (y, dst) in frame.chunks_exact_mut(W * C).enumerate() {
             let s = row_shift(y, i) * C;
             dst.copy_from_slice(&row[s..s + W * C]);

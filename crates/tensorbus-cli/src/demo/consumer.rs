@@ -10,7 +10,9 @@ use crate::{fail, CliError};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tensorbus::{RecvError, Tensor};
+use tensorbus::error::RecvError;
+use tensorbus::Tensor;
+use tensorbus::TensorView;
 use tensorbus_shm::monotonic_ns;
 
 /// Pixels per channel compared value for value (besides the full mean).
@@ -57,7 +59,7 @@ impl Checker {
     /// Problems with the tensor of frame `index`, if any. Gives up (`Ok`)
     /// between two channels once `stop` is set, so that an interrupt is
     /// not held up by the check (about a third of it at most).
-    fn check(&self, t: &Tensor<'_>, index: u64, stop: &AtomicBool) -> Result<(), String> {
+    fn check(&self, t: &Tensor, index: u64, stop: &AtomicBool) -> Result<(), String> {
         if t.shape() != [1, C as u32, S as u32, S as u32] {
             return Err(format!("shape {:?}", t.shape()));
         }

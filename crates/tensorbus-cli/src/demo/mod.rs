@@ -112,36 +112,31 @@ pub fn connect(args: &RoleArgs, role: &str) -> Result<Client, CliError> {
 
 /// The spec a role creates `channel` with if the broker lacks it: lossless
 /// broadcast, on `pool` if the broker has such a pool (else any pool).
-fn spec(client: &Client, channel: &str, pool: &str) -> ChannelSpec {
+fn spec(client: &Client, pool: &str) -> ChannelSpec {
     let has = client.pools().iter().any(|p| p.name == pool);
-    ChannelSpec {
-        name: channel.to_owned(),
-        pools: if has {
-            vec![pool.to_owned()]
-        } else {
-            Vec::new()
-        },
-        mode: Mode::Broadcast,
-        depth: Some(DEPTH),
-        policy: Some(Policy::Block),
+    let spec = ChannelSpec::new(Mode::Broadcast)
+        .depth(DEPTH)
+        .policy(Policy::Block);
+    if has {
+        spec.pools(&[pool])
+    } else {
+        spec
     }
 }
 
 /// Options for a demo producer on `channel` (created if missing).
 pub fn producer_options(client: &Client, channel: &str, pool: &str) -> ProducerOptions {
-    ProducerOptions {
-        create: Some(spec(client, channel, pool)),
-    }
+    let _ = channel;
+    ProducerOptions::default().create(spec(client, pool))
 }
 
 /// Options for a demo subscriber on `channel`: lossless, depth 4 (created if missing).
 pub fn consumer_options(client: &Client, channel: &str, pool: &str) -> ConsumerOptions {
-    ConsumerOptions {
-        create: Some(spec(client, channel, pool)),
-        ..ConsumerOptions::default()
-    }
-    .policy(Policy::Block)
-    .depth(DEPTH)
+    let _ = channel;
+    ConsumerOptions::default()
+        .create(spec(client, pool))
+        .policy(Policy::Block)
+        .depth(DEPTH)
 }
 
 /// The `p`-quantile (0..=1, nearest rank) of sorted values; 0 when empty.

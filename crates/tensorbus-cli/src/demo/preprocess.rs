@@ -5,12 +5,13 @@ use super::pattern::{encode_header, header_u64, norm_lut, Resize, C, H, PLANE, S
 use super::{consumer_options, producer_options, RoleArgs, FIRST_WAIT, INPUT, NEXT_WAIT, RAW};
 use crate::{fail, CliError};
 use tensorbus::DType;
+use tensorbus::TensorView;
 
 /// Turns `--frames` camera frames into model inputs.
 pub fn run(args: RoleArgs) -> Result<(), CliError> {
     let client = super::connect(&args, "demo-preprocess")?;
     let input = client.consumer_with(RAW, consumer_options(&client, RAW, "frames"))?;
-    let mut output = client.producer_with(INPUT, producer_options(&client, INPUT, "tensors"))?;
+    let output = client.producer_with(INPUT, producer_options(&client, INPUT, "tensors"))?;
     let resize = Resize::new();
     let lut = norm_lut();
     // Byte offsets of the sampled pixels in a frame row / in the frame.
@@ -28,7 +29,8 @@ pub fn run(args: RoleArgs) -> Result<(), CliError> {
             return fail("camera frame without a frame index in its user header");
         };
         let src: &[u8] = &frame;
-        let mut tensor = output.loan_timeout(&[1, C, S, S], DType::F32, NEXT_WAIT)?;
+        let mut tensor =
+            output.loan_timeout(&[1, C as u32, S as u32, S as u32], DType::F32, NEXT_WAIT)?;
         let dst = tensor.as_mut_slice_of::<f32>()?;
         for (c, plane) in dst.chunks_exact_mut(PLANE).enumerate() {
             let lut = &lut[c];
