@@ -90,7 +90,7 @@ impl Tb {
         for &size in sizes {
             // Hold every slot that fits at once (loans of one producer may
             // be in flight together), then give them all back.
-            let mut held = Vec::with_capacity(slots_for(size));
+            let mut held = Vec::with_capacity(slots_for(size) as usize);
             for _ in 0..slots_for(size) {
                 let Ok(mut t) = p.loan_bytes(size) else { break };
                 for i in (0..t.len()).step_by(4096) {
