@@ -54,6 +54,7 @@ const PARK_SLICE: Duration = Duration::from_millis(100);
 ///
 /// ```no_run
 /// use std::os::fd::AsRawFd;
+/// use tensorbus::TensorView;
 /// # let client = tensorbus::Client::connect()?;
 /// let consumer = client.consumer("camera/raw")?;
 /// let ready = consumer.readiness()?;
