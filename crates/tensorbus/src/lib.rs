@@ -67,6 +67,7 @@ mod producer;
 mod readiness;
 mod stage;
 pub mod stat;
+mod turn;
 mod view;
 
 pub use client::Client;

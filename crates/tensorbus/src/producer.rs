@@ -3,9 +3,10 @@
 use crate::client::{Client, Inner, PoolRef};
 use crate::element::{typed_mut, Element};
 use crate::error::{ForkedChild, LoanError, PublishError, TypeError};
+use crate::turn::TurnLock;
 use crate::view::{Placed, SlotId, SlotPtr, TensorView};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tensorbus_core::control::Control;
 use tensorbus_core::proto::ChannelInfo;
@@ -72,8 +73,9 @@ pub(crate) struct ProducerCore {
     cursors: Box<[AtomicUsize]>,
     /// The publishing side's private state. The lock also makes this
     /// producer's row of rings single-producer, as the ring protocol
-    /// requires (two threads publishing through one producer take turns).
-    publish: Mutex<PublishState>,
+    /// requires (two threads publishing through one producer take turns;
+    /// see `turn.rs`).
+    publish: TurnLock<PublishState>,
 }
 
 /// What publishing mutates: the sequence counter, cached ring heads and
@@ -116,7 +118,7 @@ impl Producer {
                 cursors: (0..client.inner.pools.len())
                     .map(|_| AtomicUsize::new(0))
                     .collect(),
-                publish: Mutex::new(PublishState {
+                publish: TurnLock::new(PublishState {
                     cached_heads: vec![0; subs],
                     rr: 0,
                     seq: 0,
@@ -347,9 +349,7 @@ impl ProducerCore {
         let Some(slot) = ctl.slot(usize::from(id.pool), id.index as usize) else {
             return Published::default();
         };
-        // Poisoning cannot leave the state inconsistent (every field is
-        // valid at every instant), so a poisoned lock is taken as it is.
-        let mut st = self.publish.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = self.publish.lock();
         let st = &mut *st;
         meta.seq = st.seq;
         st.seq += 1;
