@@ -113,6 +113,29 @@ def test_dtype_spellings(client):
         prod.loan(2, "complex64")
 
 
+def test_shape_extents_are_u32(client):
+    """Extents are 32-bit: negative or too large ints are a ShapeError (a
+    ValueError) that says which axis and which bound, before anything is
+    loaned; ints, numpy integers, tuples and lists are accepted."""
+    prod = client.producer("bcast")
+    for shape in (3, np.int64(3), (3,), [3], (1, 3), [np.uint8(1), 3]):
+        with prod.loan(shape, "uint8") as t:
+            assert t.nbytes == 3
+    for shape, axis, word in (
+        (-1, 0, "negative"),
+        ((2, -3), 1, "negative"),
+        ([4, 1 << 32], 1, "exceeds the per-axis limit of 4294967295"),
+        (1 << 70, 0, "exceeds the per-axis limit"),
+    ):
+        with pytest.raises(tb.ShapeError, match=word) as e:
+            prod.loan(shape, "uint8")
+        assert isinstance(e.value, ValueError) and f"axis {axis}" in str(e.value)
+    for shape in ((4, "x"), "abc", 2.5, None):
+        with pytest.raises(tb.ShapeError, match="shape must be"):
+            prod.loan(shape, "uint8")
+    assert free_slots(client) == 16
+
+
 def test_errors_are_tensorbus_errors(client, broker, tmp_path):
     with pytest.raises(tb.BrokerUnavailable) as e:
         tb.Client(str(tmp_path / "nobody.sock"))

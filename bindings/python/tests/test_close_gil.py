@@ -165,6 +165,77 @@ def test_dropping_a_consumer_with_a_readiness_fd_ends_it(broker, client, nogc):
     del ready
 
 
+def test_closing_a_stage_with_a_live_staged_tensor_ends_its_subscription(broker, client, nogc):
+    """close() while a staged tensor is alive: the stage leaves its input at
+    once (the next tensor goes to another worker, none waits for the closed
+    one), and the staged tensor stays valid and can still be forwarded."""
+    stage = client.stage("stage/in", "stage/out")
+    out = client.consumer("stage/out", depth=8)
+    src = client.producer("stage/in")
+    for v in (1, 2):
+        with src.loan((4,), "int32") as t:
+            np.asarray(t)[...] = v
+            t.publish()
+    held = stage.recv_mut(timeout=5)  # 1; 2 stays queued for this stage
+    worker = client.stage("stage/in", "stage/out")
+    assert subscribers(client, "stage/in") == 2
+    stage.close()
+    assert stage.closed
+    assert subscribers(client, "stage/in") == 1, "a closed stage stayed subscribed"
+    with pytest.raises(tb.Closed):
+        stage.recv_mut(timeout=0)
+    # The tensor it had queued (2) and a new one (3) go to the other worker.
+    with src.loan((4,), "int32") as t:
+        np.asarray(t)[...] = 3
+        t.publish()
+    got = []
+    for _ in range(2):
+        with worker.recv_mut(timeout=5) as s:
+            got.append(int(np.asarray(s)[0]))
+            s.forward()
+    assert sorted(got) == [2, 3]
+    # The closed stage's tensor: still its bytes, still forwardable.
+    assert int(np.asarray(held)[0]) == 1
+    np.asarray(held)[...] += 10
+    assert held.forward() == 1
+    seen = sorted(int(np.asarray(out.recv(timeout=5))[0]) for _ in range(3))
+    assert seen == [2, 3, 11]
+    worker.close()
+    assert free_slots(client) == total_slots(client)
+
+
+@pytest.mark.parametrize("what", ["consumer", "stage"])
+def test_close_from_another_thread_ends_a_blocking_recv(broker, client, nogc, what):
+    """A thread blocked in recv()/recv_mut() raises Closed soon after another
+    thread closes the handle; the subscription ends at once."""
+    import threading
+
+    channel = "bcast" if what == "consumer" else "stage/in"
+    handle = client.consumer(channel) if what == "consumer" else client.stage(channel, "stage/out")
+    wait = handle.recv if what == "consumer" else handle.recv_mut
+    result = {}
+
+    def blocked():
+        start = time.monotonic()
+        try:
+            wait(timeout=30)
+            result["got"] = "a tensor"
+        except Exception as e:  # noqa: BLE001 - asserted below
+            result["got"] = type(e).__name__
+        result["s"] = time.monotonic() - start
+
+    th = threading.Thread(target=blocked)
+    th.start()
+    time.sleep(0.2)  # well inside the wait
+    closed_at = time.monotonic()
+    handle.close()
+    assert subscribers(client, channel) == 0
+    th.join(10)
+    assert not th.is_alive()
+    assert result["got"] == "Closed", result
+    assert result["s"] < 30 and time.monotonic() - closed_at < 2.0, result
+
+
 # ---------------------------------------------------------------- 11.3 ---
 
 

@@ -51,19 +51,25 @@ def test_forward_to_a_producer_object(client):
     assert other.recv(timeout=1.0).seq == 1
 
 
-def test_forward_to_a_busy_producer_raises_busy_and_keeps_the_tensor(client):
+def test_forward_through_a_producer_with_a_loan_out(client):
+    """A producer's loans do not block forwards through it (several loans
+    and forwards may be in flight at once): each gets its own seq."""
     stage = client.stage("stage/in", "stage/out")
     prod = client.producer("bcast")
-    out = client.consumer("stage/out")
-    stage_one(client)
-    loan = prod.loan(2)
+    other = client.consumer("bcast", depth=8)
+    stage_one(client, 4.0)
+    loan = prod.loan(4, "float32")
+    np.asarray(loan)[:] = 8.0
     with stage.recv_mut(timeout=1.0) as s:
-        with pytest.raises(tb.Busy):
-            s.forward(prod)
-        assert not s.released
-        loan.release()
-        assert s.forward() == 1
-    out.recv(timeout=1.0).release()
+        assert s.forward(prod) == 1
+        assert s.seq == 0
+    assert not loan.released and loan.publish() == 1  # the loan went on
+    assert loan.seq == 1
+    with other.recv(timeout=1.0) as r:
+        assert (r.seq, np.asarray(r).tolist()) == (0, [4.0] * 4)
+    with other.recv(timeout=1.0) as r:
+        assert (r.seq, np.asarray(r).tolist()) == (1, [8.0] * 4)
+    assert free_slots(client) == total_slots(client)
 
 
 def test_forward_to_a_channel_of_another_pool_is_refused_and_keeps_the_tensor(client):

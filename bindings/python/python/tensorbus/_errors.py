@@ -70,7 +70,7 @@ class Corrupted(TensorbusError):
 
 
 class Busy(TensorbusError):
-    """A producer already has a loan, or a stage already holds a tensor."""
+    """The consumer is being awaited on another event loop (one loop per consumer)."""
 
 
 class Closed(TensorbusError, ValueError):
