@@ -865,6 +865,107 @@ static void test_close_with_live_tensors(void) {
     CHECK_OK(tb_client_close(c));
 }
 
+enum { THREAD_TENSORS = 200 };
+
+/* One producer shared by two publishing threads (ids base, base+1, ...). */
+typedef struct {
+    tb_producer *p;
+    uint32_t base;
+    int bad;
+} publisher_arg;
+
+static void *publisher(void *arg) {
+    publisher_arg *a = arg;
+    for (uint32_t i = 0; i < THREAD_TENSORS; i++) {
+        tb_tensor *t = NULL;
+        size_t n = 8;
+        void *d = NULL;
+        if (tb_loan_timeout(a->p, TB_DTYPE_U8, 1, &n, 10000000000ull, &t) != TB_OK) {
+            a->bad++;
+            continue;
+        }
+        uint32_t id = a->base + i;
+        if (tb_tensor_data(t, &d, NULL) == TB_OK && d)
+            memcpy(d, &id, 4);
+        else
+            a->bad++;
+        if (tb_publish(t, NULL) != TB_OK)
+            a->bad++;
+    }
+    return NULL;
+}
+
+/* One consumer shared by two receiving threads: each id arrives once. */
+typedef struct {
+    tb_consumer *c;
+    pthread_mutex_t *mu;
+    unsigned char *seen; /* by id */
+    int *total;
+    int bad;
+} receiver_arg;
+
+static void *receiver(void *arg) {
+    receiver_arg *a = arg;
+    uint64_t deadline = now_ns() + 30000000000ull;
+    for (;;) {
+        pthread_mutex_lock(a->mu);
+        int done = *a->total == 2 * THREAD_TENSORS;
+        pthread_mutex_unlock(a->mu);
+        if (done || now_ns() > deadline)
+            return NULL;
+        tb_tensor *t = NULL;
+        tb_status s = tb_recv(a->c, 50000000ull, &t);
+        if (s == TB_ERR_TIMEOUT)
+            continue;
+        const void *d = NULL;
+        size_t n = 0;
+        uint32_t id = UINT32_MAX;
+        if (s != TB_OK || tb_tensor_const_data(t, &d, &n) != TB_OK || !d || n != 8) {
+            a->bad++;
+        } else {
+            memcpy(&id, d, 4);
+        }
+        pthread_mutex_lock(a->mu);
+        if (id < 2 * THREAD_TENSORS) {
+            a->seen[id]++;
+            (*a->total)++;
+        }
+        pthread_mutex_unlock(a->mu);
+        if (s == TB_OK && tb_release(t) != TB_OK)
+            a->bad++;
+    }
+}
+
+/* Producers and consumers may be used from several threads at once. */
+static void test_threads(void) {
+    tb_client *c = connect_client("c-threads");
+    if (!c)
+        return;
+    tb_producer *p = NULL;
+    tb_consumer *cons = NULL;
+    open_pair(c, "c/bcast", TB_POLICY_BLOCK, 8, &p, &cons);
+    pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+    unsigned char seen[2 * THREAD_TENSORS] = {0};
+    int total = 0;
+    publisher_arg pa[2] = {{p, 0, 0}, {p, THREAD_TENSORS, 0}};
+    receiver_arg ra[2] = {{cons, &mu, seen, &total, 0}, {cons, &mu, seen, &total, 0}};
+    pthread_t th[4];
+    for (int i = 0; i < 2; i++)
+        CHECK(pthread_create(&th[i], NULL, receiver, &ra[i]) == 0);
+    for (int i = 0; i < 2; i++)
+        CHECK(pthread_create(&th[2 + i], NULL, publisher, &pa[i]) == 0);
+    for (int i = 0; i < 4; i++)
+        CHECK(pthread_join(th[i], NULL) == 0);
+    CHECK(pa[0].bad == 0 && pa[1].bad == 0);
+    CHECK(ra[0].bad == 0 && ra[1].bad == 0);
+    CHECK(total == 2 * THREAD_TENSORS);
+    int once = 1;
+    for (int i = 0; i < 2 * THREAD_TENSORS; i++)
+        once &= seen[i] == 1;
+    CHECK(once);
+    close_pair(c, p, cons);
+}
+
 /* More tensors than the registry's quarantine holds: old shells are reused
  * or freed (valgrind checks that), double release is still detected. */
 static void test_many_tensors(void) {
@@ -1206,6 +1307,7 @@ int main(int argc, char **argv) {
         {"stage_into_own_input", test_stage_into_own_input},
         {"misuse", test_misuse},
         {"close_with_live_tensors", test_close_with_live_tensors},
+        {"threads", test_threads},
         {"many_tensors", test_many_tensors},
         {"dropped_counter", test_dropped_counter},
         {"c_producer_rust_consumer", test_c_producer_rust_consumer},
