@@ -40,7 +40,8 @@ typedef enum tb_status {
   TB_ERR_BROKER_UNAVAILABLE = 4,
   // NULL, closed, released or wrong-kind handle, bad dtype/shape/option.
   TB_ERR_INVALID_ARGUMENT = 5,
-  // The handle still has a live tensor (or, for a client, open handles).
+  // The client still has open handles (only `tb_client_close` returns
+  // it: producers, consumers and stages close while their tensors live).
   TB_ERR_BUSY = 6,
   // A received tensor's bytes are read-only (use `tb_tensor_const_data`).
   TB_ERR_READ_ONLY = 7,
@@ -166,7 +167,8 @@ enum tb_status tb_client_connect(const char *socket_or_null,
                                  struct tb_client **out);
 
 // Closes a client. Fails with `TB_ERR_BUSY` while producers, consumers or
-// stages opened from it are still open.
+// stages opened from it are still open (tensors of closed handles do not
+// count: they outlive their client too).
 //
 // # Safety
 // No other thread may be using `client` during this call.
@@ -186,7 +188,8 @@ enum tb_status tb_producer_open(struct tb_client *client,
                                 const char *channel,
                                 struct tb_producer **out);
 
-// Closes a producer. Fails with `TB_ERR_BUSY` while it has a loaned tensor.
+// Closes a producer. Its loans stay valid: publishing one still works
+// (the producer's broker handle closes when its last loan ends).
 //
 // # Safety
 // No other thread may be using `producer` during this call.
@@ -194,9 +197,10 @@ enum tb_status tb_producer_close(struct tb_producer *producer);
 
 // Loans a slot for a C-contiguous tensor of `ndim` extents `shape` and
 // element type `dtype`, and returns a writable tensor. Fails at once with
-// `TB_ERR_POOL_EXHAUSTED` when every fitting slot is held, and with
-// `TB_ERR_BUSY` while this producer's previous loan is neither published
-// nor released.
+// `TB_ERR_POOL_EXHAUSTED` when every fitting slot is held. A producer may
+// have several loans at a time (each holds one slot until it is published
+// or released). Extents above `UINT32_MAX` (the header's per-axis limit)
+// or more than `TB_MAX_DIMS` of them are `TB_ERR_INVALID_ARGUMENT`.
 //
 // # Safety
 // `shape` points to `ndim` values (or is NULL when `ndim` is 0); `out` is
@@ -219,9 +223,9 @@ enum tb_status tb_loan_timeout(struct tb_producer *producer,
                                uint64_t timeout_ns,
                                struct tb_tensor **out);
 
-// Publishes a loaned tensor to the channel's subscribers and ends the loan;
-// the handle is consumed whatever the outcome. `delivered_or_null`
-// receives how many subscribers got it.
+// Publishes a loaned tensor to the channel's subscribers and ends the loan
+// (also after its producer was closed); the handle is consumed whatever
+// the outcome. `delivered_or_null` receives how many subscribers got it.
 //
 // # Safety
 // `delivered_or_null` is NULL or writable.
@@ -238,8 +242,10 @@ enum tb_status tb_consumer_open(struct tb_client *client,
                                 uint32_t depth,
                                 struct tb_consumer **out);
 
-// Closes a consumer. Fails with `TB_ERR_BUSY` while tensors it received
-// are not released.
+// Closes a consumer. Tensors it received stay valid until released; the
+// subscription leaves its channel at once (nothing more is delivered to it;
+// what was queued for it is released, or handed to the other workers of a
+// work queue).
 //
 // # Safety
 // No other thread may be using `consumer` during this call.
@@ -279,7 +285,8 @@ enum tb_status tb_stage_open(struct tb_client *client,
                              const char *output,
                              struct tb_stage **out);
 
-// Closes a stage. Fails with `TB_ERR_BUSY` while it holds a tensor.
+// Closes a stage. Its staged tensors stay valid (forwarding one still
+// works); its input subscription leaves the work queue at once.
 //
 // # Safety
 // No other thread may be using `stage` during this call.
@@ -287,14 +294,15 @@ enum tb_status tb_stage_close(struct tb_stage *stage);
 
 // Takes the next input tensor exclusively: its bytes are writable in place
 // (`tb_tensor_data`). Forward it with [`tb_forward`] or give it back with
-// [`tb_release`]. One tensor per stage at a time (`TB_ERR_BUSY` otherwise).
+// [`tb_release`]. A stage may hold several tensors at a time.
 //
 // # Safety
 // `out` is NULL or writable.
 enum tb_status tb_recv_mut(struct tb_stage *stage, uint64_t timeout_ns, struct tb_tensor **out);
 
 // Forwards a staged tensor — the very same slot, no copy — on the stage's
-// output channel. The handle is consumed whatever the outcome.
+// output channel (also after the stage was closed). The handle is consumed
+// whatever the outcome.
 //
 // # Safety
 // `delivered_or_null` is NULL or writable.

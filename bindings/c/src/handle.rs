@@ -1,11 +1,17 @@
-//! What every handle kind shares: registry lookup, boxing, closing (with the
-//! live-children check) and opening a handle from a client.
+//! What every handle kind shares: registry lookup, boxing, closing and
+//! opening a handle from a client.
+//!
+//! A handle shell owns its Rust object (`Client`, `Producer`, `Consumer`,
+//! `Stage`) through a boxed pointer that close swaps out and drops. Tensors
+//! do not borrow that object (each owns what it needs), so only a client
+//! refuses to close: while handles opened from it are open, since each of
+//! them points back at it.
 
 use crate::registry::{self, Kind};
 use crate::status::{err, Res, TB_ERR_BUSY};
 use crate::{free_shell, tb_client, tb_consumer, tb_producer, tb_stage, tb_tensor};
 use std::ptr;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 use tensorbus::{Client, Consumer, Producer, Stage};
 
 /// A handle shell type and its registry kind.
@@ -17,24 +23,30 @@ impl Shell for tb_tensor {
     const KIND: Kind = Kind::Tensor;
 }
 
-/// A handle that owns a boxed Rust object (freed on close) and refuses to
-/// close while something borrows it.
+/// A handle that owns a boxed Rust object, dropped on close.
 pub(crate) trait Owner: Shell {
     type Inner;
     /// The boxed Rust object (NULL once closed).
     fn inner(&self) -> &AtomicPtr<Self::Inner>;
     /// The client this handle was opened from (NULL for a client).
     fn parent(&self) -> *const tb_client;
-    /// `TB_ERR_BUSY` (with the kind's own message) while something borrows it.
-    fn idle(&self) -> Res;
+    /// Whether the handle may close now (a client: `TB_ERR_BUSY` while it
+    /// has open handles).
+    fn may_close(&self) -> Res {
+        Ok(())
+    }
 }
 
-/// A handle opened from a client, whose tensors borrow it.
+/// A handle opened from a client.
 pub(crate) trait Child: Owner {
     /// A fresh shell around `inner`, opened from `client`.
     fn new(client: *const tb_client, inner: Self::Inner) -> Self;
-    /// Tells the handle that one of its tensors ended.
-    fn tensor_done(&self);
+}
+
+/// The fields of a producer, consumer or stage shell.
+pub(crate) struct Opened<T> {
+    client: *const tb_client,
+    inner: AtomicPtr<T>,
 }
 
 impl Shell for tb_client {
@@ -49,7 +61,7 @@ impl Owner for tb_client {
     fn parent(&self) -> *const tb_client {
         ptr::null()
     }
-    fn idle(&self) -> Res {
+    fn may_close(&self) -> Res {
         match self.children.load(Ordering::Acquire) {
             0 => Ok(()),
             open => Err(err(
@@ -60,111 +72,42 @@ impl Owner for tb_client {
     }
 }
 
-impl Shell for tb_producer {
-    const KIND: Kind = Kind::Producer;
-}
-
-impl Owner for tb_producer {
-    type Inner = Producer;
-    fn inner(&self) -> &AtomicPtr<Producer> {
-        &self.producer
-    }
-    fn parent(&self) -> *const tb_client {
-        self.client
-    }
-    fn idle(&self) -> Res {
-        if self.loaned.load(Ordering::Acquire) {
-            return Err(err(
-                TB_ERR_BUSY,
-                "producer has a loaned tensor; publish or release it first",
-            ));
+/// Implements the shell traits of a producer, consumer or stage shell
+/// (`$shell` wraps an `Opened<$inner>`; `Kind::$inner` is its kind).
+macro_rules! child_shell {
+    ($shell:ident, $inner:ident) => {
+        impl Shell for $shell {
+            const KIND: Kind = Kind::$inner;
         }
-        Ok(())
-    }
-}
-
-impl Child for tb_producer {
-    fn new(client: *const tb_client, inner: Producer) -> Self {
-        tb_producer {
-            client,
-            producer: AtomicPtr::new(Box::into_raw(Box::new(inner))),
-            loaned: AtomicBool::new(false),
+        impl Owner for $shell {
+            type Inner = $inner;
+            fn inner(&self) -> &AtomicPtr<$inner> {
+                &self.0.inner
+            }
+            fn parent(&self) -> *const tb_client {
+                self.0.client
+            }
         }
-    }
-    fn tensor_done(&self) {
-        self.loaned.store(false, Ordering::Release);
-    }
-}
-
-impl Shell for tb_consumer {
-    const KIND: Kind = Kind::Consumer;
-}
-
-impl Owner for tb_consumer {
-    type Inner = Consumer;
-    fn inner(&self) -> &AtomicPtr<Consumer> {
-        &self.consumer
-    }
-    fn parent(&self) -> *const tb_client {
-        self.client
-    }
-    fn idle(&self) -> Res {
-        match self.live.load(Ordering::Acquire) {
-            0 => Ok(()),
-            live => Err(err(
-                TB_ERR_BUSY,
-                format!("consumer still has {live} received tensor(s); tb_release them first"),
-            )),
+        impl Child for $shell {
+            fn new(client: *const tb_client, inner: $inner) -> Self {
+                $shell(Opened {
+                    client,
+                    inner: AtomicPtr::new(Box::into_raw(Box::new(inner))),
+                })
+            }
         }
-    }
+    };
 }
 
-impl Child for tb_consumer {
-    fn new(client: *const tb_client, inner: Consumer) -> Self {
-        tb_consumer {
-            client,
-            consumer: AtomicPtr::new(Box::into_raw(Box::new(inner))),
-            live: AtomicUsize::new(0),
-        }
-    }
-    fn tensor_done(&self) {
-        self.live.fetch_sub(1, Ordering::AcqRel);
-    }
-}
+child_shell!(tb_producer, Producer);
+child_shell!(tb_consumer, Consumer);
+child_shell!(tb_stage, Stage);
 
-impl Shell for tb_stage {
-    const KIND: Kind = Kind::Stage;
-}
-
-impl Owner for tb_stage {
-    type Inner = Stage;
-    fn inner(&self) -> &AtomicPtr<Stage> {
-        &self.stage
-    }
-    fn parent(&self) -> *const tb_client {
-        self.client
-    }
-    fn idle(&self) -> Res {
-        if self.busy.load(Ordering::Acquire) {
-            return Err(err(
-                TB_ERR_BUSY,
-                "stage holds a tensor; forward or release it first",
-            ));
-        }
-        Ok(())
-    }
-}
-
-impl Child for tb_stage {
-    fn new(client: *const tb_client, inner: Stage) -> Self {
-        tb_stage {
-            client,
-            stage: AtomicPtr::new(Box::into_raw(Box::new(inner))),
-            busy: AtomicBool::new(false),
-        }
-    }
-    fn tensor_done(&self) {
-        self.busy.store(false, Ordering::Release);
+/// A fresh client shell.
+pub(crate) fn client_shell(client: Client) -> tb_client {
+    tb_client {
+        client: AtomicPtr::new(Box::into_raw(Box::new(client))),
+        children: AtomicUsize::new(0),
     }
 }
 
@@ -194,13 +137,16 @@ pub(crate) unsafe fn live<'a, T: Shell>(p: *const T) -> Res<&'a T> {
 pub(crate) unsafe fn live_inner<'a, T: Owner>(p: *const T) -> Res<(&'a T, &'a T::Inner)> {
     // SAFETY: forwarded contract.
     let shell = unsafe { live(p) }?;
-    // SAFETY: a live handle's box is set until close, which the caller excludes.
+    // SAFETY: a live handle's box is set (from `Box::into_raw`) until close,
+    // which the caller excludes; the Rust objects are `Sync`, so other
+    // threads may hold shared references at the same time.
     Ok((shell, unsafe { &*shell.inner().load(Ordering::Acquire) }))
 }
 
-/// Closes a handle: refuses while it is borrowed (`TB_ERR_BUSY`, nothing
-/// changes), else retires the shell, frees its Rust object and tells the
-/// client it was opened from.
+/// Closes a handle: retires the shell, drops its Rust object (a consumer or
+/// stage whose tensors are alive detaches from its channel then; the
+/// tensors keep what they need) and tells the client it was opened from. A
+/// client with open handles refuses (`TB_ERR_BUSY`, nothing changes).
 ///
 /// # Safety
 /// No other thread may be using `p` during this call.
@@ -209,14 +155,15 @@ pub(crate) unsafe fn close<T: Owner>(p: *mut T) -> Res {
     reg.check(p as usize, T::KIND)?;
     // SAFETY: live shell (checked under the lock we hold).
     let shell = unsafe { &*p };
-    shell.idle()?;
+    shell.may_close()?;
     let parent = shell.parent();
     let inner = shell.inner().swap(ptr::null_mut(), Ordering::AcqRel);
     reg.retire(p as usize, T::KIND, free_shell);
     drop(reg);
     if !inner.is_null() {
-        // SAFETY: from `Box::into_raw` when the handle was opened, swapped
-        // out once, and nothing borrows it (`idle` checked above).
+        // SAFETY: from `Box::into_raw` when the handle was opened and
+        // swapped out once; no call uses it any more (the shell is retired
+        // and the caller runs no other call on it meanwhile).
         drop(unsafe { Box::from_raw(inner) });
     }
     if !parent.is_null() {

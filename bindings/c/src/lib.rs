@@ -16,17 +16,22 @@
 //!   `TB_ERR_INVALID_ARGUMENT`, never a crash. Releasing a tensor twice is
 //!   reported as "tensor already released" (for the last 1024 closed or
 //!   released handles; after that the address may belong to a new handle).
-//! * Lifetimes: a tensor borrows the handle it came from. Closing a
-//!   producer, consumer or stage that still has a live tensor, or a client
-//!   that still has open handles, returns `TB_ERR_BUSY` and changes nothing.
-//!   A producer has at most one loan at a time (a second `tb_loan` before
-//!   publishing or releasing the first returns `TB_ERR_BUSY`); a stage holds
-//!   at most one tensor at a time; a consumer may hold many.
-//! * Threads: a `tb_client` may be used from several threads at once. A
-//!   producer, consumer or stage, together with the tensors it handed out,
-//!   must be used by one thread at a time (it may move between threads).
-//!   Closing a handle while another thread is inside a call on it is a bug
-//!   in the caller.
+//! * Lifetimes: a tensor owns what it needs, so it may outlive the handle
+//!   it came from. Closing a producer, consumer or stage whose tensors are
+//!   alive succeeds and the tensors stay valid: a loan can still be
+//!   published, a staged tensor forwarded, and their bytes stay readable
+//!   (and writable) until they are published, forwarded or released. A
+//!   closed consumer or stage receives nothing more from that moment on (it
+//!   leaves its channel at once); its broker handle closes when its last
+//!   tensor is released. A producer may have several loans at a time, a
+//!   stage several staged tensors, a consumer many received tensors.
+//!   Closing a client that still has open handles returns `TB_ERR_BUSY` and
+//!   changes nothing (the only call that returns `TB_ERR_BUSY`).
+//! * Threads: a client, producer, consumer or stage may be used from
+//!   several threads at once. A tensor must be used by one thread at a time
+//!   (it may move between threads). Closing a handle, or publishing,
+//!   forwarding or releasing a tensor, while another thread is inside a
+//!   call on it is a bug in the caller.
 //! * `fork()`: a child's inherited handles are inert. Opening, loaning,
 //!   publishing, receiving, forwarding and `tb_tensor_data` /
 //!   `tb_tensor_const_data` on them return `TB_ERR_FORKED_CHILD`; the
@@ -43,17 +48,18 @@ mod status;
 pub use status::tb_status;
 use status::*;
 
-use handle::{close, live, live_inner, open, register, Child, Shell};
+use handle::{client_shell, close, live_inner, open, register, Opened, Owner};
 use registry::Kind;
 use std::cell::UnsafeCell;
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::path::Path;
 use std::ptr;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicUsize};
 use std::time::Duration;
+use tensorbus::error::{LoanError, RecvError, ShapeError, TryRecvError};
 use tensorbus::{
-    Client, Consumer, ConsumerOptions, DType, Policy, Producer, RecvError, Stage, StagedTensor,
-    Tensor, TensorMeta, TensorMut, TryRecvError,
+    Client, Consumer, ConsumerOptions, DType, Policy, Producer, Published, Stage, StagedTensor,
+    Tensor, TensorMeta, TensorMut, TensorView,
 };
 
 /// Element type of a tensor (one of the `TB_DTYPE_*` constants).
@@ -126,6 +132,10 @@ pub const TB_USER_HEADER_LEN: usize = 64;
 /// `timeout_ns` value that waits forever.
 pub const TB_TIMEOUT_INFINITE: u64 = 0xFFFF_FFFF_FFFF_FFFF;
 
+// The C limits are the Rust ones.
+const _: () = assert!(TB_MAX_DIMS == tensorbus::MAX_DIMS);
+const _: () = assert!(TB_USER_HEADER_LEN == tensorbus::USER_HEADER_LEN);
+
 /// A connection to a broker (opaque).
 pub struct tb_client {
     client: AtomicPtr<Client>,
@@ -133,46 +143,42 @@ pub struct tb_client {
 }
 
 /// The writing end of a channel (opaque).
-pub struct tb_producer {
-    client: *const tb_client,
-    producer: AtomicPtr<Producer>,
-    loaned: AtomicBool,
-}
+pub struct tb_producer(Opened<Producer>);
 
 /// The reading end of a channel: one subscription (opaque).
-pub struct tb_consumer {
-    client: *const tb_client,
-    consumer: AtomicPtr<Consumer>,
-    live: AtomicUsize,
-}
+pub struct tb_consumer(Opened<Consumer>);
 
 /// A work-queue subscription that edits slots in place and forwards them (opaque).
-pub struct tb_stage {
-    client: *const tb_client,
-    stage: AtomicPtr<Stage>,
-    busy: AtomicBool,
-}
+pub struct tb_stage(Opened<Stage>);
 
 /// A loaned, received or staged tensor (opaque).
 pub struct tb_tensor {
     view: UnsafeCell<Option<View>>,
 }
 
-/// What a `tb_tensor` holds. The `'static` lifetimes are erased borrows of
-/// the owning handle's boxed Rust object, which is not freed while the
-/// tensor lives (closing the owner returns `TB_ERR_BUSY` until then).
+/// What a `tb_tensor` holds: the Rust tensor, which owns what it needs
+/// (it outlives the handle it came from).
 enum View {
-    Loan(TensorMut<'static>, *const tb_producer),
-    Recv(Tensor<'static>, *const tb_consumer),
-    Staged(StagedTensor<'static>, *const tb_stage),
+    Loan(TensorMut),
+    Recv(Tensor),
+    Staged(StagedTensor),
 }
 
 impl View {
     fn meta(&self) -> &TensorMeta {
         match self {
-            View::Loan(t, _) => t.meta(),
-            View::Recv(t, _) => t.meta(),
-            View::Staged(t, _) => t.meta(),
+            View::Loan(t) => t.meta(),
+            View::Recv(t) => t.meta(),
+            View::Staged(t) => t.meta(),
+        }
+    }
+
+    /// The tensor's bytes (read-only).
+    fn bytes(&self) -> &[u8] {
+        match self {
+            View::Loan(t) => t,
+            View::Recv(t) => t,
+            View::Staged(t) => t,
         }
     }
 
@@ -180,9 +186,9 @@ impl View {
     /// taken: its bytes are the parent's to read and write.
     fn fork_check(&self) -> Res {
         match self {
-            View::Loan(t, _) => t.fork_check(),
-            View::Recv(t, _) => t.fork_check(),
-            View::Staged(t, _) => t.fork_check(),
+            View::Loan(t) => t.fork_check(),
+            View::Recv(t) => t.fork_check(),
+            View::Staged(t) => t.fork_check(),
         }
         .map_err(Error::from)
     }
@@ -225,21 +231,21 @@ fn new_tensor(view: View) -> *mut tb_tensor {
 }
 
 /// Hands out a new tensor from a live handle: clears `out`, looks `owner`
-/// up, runs `take` on it and writes the new tensor handle through `out`.
+/// up, runs `take` on its Rust object and writes the new tensor handle
+/// through `out`.
 ///
 /// # Safety
-/// `out` is NULL or writable; `owner` is not closed meanwhile and is used by
-/// this thread only.
-unsafe fn lend<T: Shell>(
+/// `out` is NULL or writable; `owner` is not closed meanwhile.
+unsafe fn lend<T: Owner>(
     owner: *mut T,
     out: *mut *mut tb_tensor,
-    take: impl FnOnce(&T) -> Res<View>,
+    take: impl FnOnce(&T::Inner) -> Res<View>,
 ) -> Res {
     // SAFETY: forwarded caller promises.
     unsafe { clear_out(out) }?;
     // SAFETY: checked by the registry; the caller keeps it open.
-    let shell = unsafe { live(owner) }?;
-    let view = take(shell)?;
+    let (_, inner) = unsafe { live_inner(owner) }?;
+    let view = take(inner)?;
     let t = new_tensor(view);
     // SAFETY: checked non-NULL and writable by `clear_out`.
     unsafe { out.write(t) };
@@ -282,28 +288,6 @@ unsafe fn take_view(t: *mut tb_tensor, accept: impl FnOnce(&View) -> Res) -> Res
     Ok(view)
 }
 
-/// Ends a view that is not published or forwarded: gives the slot back and
-/// tells the owning handle that its tensor is gone.
-fn finish(view: View) {
-    match view {
-        View::Loan(t, p) => {
-            drop(t);
-            // SAFETY: the producer cannot be closed while its loan lives.
-            unsafe { (*p).tensor_done() };
-        }
-        View::Recv(t, c) => {
-            drop(t);
-            // SAFETY: the consumer cannot be closed while its tensors live.
-            unsafe { (*c).tensor_done() };
-        }
-        View::Staged(t, s) => {
-            drop(t);
-            // SAFETY: the stage cannot be closed while its tensor lives.
-            unsafe { (*s).tensor_done() };
-        }
-    }
-}
-
 /// Publishes a loan (`staged` false) or forwards a staged tensor (`staged`
 /// true) and ends its view; any other tensor fails with `wrong` and is left
 /// as it was. Once accepted, the handle is consumed whatever the outcome;
@@ -321,28 +305,18 @@ unsafe fn send(
     // SAFETY: the registry checks `tensor`; the caller uses it on one thread.
     let view = unsafe {
         take_view(tensor, |v| match (v, staged) {
-            (View::Loan(..), false) | (View::Staged(..), true) => Ok(()),
+            (View::Loan(_), false) | (View::Staged(_), true) => Ok(()),
             _ => Err(invalid(wrong)),
         })
     }?;
-    let result = match view {
-        View::Loan(t, p) => {
-            let r = t.publish();
-            // SAFETY: the producer cannot be closed while its loan lives.
-            unsafe { (*p).tensor_done() };
-            r
-        }
-        View::Staged(t, s) => {
-            let r = t.forward();
-            // SAFETY: the stage cannot be closed while its tensor lives.
-            unsafe { (*s).tensor_done() };
-            r
-        }
-        View::Recv(..) => unreachable!("received tensors are not accepted"),
+    let published: Published = match view {
+        View::Loan(t) => t.publish()?,
+        View::Staged(t) => t.forward()?,
+        // Refused by `take_view` above.
+        View::Recv(_) => return Err(invalid(wrong)),
     };
-    let outcome = result?;
     // SAFETY: NULL or writable (caller's promise).
-    unsafe { put(delivered_or_null, outcome.delivered) };
+    unsafe { put(delivered_or_null, published.delivered) };
     Ok(())
 }
 
@@ -376,6 +350,31 @@ unsafe fn text<'a>(p: *const c_char, what: &str) -> Res<&'a str> {
     unsafe { CStr::from_ptr(p) }
         .to_str()
         .map_err(|_| invalid(format!("{what} is not valid UTF-8")))
+}
+
+/// Reads `ndim` C extents into the `u32` extents a tensor header holds:
+/// more than `TB_MAX_DIMS` dimensions, or an extent above `UINT32_MAX`, is
+/// `TB_ERR_INVALID_ARGUMENT`.
+///
+/// # Safety
+/// `shape` points to `ndim` readable values (or is NULL when `ndim` is 0).
+unsafe fn extents(ndim: usize, shape: *const usize) -> Res<([u32; TB_MAX_DIMS], usize)> {
+    if ndim > TB_MAX_DIMS {
+        return Err(invalid(format!(
+            "ndim {ndim} exceeds TB_MAX_DIMS ({TB_MAX_DIMS})"
+        )));
+    }
+    let mut dims = [0u32; TB_MAX_DIMS];
+    if ndim > 0 {
+        need(shape, "shape")?;
+        // SAFETY: non-NULL and `ndim` readable values (caller's promise).
+        let given = unsafe { std::slice::from_raw_parts(shape, ndim) };
+        for (axis, (d, &extent)) in dims.iter_mut().zip(given).enumerate() {
+            *d = u32::try_from(extent)
+                .map_err(|_| LoanError::from(ShapeError::DimTooLarge { axis, extent }))?;
+        }
+    }
+    Ok((dims, ndim))
 }
 
 /// Decodes a `TB_DTYPE_*` value.
@@ -482,10 +481,7 @@ pub unsafe extern "C" fn tb_client_connect(
             Some(Path::new(unsafe { text(socket_or_null, "socket") }?))
         };
         let client = Client::connect_to(socket, name)?;
-        let shell = register(tb_client {
-            client: AtomicPtr::new(Box::into_raw(Box::new(client))),
-            children: AtomicUsize::new(0),
-        });
+        let shell = register(client_shell(client));
         // SAFETY: checked non-NULL and writable by `clear_out`.
         unsafe { out.write(shell) };
         Ok(())
@@ -493,7 +489,8 @@ pub unsafe extern "C" fn tb_client_connect(
 }
 
 /// Closes a client. Fails with `TB_ERR_BUSY` while producers, consumers or
-/// stages opened from it are still open.
+/// stages opened from it are still open (tensors of closed handles do not
+/// count: they outlive their client too).
 ///
 /// # Safety
 /// No other thread may be using `client` during this call.
@@ -542,7 +539,8 @@ pub unsafe extern "C" fn tb_producer_open(
     })
 }
 
-/// Closes a producer. Fails with `TB_ERR_BUSY` while it has a loaned tensor.
+/// Closes a producer. Its loans stay valid: publishing one still works
+/// (the producer's broker handle closes when its last loan ends).
 ///
 /// # Safety
 /// No other thread may be using `producer` during this call.
@@ -554,9 +552,10 @@ pub unsafe extern "C" fn tb_producer_close(producer: *mut tb_producer) -> tb_sta
 
 /// Loans a slot for a C-contiguous tensor of `ndim` extents `shape` and
 /// element type `dtype`, and returns a writable tensor. Fails at once with
-/// `TB_ERR_POOL_EXHAUSTED` when every fitting slot is held, and with
-/// `TB_ERR_BUSY` while this producer's previous loan is neither published
-/// nor released.
+/// `TB_ERR_POOL_EXHAUSTED` when every fitting slot is held. A producer may
+/// have several loans at a time (each holds one slot until it is published
+/// or released). Extents above `UINT32_MAX` (the header's per-axis limit)
+/// or more than `TB_MAX_DIMS` of them are `TB_ERR_INVALID_ARGUMENT`.
 ///
 /// # Safety
 /// `shape` points to `ndim` values (or is NULL when `ndim` is 0); `out` is
@@ -588,50 +587,25 @@ pub unsafe extern "C" fn tb_loan_timeout(
     out: *mut *mut tb_tensor,
 ) -> tb_status {
     guard(|| {
-        let take = |shell: &tb_producer| {
+        let take = |p: &Producer| {
             let dtype = self::dtype(dtype)?;
-            if ndim > TB_MAX_DIMS {
-                return Err(invalid(format!(
-                    "ndim {ndim} exceeds TB_MAX_DIMS ({TB_MAX_DIMS})"
-                )));
-            }
-            let shape: &[usize] = if ndim == 0 {
-                &[]
-            } else {
-                need(shape, "shape")?;
-                // SAFETY: non-NULL and `ndim` readable values (caller's promise).
-                unsafe { std::slice::from_raw_parts(shape, ndim) }
-            };
-            if shell.loaned.swap(true, Ordering::AcqRel) {
-                return Err(err(
-                    TB_ERR_BUSY,
-                    "this producer already has a loaned tensor (one loan per producer at a time); publish or release it first",
-                ));
-            }
-            // SAFETY: the producer box lives until `tb_producer_close`, which
-            // refuses while `loaned` is set; `loaned` makes this the only
-            // `&mut` to it until the loan ends (then `loaned` is cleared).
-            let p: &'static mut Producer = unsafe { &mut *shell.producer.load(Ordering::Acquire) };
-            let result = match timeout_ns {
+            // SAFETY: `ndim` readable values or NULL (caller's promise).
+            let (dims, ndim) = unsafe { extents(ndim, shape) }?;
+            let shape = &dims[..ndim];
+            let loan = match timeout_ns {
                 0 => p.loan(shape, dtype),
                 t => p.loan_timeout(shape, dtype, Duration::from_nanos(t)),
-            };
-            match result {
-                Ok(t) => Ok(View::Loan(t, producer)),
-                Err(e) => {
-                    shell.loaned.store(false, Ordering::Release);
-                    Err(e.into())
-                }
-            }
+            }?;
+            Ok(View::Loan(loan))
         };
         // SAFETY: forwarded caller promises.
         unsafe { lend(producer, out, take) }
     })
 }
 
-/// Publishes a loaned tensor to the channel's subscribers and ends the loan;
-/// the handle is consumed whatever the outcome. `delivered_or_null`
-/// receives how many subscribers got it.
+/// Publishes a loaned tensor to the channel's subscribers and ends the loan
+/// (also after its producer was closed); the handle is consumed whatever
+/// the outcome. `delivered_or_null` receives how many subscribers got it.
 ///
 /// # Safety
 /// `delivered_or_null` is NULL or writable.
@@ -684,8 +658,10 @@ pub unsafe extern "C" fn tb_consumer_open(
     })
 }
 
-/// Closes a consumer. Fails with `TB_ERR_BUSY` while tensors it received
-/// are not released.
+/// Closes a consumer. Tensors it received stay valid until released; the
+/// subscription leaves its channel at once (nothing more is delivered to it;
+/// what was queued for it is released, or handed to the other workers of a
+/// work queue).
 ///
 /// # Safety
 /// No other thread may be using `consumer` during this call.
@@ -729,20 +705,14 @@ pub unsafe extern "C" fn tb_recv(
     out: *mut *mut tb_tensor,
 ) -> tb_status {
     guard(|| {
-        let take = |shell: &tb_consumer| {
-            // SAFETY: the consumer box lives until `tb_consumer_close`, which
-            // refuses while tensors received from it live; tensors only borrow
-            // it shared.
-            let c: &'static Consumer = unsafe { &*shell.consumer.load(Ordering::Acquire) };
-            let t = recv_within(
+        let take = |c: &Consumer| {
+            Ok(View::Recv(recv_within(
                 timeout_ns,
                 c,
                 Consumer::try_recv,
                 Consumer::recv,
                 Consumer::recv_timeout,
-            )?;
-            shell.live.fetch_add(1, Ordering::AcqRel);
-            Ok(View::Recv(t, consumer))
+            )?))
         };
         // SAFETY: forwarded caller promises.
         unsafe { lend(consumer, out, take) }
@@ -759,8 +729,7 @@ pub unsafe extern "C" fn tb_recv(
 pub unsafe extern "C" fn tb_release(tensor: *mut tb_tensor) -> tb_status {
     guard(|| {
         // SAFETY: the registry checks `tensor`; the caller uses it on one thread.
-        let view = unsafe { take_view(tensor, |_| Ok(())) }?;
-        finish(view);
+        drop(unsafe { take_view(tensor, |_| Ok(())) }?);
         Ok(())
     })
 }
@@ -792,7 +761,8 @@ pub unsafe extern "C" fn tb_stage_open(
     })
 }
 
-/// Closes a stage. Fails with `TB_ERR_BUSY` while it holds a tensor.
+/// Closes a stage. Its staged tensors stay valid (forwarding one still
+/// works); its input subscription leaves the work queue at once.
 ///
 /// # Safety
 /// No other thread may be using `stage` during this call.
@@ -804,7 +774,7 @@ pub unsafe extern "C" fn tb_stage_close(stage: *mut tb_stage) -> tb_status {
 
 /// Takes the next input tensor exclusively: its bytes are writable in place
 /// (`tb_tensor_data`). Forward it with [`tb_forward`] or give it back with
-/// [`tb_release`]. One tensor per stage at a time (`TB_ERR_BUSY` otherwise).
+/// [`tb_release`]. A stage may hold several tensors at a time.
 ///
 /// # Safety
 /// `out` is NULL or writable.
@@ -815,30 +785,14 @@ pub unsafe extern "C" fn tb_recv_mut(
     out: *mut *mut tb_tensor,
 ) -> tb_status {
     guard(|| {
-        let take = |shell: &tb_stage| {
-            if shell.busy.swap(true, Ordering::AcqRel) {
-                return Err(err(
-                    TB_ERR_BUSY,
-                    "this stage already holds a tensor; forward or release it first",
-                ));
-            }
-            // SAFETY: the stage box lives until `tb_stage_close`, which refuses
-            // while `busy` is set; `busy` makes this the only `&mut` to it.
-            let s: &'static mut Stage = unsafe { &mut *shell.stage.load(Ordering::Acquire) };
-            let result = recv_within(
+        let take = |s: &Stage| {
+            Ok(View::Staged(recv_within(
                 timeout_ns,
                 s,
                 Stage::try_recv_mut,
                 Stage::recv_mut,
                 Stage::recv_mut_timeout,
-            );
-            match result {
-                Ok(t) => Ok(View::Staged(t, stage)),
-                Err(e) => {
-                    shell.busy.store(false, Ordering::Release);
-                    Err(e)
-                }
-            }
+            )?))
         };
         // SAFETY: forwarded caller promises.
         unsafe { lend(stage, out, take) }
@@ -846,7 +800,8 @@ pub unsafe extern "C" fn tb_recv_mut(
 }
 
 /// Forwards a staged tensor — the very same slot, no copy — on the stage's
-/// output channel. The handle is consumed whatever the outcome.
+/// output channel (also after the stage was closed). The handle is consumed
+/// whatever the outcome.
 ///
 /// # Safety
 /// `delivered_or_null` is NULL or writable.
@@ -896,19 +851,19 @@ pub unsafe extern "C" fn tb_tensor_data(
             with_view(tensor, |v| {
                 v.fork_check()?;
                 match v {
-                View::Loan(t, _) => Ok((t.as_ptr(), t.meta().nbytes)),
-                View::Staged(t, _) => Ok((t.as_ptr(), t.meta().nbytes)),
-                View::Recv(..) => Err(err(
-                    TB_ERR_READ_ONLY,
-                    "a received tensor is read-only (its pool is mapped PROT_READ); use tb_tensor_const_data",
-                )),
-            }
+                    View::Loan(t) => Ok((t.as_mut_ptr(), t.len())),
+                    View::Staged(t) => Ok((t.as_mut_ptr(), t.len())),
+                    View::Recv(_) => Err(err(
+                        TB_ERR_READ_ONLY,
+                        "a received tensor is read-only (its pool is mapped PROT_READ); use tb_tensor_const_data",
+                    )),
+                }
             })
         }?;
         // SAFETY: non-NULL / NULL-or-writable (caller's promise).
         unsafe {
             put(data, p.cast::<c_void>());
-            put(nbytes_or_null, n as usize);
+            put(nbytes_or_null, n);
         }
         Ok(())
     })
@@ -931,18 +886,14 @@ pub unsafe extern "C" fn tb_tensor_const_data(
         let (p, n) = unsafe {
             with_view(tensor, |v| {
                 v.fork_check()?;
-                let p = match v {
-                    View::Loan(t, _) => t.as_ptr().cast_const(),
-                    View::Staged(t, _) => t.as_ptr().cast_const(),
-                    View::Recv(t, _) => t.as_ptr(),
-                };
-                Ok((p, v.meta().nbytes))
+                let b = v.bytes();
+                Ok((b.as_ptr(), b.len()))
             })
         }?;
         // SAFETY: non-NULL / NULL-or-writable (caller's promise).
         unsafe {
             put(data, p.cast::<c_void>());
-            put(nbytes_or_null, n as usize);
+            put(nbytes_or_null, n);
         }
         Ok(())
     })
@@ -1116,9 +1067,9 @@ pub unsafe extern "C" fn tb_tensor_set_user_header(
         // SAFETY: the registry checks `tensor`; the caller uses it on one thread.
         unsafe {
             with_view(tensor, |v| match v {
-                View::Loan(t, _) => t.set_user_header(bytes).map_err(|e| invalid(e.to_string())),
-                View::Staged(t, _) => t.set_user_header(bytes).map_err(|e| invalid(e.to_string())),
-                View::Recv(..) => Err(err(
+                View::Loan(t) => t.set_user_header(bytes).map_err(|e| invalid(e.to_string())),
+                View::Staged(t) => t.set_user_header(bytes).map_err(|e| invalid(e.to_string())),
+                View::Recv(_) => Err(err(
                     TB_ERR_READ_ONLY,
                     "a received tensor's user header is read-only",
                 )),

@@ -4,7 +4,7 @@
 use std::cell::RefCell;
 use std::ffi::{c_char, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use tensorbus::{
+use tensorbus::error::{
     ConnectError, ForkedChild, LoanError, OpenError, PublishError, RecvError, RequestError,
     TryRecvError,
 };
@@ -26,7 +26,8 @@ pub enum tb_status {
     TB_ERR_BROKER_UNAVAILABLE = 4,
     /// NULL, closed, released or wrong-kind handle, bad dtype/shape/option.
     TB_ERR_INVALID_ARGUMENT = 5,
-    /// The handle still has a live tensor (or, for a client, open handles).
+    /// The client still has open handles (only `tb_client_close` returns
+    /// it: producers, consumers and stages close while their tensors live).
     TB_ERR_BUSY = 6,
     /// A received tensor's bytes are read-only (use `tb_tensor_const_data`).
     TB_ERR_READ_ONLY = 7,
@@ -188,7 +189,9 @@ impl From<RecvError> for Error {
         let status = match &e {
             RecvError::Timeout(_) => TB_ERR_TIMEOUT,
             RecvError::NotExclusive(_) => TB_ERR_NOT_EXCLUSIVE,
-            // The C API never detaches a consumer; a detached one is misuse.
+            // Only closing detaches a consumer or stage, and a closed one is
+            // refused by the registry first: a receive that sees it raced a
+            // close (misuse).
             RecvError::Detached => TB_ERR_INVALID_ARGUMENT,
             RecvError::ForkedChild(_) => TB_ERR_FORKED_CHILD,
             _ => TB_ERR_CORRUPTED,
@@ -210,6 +213,7 @@ impl From<TryRecvError> for Error {
             TryRecvError::ForkedChild(_) => TB_ERR_FORKED_CHILD,
             TryRecvError::Corrupted(_) => TB_ERR_CORRUPTED,
             TryRecvError::NotExclusive(_) => TB_ERR_NOT_EXCLUSIVE,
+            _ => TB_ERR_INTERNAL,
         };
         err(status, e.to_string())
     }

@@ -25,6 +25,7 @@
 
 static int g_failed_checks;
 static const char *g_socket;
+static const char *g_tensorbus;
 static const char *g_peer;
 
 #define FAIL_AT(...)                                                  \
@@ -179,6 +180,48 @@ static int finish_child(child *ch) {
     if (waitpid(ch->pid, &st, 0) != ch->pid)
         return -1;
     return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+/* What `tensorbus stat --json` says about the object named `name` (a
+ * channel or a client): the number after `"key": `, or for `subscribers`
+ * the length of that array. -1 if the report has no such field. */
+static long stat_count(const char *name, const char *key) {
+    char *argv[] = {(char *)g_tensorbus, "stat", "--json", "--socket", (char *)g_socket, NULL};
+    child ch;
+    if (spawn(argv, &ch, 1) != 0)
+        return -1;
+    static char buf[1 << 16];
+    size_t n = 0;
+    for (;;) {
+        struct pollfd p = {.fd = ch.out, .events = POLLIN};
+        if (poll(&p, 1, 20000) <= 0)
+            break;
+        ssize_t r = read(ch.out, buf + n, sizeof buf - 1 - n);
+        if (r <= 0)
+            break;
+        n += (size_t)r;
+    }
+    buf[n] = '\0';
+    if (finish_child(&ch) != 0)
+        return -1;
+    char want[128], field[64];
+    snprintf(want, sizeof want, "\"name\": \"%s\"", name);
+    snprintf(field, sizeof field, "\"%s\": ", key);
+    const char *at = strstr(buf, want);
+    if (!at)
+        return -1;
+    at += strlen(want);
+    const char *next = strstr(at, "\"name\": "); /* the next object's name */
+    const char *f = strstr(at, field);
+    if (!f || (next && f > next && strcmp(key, "subscribers") != 0))
+        return -1;
+    f += strlen(field);
+    if (*f != '[')
+        return strtol(f, NULL, 10);
+    long count = 0;
+    for (const char *q = f + 1; *q && *q != ']'; q++)
+        count += strncmp(q, "\"handle\": ", 10) == 0;
+    return count;
 }
 
 /* ------------------------------------------------------- test helpers -- */
@@ -452,11 +495,17 @@ static void test_stage_in_place(void) {
 
     size_t n = 1024;
     tb_tensor *t = NULL;
-    void *a = NULL;
+    void *a = NULL, *a2 = NULL;
     CHECK_OK(tb_loan(p, TB_DTYPE_U8, 1, &n, &t));
     CHECK_OK(tb_tensor_data(t, &a, NULL));
     fill_counting(a, n);
     uint32_t delivered = 0;
+    CHECK_OK(tb_publish(t, &delivered));
+    CHECK(delivered == 1);
+    CHECK_OK(tb_loan(p, TB_DTYPE_U8, 1, &n, &t)); /* a second one, queued behind */
+    CHECK_OK(tb_tensor_data(t, &a2, NULL));
+    if (a2)
+        memset(a2, 7, n);
     CHECK_OK(tb_publish(t, &delivered));
     CHECK(delivered == 1);
 
@@ -470,10 +519,16 @@ static void test_stage_in_place(void) {
         for (size_t i = 0; b && i < nb; i++)
             ((uint8_t *)b)[i] = (uint8_t)(((uint8_t *)b)[i] + 1);
         CHECK_OK(tb_tensor_set_user_header(s, "staged", 6));
+        /* A stage may hold several tensors: the second one, while holding the first. */
         tb_tensor *s2 = NULL;
-        CHECK_ST(tb_recv_mut(st, 0, &s2), TB_ERR_BUSY);
+        CHECK_OK(tb_recv_mut(st, 1000000000ull, &s2));
+        void *b2 = NULL;
+        size_t nb2 = 0;
+        CHECK_OK(tb_tensor_data(s2, &b2, &nb2));
+        CHECK(b2 == a2 && b2 != b && nb2 == n);
+        CHECK(b2 && ((uint8_t *)b2)[0] == 7 && ((uint8_t *)b2)[n - 1] == 7);
+        CHECK_OK(tb_release(s2)); /* given back unforwarded */
         CHECK_ST(tb_publish(s, NULL), TB_ERR_INVALID_ARGUMENT);
-        CHECK_ST(tb_stage_close(st), TB_ERR_BUSY);
         CHECK_OK(tb_forward(s, &delivered));
         CHECK(delivered == 1);
     }
@@ -605,11 +660,28 @@ static void test_misuse(void) {
     CHECK_MSG("tb_producer");
     CHECK_ST(tb_producer_close((tb_producer *)cons), TB_ERR_INVALID_ARGUMENT);
 
-    /* One loan per producer at a time; busy handles refuse to close. */
+    /* Extents are 32-bit: one above UINT32_MAX is refused before any
+     * loan, UINT32_MAX itself is a (too large) tensor. */
+    tb_tensor *tw = (tb_tensor *)0x1;
+#if SIZE_MAX > UINT32_MAX
+    size_t wide[2] = {(size_t)UINT32_MAX + 1, 1};
+    CHECK_ST(tb_loan(p, TB_DTYPE_U8, 2, wide, &tw), TB_ERR_INVALID_ARGUMENT);
+    CHECK_MSG("per-axis limit");
+    CHECK(tw == NULL);
+#endif
+    size_t widest[2] = {1, UINT32_MAX};
+    CHECK_ST(tb_loan(p, TB_DTYPE_U8, 2, widest, &tw), TB_ERR_TOO_LARGE);
+
+    /* Several loans of one producer at a time; a client with open handles
+     * refuses to close. */
     CHECK_OK(tb_loan(p, TB_DTYPE_U8, 1, &n, &t));
     tb_tensor *t2 = NULL;
-    CHECK_ST(tb_loan(p, TB_DTYPE_U8, 1, &n, &t2), TB_ERR_BUSY);
-    CHECK_ST(tb_producer_close(p), TB_ERR_BUSY);
+    CHECK_OK(tb_loan(p, TB_DTYPE_U8, 1, &n, &t2));
+    void *d1 = NULL, *d2 = NULL;
+    CHECK_OK(tb_tensor_data(t, &d1, NULL));
+    CHECK_OK(tb_tensor_data(t2, &d2, NULL));
+    CHECK(t2 != NULL && t2 != t && d1 != NULL && d2 != NULL && d1 != d2);
+    CHECK_OK(tb_release(t2));
     CHECK_ST(tb_client_close(c), TB_ERR_BUSY);
     CHECK_MSG("open handle");
     size_t ndim = 0, dims[1];
@@ -622,7 +694,6 @@ static void test_misuse(void) {
     /* Double release and use after release. */
     tb_tensor *r = NULL;
     CHECK_OK(tb_recv(cons, 1000000000ull, &r));
-    CHECK_ST(tb_consumer_close(cons), TB_ERR_BUSY);
     CHECK_OK(tb_release(r));
     CHECK_ST(tb_release(r), TB_ERR_INVALID_ARGUMENT);
     CHECK_MSG("tensor already released");
@@ -653,6 +724,246 @@ static void test_misuse(void) {
     CHECK_OK(tb_client_close(c));
     CHECK_ST(tb_client_close(c), TB_ERR_INVALID_ARGUMENT);
     CHECK_ST(tb_producer_open(c, "c/bcast", &p), TB_ERR_INVALID_ARGUMENT);
+}
+
+/* Checks that `t` is `n` bytes of `byte` with sequence number `seq`. */
+static void check_bytes(const tb_tensor *t, size_t n, uint8_t byte, uint64_t seq) {
+    tensor_meta m;
+    read_meta(t, &m);
+    int same = m.data != NULL && m.nbytes == n;
+    for (size_t i = 0; same && i < n; i++)
+        same = ((const uint8_t *)m.data)[i] == byte;
+    CHECK(same);
+    CHECK(m.seq == seq);
+}
+
+/* Loans `n` bytes of `byte` from `p` and publishes them; returns how many
+ * subscribers got them (UINT32_MAX after a failed call). */
+static uint32_t publish_bytes(tb_producer *p, size_t n, uint8_t byte) {
+    tb_tensor *t = NULL;
+    void *d = NULL;
+    uint32_t delivered = UINT32_MAX;
+    CHECK_OK(tb_loan(p, TB_DTYPE_U8, 1, &n, &t));
+    CHECK_OK(tb_tensor_data(t, &d, NULL));
+    if (d)
+        memset(d, byte, n);
+    CHECK_OK(tb_publish(t, &delivered));
+    return delivered;
+}
+
+/* Tensors outlive their handle: closing a producer, consumer or stage whose
+ * tensors are alive succeeds and the tensors stay valid (a loan is still
+ * published, a staged tensor still forwarded, received bytes still read);
+ * a closed consumer or stage gets nothing more from that moment on, and
+ * its broker handle closes when its last tensor goes. */
+static void test_close_with_live_tensors(void) {
+    tb_client *c = connect_client("c-close");
+    if (!c)
+        return;
+    tb_producer *p = NULL, *p2 = NULL;
+    tb_consumer *cons = NULL;
+    open_pair(c, "c/close", TB_POLICY_BLOCK, 8, &p, &cons);
+    CHECK_OK(tb_producer_open(c, "c/close", &p2));
+    CHECK(stat_count("c/close", "producers") == 2);
+    CHECK(stat_count("c/close", "subscribers") == 1);
+    CHECK(stat_count("c-close", "handles") == 3);
+
+    /* Three loans of one producer at once. */
+    size_t n = 64;
+    tb_tensor *l[3] = {NULL, NULL, NULL};
+    void *d[3] = {NULL, NULL, NULL};
+    for (int i = 0; i < 3; i++) {
+        CHECK_OK(tb_loan(p, TB_DTYPE_U8, 1, &n, &l[i]));
+        CHECK_OK(tb_tensor_data(l[i], &d[i], NULL));
+        if (d[i])
+            memset(d[i], 0xa0 + i, n);
+    }
+    CHECK(d[0] != d[1] && d[1] != d[2] && d[0] != d[2]);
+    uint32_t delivered = 0;
+    CHECK_OK(tb_publish(l[2], &delivered)); /* sequence numbers follow publishes */
+    CHECK(delivered == 1);
+
+    /* The producer closes with two loans alive; they keep working. */
+    CHECK_OK(tb_producer_close(p));
+    tb_tensor *t = NULL;
+    CHECK_ST(tb_loan(p, TB_DTYPE_U8, 1, &n, &t), TB_ERR_INVALID_ARGUMENT);
+    CHECK_MSG("tb_producer already closed");
+    CHECK(stat_count("c/close", "producers") == 2); /* the loans keep its broker handle */
+    void *w = NULL;
+    size_t wn = 0;
+    CHECK_OK(tb_tensor_data(l[0], &w, &wn));
+    CHECK(w == d[0] && wn == n);
+    CHECK_OK(tb_tensor_set_user_header(l[0], "orphan", 6));
+    CHECK_OK(tb_publish(l[0], &delivered));
+    CHECK(delivered == 1);
+    CHECK_OK(tb_release(l[1])); /* the last loan: the broker handle closes */
+    CHECK(stat_count("c/close", "producers") == 1);
+    CHECK(stat_count("c-close", "handles") == 2);
+
+    /* The consumer closes holding two tensors, a third queued for it. */
+    tb_tensor *r[2] = {NULL, NULL};
+    CHECK_OK(tb_recv(cons, 1000000000ull, &r[0]));
+    CHECK_OK(tb_recv(cons, 1000000000ull, &r[1]));
+    CHECK(publish_bytes(p2, n, 0xb0) == 1);
+    CHECK_OK(tb_consumer_close(cons));
+    CHECK(stat_count("c/close", "subscribers") == 0); /* it left the channel at once */
+    CHECK_ST(tb_recv(cons, 0, &t), TB_ERR_INVALID_ARGUMENT);
+    CHECK_MSG("tb_consumer already closed");
+    CHECK(publish_bytes(p2, n, 0xb1) == 0); /* nobody receives it any more */
+    /* The received tensors still read what was published. */
+    if (r[0] && r[1]) {
+        check_bytes(r[0], n, 0xa2, 0);
+        check_bytes(r[1], n, 0xa0, 1);
+        const uint8_t *h = NULL;
+        size_t hl = 0;
+        CHECK_OK(tb_tensor_user_header(r[1], &h, &hl));
+        CHECK(hl == 6 && h && memcmp(h, "orphan", 6) == 0);
+    }
+    CHECK(stat_count("c-close", "handles") == 2); /* p2, and the consumer's tensors */
+    CHECK_OK(tb_release(r[0]));
+    CHECK_OK(tb_release(r[1]));
+    CHECK(stat_count("c-close", "handles") == 1);
+
+    /* The stage closes holding a tensor: it leaves the work queue at once,
+     * and the tensor is still written in place and forwarded. */
+    tb_stage *st = NULL;
+    tb_producer *pw = NULL;
+    tb_consumer *out = NULL;
+    CHECK_OK(tb_stage_open(c, "c/close-wq", "c/close", &st));
+    CHECK_OK(tb_producer_open(c, "c/close-wq", &pw));
+    CHECK_OK(tb_consumer_open(c, "c/close", TB_POLICY_BLOCK, 8, &out));
+    CHECK(publish_bytes(pw, n, 0x5a) == 1);
+    tb_tensor *s = NULL;
+    CHECK_OK(tb_recv_mut(st, 1000000000ull, &s));
+    CHECK(stat_count("c/close-wq", "subscribers") == 1);
+    CHECK_OK(tb_stage_close(st));
+    CHECK(stat_count("c/close-wq", "subscribers") == 0);
+    CHECK_ST(tb_recv_mut(st, 0, &t), TB_ERR_INVALID_ARGUMENT);
+    CHECK_MSG("tb_stage already closed");
+    CHECK(publish_bytes(pw, n, 0x5f) == 0); /* no worker left */
+    void *b = NULL;
+    size_t nb = 0;
+    CHECK_OK(tb_tensor_data(s, &b, &nb));
+    CHECK(b != NULL && nb == n);
+    for (size_t i = 0; b && i < nb; i++)
+        ((uint8_t *)b)[i]++;
+    CHECK_OK(tb_forward(s, &delivered));
+    CHECK(delivered == 1);
+    CHECK_OK(tb_recv(out, 1000000000ull, &t));
+    if (t) {
+        check_bytes(t, n, 0x5b, 0); /* the stage's output producer: its first */
+        const void *cd = NULL;
+        CHECK_OK(tb_tensor_const_data(t, &cd, NULL));
+        CHECK(cd == b); /* the very slot, forwarded after close */
+    }
+    CHECK_OK(tb_release(t));
+    CHECK_ST(tb_recv(out, 0, &t), TB_ERR_TIMEOUT);
+
+    CHECK_OK(tb_consumer_close(out));
+    CHECK_OK(tb_producer_close(pw));
+    CHECK_OK(tb_producer_close(p2));
+    CHECK_OK(tb_client_close(c));
+}
+
+enum { THREAD_TENSORS = 200 };
+
+/* One producer shared by two publishing threads (ids base, base+1, ...). */
+typedef struct {
+    tb_producer *p;
+    uint32_t base;
+    int bad;
+} publisher_arg;
+
+static void *publisher(void *arg) {
+    publisher_arg *a = arg;
+    for (uint32_t i = 0; i < THREAD_TENSORS; i++) {
+        tb_tensor *t = NULL;
+        size_t n = 8;
+        void *d = NULL;
+        if (tb_loan_timeout(a->p, TB_DTYPE_U8, 1, &n, 10000000000ull, &t) != TB_OK) {
+            a->bad++;
+            continue;
+        }
+        uint32_t id = a->base + i;
+        if (tb_tensor_data(t, &d, NULL) == TB_OK && d)
+            memcpy(d, &id, 4);
+        else
+            a->bad++;
+        if (tb_publish(t, NULL) != TB_OK)
+            a->bad++;
+    }
+    return NULL;
+}
+
+/* One consumer shared by two receiving threads: each id arrives once. */
+typedef struct {
+    tb_consumer *c;
+    pthread_mutex_t *mu;
+    unsigned char *seen; /* by id */
+    int *total;
+    int bad;
+} receiver_arg;
+
+static void *receiver(void *arg) {
+    receiver_arg *a = arg;
+    uint64_t deadline = now_ns() + 30000000000ull;
+    for (;;) {
+        pthread_mutex_lock(a->mu);
+        int done = *a->total == 2 * THREAD_TENSORS;
+        pthread_mutex_unlock(a->mu);
+        if (done || now_ns() > deadline)
+            return NULL;
+        tb_tensor *t = NULL;
+        tb_status s = tb_recv(a->c, 50000000ull, &t);
+        if (s == TB_ERR_TIMEOUT)
+            continue;
+        const void *d = NULL;
+        size_t n = 0;
+        uint32_t id = UINT32_MAX;
+        if (s != TB_OK || tb_tensor_const_data(t, &d, &n) != TB_OK || !d || n != 8) {
+            a->bad++;
+        } else {
+            memcpy(&id, d, 4);
+        }
+        pthread_mutex_lock(a->mu);
+        if (id < 2 * THREAD_TENSORS) {
+            a->seen[id]++;
+            (*a->total)++;
+        }
+        pthread_mutex_unlock(a->mu);
+        if (s == TB_OK && tb_release(t) != TB_OK)
+            a->bad++;
+    }
+}
+
+/* Producers and consumers may be used from several threads at once. */
+static void test_threads(void) {
+    tb_client *c = connect_client("c-threads");
+    if (!c)
+        return;
+    tb_producer *p = NULL;
+    tb_consumer *cons = NULL;
+    open_pair(c, "c/bcast", TB_POLICY_BLOCK, 8, &p, &cons);
+    pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+    unsigned char seen[2 * THREAD_TENSORS] = {0};
+    int total = 0;
+    publisher_arg pa[2] = {{p, 0, 0}, {p, THREAD_TENSORS, 0}};
+    receiver_arg ra[2] = {{cons, &mu, seen, &total, 0}, {cons, &mu, seen, &total, 0}};
+    pthread_t th[4];
+    for (int i = 0; i < 2; i++)
+        CHECK(pthread_create(&th[i], NULL, receiver, &ra[i]) == 0);
+    for (int i = 0; i < 2; i++)
+        CHECK(pthread_create(&th[2 + i], NULL, publisher, &pa[i]) == 0);
+    for (int i = 0; i < 4; i++)
+        CHECK(pthread_join(th[i], NULL) == 0);
+    CHECK(pa[0].bad == 0 && pa[1].bad == 0);
+    CHECK(ra[0].bad == 0 && ra[1].bad == 0);
+    CHECK(total == 2 * THREAD_TENSORS);
+    int once = 1;
+    for (int i = 0; i < 2 * THREAD_TENSORS; i++)
+        once &= seen[i] == 1;
+    CHECK(once);
+    close_pair(c, p, cons);
 }
 
 /* More tensors than the registry's quarantine holds: old shells are reused
@@ -953,6 +1264,7 @@ int main(int argc, char **argv) {
     }
     alarm(600); /* a hung test fails instead of hanging CI */
     signal(SIGPIPE, SIG_IGN);
+    g_tensorbus = argv[1];
     g_peer = argv[2];
 
     char dir[] = "/tmp/tb-ctest-XXXXXX";
@@ -994,6 +1306,8 @@ int main(int argc, char **argv) {
         {"stage_in_place", test_stage_in_place},
         {"stage_into_own_input", test_stage_into_own_input},
         {"misuse", test_misuse},
+        {"close_with_live_tensors", test_close_with_live_tensors},
+        {"threads", test_threads},
         {"many_tensors", test_many_tensors},
         {"dropped_counter", test_dropped_counter},
         {"c_producer_rust_consumer", test_c_producer_rust_consumer},
