@@ -13,7 +13,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Publishes `--frames` frames on `camera/raw`, paced to `--fps`.
 pub fn run(args: RoleArgs) -> Result<(), CliError> {
     let client = connect(&args, "demo-camera")?;
-    let producer = client.producer_with(RAW, producer_options(&client, RAW, "frames"))?;
+    let producer = client.producer_with(RAW, producer_options(&client, "frames"))?;
     wait_for_subscribers(&client)?;
     let row = stripe_row();
     let period_ns = if args.fps > 0.0 {

@@ -100,7 +100,7 @@ pub fn run(args: RoleArgs) -> Result<(), CliError> {
     ctrlc::set_handler(move || flag.store(true, Ordering::Relaxed))
         .map_err(|e| CliError(format!("cannot install the signal handler: {e}")))?;
     let client = super::connect(&args, "demo-consumer")?;
-    let input = client.consumer_with(INPUT, consumer_options(&client, INPUT, "tensors"))?;
+    let input = client.consumer_with(INPUT, consumer_options(&client, "tensors"))?;
     let checker = Checker::new();
     let mut latencies: Vec<u64> = Vec::with_capacity(args.frames as usize);
     let (mut errors, mut gaps, mut next) = (0u64, 0u64, 0u64);

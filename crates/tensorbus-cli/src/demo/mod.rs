@@ -124,15 +124,14 @@ fn spec(client: &Client, pool: &str) -> ChannelSpec {
     }
 }
 
-/// Options for a demo producer on `channel` (created if missing).
-pub fn producer_options(client: &Client, channel: &str, pool: &str) -> ProducerOptions {
-    let _ = channel;
+/// Options for a demo producer (its channel is created on `pool` if missing).
+pub fn producer_options(client: &Client, pool: &str) -> ProducerOptions {
     ProducerOptions::default().create(spec(client, pool))
 }
 
-/// Options for a demo subscriber on `channel`: lossless, depth 4 (created if missing).
-pub fn consumer_options(client: &Client, channel: &str, pool: &str) -> ConsumerOptions {
-    let _ = channel;
+/// Options for a demo subscriber: lossless, depth 4 (its channel is created
+/// on `pool` if missing).
+pub fn consumer_options(client: &Client, pool: &str) -> ConsumerOptions {
     ConsumerOptions::default()
         .create(spec(client, pool))
         .policy(Policy::Block)

@@ -10,8 +10,8 @@ use tensorbus::TensorView;
 /// Turns `--frames` camera frames into model inputs.
 pub fn run(args: RoleArgs) -> Result<(), CliError> {
     let client = super::connect(&args, "demo-preprocess")?;
-    let input = client.consumer_with(RAW, consumer_options(&client, RAW, "frames"))?;
-    let output = client.producer_with(INPUT, producer_options(&client, INPUT, "tensors"))?;
+    let input = client.consumer_with(RAW, consumer_options(&client, "frames"))?;
+    let output = client.producer_with(INPUT, producer_options(&client, "tensors"))?;
     let resize = Resize::new();
     let lut = norm_lut();
     // Byte offsets of the sampled pixels in a frame row / in the frame.
