@@ -252,8 +252,7 @@ impl StagedTensor {
     /// timestamp).
     pub fn forward(mut self) -> Result<Published, PublishError> {
         self.done = true;
-        let stage = self.stage.clone();
-        forward_slot(stage.input(), &stage.output.core, &self.at)
+        forward_slot(self.stage.input(), &self.stage.output.core, &self.at)
     }
 
     /// Publishes this very slot on another producer's channel (opened from
