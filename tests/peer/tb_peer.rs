@@ -251,7 +251,9 @@ fn producer(client: &Client, a: &Args) {
 }
 
 fn consumer(client: &Client, a: &Args, stdin: &Stdin) {
-    let mut opts = ConsumerOptions::default();
+    // Peers run until the test closes their stdin, also after the stream
+    // ended (`--end-of-stream` turns end of stream on).
+    let mut opts = ConsumerOptions::default().end_of_stream(a.0.contains_key("end-of-stream"));
     if let Some(p) = a.0.get("policy") {
         opts = opts.policy(p.parse::<Policy>().unwrap_or_else(|e| fail(&e)));
     }
@@ -338,7 +340,13 @@ fn consumer(client: &Client, a: &Args, stdin: &Stdin) {
 
 fn stage(client: &Client, a: &Args, stdin: &Stdin) {
     let s = client
-        .stage(a.str("input"), a.str("output"))
+        .stage_with(
+            a.str("input"),
+            a.str("output"),
+            ConsumerOptions::default()
+                .policy(Policy::Block)
+                .end_of_stream(false),
+        )
         .unwrap_or_else(|e| fail(&e.to_string()));
     println!("ready {} {}", client.id(), s.input().handle());
     let sleep = a.num("sleep-us", 0);
@@ -511,7 +519,13 @@ fn forker(client: Client, a: &Args, stdin: &Stdin) {
         .consumer(a.str("channel"))
         .unwrap_or_else(|e| or_fail(&e));
     let stage = client
-        .stage(a.str("stage-input"), a.str("stage-output"))
+        .stage_with(
+            a.str("stage-input"),
+            a.str("stage-output"),
+            ConsumerOptions::default()
+                .policy(Policy::Block)
+                .end_of_stream(false),
+        )
         .unwrap_or_else(|e| or_fail(&e));
     let ready = k.readiness().unwrap_or_else(|e| or_fail(&e));
     let mut t = p.loan_bytes(size).unwrap_or_else(|e| or_fail(&e));

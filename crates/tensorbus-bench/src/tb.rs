@@ -135,6 +135,7 @@ impl TbPing {
         let pong = tb.client.consumer_with(
             "pong",
             ConsumerOptions::default()
+                .end_of_stream(false)
                 .policy(Policy::Block)
                 .depth(8)
                 .wait(WaitStrategy::BusyPoll),
@@ -209,6 +210,7 @@ pub fn child_ping(args: &[String]) -> Result<()> {
     let mut ping = client.consumer_with(
         "ping",
         ConsumerOptions::default()
+            .end_of_stream(false)
             .policy(Policy::Block)
             .depth(8)
             .wait(WaitStrategy::BusyPoll),
@@ -322,6 +324,7 @@ pub fn child_sub(args: &[String]) -> Result<()> {
     let consumer = client.consumer_with(
         channel,
         ConsumerOptions::default()
+            .end_of_stream(false)
             .policy(Policy::Block)
             .depth(8)
             .wait(strategy(mode)?),

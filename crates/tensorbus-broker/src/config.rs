@@ -232,6 +232,13 @@ pub struct ChannelConfig {
     pub depth: Option<u32>,
     /// Default policy for subscribers.
     pub policy: Option<Policy>,
+    /// How many of the latest tensors the channel keeps for subscribers
+    /// that join later (0, the default: none). Broadcast channels only, at
+    /// most limits.ring_capacity; the kept tensors hold slots of the
+    /// channel's pools (up to `history` per open producer, plus `history`
+    /// from producers that closed) and take one holder handle.
+    #[serde(default)]
+    pub history: u32,
 }
 
 /// The whole configuration.
@@ -375,6 +382,18 @@ impl Config {
                     ));
                 }
             }
+            if c.history > 0 && c.mode != Mode::Broadcast {
+                return bad(format!(
+                    "channel {:?}: history works on broadcast channels only (a work queue hands each tensor to one worker)",
+                    c.name
+                ));
+            }
+            if c.history > self.limits.ring_capacity {
+                return bad(format!(
+                    "channel {:?}: history {} must be at most limits.ring_capacity ({})",
+                    c.name, c.history, self.limits.ring_capacity
+                ));
+            }
             if let Some(d) = c.depth {
                 if d == 0 || d > self.limits.ring_capacity {
                     return bad(format!(
@@ -413,6 +432,7 @@ impl Config {
                 mode: c.mode,
                 depth: c.depth,
                 policy: c.policy,
+                history: c.history,
             })
             .collect()
     }

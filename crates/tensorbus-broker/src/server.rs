@@ -482,7 +482,7 @@ impl Broker {
                 Vec::new(),
             ),
             Request::OpenProducer { channel, create } => {
-                self.open(id, &channel, create, Role::Producer)
+                self.open(id, &channel, create, Role::Producer, false)
             }
             Request::OpenConsumer {
                 channel,
@@ -490,6 +490,7 @@ impl Broker {
                 depth,
                 writable,
                 create,
+                wait,
             } => self.open(
                 id,
                 &channel,
@@ -499,7 +500,27 @@ impl Broker {
                     depth,
                     writable,
                 },
+                wait,
             ),
+            Request::Ready { handle } => match self.state.ready(id, handle) {
+                Ok(opened) => opened.into_reply(),
+                Err(e) => (error(e.kind(), e.to_string()), Vec::new()),
+            },
+            Request::RemoveChannel { channel } => match self.state.remove_channel(&channel) {
+                Ok(()) => {
+                    if self.verbose {
+                        eprintln!("tensorbus broker: channel {channel:?} removed");
+                    }
+                    (Response::Ok, Vec::new())
+                }
+                Err(e) => {
+                    let kind = match e {
+                        crate::state::RemoveError::Unknown { .. } => ErrorKind::UnknownChannel,
+                        _ => ErrorKind::InvalidArgument,
+                    };
+                    (error(kind, e.to_string()), Vec::new())
+                }
+            },
             Request::Close { handle } => {
                 if self.state.close_handle_of(id, handle) {
                     (Response::Ok, Vec::new())
@@ -532,7 +553,7 @@ impl Broker {
                     c.recent_opens.remove(i).map(|(_, h)| h)
                 });
                 if let Some(handle) = handle {
-                    self.state.close_handle_of(id, handle);
+                    self.state.cancel_handle_of(id, handle);
                 }
                 (Response::Ok, Vec::new())
             }
@@ -548,8 +569,9 @@ impl Broker {
         channel: &str,
         create: Option<tensorbus_core::proto::ChannelSpec>,
         role: Role,
+        wait: bool,
     ) -> (Response, Vec<OwnedFd>) {
-        match self.state.open(client, channel, create, role) {
+        match self.state.open(client, channel, create, role, wait) {
             Ok(opened) => opened.into_reply(),
             Err(e) => (error(e.kind(), e.to_string()), Vec::new()),
         }
@@ -681,6 +703,7 @@ mod tests {
             mode: tensorbus_core::Mode::Broadcast,
             depth: None,
             policy: None,
+            history: 0,
         });
         let err = match Broker::bind(&cfg, &path) {
             Ok(_) => panic!("a channel on a missing pool was accepted"),

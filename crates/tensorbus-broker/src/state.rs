@@ -7,20 +7,21 @@
 //! a record being reclaimed is not handed out) are kept here and in the
 //! child modules [`open`], [`reclaim`] and [`stat`].
 
+mod channels;
 mod open;
 mod reclaim;
 mod stat;
 
+pub(crate) use channels::RemoveError;
 pub(crate) use open::Role;
 
 use crate::config::{Config, DEFAULT_DEPTH};
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::Ordering;
+
 use tensorbus_core::control::Control;
 use tensorbus_core::layout::{Layout, LayoutParams, MAX_HOLDERS};
 use tensorbus_core::proto::{ChannelInfo, ChannelSpec, PoolInfo};
-use tensorbus_core::records::STATE_ACTIVE;
 use tensorbus_core::{Mode, Policy};
 use tensorbus_shm::{Access, Mapping, Memfd};
 
@@ -66,6 +67,17 @@ pub(crate) enum ChannelError {
         /// limits.ring_capacity.
         capacity: u32,
     },
+    /// The history cannot be kept as asked.
+    #[error("channel {channel:?}: {reason}")]
+    History {
+        /// Channel name.
+        channel: String,
+        /// Why.
+        reason: String,
+    },
+    /// The history record needs a holder bit and none is left.
+    #[error(transparent)]
+    Bits(#[from] BitsExhausted),
 }
 
 /// Every holder bit is handed out.
@@ -128,6 +140,14 @@ struct Channel {
     spec: ChannelSpec,
     /// Pool indices, smallest slot first.
     pools: Vec<u8>,
+    /// Declared in the broker config (never removed).
+    declared: bool,
+    /// Reserved by waiting consumers; no producer has created it yet.
+    pending: bool,
+    /// Open producer handles.
+    producers: u32,
+    /// The history record (subscriber index, holder bit), if `spec.history > 0`.
+    history: Option<(usize, u32)>,
 }
 
 impl Channel {
@@ -137,6 +157,7 @@ impl Channel {
             name: self.spec.name.clone(),
             mode: self.spec.mode,
             pools: self.pools.clone(),
+            pending: self.pending,
         }
     }
     fn default_depth(&self, capacity: u32) -> u32 {
@@ -169,6 +190,10 @@ struct Handle {
     client: u32,
     kind: HandleKind,
     bit: u32,
+    /// A subscriber's request: (policy, depth, writable) as asked (`None`:
+    /// the channel's default, settled again when a pending channel is
+    /// created).
+    asked: (Option<Policy>, Option<u32>, bool),
 }
 
 /// Work the broker must finish later (waiting on live producers).
@@ -195,7 +220,8 @@ pub(crate) struct State {
     _control_map: Mapping,
     control_fd: Memfd,
     pools: Vec<Pool>,
-    channels: Vec<Channel>,
+    /// Indexed by channel record; `None`: the record is free.
+    channels: Vec<Option<Channel>>,
     handles: HashMap<u32, Handle>,
     /// Holder bits not handed out (the custody bit never is).
     free_bits: u64,
@@ -296,7 +322,7 @@ impl State {
         state.free_bits &= !(1u64 << state.custody_bit);
         for spec in config.channel_specs() {
             state
-                .create_channel(spec)
+                .create_channel(spec, true)
                 .map_err(|e| InitError::Config(e.to_string()))?;
         }
         Ok(state)
@@ -333,7 +359,13 @@ impl State {
     /// Closes `handle` of `client`; false (and nothing done) if `client`
     /// has no such open handle.
     pub fn close_handle_of(&mut self, client: u32, handle: u32) -> bool {
-        self.owns(client, handle) && self.close_handle(handle)
+        self.owns(client, handle) && self.close_handle(handle, true)
+    }
+
+    /// Undoes an open `client` abandoned ([`tensorbus_core::proto::Request::Cancel`]):
+    /// closed like a death, so it ends no stream.
+    pub fn cancel_handle_of(&mut self, client: u32, handle: u32) -> bool {
+        self.owns(client, handle) && self.close_handle(handle, false)
     }
 
     /// Detaches subscriber `handle` of `client`; false (and nothing done)
@@ -343,58 +375,27 @@ impl State {
     }
 
     fn channel_by_name(&self, name: &str) -> Option<usize> {
-        self.channels.iter().position(|c| c.spec.name == name)
+        self.channels
+            .iter()
+            .position(|c| c.as_ref().is_some_and(|c| c.spec.name == name))
     }
 
     fn channel_names(&self) -> Vec<String> {
-        self.channels.iter().map(|c| c.spec.name.clone()).collect()
+        self.channels
+            .iter()
+            .flatten()
+            .filter(|c| !c.pending)
+            .map(|c| c.spec.name.clone())
+            .collect()
     }
 
-    /// Creates a channel from a spec.
-    fn create_channel(&mut self, spec: ChannelSpec) -> Result<usize, ChannelError> {
-        crate::names::validate_name(&spec.name).map_err(ChannelError::InvalidName)?;
-        let max = self.control.layout().params.max_channels as usize;
-        if self.channels.len() >= max {
-            return Err(ChannelError::TooMany { max });
-        }
-        let mut pools = Vec::new();
-        if spec.pools.is_empty() {
-            pools.extend(0..self.pools.len() as u8);
-        } else {
-            for name in &spec.pools {
-                let p = self
-                    .pools
-                    .iter()
-                    .position(|p| &p.info.name == name)
-                    .ok_or_else(|| ChannelError::UnknownPool {
-                        channel: spec.name.clone(),
-                        pool: name.clone(),
-                        pools: self.pools.iter().map(|p| p.info.name.clone()).collect(),
-                    })?;
-                pools.push(p as u8);
-            }
-        }
-        pools.sort_by_key(|&p| self.pools[usize::from(p)].info.slot_size);
-        pools.dedup();
-        let cap = self.control.layout().params.ring_capacity;
-        if let Some(d) = spec.depth {
-            if d == 0 || d > cap {
-                return Err(ChannelError::Depth {
-                    depth: d,
-                    capacity: cap,
-                });
-            }
-        }
-        let index = self.channels.len();
-        // In range: `index` < max_channels, checked above.
-        let rec = self
-            .control
-            .channel(index)
-            .ok_or(ChannelError::TooMany { max })?;
-        rec.mode.store(spec.mode.code(), Ordering::Relaxed);
-        rec.state.store(STATE_ACTIVE, Ordering::Release);
-        self.channels.push(Channel { index, spec, pools });
-        Ok(index)
+    /// Channel `c`, which the caller found (an index of a live channel).
+    fn chan(&self, c: usize) -> &Channel {
+        self.channels[c].as_ref().expect("a live channel index")
+    }
+
+    fn chan_mut(&mut self, c: usize) -> &mut Channel {
+        self.channels[c].as_mut().expect("a live channel index")
     }
 
     /// Takes a free holder bit.
@@ -470,6 +471,7 @@ impl State {
     fn is_workqueue(&self, channel: usize) -> bool {
         self.channels
             .get(channel)
+            .and_then(Option::as_ref)
             .is_some_and(|c| c.spec.mode == Mode::Workqueue)
     }
 }
@@ -477,6 +479,7 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::Ordering;
     use tensorbus_core::Descriptor;
 
     #[test]

@@ -99,6 +99,7 @@ fn a_client_that_does_not_read_cannot_freeze_the_broker() {
             depth: None,
             writable: false,
             create: None,
+            wait: false,
         })
         .unwrap();
     assert!(victim.recv().contains("consumer"));

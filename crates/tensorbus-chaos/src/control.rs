@@ -125,6 +125,7 @@ pub fn opener(a: &Args) -> ! {
     ));
     let consumer_opts = || {
         ConsumerOptions::default()
+            .end_of_stream(false)
             .policy(Policy::Block)
             .depth(2)
             .create(tensorbus::ChannelSpec::new(Mode::Broadcast))

@@ -79,6 +79,7 @@ fn threads() -> usize {
 
 fn consumer_opts() -> ConsumerOptions {
     ConsumerOptions::default()
+        .end_of_stream(false)
         .policy(Policy::Block)
         .depth(DEPTH)
         .create(tensorbus::ChannelSpec::new(Mode::Broadcast))

@@ -171,7 +171,8 @@ fn producer(client: &Client, a: &Args, journal: &Journal, inc: u32, rng: &mut Rn
 }
 
 fn options(a: &Args) -> ConsumerOptions {
-    let mut opts = ConsumerOptions::default();
+    // Chaos roles run until told to stop; producers come and go.
+    let mut opts = ConsumerOptions::default().end_of_stream(false);
     if let Some(p) = a.0.get("policy") {
         opts = opts.policy(p.parse::<Policy>().unwrap_or_else(|e| fail(&e)));
     }
@@ -297,7 +298,13 @@ fn worker(client: &Client, a: &Args, journal: &Journal, rng: &mut Rng) {
 
 fn stage(client: &Client, a: &Args, journal: &Journal, rng: &mut Rng) {
     let s = client
-        .stage(a.str("channel"), a.str("output"))
+        .stage_with(
+            a.str("channel"),
+            a.str("output"),
+            ConsumerOptions::default()
+                .policy(Policy::Block)
+                .end_of_stream(false),
+        )
         .unwrap_or_else(|e| fail(&format!("open stage: {e}")));
     journal.set_state(STATE_READY);
     let delta = a.num("delta", 1) as u8;

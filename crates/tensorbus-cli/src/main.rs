@@ -47,8 +47,10 @@ enum Command {
     Bench(bench::Args),
     /// Read raw frames (--shape, --dtype) from stdin into loaned slots and publish them (a truncated last frame is dropped: exit 1).
     Pub(pubsub::PubArgs),
-    /// Write every tensor received on a channel to stdout as raw bytes.
+    /// Write every tensor received on a channel to stdout as raw bytes (waits for the channel; exits 0 at end of stream).
     Sub(pubsub::SubArgs),
+    /// Remove a channel created at run time (refused while it is in use or when the config declares it).
+    RmChannel(pubsub::RmChannelArgs),
     /// Demo role: the camera producer (spawned by `tensorbus demo`).
     #[command(hide = true)]
     DemoCamera(demo::RoleArgs),
@@ -155,6 +157,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => ("bench", bench::run(a)),
         Command::Pub(a) => ("pub", pubsub::run_pub(a)),
         Command::Sub(a) => ("sub", pubsub::run_sub(a)),
+        Command::RmChannel(a) => ("rm-channel", pubsub::run_rm_channel(a)),
         Command::DemoCamera(a) => ("demo-camera", demo::camera::run(a)),
         Command::DemoPreprocess(a) => ("demo-preprocess", demo::preprocess::run(a)),
         Command::DemoConsumer(a) => ("demo-consumer", demo::consumer::run(a)),

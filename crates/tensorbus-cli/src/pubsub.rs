@@ -63,6 +63,9 @@ pub struct PubArgs {
     /// With --create: a pool the channel may loan from (repeat for several; default: every pool of the broker).
     #[arg(long = "pool", value_name = "NAME", requires = "create")]
     pools: Vec<String>,
+    /// With --create: keep the latest N frames for subscribers that start later (broadcast only; default 0).
+    #[arg(long, value_name = "N", default_value_t = 0, requires = "create")]
+    history: u32,
     /// Publish at most this many frames per second, 0.001 to 1000000 (0 or absent: as fast as stdin delivers).
     #[arg(long, value_name = "F", value_parser = crate::parse_fps)]
     fps: Option<f64>,
@@ -94,6 +97,12 @@ pub struct SubArgs {
     /// Stop when no tensor arrives within SECS seconds, 0 to 31536000 (default: wait forever).
     #[arg(long, value_name = "SECS", value_parser = crate::parse_seconds)]
     timeout: Option<f64>,
+    /// Wait at most SECS seconds for a channel that does not exist yet (0: fail at once; default: wait forever).
+    #[arg(long, value_name = "SECS", value_parser = crate::parse_seconds)]
+    wait_channel: Option<f64>,
+    /// Keep running after the last producer closed (default: exit 0 at end of stream).
+    #[arg(long)]
+    no_end_of_stream: bool,
 }
 
 /// A parsed `--shape`.
@@ -178,7 +187,11 @@ pub fn run_pub(args: PubArgs) -> Result<(), CliError> {
     let client = Client::connect_to(args.socket.socket.as_deref(), "tensorbus-pub")?;
     let opts = if args.create {
         let pools: Vec<&str> = args.pools.iter().map(String::as_str).collect();
-        ProducerOptions::default().create(ChannelSpec::new(args.mode).pools(&pools))
+        ProducerOptions::default().create(
+            ChannelSpec::new(args.mode)
+                .pools(&pools)
+                .history(args.history),
+        )
     } else {
         ProducerOptions::default()
     };
@@ -231,6 +244,9 @@ pub fn run_pub(args: PubArgs) -> Result<(), CliError> {
         bytes += frame_len as u64;
         published.store(frames, Ordering::Relaxed);
     }
+    // Close the producer before saying so: its clean close is what ends
+    // the stream for the subscribers (they drain, then see end of stream).
+    drop(producer);
     eprintln!("pub: frames={frames} bytes={bytes}");
     Ok(())
 }
@@ -327,11 +343,23 @@ pub fn run_sub(args: SubArgs) -> Result<(), CliError> {
     })
     .map_err(|e| CliError(format!("cannot install the signal handler: {e}")))?;
     let client = Client::connect_to(args.socket.socket.as_deref(), "tensorbus-sub")?;
-    let mut opts = ConsumerOptions::default().policy(args.policy);
+    let mut opts = ConsumerOptions::default()
+        .policy(args.policy)
+        .end_of_stream(!args.no_end_of_stream);
     if let Some(d) = args.depth {
         opts = opts.depth(d);
     }
-    let consumer = client.consumer_with(&args.channel, opts)?;
+    let wait = match args.wait_channel {
+        Some(s) if s <= 0.0 => None,
+        Some(s) => Some(Duration::from_secs_f64(s)),
+        None => Some(Duration::MAX),
+    };
+    if let Some(w) = wait {
+        opts = opts.wait_for_channel(w);
+    }
+    // Ctrl-C while waiting for the channel: the handler exits with 130.
+    let consumer =
+        client.consumer_interruptible(&args.channel, opts, || stop.load(Ordering::Relaxed))?;
     // A File on a duplicate of fd 1, buffered only for small tensors:
     // BufWriter passes writes of at least its capacity straight through.
     let stdout = File::from(io::stdout().as_fd().try_clone_to_owned()?);
@@ -357,9 +385,12 @@ pub fn run_sub(args: SubArgs) -> Result<(), CliError> {
                     match consumer.recv_timeout(slice) {
                         Ok(t) => t,
                         Err(RecvError::Timeout(_)) => continue,
+                        Err(RecvError::EndOfStream) => break,
                         Err(e) => return Err(io::Error::other(e)),
                     }
                 }
+                // The last producer closed and everything was written.
+                Err(TryRecvError::EndOfStream) => break,
                 Err(e) => return Err(io::Error::other(e)),
             };
             let n = t.len() as u64;
@@ -395,4 +426,25 @@ pub fn run_sub(args: SubArgs) -> Result<(), CliError> {
             Ok(())
         }
     }
+}
+
+/// Arguments of `tensorbus rm-channel`.
+#[derive(clap::Args, Debug)]
+pub struct RmChannelArgs {
+    /// Channel to remove (one created at run time, e.g. by `pub --create`).
+    #[arg(long)]
+    channel: String,
+    #[command(flatten)]
+    socket: SocketArg,
+}
+
+/// Removes a run-time channel, so it no longer counts toward the broker's
+/// `limits.max_channels`.
+pub fn run_rm_channel(args: RmChannelArgs) -> Result<(), CliError> {
+    let client = Client::connect_to(args.socket.socket.as_deref(), "tensorbus-rm-channel")?;
+    client
+        .remove_channel(&args.channel)
+        .map_err(|e| CliError(e.to_string()))?;
+    eprintln!("rm-channel: removed {:?}", args.channel);
+    Ok(())
 }

@@ -467,3 +467,152 @@ fn interrupted_pub_prints_what_it_published() {
         "{err}"
     );
 }
+
+/// `tensorbus stat --json` of the broker at `socket`, parsed.
+fn stat_json(socket: &Path) -> serde_json::Value {
+    let out = Command::new(BIN)
+        .args(["stat", "--json", "--socket"])
+        .arg(socket)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "stat failed: {}", text(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Waits until channel `name` shows in stat as reserved by a waiting `sub`.
+fn wait_until_pending(socket: &Path, name: &str) {
+    let deadline = std::time::Instant::now() + LIMIT;
+    loop {
+        let s = stat_json(socket);
+        let pending = s["channels"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|c| c["name"] == name && c["pending"] == true));
+        if pending {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "sub never registered");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Issue 14 acceptance: `sub > out &` started first, then `pub --create` of
+/// 300 frames: `sub` exits 0 by itself (end of stream) and `cmp` finds the
+/// bytes identical. Run through bash, as a user types it.
+#[test]
+fn sub_started_first_waits_for_the_channel_and_exits_at_end_of_stream() {
+    let b = broker("sub-first", 4);
+    let dir = temp_dir("sub-first-files");
+    let input = frames(300, 16 * 16 * 3);
+    std::fs::write(dir.join("in.raw"), &input).unwrap();
+    let sock = b.socket.display().to_string();
+    let mut sub = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "cd {} && exec {BIN} sub --socket {sock} --channel cam/new > out.raw",
+            dir.display()
+        ))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let sub_err = drain(sub.stderr.take().unwrap());
+    // "Started first": its subscription is registered at the broker.
+    wait_until_pending(&b.socket, "cam/new");
+    let script = format!(
+        "cd {} && {BIN} pub --socket {sock} --channel cam/new --create --shape 16x16x3 < in.raw",
+        dir.display()
+    );
+    let st = Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .status()
+        .unwrap();
+    assert!(st.success(), "pub failed");
+    let mut sub = KillOnDrop(sub);
+    let status = wait_or_kill(&mut sub.0, LIMIT, "tensorbus sub");
+    let err = text(&sub_err.join().unwrap());
+    assert!(
+        status.success(),
+        "sub did not exit 0 at end of stream: {err}"
+    );
+    assert!(err.contains("sub: frames=300"), "{err}");
+    let cmp = Command::new("cmp")
+        .arg(dir.join("in.raw"))
+        .arg(dir.join("out.raw"))
+        .status()
+        .unwrap();
+    assert!(cmp.success(), "cmp found differences");
+}
+
+/// A `sub` started after `pub --create --history 1` finished gets the last
+/// frame, then end of stream: exit 0.
+#[test]
+fn late_sub_gets_the_channels_history_then_exits() {
+    let b = broker("history", 4);
+    let len = 8 * 8;
+    let input = frames(3, len);
+    let (status, err) = run_pub(
+        &b.socket,
+        &[
+            "--channel",
+            "calib",
+            "--create",
+            "--history",
+            "1",
+            "--shape",
+            "8x8",
+        ],
+        Input::Bytes(input.clone()),
+    );
+    assert!(status.success(), "pub failed: {err}");
+    let (status, out, err) = start_sub(&b.socket, &["--channel", "calib"]).finish();
+    assert!(status.success(), "sub failed: {err}");
+    assert_same(&out, &input[2 * len..], len);
+    // --no-end-of-stream keeps it running: the idle timeout ends it instead.
+    let (status, out, err) = start_sub(
+        &b.socket,
+        &[
+            "--channel",
+            "calib",
+            "--no-end-of-stream",
+            "--timeout",
+            "0.5",
+        ],
+    )
+    .finish();
+    assert!(status.success(), "sub failed: {err}");
+    assert_same(&out, &input[2 * len..], len);
+}
+
+#[test]
+fn sub_wait_channel_times_out_and_rm_channel_removes_run_time_channels() {
+    let b = broker("rm", 4);
+    let (status, _, err) =
+        start_sub(&b.socket, &["--channel", "nope", "--wait-channel", "0.3"]).finish();
+    assert!(!status.success());
+    assert!(err.contains("did not appear within"), "{err}");
+    let (status, err) = run_pub(
+        &b.socket,
+        &["--channel", "tmp/x", "--create", "--shape", "4"],
+        Input::Bytes(vec![1, 2, 3, 4]),
+    );
+    assert!(status.success(), "{err}");
+    let rm = |name: &str| {
+        Command::new(BIN)
+            .args(["rm-channel", "--channel", name, "--socket"])
+            .arg(&b.socket)
+            .output()
+            .unwrap()
+    };
+    let out = rm("tmp/x");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = rm("tmp/x");
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("unknown channel"));
+    let out = rm("video");
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("declared in the broker config"),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -25,7 +25,7 @@ use std::fmt;
 /// First word of the control segment.
 pub const CONTROL_MAGIC: u64 = u64::from_le_bytes(*b"TNSRBUS1");
 /// Layout version; bumped on every incompatible change.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 /// Most holder handles (producers, subscribers, stage halves) per broker:
 /// one bit each in the 64-bit holder word.
 pub const MAX_HOLDERS: usize = 64;

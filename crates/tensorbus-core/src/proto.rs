@@ -155,6 +155,11 @@ pub struct ChannelSpec {
     /// Default policy for subscribers that do not ask.
     #[serde(default)]
     pub policy: Option<Policy>,
+    /// How many of the latest tensors the channel keeps for subscribers
+    /// that join later (0: none; broadcast channels only; at most the ring
+    /// capacity).
+    #[serde(default)]
+    pub history: u32,
 }
 
 /// A pool as clients see it.
@@ -187,6 +192,12 @@ pub struct ChannelInfo {
     pub mode: Mode,
     /// Pools allowed, by index, smallest slot size first.
     pub pools: Vec<u8>,
+    /// No producer has created the channel yet: a waiting consumer's
+    /// subscription is registered, but mode and pools are not known (and no
+    /// pool descriptors came with the reply); ask again with
+    /// [`Request::Ready`].
+    #[serde(default)]
+    pub pending: bool,
 }
 
 /// A request from a client.
@@ -219,6 +230,26 @@ pub enum Request {
         writable: bool,
         /// Create the channel with these options if it does not exist.
         create: Option<ChannelSpec>,
+        /// If the channel does not exist, reserve its name and subscribe
+        /// now (tensors published once a producer creates it are queued
+        /// for this subscriber from the first one on); the reply's channel
+        /// is then `pending`, and [`Request::Ready`] completes the open.
+        #[serde(default)]
+        wait: bool,
+    },
+    /// Completes the open of a waiting subscriber: replies
+    /// [`Response::Consumer`] again, with the pool descriptors once the
+    /// channel exists (still `pending` and without descriptors before).
+    Ready {
+        /// Handle id of the subscriber.
+        handle: u32,
+    },
+    /// Removes a channel created at run time. Refused while any handle is
+    /// open on it, while consumers wait for it, and for channels the broker
+    /// config declares. The tensors its history kept are released.
+    RemoveChannel {
+        /// Channel name.
+        channel: String,
     },
     /// Closes a handle.
     Close {
@@ -359,6 +390,18 @@ pub struct ChannelStat {
     pub published: u64,
     /// Live producer handles.
     pub producers: u32,
+    /// Tensors kept for late subscribers (the channel's `history`).
+    #[serde(default)]
+    pub history: u32,
+    /// Tensors the history holds now.
+    #[serde(default)]
+    pub history_held: u32,
+    /// The channel's last producer closed cleanly (end of stream).
+    #[serde(default)]
+    pub ended: bool,
+    /// Declared by no producer yet: consumers wait for it.
+    #[serde(default)]
+    pub pending: bool,
     /// Subscribers.
     pub subscribers: Vec<SubscriberStat>,
 }

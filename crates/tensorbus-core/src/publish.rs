@@ -26,7 +26,7 @@ use crate::bits::{low_mask, rotated_bits, set_bits};
 use crate::control::Control;
 use crate::desc::Descriptor;
 use crate::park::Parker;
-use crate::records::{Mode, Policy, INTENT_VALID, STATE_ACTIVE};
+use crate::records::{Mode, Policy, INTENT_VALID, POLICY_CODE_HISTORY, STATE_ACTIVE};
 use crate::slot::{Released, SlotHeader};
 use crate::sync::{fence, Ordering};
 use std::time::Duration;
@@ -106,6 +106,8 @@ enum Delivery {
     Gone,
     /// Still full after a park slice; its bit is released.
     Retry,
+    /// Kept in the channel's history record (not a subscriber: not counted).
+    Kept,
 }
 
 /// A producer's position in a channel, with its private caches.
@@ -229,8 +231,10 @@ impl ProducerPath<'_> {
                     }
                     // The worker died while we waited for it: choose another.
                     Delivery::Gone => gone |= chosen,
-                    // Still full after a while: look again for the least loaded.
-                    Delivery::Retry => {}
+                    // Still full after a while: look again for the least
+                    // loaded. (A work queue has no history record: `Kept`
+                    // does not happen here.)
+                    Delivery::Retry | Delivery::Kept => {}
                 }
                 candidates = ch.subscribers.load(Ordering::SeqCst) & valid & !gone;
             }
@@ -255,7 +259,7 @@ impl ProducerPath<'_> {
                         out.dropped += u32::from(dropped);
                     }
                     Delivery::Dropped => out.dropped += 1,
-                    Delivery::Gone | Delivery::Retry => {}
+                    Delivery::Gone | Delivery::Retry | Delivery::Kept => {}
                 }
             }
         }
@@ -339,6 +343,37 @@ impl ProducerPath<'_> {
         }
     }
 
+    /// Pushes into the channel's history record (`drop_oldest` with depth
+    /// `history`): the oldest kept tensor is released to make room. Nobody
+    /// reads the record, so nobody is notified; the broker copies its
+    /// entries to subscribers that join later.
+    #[cold]
+    fn keep_in_history(
+        &self,
+        sub: &crate::records::SubscriberRecord,
+        ring: crate::ring::Ring<'_>,
+        bit: u64,
+        packed: u64,
+        cached: Option<&mut u64>,
+    ) -> Delivery {
+        let depth = u64::from(sub.config.depth.load(Ordering::Relaxed));
+        let mut dummy = 0;
+        let cached = cached.unwrap_or(&mut dummy);
+        // Each failed push steals one entry, so this ends within `depth`
+        // rounds (a corrupted depth is clamped by the ring).
+        for _ in 0..=ring.capacity() {
+            if ring.push(depth, packed, cached).is_ok() {
+                return Delivery::Kept;
+            }
+            if let Some(old) = ring.steal_oldest() {
+                release_desc(self.ctl, Descriptor::unpack(old), bit);
+            }
+        }
+        // Only a corrupted ring gets here: the tensor is not kept.
+        release_desc(self.ctl, Descriptor::unpack(packed), bit);
+        Delivery::Kept
+    }
+
     /// Pushes to one subscriber under its policy. With `retry`, a `block`
     /// subscriber that stays full for one park slice gives its bit back and
     /// returns [`Delivery::Retry`] (work queues then look for another worker).
@@ -359,7 +394,11 @@ impl ProducerPath<'_> {
             return Delivery::Gone;
         };
         let bit = self.ctl.subscriber_mask(self.channel, s);
-        let policy = Policy::from_code(sub.config.policy.load(Ordering::Relaxed));
+        let code = sub.config.policy.load(Ordering::Relaxed);
+        if code == POLICY_CODE_HISTORY {
+            return self.keep_in_history(sub, ring, bit, packed, cached_heads.get_mut(s));
+        }
+        let policy = Policy::from_code(code);
         let depth = match policy {
             Policy::Latest => 1,
             _ => u64::from(sub.config.depth.load(Ordering::Relaxed)),

@@ -99,7 +99,11 @@ impl SubscriberPath<'_> {
                 continue;
             };
             if let Some(bits) = ring.pop() {
-                *cursor = row + 1;
+                // Row 0 is the broker's: a late joiner's history and
+                // re-dispatched work items, all older than anything in the
+                // producers' rows. Staying on it until it is empty delivers
+                // them first.
+                *cursor = if row == 0 { 0 } else { row + 1 };
                 if self.lossless {
                     ring.header().consumer.space.notify(parker);
                 }
@@ -107,6 +111,16 @@ impl SubscriberPath<'_> {
             }
         }
         None
+    }
+
+    /// Whether the channel's last producer closed cleanly (see
+    /// [`crate::records::ChannelRecord::ended`]). A consumer that reads
+    /// true and then finds its rings empty has drained the stream.
+    #[inline]
+    pub fn ended(&self) -> bool {
+        self.ctl
+            .channel(self.channel)
+            .is_some_and(|ch| ch.ended.load(Ordering::Acquire) != 0)
     }
 
     /// Whether any ring has an entry waiting.

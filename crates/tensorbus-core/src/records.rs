@@ -14,6 +14,16 @@ pub const STATE_FREE: u32 = 0;
 pub const STATE_ACTIVE: u32 = 1;
 /// Record state: its owner died; the broker is reclaiming it.
 pub const STATE_DEAD: u32 = 2;
+/// Channel record state: the name is reserved by consumers that wait for
+/// the channel ([`crate::proto::Request::OpenConsumer`] with `wait`); no
+/// producer has created it yet, so it has no mode or pools.
+pub const STATE_PENDING: u32 = 3;
+
+/// Stored policy code of a channel's history record: a subscriber record
+/// that no consumer reads, holding the channel's last `history` tensors
+/// (producers treat it as `drop_oldest` with depth `history`, and do not
+/// count it in what a publish delivered or dropped).
+pub const POLICY_CODE_HISTORY: u32 = 4;
 
 /// How a channel distributes tensors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
@@ -145,6 +155,14 @@ pub struct ChannelRecord {
     pub producer_rows: AtomicU64,
     /// Subscriber indices that are active (producers deliver to these).
     pub subscribers: AtomicU64,
+    /// 1 once the channel's last producer closed cleanly (end of stream:
+    /// a consumer that finds its rings empty then reports it), 0 while a
+    /// producer is open or none ever closed. Written by the broker only
+    /// (Release), read by consumers with Acquire: a consumer that reads 1
+    /// sees every push the closed producers made, so an empty re-check
+    /// afterwards means the stream really is drained. On the line of the
+    /// masks every receive already reads.
+    pub ended: AtomicU32,
     /// Tensors published by producer handles that have closed (the broker
     /// adds each closing producer's count; live producers count on their own
     /// records, so publishing takes no shared lock-prefixed counter). On a
@@ -255,6 +273,20 @@ impl SubscriberRecord {
         policy: Policy,
         depth: u32,
     ) {
+        self.activate_code(channel, sub, holder_bit, policy.code(), depth);
+    }
+
+    /// [`SubscriberRecord::activate`] with a raw policy code: a
+    /// [`Policy::code`], or [`POLICY_CODE_HISTORY`] for a channel's history
+    /// record (which the broker owns; no consumer reads it).
+    pub fn activate_code(
+        &self,
+        channel: &ChannelRecord,
+        sub: usize,
+        holder_bit: u32,
+        policy_code: u32,
+        depth: u32,
+    ) {
         let config = &self.config;
         // Relaxed: no producer reads these before it has seen bit `sub` in
         // the mask, and the mask's Release RMW below publishes them to every
@@ -263,7 +295,7 @@ impl SubscriberRecord {
         // `state`). The consumer that owns the record learns its index from
         // the broker's reply, read after these stores.
         config.holder_bit.store(holder_bit, Ordering::Relaxed);
-        config.policy.store(policy.code(), Ordering::Relaxed);
+        config.policy.store(policy_code, Ordering::Relaxed);
         config.depth.store(depth, Ordering::Relaxed);
         // A previous owner that died between prepare_wait and cancel_wait
         // left its count behind; the new consumer starts with none. Relaxed

@@ -204,6 +204,25 @@ impl<'a> Ring<'a> {
         self.len() == 0
     }
 
+    /// Copies the entries queued right now into `out`, oldest first,
+    /// without taking them (the broker reads a channel's history this way
+    /// while its producers keep pushing and stealing). An entry may be
+    /// taken or overwritten while it is read: each copied value is one that
+    /// was queued at its position at some moment of the call, and nothing
+    /// else (the stamp check), so callers validate what they use against
+    /// the slot it names.
+    pub fn peek_all(&self, out: &mut Vec<u64>) {
+        let head = self.header.consumer.head.load(Ordering::Acquire);
+        let tail = self.header.producer.tail.load(Ordering::Acquire);
+        let n = tail.wrapping_sub(head).min(self.capacity());
+        for pos in head..head.wrapping_add(n) {
+            let entry = self.cell(pos).load(Ordering::Acquire);
+            if entry & !DESC_MASK == stamp(pos) {
+                out.push(entry & DESC_MASK);
+            }
+        }
+    }
+
     /// Recovery, for a producer that died: was `desc` its last push into this
     /// ring? True if the cell before `tail` holds it, or if the cell at `tail`
     /// holds it (the producer died between the cell store and the tail store;

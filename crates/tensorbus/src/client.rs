@@ -657,7 +657,13 @@ impl Client {
     /// Names of the channels the broker knows (for error messages).
     pub(crate) fn known_channels(&self) -> Vec<String> {
         self.stat()
-            .map(|s| s.channels.into_iter().map(|c| c.name).collect())
+            .map(|s| {
+                s.channels
+                    .into_iter()
+                    .filter(|c| !c.pending)
+                    .map(|c| c.name)
+                    .collect()
+            })
             .unwrap_or_default()
     }
 }
@@ -704,6 +710,7 @@ mod tests {
             depth: None,
             writable: false,
             create: None,
+            wait: false,
         };
         assert!(matches!(conn.exchange(&open), Err(ExchangeError::Timeout)));
         let (open_id, _) = read_request(&broker_end);
@@ -729,6 +736,7 @@ mod tests {
                     name: "x".into(),
                     mode: Mode::Broadcast,
                     pools: vec![0],
+                    pending: false,
                 },
             };
             let pool = tensorbus_shm::Memfd::create("tb-late", 4096, false).unwrap();

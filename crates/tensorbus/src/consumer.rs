@@ -90,6 +90,8 @@ pub(crate) struct ConsumerCore {
     pub(crate) readiness: OnceLock<Readiness>,
     /// [`Consumer::detach`] ran: receives find nothing.
     pub(crate) detached: AtomicBool,
+    /// Report end of stream ([`crate::ConsumerOptions::end_of_stream`]).
+    pub(crate) end_of_stream: bool,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -257,6 +259,7 @@ impl Consumer {
             core.sub,
             core.bit,
             core.policy == Policy::Block,
+            core.end_of_stream,
         )?;
         // Another thread may have won the race; then `made` is dropped (its
         // thread stopped) and theirs is used.
@@ -338,7 +341,17 @@ impl ConsumerCore {
         let _unlock = Taking(&self.taking);
         let path = self.path();
         let mut cursor = self.cursor.load(Ordering::Relaxed);
-        let desc = path.pop(&mut cursor, &FutexParker);
+        let mut desc = path.pop(&mut cursor, &FutexParker);
+        if desc.is_none() && self.end_of_stream && path.ended() {
+            // `ended` was read with Acquire after the last producer closed:
+            // every push it made is visible now, so one more look decides
+            // between a last tensor and the end of the stream.
+            desc = path.pop(&mut cursor, &FutexParker);
+            if desc.is_none() {
+                self.cursor.store(cursor, Ordering::Relaxed);
+                return Err(TryRecvError::EndOfStream);
+            }
+        }
         self.cursor.store(cursor, Ordering::Relaxed);
         let desc: Descriptor = desc.ok_or(TryRecvError::Empty)?;
         let pools = &self.pools;
@@ -390,6 +403,7 @@ impl ConsumerCore {
                 Ok(r) => return Ok(r),
                 Err(TryRecvError::Corrupted(c)) => return Err(RecvError::Corrupted(c)),
                 Err(TryRecvError::Empty) if self.is_detached() => return Err(RecvError::Detached),
+                Err(TryRecvError::EndOfStream) => return Err(RecvError::EndOfStream),
                 Err(TryRecvError::ForkedChild(f)) => return Err(RecvError::ForkedChild(f)),
                 // Only stages report it, and not from `try_take`.
                 Err(TryRecvError::NotExclusive(d)) => return Err(RecvError::NotExclusive(d)),
@@ -429,7 +443,14 @@ impl ConsumerCore {
         // Producers push, then notify this event; `has_entry` is the re-check.
         sub.config
             .data
-            .wait_unless(&FutexParker, || self.path().has_entry(), slice);
+            .wait_unless(&FutexParker, || self.has_entry_or_ended(), slice);
+    }
+
+    /// The re-check before parking: something to take, or the stream
+    /// ended (the broker notifies the subscriber's event when it ends).
+    pub(crate) fn has_entry_or_ended(&self) -> bool {
+        let path = self.path();
+        path.has_entry() || (self.end_of_stream && path.ended())
     }
 
     /// Releases a slot this subscriber holds (not in a forked child: there

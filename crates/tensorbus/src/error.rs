@@ -144,6 +144,40 @@ pub enum OpenError {
     /// Mapping a pool failed.
     #[error("could not map pool: {0}")]
     Map(#[source] std::io::Error),
+    /// [`crate::ConsumerOptions::wait_for_channel`]: no producer created
+    /// the channel in time (the subscription that waited is closed).
+    #[error("channel {channel:?} did not appear within {waited:?}: no producer created it (a producer opened with create options, or `tensorbus pub --create`, makes it)")]
+    WaitTimeout {
+        /// Name waited for.
+        channel: String,
+        /// How long it waited.
+        waited: Duration,
+    },
+    /// [`crate::Client::consumer_interruptible`]: the caller's check asked
+    /// to stop waiting for the channel (the subscription is closed).
+    #[error("stopped waiting for channel {0:?}")]
+    Interrupted(String),
+}
+
+/// Why [`crate::Client::remove_channel`] failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RemoveChannelError {
+    /// No channel of that name.
+    #[error("unknown channel {channel:?}; known channels: [{}]", known.join(", "))]
+    NotFound {
+        /// Name asked for.
+        channel: String,
+        /// Channels that exist.
+        known: Vec<String>,
+    },
+    /// The broker refused: the channel is in use (open producers,
+    /// consumers, stages, or waiting consumers) or the config declares it.
+    #[error("{0}")]
+    Refused(String),
+    /// A control request failed.
+    #[error(transparent)]
+    Request(#[from] RequestError),
 }
 
 /// Why a loan failed.
@@ -231,6 +265,12 @@ pub enum TryRecvError {
     /// the next receive tries it again first.
     #[error("slot is still shared after {0:?}; the stage keeps the tensor and the next recv_mut tries it again")]
     NotExclusive(Duration),
+    /// End of stream: the channel's last producer closed cleanly and
+    /// everything queued for this consumer has been received. A producer
+    /// that opens later starts a new stream (receives then find its
+    /// tensors). Opt out with [`crate::ConsumerOptions::end_of_stream`].
+    #[error("end of stream: the channel's last producer closed and everything it published has been received")]
+    EndOfStream,
 }
 
 /// Why [`crate::Consumer::recv`] or `recv_timeout` returned nothing.
@@ -252,6 +292,9 @@ pub enum RecvError {
     /// nothing more.
     #[error("this consumer was detached from its channel: it receives nothing more")]
     Detached,
+    /// End of stream (see [`TryRecvError::EndOfStream`]).
+    #[error("end of stream: the channel's last producer closed and everything it published has been received")]
+    EndOfStream,
     /// The consumer or stage was opened by another process, before a fork:
     /// nothing was taken from its queue.
     #[error(transparent)]

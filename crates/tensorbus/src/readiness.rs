@@ -112,6 +112,8 @@ struct Shared {
     sub: usize,
     bit: u64,
     lossless: bool,
+    /// Fire at end of stream too (the consumer reports it).
+    end_of_stream: bool,
 }
 
 fn lock(m: &Mutex<()>) -> MutexGuard<'_, ()> {
@@ -187,7 +189,8 @@ impl Shared {
                 if self.closed.load(Ordering::SeqCst) || !self.armed.load(Ordering::SeqCst) {
                     return true;
                 }
-                fire = self.path().has_entry();
+                let path = self.path();
+                fire = path.has_entry() || (self.end_of_stream && path.ended());
                 fire
             };
             rec.config.data.wait_unless(&FutexParker, ready, PARK_SLICE);
@@ -206,6 +209,7 @@ impl Readiness {
         sub: usize,
         bit: u64,
         lossless: bool,
+        end_of_stream: bool,
     ) -> io::Result<Readiness> {
         // SAFETY: eventfd has no memory-safety preconditions.
         let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
@@ -225,6 +229,7 @@ impl Readiness {
             sub,
             bit,
             lossless,
+            end_of_stream,
         });
         let s = shared.clone();
         let thread = std::thread::Builder::new()

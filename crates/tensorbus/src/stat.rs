@@ -60,6 +60,14 @@ pub struct ChannelStat {
     pub published: u64,
     /// Live producer handles.
     pub producers: u32,
+    /// Tensors kept for late subscribers (the channel's history setting).
+    pub history: u32,
+    /// Tensors the history holds now.
+    pub history_held: u32,
+    /// The last producer closed cleanly: end of stream.
+    pub ended: bool,
+    /// No producer has created the channel yet; consumers wait for it.
+    pub pending: bool,
     /// Subscribers.
     pub subscribers: Vec<SubscriberStat>,
 }
@@ -153,6 +161,10 @@ impl From<proto::ChannelStat> for ChannelStat {
             name: c.name,
             published: c.published,
             producers: c.producers,
+            history: c.history,
+            history_held: c.history_held,
+            ended: c.ended,
+            pending: c.pending,
             subscribers: c
                 .subscribers
                 .into_iter()

@@ -504,9 +504,11 @@ impl World {
             "consumer {i} = client {k} on {} {policy:?} depth {depth}",
             CHANNELS[ch]
         ));
+        // The model has no end of stream (its producers come and go).
         let opts = ConsumerOptions::default()
             .policy(policy)
-            .depth(depth as u32);
+            .depth(depth as u32)
+            .end_of_stream(false);
         match self.client[k]
             .as_ref()
             .expect("open")
@@ -576,11 +578,13 @@ impl World {
             "stage {i} = client {k} {} -> {}",
             CHANNELS[input], CHANNELS[output]
         ));
-        match self.client[k]
-            .as_ref()
-            .expect("open")
-            .stage(CHANNELS[input], CHANNELS[output])
-        {
+        match self.client[k].as_ref().expect("open").stage_with(
+            CHANNELS[input],
+            CHANNELS[output],
+            ConsumerOptions::default()
+                .policy(Policy::Block)
+                .end_of_stream(false),
+        ) {
             Ok(s) => {
                 self.wq_out[MAX_PRODUCERS + i] = 0;
                 self.wgen[MAX_PRODUCERS + i] += 1;
@@ -870,12 +874,21 @@ impl World {
             },
             2 => {
                 let d = [0u32, RING as u32 + 1][rng.below(2)];
-                match c.consumer_with("r/b1", ConsumerOptions::default().depth(d)) {
+                match c.consumer_with(
+                    "r/b1",
+                    ConsumerOptions::default().depth(d).end_of_stream(false),
+                ) {
                     Err(OpenError::InvalidArgument(_)) => {}
                     r => fail!(self, "consumer with depth {d}: {:?}", r.map(|_| ())),
                 }
             }
-            3 => match c.stage("r/b1", "r/w1") {
+            3 => match c.stage_with(
+                "r/b1",
+                "r/w1",
+                ConsumerOptions::default()
+                    .policy(Policy::Block)
+                    .end_of_stream(false),
+            ) {
                 Err(OpenError::InvalidArgument(_)) => {}
                 r => fail!(self, "stage on a broadcast input: {:?}", r.map(|_| ())),
             },
@@ -1083,7 +1096,12 @@ fn random_call_sequences_match_the_model() {
 #[test]
 fn workqueue_publish_prefers_a_worker_with_room() {
     let (_broker, client, _) = common::start("rnd", "depths", CONFIG);
-    let opts = |d| ConsumerOptions::default().policy(Policy::Block).depth(d);
+    let opts = |d| {
+        ConsumerOptions::default()
+            .policy(Policy::Block)
+            .depth(d)
+            .end_of_stream(false)
+    };
     let shallow = client.consumer_with("r/w1", opts(1)).unwrap();
     let deep = client.consumer_with("r/w1", opts(4)).unwrap();
     let p = client.producer("r/w1").unwrap();

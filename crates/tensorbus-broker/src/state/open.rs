@@ -101,6 +101,13 @@ pub(crate) enum OpenError {
     /// Every holder bit is handed out.
     #[error(transparent)]
     Bits(#[from] BitsExhausted),
+    /// Consumers wait for the channel, and this producer brought no spec
+    /// to create it with.
+    #[error("channel {0:?} does not exist yet (consumers are waiting for it); open the producer with a spec to create it (`tensorbus pub --create`, ProducerOptions::create)")]
+    PendingNeedsSpec(String),
+    /// Not a subscriber handle of this client.
+    #[error("no open subscriber handle {0}")]
+    NoSuchSubscriber(u32),
     /// A pool descriptor could not be duplicated for the client (the
     /// broker is out of file descriptors, typically).
     #[error("cannot duplicate the descriptor of pool {pool:?} for the client: {source}")]
@@ -117,7 +124,10 @@ impl OpenError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             OpenError::InvalidName(_) => ErrorKind::InvalidName,
-            OpenError::UnknownChannel { .. } => ErrorKind::UnknownChannel,
+            OpenError::UnknownChannel { .. } | OpenError::PendingNeedsSpec(_) => {
+                ErrorKind::UnknownChannel
+            }
+            OpenError::NoSuchSubscriber(_) => ErrorKind::InvalidArgument,
             OpenError::Create(_) | OpenError::Depth { .. } => ErrorKind::InvalidArgument,
             OpenError::TooManyProducers { .. }
             | OpenError::TooManySubscribers { .. }
@@ -175,8 +185,10 @@ impl State {
         channel: &str,
         create: Option<ChannelSpec>,
         role: Role,
+        wait: bool,
     ) -> Result<Opened, OpenError> {
-        let c = self.find_or_create(channel, create)?;
+        let waits = wait && matches!(role, Role::Subscriber { .. });
+        let c = self.find_or_create(channel, create, waits)?;
         let (record, writable) = match role {
             Role::Producer => (
                 Record::Producer {
@@ -195,9 +207,9 @@ impl State {
                         return Err(OpenError::Depth { depth: d, capacity })
                     }
                     Some(d) => d,
-                    None => self.channels[c].default_depth(capacity),
+                    None => self.chan(c).default_depth(capacity),
                 };
-                let policy = policy.unwrap_or_else(|| self.channels[c].default_policy());
+                let policy = policy.unwrap_or_else(|| self.chan(c).default_policy());
                 let sub = self.free_sub(c, channel)?;
                 (Record::Subscriber { sub, policy, depth }, writable)
             }
@@ -211,33 +223,105 @@ impl State {
             }
         };
         let kind = self.activate(c, record, bit);
+        let asked = match role {
+            Role::Producer => (None, None, true),
+            Role::Subscriber {
+                policy,
+                depth,
+                writable,
+            } => (policy, depth, writable),
+        };
+        match record {
+            Record::Producer { .. } => self.producer_opened(c),
+            Record::Subscriber { sub, depth, .. } => {
+                self.deliver_history(c, sub, bit, depth);
+            }
+        }
         let handle = self.new_handle();
-        self.handles.insert(handle, Handle { client, kind, bit });
+        self.handles.insert(
+            handle,
+            Handle {
+                client,
+                kind,
+                bit,
+                asked,
+            },
+        );
         Ok(Opened {
             handle,
             bit,
             record,
-            channel: self.channels[c].info(),
+            channel: self.chan(c).info(),
+            fds,
+        })
+    }
+
+    /// Answers [`tensorbus_core::proto::Request::Ready`] for subscriber
+    /// `handle` of `client`: the subscription again, with its pool
+    /// descriptors once its channel exists (still pending without).
+    pub fn ready(&self, client: u32, handle: u32) -> Result<Opened, OpenError> {
+        let Some(h) = self.handles.get(&handle).filter(|h| h.client == client) else {
+            return Err(OpenError::NoSuchSubscriber(handle));
+        };
+        let HandleKind::Subscriber { channel: c, sub } = h.kind else {
+            return Err(OpenError::NoSuchSubscriber(handle));
+        };
+        let ch = self.chan(c);
+        let fds = if ch.pending {
+            Vec::new()
+        } else {
+            self.pool_fds(c, h.asked.2)?
+        };
+        let r = self.control.subscriber(c, sub);
+        let policy = r.map_or(tensorbus_core::Policy::Block, |r| {
+            Policy::from_code(r.config.policy.load(std::sync::atomic::Ordering::Relaxed))
+        });
+        let depth = r.map_or(1, |r| {
+            r.config.depth.load(std::sync::atomic::Ordering::Relaxed)
+        });
+        Ok(Opened {
+            handle,
+            bit: h.bit,
+            record: Record::Subscriber { sub, policy, depth },
+            channel: ch.info(),
             fds,
         })
     }
 
     /// The index of channel `channel`, created from `create` if it does not
     /// exist yet.
+    ///
+    /// A channel that waiting consumers reserved (pending) is created by the
+    /// first open that brings a spec; another waiting consumer joins it as
+    /// it is; any other open is told it does not exist. With `wait`, a
+    /// missing channel is reserved.
     fn find_or_create(
         &mut self,
         channel: &str,
         create: Option<ChannelSpec>,
+        wait: bool,
     ) -> Result<usize, OpenError> {
         crate::names::validate_name(channel).map_err(OpenError::InvalidName)?;
+        let named = |mut spec: ChannelSpec| {
+            spec.name = channel.to_owned();
+            spec
+        };
         if let Some(c) = self.channel_by_name(channel) {
-            return Ok(c);
+            if !self.chan(c).pending {
+                return Ok(c);
+            }
+            return match create {
+                Some(spec) => {
+                    self.complete_pending(c, named(spec))?;
+                    Ok(c)
+                }
+                None if wait => Ok(c),
+                None => Err(OpenError::PendingNeedsSpec(channel.to_owned())),
+            };
         }
         match create {
-            Some(mut spec) => {
-                spec.name = channel.to_owned();
-                Ok(self.create_channel(spec)?)
-            }
+            Some(spec) => Ok(self.create_channel(named(spec), false)?),
+            None if wait => Ok(self.create_pending(channel)?),
             None => Err(OpenError::UnknownChannel {
                 channel: channel.to_owned(),
                 known: self.channel_names(),
@@ -267,7 +351,7 @@ impl State {
 
     /// A subscriber record of channel `c` that is free and not being
     /// reclaimed.
-    fn free_sub(&self, c: usize, name: &str) -> Result<usize, OpenError> {
+    pub(super) fn free_sub(&self, c: usize, name: &str) -> Result<usize, OpenError> {
         let ctl = &self.control;
         let subs = ctl.layout().params.max_subscribers as usize;
         (0..subs)
@@ -284,7 +368,7 @@ impl State {
     /// New descriptors of channel `c`'s pools for a client: the writable
     /// memfds, or read-only reopenings.
     fn pool_fds(&self, c: usize, writable: bool) -> Result<Vec<OwnedFd>, OpenError> {
-        self.channels[c]
+        self.chan(c)
             .pools
             .iter()
             .map(|&p| {

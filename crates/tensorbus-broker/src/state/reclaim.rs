@@ -23,7 +23,7 @@ impl State {
             .collect();
         mine.sort_by_key(|(_, h)| matches!(h.kind, HandleKind::Subscriber { .. }));
         for (id, _) in mine {
-            self.close_handle(id);
+            self.close_handle(id, false);
         }
     }
 
@@ -62,8 +62,10 @@ impl State {
         self.progress();
     }
 
-    /// Closes one handle (graceful close and death take the same path).
-    pub(super) fn close_handle(&mut self, id: u32) -> bool {
+    /// Closes one handle (graceful close and death take the same path;
+    /// `clean`: the client asked, which is what lets the last producer's
+    /// close end the stream).
+    pub(super) fn close_handle(&mut self, id: u32, clean: bool) -> bool {
         let Some(h) = self.handles.remove(&id) else {
             return false;
         };
@@ -85,6 +87,7 @@ impl State {
                 }
                 reclaim::clear_holder_everywhere(&self.control, 1u64 << h.bit);
                 self.free_bit(h.bit);
+                self.producer_closed(channel, row, clean);
                 self.busy_rows.push((channel, row));
                 self.pending.push(Pending::Row { channel, row });
             }
@@ -101,6 +104,9 @@ impl State {
     pub fn progress(&mut self) -> bool {
         if !self.redispatch.is_empty() {
             self.redispatch_pending();
+        }
+        if self.channels.iter().flatten().any(|c| c.pending) {
+            self.collect_pending_channels();
         }
         let pending = std::mem::take(&mut self.pending);
         for p in pending {

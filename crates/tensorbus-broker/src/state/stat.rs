@@ -16,7 +16,13 @@ impl State {
     ) -> StatReport {
         let state = self;
         let ctl = &state.control;
-        let sub_bits = state.subscriber_bits();
+        let sub_bits = state.subscriber_bits()
+            | state
+                .channels
+                .iter()
+                .flatten()
+                .filter_map(|c| c.history)
+                .fold(0u64, |m, (_, bit)| m | 1u64 << bit);
         let pools = state
             .pools
             .iter()
@@ -44,6 +50,7 @@ impl State {
         let channels = state
         .channels
         .iter()
+        .flatten()
         .map(|c| {
             let rec = ctl.channel(c.index);
             let mut subscribers: Vec<SubscriberStat> = state
@@ -90,6 +97,10 @@ impl State {
                     .values()
                     .filter(|h| matches!(h.kind, HandleKind::Producer { channel, .. } if channel == c.index))
                     .count() as u32,
+                history: c.spec.history,
+                history_held: state.history_held(c.index),
+                ended: rec.is_some_and(|r| r.ended.load(Ordering::Acquire) != 0),
+                pending: c.pending,
                 subscribers,
             }
         })

@@ -133,6 +133,7 @@ pub fn producer_options(client: &Client, pool: &str) -> ProducerOptions {
 /// on `pool` if missing).
 pub fn consumer_options(client: &Client, pool: &str) -> ConsumerOptions {
     ConsumerOptions::default()
+        .end_of_stream(false)
         .create(spec(client, pool))
         .policy(Policy::Block)
         .depth(DEPTH)
