@@ -391,6 +391,55 @@ mod loom_tests {
         });
     }
 
+    /// Issue 14, end of stream: the producer pushes and then closes (its
+    /// close request reaches the broker after the push: modelled by a
+    /// Release/Acquire flag); the broker then stores `ended` (Release). A
+    /// consumer that finds the ring empty, then reads `ended` with Acquire,
+    /// then looks once more, gets the last entry: end of stream is never
+    /// reported with a tensor still queued.
+    #[test]
+    fn end_of_stream_never_hides_the_last_push() {
+        use crate::sync::AtomicU32;
+        loom::model(|| {
+            let p = parts(2);
+            let close = Arc::new(AtomicU32::new(0));
+            let ended = Arc::new(AtomicU32::new(0));
+            let (p2, c2) = (p.clone(), close.clone());
+            let producer = loom::thread::spawn(move || {
+                let r = Ring::new(&p2.header, &p2.cells).unwrap();
+                r.push(2, 7, &mut 0).unwrap();
+                c2.store(1, Ordering::Release); // the close request
+            });
+            let (c3, e3) = (close.clone(), ended.clone());
+            let broker = loom::thread::spawn(move || {
+                while c3.load(Ordering::Acquire) == 0 {
+                    loom::thread::yield_now();
+                }
+                e3.store(1, Ordering::Release);
+            });
+            let r = Ring::new(&p.header, &p.cells).unwrap();
+            let mut got = None;
+            loop {
+                if let Some(v) = r.pop() {
+                    got = Some(v);
+                    continue;
+                }
+                if ended.load(Ordering::Acquire) == 1 {
+                    // The consumer's second look (consumer.rs try_take).
+                    if let Some(v) = r.pop() {
+                        got = Some(v);
+                        continue;
+                    }
+                    break; // end of stream
+                }
+                loom::thread::yield_now();
+            }
+            assert_eq!(got, Some(7), "end of stream before the last tensor");
+            producer.join().unwrap();
+            broker.join().unwrap();
+        });
+    }
+
     /// drop_oldest: the producer steals and pushes while the consumer pops.
     /// Every entry is taken by exactly one side; nothing is lost or doubled.
     #[test]

@@ -154,6 +154,37 @@ impl SlotHeader {
         }
     }
 
+    /// Adds `mine` if `held_by` is set and `mine` is not, in one CAS: a late
+    /// subscriber joins a tensor the channel's history keeps (`held_by` is
+    /// the history's bit). Returns whether it joined. While `held_by` is
+    /// set the slot cannot be freed, so a join never revives a free slot;
+    /// the caller still compares the generation afterwards, since the slot
+    /// may have been freed, loaned and kept again between its read of the
+    /// descriptor and this CAS (then it releases `mine`).
+    #[inline]
+    pub fn join_if_held(&self, held_by: u64, mine: u64) -> bool {
+        // Acquire on the load and on failure: the holder word we test was
+        // written by the publish that set `held_by` (or a later RMW).
+        let mut cur = self.holders.load(Ordering::Acquire);
+        loop {
+            if cur & held_by == 0 || cur & mine != 0 {
+                return false;
+            }
+            // AcqRel on success: like a publish's hand-over, it continues
+            // the holder word's release sequence, so the last releaser's
+            // Acquire sees everything done before.
+            match self.holders.compare_exchange_weak(
+                cur,
+                cur | mine,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
     /// Clears `bit`. Release: our reads and writes of the payload
     /// happen-before the next loaner's Acquire CAS.
     #[inline]
@@ -335,6 +366,52 @@ mod tests {
 mod loom_tests {
     use super::*;
     use loom::sync::Arc;
+
+    /// Issue 14: a late subscriber joins a tensor the history keeps while
+    /// the history lets it go (a newer publish evicts it, the slot is freed,
+    /// loaned again and kept again). The joiner keeps its bit only on the
+    /// tensor it read: then the eviction did not free it; otherwise it
+    /// gives the bit back and the slot's state is the other side's.
+    #[test]
+    fn history_join_versus_eviction() {
+        const H: u64 = 0b001; // history
+        const P: u64 = 0b010; // a producer that loans the freed slot again
+        const M: u64 = 0b100; // the late subscriber
+        loom::model(|| {
+            let h = Arc::new(SlotHeader::new());
+            let g0 = h.try_loan(P).unwrap();
+            h.hand_over(P, H); // published: kept by the history only
+            let h2 = h.clone();
+            let evict = loom::thread::spawn(move || {
+                let freed = h2.release(H) == Released::Freed;
+                if freed {
+                    h2.try_loan(P).unwrap();
+                    h2.hand_over(P, H); // the next tensor, kept again
+                }
+                freed
+            });
+            // The joiner, as deliver_history does it.
+            let g = h.generation.load(Ordering::Acquire);
+            let kept = if g == g0 && h.join_if_held(H, M) {
+                if h.generation.load(Ordering::Acquire) == g {
+                    true
+                } else {
+                    h.release(M);
+                    false
+                }
+            } else {
+                false
+            };
+            let freed = evict.join().unwrap();
+            if kept {
+                assert!(!freed, "the joined tensor was freed under the joiner");
+                assert_eq!(h.holders(), M);
+                assert_eq!(h.generation.load(Ordering::Relaxed), g0);
+            } else {
+                assert_eq!(h.holders() & M, 0);
+            }
+        });
+    }
 
     /// Two producers race for one free slot: exactly one wins.
     #[test]

@@ -454,13 +454,7 @@ impl State {
             };
             // Our bit joins only while the history still holds the slot and
             // no publish gave it to us already.
-            let joined = slot
-                .holders
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
-                    (h & hmask != 0 && h & mine == 0).then_some(h | mine)
-                })
-                .is_ok();
-            if !joined {
+            if !slot.join_if_held(hmask, mine) {
                 continue;
             }
             if slot.generation.load(Ordering::Acquire) != generation {
