@@ -61,7 +61,8 @@ as rustdoc does), built and run; toml: `config` if it has [[pools]],
 text: not code, listed only. Anything else without a marker fails.
 
 Every block gets TENSORBUS_SOCKET under a fresh temporary directory, PATH with
-the venv's bin/ and `tensorbus` (target/release/tensorbus), and its own
+the venv's bin/ and `tensorbus` (target/release/tensorbus), CARGO_INSTALL_ROOT
+in the run's directory (a `cargo install` lands there, on PATH), and its own
 process group; everything still running at the end of a block (foreground)
 or of its group (background) is killed, group by group, at exit too.
 """
@@ -323,7 +324,7 @@ class Group:
 
 class Runner:
     def __init__(self, venv: Path, keep: bool, verbose: bool) -> None:
-        self.venv = venv
+        self.venv = venv.absolute()
         self.keep = keep
         self.verbose = verbose
         self.base = Path(tempfile.mkdtemp(prefix="tbsnip-"))
@@ -351,7 +352,10 @@ class Runner:
         env["TENSORBUS_SOCKET"] = g.sock
         env["SNIPPET_TMP"] = str(g.tmp)
         env["VIRTUAL_ENV"] = str(self.venv)
-        env["PATH"] = f"{self.venv / 'bin'}:{self.bindir}:{env.get('PATH', '/usr/bin:/bin')}"
+        # A `cargo install` of a block goes to a directory of this run, on PATH, not ~/.cargo/bin.
+        env["CARGO_INSTALL_ROOT"] = str(self.base / "cargo-install")
+        path = [self.venv / "bin", self.base / "cargo-install" / "bin", self.bindir]
+        env["PATH"] = ":".join(map(str, path)) + ":" + env.get("PATH", "/usr/bin:/bin")
         env["PYTHONUNBUFFERED"] = "1"
         env.pop("PYTHONHOME", None)
         return env
@@ -582,7 +586,7 @@ class Runner:
         )
         (project / "Cargo.toml").write_text(manifest)
         lock = ROOT / "Cargo.lock"
-        if lock.exists() and not (project / "Cargo.lock").exists():
+        if lock.exists():
             shutil.copy(lock, project / "Cargo.lock")  # the repository's versions, no new resolution
         (project / "src" / "main.rs").write_text(rust_main(code, b))
         return project
@@ -699,7 +703,9 @@ def select(sels: list[str]) -> list[Group]:
     wanted: dict[str, set[int] | None] = {}
     for sel in sels or DOC_FILES:
         path, _, line = sel.partition(":")
-        path = os.path.relpath(os.path.abspath(path), ROOT) if os.path.isabs(path) or os.path.exists(path) else path
+        if os.path.exists(path):
+            full = Path(path).resolve()
+            path = str(full.relative_to(ROOT)) if full.is_relative_to(ROOT) else str(full)
         if not (ROOT / path).is_file():
             sys.exit(f"snippets: no such file: {path}")
         if path not in wanted:
@@ -752,6 +758,107 @@ def report(results: list[Result]) -> int:
     return 1 if bad else 0
 
 
+SELF_TEST = r"""
+<!-- snippet: lang=sh -->
+```bash
+echo "$TENSORBUS_SOCKET" | grep -q "^$SNIPPET_TMP/"
+```
+<!-- snippet: timeout=5 -->
+```sh
+exit 3
+```
+<!-- snippet: timeout=1 -->
+```sh
+sleep 100 & sleep 30
+```
+<!-- snippet: group=g broker=default background ready=socket -->
+```sh
+sleep 1000
+```
+<!-- snippet: group=g expect="channels" socket=/tmp/tb-self.sock -->
+```console
+$ tensorbus stat --socket /tmp/tb-self.sock
+output, not run
+```
+<!-- snippet: group=g file=x.c -->
+```c
+#include <tensorbus.h>
+int main(void) { return tb_status_str(0) ? 0 : 1; }
+```
+<!-- snippet: group=g cwd=tmp -->
+```sh
+test -f x.c && test -d examples
+```
+<!-- snippet: skip reason="a reason" -->
+```sh
+false
+```
+<!-- snippet: skip -->
+```sh
+true
+```
+<!-- snippet: bogus=1 -->
+```sh
+true
+```
+```
+no language
+```
+```text
+diagram
+```
+```toml
+[[pools]]
+name = "p"
+slot_size = "64KiB"
+slots = 4
+```
+```toml
+[limits]
+max_channels = "many"
+```
+```sh
+tensorbus stat --socket /tmp/not-declared.sock
+```
+<!-- snippet: expect="absent" -->
+```python
+print("present")
+```
+"""
+SELF_TEST_WANT = [
+    "pass", "FAIL", "TIMEOUT", "started", "pass", "pass", "pass", "skip", "FAIL", "FAIL", "FAIL", "text",
+    "pass", "FAIL", "FAIL", "FAIL",
+]
+
+
+def self_test(venv: Path) -> int:
+    """Runs the driver on blocks whose results are known; 0 when each gives what it must."""
+    with tempfile.TemporaryDirectory(prefix="tbsnip-self-") as d:
+        md = Path(d) / "self.md"
+        md.write_text(SELF_TEST)
+        runner = Runner(venv, keep=False, verbose=False)
+        try:
+            for g in select([str(md)]):
+                runner.run_group(g)
+        finally:
+            runner.cleanup()
+        got = [r.status for r in runner.results]
+        bad = [
+            f"{r.block.where}: {r.status} ({r.note}), expected {w}"
+            for r, w in zip(runner.results, SELF_TEST_WANT)
+            if r.status != w
+        ]
+        if len(got) != len(SELF_TEST_WANT):
+            bad.append(f"{len(got)} blocks, expected {len(SELF_TEST_WANT)}")
+        if LIVE:
+            bad.append(f"process groups left running: {sorted(LIVE)}")
+        for line in bad:
+            print(f"self-test: {line}")
+        ok = sum(r.status == w for r, w in zip(runner.results, SELF_TEST_WANT))
+        print(f"self-test: {ok} passed, {len(bad)} failed")
+        return 1 if bad else 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("sel", nargs="*", help="FILE or FILE:LINE (default: " + ", ".join(DOC_FILES) + ")")
@@ -759,7 +866,10 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the temporary directories")
     ap.add_argument("--verbose", "-v", action="store_true", help="print every block's output")
     ap.add_argument("--list", action="store_true", help="list the blocks and their markers, run nothing")
+    ap.add_argument("--self-test", action="store_true", help="check the driver on blocks of known outcome")
     args = ap.parse_args()
+    if args.self_test:
+        return self_test(Path(args.venv))
     groups = select(args.sel)
     if args.list:
         for g in groups:

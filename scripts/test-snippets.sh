@@ -20,6 +20,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 
+for arg in "$@"; do
+  if [ "$arg" = --list ]; then exec python3 scripts/snippets.py "$@"; fi
+done
+
 if [ -n "${CARGO_TARGET_DIR:-}" ] && [ "$(realpath -m "$CARGO_TARGET_DIR")" != "$root/target" ]; then
   echo "test-snippets: the docs name target/: building there, not in CARGO_TARGET_DIR=$CARGO_TARGET_DIR" >&2
 fi
@@ -49,6 +53,10 @@ if [ "$(cat "$venv/.snippets-key" 2>/dev/null)" != "$key" ] ||
   echo "$key" >"$venv/.snippets-key"
   freeze >"$venv/.snippets-freeze"
 fi
+
+# The driver itself first, on blocks whose outcomes are known (a few seconds).
+selftest=$(python3 scripts/snippets.py --venv "$venv" --self-test 2>&1) || { echo "$selftest"; exit 1; }
+echo "$selftest" | tail -1
 
 rc=0
 python3 scripts/snippets.py --venv "$venv" "$@" || rc=$?
