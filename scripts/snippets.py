@@ -34,6 +34,10 @@ opening fence; a block without one runs with the defaults of its language:
     socket=PATH         the block names this socket path literally: it is
                         replaced by the group's socket, so that a run never
                         touches a broker of the user's
+    replace="OLD=>NEW"  the block is run with OLD replaced by NEW (an install
+                        prefix by one in the group's directory, $SNIPPET_TMP);
+                        may be repeated. For what must not be touched, never
+                        to make a block pass
     env="K=V"           an environment variable for the block ($SNIPPET_TMP
                         is the group's directory); may be repeated
     cwd=repo|tmp        where the block runs (shell: repo; others: tmp); a
@@ -92,9 +96,9 @@ SHELL_LANGS = {"sh", "bash", "shell", "console"}
 TEXT_LANGS = {"text", "txt", "plain", "plaintext"}
 KNOWN_KEYS = {
     "skip", "reason", "timeout", "build_timeout", "group", "order", "broker", "background",
-    "ready", "socket", "env", "cwd", "lang", "expect", "file", "cargo-deps", "config",
+    "ready", "socket", "env", "cwd", "lang", "expect", "file", "cargo-deps", "config", "replace",
 }
-REPEATABLE = {"env", "expect"}
+REPEATABLE = {"env", "expect", "replace"}
 FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`]*)$")
 MARKER = re.compile(r"^\s*<!--\s*snippet:(?P<body>.*?)-->\s*$")
 TMP_SOCKET = re.compile(r"(/tmp/[\w.+-]+(?:/[\w.+-]+)*\.sock)\b")
@@ -438,6 +442,11 @@ class Runner:
         declared = b.opts("socket")
         for path in declared:
             code = code.replace(path, g.sock)
+        for rule in b.opts("replace"):
+            old, sep, new = rule.partition("=>")
+            if not sep or not old:
+                return Result(b, "FAIL", note=f"replace={rule!r}: expected OLD=>NEW")
+            code = code.replace(old, new.replace("$SNIPPET_TMP", str(g.tmp)))
         stray = sorted(set(TMP_SOCKET.findall(code)) - {g.sock})
         if stray:
             return Result(b, "FAIL", note=f"names socket {', '.join(stray)}: declare socket=PATH in its marker")
