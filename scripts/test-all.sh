@@ -67,6 +67,11 @@ step "Python bindings: build into .venv (maturin), pytest across processes"
 bindings/python/test.sh
 # --- end Python bindings ---
 
+# --- doc snippets ---
+step "docs: every code block of README.md, bindings/python/README.md, bindings/c/README.md and examples/README.md runs as written (scripts/test-snippets.sh)"
+scripts/test-snippets.sh
+# --- end doc snippets ---
+
 # --- model pipeline ---
 step "model pipeline: camera → preprocess → PP-OCRv4 detector → sink (installs examples/pipeline pins into .venv)"
 examples/pipeline/test.sh
