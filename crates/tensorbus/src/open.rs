@@ -64,7 +64,8 @@ impl ChannelSpec {
         self
     }
     /// Keeps the latest `n` tensors for subscribers that join later: a late
-    /// subscriber first receives them, oldest first (at most its depth).
+    /// subscriber first receives them, oldest first (all `n`, or its newest
+    /// `depth` under `drop_oldest` and the newest one under `latest`).
     /// The kept tensors hold slots of the channel's pools until newer ones
     /// replace them, also after their producer closed (iceoryx2 calls this
     /// history, ROS 2 transient-local durability). Broadcast channels only;

@@ -59,7 +59,26 @@ fn a_late_subscriber_first_receives_the_last_n_tensors_in_order() {
         .unwrap();
     publish(&cam, 6);
     assert_eq!(drain(&late), vec![3, 4, 5, 6]);
-    // A subscriber with depth 1 gets only the newest kept one.
+    // A `latest` subscriber gets only the newest kept one; a `drop_oldest`
+    // one of depth 2 the newest two; a lossless one all of them, even
+    // beyond its depth (they hold no extra slot).
+    let two = client
+        .consumer_with(
+            "cam",
+            ConsumerOptions::default()
+                .depth(2)
+                .policy(Policy::DropOldest),
+        )
+        .unwrap();
+    assert_eq!(drain(&two), vec![5, 6]);
+    let all = client
+        .consumer_with(
+            "cam",
+            ConsumerOptions::default().depth(1).policy(Policy::Block),
+        )
+        .unwrap();
+    assert_eq!(drain(&all), vec![4, 5, 6]);
+    drop((two, all));
     let shallow = client
         .consumer_with(
             "cam",

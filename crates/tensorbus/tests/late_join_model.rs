@@ -162,7 +162,7 @@ fn run(seed: u64, calls: usize) {
                     .consumer_with("m", ConsumerOptions::default().end_of_stream(eos))
                     .unwrap();
                 let kept = m.kept();
-                let start = kept.len().saturating_sub(HISTORY.min(DEPTH));
+                let start = kept.len().saturating_sub(HISTORY);
                 if std::env::var_os("TENSORBUS_MODEL_TRACE").is_some() {
                     eprintln!("{ctx}: join expects {:?} of {kept:?}", &kept[start..]);
                 }

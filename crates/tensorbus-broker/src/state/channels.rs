@@ -11,7 +11,7 @@
 //! pools and reclaimed like any hold. When a producer closes, the broker
 //! moves that producer's kept tensors into the record's row-0 ring (its
 //! own), so they outlive the producer. A subscriber that joins is given the
-//! newest `min(history, depth)` of them in its row-0 ring before its open
+//! newest of them (see [`State::deliver_history`]) in its row-0 ring before its open
 //! is answered.
 
 use super::{Channel, ChannelError, HandleKind, State};
@@ -400,17 +400,32 @@ impl State {
         }
     }
 
-    /// Gives subscriber `sub` (holder bit `bit`, ring `depth`) of channel
-    /// `c`, activated a moment ago, the newest `min(history, depth)` tensors
-    /// the history keeps, oldest first, in its row-0 ring. A tensor that a
+    /// Gives subscriber `sub` (holder bit `bit`, `policy`, ring `depth`) of
+    /// channel `c`, activated a moment ago, the newest tensors the history
+    /// keeps, oldest first, in its row-0 ring: all of them (they hold no
+    /// slot beyond the history's own, and row 0 has the ring capacity,
+    /// which bounds `history`), or the newest `depth` for a subscriber that
+    /// asked for only the latest ones (`drop_oldest`, `latest`). A tensor that a
     /// publish already delivered to it (its bit is set) is skipped; one the
     /// history lets go meanwhile is not taken (the holder CAS requires the
     /// history's bit). Returns how many it got.
-    pub(super) fn deliver_history(&mut self, c: usize, sub: usize, bit: u32, depth: u32) -> usize {
+    pub(super) fn deliver_history(
+        &mut self,
+        c: usize,
+        sub: usize,
+        bit: u32,
+        policy: tensorbus_core::Policy,
+        depth: u32,
+    ) -> usize {
         let Some((hsub, hbit)) = self.chan(c).history else {
             return 0;
         };
-        let keep = self.chan(c).spec.history.min(depth) as usize;
+        let n = self.chan(c).spec.history;
+        let keep = match policy {
+            tensorbus_core::Policy::DropOldest => n.min(depth),
+            tensorbus_core::Policy::Latest => n.min(1),
+            _ => n,
+        } as usize;
         let (hmask, mine) = (1u64 << hbit, 1u64 << bit);
         let ctl = &self.control;
         let mut raw = Vec::new();
@@ -465,7 +480,7 @@ impl State {
             // Row 0 joins the rows this subscriber polls (the broker is its
             // only writer of the mask besides activation and removal).
             rec.producer_rows.fetch_or(1, Ordering::AcqRel);
-            if ring.push(u64::from(depth), d.pack(), head).is_err() {
+            if ring.push(ring.capacity(), d.pack(), head).is_err() {
                 slot.release(mine);
                 continue;
             }

@@ -233,8 +233,8 @@ impl State {
         };
         match record {
             Record::Producer { .. } => self.producer_opened(c),
-            Record::Subscriber { sub, depth, .. } => {
-                self.deliver_history(c, sub, bit, depth);
+            Record::Subscriber { sub, policy, depth } => {
+                self.deliver_history(c, sub, bit, policy, depth);
             }
         }
         let handle = self.new_handle();
