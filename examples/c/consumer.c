@@ -50,6 +50,12 @@ static uint64_t get_le(const uint8_t *p, int bytes) {
     return v;
 }
 
+static const char usage[] =
+    "usage: consumer [--socket PATH] [--channel NAME] [--count N] [--timeout S]\n"
+    "Receives N frames (default 10) of a channel (default frames/doubled), prints their first\n"
+    "row and checks every value; waits at most S seconds per frame (default 10); exits 1 on a\n"
+    "mismatch. Start it before the producer. Broker config: examples/tensorbus.toml.\n";
+
 int main(int argc, char **argv) {
     const char *socket = NULL; /* NULL: $TENSORBUS_SOCKET or the default */
     const char *channel = "frames/doubled";
@@ -60,18 +66,22 @@ int main(int argc, char **argv) {
         {"channel", required_argument, NULL, 'c'},
         {"count", required_argument, NULL, 'n'},
         {"timeout", required_argument, NULL, 't'},
+        {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
-    for (int opt; (opt = getopt_long(argc, argv, "", options, NULL)) != -1;) {
+    for (int opt; (opt = getopt_long(argc, argv, "h", options, NULL)) != -1;) {
         switch (opt) {
         case 's': socket = optarg; break;
         case 'c': channel = optarg; break;
         case 'n': count = strtoull(optarg, NULL, 10); break;
         case 't': timeout_s = strtod(optarg, NULL); break;
-        default:
-            fprintf(stderr, "usage: consumer [--socket PATH] [--channel NAME] [--count N] [--timeout S]\n");
-            return 2;
+        case 'h': fputs(usage, stdout); return 0;
+        default: fputs(usage, stderr); return 2;
         }
+    }
+    if (optind < argc) {
+        fprintf(stderr, "consumer: unexpected argument \"%s\" (the socket is --socket PATH)\n%s", argv[optind], usage);
+        return 2;
     }
 
     tb_client *client;

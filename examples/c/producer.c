@@ -42,6 +42,12 @@ static void put_le(uint8_t *p, uint64_t v, int bytes) {
         p[i] = (uint8_t)(v >> (8 * i));
 }
 
+static const char usage[] =
+    "usage: producer [--socket PATH] [--channel NAME] [--count N] [--interval-ms MS]\n"
+    "Publishes N example frames (4 x 8 float32, default 10) on a channel (default frames/raw),\n"
+    "one every MS milliseconds (default 100). --socket: default $TENSORBUS_SOCKET, then the\n"
+    "default socket path. Broker config: examples/tensorbus.toml (see examples/README.md).\n";
+
 int main(int argc, char **argv) {
     const char *socket = NULL; /* NULL: $TENSORBUS_SOCKET or the default */
     const char *channel = "frames/raw";
@@ -51,18 +57,22 @@ int main(int argc, char **argv) {
         {"channel", required_argument, NULL, 'c'},
         {"count", required_argument, NULL, 'n'},
         {"interval-ms", required_argument, NULL, 'i'},
+        {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
-    for (int opt; (opt = getopt_long(argc, argv, "", options, NULL)) != -1;) {
+    for (int opt; (opt = getopt_long(argc, argv, "h", options, NULL)) != -1;) {
         switch (opt) {
         case 's': socket = optarg; break;
         case 'c': channel = optarg; break;
         case 'n': count = strtoull(optarg, NULL, 10); break;
         case 'i': interval_ms = strtoull(optarg, NULL, 10); break;
-        default:
-            fprintf(stderr, "usage: producer [--socket PATH] [--channel NAME] [--count N] [--interval-ms MS]\n");
-            return 2;
+        case 'h': fputs(usage, stdout); return 0;
+        default: fputs(usage, stderr); return 2;
         }
+    }
+    if (optind < argc) {
+        fprintf(stderr, "producer: unexpected argument \"%s\" (the socket is --socket PATH)\n%s", argv[optind], usage);
+        return 2;
     }
 
     tb_client *client;

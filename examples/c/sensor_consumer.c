@@ -25,7 +25,21 @@ static uint64_t now_ns(void) {
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
+static const char usage[] =
+    "usage: sensor_consumer [SOCKET [COUNT]]\n"
+    "Receives sweeps of sensor/imu (from sensor_producer) and prints statistics of each; stops\n"
+    "after COUNT sweeps (default 100) or 2 s without one. SOCKET: default $TENSORBUS_SOCKET,\n"
+    "then the default socket path. Broker config: examples/c/sensor.toml.\n";
+
 int main(int argc, char **argv) {
+    if (argc > 1 && (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0)) {
+        fputs(usage, stdout);
+        return 0;
+    }
+    if (argc > 3 || (argc > 1 && argv[1][0] == '-')) {
+        fputs(usage, stderr);
+        return 2;
+    }
     const char *socket = argc > 1 ? argv[1] : NULL;
     long count = argc > 2 ? strtol(argv[2], NULL, 10) : 100;
 

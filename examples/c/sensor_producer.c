@@ -23,7 +23,21 @@ static void check(tb_status s, const char *what) {
     }
 }
 
+static const char usage[] =
+    "usage: sensor_producer [SOCKET [SWEEPS [RATE_HZ]]]\n"
+    "Publishes SWEEPS sweeps (default 100) of 64 channels x 1024 float32 samples on sensor/imu\n"
+    "at RATE_HZ (default 50). SOCKET: default $TENSORBUS_SOCKET, then the default socket path.\n"
+    "Broker config: examples/c/sensor.toml.\n";
+
 int main(int argc, char **argv) {
+    if (argc > 1 && (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0)) {
+        fputs(usage, stdout);
+        return 0;
+    }
+    if (argc > 4 || (argc > 1 && argv[1][0] == '-')) {
+        fputs(usage, stderr);
+        return 2;
+    }
     const char *socket = argc > 1 ? argv[1] : NULL; /* NULL: $TENSORBUS_SOCKET or the default */
     long sweeps = argc > 2 ? strtol(argv[2], NULL, 10) : 100;
     double rate = argc > 3 ? strtod(argv[3], NULL) : 50.0;

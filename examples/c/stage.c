@@ -45,6 +45,12 @@ static void put_le(uint8_t *p, uint64_t v, int bytes) {
         p[i] = (uint8_t)(v >> (8 * i));
 }
 
+static const char usage[] =
+    "usage: stage [--socket PATH] [--input NAME] [--output NAME] [--count N] [--timeout S]\n"
+    "Takes N frames (default 10) of a workqueue channel (default frames/raw) exclusively,\n"
+    "doubles every value in place and forwards the same slot (default frames/doubled);\n"
+    "waits at most S seconds per frame (default 10). Broker config: examples/tensorbus.toml.\n";
+
 int main(int argc, char **argv) {
     const char *socket = NULL; /* NULL: $TENSORBUS_SOCKET or the default */
     const char *input = "frames/raw", *output = "frames/doubled";
@@ -56,19 +62,23 @@ int main(int argc, char **argv) {
         {"output", required_argument, NULL, 'o'},
         {"count", required_argument, NULL, 'n'},
         {"timeout", required_argument, NULL, 't'},
+        {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
-    for (int opt; (opt = getopt_long(argc, argv, "", options, NULL)) != -1;) {
+    for (int opt; (opt = getopt_long(argc, argv, "h", options, NULL)) != -1;) {
         switch (opt) {
         case 's': socket = optarg; break;
         case 'i': input = optarg; break;
         case 'o': output = optarg; break;
         case 'n': count = strtoull(optarg, NULL, 10); break;
         case 't': timeout_s = strtod(optarg, NULL); break;
-        default:
-            fprintf(stderr, "usage: stage [--socket PATH] [--input NAME] [--output NAME] [--count N] [--timeout S]\n");
-            return 2;
+        case 'h': fputs(usage, stdout); return 0;
+        default: fputs(usage, stderr); return 2;
         }
+    }
+    if (optind < argc) {
+        fprintf(stderr, "stage: unexpected argument \"%s\" (the socket is --socket PATH)\n%s", argv[optind], usage);
+        return 2;
     }
 
     tb_client *client;

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Smoke runs of the C examples:
+#  0. --help / -h of each program;
 #  1. a broker with examples/c/sensor.toml, the C sensor_consumer, and the C
 #     sensor producer publishing 20 sweeps at 200 Hz;
 #  2. a broker with examples/tensorbus.toml and the C frame chain
@@ -29,6 +30,19 @@ wait_line() {
   cat "$1" >&2
   exit 1
 }
+
+# 0. every program answers --help and -h with its usage (exit 0), and
+#    refuses an unknown option with its usage (exit 2)
+for prog in producer stage consumer sensor_producer sensor_consumer; do
+  for flag in --help -h; do
+    "$build/$prog" "$flag" > "$dir/help.out"
+    grep -q "^usage: $prog " "$dir/help.out"
+  done
+  status=0
+  "$build/$prog" --no-such-option > /dev/null 2> "$dir/help.err" || status=$?
+  [ "$status" = 2 ] && grep -q "^usage: $prog " "$dir/help.err" \
+    || { echo "run-examples: $prog --no-such-option: status $status" >&2; cat "$dir/help.err" >&2; exit 1; }
+done
 
 # 1. sensor sweeps
 sock=$dir/sensor.sock

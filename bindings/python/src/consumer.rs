@@ -9,12 +9,12 @@
 
 use crate::convert::{next_slice, recv_timeout, timeout_of};
 use crate::errors::{closed, recv_err, tb_err, try_recv_err};
-use crate::slot::{ConsumerHandle, Slot};
+use crate::slot::{ConsumerHandle, FinalCounts, Slot};
 use crate::tensor::PyTensor;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyModule, PyTuple};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use tensorbus::error::{RecvError, TryRecvError};
@@ -29,6 +29,8 @@ pub struct PyConsumer {
     /// it stays open (for an event loop that watches it) after the consumer
     /// is closed, and keeps one fd number for the consumer's life.
     efd: OnceLock<Arc<std::fs::File>>,
+    /// The counters as `close()` left them.
+    last: Arc<FinalCounts>,
     channel: String,
     policy: &'static str,
     depth: u32,
@@ -44,20 +46,35 @@ fn try_take(py: Python<'_>, c: &Consumer) -> PyResult<Option<Py<PyTensor>>> {
 }
 
 impl PyConsumer {
+    /// A counter: `live` of the open consumer, else its value at `close()`
+    /// (`Closed` only where no close took it: a consumer closed in a
+    /// process forked from the one that opened it, or read by one thread
+    /// while another is closing it).
+    fn count(&self, live: fn(&Consumer) -> u64, last: &AtomicU64) -> PyResult<u64> {
+        match self.slot.get_open()? {
+            Some(h) => Ok(live(&h.consumer)),
+            None if self.last.taken.load(Ordering::Acquire) => Ok(last.load(Ordering::Relaxed)),
+            None => Err(closed("consumer")),
+        }
+    }
+
     /// A Python consumer of `consumer`, and its slot (for the client to close).
     pub(crate) fn new(consumer: Consumer) -> (PyConsumer, Arc<Slot<ConsumerHandle>>) {
         let channel = consumer.channel().to_owned();
         let policy = crate::convert::policy_name(consumer.policy());
         let depth = consumer.depth();
+        let last = Arc::new(FinalCounts::default());
         let slot = Slot::new(
             ConsumerHandle {
                 consumer,
                 aio: Default::default(),
+                last: last.clone(),
             },
             "consumer",
         );
         let py = PyConsumer {
             slot: slot.clone(),
+            last,
             efd: OnceLock::new(),
             channel,
             policy,
@@ -134,18 +151,18 @@ impl PyConsumer {
 
     /// Tensors producers dropped for this subscriber since it subscribed
     /// (drop_oldest, drop_newest, latest; always 0 under block): the
-    /// counter `tensorbus stat` shows, one atomic load. Raises `Closed`
-    /// after `close()`.
+    /// counter `tensorbus stat` shows, one atomic load. After `close()`
+    /// (of the consumer or its client): the final count, as of the close.
     #[getter]
     fn dropped(&self) -> PyResult<u64> {
-        Ok(self.slot.get()?.consumer.dropped())
+        self.count(Consumer::dropped, &self.last.dropped)
     }
 
-    /// Tensors this subscriber has received since it subscribed. Raises
-    /// `Closed` after `close()`.
+    /// Tensors this subscriber has received since it subscribed. After
+    /// `close()`: the final count, as of the close.
     #[getter]
     fn received(&self) -> PyResult<u64> {
-        Ok(self.slot.get()?.consumer.received())
+        self.count(Consumer::received, &self.last.received)
     }
 
     /// Waits for the next tensor (at most `timeout` seconds; None: forever)

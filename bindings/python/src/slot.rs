@@ -13,7 +13,7 @@
 
 use crate::errors::{closed, forked_err, open_err};
 use pyo3::prelude::*;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError, Weak};
 use tensorbus::error::ForkedChild;
 use tensorbus::{Client, Consumer, Producer, Stage};
@@ -160,6 +160,22 @@ pub(crate) struct ConsumerHandle {
     /// Whether the readiness (eventfd and waiter thread) was made: then
     /// `close()` wakes the event loops that watch it.
     pub(crate) aio: AtomicBool,
+    /// The counters as `close()` found them, shared with the Python
+    /// consumer, which reads them after the handle is gone.
+    pub(crate) last: Arc<FinalCounts>,
+}
+
+/// A consumer's `dropped` and `received` counters as they were at
+/// `close()`: readable after it (issue 14.3), when the subscription record
+/// they live in may already belong to another subscriber.
+#[derive(Default)]
+pub(crate) struct FinalCounts {
+    /// Set (Release) once `dropped` and `received` hold the final values.
+    pub(crate) taken: AtomicBool,
+    /// Tensors producers dropped for the subscriber.
+    pub(crate) dropped: AtomicU64,
+    /// Tensors the subscriber received.
+    pub(crate) received: AtomicU64,
 }
 
 impl Handle for ConsumerHandle {
@@ -168,6 +184,14 @@ impl Handle for ConsumerHandle {
     }
 
     fn closing(&self) {
+        // Before the subscription ends: its counters as of `close()`.
+        self.last
+            .dropped
+            .store(self.consumer.dropped(), Ordering::Relaxed);
+        self.last
+            .received
+            .store(self.consumer.received(), Ordering::Relaxed);
+        self.last.taken.store(true, Ordering::Release);
         // Wakes `recv_async` waiters so that they see the consumer closed.
         if self.aio.load(Ordering::Acquire) {
             if let Ok(r) = self.consumer.readiness() {

@@ -218,9 +218,43 @@ def test_lossy_policies(client, policy, depth, expect):
     [sub] = [s for c in stat["channels"] if c["name"] == "bcast" for s in c["subscribers"]]
     assert sub["dropped"] == cons.dropped
     assert free_slots(client) == 16
+    # issue 14.3: after close() the counters keep their final values.
+    final = (cons.received, cons.dropped)
     cons.close()
+    assert cons.closed
+    assert (cons.received, cons.dropped) == final
     with pytest.raises(tb.Closed):
-        cons.dropped
+        cons.recv(timeout=0.05)
+
+
+def test_counters_after_close_keep_their_final_values(broker):
+    """issue 14.3: `dropped` and `received` after close() of the consumer
+    or of its client are the values as of the close, also when the
+    subscription record has since gone to another subscriber."""
+    with tb.Client(broker.socket) as c:
+        prod = c.producer("bcast")
+        cons = c.consumer("bcast", policy="drop_oldest", depth=2)
+        for _ in range(5):
+            with prod.loan(1) as t:
+                t.publish()
+        kept = cons.recv(timeout=1.0)  # alive across the close
+        assert (cons.received, cons.dropped) == (1, 3)
+        cons.close()
+        assert (cons.received, cons.dropped) == (1, 3)
+        kept.release()
+        # Its record is free: a new subscriber may take it; the closed
+        # consumer's counts stay its own.
+        other = c.consumer("bcast", policy="drop_oldest", depth=2)
+        for _ in range(4):
+            with prod.loan(1) as t:
+                t.publish()
+        assert other.dropped == 2
+        assert (cons.received, cons.dropped) == (1, 3)
+        # Closed through the client.
+        with other.recv(timeout=1.0):
+            pass
+    assert other.closed
+    assert (other.received, other.dropped) == (1, 2)
 
 
 def test_workqueue_in_process(client):
@@ -293,6 +327,42 @@ def test_embedded_broker_and_default_socket(tmp_path, monkeypatch):
             assert c.id > 0 or c.id == 0
     assert not b.running
     assert not os.path.exists(sock)
+
+
+def test_broker_takes_toml_text_or_a_path(tmp_path):
+    """issue 14.3: tb.Broker(config) takes TOML text or the path of a TOML
+    file (str or os.PathLike); anything else gets a clear error."""
+    toml = '[[pools]]\nname = "p"\nslot_size = 4096\nslots = 2\n[[channels]]\nname = "from/file"\n'
+    path = tmp_path / "broker.toml"
+    path.write_text(toml)
+
+    def channels(b):
+        with tb.Client(b.socket) as c:
+            return [ch["name"] for ch in c.stat()["channels"]]
+
+    one_line = 'pools = [{name = "p", slot_size = 4096, slots = 2}]'  # text without a newline
+    for config in (str(path), path, toml, one_line):
+        sock = str(tmp_path / "b.sock")
+        with tb.Broker(config, sock) as b:
+            assert channels(b) == ([] if config is one_line else ["from/file"]), config
+    with tb.Broker(config_file=path, socket=str(tmp_path / "c.sock")) as b:
+        assert channels(b) == ["from/file"]
+    # A path that names no file is not taken for TOML text.
+    with pytest.raises(ValueError, match="expected TOML text or a path to a TOML file") as e:
+        tb.Broker(str(tmp_path / "missing.toml"), str(tmp_path / "e.sock"))
+    assert "missing.toml" in str(e.value)
+    with pytest.raises(tb.InvalidArgument, match="cannot read config"):
+        tb.Broker(tmp_path / "missing.toml", str(tmp_path / "e.sock"))
+    with pytest.raises(TypeError, match="expected TOML text or a path to a TOML file"):
+        tb.Broker(42, str(tmp_path / "e.sock"))  # type: ignore[arg-type]
+    # A file with a mistake: the error names the file and the field.
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[pools]]\nname = "p"\nslot_size = "lots"\nslots = 2\n')
+    with pytest.raises(tb.InvalidArgument, match="bad.toml") as e:
+        tb.Broker(bad, str(tmp_path / "e.sock"))
+    assert "slot_size" in str(e.value)
+    with pytest.raises(ValueError, match="not both"):
+        tb.Broker(toml, config_file=path)
 
 
 def test_memoryview_is_refused_and_numpy_is_the_way(client):

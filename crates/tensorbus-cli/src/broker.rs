@@ -36,7 +36,9 @@ pub fn human_bytes(n: u64) -> String {
 }
 
 /// Runs the broker until Ctrl-C or SIGTERM; the socket file is removed on
-/// exit if it still is the one this broker created.
+/// exit if it still is the one this broker created. Stopping prints one
+/// line (`tensorbus broker: stopped (signal)`; with `--verbose`, whether
+/// the socket was removed).
 pub fn run(args: Args) -> Result<(), CliError> {
     let config = match &args.config {
         Some(path) => Config::from_file(path).map_err(|e| match e {
@@ -74,15 +76,16 @@ pub fn run(args: Args) -> Result<(), CliError> {
         }
     );
     broker.run(&stop);
-    if args.verbose {
-        if broker.socket_removed() {
-            eprintln!("tensorbus broker: stopped, removed {}", socket.display());
-        } else {
-            eprintln!(
-                "tensorbus broker: stopped; {} is no longer this broker's socket (a newer broker's?), left in place",
-                socket.display()
-            );
-        }
+    if !args.verbose {
+        // One line, so that a terminal shows why the broker is gone.
+        eprintln!("tensorbus broker: stopped (signal)");
+    } else if broker.socket_removed() {
+        eprintln!("tensorbus broker: stopped, removed {}", socket.display());
+    } else {
+        eprintln!(
+            "tensorbus broker: stopped; {} is no longer this broker's socket (a newer broker's?), left in place",
+            socket.display()
+        );
     }
     Ok(())
 }

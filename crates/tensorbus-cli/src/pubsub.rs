@@ -13,7 +13,7 @@ use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tensorbus::error::{RecvError, TryRecvError};
+use tensorbus::error::{OpenError, RecvError, TryRecvError};
 use tensorbus::{
     ChannelSpec, Client, ConsumerOptions, DType, Mode, Policy, Producer, ProducerOptions,
 };
@@ -52,7 +52,7 @@ pub struct PubArgs {
     /// Create the channel at run time if it does not exist (see --mode, --pool).
     #[arg(long)]
     create: bool,
-    /// With --create: `broadcast` (every subscriber gets every frame, default) or `work_queue` (each frame to one subscriber).
+    /// With --create: `broadcast` (every subscriber gets every frame, default) or `workqueue` (each frame to one subscriber; `work_queue` is accepted too).
     #[arg(
         long,
         value_name = "M",
@@ -177,6 +177,19 @@ fn wait_subscribers(client: &Client, channel: &str, n: u64) -> Result<(), CliErr
     }
 }
 
+/// The error of a failed open, told in CLI terms: an unknown channel says
+/// which flag or command makes it (`hint`) instead of the library's "open a
+/// producer with create options".
+fn open_failed(e: OpenError, hint: &str) -> CliError {
+    match e {
+        OpenError::ChannelNotFound { channel, known } => CliError(format!(
+            "unknown channel {channel:?} (known channels: [{}]): declare it in the broker config, or {hint}",
+            known.join(", ")
+        )),
+        e => CliError(e.to_string()),
+    }
+}
+
 /// Reads frames from stdin into loaned slots and publishes them until EOF.
 pub fn run_pub(args: PubArgs) -> Result<(), CliError> {
     let Some(frame_len) = frame_bytes(&args.shape.0, args.dtype) else {
@@ -195,7 +208,9 @@ pub fn run_pub(args: PubArgs) -> Result<(), CliError> {
     } else {
         ProducerOptions::default()
     };
-    let producer = client.producer_with(&args.channel, opts)?;
+    let producer = client
+        .producer_with(&args.channel, opts)
+        .map_err(|e| open_failed(e, "pass --create (with --mode, --pool) to create it"))?;
     if let Some(n) = args.wait_subscribers {
         wait_subscribers(&client, &args.channel, n)?;
     }
@@ -321,8 +336,9 @@ impl SubProgress {
 ///
 /// Ctrl-C / SIGTERM stop it within 100 ms even while tensors keep coming
 /// (the flag is read before every tensor): the summary ends in
-/// `(interrupted)` and the exit status is 130. A closed stdout ends it
-/// quietly with status 0.
+/// `(interrupted)` and the exit status is 130, also when the reader of
+/// stdout died of the same Ctrl-C. A closed stdout ends it quietly with
+/// status 0.
 pub fn run_sub(args: SubArgs) -> Result<(), CliError> {
     let idle_limit = args.timeout.map(Duration::from_secs_f64);
     let stop = Arc::new(AtomicBool::new(false));
@@ -358,8 +374,17 @@ pub fn run_sub(args: SubArgs) -> Result<(), CliError> {
         opts = opts.wait_for_channel(w);
     }
     // Ctrl-C while waiting for the channel: the handler exits with 130.
-    let consumer =
-        client.consumer_interruptible(&args.channel, opts, || stop.load(Ordering::Relaxed))?;
+    let consumer = client
+        .consumer_interruptible(&args.channel, opts, || stop.load(Ordering::Relaxed))
+        .map_err(|e| {
+            open_failed(
+                e,
+                &format!(
+                    "create it with `tensorbus pub --channel {} --create ...` (or start sub first: it waits for the channel unless --wait-channel 0)",
+                    args.channel
+                ),
+            )
+        })?;
     // A File on a duplicate of fd 1, buffered only for small tensors:
     // BufWriter passes writes of at least its capacity straight through.
     let stdout = File::from(io::stdout().as_fd().try_clone_to_owned()?);
@@ -404,6 +429,13 @@ pub fn run_sub(args: SubArgs) -> Result<(), CliError> {
         out.flush()
     })();
     let interrupted = stop.load(Ordering::Relaxed);
+    // The reader of a pipeline (`sub | ffmpeg ...`) often dies of the same
+    // Ctrl-C: a stdout closed after the signal is still an interruption
+    // (summary, status 130), not a quiet end.
+    let result = match result {
+        Err(e) if interrupted && is_broken_pipe(&e) => Ok(()),
+        r => r,
+    };
     match result {
         Err(e) if is_broken_pipe(&e) => {
             progress.summarized.store(true, Ordering::Release);

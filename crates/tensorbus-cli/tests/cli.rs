@@ -129,6 +129,12 @@ fn broker_stat_and_sigterm() {
         .unwrap();
     assert!(status.success(), "broker exited with {status}: {stderr}");
     assert!(stderr.contains("listening on"), "{stderr}");
+    // issue 14.4: one line at the end, without --verbose too.
+    assert_eq!(
+        stderr.lines().last(),
+        Some("tensorbus broker: stopped (signal)"),
+        "{stderr}"
+    );
     assert!(!socket.exists(), "socket file left behind");
     let _ = std::fs::remove_dir_all(&dir);
 }

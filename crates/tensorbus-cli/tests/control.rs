@@ -337,6 +337,54 @@ fn sub_stops_on_signals_while_tensors_keep_coming() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// issue 14.4: `sub` waiting on a channel where nothing is published stops
+/// on SIGINT and SIGTERM like `pub`: its summary ends in `(interrupted)`
+/// and the exit status is 130.
+#[test]
+fn sub_stops_on_signals_while_idle() {
+    let (_b, socket, dir) = broker("sub-idle", "");
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        let mut sub = Command::new(BIN)
+            .args(["sub", "--channel", "video", "--socket"])
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = drain(sub.stdout.take().unwrap());
+        let err = drain(sub.stderr.take().unwrap());
+        let mut sub = KillOnDrop(sub);
+        // Wait until the subscription exists, so that the signal finds sub
+        // waiting for tensors.
+        let deadline = std::time::Instant::now() + LIMIT;
+        loop {
+            let stat = tensorbus(&["stat", "--json", "--socket", socket.to_str().unwrap()]);
+            let report: serde_json::Value = serde_json::from_slice(&stat.stdout).unwrap();
+            let subscribed =
+                report["channels"].as_array().unwrap().iter().any(|c| {
+                    c["name"] == "video" && !c["subscribers"].as_array().unwrap().is_empty()
+                });
+            if subscribed {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "sub never subscribed");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        signal(sub.0.id(), sig);
+        let status = wait_or_kill(&mut sub.0, LIMIT, "tensorbus sub after a signal");
+        let err = text(&err.join().unwrap());
+        assert_eq!(status.code(), Some(130), "signal {sig}: {err}");
+        assert!(
+            err.lines()
+                .any(|l| l == "sub: frames=0 bytes=0 (interrupted)"),
+            "signal {sig}: {err}"
+        );
+        assert!(out.join().unwrap().is_empty());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// issue 12.10: numeric flags refuse out-of-range and non-finite values
 /// with a clear message, before doing anything (before: `--fps 1e-20` and
 /// `--timeout 1e30` panicked, `--fps=-1` was accepted).

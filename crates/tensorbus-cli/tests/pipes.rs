@@ -244,6 +244,9 @@ fn unknown_channel_lists_known_ones_and_create_makes_it() {
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(err.contains("unknown channel \"nope\""), "{err}");
     assert!(err.contains("known channels: [video]"), "{err}");
+    // issue 14.4: in CLI terms, the flag that makes it.
+    assert!(err.contains("--create"), "{err}");
+    assert!(!err.contains("create options"), "{err}");
 
     let mut with_create = args.to_vec();
     with_create.push("--create");
@@ -390,6 +393,49 @@ fn create_takes_mode_and_pools() {
         .find(|l| l.contains("jobs"))
         .unwrap_or_else(|| panic!("{stat}"));
     assert!(row.contains("workqueue"), "{stat}");
+
+    // issue 14.4: `workqueue` is the spelling of the config and of stat;
+    // `--mode` takes it too (and `work_queue` above, as an alias), and its
+    // help names `workqueue`.
+    let args = [
+        "--channel",
+        "jobs2",
+        "--shape",
+        "16",
+        "--create",
+        "--mode",
+        "workqueue",
+    ];
+    let (status, err) = run_pub(&b.socket, &args, Input::Bytes(frames(1, 16)));
+    assert!(status.success(), "{err}");
+    let out = Command::new(BIN)
+        .args(["stat", "--json", "--socket"])
+        .arg(&b.socket)
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let modes: Vec<(String, String)> = report["channels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["name"].to_string(), c["mode"].to_string()))
+        .collect();
+    for name in ["\"jobs\"", "\"jobs2\""] {
+        assert!(
+            modes.iter().any(|(n, m)| n == name && m == "\"workqueue\""),
+            "{name}: {modes:?}"
+        );
+    }
+    let help = Command::new(BIN).args(["pub", "--help"]).output().unwrap();
+    let help = text(&help.stdout);
+    let mode_line = help
+        .lines()
+        .find(|l| l.trim_start().starts_with("--mode"))
+        .unwrap_or_else(|| panic!("{help}"));
+    assert!(
+        mode_line.contains("`workqueue`") && !mode_line.contains("or `work_queue`"),
+        "{mode_line}"
+    );
 
     let (status, err) = run_pub(
         &b.socket,

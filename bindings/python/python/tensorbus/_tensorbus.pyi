@@ -43,11 +43,15 @@ def socket_path() -> pathlib.Path:
 
 @final
 class Broker:
-    """A broker on a thread of this process (tests, demos, one-process pipelines)."""
+    """A broker on a thread of this process (tests, demos, one-process pipelines).
+
+    `config`: TOML text, or the path of a TOML file (a str naming an existing
+    file, or an os.PathLike); anything else raises ValueError ("expected TOML
+    text or a path to a TOML file"). Default: the built-in pools."""
 
     def __new__(
         cls,
-        config: Optional[str] = None,
+        config: Optional[_PathLike] = None,
         socket: Optional[_PathLike] = None,
         *,
         config_file: Optional[_PathLike] = None,
@@ -130,10 +134,12 @@ class Consumer:
     @property
     def dropped(self) -> int:
         """Tensors producers dropped for this subscriber since it subscribed
-        (drop_oldest, drop_newest, latest; always 0 under block)."""
+        (drop_oldest, drop_newest, latest; always 0 under block). After
+        close(): the final count, as of the close."""
     @property
     def received(self) -> int:
-        """Tensors this subscriber has received since it subscribed."""
+        """Tensors this subscriber has received since it subscribed. After
+        close(): the final count, as of the close."""
     def recv(self, timeout: Optional[float] = None) -> Tensor:
         """Waits (GIL released, Ctrl-C interrupts) for the next tensor; raises Timeout."""
     def try_recv(self) -> Optional[Tensor]: ...
