@@ -192,12 +192,13 @@ impl State {
                     continue;
                 }
                 if let Some(r) = self.control.subscriber(c, sub) {
-                    if h.asked.0.is_none() {
-                        r.config.policy.store(policy.code(), Ordering::Relaxed);
-                    }
-                    if h.asked.1.is_none() {
-                        r.config.depth.store(depth, Ordering::Relaxed);
-                    }
+                    let policy = h.asked.0.unwrap_or(policy);
+                    r.config.policy.store(policy.code(), Ordering::Relaxed);
+                    let depth = match policy {
+                        tensorbus_core::Policy::Latest => 1,
+                        _ => h.asked.1.unwrap_or(depth),
+                    };
+                    r.config.depth.store(depth, Ordering::Relaxed);
                 }
             }
         }

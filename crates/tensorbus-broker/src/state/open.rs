@@ -210,6 +210,9 @@ impl State {
                     None => self.chan(c).default_depth(capacity),
                 };
                 let policy = policy.unwrap_or_else(|| self.chan(c).default_policy());
+                // `latest` is depth 1 whatever was asked (publish treats it
+                // so); say so in the reply and in stat.
+                let depth = if policy == Policy::Latest { 1 } else { depth };
                 let sub = self.free_sub(c, channel)?;
                 (Record::Subscriber { sub, policy, depth }, writable)
             }
