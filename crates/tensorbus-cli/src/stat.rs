@@ -31,6 +31,21 @@ pub fn run(args: Args) -> Result<(), CliError> {
     }
 }
 
+/// One word for where a channel's stream is: `waiting` (consumers wait for
+/// a producer to create it), `live` (a producer is open), `ended` (the last
+/// producer closed cleanly), `idle` (no producer yet, or the last one died).
+fn channel_state(c: &tensorbus::stat::ChannelStat) -> &'static str {
+    if c.pending {
+        "waiting"
+    } else if c.producers > 0 {
+        "live"
+    } else if c.ended {
+        "ended"
+    } else {
+        "idle"
+    }
+}
+
 /// The human-readable report.
 pub fn render(r: &StatReport, socket: &str) -> String {
     let mut out = format!("broker pid {} at {socket}\n\n", r.broker_pid);
@@ -60,14 +75,32 @@ pub fn render(r: &StatReport, socket: &str) -> String {
     if r.channels.is_empty() {
         out.push_str("  (none)\n");
     }
-    let mut t = Table::new(&["name", "mode", "published", "producers", "subscribers"]);
+    let mut t = Table::new(&[
+        "name",
+        "mode",
+        "published",
+        "producers",
+        "subscribers",
+        "history",
+        "state",
+    ]);
     for c in &r.channels {
         t.row(vec![
             c.name.clone(),
-            c.mode.to_string(),
+            if c.pending {
+                "-".into()
+            } else {
+                c.mode.to_string()
+            },
             c.published.to_string(),
             c.producers.to_string(),
             c.subscribers.len().to_string(),
+            if c.history == 0 {
+                "-".into()
+            } else {
+                format!("{}/{}", c.history_held, c.history)
+            },
+            channel_state(c).into(),
         ]);
     }
     if !r.channels.is_empty() {
@@ -112,4 +145,42 @@ pub fn render(r: &StatReport, socket: &str) -> String {
     }
     out.push_str(&t.render(2));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tensorbus::stat::ChannelStat;
+
+    fn channel(name: &str, f: impl FnOnce(&mut ChannelStat)) -> ChannelStat {
+        let mut c = ChannelStat::default();
+        c.name = name.into();
+        f(&mut c);
+        c
+    }
+
+    #[test]
+    fn channels_show_their_history_and_the_state_of_their_stream() {
+        let mut r = StatReport::default();
+        r.channels = vec![
+            channel("cam", |c| {
+                (c.history, c.history_held, c.ended) = (3, 2, true);
+            }),
+            channel("later", |c| c.pending = true),
+            channel("live", |c| c.producers = 1),
+            channel("idle", |_| {}),
+        ];
+        let text = render(&r, "sock");
+        let line = |name: &str| {
+            text.lines()
+                .find(|l| l.trim_start().starts_with(name))
+                .unwrap_or_else(|| panic!("no line for {name} in\n{text}"))
+                .to_string()
+        };
+        assert!(line("cam").contains("2/3"), "{text}");
+        assert!(line("cam").ends_with("ended"), "{text}");
+        assert!(line("later").ends_with("waiting"), "{text}");
+        assert!(line("live").ends_with("live"), "{text}");
+        assert!(line("idle").ends_with("idle"), "{text}");
+    }
 }
