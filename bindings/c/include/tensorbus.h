@@ -16,6 +16,22 @@
 #include <stddef.h>
 #include <stdint.h>
 
+// The options structs' initialiser (use the *_INIT macros below).
+#ifdef __cplusplus
+#define TB_SIZED_INIT_(T) ([] { T v_{}; v_.struct_size = sizeof v_; return v_; }())
+#else
+#define TB_SIZED_INIT_(T) { .struct_size = sizeof(T) }
+#endif
+
+// A `tb_channel_spec` with `struct_size` set and every other field 0 (its default).
+#define TB_CHANNEL_SPEC_INIT TB_SIZED_INIT_(tb_channel_spec)
+
+// A `tb_producer_options` with `struct_size` set and every other field 0 (its default).
+#define TB_PRODUCER_OPTIONS_INIT TB_SIZED_INIT_(tb_producer_options)
+
+// A `tb_consumer_options` with `struct_size` set and every other field 0 (its default).
+#define TB_CONSUMER_OPTIONS_INIT TB_SIZED_INIT_(tb_consumer_options)
+
 // Most dimensions a tensor may have.
 #define TB_MAX_DIMS 8
 
@@ -30,7 +46,8 @@
 typedef enum tb_status {
   // Success.
   TB_OK = 0,
-  // Nothing arrived (or no slot became free, or the broker did not answer a request) in time; `timeout_ns == 0` polls.
+  // Nothing arrived (or no slot became free, or the broker did not answer a request, or the channel a
+  // `tb_consumer_open_wait` / `wait_channel_ns` open waited for did not appear) in time; `timeout_ns == 0` polls.
   TB_ERR_TIMEOUT = 1,
   // Every slot of every pool that fits is held.
   TB_ERR_POOL_EXHAUSTED = 2,
@@ -40,14 +57,16 @@ typedef enum tb_status {
   TB_ERR_BROKER_UNAVAILABLE = 4,
   // NULL, closed, released or wrong-kind handle, bad dtype/shape/option.
   TB_ERR_INVALID_ARGUMENT = 5,
-  // The client still has open handles (only `tb_client_close` returns
-  // it: producers, consumers and stages close while their tensors live).
+  // The client still has open handles (`tb_client_close`: producers,
+  // consumers and stages close while their tensors live), or the channel
+  // is in use (`tb_channel_remove`).
   TB_ERR_BUSY = 6,
   // A received tensor's bytes are read-only (use `tb_tensor_const_data`).
   TB_ERR_READ_ONLY = 7,
   // The tensor is larger than the channel's largest pool slot.
   TB_ERR_TOO_LARGE = 8,
-  // The broker refused this process or request.
+  // The broker refused this process or request (`tb_channel_remove`: the
+  // broker config declares the channel).
   TB_ERR_PERMISSION_DENIED = 9,
   // A fixed broker limit (handles, channels, subscribers) was reached, or this process has no free file descriptor (EMFILE).
   TB_ERR_LIMIT_REACHED = 10,
@@ -65,6 +84,13 @@ typedef enum tb_status {
   // forked child inherited handles are inert (closing them leaves the
   // parent's open); connect a new client in the child.
   TB_ERR_FORKED_CHILD = 16,
+  // End of stream (`tb_recv`, `tb_recv_mut`): the channel's last
+  // producer closed cleanly (not a crash) and everything queued for this
+  // consumer or stage has been received. Not an error: the stream is
+  // over. A producer that opens later starts a new stream (receives then
+  // find its tensors). Consumers opened with `TB_CONSUMER_NO_END_OF_STREAM`
+  // never see it (they keep returning `TB_ERR_TIMEOUT`).
+  TB_END_OF_STREAM = 17,
 } tb_status;
 
 // A connection to a broker (opaque).
@@ -82,11 +108,80 @@ typedef struct tb_stage tb_stage;
 // A loaned, received or staged tensor (opaque).
 typedef struct tb_tensor tb_tensor;
 
-// Element type of a tensor (one of the `TB_DTYPE_*` constants).
-typedef uint32_t tb_dtype;
+// How a channel created at run time hands out tensors (one of the `TB_MODE_*` constants).
+typedef uint32_t tb_mode;
 
 // Backpressure policy of a subscription (one of the `TB_POLICY_*` constants).
 typedef uint32_t tb_policy;
+
+// How to create a channel at run time when it does not exist yet
+// ([`tb_producer_options`]`.create`, [`tb_consumer_options`]`.create`).
+// Start from `TB_CHANNEL_SPEC_INIT` (or set `struct_size` to
+// `sizeof(tb_channel_spec)` and zero the rest): each zero field is the
+// default. Nothing in it is kept after the call.
+typedef struct tb_channel_spec {
+  // `sizeof(tb_channel_spec)`.
+  size_t struct_size;
+  // Names of the pools the channel may loan from (`npools` NUL-terminated
+  // strings); NULL / 0: every pool of the broker.
+  const char *const *pools;
+  // How many names `pools` holds.
+  size_t npools;
+  // `TB_MODE_BROADCAST` (0) or `TB_MODE_WORKQUEUE`.
+  tb_mode mode;
+  // Ring depth of subscribers that do not ask for one (0: the broker's default).
+  uint32_t depth;
+  // Policy of subscribers that do not ask for one (`TB_POLICY_DEFAULT`: the broker's).
+  tb_policy policy;
+  // Keep the latest `history` tensors for subscribers that join later: a
+  // late subscriber first receives them, oldest first (at most its
+  // depth). They hold slots of the channel's pools until newer ones
+  // replace them, also after their producer closed. Broadcast channels
+  // only, at most the broker's `limits.ring_capacity`; 0 keeps nothing.
+  uint32_t history;
+} tb_channel_spec;
+
+// Options of [`tb_producer_open_with`]. Start from
+// `TB_PRODUCER_OPTIONS_INIT`; each zero field is the default.
+typedef struct tb_producer_options {
+  // `sizeof(tb_producer_options)`.
+  size_t struct_size;
+  // Create the channel with this spec if it does not exist yet (NULL:
+  // the channel must exist). An existing channel is opened as it is.
+  const struct tb_channel_spec *create;
+} tb_producer_options;
+
+// Element type of a tensor (one of the `TB_DTYPE_*` constants).
+typedef uint32_t tb_dtype;
+
+// Bits of [`tb_consumer_options`]`.flags` (the `TB_CONSUMER_*` constants).
+typedef uint32_t tb_consumer_flags;
+
+// Options of [`tb_consumer_open_with`] and [`tb_stage_open_with`] (for
+// the stage's input). Start from `TB_CONSUMER_OPTIONS_INIT`; each zero
+// field is the default.
+typedef struct tb_consumer_options {
+  // `sizeof(tb_consumer_options)`.
+  size_t struct_size;
+  // How long the open waits for a channel that does not exist yet:
+  // 0 fails at once with `TB_ERR_NO_CHANNEL`, `TB_TIMEOUT_INFINITE`
+  // waits forever, anything else waits up to that many nanoseconds and
+  // then fails with `TB_ERR_TIMEOUT` (nothing is left open). The
+  // subscription is registered at once, so the producer that creates the
+  // channel delivers to it from its first tensor on.
+  uint64_t wait_channel_ns;
+  // Create the channel with this spec if it does not exist yet (NULL: do not).
+  const struct tb_channel_spec *create;
+  // `TB_POLICY_*`; `TB_POLICY_DEFAULT`: the channel's (for a stage:
+  // `TB_POLICY_BLOCK`, lossless, as `tb_stage_open`).
+  tb_policy policy;
+  // Ring depth (0: the channel's default).
+  uint32_t depth;
+  // `TB_CONSUMER_*` bits (0: none).
+  tb_consumer_flags flags;
+  // Must be 0.
+  uint32_t reserved;
+} tb_consumer_options;
 
 // One byte, 0 or 1.
 #define TB_DTYPE_BOOL 1
@@ -142,6 +237,18 @@ typedef uint32_t tb_policy;
 // Depth 1, always the newest tensor.
 #define TB_POLICY_LATEST 4
 
+// Every subscriber receives every tensor (the default, 0).
+#define TB_MODE_BROADCAST 0
+
+// Each tensor goes to one of the subscribers (workers); a stage's input must be one.
+#define TB_MODE_WORKQUEUE 1
+
+// Never report end of stream: once the last producer closed and the queue
+// is drained, receives keep returning `TB_ERR_TIMEOUT` (after their
+// timeout) and a producer that opens later is received from as usual. For
+// long-lived services that outlive their producers.
+#define TB_CONSUMER_NO_END_OF_STREAM 1
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -180,13 +287,46 @@ enum tb_status tb_client_close(struct tb_client *client);
 // `out` is NULL or writable.
 enum tb_status tb_client_id(const struct tb_client *client, uint32_t *out);
 
-// Opens a producer on an existing channel.
+// Removes a channel that was created at run time (by a producer or
+// consumer with `create`, or `tensorbus pub --create`), so that it no
+// longer counts toward the broker's `limits.max_channels`; the tensors its
+// history kept are released. `TB_ERR_NO_CHANNEL` if there is no such
+// channel, `TB_ERR_BUSY` while any producer, consumer, stage or waiting
+// consumer (of any process) uses it, `TB_ERR_PERMISSION_DENIED` for a
+// channel the broker config declares (remove it there), and
+// `TB_ERR_INVALID_ARGUMENT` for any other refusal.
+//
+// # Safety
+// `channel` is NULL or NUL-terminated; `client` is not closed during the call.
+enum tb_status tb_channel_remove(struct tb_client *client, const char *channel);
+
+// Opens a producer on an existing channel (`TB_ERR_NO_CHANNEL` if there
+// is none; [`tb_producer_open_with`] can create it).
 //
 // # Safety
 // `channel` is NULL or NUL-terminated; `out` is NULL or writable.
 enum tb_status tb_producer_open(struct tb_client *client,
                                 const char *channel,
                                 struct tb_producer **out);
+
+// Opens a producer with options (`options_or_null` NULL: as
+// [`tb_producer_open`]). With `options.create` set, a channel that does
+// not exist yet is created at run time from that spec (mode, pools,
+// default depth and policy, history; the spec is not kept); an existing
+// one is opened as it is. Consumers waiting for the channel
+// (`tb_consumer_open_wait`) receive from the first tensor on. A bad spec
+// (unknown pool, history on a work queue or above the ring capacity) is
+// `TB_ERR_INVALID_ARGUMENT`; the broker's channel limit
+// `TB_ERR_LIMIT_REACHED`. Remove such a channel with [`tb_channel_remove`].
+//
+// # Safety
+// `channel` is NULL or NUL-terminated; `options_or_null` is NULL or a
+// filled `tb_producer_options` (its `create` NULL or a filled
+// `tb_channel_spec`); `out` is NULL or writable.
+enum tb_status tb_producer_open_with(struct tb_client *client,
+                                     const char *channel,
+                                     const struct tb_producer_options *options_or_null,
+                                     struct tb_producer **out);
 
 // Closes a producer. Its loans stay valid: publishing one still works
 // (the producer's broker handle closes when its last loan ends).
@@ -231,8 +371,11 @@ enum tb_status tb_loan_timeout(struct tb_producer *producer,
 // `delivered_or_null` is NULL or writable.
 enum tb_status tb_publish(struct tb_tensor *tensor, uint32_t *delivered_or_null);
 
-// Subscribes to a channel with `policy` (`TB_POLICY_DEFAULT`: the
-// channel's) and ring `depth` (0: the channel's default).
+// Subscribes to an existing channel with `policy` (`TB_POLICY_DEFAULT`: the
+// channel's) and ring `depth` (0: the channel's default);
+// `TB_ERR_NO_CHANNEL` if there is none (see [`tb_consumer_open_wait`]).
+// Receives report `TB_END_OF_STREAM` (opt out with
+// [`tb_consumer_open_with`] and `TB_CONSUMER_NO_END_OF_STREAM`).
 //
 // # Safety
 // `channel` is NULL or NUL-terminated; `out` is NULL or writable.
@@ -241,6 +384,42 @@ enum tb_status tb_consumer_open(struct tb_client *client,
                                 tb_policy policy,
                                 uint32_t depth,
                                 struct tb_consumer **out);
+
+// Like [`tb_consumer_open`], but waits up to `timeout_ns` for a channel
+// that does not exist yet (`TB_TIMEOUT_INFINITE`: forever; 0: not at all,
+// `TB_ERR_NO_CHANNEL` at once), so a consumer may start before the
+// producer that creates the channel (`tb_producer_open_with` and
+// `create`, or `tensorbus pub --create`). The subscription is registered
+// at once: it receives every tensor from the channel's first on. Returns
+// when the channel exists, or `TB_ERR_TIMEOUT` when it did not appear in
+// time (nothing is left open, `*out` is NULL). The calling thread sleeps
+// meanwhile (it polls the broker, at most every 50 ms; the wait cannot be
+// cancelled, so give a finite timeout where it must end); other threads
+// may use the client meanwhile.
+//
+// # Safety
+// `channel` is NULL or NUL-terminated; `out` is NULL or writable.
+enum tb_status tb_consumer_open_wait(struct tb_client *client,
+                                     const char *channel,
+                                     tb_policy policy,
+                                     uint32_t depth,
+                                     uint64_t timeout_ns,
+                                     struct tb_consumer **out);
+
+// Subscribes with options (`options_or_null` NULL: as [`tb_consumer_open`]):
+// policy, depth, waiting for a missing channel (`wait_channel_ns`, as
+// [`tb_consumer_open_wait`]), creating it (`create`), and
+// `TB_CONSUMER_NO_END_OF_STREAM`. Unknown flags, a non-zero `reserved`
+// or a bad `struct_size` are `TB_ERR_INVALID_ARGUMENT`.
+//
+// # Safety
+// `channel` is NULL or NUL-terminated; `options_or_null` is NULL or a
+// filled `tb_consumer_options` (its `create` NULL or a filled
+// `tb_channel_spec`); `out` is NULL or writable.
+enum tb_status tb_consumer_open_with(struct tb_client *client,
+                                     const char *channel,
+                                     const struct tb_consumer_options *options_or_null,
+                                     struct tb_consumer **out);
 
 // Closes a consumer. Tensors it received stay valid until released; the
 // subscription leaves its channel at once (nothing more is delivered to it;
@@ -262,6 +441,10 @@ enum tb_status tb_consumer_dropped(const struct tb_consumer *consumer, uint64_t 
 // Receives the next tensor: a read-only view of the bytes the producer
 // wrote. `timeout_ns` 0 polls, `TB_TIMEOUT_INFINITE` waits forever;
 // `TB_ERR_TIMEOUT` if nothing arrived. Release it with [`tb_release`].
+// `TB_END_OF_STREAM` (at once, also from a wait) once the channel's last
+// producer closed cleanly and everything queued for this consumer was
+// received, unless it was opened with `TB_CONSUMER_NO_END_OF_STREAM`; a
+// producer that opens later starts a new stream.
 //
 // # Safety
 // `out` is NULL or writable.
@@ -285,6 +468,24 @@ enum tb_status tb_stage_open(struct tb_client *client,
                              const char *output,
                              struct tb_stage **out);
 
+// Opens a stage with options for its input subscription
+// (`input_options_or_null` NULL: as [`tb_stage_open`]; see
+// [`tb_consumer_open_with`]): `wait_channel_ns` waits for the input
+// channel, `create` creates it (a work queue), `TB_CONSUMER_NO_END_OF_STREAM`
+// keeps [`tb_recv_mut`] from reporting end of stream. The output channel
+// must exist (it is opened, without waiting, once the input is). While the
+// stage is open or one of its staged tensors lives it is a producer of
+// `output`: closing it ends the output's stream when it was the last one.
+//
+// # Safety
+// Strings are NULL or NUL-terminated; `input_options_or_null` is NULL or
+// a filled `tb_consumer_options`; `out` is NULL or writable.
+enum tb_status tb_stage_open_with(struct tb_client *client,
+                                  const char *input,
+                                  const char *output,
+                                  const struct tb_consumer_options *input_options_or_null,
+                                  struct tb_stage **out);
+
 // Closes a stage. Its staged tensors stay valid (forwarding one still
 // works); its input subscription leaves the work queue at once.
 //
@@ -294,7 +495,10 @@ enum tb_status tb_stage_close(struct tb_stage *stage);
 
 // Takes the next input tensor exclusively: its bytes are writable in place
 // (`tb_tensor_data`). Forward it with [`tb_forward`] or give it back with
-// [`tb_release`]. A stage may hold several tensors at a time.
+// [`tb_release`]. A stage may hold several tensors at a time. Timeouts as
+// for [`tb_recv`]; `TB_END_OF_STREAM` once the input's last producer
+// closed cleanly and the stage's queue is drained (unless its input was
+// opened with `TB_CONSUMER_NO_END_OF_STREAM`).
 //
 // # Safety
 // `out` is NULL or writable.

@@ -26,7 +26,15 @@
 //!   tensor is released. A producer may have several loans at a time, a
 //!   stage several staged tensors, a consumer many received tensors.
 //!   Closing a client that still has open handles returns `TB_ERR_BUSY` and
-//!   changes nothing (the only call that returns `TB_ERR_BUSY`).
+//!   changes nothing (`tb_channel_remove` of a channel in use is the only
+//!   other call that returns `TB_ERR_BUSY`).
+//! * Options structs (`tb_channel_spec`, `tb_producer_options`,
+//!   `tb_consumer_options`) start with `struct_size`, which the caller sets
+//!   to `sizeof` the struct (the `*_INIT` macros do): every other field's
+//!   zero is its default, fields a newer header appends read as 0 from a
+//!   program built against an older one, and a program built against a
+//!   newer header that sets fields this library does not know gets
+//!   `TB_ERR_INVALID_ARGUMENT` instead of having them ignored.
 //! * Threads: a client, producer, consumer or stage may be used from
 //!   several threads at once. A tensor must be used by one thread at a time
 //!   (it may move between threads). Closing a handle, or publishing,
@@ -52,14 +60,15 @@ use handle::{client_shell, close, live_inner, open, register, Opened, Owner};
 use registry::Kind;
 use std::cell::UnsafeCell;
 use std::ffi::{c_char, c_int, c_void, CStr};
+use std::mem::{size_of, MaybeUninit};
 use std::path::Path;
 use std::ptr;
 use std::sync::atomic::{AtomicPtr, AtomicUsize};
 use std::time::Duration;
 use tensorbus::error::{LoanError, RecvError, ShapeError, TryRecvError};
 use tensorbus::{
-    Client, Consumer, ConsumerOptions, DType, Policy, Producer, Published, Stage, StagedTensor,
-    Tensor, TensorMeta, TensorMut, TensorView,
+    ChannelSpec, Client, Consumer, ConsumerOptions, DType, Mode, Policy, Producer, ProducerOptions,
+    Published, Stage, StagedTensor, Tensor, TensorMeta, TensorMut, TensorView,
 };
 
 /// Element type of a tensor (one of the `TB_DTYPE_*` constants).
@@ -135,6 +144,124 @@ pub const TB_TIMEOUT_INFINITE: u64 = 0xFFFF_FFFF_FFFF_FFFF;
 // The C limits are the Rust ones.
 const _: () = assert!(TB_MAX_DIMS == tensorbus::MAX_DIMS);
 const _: () = assert!(TB_USER_HEADER_LEN == tensorbus::USER_HEADER_LEN);
+
+/// How a channel created at run time hands out tensors (one of the `TB_MODE_*` constants).
+pub type tb_mode = u32;
+/// Every subscriber receives every tensor (the default, 0).
+pub const TB_MODE_BROADCAST: tb_mode = 0;
+/// Each tensor goes to one of the subscribers (workers); a stage's input must be one.
+pub const TB_MODE_WORKQUEUE: tb_mode = 1;
+
+/// Bits of [`tb_consumer_options`]`.flags` (the `TB_CONSUMER_*` constants).
+pub type tb_consumer_flags = u32;
+/// Never report end of stream: once the last producer closed and the queue
+/// is drained, receives keep returning `TB_ERR_TIMEOUT` (after their
+/// timeout) and a producer that opens later is received from as usual. For
+/// long-lived services that outlive their producers.
+pub const TB_CONSUMER_NO_END_OF_STREAM: tb_consumer_flags = 1;
+/// Every flag this library knows (others are `TB_ERR_INVALID_ARGUMENT`).
+const TB_CONSUMER_KNOWN_FLAGS: tb_consumer_flags = TB_CONSUMER_NO_END_OF_STREAM;
+
+/// Largest `struct_size` accepted (a bigger one is taken for an
+/// uninitialised field rather than read).
+const TB_MAX_STRUCT_SIZE: usize = 4096;
+
+/// How to create a channel at run time when it does not exist yet
+/// ([`tb_producer_options`]`.create`, [`tb_consumer_options`]`.create`).
+/// Start from `TB_CHANNEL_SPEC_INIT` (or set `struct_size` to
+/// `sizeof(tb_channel_spec)` and zero the rest): each zero field is the
+/// default. Nothing in it is kept after the call.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct tb_channel_spec {
+    /// `sizeof(tb_channel_spec)`.
+    pub struct_size: usize,
+    /// Names of the pools the channel may loan from (`npools` NUL-terminated
+    /// strings); NULL / 0: every pool of the broker.
+    pub pools: *const *const c_char,
+    /// How many names `pools` holds.
+    pub npools: usize,
+    /// `TB_MODE_BROADCAST` (0) or `TB_MODE_WORKQUEUE`.
+    pub mode: tb_mode,
+    /// Ring depth of subscribers that do not ask for one (0: the broker's default).
+    pub depth: u32,
+    /// Policy of subscribers that do not ask for one (`TB_POLICY_DEFAULT`: the broker's).
+    pub policy: tb_policy,
+    /// Keep the latest `history` tensors for subscribers that join later: a
+    /// late subscriber first receives them, oldest first (at most its
+    /// depth). They hold slots of the channel's pools until newer ones
+    /// replace them, also after their producer closed. Broadcast channels
+    /// only, at most the broker's `limits.ring_capacity`; 0 keeps nothing.
+    pub history: u32,
+}
+
+/// Options of [`tb_producer_open_with`]. Start from
+/// `TB_PRODUCER_OPTIONS_INIT`; each zero field is the default.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct tb_producer_options {
+    /// `sizeof(tb_producer_options)`.
+    pub struct_size: usize,
+    /// Create the channel with this spec if it does not exist yet (NULL:
+    /// the channel must exist). An existing channel is opened as it is.
+    pub create: *const tb_channel_spec,
+}
+
+/// Options of [`tb_consumer_open_with`] and [`tb_stage_open_with`] (for
+/// the stage's input). Start from `TB_CONSUMER_OPTIONS_INIT`; each zero
+/// field is the default.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct tb_consumer_options {
+    /// `sizeof(tb_consumer_options)`.
+    pub struct_size: usize,
+    /// How long the open waits for a channel that does not exist yet:
+    /// 0 fails at once with `TB_ERR_NO_CHANNEL`, `TB_TIMEOUT_INFINITE`
+    /// waits forever, anything else waits up to that many nanoseconds and
+    /// then fails with `TB_ERR_TIMEOUT` (nothing is left open). The
+    /// subscription is registered at once, so the producer that creates the
+    /// channel delivers to it from its first tensor on.
+    pub wait_channel_ns: u64,
+    /// Create the channel with this spec if it does not exist yet (NULL: do not).
+    pub create: *const tb_channel_spec,
+    /// `TB_POLICY_*`; `TB_POLICY_DEFAULT`: the channel's (for a stage:
+    /// `TB_POLICY_BLOCK`, lossless, as `tb_stage_open`).
+    pub policy: tb_policy,
+    /// Ring depth (0: the channel's default).
+    pub depth: u32,
+    /// `TB_CONSUMER_*` bits (0: none).
+    pub flags: tb_consumer_flags,
+    /// Must be 0.
+    pub reserved: u32,
+}
+
+/// An options struct that starts with its `struct_size` (a `usize`).
+///
+/// # Safety
+/// Implementors are `repr(C)`, start with a `usize`, and every field is an
+/// integer or a raw pointer: any bytes (all zeros in particular) are a valid value.
+unsafe trait Versioned: Copy {
+    /// The C name of the struct.
+    const NAME: &'static str;
+    /// All fields zero.
+    fn zero() -> Self {
+        // SAFETY: all-zero bytes are a valid value (the trait's contract).
+        unsafe { MaybeUninit::<Self>::zeroed().assume_init() }
+    }
+}
+
+// SAFETY: repr(C), `struct_size: usize` first, integers and raw pointers only.
+unsafe impl Versioned for tb_channel_spec {
+    const NAME: &'static str = "tb_channel_spec";
+}
+// SAFETY: as above.
+unsafe impl Versioned for tb_producer_options {
+    const NAME: &'static str = "tb_producer_options";
+}
+// SAFETY: as above.
+unsafe impl Versioned for tb_consumer_options {
+    const NAME: &'static str = "tb_consumer_options";
+}
 
 /// A connection to a broker (opaque).
 pub struct tb_client {
@@ -406,6 +533,144 @@ fn dtype_code(d: DType) -> tb_dtype {
     tb_dtype::from(d.code())
 }
 
+/// Reads an options struct the caller filled (NULL: `None`): its first
+/// `struct_size` bytes. Fields past the end of an older caller's struct
+/// read as 0; bytes past the end of this library's struct (a newer header's
+/// fields) must be 0, or the call is refused rather than half-understood.
+///
+/// # Safety
+/// `p` is NULL or points to a struct whose `struct_size` bytes are readable.
+unsafe fn read_versioned<T: Versioned>(p: *const T) -> Res<Option<T>> {
+    if p.is_null() {
+        return Ok(None);
+    }
+    let name = T::NAME;
+    // SAFETY: non-NULL, and the struct starts with its `size_t struct_size`
+    // (caller's promise); read unaligned in case the caller packed it.
+    let size = unsafe { p.cast::<usize>().read_unaligned() };
+    let known = size_of::<T>();
+    if size < size_of::<usize>() || size > TB_MAX_STRUCT_SIZE {
+        return Err(invalid(format!(
+            "{name}.struct_size is {size}: set it to sizeof({name}) (start from the {}_INIT macro)",
+            name.to_ascii_uppercase()
+        )));
+    }
+    if size > known {
+        // SAFETY: the caller's struct has `size` readable bytes.
+        let newer = unsafe { std::slice::from_raw_parts(p.cast::<u8>().add(known), size - known) };
+        if newer.iter().any(|&b| b != 0) {
+            return Err(invalid(format!(
+                "{name} of {size} bytes sets fields this libtensorbus ({} bytes, version {}) does not know: link the library that matches your tensorbus.h",
+                known,
+                env!("CARGO_PKG_VERSION")
+            )));
+        }
+    }
+    let mut v = MaybeUninit::new(T::zero());
+    // SAFETY: `size.min(known)` bytes are readable at `p` (caller's promise)
+    // and writable in `v`; the two do not overlap.
+    unsafe {
+        ptr::copy_nonoverlapping(p.cast::<u8>(), v.as_mut_ptr().cast::<u8>(), size.min(known))
+    };
+    // SAFETY: any bytes are a valid `T` (the `Versioned` contract), and all
+    // of `v` was initialised by `zero` first.
+    Ok(Some(unsafe { v.assume_init() }))
+}
+
+/// Decodes a `tb_channel_spec` (NULL: `None`).
+///
+/// # Safety
+/// `p` is NULL or a filled `tb_channel_spec` whose `pools` holds `npools`
+/// NUL-terminated strings.
+unsafe fn channel_spec(p: *const tb_channel_spec) -> Res<Option<ChannelSpec>> {
+    // SAFETY: forwarded caller promise.
+    let Some(s) = (unsafe { read_versioned(p) })? else {
+        return Ok(None);
+    };
+    let mode = match s.mode {
+        TB_MODE_BROADCAST => Mode::Broadcast,
+        TB_MODE_WORKQUEUE => Mode::Workqueue,
+        other => {
+            return Err(invalid(format!(
+                "unknown tb_channel_spec.mode {other} (use a TB_MODE_* constant)"
+            )))
+        }
+    };
+    let mut spec = ChannelSpec::new(mode).history(s.history);
+    if s.npools > 0 {
+        need(s.pools, "tb_channel_spec.pools")?;
+        // SAFETY: non-NULL and `npools` readable pointers (caller's promise).
+        let names = unsafe { std::slice::from_raw_parts(s.pools, s.npools) };
+        let names = names
+            .iter()
+            .enumerate()
+            // SAFETY: each is NULL or NUL-terminated (caller's promise).
+            .map(|(i, &n)| unsafe { text(n, &format!("tb_channel_spec.pools[{i}]")) })
+            .collect::<Res<Vec<&str>>>()?;
+        spec = spec.pools(&names);
+    }
+    if s.depth > 0 {
+        spec = spec.depth(s.depth);
+    }
+    if let Some(p) = policy(s.policy)? {
+        spec = spec.policy(p);
+    }
+    Ok(Some(spec))
+}
+
+/// Consumer options from a policy and depth (`TB_POLICY_DEFAULT` / 0: the
+/// channel's; `stage`: a stage's default policy is `block`).
+fn consumer_opts(policy: tb_policy, depth: u32, stage: bool) -> Res<ConsumerOptions> {
+    let mut opts = ConsumerOptions::default();
+    match self::policy(policy)? {
+        Some(p) => opts = opts.policy(p),
+        None if stage => opts = opts.policy(Policy::Block),
+        None => {}
+    }
+    if depth > 0 {
+        opts = opts.depth(depth);
+    }
+    Ok(opts)
+}
+
+/// `opts` waiting `wait_ns` for a missing channel (0: not at all,
+/// `TB_TIMEOUT_INFINITE`: forever).
+fn waiting(opts: ConsumerOptions, wait_ns: u64) -> ConsumerOptions {
+    match wait_ns {
+        0 => opts,
+        TB_TIMEOUT_INFINITE => opts.wait_for_channel(Duration::MAX),
+        ns => opts.wait_for_channel(Duration::from_nanos(ns)),
+    }
+}
+
+/// Decodes `tb_consumer_options` (NULL: the defaults) for a consumer or,
+/// with `stage`, a stage's input.
+///
+/// # Safety
+/// `p` is NULL or a filled `tb_consumer_options` (see [`channel_spec`] for its `create`).
+unsafe fn consumer_options(p: *const tb_consumer_options, stage: bool) -> Res<ConsumerOptions> {
+    // SAFETY: forwarded caller promise.
+    let o = unsafe { read_versioned(p) }?.unwrap_or_else(tb_consumer_options::zero);
+    if o.flags & !TB_CONSUMER_KNOWN_FLAGS != 0 {
+        return Err(invalid(format!(
+            "unknown tb_consumer_options.flags bits {:#x} (use TB_CONSUMER_* constants)",
+            o.flags & !TB_CONSUMER_KNOWN_FLAGS
+        )));
+    }
+    if o.reserved != 0 {
+        return Err(invalid("tb_consumer_options.reserved must be 0"));
+    }
+    let mut opts = waiting(consumer_opts(o.policy, o.depth, stage)?, o.wait_channel_ns);
+    if o.flags & TB_CONSUMER_NO_END_OF_STREAM != 0 {
+        opts = opts.end_of_stream(false);
+    }
+    // SAFETY: forwarded caller promise.
+    if let Some(spec) = unsafe { channel_spec(o.create) }? {
+        opts = opts.create(spec);
+    }
+    Ok(opts)
+}
+
 /// Receives with `timeout_ns` as the C API means it: 0 polls (`poll`),
 /// `TB_TIMEOUT_INFINITE` waits forever (`wait`), anything else waits that
 /// long (`wait_for`).
@@ -516,9 +781,35 @@ pub unsafe extern "C" fn tb_client_id(client: *const tb_client, out: *mut u32) -
     })
 }
 
+/// Removes a channel that was created at run time (by a producer or
+/// consumer with `create`, or `tensorbus pub --create`), so that it no
+/// longer counts toward the broker's `limits.max_channels`; the tensors its
+/// history kept are released. `TB_ERR_NO_CHANNEL` if there is no such
+/// channel, `TB_ERR_BUSY` while any producer, consumer, stage or waiting
+/// consumer (of any process) uses it, `TB_ERR_PERMISSION_DENIED` for a
+/// channel the broker config declares (remove it there), and
+/// `TB_ERR_INVALID_ARGUMENT` for any other refusal.
+///
+/// # Safety
+/// `channel` is NULL or NUL-terminated; `client` is not closed during the call.
+#[no_mangle]
+pub unsafe extern "C" fn tb_channel_remove(
+    client: *mut tb_client,
+    channel: *const c_char,
+) -> tb_status {
+    guard(|| {
+        // SAFETY: checked by the registry; the caller keeps it open.
+        let (_, c) = unsafe { live_inner(client) }?;
+        // SAFETY: NULL or NUL-terminated (caller's promise).
+        let channel = unsafe { text(channel, "channel") }?;
+        Ok(c.remove_channel(channel)?)
+    })
+}
+
 // -------------------------------------------------------------- producer ---
 
-/// Opens a producer on an existing channel.
+/// Opens a producer on an existing channel (`TB_ERR_NO_CHANNEL` if there
+/// is none; [`tb_producer_open_with`] can create it).
 ///
 /// # Safety
 /// `channel` is NULL or NUL-terminated; `out` is NULL or writable.
@@ -528,11 +819,44 @@ pub unsafe extern "C" fn tb_producer_open(
     channel: *const c_char,
     out: *mut *mut tb_producer,
 ) -> tb_status {
+    // SAFETY: forwarded caller promises.
+    unsafe { tb_producer_open_with(client, channel, ptr::null(), out) }
+}
+
+/// Opens a producer with options (`options_or_null` NULL: as
+/// [`tb_producer_open`]). With `options.create` set, a channel that does
+/// not exist yet is created at run time from that spec (mode, pools,
+/// default depth and policy, history; the spec is not kept); an existing
+/// one is opened as it is. Consumers waiting for the channel
+/// (`tb_consumer_open_wait`) receive from the first tensor on. A bad spec
+/// (unknown pool, history on a work queue or above the ring capacity) is
+/// `TB_ERR_INVALID_ARGUMENT`; the broker's channel limit
+/// `TB_ERR_LIMIT_REACHED`. Remove such a channel with [`tb_channel_remove`].
+///
+/// # Safety
+/// `channel` is NULL or NUL-terminated; `options_or_null` is NULL or a
+/// filled `tb_producer_options` (its `create` NULL or a filled
+/// `tb_channel_spec`); `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn tb_producer_open_with(
+    client: *mut tb_client,
+    channel: *const c_char,
+    options_or_null: *const tb_producer_options,
+    out: *mut *mut tb_producer,
+) -> tb_status {
     guard(|| {
         let make = |c: &Client| {
             // SAFETY: NULL or NUL-terminated (caller's promise).
             let channel = unsafe { text(channel, "channel") }?;
-            Ok(c.producer(channel)?)
+            let mut opts = ProducerOptions::default();
+            // SAFETY: NULL or filled (caller's promise).
+            if let Some(o) = unsafe { read_versioned(options_or_null) }? {
+                // SAFETY: as above.
+                if let Some(spec) = unsafe { channel_spec(o.create) }? {
+                    opts = opts.create(spec);
+                }
+            }
+            Ok(c.producer_with(channel, opts)?)
         };
         // SAFETY: forwarded caller promises.
         unsafe { open(client, out, make) }
@@ -627,8 +951,11 @@ pub unsafe extern "C" fn tb_publish(
 
 // -------------------------------------------------------------- consumer ---
 
-/// Subscribes to a channel with `policy` (`TB_POLICY_DEFAULT`: the
-/// channel's) and ring `depth` (0: the channel's default).
+/// Subscribes to an existing channel with `policy` (`TB_POLICY_DEFAULT`: the
+/// channel's) and ring `depth` (0: the channel's default);
+/// `TB_ERR_NO_CHANNEL` if there is none (see [`tb_consumer_open_wait`]).
+/// Receives report `TB_END_OF_STREAM` (opt out with
+/// [`tb_consumer_open_with`] and `TB_CONSUMER_NO_END_OF_STREAM`).
 ///
 /// # Safety
 /// `channel` is NULL or NUL-terminated; `out` is NULL or writable.
@@ -640,17 +967,68 @@ pub unsafe extern "C" fn tb_consumer_open(
     depth: u32,
     out: *mut *mut tb_consumer,
 ) -> tb_status {
+    // SAFETY: forwarded caller promises.
+    unsafe { tb_consumer_open_wait(client, channel, policy, depth, 0, out) }
+}
+
+/// Like [`tb_consumer_open`], but waits up to `timeout_ns` for a channel
+/// that does not exist yet (`TB_TIMEOUT_INFINITE`: forever; 0: not at all,
+/// `TB_ERR_NO_CHANNEL` at once), so a consumer may start before the
+/// producer that creates the channel (`tb_producer_open_with` and
+/// `create`, or `tensorbus pub --create`). The subscription is registered
+/// at once: it receives every tensor from the channel's first on. Returns
+/// when the channel exists, or `TB_ERR_TIMEOUT` when it did not appear in
+/// time (nothing is left open, `*out` is NULL). The calling thread sleeps
+/// meanwhile (it polls the broker, at most every 50 ms; the wait cannot be
+/// cancelled, so give a finite timeout where it must end); other threads
+/// may use the client meanwhile.
+///
+/// # Safety
+/// `channel` is NULL or NUL-terminated; `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn tb_consumer_open_wait(
+    client: *mut tb_client,
+    channel: *const c_char,
+    policy: tb_policy,
+    depth: u32,
+    timeout_ns: u64,
+    out: *mut *mut tb_consumer,
+) -> tb_status {
     guard(|| {
         let make = |c: &Client| {
             // SAFETY: NULL or NUL-terminated (caller's promise).
             let channel = unsafe { text(channel, "channel") }?;
-            let mut opts = ConsumerOptions::default();
-            if let Some(p) = self::policy(policy)? {
-                opts = opts.policy(p);
-            }
-            if depth > 0 {
-                opts = opts.depth(depth);
-            }
+            let opts = waiting(consumer_opts(policy, depth, false)?, timeout_ns);
+            Ok(c.consumer_with(channel, opts)?)
+        };
+        // SAFETY: forwarded caller promises.
+        unsafe { open(client, out, make) }
+    })
+}
+
+/// Subscribes with options (`options_or_null` NULL: as [`tb_consumer_open`]):
+/// policy, depth, waiting for a missing channel (`wait_channel_ns`, as
+/// [`tb_consumer_open_wait`]), creating it (`create`), and
+/// `TB_CONSUMER_NO_END_OF_STREAM`. Unknown flags, a non-zero `reserved`
+/// or a bad `struct_size` are `TB_ERR_INVALID_ARGUMENT`.
+///
+/// # Safety
+/// `channel` is NULL or NUL-terminated; `options_or_null` is NULL or a
+/// filled `tb_consumer_options` (its `create` NULL or a filled
+/// `tb_channel_spec`); `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn tb_consumer_open_with(
+    client: *mut tb_client,
+    channel: *const c_char,
+    options_or_null: *const tb_consumer_options,
+    out: *mut *mut tb_consumer,
+) -> tb_status {
+    guard(|| {
+        let make = |c: &Client| {
+            // SAFETY: NULL or NUL-terminated (caller's promise).
+            let channel = unsafe { text(channel, "channel") }?;
+            // SAFETY: NULL or filled (caller's promise).
+            let opts = unsafe { consumer_options(options_or_null, false) }?;
             Ok(c.consumer_with(channel, opts)?)
         };
         // SAFETY: forwarded caller promises.
@@ -695,6 +1073,10 @@ pub unsafe extern "C" fn tb_consumer_dropped(
 /// Receives the next tensor: a read-only view of the bytes the producer
 /// wrote. `timeout_ns` 0 polls, `TB_TIMEOUT_INFINITE` waits forever;
 /// `TB_ERR_TIMEOUT` if nothing arrived. Release it with [`tb_release`].
+/// `TB_END_OF_STREAM` (at once, also from a wait) once the channel's last
+/// producer closed cleanly and everything queued for this consumer was
+/// received, unless it was opened with `TB_CONSUMER_NO_END_OF_STREAM`; a
+/// producer that opens later starts a new stream.
 ///
 /// # Safety
 /// `out` is NULL or writable.
@@ -748,13 +1130,39 @@ pub unsafe extern "C" fn tb_stage_open(
     output: *const c_char,
     out: *mut *mut tb_stage,
 ) -> tb_status {
+    // SAFETY: forwarded caller promises.
+    unsafe { tb_stage_open_with(client, input, output, ptr::null(), out) }
+}
+
+/// Opens a stage with options for its input subscription
+/// (`input_options_or_null` NULL: as [`tb_stage_open`]; see
+/// [`tb_consumer_open_with`]): `wait_channel_ns` waits for the input
+/// channel, `create` creates it (a work queue), `TB_CONSUMER_NO_END_OF_STREAM`
+/// keeps [`tb_recv_mut`] from reporting end of stream. The output channel
+/// must exist (it is opened, without waiting, once the input is). While the
+/// stage is open or one of its staged tensors lives it is a producer of
+/// `output`: closing it ends the output's stream when it was the last one.
+///
+/// # Safety
+/// Strings are NULL or NUL-terminated; `input_options_or_null` is NULL or
+/// a filled `tb_consumer_options`; `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn tb_stage_open_with(
+    client: *mut tb_client,
+    input: *const c_char,
+    output: *const c_char,
+    input_options_or_null: *const tb_consumer_options,
+    out: *mut *mut tb_stage,
+) -> tb_status {
     guard(|| {
         let make = |c: &Client| {
             // SAFETY: NULL or NUL-terminated (caller's promise).
             let input = unsafe { text(input, "input") }?;
             // SAFETY: as above.
             let output = unsafe { text(output, "output") }?;
-            Ok(c.stage(input, output)?)
+            // SAFETY: NULL or filled (caller's promise).
+            let opts = unsafe { consumer_options(input_options_or_null, true) }?;
+            Ok(c.stage_with(input, output, opts)?)
         };
         // SAFETY: forwarded caller promises.
         unsafe { open(client, out, make) }
@@ -774,7 +1182,10 @@ pub unsafe extern "C" fn tb_stage_close(stage: *mut tb_stage) -> tb_status {
 
 /// Takes the next input tensor exclusively: its bytes are writable in place
 /// (`tb_tensor_data`). Forward it with [`tb_forward`] or give it back with
-/// [`tb_release`]. A stage may hold several tensors at a time.
+/// [`tb_release`]. A stage may hold several tensors at a time. Timeouts as
+/// for [`tb_recv`]; `TB_END_OF_STREAM` once the input's last producer
+/// closed cleanly and the stage's queue is drained (unless its input was
+/// opened with `TB_CONSUMER_NO_END_OF_STREAM`).
 ///
 /// # Safety
 /// `out` is NULL or writable.

@@ -5,8 +5,8 @@ use std::cell::RefCell;
 use std::ffi::{c_char, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use tensorbus::error::{
-    ConnectError, ForkedChild, LoanError, OpenError, PublishError, RecvError, RequestError,
-    TryRecvError,
+    ConnectError, ForkedChild, LoanError, OpenError, PublishError, RecvError, RemoveChannelError,
+    RequestError, TryRecvError,
 };
 
 /// What every call returns. `TB_OK` is 0; on any other value
@@ -16,7 +16,8 @@ use tensorbus::error::{
 pub enum tb_status {
     /// Success.
     TB_OK = 0,
-    /// Nothing arrived (or no slot became free, or the broker did not answer a request) in time; `timeout_ns == 0` polls.
+    /// Nothing arrived (or no slot became free, or the broker did not answer a request, or the channel a
+    /// `tb_consumer_open_wait` / `wait_channel_ns` open waited for did not appear) in time; `timeout_ns == 0` polls.
     TB_ERR_TIMEOUT = 1,
     /// Every slot of every pool that fits is held.
     TB_ERR_POOL_EXHAUSTED = 2,
@@ -26,14 +27,16 @@ pub enum tb_status {
     TB_ERR_BROKER_UNAVAILABLE = 4,
     /// NULL, closed, released or wrong-kind handle, bad dtype/shape/option.
     TB_ERR_INVALID_ARGUMENT = 5,
-    /// The client still has open handles (only `tb_client_close` returns
-    /// it: producers, consumers and stages close while their tensors live).
+    /// The client still has open handles (`tb_client_close`: producers,
+    /// consumers and stages close while their tensors live), or the channel
+    /// is in use (`tb_channel_remove`).
     TB_ERR_BUSY = 6,
     /// A received tensor's bytes are read-only (use `tb_tensor_const_data`).
     TB_ERR_READ_ONLY = 7,
     /// The tensor is larger than the channel's largest pool slot.
     TB_ERR_TOO_LARGE = 8,
-    /// The broker refused this process or request.
+    /// The broker refused this process or request (`tb_channel_remove`: the
+    /// broker config declares the channel).
     TB_ERR_PERMISSION_DENIED = 9,
     /// A fixed broker limit (handles, channels, subscribers) was reached, or this process has no free file descriptor (EMFILE).
     TB_ERR_LIMIT_REACHED = 10,
@@ -51,6 +54,13 @@ pub enum tb_status {
     /// forked child inherited handles are inert (closing them leaves the
     /// parent's open); connect a new client in the child.
     TB_ERR_FORKED_CHILD = 16,
+    /// End of stream (`tb_recv`, `tb_recv_mut`): the channel's last
+    /// producer closed cleanly (not a crash) and everything queued for this
+    /// consumer or stage has been received. Not an error: the stream is
+    /// over. A producer that opens later starts a new stream (receives then
+    /// find its tensors). Consumers opened with `TB_CONSUMER_NO_END_OF_STREAM`
+    /// never see it (they keep returning `TB_ERR_TIMEOUT`).
+    TB_END_OF_STREAM = 17,
 }
 
 pub use tb_status::*;
@@ -155,6 +165,7 @@ impl From<OpenError> for Error {
             OpenError::Request(RequestError::NoFreeFd { .. }) => TB_ERR_LIMIT_REACHED,
             OpenError::Request(RequestError::ForkedChild(_)) => TB_ERR_FORKED_CHILD,
             OpenError::Map(_) => TB_ERR_IO,
+            OpenError::WaitTimeout { .. } => TB_ERR_TIMEOUT,
             _ => TB_ERR_PROTOCOL,
         };
         err(status, e.to_string())
@@ -194,7 +205,9 @@ impl From<RecvError> for Error {
             // close (misuse).
             RecvError::Detached => TB_ERR_INVALID_ARGUMENT,
             RecvError::ForkedChild(_) => TB_ERR_FORKED_CHILD,
-            _ => TB_ERR_CORRUPTED,
+            RecvError::EndOfStream => TB_END_OF_STREAM,
+            RecvError::Corrupted(_) => TB_ERR_CORRUPTED,
+            _ => TB_ERR_INTERNAL,
         };
         err(status, e.to_string())
     }
@@ -213,9 +226,34 @@ impl From<TryRecvError> for Error {
             TryRecvError::ForkedChild(_) => TB_ERR_FORKED_CHILD,
             TryRecvError::Corrupted(_) => TB_ERR_CORRUPTED,
             TryRecvError::NotExclusive(_) => TB_ERR_NOT_EXCLUSIVE,
+            TryRecvError::EndOfStream => TB_END_OF_STREAM,
             _ => TB_ERR_INTERNAL,
         };
         err(status, e.to_string())
+    }
+}
+
+/// The broker's reason when it refuses to remove a channel in use (see
+/// `tensorbus-broker`'s `RemoveError::InUse`; the Rust client passes the
+/// message on as [`RemoveChannelError::Refused`]).
+const REFUSED_IN_USE: &str = "is in use";
+/// The broker's reason for a channel its config declares.
+const REFUSED_DECLARED: &str = "declared in the broker config";
+
+impl From<RemoveChannelError> for Error {
+    fn from(e: RemoveChannelError) -> Error {
+        let message = e.to_string();
+        let status = match e {
+            RemoveChannelError::NotFound { .. } => TB_ERR_NO_CHANNEL,
+            RemoveChannelError::Refused(why) if why.contains(REFUSED_IN_USE) => TB_ERR_BUSY,
+            RemoveChannelError::Refused(why) if why.contains(REFUSED_DECLARED) => {
+                TB_ERR_PERMISSION_DENIED
+            }
+            RemoveChannelError::Refused(_) => TB_ERR_INVALID_ARGUMENT,
+            RemoveChannelError::Request(r) => return Error::from(r),
+            _ => TB_ERR_PROTOCOL,
+        };
+        err(status, message)
     }
 }
 
@@ -239,6 +277,7 @@ pub(crate) fn status_name(code: i32) -> &'static std::ffi::CStr {
         14 => c"TB_ERR_IO",
         15 => c"TB_ERR_INTERNAL",
         16 => c"TB_ERR_FORKED_CHILD",
+        17 => c"TB_END_OF_STREAM",
         _ => c"TB_ERR_UNKNOWN_STATUS",
     }
 }

@@ -28,8 +28,21 @@
  *  - every status is a documented tb_status, and the expected one;
  *  - broadcast: each subscriber's queue from each writer is modelled
  *    exactly (one thread drives everything and a publish pushes before it
- *    returns): tb_recv returns the front of one of them, or TB_ERR_TIMEOUT
- *    iff all are empty, and tb_consumer_dropped matches;
+ *    returns): tb_recv returns the front of one of them, or, iff all are
+ *    empty, TB_END_OF_STREAM when the channel's stream has ended (below)
+ *    and the consumer reports it, else TB_ERR_TIMEOUT; tb_consumer_dropped
+ *    matches;
+ *  - end of stream: a channel's stream has ended once the last of its
+ *    producers closed (a producer's broker handle closes with the producer
+ *    or, when loans outlive it, with its last loan; a stage is a producer
+ *    of its output while it or one of its staged tensors lives), until a
+ *    producer opens again; the state is kept across seeds, as the broker
+ *    keeps it. Consumers and stages are opened with tb_consumer_open,
+ *    tb_consumer_open_wait, tb_consumer_open_with (some with
+ *    TB_CONSUMER_NO_END_OF_STREAM, which never see it) and
+ *    tb_stage_open_with. On a work queue whose stream has ended a receive
+ *    of a consumer that reports it returns a tensor or TB_END_OF_STREAM,
+ *    never TB_ERR_TIMEOUT; before, never TB_END_OF_STREAM;
  *  - work queue: a tensor is received by at most one worker and, unless a
  *    lossy worker could have taken it or its last worker left, exactly once
  *    by the end (after a final drain with timeouts: the broker redispatches
@@ -120,6 +133,7 @@ typedef struct {
 typedef struct {
     tb_consumer *h;
     int open, client, ch, policy, depth;
+    int eos; /* reports end of stream (not TB_CONSUMER_NO_END_OF_STREAM) */
     uint32_t rows[MAXW][RING];
     int rowlen[MAXW];
     uint64_t dropped;
@@ -131,6 +145,7 @@ typedef struct {
 typedef struct {
     tb_stage *h;
     int open, client, in, out;
+    int eos; /* its input reports end of stream */
     tb_tensor *t[MAXSTAGED];
     uint32_t t_id[MAXSTAGED];
     int nt;
@@ -141,6 +156,14 @@ typedef struct {
     int kind; /* 0 client, 1 producer, 2 consumer, 3 stage, 4 tensor */
     uint64_t when;
 } stale_m;
+
+enum { N_PUB_B, N_PUB_W, N_RECV_B, N_RECV_W, N_EMPTY, N_FWD, N_FWD_SELF, N_STAGE_REL, N_HOSTILE, N_STALE,
+       N_BUSY, N_EXHAUSTED, N_LIMIT, N_CLOSE_LIVE, N_AFTER_CLOSE, N_MORE, N_EOS, N_COUNTS };
+static const char *COUNT_NAMES[N_COUNTS] = {
+    "publish broadcast", "publish wq", "recv broadcast", "recv wq", "recv empty", "forward",
+    "forward own input", "stage release", "hostile", "stale handle", "busy client", "pool exhausted",
+    "limit reached", "close with live tensors", "tensor used after its handle closed",
+    "second loan or staged tensor", "end of stream"};
 
 static struct {
     uint64_t seed, rng;
@@ -157,20 +180,17 @@ static struct {
     stale_m stale[NSTALE];
     int nstale;
     uint64_t retired;
+    int nprod[NCH]; /* live producers per channel at the last sync_ended */
     char trace[24][160];
     int ntrace;
-    long counts[16];
+    long counts[N_COUNTS];
 } W;
 
-enum { N_PUB_B, N_PUB_W, N_RECV_B, N_RECV_W, N_EMPTY, N_FWD, N_FWD_SELF, N_STAGE_REL, N_HOSTILE, N_STALE,
-       N_BUSY, N_EXHAUSTED, N_LIMIT, N_CLOSE_LIVE, N_AFTER_CLOSE, N_MORE, N_COUNTS };
-static const char *COUNT_NAMES[N_COUNTS] = {
-    "publish broadcast", "publish wq", "recv broadcast", "recv wq", "recv empty", "forward",
-    "forward own input", "stage release", "hostile", "stale handle", "busy client", "pool exhausted",
-    "limit reached", "close with live tensors", "tensor used after its handle closed",
-    "second loan or staged tensor"};
-
 static pid_t g_broker; /* stopped on failure too */
+
+/* Whether each channel's stream has ended (see the header comment): the
+ * broker keeps it across seeds, so the model does too. */
+static int g_ended[NCH];
 
 static void note(const char *fmt, ...) {
     va_list ap;
@@ -211,7 +231,7 @@ static int chance(int percent) { return (int)(rnd() % 100) < percent; }
 
 /* Checks that `s` is the status the model expects (`want`, or `alt` when >= 0). */
 static void expect(tb_status s, tb_status want, int alt, const char *what) {
-    if ((int)s < 0 || (int)s > TB_ERR_INTERNAL)
+    if ((int)s < 0 || (int)s > TB_END_OF_STREAM)
         fail("%s returned %d, which is no documented tb_status", what, (int)s);
     if (s != want && (int)s != alt)
         fail("%s returned %s, expected %s", what, tb_status_str((int)s), tb_status_str((int)want));
@@ -244,6 +264,26 @@ static void retire(void *p, int kind) {
 static int prod_live(int i) { return W.p[i].open || W.p[i].nloans > 0; }
 static int cons_live(int i) { return W.s[i].open || W.s[i].nheld > 0; }
 static int stage_live(int i) { return W.st[i].open || W.st[i].nt > 0; }
+
+/* Brings g_ended up to date: a channel whose live producers (producers
+ * with an open handle or a live loan, stages that are open or hold staged
+ * tensors, writing to it) went from some to none has ended; one with a
+ * live producer has not. Called after every step and before every receive
+ * (no step opens a producer and closes the last one). */
+static void sync_ended(void) {
+    for (int ch = 0; ch < NCH; ch++) {
+        int n = 0;
+        for (int i = 0; i < MAXP; i++)
+            n += prod_live(i) && W.p[i].ch == ch;
+        for (int i = 0; i < MAXST; i++)
+            n += stage_live(i) && W.st[i].out == ch;
+        if (n > 0)
+            g_ended[ch] = 0;
+        else if (W.nprod[ch] > 0)
+            g_ended[ch] = 1;
+        W.nprod[ch] = n;
+    }
+}
 
 /* A random index below `n` for which `ok` holds, or -1. */
 static int pick_if(int n, int (*ok)(int)) {
@@ -553,9 +593,22 @@ static void open_consumer(void) {
             int ch = below(NCH);
             tb_policy pol = (tb_policy)(1 + below(4));
             int depth = 1 + below(RING);
-            note("consumer %d = client %d on %s policy %u depth %d", i, k, CH[ch], (unsigned)pol, depth);
+            int how = below(4), eos = how != 3;
+            note("consumer %d = client %d on %s policy %u depth %d via %s", i, k, CH[ch], (unsigned)pol,
+                 depth, (const char *[]){"open", "open_wait", "open_with", "open_with NO_END_OF_STREAM"}[how]);
             tb_consumer *h = NULL;
-            tb_status s = tb_consumer_open(W.c[k].h, CH[ch], pol, (uint32_t)depth, &h);
+            tb_status s;
+            if (how == 0) {
+                s = tb_consumer_open(W.c[k].h, CH[ch], pol, (uint32_t)depth, &h);
+            } else if (how == 1) { /* the channel exists: no wait */
+                s = tb_consumer_open_wait(W.c[k].h, CH[ch], pol, (uint32_t)depth, TB_TIMEOUT_INFINITE, &h);
+            } else {
+                tb_consumer_options o = TB_CONSUMER_OPTIONS_INIT;
+                o.policy = pol;
+                o.depth = (uint32_t)depth;
+                o.flags = eos ? 0 : TB_CONSUMER_NO_END_OF_STREAM;
+                s = tb_consumer_open_with(W.c[k].h, CH[ch], &o, &h);
+            }
             expect(s, TB_OK, TB_ERR_LIMIT_REACHED, "tb_consumer_open");
             if (s != TB_OK) {
                 W.counts[N_LIMIT]++;
@@ -564,7 +617,7 @@ static void open_consumer(void) {
             cons_m *c = &W.s[i];
             memset(c, 0, sizeof *c);
             *c = (cons_m){.h = h, .open = 1, .client = k, .ch = ch, .policy = (int)pol,
-                          .depth = pol == TB_POLICY_LATEST ? 1 : depth};
+                          .depth = pol == TB_POLICY_LATEST ? 1 : depth, .eos = eos};
             if (is_wq(ch) && pol != TB_POLICY_BLOCK)
                 for (uint32_t id = 1; id <= W.next_id; id++)
                     if (W.items[id].wq == ch)
@@ -587,15 +640,19 @@ static void open_stage(void) {
             case 2: out = below(2); break; /* a broadcast channel */
             default: out = 4; break;       /* a channel of another pool */
             }
-            note("stage %d = client %d %s -> %s", i, k, CH[in], CH[out]);
+            int eos = chance(75);
+            note("stage %d = client %d %s -> %s%s", i, k, CH[in], CH[out], eos ? "" : " NO_END_OF_STREAM");
             tb_stage *h = NULL;
-            tb_status s = tb_stage_open(W.c[k].h, CH[in], CH[out], &h);
+            tb_consumer_options o = TB_CONSUMER_OPTIONS_INIT;
+            o.flags = TB_CONSUMER_NO_END_OF_STREAM;
+            tb_status s = eos ? tb_stage_open(W.c[k].h, CH[in], CH[out], &h)
+                              : tb_stage_open_with(W.c[k].h, CH[in], CH[out], &o, &h);
             expect(s, TB_OK, TB_ERR_LIMIT_REACHED, "tb_stage_open");
             if (s != TB_OK) {
                 W.counts[N_LIMIT]++;
                 return;
             }
-            W.st[i] = (stage_m){.h = h, .open = 1, .client = k, .in = in, .out = out};
+            W.st[i] = (stage_m){.h = h, .open = 1, .client = k, .in = in, .out = out, .eos = eos};
             W.wq_out[MAXP + i] = 0;
             W.wgen[MAXP + i]++;
             return;
@@ -679,12 +736,17 @@ static int recv_one(int i, uint64_t timeout_ns) {
     int empty = 1;
     for (int w = 0; w < MAXW; w++)
         empty &= c->rowlen[w] == 0;
+    sync_ended();
+    tb_status none = c->eos && g_ended[c->ch] ? TB_END_OF_STREAM : TB_ERR_TIMEOUT;
     tb_tensor *t = (tb_tensor *)0x1;
     tb_status s = tb_recv(c->h, timeout_ns, &t);
-    expect(s, TB_OK, TB_ERR_TIMEOUT, "tb_recv");
-    if (s == TB_ERR_TIMEOUT) {
+    if (is_wq(c->ch) || empty)
+        expect(s, none, TB_OK, "tb_recv");
+    else
+        expect(s, TB_OK, -1, "tb_recv");
+    if (s != TB_OK) {
         if (t != NULL)
-            fail("tb_recv timed out but left *out set");
+            fail("tb_recv returned %s but left *out set", tb_status_str((int)s));
         if (!is_wq(c->ch) && !empty)
             fail("consumer %d on %s got nothing, but the model queues tensors for it", i, CH[c->ch]);
         if (!is_wq(c->ch)) {
@@ -694,7 +756,7 @@ static int recv_one(int i, uint64_t timeout_ns) {
                 fail("consumer %d dropped %llu, the model says %llu", i, (unsigned long long)d,
                      (unsigned long long)c->dropped);
         }
-        W.counts[N_EMPTY]++;
+        W.counts[s == TB_END_OF_STREAM ? N_EOS : N_EMPTY]++;
         return 0;
     }
     uint32_t id = payload_id(t);
@@ -734,8 +796,10 @@ static void stage_step(void) {
         uint64_t timeout = chance(70) ? 0 : 1000000;
         note("stage %d recv_mut %llu ns (%d held)", i, (unsigned long long)timeout, s->nt);
         tb_tensor *t = NULL;
+        sync_ended();
         tb_status st = tb_recv_mut(s->h, timeout, &t);
-        expect(st, TB_OK, TB_ERR_TIMEOUT, "tb_recv_mut");
+        expect(st, TB_OK, s->eos && g_ended[s->in] ? TB_END_OF_STREAM : TB_ERR_TIMEOUT, "tb_recv_mut");
+        W.counts[N_EOS] += st == TB_END_OF_STREAM;
         if (st != TB_OK)
             return;
         uint32_t id = payload_id(t);
@@ -958,6 +1022,11 @@ static void hostile(void) {
         expect(tb_stage_open(c, CH[2], "r/none", &g), TB_ERR_NO_CHANNEL, -1, "tb_stage_open to an unknown output");
         char bad[2] = {(char)0xff, 0};
         expect(tb_producer_open(c, bad, &p), TB_ERR_INVALID_ARGUMENT, TB_ERR_NO_CHANNEL, "tb_producer_open of non-UTF-8");
+        expect(tb_channel_remove(c, CH[below(NCH)]), TB_ERR_PERMISSION_DENIED, -1, "tb_channel_remove of a declared channel");
+        expect(tb_channel_remove(c, "r/none"), TB_ERR_NO_CHANNEL, -1, "tb_channel_remove of an unknown channel");
+        expect(tb_consumer_open_wait(c, "r/wait-none", 0, 0, 1000000, &s), TB_ERR_TIMEOUT, -1, "tb_consumer_open_wait of a missing channel");
+        if (s != NULL)
+            fail("a timed-out wait left *out set");
         break;
     }
     case 7: { /* a client with open handles refuses to close; tensors of
@@ -1024,6 +1093,7 @@ static void step(void) {
     else if (r < 73) recv_step();
     else if (r < 92) stage_step();
     else hostile();
+    sync_ended();
 }
 
 /* Releases every held tensor, drains every worker, checks that no
@@ -1062,8 +1132,10 @@ static void finish(void) {
                 continue;
             for (;;) {
                 tb_tensor *t = NULL;
+                sync_ended();
                 tb_status s = tb_recv_mut(W.st[i].h, 5000000, &t);
-                expect(s, TB_OK, TB_ERR_TIMEOUT, "tb_recv_mut (final drain)");
+                expect(s, TB_OK, W.st[i].eos && g_ended[W.st[i].in] ? TB_END_OF_STREAM : TB_ERR_TIMEOUT,
+                       "tb_recv_mut (final drain)");
                 if (s != TB_OK)
                     break;
                 received(payload_id(t), W.st[i].in, -1);
@@ -1096,6 +1168,7 @@ static void finish(void) {
             expect(tb_client_close(W.c[k].h), TB_OK, -1, "tb_client_close");
             W.c[k].open = 0;
         }
+    sync_ended();
 }
 
 /* Every slot is free: a fresh client loans every slot of every pool, all
@@ -1127,6 +1200,7 @@ static void all_slots_free(void) {
         for (int k = 0; k < POOL_SLOTS[pool]; k++)
             if (t[k])
                 expect(tb_release(t[k]), TB_OK, -1, "tb_release");
+        g_ended[pool == 0 ? 0 : 4] = 1; /* its broker handle closed with the last loan */
     }
     expect(tb_client_close(c), TB_OK, -1, "tb_client_close");
 }

@@ -12,6 +12,7 @@
 #include "tensorbus.h"
 
 #include <errno.h>
+#include <stddef.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
@@ -183,8 +184,9 @@ static int finish_child(child *ch) {
 }
 
 /* What `tensorbus stat --json` says about the object named `name` (a
- * channel or a client): the number after `"key": `, or for `subscribers`
- * the length of that array. -1 if the report has no such field. */
+ * channel or a client): the number after `"key": ` (1 / 0 for true /
+ * false), or for `subscribers` the length of that array. -1 if the report
+ * has no such field. */
 static long stat_count(const char *name, const char *key) {
     char *argv[] = {(char *)g_tensorbus, "stat", "--json", "--socket", (char *)g_socket, NULL};
     child ch;
@@ -216,6 +218,8 @@ static long stat_count(const char *name, const char *key) {
     if (!f || (next && f > next && strcmp(key, "subscribers") != 0))
         return -1;
     f += strlen(field);
+    if (strncmp(f, "true", 4) == 0 || strncmp(f, "false", 5) == 0)
+        return *f == 't';
     if (*f != '[')
         return strtol(f, NULL, 10);
     long count = 0;
@@ -1252,6 +1256,452 @@ static void test_fork(void) {
 
 /* --------------------------------------------------------------- main -- */
 
+/* --------------------------------- late joiners and end of stream (14) -- */
+
+static const char *const SMALL_POOL[] = {"small"};
+
+/* A spec of a run-time channel of `mode` on the pool "small" keeping `history` tensors. */
+static tb_channel_spec small_spec(tb_mode mode, uint32_t history) {
+    tb_channel_spec spec = TB_CHANNEL_SPEC_INIT;
+    spec.pools = SMALL_POOL;
+    spec.npools = 1;
+    spec.mode = mode;
+    spec.history = history;
+    return spec;
+}
+
+/* Opens a producer on `channel`, created from `spec` if it is missing. */
+static tb_status open_creating(tb_client *c, const char *channel, const tb_channel_spec *spec,
+                               tb_producer **p) {
+    tb_producer_options o = TB_PRODUCER_OPTIONS_INIT;
+    o.create = spec;
+    return tb_producer_open_with(c, channel, &o, p);
+}
+
+/* Receives one tensor within `timeout_ns` and returns its first byte
+ * (releasing it), or -1 with the status in `*st`. */
+static int recv_byte(tb_consumer *cons, uint64_t timeout_ns, tb_status *st) {
+    tb_tensor *t = (tb_tensor *)0x1;
+    *st = tb_recv(cons, timeout_ns, &t);
+    if (*st != TB_OK) {
+        CHECK(t == NULL);
+        return -1;
+    }
+    const void *d = NULL;
+    CHECK_OK(tb_tensor_const_data(t, &d, NULL));
+    int v = d ? ((const uint8_t *)d)[0] : -1;
+    CHECK_OK(tb_release(t));
+    return v;
+}
+
+/* Checks that the next receive (within `timeout_ns`) gives a tensor whose first byte is `want`. */
+#define CHECK_RECV(cons, timeout_ns, want)                                      \
+    do {                                                                        \
+        tb_status st_;                                                          \
+        int v_ = recv_byte((cons), (timeout_ns), &st_);                         \
+        if (v_ != (want))                                                       \
+            FAIL_AT("received %d (%s), expected %d (last error: %s)", v_,      \
+                    tb_status_str((int)st_), (want), tb_last_error_message());  \
+    } while (0)
+
+/* A channel's history: a subscriber that joins late first receives the
+ * latest N tensors, oldest first (at most its depth); a bad spec is refused. */
+static void test_history_late_consumer(void) {
+    tb_client *c = connect_client("c-history");
+    if (!c)
+        return;
+    tb_channel_spec spec = small_spec(TB_MODE_BROADCAST, 2);
+    tb_producer *p = NULL;
+    CHECK_OK(open_creating(c, "c/hist", &spec, &p));
+    for (uint8_t v = 1; v <= 3; v++)
+        CHECK(publish_bytes(p, 16, v) == 0); /* no subscriber yet */
+    CHECK(stat_count("c/hist", "history") == 2);
+    CHECK(stat_count("c/hist", "history_held") == 2);
+
+    tb_consumer *late = NULL, *shallow = NULL;
+    CHECK_OK(tb_consumer_open(c, "c/hist", TB_POLICY_DEFAULT, 0, &late));
+    CHECK_OK(tb_consumer_open(c, "c/hist", TB_POLICY_LATEST, 1, &shallow));
+    CHECK_RECV(late, 0, 2);
+    CHECK_RECV(late, 0, 3);
+    CHECK_RECV(late, 0, -1); /* the producer is open: nothing, no end of stream */
+    CHECK_RECV(shallow, 0, 3); /* depth 1: only the newest kept one */
+    CHECK(publish_bytes(p, 16, 4) == 2);
+    CHECK_RECV(late, 0, 4);
+    CHECK_RECV(shallow, 0, 4);
+
+    /* An existing channel is opened as it is: the create spec is ignored. */
+    tb_channel_spec other = small_spec(TB_MODE_WORKQUEUE, 0);
+    tb_producer *p2 = NULL;
+    CHECK_OK(open_creating(c, "c/hist", &other, &p2));
+    CHECK(publish_bytes(p2, 16, 5) == 2);
+    CHECK_RECV(late, 0, 5);
+    CHECK_RECV(shallow, 0, 5);
+
+    /* The history outlives its producers: a consumer created later still
+     * gets the latest two, then end of stream (both closed cleanly). */
+    CHECK_OK(tb_producer_close(p));
+    CHECK_OK(tb_producer_close(p2));
+    tb_consumer *later = NULL;
+    CHECK_OK(tb_consumer_open(c, "c/hist", TB_POLICY_DEFAULT, 0, &later));
+    CHECK_RECV(later, 1000000000ull, 4);
+    CHECK_RECV(later, 0, 5);
+    tb_status st;
+    CHECK(recv_byte(later, 0, &st) == -1 && st == TB_END_OF_STREAM);
+
+    /* A consumer may create the channel too (with a history). */
+    tb_channel_spec kept = small_spec(TB_MODE_BROADCAST, 1);
+    tb_consumer_options co = TB_CONSUMER_OPTIONS_INIT;
+    co.create = &kept;
+    tb_consumer *creator = NULL;
+    CHECK_OK(tb_consumer_open_with(c, "c/hist2", &co, &creator));
+    CHECK(stat_count("c/hist2", "history") == 1);
+
+    /* Bad specs. */
+    tb_producer *bad = (tb_producer *)0x1;
+    tb_channel_spec wq = small_spec(TB_MODE_WORKQUEUE, 1);
+    CHECK_ST(open_creating(c, "c/hist-wq", &wq, &bad), TB_ERR_INVALID_ARGUMENT);
+    CHECK_MSG("broadcast channels only");
+    CHECK(bad == NULL);
+    tb_channel_spec deep = small_spec(TB_MODE_BROADCAST, 1000);
+    CHECK_ST(open_creating(c, "c/hist-deep", &deep, &bad), TB_ERR_INVALID_ARGUMENT);
+    CHECK_MSG("ring_capacity");
+    tb_channel_spec odd = small_spec(7, 0);
+    CHECK_ST(open_creating(c, "c/hist-odd", &odd, &bad), TB_ERR_INVALID_ARGUMENT);
+    CHECK_MSG("TB_MODE_");
+    tb_channel_spec nopools = small_spec(TB_MODE_BROADCAST, 0);
+    nopools.pools = NULL;
+    CHECK_ST(open_creating(c, "c/hist-odd", &nopools, &bad), TB_ERR_INVALID_ARGUMENT);
+    const char *const unknown_pool[] = {"nope"};
+    tb_channel_spec unknown = small_spec(TB_MODE_BROADCAST, 0);
+    unknown.pools = unknown_pool;
+    CHECK_ST(open_creating(c, "c/hist-odd", &unknown, &bad), TB_ERR_INVALID_ARGUMENT);
+    CHECK_MSG("nope");
+    tb_channel_spec unsized = small_spec(TB_MODE_BROADCAST, 0);
+    unsized.struct_size = 0;
+    CHECK_ST(open_creating(c, "c/hist-odd", &unsized, &bad), TB_ERR_INVALID_ARGUMENT);
+    CHECK_MSG("struct_size");
+    tb_producer_options po = TB_PRODUCER_OPTIONS_INIT;
+    po.struct_size = 1u << 20;
+    CHECK_ST(tb_producer_open_with(c, "c/hist", &po, &bad), TB_ERR_INVALID_ARGUMENT);
+    CHECK_MSG("struct_size");
+    /* A struct from a newer header: its unknown fields must be zero. */
+    struct {
+        tb_channel_spec spec;
+        uint64_t newer_field;
+    } newer = {small_spec(TB_MODE_BROADCAST, 0), 1};
+    newer.spec.struct_size = sizeof newer;
+    CHECK_ST(open_creating(c, "c/hist-odd", &newer.spec, &bad), TB_ERR_INVALID_ARGUMENT);
+    CHECK_MSG("does not know");
+    newer.newer_field = 0;
+    CHECK_OK(open_creating(c, "c/hist", &newer.spec, &bad));
+    CHECK_OK(tb_producer_close(bad));
+    /* A struct from an older header: the fields it lacks are 0 (here: history). */
+    tb_channel_spec older = small_spec(TB_MODE_BROADCAST, 5);
+    older.struct_size = offsetof(tb_channel_spec, history);
+    CHECK_OK(open_creating(c, "c/hist-old", &older, &bad));
+    CHECK(stat_count("c/hist-old", "history") == 0);
+    CHECK_OK(tb_producer_close(bad));
+    /* NULL options are the defaults: the channel must exist. */
+    CHECK_ST(tb_producer_open_with(c, "c/hist-none", NULL, &bad), TB_ERR_NO_CHANNEL);
+
+    CHECK_OK(tb_consumer_close(creator));
+    CHECK_OK(tb_consumer_close(later));
+    CHECK_OK(tb_consumer_close(late));
+    CHECK_OK(tb_consumer_close(shallow));
+    CHECK_OK(tb_channel_remove(c, "c/hist"));
+    CHECK_OK(tb_channel_remove(c, "c/hist2"));
+    CHECK_OK(tb_channel_remove(c, "c/hist-old"));
+    CHECK_OK(tb_client_close(c));
+}
+
+enum { WAIT_TENSORS = 40 };
+
+/* A consumer thread that waits for a channel, then receives until end of stream. */
+typedef struct {
+    tb_client *c;
+    tb_status open, last;
+    int got[WAIT_TENSORS + 1];
+    int n, bad;
+} waiter_arg;
+
+static void *waiter(void *arg) {
+    waiter_arg *a = arg;
+    tb_consumer *cons = NULL;
+    a->open = tb_consumer_open_wait(a->c, "c/late", TB_POLICY_BLOCK, 8, TB_TIMEOUT_INFINITE, &cons);
+    if (a->open != TB_OK)
+        return NULL;
+    for (;;) {
+        tb_status st;
+        int v = recv_byte(cons, TB_TIMEOUT_INFINITE, &st);
+        if (st != TB_OK) {
+            a->last = st;
+            break;
+        }
+        if (a->n <= WAIT_TENSORS)
+            a->got[a->n++] = v;
+    }
+    if (tb_consumer_close(cons) != TB_OK)
+        a->bad++;
+    return NULL;
+}
+
+/* A consumer started before the channel exists waits for it and gets every
+ * tensor from the first on; the stream ends when the producer closes. */
+static void test_wait_for_channel(void) {
+    tb_client *c = connect_client("c-wait");
+    if (!c)
+        return;
+    waiter_arg a = {.c = c, .open = TB_ERR_INTERNAL, .last = TB_OK};
+    pthread_t th;
+    CHECK(pthread_create(&th, NULL, waiter, &a) == 0);
+    /* Until its subscription is registered (stat shows the waiting channel). */
+    while (stat_count("c/late", "subscribers") < 1)
+        usleep(2000);
+    CHECK(stat_count("c/late", "pending") == 1);
+    /* For a producer without create options the channel does not exist. */
+    tb_producer *p = NULL;
+    CHECK_ST(tb_producer_open(c, "c/late", &p), TB_ERR_NO_CHANNEL);
+    tb_channel_spec spec = small_spec(TB_MODE_BROADCAST, 0);
+    CHECK_OK(open_creating(c, "c/late", &spec, &p));
+    /* No wait for subscribers: the first publish already reaches the waiter. */
+    for (int v = 0; v < WAIT_TENSORS; v++)
+        CHECK(publish_bytes(p, 16, (uint8_t)v) == 1);
+    CHECK_OK(tb_producer_close(p));
+    CHECK(pthread_join(th, NULL) == 0);
+    CHECK_ST(a.open, TB_OK);
+    CHECK_ST(a.last, TB_END_OF_STREAM);
+    CHECK(a.bad == 0);
+    CHECK(a.n == WAIT_TENSORS);
+    int in_order = a.n == WAIT_TENSORS;
+    for (int i = 0; in_order && i < a.n; i++)
+        in_order = a.got[i] == i;
+    CHECK(in_order);
+    CHECK_OK(tb_channel_remove(c, "c/late"));
+    CHECK_OK(tb_client_close(c));
+}
+
+/* A wait that times out fails with TB_ERR_TIMEOUT and leaves nothing open. */
+static void test_wait_timeout(void) {
+    tb_client *c = connect_client("c-wait");
+    if (!c)
+        return;
+    tb_consumer *cons = (tb_consumer *)0x1;
+    uint64_t start = now_ns();
+    CHECK_ST(tb_consumer_open_wait(c, "c/never", TB_POLICY_DEFAULT, 0, 50000000ull, &cons),
+             TB_ERR_TIMEOUT);
+    CHECK(now_ns() - start >= 50000000ull);
+    CHECK(cons == NULL);
+    CHECK_MSG("did not appear");
+    /* 0: no wait at all. */
+    CHECK_ST(tb_consumer_open_wait(c, "c/never", TB_POLICY_DEFAULT, 0, 0, &cons),
+             TB_ERR_NO_CHANNEL);
+    /* The same through the options struct, for a consumer and a stage. */
+    tb_consumer_options o = TB_CONSUMER_OPTIONS_INIT;
+    o.wait_channel_ns = 10000000ull;
+    CHECK_ST(tb_consumer_open_with(c, "c/never", &o, &cons), TB_ERR_TIMEOUT);
+    CHECK(cons == NULL);
+    tb_stage *g = (tb_stage *)0x1;
+    CHECK_ST(tb_stage_open_with(c, "c/never", "c/out", &o, &g), TB_ERR_TIMEOUT);
+    CHECK(g == NULL);
+    /* Bad options change nothing. */
+    o.flags = 0x80;
+    CHECK_ST(tb_consumer_open_with(c, "c/bcast", &o, &cons), TB_ERR_INVALID_ARGUMENT);
+    CHECK_MSG("flags");
+    o.flags = 0;
+    o.reserved = 1;
+    CHECK_ST(tb_consumer_open_with(c, "c/bcast", &o, &cons), TB_ERR_INVALID_ARGUMENT);
+    o.reserved = 0;
+    o.policy = 42;
+    CHECK_ST(tb_consumer_open_with(c, "c/bcast", &o, &cons), TB_ERR_INVALID_ARGUMENT);
+    o.policy = TB_POLICY_DEFAULT;
+    o.struct_size = 0;
+    CHECK_ST(tb_consumer_open_with(c, "c/bcast", &o, &cons), TB_ERR_INVALID_ARGUMENT);
+    CHECK_ST(tb_consumer_open_wait(c, NULL, 0, 0, 0, &cons), TB_ERR_INVALID_ARGUMENT);
+    CHECK_ST(tb_consumer_open_wait(c, "c/bcast", 0, 0, 0, NULL), TB_ERR_INVALID_ARGUMENT);
+    /* The waiting subscriptions are gone (the broker frees a pending
+     * channel once its last waiter left). */
+    while (stat_count("c/never", "pending") != -1)
+        usleep(2000);
+    CHECK_ST(tb_channel_remove(c, "c/never"), TB_ERR_NO_CHANNEL);
+    CHECK_OK(tb_client_close(c)); /* no handle was left open */
+}
+
+/* One blocking receive in another thread. */
+typedef struct {
+    tb_consumer *cons;
+    tb_status st;
+} blocked_recv;
+
+static void *recv_forever(void *arg) {
+    blocked_recv *b = arg;
+    (void)recv_byte(b->cons, TB_TIMEOUT_INFINITE, &b->st);
+    return NULL;
+}
+
+/* End of stream: after the last producer's clean close, once the queue is
+ * drained (and only then); opt-out per consumer; a new producer resumes. */
+static void test_end_of_stream(void) {
+    tb_client *c = connect_client("c-eos");
+    if (!c)
+        return;
+    tb_channel_spec spec = small_spec(TB_MODE_BROADCAST, 0);
+    tb_producer *a = NULL, *b = NULL;
+    CHECK_OK(open_creating(c, "c/eos", &spec, &a));
+    tb_consumer *cons = NULL, *service = NULL;
+    CHECK_OK(tb_consumer_open(c, "c/eos", TB_POLICY_BLOCK, 8, &cons));
+    tb_consumer_options o = TB_CONSUMER_OPTIONS_INIT;
+    o.flags = TB_CONSUMER_NO_END_OF_STREAM;
+    CHECK_OK(tb_consumer_open_with(c, "c/eos", &o, &service));
+    CHECK_RECV(cons, 0, -1);
+    CHECK_OK(tb_producer_open(c, "c/eos", &b));
+    CHECK(publish_bytes(a, 16, 1) == 2);
+    CHECK_OK(tb_producer_close(a));
+    /* One producer left: no end of stream. */
+    CHECK_RECV(cons, 0, 1);
+    tb_status st;
+    CHECK(recv_byte(cons, 10000000ull, &st) == -1 && st == TB_ERR_TIMEOUT);
+    CHECK(publish_bytes(b, 16, 2) == 2);
+    CHECK(publish_bytes(b, 16, 3) == 2);
+    CHECK_OK(tb_producer_close(b));
+    /* Queued tensors first, then end of stream from every kind of receive. */
+    CHECK_RECV(cons, TB_TIMEOUT_INFINITE, 2);
+    CHECK_RECV(cons, 0, 3);
+    tb_tensor *t = (tb_tensor *)0x1;
+    CHECK_ST(tb_recv(cons, TB_TIMEOUT_INFINITE, &t), TB_END_OF_STREAM);
+    CHECK(t == NULL);
+    CHECK_MSG("end of stream");
+    CHECK_ST(tb_recv(cons, 0, &t), TB_END_OF_STREAM);
+    CHECK_ST(tb_recv(cons, 1000000000ull, &t), TB_END_OF_STREAM);
+    CHECK(strcmp(tb_status_str(TB_END_OF_STREAM), "TB_END_OF_STREAM") == 0);
+    CHECK(stat_count("c/eos", "ended") == 1);
+    /* The opted-out consumer drains, then just times out. */
+    CHECK_RECV(service, 0, 1);
+    CHECK_RECV(service, 0, 2);
+    CHECK_RECV(service, 0, 3);
+    CHECK(recv_byte(service, 10000000ull, &st) == -1 && st == TB_ERR_TIMEOUT);
+    CHECK(recv_byte(service, 0, &st) == -1 && st == TB_ERR_TIMEOUT);
+    /* A new producer starts a new stream. */
+    CHECK_OK(tb_producer_open(c, "c/eos", &a));
+    CHECK_RECV(cons, 0, -1);
+    CHECK(publish_bytes(a, 16, 4) == 2);
+    CHECK_RECV(cons, 0, 4);
+    CHECK_RECV(service, 0, 4);
+    /* A receive blocked in another thread wakes at end of stream. */
+    blocked_recv blocked = {cons, TB_OK};
+    pthread_t th;
+    CHECK(pthread_create(&th, NULL, recv_forever, &blocked) == 0);
+    CHECK_OK(tb_producer_close(a));
+    CHECK(pthread_join(th, NULL) == 0);
+    CHECK_ST(blocked.st, TB_END_OF_STREAM);
+    CHECK_OK(tb_consumer_close(cons));
+    CHECK_OK(tb_consumer_close(service));
+    CHECK_OK(tb_channel_remove(c, "c/eos"));
+    CHECK_OK(tb_client_close(c));
+}
+
+/* A stage sees end of stream on its input, and its close ends its output's stream. */
+static void test_stage_end_of_stream(void) {
+    tb_client *c = connect_client("c-stage-eos");
+    if (!c)
+        return;
+    /* The output is created by its consumer, the input by the stage. */
+    tb_channel_spec out_spec = small_spec(TB_MODE_BROADCAST, 0);
+    tb_channel_spec in_spec = small_spec(TB_MODE_WORKQUEUE, 0);
+    tb_consumer_options co = TB_CONSUMER_OPTIONS_INIT;
+    co.create = &out_spec;
+    tb_consumer *sink = NULL;
+    CHECK_OK(tb_consumer_open_with(c, "c/eos-out", &co, &sink));
+    tb_consumer_options so = TB_CONSUMER_OPTIONS_INIT;
+    so.create = &in_spec;
+    tb_stage *g = NULL, *keeps_waiting = NULL;
+    CHECK_OK(tb_stage_open_with(c, "c/eos-in", "c/eos-out", &so, &g));
+    tb_stage *bad = (tb_stage *)0x1;
+    CHECK_ST(tb_stage_open_with(c, "c/bcast", "c/eos-out", NULL, &bad), TB_ERR_INVALID_ARGUMENT);
+    CHECK(bad == NULL);
+    tb_producer *camera = NULL;
+    CHECK_OK(tb_producer_open(c, "c/eos-in", &camera));
+    for (uint8_t v = 0; v < 5; v++)
+        CHECK(publish_bytes(camera, 16, v) == 1);
+    CHECK_OK(tb_producer_close(camera));
+    /* A worker that opts out, opened after the stream ended, keeps waiting. */
+    so.create = NULL;
+    so.flags = TB_CONSUMER_NO_END_OF_STREAM;
+    CHECK_OK(tb_stage_open_with(c, "c/eos-in", "c/eos-out", &so, &keeps_waiting));
+    int n = 0;
+    tb_status st;
+    for (;;) {
+        tb_tensor *t = NULL;
+        st = tb_recv_mut(g, TB_TIMEOUT_INFINITE, &t);
+        if (st != TB_OK)
+            break;
+        void *d = NULL;
+        CHECK_OK(tb_tensor_data(t, &d, NULL));
+        if (d)
+            ((uint8_t *)d)[0] += 100;
+        CHECK_OK(tb_forward(t, NULL));
+        n++;
+    }
+    CHECK_ST(st, TB_END_OF_STREAM);
+    CHECK(n == 5);
+    tb_tensor *t = (tb_tensor *)0x1;
+    CHECK_ST(tb_recv_mut(g, 0, &t), TB_END_OF_STREAM);
+    CHECK(t == NULL);
+    CHECK_ST(tb_recv_mut(keeps_waiting, 10000000ull, &t), TB_ERR_TIMEOUT);
+    CHECK_OK(tb_stage_close(keeps_waiting));
+    /* The sink: the stage's output, still open, has not ended... */
+    for (int v = 100; v < 105; v++)
+        CHECK_RECV(sink, TB_TIMEOUT_INFINITE, v);
+    CHECK(recv_byte(sink, 0, &st) == -1 && st == TB_ERR_TIMEOUT);
+    /* ...until the stage (its last producer) closes. */
+    CHECK_OK(tb_stage_close(g));
+    CHECK(recv_byte(sink, TB_TIMEOUT_INFINITE, &st) == -1 && st == TB_END_OF_STREAM);
+    CHECK_OK(tb_consumer_close(sink));
+    CHECK_OK(tb_channel_remove(c, "c/eos-in"));
+    CHECK_OK(tb_channel_remove(c, "c/eos-out"));
+    CHECK_OK(tb_client_close(c));
+}
+
+/* tb_channel_remove: refused while in use and for declared channels;
+ * a removed channel is gone (its history released) and may be created again. */
+static void test_channel_remove(void) {
+    tb_client *c = connect_client("c-remove");
+    if (!c)
+        return;
+    long free_before = stat_count("small", "slots_free");
+    tb_channel_spec spec = small_spec(TB_MODE_BROADCAST, 2);
+    tb_producer *p = NULL;
+    CHECK_OK(open_creating(c, "c/tmp", &spec, &p));
+    publish_bytes(p, 16, 1);
+    publish_bytes(p, 16, 2);
+    CHECK(stat_count("small", "slots_free") == free_before - 2); /* the history holds two */
+    CHECK_ST(tb_channel_remove(c, "c/tmp"), TB_ERR_BUSY);
+    CHECK_MSG("in use");
+    CHECK_OK(tb_producer_close(p));
+    tb_consumer *cons = NULL;
+    CHECK_OK(tb_consumer_open(c, "c/tmp", TB_POLICY_DEFAULT, 0, &cons));
+    CHECK_ST(tb_channel_remove(c, "c/tmp"), TB_ERR_BUSY);
+    CHECK_OK(tb_consumer_close(cons));
+    CHECK_OK(tb_channel_remove(c, "c/tmp"));
+    CHECK(stat_count("c/tmp", "history") == -1);
+    CHECK(stat_count("small", "slots_free") == free_before); /* released */
+    CHECK_ST(tb_channel_remove(c, "c/tmp"), TB_ERR_NO_CHANNEL);
+    CHECK_MSG("c/bcast"); /* the message lists the known channels */
+    CHECK_ST(tb_channel_remove(c, "c/bcast"), TB_ERR_PERMISSION_DENIED);
+    CHECK_MSG("declared in the broker config");
+    CHECK_ST(tb_channel_remove(c, NULL), TB_ERR_INVALID_ARGUMENT);
+    CHECK_ST(tb_channel_remove(NULL, "c/tmp"), TB_ERR_INVALID_ARGUMENT);
+    /* Created again, fresh (no history left, no stream ended). */
+    CHECK_OK(open_creating(c, "c/tmp", &spec, &p));
+    CHECK_OK(tb_consumer_open(c, "c/tmp", TB_POLICY_DEFAULT, 0, &cons));
+    CHECK_RECV(cons, 0, -1);
+    CHECK(publish_bytes(p, 16, 9) == 1);
+    CHECK_RECV(cons, 0, 9);
+    CHECK_OK(tb_consumer_close(cons));
+    CHECK_OK(tb_producer_close(p));
+    CHECK_OK(tb_channel_remove(c, "c/tmp"));
+    CHECK_OK(tb_client_close(c));
+}
+
 typedef struct {
     const char *name;
     void (*fn)(void);
@@ -1313,6 +1763,12 @@ int main(int argc, char **argv) {
         {"c_producer_rust_consumer", test_c_producer_rust_consumer},
         {"rust_producer_c_consumer", test_rust_producer_c_consumer},
         {"fork", test_fork},
+        {"history_late_consumer", test_history_late_consumer},
+        {"wait_for_channel", test_wait_for_channel},
+        {"wait_timeout", test_wait_timeout},
+        {"end_of_stream", test_end_of_stream},
+        {"stage_end_of_stream", test_stage_end_of_stream},
+        {"channel_remove", test_channel_remove},
     };
     int passed = 0, failed = 0;
     for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++) {
