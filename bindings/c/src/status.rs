@@ -233,23 +233,13 @@ impl From<TryRecvError> for Error {
     }
 }
 
-/// The broker's reason when it refuses to remove a channel in use (see
-/// `tensorbus-broker`'s `RemoveError::InUse`; the Rust client passes the
-/// message on as [`RemoveChannelError::Refused`]).
-const REFUSED_IN_USE: &str = "is in use";
-/// The broker's reason for a channel its config declares.
-const REFUSED_DECLARED: &str = "declared in the broker config";
-
 impl From<RemoveChannelError> for Error {
     fn from(e: RemoveChannelError) -> Error {
         let message = e.to_string();
         let status = match e {
             RemoveChannelError::NotFound { .. } => TB_ERR_NO_CHANNEL,
-            RemoveChannelError::Refused(why) if why.contains(REFUSED_IN_USE) => TB_ERR_BUSY,
-            RemoveChannelError::Refused(why) if why.contains(REFUSED_DECLARED) => {
-                TB_ERR_PERMISSION_DENIED
-            }
-            RemoveChannelError::Refused(_) => TB_ERR_INVALID_ARGUMENT,
+            RemoveChannelError::InUse(_) => TB_ERR_BUSY,
+            RemoveChannelError::Declared(_) => TB_ERR_PERMISSION_DENIED,
             RemoveChannelError::Request(r) => return Error::from(r),
             _ => TB_ERR_PROTOCOL,
         };

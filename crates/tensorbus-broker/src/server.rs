@@ -516,7 +516,8 @@ impl Broker {
                 Err(e) => {
                     let kind = match e {
                         crate::state::RemoveError::Unknown { .. } => ErrorKind::UnknownChannel,
-                        _ => ErrorKind::InvalidArgument,
+                        crate::state::RemoveError::InUse { .. } => ErrorKind::Busy,
+                        crate::state::RemoveError::Declared(_) => ErrorKind::PermissionDenied,
                     };
                     (error(kind, e.to_string()), Vec::new())
                 }

@@ -345,6 +345,8 @@ pub enum ErrorKind {
     PermissionDenied,
     /// Versions differ.
     VersionMismatch,
+    /// The object is in use (a channel with open handles cannot be removed).
+    Busy,
     /// Anything else.
     Internal,
 }

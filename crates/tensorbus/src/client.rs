@@ -395,7 +395,7 @@ pub(crate) fn open_error(
         ErrorKind::InvalidArgument => OpenError::InvalidArgument(message),
         ErrorKind::LimitReached => OpenError::LimitReached(message),
         ErrorKind::PermissionDenied => OpenError::PermissionDenied(message),
-        ErrorKind::VersionMismatch | ErrorKind::Internal => {
+        ErrorKind::VersionMismatch | ErrorKind::Busy | ErrorKind::Internal => {
             OpenError::Request(RequestError::Protocol(message))
         }
     }

@@ -171,10 +171,14 @@ pub enum RemoveChannelError {
         /// Channels that exist.
         known: Vec<String>,
     },
-    /// The broker refused: the channel is in use (open producers,
-    /// consumers, stages, or waiting consumers) or the config declares it.
+    /// The channel is in use (open producers, consumers, stages, waiting
+    /// consumers, or handles still being reclaimed): close them first.
     #[error("{0}")]
-    Refused(String),
+    InUse(String),
+    /// The broker config declares the channel: it lives as long as the
+    /// broker (remove it from the config and restart the broker).
+    #[error("{0}")]
+    Declared(String),
     /// A control request failed.
     #[error(transparent)]
     Request(#[from] RequestError),

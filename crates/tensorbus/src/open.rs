@@ -396,7 +396,23 @@ impl Client {
                 channel: channel.to_owned(),
                 known: self.known_channels(),
             }),
-            (Response::Error { message, .. }, _) => Err(RemoveChannelError::Refused(message)),
+            (
+                Response::Error {
+                    kind: proto::ErrorKind::Busy,
+                    message,
+                },
+                _,
+            ) => Err(RemoveChannelError::InUse(message)),
+            (
+                Response::Error {
+                    kind: proto::ErrorKind::PermissionDenied,
+                    message,
+                },
+                _,
+            ) => Err(RemoveChannelError::Declared(message)),
+            (Response::Error { message, .. }, _) => {
+                Err(RequestError::Protocol(format!("remove_channel: {message}")).into())
+            }
             (other, _) => Err(RequestError::Protocol(format!("unexpected reply {other:?}")).into()),
         }
     }

@@ -359,7 +359,7 @@ fn run_time_channels_can_be_removed_when_unused() {
     publish(&p, 2);
     assert_eq!(free_slots(&client), 30);
     let err = client.remove_channel("tmp/x").unwrap_err();
-    assert!(matches!(err, RemoveChannelError::Refused(_)), "{err}");
+    assert!(matches!(err, RemoveChannelError::InUse(_)), "{err}");
     assert!(err.to_string().contains("in use"), "{err}");
     drop(p);
     // Closing the producer ends the stream; the history still holds two.
@@ -376,6 +376,7 @@ fn run_time_channels_can_be_removed_when_unused() {
         Err(RemoveChannelError::NotFound { .. })
     ));
     let err = client.remove_channel("cam").unwrap_err();
+    assert!(matches!(err, RemoveChannelError::Declared(_)), "{err}");
     assert!(
         err.to_string().contains("declared in the broker config"),
         "{err}"
