@@ -326,8 +326,19 @@ impl ConsumerCore {
         self.detached.load(Ordering::Relaxed)
     }
 
+    /// Takes the next tensor, reporting end of stream when the rings are
+    /// empty and the stream ended (see [`ConsumerCore::try_take_checking`]).
     #[inline]
     pub(crate) fn try_take(&self) -> Result<Placed, TryRecvError> {
+        self.try_take_checking(true)
+    }
+
+    /// Takes the next tensor. `check_end`: when the rings are empty, look
+    /// whether the stream ended (one more load of the channel record, then a
+    /// second look at the rings); a waiting receive checks only every 64th
+    /// empty poll, so spinning stays one load of the rings per poll.
+    #[inline]
+    pub(crate) fn try_take_checking(&self, check_end: bool) -> Result<Placed, TryRecvError> {
         // An inherited consumer takes nothing from the parent's queue.
         self.inner.origin.check()?;
         if self.is_detached() {
@@ -342,7 +353,7 @@ impl ConsumerCore {
         let path = self.path();
         let mut cursor = self.cursor.load(Ordering::Relaxed);
         let mut desc = path.pop(&mut cursor, &FutexParker);
-        if desc.is_none() && self.end_of_stream && path.ended() {
+        if desc.is_none() && check_end && self.end_of_stream && path.ended() {
             // `ended` was read with Acquire after the last producer closed:
             // every push it made is visible now, so one more look decides
             // between a last tensor and the end of the stream.
@@ -399,7 +410,9 @@ impl ConsumerCore {
         };
         let mut spins = 0u32;
         loop {
-            match self.try_take() {
+            // End of stream is looked for at once, then every 64th empty
+            // poll (with the clock) and after every park (spins stays 0).
+            match self.try_take_checking(spins % 64 == 0) {
                 Ok(r) => return Ok(r),
                 Err(TryRecvError::Corrupted(c)) => return Err(RecvError::Corrupted(c)),
                 Err(TryRecvError::Empty) if self.is_detached() => return Err(RecvError::Detached),
