@@ -8,7 +8,7 @@
 //! until released; the broker handle closes with the last of them).
 
 use crate::convert::{next_slice, recv_timeout, timeout_of};
-use crate::errors::{closed, end_of_stream, recv_err, tb_err, try_recv_err};
+use crate::errors::{closed, recv_err, tb_err, try_recv_err};
 use crate::slot::{ConsumerHandle, Slot};
 use crate::tensor::PyTensor;
 use pyo3::prelude::*;
@@ -61,7 +61,7 @@ fn try_take(py: Python<'_>, c: &Consumer) -> PyResult<Option<Py<PyTensor>>> {
     match take(py, c)? {
         Got::Tensor(t) => Ok(Some(t)),
         Got::Nothing => Ok(None),
-        Got::Ended => Err(end_of_stream(c.channel())),
+        Got::Ended => Err(crate::errors::end_of_stream(c.channel())),
     }
 }
 
@@ -184,7 +184,7 @@ impl PyConsumer {
         match self.wait(py, t)? {
             Got::Tensor(x) => Ok(x),
             Got::Nothing => Err(recv_timeout(&self.channel, t)),
-            Got::Ended => Err(end_of_stream(&self.channel)),
+            Got::Ended => Err(crate::errors::end_of_stream(&self.channel)),
         }
     }
 
