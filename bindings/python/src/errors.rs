@@ -94,9 +94,9 @@ pub(crate) fn open_err(e: OpenError) -> PyErr {
 pub(crate) fn remove_err(e: RemoveChannelError) -> PyErr {
     let name = match &e {
         RemoveChannelError::NotFound { .. } => "ChannelNotFound",
-        RemoveChannelError::Refused(_) => "InvalidArgument",
         RemoveChannelError::Request(r) => request_class(r),
-        _ => "TensorbusError",
+        // The broker's refusals (in use; declared in the config).
+        _ => "InvalidArgument",
     };
     tb_err(name, e.to_string())
 }
