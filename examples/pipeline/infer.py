@@ -46,7 +46,7 @@ def main() -> None:
     sess.run(None, {detector.INPUT_NAME: np.zeros((1, 3, in_h, in_w), np.float32)})  # warm-up
 
     client = common.connect(args, "infer")
-    inputs = client.consumer(common.INPUT, policy="block", depth=common.DEPTH, wait="park")
+    inputs = client.consumer(common.INPUT, policy="block", depth=common.DEPTH, wait_strategy="park")
     probs = client.producer(common.PROB)
     detections = client.producer(common.DETECTIONS)
     record = common.Record("infer")

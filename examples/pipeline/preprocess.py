@@ -23,7 +23,7 @@ def main() -> None:
     in_h, in_w = args.input_size
     resizer = Resizer(in_h, in_w)
     client = common.connect(args, "preprocess")
-    frames = client.consumer(common.RAW, policy="block", depth=common.DEPTH, wait="park")
+    frames = client.consumer(common.RAW, policy="block", depth=common.DEPTH, wait_strategy="park")
     producer = client.producer(common.INPUT)
     record = common.Record("preprocess")
     laps = common.Laps()

@@ -43,7 +43,7 @@ def main() -> None:
     args = common.role_parser(__doc__).parse_args()
     height, width = args.frame_size
     client = common.connect(args, "sink")
-    detections = client.consumer(common.DETECTIONS, policy="block", depth=common.DEPTH, wait="park")
+    detections = client.consumer(common.DETECTIONS, policy="block", depth=common.DEPTH, wait_strategy="park")
     record = common.Record("sink")
     laps = common.Laps()
     common.mark_ready(args, "sink")

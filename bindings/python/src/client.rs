@@ -2,16 +2,18 @@
 //! stages, and closes them all when it is closed.
 
 use crate::consumer::PyConsumer;
-use crate::convert::{create_spec, parse_policy, parse_wait};
-use crate::errors::{closed, connect_err, forked_err, open_err, request_err, tb_err};
+use crate::convert::{create_spec, parse_policy, parse_wait, parse_wait_arg, WaitArg};
+use crate::errors::{closed, connect_err, forked_err, open_err, remove_err, request_err, tb_err};
 use crate::producer::PyProducer;
 use crate::slot::{lock, Closable, Handle, Slot, StageHandle};
 use crate::stage::PyStage;
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
-use tensorbus::{Client, ConsumerOptions, Policy, ProducerOptions};
+use tensorbus::error::OpenError;
+use tensorbus::{Client, Consumer, ConsumerOptions, Policy, ProducerOptions};
 
 /// A connection to a tensorbus broker.
 ///
@@ -54,6 +56,43 @@ impl PyClient {
         let mut st = lock(&self.state);
         st.children.retain(|w| w.strong_count() > 0);
         st.children.push(child);
+    }
+
+    /// Subscribes with `opts`; when they wait for the channel, without the
+    /// GIL and checking for signals (Ctrl-C) and `close()` of this client
+    /// between polls (every 50 ms at most): the exception a signal handler
+    /// raised (KeyboardInterrupt) ends the wait and is raised here, a
+    /// client closed meanwhile raises `Closed`.
+    fn open_consumer(
+        &self,
+        py: Python<'_>,
+        client: &Client,
+        channel: &str,
+        opts: ConsumerOptions,
+    ) -> PyResult<Consumer> {
+        if opts.wait_for_channel.is_none() {
+            return py
+                .detach(|| client.consumer_with(channel, opts))
+                .map_err(open_err);
+        }
+        let mut raised: Option<PyErr> = None;
+        let r = py.detach(|| {
+            client.consumer_interruptible(channel, opts, || {
+                let signal = Python::attach(|py| py.check_signals());
+                match signal {
+                    Err(e) => {
+                        raised = Some(e);
+                        true
+                    }
+                    Ok(()) => self.closed(),
+                }
+            })
+        });
+        match r {
+            Ok(c) => Ok(c),
+            Err(OpenError::Interrupted(_)) => Err(raised.unwrap_or_else(|| closed("client"))),
+            Err(e) => Err(open_err(e)),
+        }
     }
 }
 
@@ -99,8 +138,10 @@ impl PyClient {
 
     /// Opens a producer on `channel`. With `create=True` the channel is
     /// created at run time if it does not exist, using `pools` (names;
-    /// default: every pool) and `mode` (`"broadcast"` or `"workqueue"`).
-    #[pyo3(signature = (channel, *, pools = None, mode = None, create = false))]
+    /// default: every pool), `mode` (`"broadcast"` or `"workqueue"`) and
+    /// `history` (broadcast only: a subscriber that joins late first
+    /// receives the last `history` tensors; default 0).
+    #[pyo3(signature = (channel, *, pools = None, mode = None, create = false, history = 0))]
     fn producer(
         &self,
         py: Python<'_>,
@@ -108,10 +149,11 @@ impl PyClient {
         pools: Option<Vec<String>>,
         mode: Option<&str>,
         create: bool,
+        history: u32,
     ) -> PyResult<PyProducer> {
         let client = self.client()?;
         let mut opts = ProducerOptions::default();
-        if let Some(spec) = create_spec(create, pools, mode)? {
+        if let Some(spec) = create_spec(create, pools, mode, history)? {
             opts = opts.create(spec);
         }
         let producer = py
@@ -124,10 +166,26 @@ impl PyClient {
 
     /// Subscribes to `channel`. `policy`: `"block"`, `"drop_oldest"`,
     /// `"drop_newest"` or `"latest"` (default: the channel's); `depth`: ring
-    /// depth (default: the channel's); `wait`: `"spin"` (spin 50 µs, then
-    /// sleep; default), `"busy"` (never sleep) or `"park"` (sleep at once).
-    /// With `create=True` the channel is created if missing (`pools`, `mode`).
-    #[pyo3(signature = (channel, *, policy = None, depth = None, wait = None, create = false, pools = None, mode = None))]
+    /// depth (default: the channel's); `wait_strategy`: `"spin"` (spin
+    /// 50 µs, then sleep; default), `"busy"` (never sleep) or `"park"`
+    /// (sleep at once).
+    ///
+    /// `wait`: when the channel does not exist yet, `True` waits for a
+    /// producer to create it (forever; Ctrl-C interrupts), a number waits
+    /// that many seconds and then raises `Timeout`; `False`, `None` or `0`
+    /// (the default) raise `ChannelNotFound` at once. The subscription is
+    /// registered while it waits, so it receives from the channel's first
+    /// tensor on. (A string `wait=` is the wait strategy, as before
+    /// `wait_strategy=`: deprecated.)
+    ///
+    /// `end_of_stream`: receives raise `EndOfStream` (iteration stops)
+    /// once the channel's last producer closed cleanly and everything
+    /// queued was received (default); False keeps waiting instead, for a
+    /// service that outlives its producers.
+    ///
+    /// With `create=True` the channel is created if missing (`pools`,
+    /// `mode`, `history` as for `producer()`).
+    #[pyo3(signature = (channel, *, policy = None, depth = None, wait = None, wait_strategy = None, create = false, pools = None, mode = None, history = 0, end_of_stream = true))]
     #[allow(clippy::too_many_arguments)]
     fn consumer(
         &self,
@@ -135,28 +193,39 @@ impl PyClient {
         channel: &str,
         policy: Option<&str>,
         depth: Option<u32>,
-        wait: Option<&str>,
+        wait: Option<&Bound<'_, PyAny>>,
+        wait_strategy: Option<&str>,
         create: bool,
         pools: Option<Vec<String>>,
         mode: Option<&str>,
+        history: u32,
+        end_of_stream: bool,
     ) -> PyResult<PyConsumer> {
         let client = self.client()?;
-        let mut opts = ConsumerOptions::default();
+        let mut opts = ConsumerOptions::default().end_of_stream(end_of_stream);
         if let Some(p) = policy {
             opts = opts.policy(parse_policy(p)?);
         }
         if let Some(d) = depth {
             opts = opts.depth(d);
         }
-        if let Some(w) = wait {
+        if let Some(w) = wait_strategy {
             opts = opts.wait(parse_wait(w)?);
         }
-        if let Some(spec) = create_spec(create, pools, mode)? {
+        match parse_wait_arg(wait, true)? {
+            WaitArg::No => {}
+            WaitArg::Channel(d) => opts = opts.wait_for_channel(d),
+            WaitArg::Strategy(_) if wait_strategy.is_some() => {
+                return Err(PyValueError::new_err(
+                    "wait_strategy= and a wait strategy in wait= given both; use wait_strategy=",
+                ))
+            }
+            WaitArg::Strategy(w) => opts = opts.wait(w),
+        }
+        if let Some(spec) = create_spec(create, pools, mode, history)? {
             opts = opts.create(spec);
         }
-        let consumer = py
-            .detach(|| client.consumer_with(channel, opts))
-            .map_err(open_err)?;
+        let consumer = self.open_consumer(py, &client, channel, opts)?;
         let (c, slot) = PyConsumer::new(consumer);
         self.adopt(&slot);
         Ok(c)
@@ -165,18 +234,31 @@ impl PyClient {
     /// Opens a stage: an exclusive, writable subscription to the work-queue
     /// channel `input` (lossless) plus a producer on `output`. `recv_mut()`
     /// gives a writable tensor; `t.forward()` publishes the same slot on `output`.
-    #[pyo3(signature = (input, output, *, depth = None))]
+    ///
+    /// `wait` (True, or seconds) waits for `input` to be created, as for
+    /// `consumer()`; `Timeout` when it is not in time. The wait releases
+    /// the GIL but cannot be interrupted: signals (Ctrl-C) are handled once
+    /// it ends, so prefer a number of seconds. `end_of_stream`: as for
+    /// `consumer()` (`recv_mut()` raises `EndOfStream`).
+    #[pyo3(signature = (input, output, *, depth = None, wait = None, end_of_stream = true))]
     fn stage(
         &self,
         py: Python<'_>,
         input: &str,
         output: &str,
         depth: Option<u32>,
+        wait: Option<&Bound<'_, PyAny>>,
+        end_of_stream: bool,
     ) -> PyResult<PyStage> {
         let client = self.client()?;
-        let mut opts = ConsumerOptions::default().policy(Policy::Block);
+        let mut opts = ConsumerOptions::default()
+            .policy(Policy::Block)
+            .end_of_stream(end_of_stream);
         if let Some(d) = depth {
             opts = opts.depth(d);
+        }
+        if let WaitArg::Channel(d) = parse_wait_arg(wait, false)? {
+            opts = opts.wait_for_channel(d);
         }
         let stage = py
             .detach(|| client.stage_with(input, output, opts))
@@ -186,9 +268,25 @@ impl PyClient {
         Ok(s)
     }
 
+    /// Removes `channel`, a channel created at run time (`create=True`, or
+    /// `tensorbus pub --create`), so that it no longer counts toward the
+    /// broker's `limits.max_channels`; the tensors its history kept are
+    /// released. Raises `ChannelNotFound` for an unknown name, and
+    /// `InvalidArgument` (with the broker's reason) while any producer,
+    /// consumer or stage (of any client) uses it, or when the broker's
+    /// config declares it.
+    fn remove_channel(&self, py: Python<'_>, channel: &str) -> PyResult<()> {
+        let client = self.client()?;
+        py.detach(|| client.remove_channel(channel))
+            .map_err(remove_err)
+    }
+
     /// A statistics snapshot from the broker, as a dict (the JSON of
     /// `tensorbus stat --json`): pools (slots_free, loaned, in_flight),
-    /// channels (subscribers with delivered/dropped/queued) and clients.
+    /// channels (subscribers with delivered/dropped/queued; `history` and
+    /// `history_held`: the tensors kept for late subscribers, configured and
+    /// held now; `ended`: the last producer closed; `pending`: not created
+    /// yet, consumers wait for it) and clients.
     fn stat<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let client = self.client()?;
         let report = py.detach(|| client.stat()).map_err(request_err)?;

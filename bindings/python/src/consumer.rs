@@ -21,7 +21,8 @@ use tensorbus::error::{RecvError, TryRecvError};
 use tensorbus::Consumer;
 
 /// The reading end of a channel: `recv()` returns read-only tensors;
-/// iterating yields tensors until the consumer is closed.
+/// iterating yields tensors until the end of the stream or until the
+/// consumer is closed.
 #[pyclass(frozen, weakref, module = "tensorbus", name = "Consumer")]
 pub struct PyConsumer {
     slot: Arc<Slot<ConsumerHandle>>,
@@ -36,12 +37,33 @@ pub struct PyConsumer {
     depth: u32,
 }
 
-/// One non-blocking receive as a Python tensor (`None`: nothing queued).
-fn try_take(py: Python<'_>, c: &Consumer) -> PyResult<Option<Py<PyTensor>>> {
+/// What one receive (or a wait) got.
+enum Got {
+    /// A tensor.
+    Tensor(Py<PyTensor>),
+    /// Nothing (queued now, or within the wait).
+    Nothing,
+    /// End of stream.
+    Ended,
+}
+
+/// One non-blocking receive.
+fn take(py: Python<'_>, c: &Consumer) -> PyResult<Got> {
     match c.try_recv() {
-        Ok(t) => PyTensor::received(py, t).map(Some),
-        Err(TryRecvError::Empty) => Ok(None),
+        Ok(t) => PyTensor::received(py, t).map(Got::Tensor),
+        Err(TryRecvError::Empty) => Ok(Got::Nothing),
+        Err(TryRecvError::EndOfStream) => Ok(Got::Ended),
         Err(e) => Err(try_recv_err(e)),
+    }
+}
+
+/// One non-blocking receive as a Python tensor (`None`: nothing queued;
+/// `EndOfStream` at the end of the stream).
+fn try_take(py: Python<'_>, c: &Consumer) -> PyResult<Option<Py<PyTensor>>> {
+    match take(py, c)? {
+        Got::Tensor(t) => Ok(Some(t)),
+        Got::Nothing => Ok(None),
+        Got::Ended => Err(crate::errors::end_of_stream(c.channel())),
     }
 }
 
@@ -84,38 +106,39 @@ impl PyConsumer {
     }
 
     /// Waits up to `timeout` (None: forever), in slices, checking signals
-    /// (Ctrl-C) and `close()` between them. `Ok(None)`: timed out.
-    fn wait(&self, py: Python<'_>, timeout: Option<Duration>) -> PyResult<Option<Py<PyTensor>>> {
+    /// (Ctrl-C) and `close()` between them.
+    fn wait(&self, py: Python<'_>, timeout: Option<Duration>) -> PyResult<Got> {
         let h = self.slot.get()?;
         // Fast path: a tensor is already queued; no clock, no GIL release.
-        if let Some(t) = try_take(py, &h.consumer)? {
-            return Ok(Some(t));
+        match take(py, &h.consumer)? {
+            Got::Nothing => {}
+            got => return Ok(got),
         }
         if timeout.is_some_and(|t| t.is_zero()) {
-            return Ok(None);
+            return Ok(Got::Nothing);
         }
         let start = Instant::now();
         loop {
             let (left, slice) = next_slice(start, timeout);
             let got = if slice.is_zero() {
-                match try_take(py, &h.consumer)? {
-                    Some(t) => return Ok(Some(t)),
-                    None => return Ok(None),
-                }
+                return take(py, &h.consumer);
             } else {
                 // `close()` from another thread detaches the consumer: this
                 // wait then ends within one park slice (`Detached`).
                 py.detach(|| h.consumer.recv_timeout(slice))
             };
             match got {
-                Ok(t) => return PyTensor::received(py, t).map(Some),
-                Err(RecvError::Timeout(_)) if left.is_some_and(|l| l <= slice) => return Ok(None),
+                Ok(t) => return PyTensor::received(py, t).map(Got::Tensor),
+                Err(RecvError::Timeout(_)) if left.is_some_and(|l| l <= slice) => {
+                    return Ok(Got::Nothing)
+                }
                 Err(RecvError::Timeout(_)) => {
                     py.check_signals()?;
                     if self.slot.is_closed() {
                         return Err(closed("consumer"));
                     }
                 }
+                Err(RecvError::EndOfStream) => return Ok(Got::Ended),
                 Err(RecvError::Detached) => return Err(closed("consumer")),
                 Err(e) => return Err(recv_err(e)),
             }
@@ -166,19 +189,24 @@ impl PyConsumer {
     }
 
     /// Waits for the next tensor (at most `timeout` seconds; None: forever)
-    /// and returns a read-only `Tensor`. Raises `Timeout`, or `Closed` when
-    /// the consumer is closed meanwhile (from another thread). The GIL is
-    /// released while waiting and Ctrl-C interrupts the wait.
+    /// and returns a read-only `Tensor`. Raises `Timeout`, `EndOfStream`
+    /// once the channel's last producer closed cleanly and everything
+    /// queued was received (unless opened with `end_of_stream=False`), or
+    /// `Closed` when the consumer is closed meanwhile (from another
+    /// thread). The GIL is released while waiting and Ctrl-C interrupts
+    /// the wait.
     #[pyo3(signature = (timeout = None))]
     fn recv(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Py<PyTensor>> {
         let t = timeout_of(timeout)?;
         match self.wait(py, t)? {
-            Some(x) => Ok(x),
-            None => Err(recv_timeout(&self.channel, t)),
+            Got::Tensor(x) => Ok(x),
+            Got::Nothing => Err(recv_timeout(&self.channel, t)),
+            Got::Ended => Err(crate::errors::end_of_stream(&self.channel)),
         }
     }
 
-    /// The next tensor if one is queued, else None (never waits).
+    /// The next tensor if one is queued, else None (never waits); raises
+    /// `EndOfStream` at the end of the stream (see `recv()`).
     fn try_recv(&self, py: Python<'_>) -> PyResult<Option<Py<PyTensor>>> {
         try_take(py, &self.slot.get()?.consumer)
     }
@@ -186,8 +214,9 @@ impl PyConsumer {
     /// `await consumer.recv_async(timeout=None)`: waits for the next tensor
     /// without blocking the event loop (asyncio; the consumer's readiness
     /// eventfd is watched with `loop.add_reader`). Raises `Timeout` after
-    /// `timeout` seconds and `Closed` when the consumer is closed while
-    /// waiting; cancelling the awaiting task loses no tensor.
+    /// `timeout` seconds, `EndOfStream` at the end of the stream (see
+    /// `recv()`) and `Closed` when the consumer is closed while waiting;
+    /// cancelling the awaiting task loses no tensor.
     #[pyo3(signature = (timeout = None))]
     fn recv_async<'py>(
         slf: &Bound<'py, Self>,
@@ -201,7 +230,8 @@ impl PyConsumer {
         slf
     }
 
-    /// `async for t in consumer`: ends when the consumer is closed.
+    /// `async for t in consumer`: ends at the end of the stream or when
+    /// the consumer is closed.
     fn __anext__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
         let py = slf.py();
         aio(py)?.getattr("anext")?.call1((slf,))
@@ -236,13 +266,18 @@ impl PyConsumer {
         slf
     }
 
+    /// `for t in consumer`: the next tensor; stops at the end of the stream
+    /// or when the consumer is closed.
     fn __next__(&self, py: Python<'_>) -> PyResult<Option<Py<PyTensor>>> {
         if self.closed() {
             return Ok(None);
         }
         match self.wait(py, None) {
+            Ok(Got::Tensor(t)) => Ok(Some(t)),
+            // `Nothing` cannot come from an endless wait.
+            Ok(Got::Ended | Got::Nothing) => Ok(None),
             Err(_) if self.closed() => Ok(None),
-            other => other,
+            Err(e) => Err(e),
         }
     }
 
@@ -348,8 +383,8 @@ impl PyReadiness {
         self.slot.is_closed()
     }
 
-    /// The next tensor if one is queued, else None; `Closed` once the
-    /// consumer is closed.
+    /// The next tensor if one is queued, else None; `EndOfStream` at the
+    /// end of the stream, `Closed` once the consumer is closed.
     fn try_recv(&self, py: Python<'_>) -> PyResult<Option<Py<PyTensor>>> {
         try_take(py, &self.slot.get()?.consumer)
     }

@@ -1,11 +1,12 @@
 //! Python arguments to Rust values: timeouts, dtypes, shapes (`u32`
-//! extents), policies, modes, wait strategies and channel specs.
+//! extents), policies, modes, wait strategies, waits for a channel and
+//! channel specs.
 
 use crate::errors::tb_err;
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyDeprecationWarning, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyDict, PyInt, PyString, PyTuple};
+use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyString, PyTuple};
 use std::time::{Duration, Instant};
 use tensorbus::{ChannelSpec, DType, Mode, Policy, WaitStrategy, MAX_DIMS};
 
@@ -14,10 +15,12 @@ use tensorbus::{ChannelSpec, DType, Mode, Policy, WaitStrategy, MAX_DIMS};
 pub(crate) const WAIT_SLICE: Duration = Duration::from_millis(50);
 
 /// Converts a Python timeout in seconds (`None`: forever) to a duration.
+/// A number of seconds too large for a `Duration` (about 585 billion
+/// years) is forever.
 pub(crate) fn timeout_of(timeout: Option<f64>) -> PyResult<Option<Duration>> {
     match timeout {
         None => Ok(None),
-        Some(t) if t.is_finite() && t >= 0.0 => Ok(Some(Duration::from_secs_f64(t))),
+        Some(t) if t.is_finite() && t >= 0.0 => Ok(Duration::try_from_secs_f64(t).ok()),
         Some(t) if t == f64::INFINITY => Ok(None),
         Some(t) => Err(PyValueError::new_err(format!(
             "timeout must be a non-negative number of seconds or None, not {t}"
@@ -262,18 +265,85 @@ pub(crate) fn parse_wait(s: &str) -> PyResult<WaitStrategy> {
     }
 }
 
-/// The channel spec for run-time creation (`create=True`, from `pools` and
-/// `mode`), None without `create`; `pools` or `mode` without it are a
-/// `ValueError`.
+/// What a `wait=` argument asks for (see [`parse_wait_arg`]).
+pub(crate) enum WaitArg {
+    /// Fail at once when the channel does not exist (None, False, 0).
+    No,
+    /// Wait this long for the channel (`Duration::MAX`: forever).
+    Channel(Duration),
+    /// The wait strategy, given the old way (`wait="park"`).
+    Strategy(WaitStrategy),
+}
+
+/// Parses `wait=` of `consumer()` and `stage()`: True waits for the channel
+/// forever, a number of seconds that long (inf: forever), False, None or 0
+/// not at all. With `strategy_ok`, a string is the wait strategy (the
+/// keyword's meaning before `wait_strategy=`; a `DeprecationWarning`).
+pub(crate) fn parse_wait_arg(
+    wait: Option<&Bound<'_, PyAny>>,
+    strategy_ok: bool,
+) -> PyResult<WaitArg> {
+    let Some(w) = wait else {
+        return Ok(WaitArg::No);
+    };
+    if w.is_none() {
+        return Ok(WaitArg::No);
+    }
+    if let Ok(b) = w.cast::<PyBool>() {
+        return Ok(if b.is_true() {
+            WaitArg::Channel(Duration::MAX)
+        } else {
+            WaitArg::No
+        });
+    }
+    if strategy_ok {
+        if let Ok(s) = w.cast::<PyString>() {
+            PyErr::warn(
+                w.py(),
+                &w.py().get_type::<PyDeprecationWarning>(),
+                c"consumer(wait=\"spin\" | \"busy\" | \"park\") is deprecated: pass the wait strategy as wait_strategy=; wait= is now whether to wait for the channel (True or seconds)",
+                1,
+            )?;
+            return parse_wait(&s.to_cow()?).map(WaitArg::Strategy);
+        }
+    }
+    if w.is_instance_of::<PyInt>() || w.is_instance_of::<PyFloat>() {
+        let t: f64 = w.extract()?;
+        if t.is_nan() || t < 0.0 {
+            return Err(PyValueError::new_err(format!(
+                "wait must be True, False, None or a non-negative number of seconds, not {t}"
+            )));
+        }
+        return Ok(match Duration::try_from_secs_f64(t) {
+            Ok(d) if d.is_zero() => WaitArg::No,
+            Ok(d) => WaitArg::Channel(d),
+            Err(_) => WaitArg::Channel(Duration::MAX), // inf, or too long to tell apart
+        });
+    }
+    Err(PyTypeError::new_err(format!(
+        "wait must be True, False, None or a number of seconds{}, not {}",
+        if strategy_ok {
+            " (the wait strategy is wait_strategy=)"
+        } else {
+            ""
+        },
+        w.repr()?
+    )))
+}
+
+/// The channel spec for run-time creation (`create=True`, from `pools`,
+/// `mode` and `history`), None without `create`; `pools`, `mode` or a
+/// `history` without it are a `ValueError`.
 pub(crate) fn create_spec(
     create: bool,
     pools: Option<Vec<String>>,
     mode: Option<&str>,
+    history: u32,
 ) -> PyResult<Option<ChannelSpec>> {
     if !create {
-        if pools.is_some() || mode.is_some() {
+        if pools.is_some() || mode.is_some() || history != 0 {
             return Err(PyValueError::new_err(
-                "pools and mode only apply with create=True",
+                "pools, mode and history only apply with create=True",
             ));
         }
         return Ok(None);
@@ -281,5 +351,5 @@ pub(crate) fn create_spec(
     let mode = mode.map(parse_mode).transpose()?.unwrap_or_default();
     let pools = pools.unwrap_or_default();
     let names: Vec<&str> = pools.iter().map(String::as_str).collect();
-    Ok(Some(ChannelSpec::new(mode).pools(&names)))
+    Ok(Some(ChannelSpec::new(mode).pools(&names).history(history)))
 }

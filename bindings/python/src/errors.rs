@@ -5,8 +5,8 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyModule, PyType};
 use tensorbus::error::{
-    ConnectError, ForkedChild, LoanError, OpenError, PublishError, RecvError, RequestError,
-    ShapeError, TryRecvError,
+    ConnectError, ForkedChild, LoanError, OpenError, PublishError, RecvError, RemoveChannelError,
+    RequestError, ShapeError, TryRecvError,
 };
 
 /// The Python module `tensorbus._errors`, where the exception classes live.
@@ -81,10 +81,33 @@ pub(crate) fn open_err(e: OpenError) -> PyErr {
         OpenError::InvalidName(_) | OpenError::InvalidArgument(_) => "InvalidArgument",
         OpenError::LimitReached(_) => "LimitReached",
         OpenError::PermissionDenied(_) => "PermissionDenied",
+        OpenError::WaitTimeout { .. } => "Timeout",
         OpenError::Request(r) => request_class(r),
         _ => "TensorbusError",
     };
     tb_err(name, e.to_string())
+}
+
+/// `Client.remove_channel` failed: an unknown name is `ChannelNotFound`, a
+/// refusal (the channel is in use, or the config declares it)
+/// `InvalidArgument` with the broker's reason.
+pub(crate) fn remove_err(e: RemoveChannelError) -> PyErr {
+    let name = match &e {
+        RemoveChannelError::NotFound { .. } => "ChannelNotFound",
+        RemoveChannelError::Request(r) => request_class(r),
+        // The broker's refusals (in use; declared in the config).
+        _ => "InvalidArgument",
+    };
+    tb_err(name, e.to_string())
+}
+
+/// `EndOfStream` of `channel`: its last producer closed cleanly and this
+/// consumer (or stage) has received everything queued for it.
+pub(crate) fn end_of_stream(channel: &str) -> PyErr {
+    tb_err(
+        "EndOfStream",
+        format!("end of stream on {channel:?}: the channel's last producer closed and everything it published has been received"),
+    )
 }
 
 /// A loan failed.
@@ -107,6 +130,7 @@ pub(crate) fn recv_err(e: RecvError) -> PyErr {
         RecvError::Timeout(_) => "Timeout",
         RecvError::Corrupted(_) => "Corrupted",
         RecvError::Detached => "Closed",
+        RecvError::EndOfStream => "EndOfStream",
         RecvError::ForkedChild(_) => "ForkedChild",
         _ => "TensorbusError",
     };
@@ -114,10 +138,12 @@ pub(crate) fn recv_err(e: RecvError) -> PyErr {
 }
 
 /// A non-blocking receive failed (`Empty` is not an error: callers map it
-/// to `None` before calling this).
+/// to `None` before calling this; they report `EndOfStream` with the
+/// channel's name, see [`end_of_stream`]).
 pub(crate) fn try_recv_err(e: TryRecvError) -> PyErr {
     let name = match &e {
         TryRecvError::Corrupted(_) => "Corrupted",
+        TryRecvError::EndOfStream => "EndOfStream",
         TryRecvError::ForkedChild(_) => "ForkedChild",
         _ => "TensorbusError",
     };

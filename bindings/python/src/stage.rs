@@ -2,7 +2,7 @@
 //! to change in place and `forward()` downstream.
 
 use crate::convert::{next_slice, recv_timeout, timeout_of};
-use crate::errors::{closed, recv_err, try_recv_err};
+use crate::errors::{closed, end_of_stream, recv_err, try_recv_err};
 use crate::slot::{Slot, StageHandle};
 use crate::tensor::PyTensor;
 use pyo3::prelude::*;
@@ -73,6 +73,9 @@ impl PyStage {
                         return Err(closed("stage"));
                     }
                 }
+                Err(
+                    Failed::Try(TryRecvError::EndOfStream) | Failed::Recv(RecvError::EndOfStream),
+                ) => return Err(end_of_stream(&self.input)),
                 Err(Failed::Recv(RecvError::Detached)) => return Err(closed("stage")),
                 Err(Failed::Recv(e)) => return Err(recv_err(e)),
                 Err(Failed::Try(e)) => return Err(try_recv_err(e)),
@@ -103,8 +106,10 @@ impl PyStage {
 
     /// Waits for the next input tensor (at most `timeout` seconds) and
     /// takes it exclusively: a writable `Tensor` to change in place and
-    /// `forward()`. Raises `Timeout`, or `Closed` when the stage is closed
-    /// meanwhile. A stage may hold several staged tensors at once.
+    /// `forward()`. Raises `Timeout`, `EndOfStream` once the input's last
+    /// producer closed cleanly and everything queued was received (unless
+    /// opened with `end_of_stream=False`), or `Closed` when the stage is
+    /// closed meanwhile. A stage may hold several staged tensors at once.
     #[pyo3(signature = (timeout = None))]
     fn recv_mut(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Py<PyTensor>> {
         let timeout = timeout_of(timeout)?;

@@ -5,6 +5,9 @@
     peer.py hold SOCKET CHANNEL N                receive N, keep numpy/DLPack views, wait to be killed
     peer.py stage SOCKET IN OUT N                recv_mut, double in place, forward
     peer.py block SOCKET CHANNEL                 block in recv() until interrupted
+    peer.py waitconsume SOCKET CHANNEL           consumer(wait=True): print each tensor's first value, then "end"
+    peer.py waitblock SOCKET CHANNEL             block in consumer(wait=True) until interrupted
+    peer.py publish_hang SOCKET CHANNEL N        publish N tensors (value = i), then wait to be killed
 """
 
 import json
@@ -88,6 +91,27 @@ def main():
         except KeyboardInterrupt:
             print("interrupted", flush=True)
             sys.exit(3)
+    elif role == "waitconsume":
+        cons = client.consumer(sys.argv[3], wait=True)
+        for t in cons:  # until end of stream
+            with t:
+                print(int(np.asarray(t).reshape(-1)[0]), flush=True)
+        print("end", flush=True)
+    elif role == "waitblock":
+        try:
+            client.consumer(sys.argv[3], wait=True)
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+            sys.exit(3)
+    elif role == "publish_hang":
+        channel, n = sys.argv[3], int(sys.argv[4])
+        prod = client.producer(channel)
+        for i in range(n):
+            with prod.loan((4,), "uint8", timeout=10.0) as t:
+                np.asarray(t)[:] = i
+                t.publish()
+        print("done", flush=True)
+        time.sleep(600)
     else:
         sys.exit(f"unknown role {role}")
 

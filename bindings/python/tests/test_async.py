@@ -113,7 +113,8 @@ def test_recv_async_bad_timeout(client):
 
 
 def test_cancellation_is_clean_and_loses_nothing(client):
-    cons = client.consumer("bcast")
+    # publish() closes its producer (the stream ends): stay subscribed.
+    cons = client.consumer("bcast", end_of_stream=False)
 
     async def main():
         loop = asyncio.get_running_loop()
@@ -172,7 +173,7 @@ def test_many_consumers_on_one_loop(client):
 
 
 def test_concurrent_waits_on_one_consumer_share_the_tensors(client):
-    cons = client.consumer("bcast", depth=8)
+    cons = client.consumer("bcast", depth=8, end_of_stream=False)  # one producer per publish()
     n = 6
 
     async def main():
@@ -244,7 +245,7 @@ def test_close_from_another_thread_wakes_the_loop(client):
 
 
 def test_async_for_until_closed(client):
-    cons = client.consumer("bcast", depth=8)
+    cons = client.consumer("bcast", depth=8, end_of_stream=False)  # one producer per publish()
 
     async def main():
         seqs = []

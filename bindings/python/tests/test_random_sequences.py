@@ -12,6 +12,12 @@ handles, closing a client with live handles. Invariants:
 * on a work queue each tensor is received at most once, and, while a worker
   stayed subscribed, exactly once by the end (after a final drain);
 * a forwarded tensor keeps its payload (the same slot);
+* end of stream (issue 14): a receive raises `tb.EndOfStream` only on a
+  channel that had a producer (a stage's output counts) and has none open
+  now, and only once a `block` broadcast subscriber received everything
+  delivered to it; at the end, once every producer and stage is closed,
+  every subscriber of such a channel gets `EndOfStream` after its queue,
+  and one of a channel that never had a producer never does;
 * every slot is free once every client is closed.
 
 The seed is printed; rerun one with ``TENSORBUS_RANDOM_SEED=N`` and set the
@@ -98,6 +104,7 @@ class Model:
         self.origin = {}  # tensor id -> producer id
         self.wq_pending = {c: set() for c in WORK}  # published, not yet received by any worker
         self.wq_seen = set()
+        self.had_producer = set()  # channels that had a producer (end of stream is possible)
         self.calls = 0
         self.count = collections.Counter()
 
@@ -151,6 +158,42 @@ class Model:
             while q and q[0] != ident:  # skipped ones were dropped
                 q.popleft()
             q.popleft()
+
+    def producers_open(self, channel):
+        """Producers on `channel` that are surely open (a closed stage's
+        output stays open while its staged tensors live: not counted)."""
+        n = sum(1 for c, ch, p, _ in self.producers if ch == channel and not p.closed and not c.closed)
+        return n + sum(
+            1
+            for s in self.subs
+            if s.stage is not None and s.open and not s.client.closed and s.stage[1] == channel
+        )
+
+    def ended(self, sub):
+        """`sub` raised EndOfStream: check that the model allows it."""
+        self.count["end_of_stream"] += 1
+        ch = sub.channel
+        assert ch in self.had_producer, f"end of stream on {ch}, which never had a producer"
+        assert not self.producers_open(ch), f"end of stream on {ch} with {self.producers_open(ch)} producers open"
+        if ch in WORK:
+            return  # the pending tensors may be queued for another worker
+        left = {pid: list(q) for pid, q in sub.queued.items() if q}
+        if sub.policy == "block":
+            assert not left, f"end of stream on {ch} before the block subscriber got {left}"
+        else:
+            sub.queued.clear()  # the candidates left were dropped
+
+    def try_recv(self, sub):
+        """One non-blocking receive of a consumer or stage; None when nothing (or end of stream)."""
+        try:
+            if sub.stage is None:
+                return sub.obj.try_recv()
+            return sub.obj.recv_mut(timeout=0)
+        except tb.Timeout:
+            return None
+        except tb.EndOfStream:
+            self.ended(sub)
+            return None
 
     def worker_closed(self, sub):
         """A work-queue worker left: its queue goes to the others, or is lost with the last."""
@@ -210,6 +253,7 @@ class Model:
             return self.close_something()
         self.producers.append((c, ch, p, self.next_pid))
         self.next_pid += 1
+        self.had_producer.add(ch)
 
     def open_consumer(self):
         if sum(1 for s in self.subs if s.open) >= 12:
@@ -235,6 +279,7 @@ class Model:
         except tb.LimitReached:
             return self.close_something()
         self.subs.append(Sub(st, src, "block", c, stage=(st, dst)))
+        self.had_producer.add(dst)  # its output producer
 
     def live_producers(self):
         return [p for p in self.producers if not p[0].closed and not p[2].closed]
@@ -266,7 +311,7 @@ class Model:
         if not subs:
             return self.open_consumer()
         s = self.rng.choice(subs)
-        t = s.obj.try_recv() if self.rng.random() < 0.7 else self.recv_timeout(s.obj)
+        t = self.try_recv(s) if self.rng.random() < 0.7 else self.recv_timeout(s)
         if t is None:
             return
         ident, ok = self.payload(t)
@@ -280,10 +325,13 @@ class Model:
             t.release()
             t.release()  # twice: does nothing
 
-    def recv_timeout(self, obj):
+    def recv_timeout(self, sub):
         try:
-            return obj.recv(timeout=self.rng.choice([0, 0.001]))
+            return sub.obj.recv(timeout=self.rng.choice([0, 0.001]))
         except tb.Timeout:
+            return None
+        except tb.EndOfStream:
+            self.ended(sub)
             return None
 
     def stage_step(self):
@@ -292,9 +340,8 @@ class Model:
             return self.open_stage()
         s = self.rng.choice(stages)
         st, dst = s.stage
-        try:
-            t = st.recv_mut(timeout=0)
-        except tb.Timeout:
+        t = self.try_recv(s)
+        if t is None:
             return
         ident, ok = self.payload(t)
         self.received(s, ident, ok)
@@ -451,13 +498,7 @@ class Model:
                 if not s.open or s.client.closed:
                     continue
                 while True:
-                    if s.stage is None:
-                        t = s.obj.try_recv()
-                    else:
-                        try:
-                            t = s.obj.recv_mut(timeout=0)
-                        except tb.Timeout:
-                            t = None
+                    t = self.try_recv(s)
                     if t is None:
                         break
                     ident, ok = self.payload(t)
@@ -476,6 +517,7 @@ class Model:
         for c in WORK:
             if self.subs_on(c):
                 assert not self.wq_pending[c], f"work queue {c} lost {sorted(self.wq_pending[c])}"
+        self.finish_streams()
         for c in self.clients:
             c.close()
         stat = observer.stat()
@@ -483,6 +525,38 @@ class Model:
         assert pool["slots_free"] == pool["slots_total"], f"leaked slots: {pool}"
         for ch in stat["channels"]:
             assert not ch["subscribers"], f"ghost subscribers on {ch['name']}: {ch['subscribers']}"
+
+
+    def finish_streams(self):
+        """Closes every producer and stage: each consumer of a channel that
+        had a producer then gets EndOfStream after what is queued for it
+        (a closed worker's queue may move to it first); the others never do."""
+        for c, ch, p, _ in self.live_producers():
+            p.close()
+        for s in self.subs:
+            if s.stage is not None and s.open:
+                s.obj.close()
+                s.open = False
+                self.worker_closed(s)
+        for s in self.subs:
+            if not s.open or s.client.closed:
+                continue
+            if s.channel not in self.had_producer:
+                assert s.obj.try_recv() is None, f"a tensor on {s.channel}, which never had a producer"
+                continue
+            while True:
+                try:
+                    t = s.obj.recv(timeout=10)
+                except tb.EndOfStream:
+                    self.ended(s)
+                    break
+                except tb.Timeout:
+                    raise AssertionError(f"no end of stream on {s.channel} within 10 s after its producers closed")
+                ident, ok = self.payload(t)
+                self.received(s, ident, ok)
+                t.release()
+            with pytest.raises(tb.EndOfStream):
+                s.obj.try_recv()  # and it stays ended
 
 
 def seeds():

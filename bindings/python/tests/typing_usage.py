@@ -20,7 +20,7 @@ def produce(client: tb.Client) -> int:
 
 
 def consume(client: tb.Client) -> List[int]:
-    cons: tb.Consumer = client.consumer("camera/raw", policy="drop_oldest", depth=4, wait="spin")
+    cons: tb.Consumer = client.consumer("camera/raw", policy="drop_oldest", depth=4, wait_strategy="spin")
     seqs: List[int] = []
     with cons.recv(timeout=1.0) as t:
         seqs.append(t.seq)
@@ -51,6 +51,26 @@ def stage(client: tb.Client, other: tb.Producer) -> int:
         return t.forward("model/debug") if t.ndim else t.forward(other)
 
 
+def late_join(client: tb.Client) -> List[int]:
+    prod = client.producer("camera/calib", create=True, history=1)
+    prod.close()
+    cons = client.consumer("camera/later", wait=True)
+    timed = client.consumer("camera/later", wait=2.5, wait_strategy="park", end_of_stream=False)
+    timed.close()
+    s = client.stage("model/input", "model/normalized", wait=10, end_of_stream=True)
+    s.close()
+    seqs: List[int] = []
+    while True:
+        try:
+            seqs.append(cons.recv(timeout=1.0).seq)
+        except tb.EndOfStream:
+            break
+    client.remove_channel("camera/calib")
+    ch: dict[str, object] = client.stat()["channels"][0]
+    print(ch["history"], ch["history_held"], ch["ended"], ch["pending"])
+    return seqs
+
+
 def errors(client: tb.Client) -> str:
     try:
         client.consumer("nope")
@@ -68,4 +88,5 @@ def main() -> None:
         asyncio.run(consume_async(c.consumer("camera/raw")))
         stage(c, c.producer("model/debug"))
         errors(c)
+        late_join(c)
         print(c.stat()["pools"], tb.DTYPES, tb.MAX_DIMS, tb.USER_HEADER_LEN)

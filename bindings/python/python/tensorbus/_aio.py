@@ -15,6 +15,9 @@ producers' hot path is unchanged. Here, per consumer and event loop, one
 * The fd is re-armed only once no woken waiter is still to run (no
   thundering herd); with no waiter left, the reader is removed and the fd
   disarmed.
+* At the end of the stream the fd turns readable too: the woken waiter's
+  ``try_recv`` raises ``EndOfStream``, and the fd, re-armed for the next
+  waiter, is readable again at once, so every waiter gets it in turn.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import math
 import weakref
 from typing import Any, Deque, Optional, Set
 
-from ._errors import Busy, Closed, Timeout
+from ._errors import Busy, Closed, EndOfStream, Timeout
 
 if issubclass(Timeout, asyncio.TimeoutError):  # Python 3.11+: the same class as TimeoutError
     _Timeout = Timeout
@@ -183,10 +186,11 @@ async def recv_async(consumer: Any, timeout: Any = None) -> Any:
 
 
 async def anext(consumer: Any) -> Any:
-    """``async for t in consumer``: the next tensor; stops once the consumer is closed."""
+    """``async for t in consumer``: the next tensor; stops at the end of the
+    stream or once the consumer is closed."""
     if consumer.closed:
         raise StopAsyncIteration
     try:
         return await recv_async(consumer)
-    except Closed:
+    except (Closed, EndOfStream):
         raise StopAsyncIteration from None

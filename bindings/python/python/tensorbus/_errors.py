@@ -11,6 +11,7 @@ __all__ = [
     "PoolExhausted",
     "TooLarge",
     "Timeout",
+    "EndOfStream",
     "ShapeError",
     "Corrupted",
     "Busy",
@@ -59,6 +60,17 @@ class TooLarge(TensorbusError, ValueError):
 
 class Timeout(TensorbusError, TimeoutError):
     """Nothing arrived (or no slot became free, or the broker did not answer a request) in time."""
+
+
+class EndOfStream(TensorbusError, EOFError):
+    """The channel's last producer closed cleanly and everything queued for this consumer was received.
+
+    Raised by ``recv()``, ``try_recv()``, ``recv_async()`` and a stage's
+    ``recv_mut()``; ``for t in consumer`` and ``async for`` simply stop. A
+    producer that opens later starts a new stream (receiving then finds its
+    tensors). A producer that crashed ends nothing: its consumers keep
+    waiting. Opt out with ``client.consumer(name, end_of_stream=False)``.
+    """
 
 
 class ShapeError(TensorbusError, ValueError):

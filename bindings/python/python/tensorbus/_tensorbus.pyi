@@ -82,19 +82,44 @@ class Client:
         pools: Optional[Sequence[str]] = None,
         mode: Optional[_Mode] = None,
         create: bool = False,
-    ) -> Producer: ...
+        history: int = 0,
+    ) -> Producer:
+        """Opens a producer; with create=True the channel is made if missing
+        (pools, mode, and history: the last N tensors a late subscriber
+        receives first, broadcast only)."""
     def consumer(
         self,
         channel: str,
         *,
         policy: Optional[_Policy] = None,
         depth: Optional[int] = None,
-        wait: Optional[_Wait] = None,
+        wait: Union[bool, float, None, _Wait] = None,
+        wait_strategy: Optional[_Wait] = None,
         create: bool = False,
         pools: Optional[Sequence[str]] = None,
         mode: Optional[_Mode] = None,
-    ) -> Consumer: ...
-    def stage(self, input: str, output: str, *, depth: Optional[int] = None) -> Stage: ...
+        history: int = 0,
+        end_of_stream: bool = True,
+    ) -> Consumer:
+        """Subscribes. wait=True (forever) or seconds: wait for the channel to
+        be created (Timeout when it is not in time; Ctrl-C interrupts);
+        False/None/0: ChannelNotFound at once. A str wait= is the wait
+        strategy (deprecated: use wait_strategy=). end_of_stream=False: never
+        raise EndOfStream."""
+    def stage(
+        self,
+        input: str,
+        output: str,
+        *,
+        depth: Optional[int] = None,
+        wait: Union[bool, float, None] = None,
+        end_of_stream: bool = True,
+    ) -> Stage:
+        """Opens a stage; wait=True or seconds waits for the input channel
+        (not interruptible by Ctrl-C: prefer seconds)."""
+    def remove_channel(self, channel: str) -> None:
+        """Removes a run-time-created channel: ChannelNotFound if unknown,
+        InvalidArgument while in use or when the config declares it."""
     def stat(self) -> dict[str, Any]: ...
     def close(self) -> None: ...
     def __enter__(self) -> Client: ...
@@ -141,13 +166,17 @@ class Consumer:
         """Tensors this subscriber has received since it subscribed. After
         close(): the final count, as of the close."""
     def recv(self, timeout: Optional[float] = None) -> Tensor:
-        """Waits (GIL released, Ctrl-C interrupts) for the next tensor; raises Timeout."""
-    def try_recv(self) -> Optional[Tensor]: ...
+        """Waits (GIL released, Ctrl-C interrupts) for the next tensor; raises
+        Timeout, or EndOfStream once the last producer closed and the queue
+        is drained."""
+    def try_recv(self) -> Optional[Tensor]:
+        """The next queued tensor or None; EndOfStream at the end of the stream."""
     async def recv_async(self, timeout: Optional[float] = None) -> Tensor:
         """asyncio: awaits the next tensor without blocking the loop (the
         consumer's readiness eventfd is watched with loop.add_reader).
-        Raises Timeout after `timeout` seconds, Closed if the consumer is
-        closed meanwhile; a cancelled call loses no tensor."""
+        Raises Timeout after `timeout` seconds, EndOfStream at the end of
+        the stream, Closed if the consumer is closed meanwhile; a cancelled
+        call loses no tensor."""
     def __iter__(self) -> Iterator[Tensor]: ...
     def __next__(self) -> Tensor: ...
     def __aiter__(self) -> AsyncIterator[Tensor]: ...
@@ -181,7 +210,8 @@ class Stage:
     def closed(self) -> bool: ...
     def recv_mut(self, timeout: Optional[float] = None) -> Tensor:
         """Takes the next input tensor exclusively and writable; raises
-        Timeout. A stage may hold several staged tensors at once."""
+        Timeout, or EndOfStream at the end of the input's stream. A stage
+        may hold several staged tensors at once."""
     def close(self) -> None:
         """Leaves the input at once, also while staged tensors are alive
         (they stay valid and can still be forwarded)."""

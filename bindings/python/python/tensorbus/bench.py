@@ -71,7 +71,7 @@ def _echo_tensorbus(ready, socket):
 
     c = tb.Client(socket, name="bench-echo")
     # Busy-poll, like iceoryx2's Python side (it has no blocking receive).
-    cons = c.consumer("bench/ping", depth=4, policy="block", wait="busy")
+    cons = c.consumer("bench/ping", depth=4, policy="block", wait_strategy="busy")
     prod = c.producer("bench/pong")
     ready.put("tensorbus")
     while True:
@@ -189,7 +189,7 @@ class _Tensorbus:
         self.broker = tb.Broker(TB_CONFIG, os.path.join(self.dir.name, "broker.sock"))
         self.client = tb.Client(self.broker.socket, name="bench")
         self.prod = self.client.producer("bench/ping")
-        self.cons = self.client.consumer("bench/pong", depth=4, policy="block", wait="busy")
+        self.cons = self.client.consumer("bench/pong", depth=4, policy="block", wait_strategy="busy")
         self.proc = ctx.Process(target=_echo_tensorbus, args=(ready, str(self.broker.socket)))
 
     def rtt(self, n, v):
@@ -460,8 +460,8 @@ def python_work(n=20000, repeats=5):
         with tb.Broker(TB_CONFIG, os.path.join(d, "broker.sock")) as broker:
             c = tb.Client(broker.socket, name="bench-work")
             ping, pong = c.producer("bench/ping"), c.producer("bench/pong")
-            cping = c.consumer("bench/ping", depth=4, policy="block", wait="busy")
-            cpong = c.consumer("bench/pong", depth=4, policy="block", wait="busy")
+            cping = c.consumer("bench/ping", depth=4, policy="block", wait_strategy="busy")
+            cpong = c.consumer("bench/pong", depth=4, policy="block", wait_strategy="busy")
 
             def once():
                 with ping.loan((0,), "uint8") as t:  # sender
