@@ -75,9 +75,23 @@ impl PyClient {
                 .detach(|| client.consumer_with(channel, opts))
                 .map_err(open_err);
         }
+        self.interruptibly(py, |interrupted| {
+            client.consumer_interruptible(channel, opts, interrupted)
+        })
+    }
+
+    /// Runs `open` (a wait for a channel) without the GIL, passing it a
+    /// check that looks for signals (Ctrl-C) and `close()` of this client:
+    /// the exception a signal handler raised (KeyboardInterrupt) ends the
+    /// wait and is raised here, a client closed meanwhile raises `Closed`.
+    fn interruptibly<T: Send>(
+        &self,
+        py: Python<'_>,
+        open: impl FnOnce(&mut dyn FnMut() -> bool) -> Result<T, OpenError> + Send,
+    ) -> PyResult<T> {
         let mut raised: Option<PyErr> = None;
         let r = py.detach(|| {
-            client.consumer_interruptible(channel, opts, || {
+            let mut check = || {
                 let signal = Python::attach(|py| py.check_signals());
                 match signal {
                     Err(e) => {
@@ -86,7 +100,8 @@ impl PyClient {
                     }
                     Ok(()) => self.closed(),
                 }
-            })
+            };
+            open(&mut check)
         });
         match r {
             Ok(c) => Ok(c),
@@ -237,8 +252,8 @@ impl PyClient {
     ///
     /// `wait` (True, or seconds) waits for `input` to be created, as for
     /// `consumer()`; `Timeout` when it is not in time. The wait releases
-    /// the GIL but cannot be interrupted: signals (Ctrl-C) are handled once
-    /// it ends, so prefer a number of seconds. `end_of_stream`: as for
+    /// the GIL and checks for signals like `consumer()`'s (Ctrl-C raises
+    /// `KeyboardInterrupt`). `end_of_stream`: as for
     /// `consumer()` (`recv_mut()` raises `EndOfStream`).
     #[pyo3(signature = (input, output, *, depth = None, wait = None, end_of_stream = true))]
     fn stage(
@@ -260,9 +275,14 @@ impl PyClient {
         if let WaitArg::Channel(d) = parse_wait_arg(wait, false)? {
             opts = opts.wait_for_channel(d);
         }
-        let stage = py
-            .detach(|| client.stage_with(input, output, opts))
-            .map_err(open_err)?;
+        let stage = if opts.wait_for_channel.is_none() {
+            py.detach(|| client.stage_with(input, output, opts))
+                .map_err(open_err)?
+        } else {
+            self.interruptibly(py, |interrupted| {
+                client.stage_interruptible(input, output, opts, interrupted)
+            })?
+        };
         let (s, slot) = PyStage::new(StageHandle::new(stage, output, client), input);
         self.adopt(&slot);
         Ok(s)
@@ -271,10 +291,9 @@ impl PyClient {
     /// Removes `channel`, a channel created at run time (`create=True`, or
     /// `tensorbus pub --create`), so that it no longer counts toward the
     /// broker's `limits.max_channels`; the tensors its history kept are
-    /// released. Raises `ChannelNotFound` for an unknown name, and
-    /// `InvalidArgument` (with the broker's reason) while any producer,
-    /// consumer or stage (of any client) uses it, or when the broker's
-    /// config declares it.
+    /// released. Raises `ChannelNotFound` for an unknown name, `Busy` while
+    /// any producer, consumer or stage (of any client) uses it, and
+    /// `PermissionDenied` when the broker's config declares it.
     fn remove_channel(&self, py: Python<'_>, channel: &str) -> PyResult<()> {
         let client = self.client()?;
         py.detach(|| client.remove_channel(channel))

@@ -89,14 +89,16 @@ pub(crate) fn open_err(e: OpenError) -> PyErr {
 }
 
 /// `Client.remove_channel` failed: an unknown name is `ChannelNotFound`, a
-/// refusal (the channel is in use, or the config declares it)
-/// `InvalidArgument` with the broker's reason.
+/// channel still in use `Busy`, one the config declares `PermissionDenied`
+/// (with the broker's reason; the C binding's TB_ERR_BUSY and
+/// TB_ERR_PERMISSION_DENIED).
 pub(crate) fn remove_err(e: RemoveChannelError) -> PyErr {
     let name = match &e {
         RemoveChannelError::NotFound { .. } => "ChannelNotFound",
+        RemoveChannelError::InUse(_) => "Busy",
+        RemoveChannelError::Declared(_) => "PermissionDenied",
         RemoveChannelError::Request(r) => request_class(r),
-        // The broker's refusals (in use; declared in the config).
-        _ => "InvalidArgument",
+        _ => "TensorbusError",
     };
     tb_err(name, e.to_string())
 }

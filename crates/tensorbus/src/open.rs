@@ -434,7 +434,20 @@ impl Client {
         output: &str,
         opts: ConsumerOptions,
     ) -> Result<Stage, OpenError> {
-        let input = self.open_consumer(input, opts, true, || false)?;
+        self.stage_interruptible(input, output, opts, || false)
+    }
+
+    /// [`Client::stage_with`] whose wait for its input channel
+    /// ([`ConsumerOptions::wait_for_channel`]) calls `interrupted` between
+    /// polls, like [`Client::consumer_interruptible`].
+    pub fn stage_interruptible(
+        &self,
+        input: &str,
+        output: &str,
+        opts: ConsumerOptions,
+        interrupted: impl FnMut() -> bool,
+    ) -> Result<Stage, OpenError> {
+        let input = self.open_consumer(input, opts, true, interrupted)?;
         if input.core.channel.mode != Mode::Workqueue {
             return Err(OpenError::InvalidArgument(format!(
                 "stage input {:?} is a broadcast channel; a stage changes slots in place, so its input must be a workqueue channel (each tensor goes to one worker)",

@@ -82,7 +82,8 @@ class Corrupted(TensorbusError):
 
 
 class Busy(TensorbusError):
-    """The consumer is being awaited on another event loop (one loop per consumer)."""
+    """The consumer is being awaited on another event loop (one loop per
+    consumer), or the channel to remove is still in use."""
 
 
 class Closed(TensorbusError, ValueError):

@@ -116,10 +116,10 @@ class Client:
         end_of_stream: bool = True,
     ) -> Stage:
         """Opens a stage; wait=True or seconds waits for the input channel
-        (not interruptible by Ctrl-C: prefer seconds)."""
+        (Ctrl-C interrupts the wait)."""
     def remove_channel(self, channel: str) -> None:
         """Removes a run-time-created channel: ChannelNotFound if unknown,
-        InvalidArgument while in use or when the config declares it."""
+        Busy while in use, PermissionDenied when the config declares it."""
     def stat(self) -> dict[str, Any]: ...
     def close(self) -> None: ...
     def __enter__(self) -> Client: ...
