@@ -26,7 +26,7 @@ use crate::bits::{low_mask, rotated_bits, set_bits};
 use crate::control::Control;
 use crate::desc::Descriptor;
 use crate::park::Parker;
-use crate::records::{Mode, Policy, INTENT_VALID, POLICY_CODE_HISTORY, STATE_ACTIVE};
+use crate::records::{Mode, Policy, INTENT_VALID, STATE_ACTIVE};
 use crate::slot::{Released, SlotHeader};
 use crate::sync::{fence, Ordering};
 use std::time::Duration;
@@ -106,8 +106,6 @@ enum Delivery {
     Gone,
     /// Still full after a park slice; its bit is released.
     Retry,
-    /// Kept in the channel's history record (not a subscriber: not counted).
-    Kept,
 }
 
 /// A producer's position in a channel, with its private caches.
@@ -231,10 +229,8 @@ impl ProducerPath<'_> {
                     }
                     // The worker died while we waited for it: choose another.
                     Delivery::Gone => gone |= chosen,
-                    // Still full after a while: look again for the least
-                    // loaded. (A work queue has no history record: `Kept`
-                    // does not happen here.)
-                    Delivery::Retry | Delivery::Kept => {}
+                    // Still full after a while: look again for the least loaded.
+                    Delivery::Retry => {}
                 }
                 candidates = ch.subscribers.load(Ordering::SeqCst) & valid & !gone;
             }
@@ -251,15 +247,20 @@ impl ProducerPath<'_> {
                 count_published(me);
                 return out;
             }
-            // Step 3: deliver.
-            for s in set_bits(receivers) {
+            // Step 3: deliver (to the subscribers; the channel's history
+            // record, if any, keeps it). Relaxed: see `history_subs`.
+            let history = ch.history_subs.load(Ordering::Relaxed);
+            for s in set_bits(receivers & history) {
+                self.keep_in_history(s, packed, cached_heads);
+            }
+            for s in set_bits(receivers & !history) {
                 match self.deliver(s, packed, slot, cached_heads, parker, false) {
                     Delivery::Delivered { dropped } => {
                         out.delivered += 1;
                         out.dropped += u32::from(dropped);
                     }
                     Delivery::Dropped => out.dropped += 1,
-                    Delivery::Gone | Delivery::Retry | Delivery::Kept => {}
+                    Delivery::Gone | Delivery::Retry => {}
                 }
             }
         }
@@ -348,22 +349,24 @@ impl ProducerPath<'_> {
     /// reads the record, so nobody is notified; the broker copies its
     /// entries to subscribers that join later.
     #[cold]
-    fn keep_in_history(
-        &self,
-        sub: &crate::records::SubscriberRecord,
-        ring: crate::ring::Ring<'_>,
-        bit: u64,
-        packed: u64,
-        cached: Option<&mut u64>,
-    ) -> Delivery {
+    #[inline(never)]
+    fn keep_in_history(&self, s: usize, packed: u64, cached_heads: &mut [u64]) {
+        let bit = self.ctl.subscriber_mask(self.channel, s);
+        let (Some(sub), Some(ring)) = (
+            self.ctl.subscriber(self.channel, s),
+            self.ctl.ring(self.channel, self.row, s),
+        ) else {
+            release_desc(self.ctl, Descriptor::unpack(packed), bit);
+            return;
+        };
         let depth = u64::from(sub.config.depth.load(Ordering::Relaxed));
         let mut dummy = 0;
-        let cached = cached.unwrap_or(&mut dummy);
+        let cached = cached_heads.get_mut(s).unwrap_or(&mut dummy);
         // Each failed push steals one entry, so this ends within `depth`
         // rounds (a corrupted depth is clamped by the ring).
         for _ in 0..=ring.capacity() {
             if ring.push(depth, packed, cached).is_ok() {
-                return Delivery::Kept;
+                return;
             }
             if let Some(old) = ring.steal_oldest() {
                 release_desc(self.ctl, Descriptor::unpack(old), bit);
@@ -371,7 +374,6 @@ impl ProducerPath<'_> {
         }
         // Only a corrupted ring gets here: the tensor is not kept.
         release_desc(self.ctl, Descriptor::unpack(packed), bit);
-        Delivery::Kept
     }
 
     /// Pushes to one subscriber under its policy. With `retry`, a `block`
@@ -394,11 +396,7 @@ impl ProducerPath<'_> {
             return Delivery::Gone;
         };
         let bit = self.ctl.subscriber_mask(self.channel, s);
-        let code = sub.config.policy.load(Ordering::Relaxed);
-        if code == POLICY_CODE_HISTORY {
-            return self.keep_in_history(sub, ring, bit, packed, cached_heads.get_mut(s));
-        }
-        let policy = Policy::from_code(code);
+        let policy = Policy::from_code(sub.config.policy.load(Ordering::Relaxed));
         let depth = match policy {
             Policy::Latest => 1,
             _ => u64::from(sub.config.depth.load(Ordering::Relaxed)),

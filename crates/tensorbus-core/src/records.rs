@@ -163,6 +163,12 @@ pub struct ChannelRecord {
     /// afterwards means the stream really is drained. On the line of the
     /// masks every receive already reads.
     pub ended: AtomicU32,
+    /// Subscriber indices that are history records (see
+    /// [`POLICY_CODE_HISTORY`]): a broadcast publish keeps the tensor there
+    /// instead of delivering it. Set by the broker before the record's bit
+    /// joins `subscribers` (whose Release RMW publishes it to producers that
+    /// load the mask with Acquire), cleared when the channel is removed.
+    pub history_subs: AtomicU64,
     /// Tensors published by producer handles that have closed (the broker
     /// adds each closing producer's count; live producers count on their own
     /// records, so publishing takes no shared lock-prefixed counter). On a

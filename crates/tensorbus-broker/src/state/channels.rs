@@ -234,8 +234,13 @@ impl State {
         rec.ended.store(0, Ordering::Relaxed);
         if let Some((sub, bit)) = history {
             if let Some(r) = self.control.subscriber(c, sub) {
+                // Before the record's bit joins the mask (activate_code's
+                // Release RMW), so a producer that sees the bit sees this.
+                rec.history_subs.store(1u64 << sub, Ordering::Relaxed);
                 r.activate_code(rec, sub, bit, POLICY_CODE_HISTORY, spec.history);
             }
+        } else {
+            rec.history_subs.store(0, Ordering::Relaxed);
         }
         // Release: a client that sees ACTIVE (a waiting consumer polls with
         // Ready, on this thread's replies; stats) sees the mode.
@@ -325,6 +330,7 @@ impl State {
             rec.subscribers.store(0, Ordering::Relaxed);
             rec.producer_rows.store(0, Ordering::Relaxed);
             rec.ended.store(0, Ordering::Relaxed);
+            rec.history_subs.store(0, Ordering::Relaxed);
             rec.published.store(0, Ordering::Relaxed);
             rec.state.store(STATE_FREE, Ordering::Release);
         }
