@@ -134,9 +134,10 @@ typedef struct tb_channel_spec {
   // Policy of subscribers that do not ask for one (`TB_POLICY_DEFAULT`: the broker's).
   tb_policy policy;
   // Keep the latest `history` tensors for subscribers that join later: a
-  // late subscriber first receives them, oldest first (at most its
-  // depth). They hold slots of the channel's pools until newer ones
-  // replace them, also after their producer closed. Broadcast channels
+  // late subscriber first receives them, oldest first (all of them, its
+  // newest `depth` under drop_oldest, the newest one under latest). They
+  // hold slots of the channel's pools until newer ones replace them,
+  // also after their producer closed. Broadcast channels
   // only, at most the broker's `limits.ring_capacity`; 0 keeps nothing.
   uint32_t history;
 } tb_channel_spec;
