@@ -344,3 +344,81 @@ fn live_broker_is_reported_with_its_pid() {
     drop(broker);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The memory cgroup directory of this process and the limit file there
+/// (v2 `memory.max`, v1 `memory.limit_in_bytes`).
+fn own_memory_cgroup() -> Option<(std::path::PathBuf, &'static str)> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let mut v2 = None;
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (id, ctl, path) = (parts.next()?, parts.next()?, parts.next()?);
+        let rel = path.trim_start_matches('/');
+        if ctl.split(',').any(|c| c == "memory") {
+            return Some((
+                Path::new("/sys/fs/cgroup/memory").join(rel),
+                "memory.limit_in_bytes",
+            ));
+        }
+        if id == "0" && ctl.is_empty() {
+            v2 = Some((Path::new("/sys/fs/cgroup").join(rel), "memory.max"));
+        }
+    }
+    v2
+}
+
+#[test]
+fn pools_above_the_cgroup_limit_fail() {
+    let dir = temp_dir("doctor-cgroup");
+    let sock = socket_in(&dir);
+    // A child cgroup limited to 64 MiB; the default pools need 164 MiB.
+    let setup = || -> Option<std::path::PathBuf> {
+        let (parent, file) = own_memory_cgroup()?;
+        let cg = parent.join(format!("tb-doctor-{}", std::process::id()));
+        std::fs::create_dir(&cg).ok()?;
+        if std::fs::write(cg.join(file), (64u64 << 20).to_string()).is_err() {
+            let _ = std::fs::remove_dir(&cg);
+            return None;
+        }
+        Some(cg)
+    };
+    let Some(cg) = setup() else {
+        eprintln!(
+            "cannot make a memory cgroup here (not root, or no writable cgroup fs): not tried"
+        );
+        return;
+    };
+    let procs = std::ffi::CString::new(cg.join("cgroup.procs").display().to_string()).unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["doctor", "--json", "--socket", &sock])
+        .stdin(Stdio::null());
+    // SAFETY: the closure only calls open, write and close (async-signal-safe)
+    // on a path prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+            libc::close(fd);
+            if n != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output();
+    let _ = std::fs::remove_dir(&cg);
+    let out = out.unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let f = finding(&v, "cgroup");
+    assert_eq!(f["level"], "fail", "{v}");
+    assert!(f["message"].as_str().unwrap().contains("64.0 MiB"), "{f}");
+    assert!(
+        f["advice"].as_str().unwrap().contains("raise the limit"),
+        "{f}"
+    );
+    assert_eq!(out.status.code(), Some(1));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
