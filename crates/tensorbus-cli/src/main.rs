@@ -6,6 +6,8 @@
 //!   separately) against the cache-line limit, iceoryx2, Unix sockets and pipes.
 //! * `tensorbus pub` / `tensorbus sub` pipe raw frames from stdin into a
 //!   channel and from a channel to stdout (GStreamer, ffmpeg rawvideo).
+//! * `tensorbus doctor` checks whether this machine can run a broker and
+//!   its clients (memfd sealing, memory, limits, socket directory, ...).
 //! * `tensorbus demo` runs a camera -> preprocess -> model pipeline as three
 //!   processes exchanging 1080p frames and 640x640 f32 tensors without copies.
 //!
@@ -15,6 +17,7 @@
 mod bench;
 mod broker;
 mod demo;
+mod doctor;
 mod pubsub;
 mod stat;
 mod table;
@@ -51,6 +54,8 @@ enum Command {
     Sub(pubsub::SubArgs),
     /// Remove a channel created at run time (refused while it is in use or when the config declares it).
     RmChannel(pubsub::RmChannelArgs),
+    /// Check whether this machine can run a broker and its clients (exit 1 when a check fails).
+    Doctor(doctor::Args),
     /// Demo role: the camera producer (spawned by `tensorbus demo`).
     #[command(hide = true)]
     DemoCamera(demo::RoleArgs),
@@ -60,7 +65,7 @@ enum Command {
     /// Demo role: the model-side consumer (spawned by `tensorbus demo`).
     #[command(hide = true)]
     DemoConsumer(demo::RoleArgs),
-    // Room for later subcommands: pub, sub, top, doctor.
+    // Room for later subcommands: top.
 }
 
 /// An error a subcommand reports: printed as `tensorbus <cmd>: <message>`, exit status 1.
@@ -158,6 +163,10 @@ fn main() -> ExitCode {
         Command::Pub(a) => ("pub", pubsub::run_pub(a)),
         Command::Sub(a) => ("sub", pubsub::run_sub(a)),
         Command::RmChannel(a) => ("rm-channel", pubsub::run_rm_channel(a)),
+        Command::Doctor(a) => match doctor::run(a) {
+            Ok(code) => return code,
+            Err(e) => ("doctor", Err(e)),
+        },
         Command::DemoCamera(a) => ("demo-camera", demo::camera::run(a)),
         Command::DemoPreprocess(a) => ("demo-preprocess", demo::preprocess::run(a)),
         Command::DemoConsumer(a) => ("demo-consumer", demo::consumer::run(a)),
