@@ -42,6 +42,7 @@ pub mod publish;
 pub mod receive;
 #[cfg(not(loom))]
 pub mod reclaim;
+pub mod wide;
 
 pub use desc::{Descriptor, DESC_MASK, MAX_POOLS, MAX_SLOTS_PER_POOL};
 pub use dtype::DType;
