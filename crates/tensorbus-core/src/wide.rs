@@ -282,9 +282,8 @@ impl WideHolders {
         // intent before that CAS, so we see the intent or its clearing, and
         // the clearing comes after the loan's bit in word k, which we then
         // see below. (Reading word k first would let a loan set its bit and
-        // clear its intent between the two reads. Found by reasoning: the
-        // loom model `repair_skips_a_loan_in_flight` still passes with the
-        // reads swapped, so it does not yet cover this; to be strengthened.)
+        // clear its intent between the two reads: loom's
+        // `repair_skips_a_loan_in_flight` fails with the reads swapped.)
         if loan_in_flight() || self.ext[k & 15].load(Ordering::SeqCst) != 0 {
             return None;
         }
@@ -477,7 +476,9 @@ mod loom_tests {
             h.ext[k].fetch_and(!dead.bit(), Ordering::AcqRel);
             let h2 = h.clone();
             let broker = loom::thread::spawn(move || h2.repair_stale(k, || false));
-            let freed_by_publish = h.hand_over(p, &[r]) == Released::Freed;
+            let h3 = h.clone();
+            let publisher = loom::thread::spawn(move || h3.hand_over(p, &[r]) == Released::Freed);
+            let freed_by_publish = publisher.join().unwrap();
             let repaired = broker.join().unwrap();
             assert!(!freed_by_publish);
             assert_ne!(repaired, Some(Released::Freed), "freed under the receiver");
@@ -496,8 +497,14 @@ mod loom_tests {
             let k = loaner.word().unwrap();
             let (h1, i1) = (h.clone(), intent.clone());
             let t = loom::thread::spawn(move || h1.try_loan(loaner, &i1, 5));
-            let repaired = h.repair_stale(k, || intent.load(Ordering::SeqCst) != 0);
+            let (h2, i2) = (h.clone(), intent.clone());
+            // Both sides on spawned threads: with the repair on the model's
+            // main thread, loom explored a single interleaving here and
+            // missed the read-order bug below.
+            let b =
+                loom::thread::spawn(move || h2.repair_stale(k, || i2.load(Ordering::SeqCst) != 0));
             let loaned = t.join().unwrap();
+            let repaired = b.join().unwrap();
             assert!(loaned);
             assert_eq!(repaired, None, "a live loan was repaired away");
             assert!(h.only(loaner));
