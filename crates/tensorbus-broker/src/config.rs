@@ -212,6 +212,17 @@ pub struct PoolConfig {
     pub hugetlb: bool,
 }
 
+impl PoolConfig {
+    /// Bytes of this pool's memfd as the broker creates it: slots × slot
+    /// size rounded up to the alignment, then to the page size (2 MiB huge
+    /// pages for `hugetlb = true`).
+    pub fn memfd_bytes(&self) -> u64 {
+        let stride = self.slot_size.0.div_ceil(self.alignment.0) * self.alignment.0;
+        let page = if self.hugetlb { crate::HUGE_PAGE } else { 4096 };
+        stride.saturating_mul(u64::from(self.slots)).div_ceil(page) * page
+    }
+}
+
 fn default_alignment() -> ByteSize {
     ByteSize(4096)
 }

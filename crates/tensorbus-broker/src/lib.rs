@@ -17,11 +17,13 @@
 #![deny(missing_docs)]
 
 pub mod config;
+mod memory;
 mod names;
 mod rendezvous;
 mod server;
 mod state;
 
 pub use config::{Config, ConfigError};
+pub use memory::{machine_memory, HUGE_PAGE};
 pub use names::{validate_name, MAX_NAME_LEN};
 pub use server::{Broker, EmbeddedBroker, StartError, MAX_PENDING_OUTPUT, MAX_PENDING_REPLIES};

@@ -85,24 +85,11 @@ pub(crate) enum ChannelError {
 #[error("all {} holder handles of this broker are in use (each producer, subscriber and stage half takes one of the {MAX_HOLDERS} bits of a slot's holder word; the broker keeps one); close unused handles", MAX_HOLDERS - 1)]
 pub(crate) struct BitsExhausted;
 
-/// Bytes of physical memory (RAM plus swap) of this machine.
-fn machine_memory() -> Option<u64> {
-    // SAFETY: sysinfo only writes into the struct we pass; zeroed is a valid
-    // initial value for this plain C struct.
-    let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
-    // SAFETY: `info` is a valid, writable sysinfo struct.
-    if unsafe { libc::sysinfo(&mut info) } != 0 {
-        return None;
-    }
-    let unit = u64::from(info.mem_unit.max(1));
-    Some((info.totalram as u64 + info.totalswap as u64).saturating_mul(unit))
-}
-
 /// Refuses pools that could never be backed: memfds are sparse, so an
 /// oversized pool would otherwise start fine and fail later, when touched,
 /// with SIGBUS in some client.
 fn check_memory(config: &Config) -> std::io::Result<()> {
-    let Some(memory) = machine_memory() else {
+    let Some(memory) = crate::machine_memory() else {
         return Ok(());
     };
     let mut total: u64 = 0;
@@ -259,8 +246,7 @@ impl State {
         for (i, p) in config.pools.iter().enumerate() {
             let align = p.alignment.0;
             let stride = p.slot_size.0.div_ceil(align) * align;
-            let page: u64 = if p.hugetlb { 2 << 20 } else { 4096 };
-            let bytes = (stride * u64::from(p.slots)).div_ceil(page) * page;
+            let bytes = p.memfd_bytes();
             let name = format!("tensorbus-pool-{}", p.name);
             let len =
                 usize::try_from(bytes).map_err(|_| std::io::Error::other("pool too large"))?;

@@ -10,7 +10,7 @@ use tensorbus_shm::Memfd;
 const NEEDED_SEALS: i32 = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
 
 /// Size of the huge pages hugetlb pools use (`MFD_HUGE_2MB`).
-const HUGE_PAGE: u64 = 2 << 20;
+use tensorbus_broker::HUGE_PAGE;
 
 /// memfd_create works and F_ADD_SEALS (shrink, grow) sticks.
 pub fn memfd() -> Finding {
@@ -42,11 +42,9 @@ pub fn memfd() -> Finding {
     }
 }
 
-/// Bytes of one pool's memfd, as the broker sizes it (page-rounded).
+/// Bytes of one pool's memfd, as the broker sizes it.
 fn pool_bytes(p: &tensorbus_broker::config::PoolConfig) -> u64 {
-    let stride = p.slot_size.0.div_ceil(p.alignment.0) * p.alignment.0;
-    let page = if p.hugetlb { HUGE_PAGE } else { 4096 };
-    stride.saturating_mul(u64::from(p.slots)).div_ceil(page) * page
+    p.memfd_bytes()
 }
 
 /// All pools together.
@@ -56,15 +54,7 @@ fn total_pool_bytes(c: &Config) -> u64 {
 
 /// RAM + swap, as the broker's own start-up check counts it.
 fn machine_memory() -> Option<u64> {
-    // SAFETY: zeroed is a valid value of this plain C struct; sysinfo only
-    // writes into it.
-    let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
-    // SAFETY: `info` is a valid, writable sysinfo struct.
-    if unsafe { libc::sysinfo(&mut info) } != 0 {
-        return None;
-    }
-    let unit = u64::from(info.mem_unit.max(1));
-    Some((info.totalram as u64 + info.totalswap as u64).saturating_mul(unit))
+    tensorbus_broker::machine_memory()
 }
 
 /// The memory limit of this process's cgroup and where it was read:
