@@ -17,6 +17,7 @@
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod metrics;
 mod names;
 mod rendezvous;
 mod server;

@@ -1,9 +1,11 @@
 //! The broker's event loop: admission, requests, liveness.
 
 use crate::config::Config;
+use crate::metrics::MetricsServer;
 use crate::rendezvous::{self, Access, SocketFile};
 use crate::state::{InitError, Role, State};
 use std::collections::{HashMap, VecDeque};
+use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -47,9 +49,19 @@ pub enum StartError {
     /// [`Config::validate`] never does this).
     #[error(transparent)]
     Config(#[from] crate::ConfigError),
-    /// [`EmbeddedBroker::start`] could not start the broker's thread.
+    /// [`EmbeddedBroker::start`] could not start the broker's thread (or
+    /// [`Broker::serve_metrics`] its metrics thread).
     #[error("cannot start the broker thread: {0}")]
     Thread(#[source] std::io::Error),
+    /// The metrics endpoint could not listen at its address
+    /// ([`crate::metrics::bind`]).
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Metrics {
+        /// The address asked for (`--metrics`, `[broker] metrics`).
+        addr: String,
+        /// OS error (or why the address does not resolve).
+        source: std::io::Error,
+    },
 }
 
 impl From<InitError> for StartError {
@@ -125,6 +137,8 @@ pub struct Broker {
     verbose: bool,
     /// Receive buffer, reused for every request.
     buf: Vec<u8>,
+    /// The metrics endpoint's thread, when serving one.
+    metrics: Option<MetricsServer>,
 }
 
 impl Broker {
@@ -174,12 +188,29 @@ impl Broker {
             allowed_gids: config.broker.allowed_gids.clone(),
             verbose: false,
             buf: vec![0u8; MAX_MESSAGE],
+            metrics: None,
         })
     }
 
     /// Logs admissions, deaths and reclaims to stderr.
     pub fn set_verbose(&mut self, verbose: bool) {
         self.verbose = verbose;
+    }
+
+    /// Serves the OpenMetrics / Prometheus endpoint (`GET /metrics`) on
+    /// `listener` (from [`crate::metrics::bind`]) from a new thread, for as
+    /// long as this broker lives; returns the address it listens at. The
+    /// numbers are those of `tensorbus stat`, taken by [`Broker::run`]'s
+    /// event loop at each scrape (see [`crate::metrics`]).
+    pub fn serve_metrics(&mut self, listener: TcpListener) -> Result<SocketAddr, StartError> {
+        let addr = listener
+            .local_addr()
+            .map_err(|source| StartError::Metrics {
+                addr: "the metrics listener".into(),
+                source,
+            })?;
+        self.metrics = Some(MetricsServer::start(listener)?);
+        Ok(addr)
     }
 
     /// The socket path.
@@ -233,6 +264,12 @@ impl Broker {
                 }
             }
             self.state.progress();
+            if let Some(m) = &self.metrics {
+                // Scrapes waiting for a snapshot (at most one at a time).
+                while let Ok(reply) = m.requests.try_recv() {
+                    let _ = reply.send(self.stat());
+                }
+            }
             if last_sweep.elapsed() >= SWEEP_INTERVAL {
                 last_sweep = std::time::Instant::now();
                 let freed = self.state.sweep_stray_bits(SWEEP_SLOTS);
