@@ -252,8 +252,23 @@ fn answer(mut stream: TcpStream, requests: &Sender<SnapshotRequest>) -> std::io:
     }
     stream.write_all(out.as_bytes())?;
     let _ = stream.shutdown(std::net::Shutdown::Write);
+    // Closing with unread input would reset the connection, and the client
+    // could lose the answer: read what it still sends (bounded in bytes and
+    // by the connection's deadline) before closing.
+    let mut drained = 0usize;
+    while drained < MAX_DRAIN {
+        let Ok(left) = remaining() else { break };
+        stream.set_read_timeout(Some(left))?;
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => drained += n,
+        }
+    }
     Ok(())
 }
+
+/// How much unread input a connection may still send after its answer.
+const MAX_DRAIN: usize = 1 << 20;
 
 /// Asks the event loop for a snapshot; None if it is gone or does not
 /// answer within [`CLIENT_TIMEOUT`].
