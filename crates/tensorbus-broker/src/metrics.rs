@@ -252,10 +252,16 @@ fn answer(mut stream: TcpStream, requests: &Sender<SnapshotRequest>) -> std::io:
     }
     stream.write_all(out.as_bytes())?;
     let _ = stream.shutdown(std::net::Shutdown::Write);
-    // Closing with unread input would reset the connection, and the client
+    // Closing with unread input (an error answer may leave some, e.g. the
+    // rest of an oversized head) would reset the connection, and the client
     // could lose the answer: read what it still sends (bounded in bytes and
-    // by the connection's deadline) before closing.
-    let mut drained = 0usize;
+    // by the connection's deadline) before closing. A good request has been
+    // read whole: its connection closes at once.
+    let mut drained = if status.starts_with('2') {
+        MAX_DRAIN
+    } else {
+        0
+    };
     while drained < MAX_DRAIN {
         let Ok(left) = remaining() else { break };
         stream.set_read_timeout(Some(left))?;

@@ -655,7 +655,15 @@ impl EmbeddedBroker {
         socket: &Path,
         thread: std::thread::Builder,
     ) -> Result<EmbeddedBroker, StartError> {
-        let mut broker = Broker::bind(config, socket)?;
+        Self::spawn(Broker::bind(config, socket)?, socket, thread)
+    }
+
+    /// Runs `broker` on the thread made by `thread`.
+    fn spawn(
+        mut broker: Broker,
+        socket: &Path,
+        thread: std::thread::Builder,
+    ) -> Result<EmbeddedBroker, StartError> {
         broker.set_verbose(std::env::var_os("TENSORBUS_VERBOSE").is_some());
         let socket_file = broker.socket_file.clone();
         let stop = Arc::new(AtomicBool::new(false));
@@ -670,6 +678,31 @@ impl EmbeddedBroker {
             thread: Some(thread),
             socket: socket.to_path_buf(),
         })
+    }
+
+    /// [`EmbeddedBroker::start`] serving the metrics endpoint at `addr`
+    /// too (see [`Broker::serve_metrics`]); returns the broker and the
+    /// address it serves metrics at (`addr` with port 0 picks a free port).
+    pub fn start_with_metrics(
+        config: &Config,
+        socket: &Path,
+        addr: &str,
+    ) -> Result<(EmbeddedBroker, SocketAddr), StartError> {
+        let listener = crate::metrics::bind(addr)?;
+        let mut broker = Broker::bind(config, socket)?;
+        let bound = match broker.serve_metrics(listener) {
+            Ok(a) => a,
+            Err(e) => {
+                broker.socket_file.remove_if_ours();
+                return Err(e);
+            }
+        };
+        let embedded = Self::spawn(
+            broker,
+            socket,
+            std::thread::Builder::new().name("tensorbus-broker".into()),
+        )?;
+        Ok((embedded, bound))
     }
 
     /// The socket path clients connect to.
@@ -725,6 +758,33 @@ mod tests {
         );
         // Nothing is left that stops a broker from starting there now.
         drop(EmbeddedBroker::start(&config(), &path).unwrap());
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    /// Issue 17.4: an embedded broker serves the metrics endpoint too,
+    /// and stops serving it when dropped.
+    #[test]
+    fn embedded_broker_serves_metrics() {
+        use std::io::{Read, Write};
+        let path = socket("metrics");
+        let (b, addr) =
+            EmbeddedBroker::start_with_metrics(&config(), &path, "127.0.0.1:0").unwrap();
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
+        assert!(
+            out.contains("\ntensorbus_pool_free_slots{pool=\"p\"} 4\n"),
+            "{out}"
+        );
+        assert!(out.contains("\ntensorbus_clients 0\n"), "{out}");
+        drop(s);
+        drop(b);
+        assert!(
+            std::net::TcpStream::connect(addr).is_err(),
+            "metrics still served after the broker stopped"
+        );
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 
