@@ -2,7 +2,8 @@
 # Installs what scripts/test-all.sh needs on a fresh machine, and nothing that
 # is already there (so it costs ~1 s on a set-up machine): Debian packages
 # (strace, valgrind, pkg-config, make, gcc, python3-venv, GStreamer's
-# videotestsrc), the clippy/rustfmt/rust-src components, and cbindgen (pinned:
+# videotestsrc, prometheus with promtool), the clippy/rustfmt/rust-src
+# components, and cbindgen (pinned:
 # the committed C header is checked against its exact output). The Python
 # virtual environment and its pins are set up by scripts/python-env.sh when
 # the Python steps run.
@@ -26,20 +27,31 @@ python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv pytho
 # crates/tensorbus-cli/tests/pipes.rs pipes GStreamer's videotestsrc through pub/sub.
 command -v gst-launch-1.0 >/dev/null || need_apt+=(gstreamer1.0-tools gstreamer1.0-plugins-base)
 # --- end shell pipes ---
-if [ ${#need_apt[@]} -gt 0 ]; then
+# --- metrics ---
+# crates/tensorbus-cli/tests/metrics.rs has a real Prometheus scrape the broker and promtool lint
+# the output; installed without its recommends (no node exporter).
+need_apt_norec=()
+command -v prometheus >/dev/null && command -v promtool >/dev/null || need_apt_norec+=(prometheus)
+# --- end metrics ---
+if [ ${#need_apt[@]} -gt 0 ] || [ ${#need_apt_norec[@]} -gt 0 ]; then
   sudo=()
   if [ "$(id -u)" != 0 ]; then
     if command -v sudo >/dev/null; then
       sudo=(sudo)
     else
-      echo "setup: need Debian packages ${need_apt[*]}; run as root: apt-get install ${need_apt[*]}" >&2
+      echo "setup: need Debian packages ${need_apt[*]} ${need_apt_norec[*]}; run as root: apt-get install ${need_apt[*]} ${need_apt_norec[*]}" >&2
       exit 1
     fi
   fi
-  echo "setup: installing ${need_apt[*]}"
+  echo "setup: installing ${need_apt[*]} ${need_apt_norec[*]}"
   export DEBIAN_FRONTEND=noninteractive
   "${sudo[@]}" apt-get update -qq
-  "${sudo[@]}" apt-get install -y -qq "${need_apt[@]}"
+  if [ ${#need_apt[@]} -gt 0 ]; then
+    "${sudo[@]}" apt-get install -y -qq "${need_apt[@]}"
+  fi
+  if [ ${#need_apt_norec[@]} -gt 0 ]; then
+    "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${need_apt_norec[@]}"
+  fi
 fi
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
 # --- C bindings ---

@@ -167,6 +167,11 @@ pub struct BrokerSection {
     /// matched against the peer's effective gid.
     #[serde(default)]
     pub allowed_gids: Vec<u32>,
+    /// Where `tensorbus broker` serves its OpenMetrics / Prometheus
+    /// endpoint (`HOST:PORT`, e.g. `"127.0.0.1:9464"`; overridden by
+    /// `--metrics`); none when absent.
+    #[serde(default)]
+    pub metrics: Option<String>,
 }
 
 /// `[limits]` section: sizes of the fixed tables in the control segment.

@@ -18,6 +18,7 @@
 
 pub mod config;
 mod memory;
+pub mod metrics;
 mod names;
 mod rendezvous;
 mod server;

@@ -1,9 +1,11 @@
 //! The broker's event loop: admission, requests, liveness.
 
 use crate::config::Config;
+use crate::metrics::MetricsServer;
 use crate::rendezvous::{self, Access, SocketFile};
 use crate::state::{InitError, Role, State};
 use std::collections::{HashMap, VecDeque};
+use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -47,9 +49,19 @@ pub enum StartError {
     /// [`Config::validate`] never does this).
     #[error(transparent)]
     Config(#[from] crate::ConfigError),
-    /// [`EmbeddedBroker::start`] could not start the broker's thread.
+    /// [`EmbeddedBroker::start`] could not start the broker's thread (or
+    /// [`Broker::serve_metrics`] its metrics thread).
     #[error("cannot start the broker thread: {0}")]
     Thread(#[source] std::io::Error),
+    /// The metrics endpoint could not listen at its address
+    /// ([`crate::metrics::bind`]).
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Metrics {
+        /// The address asked for (`--metrics`, `[broker] metrics`).
+        addr: String,
+        /// OS error (or why the address does not resolve).
+        source: std::io::Error,
+    },
 }
 
 impl From<InitError> for StartError {
@@ -125,6 +137,8 @@ pub struct Broker {
     verbose: bool,
     /// Receive buffer, reused for every request.
     buf: Vec<u8>,
+    /// The metrics endpoint's thread, when serving one.
+    metrics: Option<MetricsServer>,
 }
 
 impl Broker {
@@ -174,12 +188,29 @@ impl Broker {
             allowed_gids: config.broker.allowed_gids.clone(),
             verbose: false,
             buf: vec![0u8; MAX_MESSAGE],
+            metrics: None,
         })
     }
 
     /// Logs admissions, deaths and reclaims to stderr.
     pub fn set_verbose(&mut self, verbose: bool) {
         self.verbose = verbose;
+    }
+
+    /// Serves the OpenMetrics / Prometheus endpoint (`GET /metrics`) on
+    /// `listener` (from [`crate::metrics::bind`]) from a new thread, for as
+    /// long as this broker lives; returns the address it listens at. The
+    /// numbers are those of `tensorbus stat`, taken by [`Broker::run`]'s
+    /// event loop at each scrape (see [`crate::metrics`]).
+    pub fn serve_metrics(&mut self, listener: TcpListener) -> Result<SocketAddr, StartError> {
+        let addr = listener
+            .local_addr()
+            .map_err(|source| StartError::Metrics {
+                addr: "the metrics listener".into(),
+                source,
+            })?;
+        self.metrics = Some(MetricsServer::start(listener)?);
+        Ok(addr)
     }
 
     /// The socket path.
@@ -233,6 +264,12 @@ impl Broker {
                 }
             }
             self.state.progress();
+            if let Some(m) = &self.metrics {
+                // Scrapes waiting for a snapshot (at most one at a time).
+                while let Ok(reply) = m.requests.try_recv() {
+                    let _ = reply.send(self.stat());
+                }
+            }
             if last_sweep.elapsed() >= SWEEP_INTERVAL {
                 last_sweep = std::time::Instant::now();
                 let freed = self.state.sweep_stray_bits(SWEEP_SLOTS);
@@ -618,7 +655,15 @@ impl EmbeddedBroker {
         socket: &Path,
         thread: std::thread::Builder,
     ) -> Result<EmbeddedBroker, StartError> {
-        let mut broker = Broker::bind(config, socket)?;
+        Self::spawn(Broker::bind(config, socket)?, socket, thread)
+    }
+
+    /// Runs `broker` on the thread made by `thread`.
+    fn spawn(
+        mut broker: Broker,
+        socket: &Path,
+        thread: std::thread::Builder,
+    ) -> Result<EmbeddedBroker, StartError> {
         broker.set_verbose(std::env::var_os("TENSORBUS_VERBOSE").is_some());
         let socket_file = broker.socket_file.clone();
         let stop = Arc::new(AtomicBool::new(false));
@@ -633,6 +678,31 @@ impl EmbeddedBroker {
             thread: Some(thread),
             socket: socket.to_path_buf(),
         })
+    }
+
+    /// [`EmbeddedBroker::start`] serving the metrics endpoint at `addr`
+    /// too (see [`Broker::serve_metrics`]); returns the broker and the
+    /// address it serves metrics at (`addr` with port 0 picks a free port).
+    pub fn start_with_metrics(
+        config: &Config,
+        socket: &Path,
+        addr: &str,
+    ) -> Result<(EmbeddedBroker, SocketAddr), StartError> {
+        let listener = crate::metrics::bind(addr)?;
+        let mut broker = Broker::bind(config, socket)?;
+        let bound = match broker.serve_metrics(listener) {
+            Ok(a) => a,
+            Err(e) => {
+                broker.socket_file.remove_if_ours();
+                return Err(e);
+            }
+        };
+        let embedded = Self::spawn(
+            broker,
+            socket,
+            std::thread::Builder::new().name("tensorbus-broker".into()),
+        )?;
+        Ok((embedded, bound))
     }
 
     /// The socket path clients connect to.
@@ -688,6 +758,33 @@ mod tests {
         );
         // Nothing is left that stops a broker from starting there now.
         drop(EmbeddedBroker::start(&config(), &path).unwrap());
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    /// Issue 17.4: an embedded broker serves the metrics endpoint too,
+    /// and stops serving it when dropped.
+    #[test]
+    fn embedded_broker_serves_metrics() {
+        use std::io::{Read, Write};
+        let path = socket("metrics");
+        let (b, addr) =
+            EmbeddedBroker::start_with_metrics(&config(), &path, "127.0.0.1:0").unwrap();
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
+        assert!(
+            out.contains("\ntensorbus_pool_free_slots{pool=\"p\"} 4\n"),
+            "{out}"
+        );
+        assert!(out.contains("\ntensorbus_clients 0\n"), "{out}");
+        drop(s);
+        drop(b);
+        assert!(
+            std::net::TcpStream::connect(addr).is_err(),
+            "metrics still served after the broker stopped"
+        );
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 

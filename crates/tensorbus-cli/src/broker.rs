@@ -17,6 +17,10 @@ pub struct Args {
     /// Log admissions, client deaths and reclaims to stderr.
     #[arg(long, short)]
     verbose: bool,
+    /// Serve OpenMetrics / Prometheus metrics at http://ADDR/metrics (e.g.
+    /// 127.0.0.1:9464; overrides `[broker] metrics` in the config).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
 }
 
 /// Formats a byte count with a binary unit (`8MiB`, `64KiB`, `4096B`).
@@ -57,8 +61,17 @@ pub fn run(args: Args) -> Result<(), CliError> {
     let flag = stop.clone();
     ctrlc::set_handler(move || flag.store(true, Ordering::Relaxed))
         .map_err(|e| CliError(format!("cannot install the signal handler: {e}")))?;
+    // Bound before the broker so that a bad address fails before the socket exists.
+    let metrics = match args.metrics.as_ref().or(config.broker.metrics.as_ref()) {
+        Some(addr) => Some(tensorbus_broker::metrics::bind(addr)?),
+        None => None,
+    };
     let mut broker = Broker::bind(&config, &socket)?;
     broker.set_verbose(args.verbose);
+    if let Some(listener) = metrics {
+        let addr = broker.serve_metrics(listener)?;
+        eprintln!("tensorbus broker: metrics at http://{addr}/metrics");
+    }
     let pools: Vec<String> = config
         .pools
         .iter()
