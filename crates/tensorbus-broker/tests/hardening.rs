@@ -1,7 +1,7 @@
 //! Memory protection and bad input: consumers cannot write, pools cannot be
 //! resized, malformed requests get clear errors and change nothing.
 
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use tensorbus::error::{ConnectError, LoanError, OpenError, ShapeError};
 use tensorbus::TensorView;
@@ -19,16 +19,34 @@ fn config() -> Config {
     .unwrap()
 }
 
-/// The memfds this process holds: (fd, name).
-fn memfds() -> Vec<(RawFd, String)> {
+/// The memfds this process holds, each as a duplicate the caller owns (the
+/// other tests of this binary run on other threads and open and close
+/// theirs meanwhile: an fd read from /proc/self/fd may be closed, or its
+/// number reused, before it is used; the duplicate cannot). (fd, name).
+fn memfds() -> Vec<(OwnedFd, String)> {
+    let name_of = |fd: RawFd| -> Option<String> {
+        let target = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
+        let t = target.to_string_lossy().into_owned();
+        t.starts_with("/memfd:tensorbus").then_some(t)
+    };
     std::fs::read_dir("/proc/self/fd")
         .unwrap()
         .flatten()
         .filter_map(|e| {
             let fd: RawFd = e.file_name().to_str()?.parse().ok()?;
-            let target = std::fs::read_link(e.path()).ok()?;
-            let t = target.to_string_lossy().into_owned();
-            t.starts_with("/memfd:tensorbus").then_some((fd, t))
+            name_of(fd)?;
+            // SAFETY: fcntl(F_DUPFD_CLOEXEC) on any fd number touches no
+            // memory; a closed one fails with EBADF.
+            let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+            if dup < 0 {
+                return None;
+            }
+            // SAFETY: `dup` is a fresh descriptor that nothing else owns.
+            let owned = unsafe { OwnedFd::from_raw_fd(dup) };
+            // What we duplicated may already be another file (a reused fd
+            // number): check the duplicate itself.
+            let name = name_of(owned.as_raw_fd())?;
+            Some((owned, name))
         })
         .collect()
 }
@@ -46,9 +64,10 @@ fn pools_and_control_segment_are_sealed() {
         fds.iter().any(|(_, n)| n.contains("tensorbus-control")),
         "{fds:?}"
     );
-    for (fd, name) in fds {
-        // SAFETY: fcntl and ftruncate on an fd this process owns (read from
-        // /proc/self/fd just now); they do not touch memory.
+    for (owned, name) in fds {
+        let fd = owned.as_raw_fd();
+        // SAFETY: fcntl and ftruncate on a duplicate this test owns; they do
+        // not touch memory.
         let seals = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
         assert!(
             seals & libc::F_SEAL_SHRINK != 0 && seals & libc::F_SEAL_GROW != 0,
