@@ -261,6 +261,22 @@ pub fn ratios(rows: &[Row], sizes: &[usize]) -> Vec<Ratio> {
             |x| x >= 2.0,
         );
     }
+    // Streaming latency tails side by side (per message, producer
+    // timestamp to receive; lower is better, so tensorbus / iceoryx2 < 1
+    // means tensorbus's tail is shorter).
+    let p999 =
+        |b: &str, c: &str, v: Variant, s: usize| find(rows, b, c, v, s).map(|r| r.p999 as f64);
+    for &s in sizes {
+        push(
+            format!("streaming_p999_tensorbus_over_iceoryx2_{}", size_label(s)),
+            q(
+                p999("streaming", "tensorbus", full, s),
+                p999("streaming", "iceoryx2", full, s),
+            ),
+            "(info, lower is better)",
+            |_| true,
+        );
+    }
     for &s in sizes.iter().filter(|&&s| s != 8) {
         push(
             format!("tensorbus_over_limit_{}", size_label(s)),
