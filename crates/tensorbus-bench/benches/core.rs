@@ -8,6 +8,7 @@ use tensorbus_core::control::HeapControl;
 use tensorbus_core::layout::{Layout, LayoutParams};
 use tensorbus_core::publish::loan;
 use tensorbus_core::ring::{Ring, RingHeader};
+use tensorbus_core::wide::HolderId;
 
 fn ring(c: &mut Criterion) {
     let header = RingHeader::default();
@@ -49,24 +50,45 @@ fn loan_release(c: &mut Criterion) {
         let heap = HeapControl::new(layout);
         let ctl = heap.control();
         let mut cursor = 0usize;
+        let intent = AtomicU64::new(0);
+        let (me, other) = (HolderId::new(0).unwrap(), HolderId::new(1).unwrap());
         c.bench_function(&format!("loan+release ({slots} slots)"), |b| {
             b.iter(|| {
-                let (index, _generation) = loan(ctl, 0, 1, &mut cursor).expect("a free slot");
-                ctl.slot(0, index).expect("slot in range").release(1)
+                let (index, _generation) =
+                    loan(ctl, 0, me, &intent, &mut cursor).expect("a free slot");
+                ctl.slot(0, index).expect("slot in range").release(me)
             })
         });
+        // An extension id (handles past the sixteenth): the loan names the
+        // slot in its intent, and the release clears a summary bit too.
+        let ext = HolderId::new(600).unwrap();
+        c.bench_function(
+            &format!("loan+release ({slots} slots, extension id)"),
+            |b| {
+                b.iter(|| {
+                    let (index, _generation) =
+                        loan(ctl, 0, ext, &intent, &mut cursor).expect("a free slot");
+                    ctl.slot(0, index).expect("slot in range").release(ext)
+                })
+            },
+        );
         // Half the slots held by someone else: the scan skips them.
         let held: Vec<usize> = (0..slots / 2)
-            .map(|_| loan(ctl, 0, 2, &mut cursor).expect("a free slot").0)
+            .map(|_| {
+                loan(ctl, 0, other, &intent, &mut cursor)
+                    .expect("a free slot")
+                    .0
+            })
             .collect();
         c.bench_function(&format!("loan+release ({slots} slots, half held)"), |b| {
             b.iter(|| {
-                let (index, _generation) = loan(ctl, 0, 1, &mut cursor).expect("a free slot");
-                ctl.slot(0, index).expect("slot in range").release(1)
+                let (index, _generation) =
+                    loan(ctl, 0, me, &intent, &mut cursor).expect("a free slot");
+                ctl.slot(0, index).expect("slot in range").release(me)
             })
         });
         for i in held {
-            ctl.slot(0, i).expect("slot in range").release(2);
+            ctl.slot(0, i).expect("slot in range").release(other);
         }
     }
 }

@@ -186,6 +186,10 @@ pub struct Limits {
     pub max_subscribers_per_channel: u32,
     /// Cells per ring: the largest depth a subscriber may ask for (power of two).
     pub ring_capacity: u32,
+    /// Holder handles open at once in the whole broker: every producer,
+    /// subscriber and stage half, and each channel's history record, takes
+    /// one (at most [`crate::MAX_HANDLES`]).
+    pub max_handles: u32,
 }
 
 impl Default for Limits {
@@ -195,6 +199,7 @@ impl Default for Limits {
             max_producers_per_channel: 8,
             max_subscribers_per_channel: 16,
             ring_capacity: 64,
+            max_handles: 1024,
         }
     }
 }
@@ -418,6 +423,12 @@ impl Config {
                     ));
                 }
             }
+        }
+        if self.limits.max_handles == 0 || self.limits.max_handles as usize > crate::MAX_HANDLES {
+            return bad(format!(
+                "limits.max_handles must be between 1 and {}",
+                crate::MAX_HANDLES
+            ));
         }
         if self.limits.ring_capacity as usize > MAX_RING_CAPACITY {
             return bad(format!(

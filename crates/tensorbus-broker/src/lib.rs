@@ -28,3 +28,4 @@ pub use config::{Config, ConfigError};
 pub use memory::{machine_memory, HUGE_PAGE};
 pub use names::{validate_name, MAX_NAME_LEN};
 pub use server::{Broker, EmbeddedBroker, StartError, MAX_PENDING_OUTPUT, MAX_PENDING_REPLIES};
+pub use state::MAX_HANDLES;

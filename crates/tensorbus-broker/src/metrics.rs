@@ -516,6 +516,18 @@ pub fn render(report: &StatReport, openmetrics: bool) -> String {
         "Connected (admitted) clients.",
     );
     o.sample("tensorbus_clients", &[], report.clients.len());
+    o.family(
+        "tensorbus_handles_open",
+        "gauge",
+        "Holder handles open in the broker (producers, subscribers, stage halves, channel histories).",
+    );
+    o.sample("tensorbus_handles_open", &[], report.handles_open);
+    o.family(
+        "tensorbus_handles_max",
+        "gauge",
+        "The broker's [limits] max_handles: opens past it fail.",
+    );
+    o.sample("tensorbus_handles_max", &[], report.max_handles);
     if openmetrics {
         o.text.push_str("# EOF\n");
     }
@@ -562,12 +574,16 @@ mod tests {
                 handles: 1,
                 holds: 2,
             }],
+            handles_open: 3,
+            max_handles: 1024,
         }
     }
 
     #[test]
     fn prometheus_text() {
         let t = render(&report(), false);
+        assert!(t.contains("\ntensorbus_handles_open 3\n"), "{t}");
+        assert!(t.contains("\ntensorbus_handles_max 1024\n"), "{t}");
         assert!(
             t.contains("# TYPE tensorbus_channel_published_total counter\n"),
             "{t}"

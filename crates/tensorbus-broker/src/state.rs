@@ -8,6 +8,7 @@
 //! child modules [`open`], [`reclaim`] and [`stat`].
 
 mod channels;
+mod ids;
 mod open;
 mod reclaim;
 mod stat;
@@ -19,9 +20,12 @@ use crate::config::{Config, DEFAULT_DEPTH};
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 
+use ids::HolderIds;
+pub use ids::MAX_HANDLES;
 use tensorbus_core::control::Control;
-use tensorbus_core::layout::{Layout, LayoutParams, MAX_HOLDERS};
+use tensorbus_core::layout::{Layout, LayoutParams};
 use tensorbus_core::proto::{ChannelInfo, ChannelSpec, PoolInfo};
+use tensorbus_core::wide::{HolderId, HolderSnapshot};
 use tensorbus_core::{Mode, Policy};
 use tensorbus_shm::{Access, Mapping, Memfd};
 
@@ -75,15 +79,18 @@ pub(crate) enum ChannelError {
         /// Why.
         reason: String,
     },
-    /// The history record needs a holder bit and none is left.
+    /// The history record needs a holder id and none is left.
     #[error(transparent)]
     Bits(#[from] BitsExhausted),
 }
 
-/// Every holder bit is handed out.
+/// Every holder id the limit allows is handed out.
 #[derive(Debug, thiserror::Error)]
-#[error("all {} holder handles of this broker are in use (each producer, subscriber and stage half takes one of the {MAX_HOLDERS} bits of a slot's holder word; the broker keeps one); close unused handles", MAX_HOLDERS - 1)]
-pub(crate) struct BitsExhausted;
+#[error("all {limit} holder handles of this broker are in use ([limits] max_handles = {limit}; each producer, subscriber, stage half and channel history takes one); close unused handles or raise max_handles (at most {})", ids::MAX_HANDLES)]
+pub(crate) struct BitsExhausted {
+    /// The limit in force.
+    pub(crate) limit: usize,
+}
 
 /// Refuses pools that could never be backed: memfds are sparse, so an
 /// oversized pool would otherwise start fine and fail later, when touched,
@@ -134,7 +141,7 @@ struct Channel {
     /// Open producer handles.
     producers: u32,
     /// The history record (subscriber index, holder bit), if `spec.history > 0`.
-    history: Option<(usize, u32)>,
+    history: Option<(usize, HolderId)>,
 }
 
 impl Channel {
@@ -167,7 +174,7 @@ enum HandleKind {
         sub: usize,
     },
     /// A subscriber that left its channel ([`tensorbus_core::proto::Request::Detach`]):
-    /// it keeps its holder bit for the tensors its client still holds.
+    /// it keeps its holder id for the tensors its client still holds.
     Detached,
 }
 
@@ -176,7 +183,7 @@ enum HandleKind {
 struct Handle {
     client: u32,
     kind: HandleKind,
-    bit: u32,
+    id: HolderId,
     /// A subscriber's request: (policy, depth, writable) as asked (`None`:
     /// the channel's default, settled again when a pending channel is
     /// created).
@@ -190,7 +197,7 @@ enum Pending {
     Subscriber {
         channel: usize,
         sub: usize,
-        bit: u32,
+        id: HolderId,
         snapshot: Vec<u64>,
         /// Detached, not closed: keep the holds of received tensors.
         keep: bool,
@@ -210,8 +217,8 @@ pub(crate) struct State {
     /// Indexed by channel record; `None`: the record is free.
     channels: Vec<Option<Channel>>,
     handles: HashMap<u32, Handle>,
-    /// Holder bits not handed out (the custody bit never is).
-    free_bits: u64,
+    /// Holder ids handed out and free (and the broker's custody id).
+    ids: HolderIds,
     next_handle: u32,
     pending: Vec<Pending>,
     /// Subscriber records and rows that are being reclaimed (not reusable yet).
@@ -219,9 +226,6 @@ pub(crate) struct State {
     busy_rows: Vec<(usize, usize)>,
     /// The broker's private cached heads for its row-0 pushes.
     broker_heads: HashMap<(usize, usize), u64>,
-    /// The holder bit the broker itself holds slots with (a dead worker's
-    /// untaken work items waiting for room at a live worker).
-    custody_bit: u32,
     /// Work items in the broker's custody: (channel, descriptor).
     redispatch: Vec<(usize, tensorbus_core::Descriptor)>,
     /// Where the next sweep for stray holder bits starts: (pool, slot).
@@ -294,18 +298,15 @@ impl State {
             pools,
             channels: Vec::new(),
             handles: HashMap::new(),
-            free_bits: u64::MAX,
+            ids: HolderIds::new(config.limits.max_handles as usize),
             next_handle: 1,
             pending: Vec::new(),
             busy_subs: Vec::new(),
             busy_rows: Vec::new(),
             broker_heads: HashMap::new(),
-            custody_bit: 63,
             redispatch: Vec::new(),
             sweep_cursor: (0, 0),
         };
-        // Bit 63 is the broker's own (custody of re-dispatched work items).
-        state.free_bits &= !(1u64 << state.custody_bit);
         for spec in config.channel_specs() {
             state
                 .create_channel(spec, true)
@@ -384,18 +385,13 @@ impl State {
         self.channels[c].as_mut().expect("a live channel index")
     }
 
-    /// Takes a free holder bit.
-    fn alloc_bit(&mut self) -> Result<u32, BitsExhausted> {
-        if self.free_bits == 0 {
-            return Err(BitsExhausted);
-        }
-        let bit = self.free_bits.trailing_zeros();
-        self.free_bits &= !(1u64 << bit);
-        Ok(bit)
+    /// Takes a free holder id.
+    fn alloc_id(&mut self) -> Result<HolderId, BitsExhausted> {
+        self.ids.alloc()
     }
 
-    fn free_bit(&mut self, bit: u32) {
-        self.free_bits |= 1u64 << (bit & 63);
+    fn free_id(&mut self, id: HolderId) {
+        self.ids.free(id);
     }
 
     /// Clears holder bits that belong to no open handle from the next
@@ -406,8 +402,9 @@ impl State {
     /// thread, so none becomes legitimate during a sweep. Returns how many
     /// slots it freed.
     pub fn sweep_stray_bits(&mut self, budget: usize) -> usize {
-        let free = self.free_bits;
-        let custody = 1u64 << self.custody_bit;
+        let keep = self.ids.taken(false);
+        let mut keep_custody = keep;
+        keep_custody.insert(self.ids.custody());
         let redispatch = &self.redispatch;
         let ctl = &self.control;
         let pools = ctl.pools();
@@ -418,18 +415,16 @@ impl State {
             let (pool, start) = self.sweep_cursor;
             let pool = pool % pools;
             let end = ctl.slots(pool).min(start.saturating_add(left));
-            freed +=
-                tensorbus_core::reclaim::clear_stray_bits(ctl, pool, start..end, |index, h| {
-                    let mut stray = h & free;
-                    if h & custody != 0
-                        && !redispatch
-                            .iter()
-                            .any(|(_, d)| usize::from(d.pool) == pool && d.index as usize == index)
-                    {
-                        stray |= custody;
-                    }
-                    stray
-                });
+            freed += tensorbus_core::reclaim::clear_stray_bits(ctl, pool, start..end, |index| {
+                let in_custody = redispatch
+                    .iter()
+                    .any(|(_, d)| usize::from(d.pool) == pool && d.index as usize == index);
+                if in_custody {
+                    keep_custody
+                } else {
+                    keep
+                }
+            });
             left -= end.saturating_sub(start).max(1).min(left);
             self.sweep_cursor = if end >= ctl.slots(pool) {
                 ((pool + 1) % pools, 0)
@@ -446,12 +441,15 @@ impl State {
         h
     }
 
-    /// Holder bits that belong to subscribers (for stats).
-    fn subscriber_bits(&self) -> u64 {
-        self.handles
-            .values()
-            .filter(|h| matches!(h.kind, HandleKind::Subscriber { .. }))
-            .fold(0, |m, h| m | 1u64 << h.bit)
+    /// Holder ids that belong to subscribers (for stats).
+    fn subscriber_ids(&self) -> HolderSnapshot {
+        let mut s = HolderSnapshot::default();
+        for h in self.handles.values() {
+            if matches!(h.kind, HandleKind::Subscriber { .. }) {
+                s.insert(h.id);
+            }
+        }
+        s
     }
 
     fn is_workqueue(&self, channel: usize) -> bool {
@@ -465,7 +463,6 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::Ordering;
     use tensorbus_core::Descriptor;
 
     #[test]
@@ -476,30 +473,47 @@ mod tests {
         )
         .unwrap();
         let mut st = State::new(&config).unwrap();
-        let open = 1u64 << st.alloc_bit().unwrap();
-        let custody = 1u64 << st.custody_bit;
-        let slot = |st: &State, p: usize, i: usize| st.control.slot(p, i).unwrap().holders();
-        let set = |st: &State, p: usize, i: usize, h: u64| {
+        let open = st.alloc_id().unwrap();
+        let open_ext = HolderId::new(300).unwrap();
+        st.ids.free(open);
+        // Take ids up to and including 300 so that 300 is an open one.
+        let mut taken = Vec::new();
+        while taken.last() != Some(&open_ext) {
+            taken.push(st.alloc_id().unwrap());
+        }
+        let custody = st.ids.custody();
+        let (stray, stray_ext) = (HolderId::new(14).unwrap(), HolderId::new(900).unwrap());
+        st.ids.free(stray);
+        let ids = |st: &State, p: usize, i: usize| -> Vec<HolderId> {
             st.control
                 .slot(p, i)
                 .unwrap()
-                .holders
-                .store(h, Ordering::Relaxed)
+                .holder_set()
+                .snapshot()
+                .ids()
+                .collect()
         };
-        set(&st, 0, 0, 1 << 40); // stray only: freed
-        set(&st, 0, 2, open | 1 << 41); // open + stray: the open bit stays
-        set(&st, 1, 1, custody); // custody of nothing: freed
-        set(&st, 1, 4, custody | 1 << 42); // a real custody item: custody stays
+        let set = |st: &State, p: usize, i: usize, ids: &[HolderId]| {
+            let slot = st.control.slot(p, i).unwrap();
+            let intent = std::sync::atomic::AtomicU64::new(0);
+            let first = HolderId::new(13).unwrap();
+            slot.try_loan(first, &intent, 1).unwrap();
+            slot.hand_over(first, ids.iter().copied());
+        };
+        set(&st, 0, 0, &[stray, stray_ext]); // stray only: freed
+        set(&st, 0, 2, &[open, open_ext, stray_ext]); // open + stray: the open ids stay
+        set(&st, 1, 1, &[custody]); // custody of nothing: freed
+        set(&st, 1, 4, &[custody, stray]); // a real custody item: custody stays
         st.redispatch.push((0, Descriptor::new(1, 4, 0)));
         // Budgets smaller than the pools resume where the last sweep ended.
         let freed: usize = (0..4).map(|_| st.sweep_stray_bits(2)).sum();
         assert_eq!(freed, 2);
-        assert_eq!(slot(&st, 0, 0), 0);
-        assert_eq!(slot(&st, 0, 2), open);
-        assert_eq!(slot(&st, 1, 1), 0);
-        assert_eq!(slot(&st, 1, 4), custody);
+        assert_eq!(ids(&st, 0, 0), []);
+        assert_eq!(ids(&st, 0, 2), [open, open_ext]);
+        assert_eq!(ids(&st, 1, 1), []);
+        assert_eq!(ids(&st, 1, 4), [custody]);
         // A budget larger than every pool sweeps each slot once.
-        set(&st, 1, 0, 1 << 50);
+        set(&st, 1, 0, &[stray_ext]);
         assert_eq!(st.sweep_stray_bits(1_000_000), 1);
     }
 }

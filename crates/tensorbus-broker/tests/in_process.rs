@@ -305,7 +305,11 @@ fn memory_is_aligned_read_only_for_consumers_and_not_in_dev_shm() {
 #[test]
 fn too_many_holders_is_a_clear_error() {
     let sock = socket("holders");
-    let _b = EmbeddedBroker::start(&config(), &sock).unwrap();
+    // A small handle limit, hit before the channel table fills.
+    let text = "[limits]\nring_capacity = 8\nmax_handles = 40\nmax_channels = 64\n\
+                [[pools]]\nname = \"small\"\nslot_size = 4096\nslots = 8\n\
+                [[channels]]\nname = \"t/bcast\"\n";
+    let _b = EmbeddedBroker::start(&Config::from_toml(text).unwrap(), &sock).unwrap();
     let client = Client::connect_to(Some(&sock), "test").unwrap();
     let mut handles = Vec::new();
     let err = loop {
@@ -333,10 +337,17 @@ fn too_many_holders_is_a_clear_error() {
     };
     assert_eq!(
         handles.len() + more.len(),
-        63,
-        "exactly 63 holder handles fit (the broker keeps one bit)"
+        40,
+        "exactly max_handles holder handles fit"
     );
-    assert!(err.to_string().contains("63 holder handles"), "{err}");
+    assert!(
+        err.to_string().contains("all 40 holder handles")
+            && err.to_string().contains("max_handles = 40"),
+        "{err}"
+    );
+    // Closing one makes room for one.
+    handles.pop();
+    handles.push(client.consumer("t/bcast").unwrap_or_else(|e| panic!("{e}")));
     drop((handles, more));
 }
 

@@ -1016,7 +1016,7 @@ fn stranded_tensors(client: &Client) -> Result<(HashSet<(u32, u64)>, u64), Strin
             let Some(slot) = ctl.slot(pool, index) else {
                 continue;
             };
-            if slot.holders() == 0 {
+            if !slot.is_held() {
                 continue;
             }
             held += 1;

@@ -5,6 +5,7 @@ use crate::records::{ChannelRecord, ProducerRecord, SubscriberRecord};
 use crate::ring::{Ring, RingHeader, RING_HEADER_SIZE};
 use crate::slot::{SlotHeader, SLOT_HEADER_SIZE};
 use crate::sync::{AtomicU64, Ordering};
+use crate::wide::HolderId;
 
 /// The control segment as typed records. Every accessor checks its indices
 /// against the layout and returns `None` when they are out of range, so
@@ -123,7 +124,7 @@ impl Control {
         let off = self.layout.slots_offset[pool] + index * SLOT_HEADER_SIZE;
         // SAFETY: pool and index are in range, so the header lies inside the
         // pool's array (layout invariant), which is 64-aligned (page-aligned
-        // start, 256-byte entries); SlotHeader is made of atomics.
+        // start, 384-byte entries); SlotHeader is made of atomics.
         Some(unsafe { self.at(off) })
     }
 
@@ -193,11 +194,26 @@ impl Control {
         Ring::new(header, cells)
     }
 
-    /// Holder bit of subscriber `sub` of `channel`, as a mask.
+    /// Holder id of subscriber `sub` of `channel` (a garbage value in
+    /// shared memory is clamped to some valid id).
     #[inline]
-    pub fn subscriber_mask(&self, channel: usize, sub: usize) -> u64 {
-        self.subscriber(channel, sub).map_or(0, |s| {
-            1u64 << (s.config.holder_bit.load(Ordering::Relaxed) & 63)
+    pub fn subscriber_id(&self, channel: usize, sub: usize) -> Option<HolderId> {
+        self.subscriber(channel, sub)
+            .map(|s| HolderId::clamped(s.config.holder_id.load(Ordering::Relaxed)))
+    }
+
+    /// Whether a live producer of any channel is in the middle of an
+    /// extension-id loan of slot `index` of `pool` (see
+    /// [`crate::records::ProducerRecord::loan_intent`]).
+    pub fn loan_in_flight(&self, pool: usize, index: usize) -> bool {
+        let tag = crate::records::loan_tag(pool, index);
+        (0..self.layout.params.max_channels as usize).any(|c| {
+            (0..self.layout.rows()).any(|row| {
+                self.producer(c, row).is_some_and(|p| {
+                    p.state.load(Ordering::SeqCst) == crate::records::STATE_ACTIVE
+                        && p.loan_intent.load(Ordering::SeqCst) == tag
+                })
+            })
         })
     }
 }

@@ -25,10 +25,11 @@ use std::fmt;
 /// First word of the control segment.
 pub const CONTROL_MAGIC: u64 = u64::from_le_bytes(*b"TNSRBUS1");
 /// Layout version; bumped on every incompatible change.
-pub const LAYOUT_VERSION: u32 = 2;
-/// Most holder handles (producers, subscribers, stage halves) per broker:
-/// one bit each in the 64-bit holder word.
-pub const MAX_HOLDERS: usize = 64;
+pub const LAYOUT_VERSION: u32 = 3;
+/// Most holder ids (producers, subscribers, stage halves, the broker's
+/// custody and history records) per broker: the two-level holder set of
+/// [`crate::wide`].
+pub const MAX_HOLDERS: usize = crate::wide::MAX_HOLDER_IDS;
 
 /// Everything the layout depends on.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

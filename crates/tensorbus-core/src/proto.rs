@@ -362,6 +362,13 @@ pub struct StatReport {
     pub channels: Vec<ChannelStat>,
     /// Connected clients.
     pub clients: Vec<ClientStat>,
+    /// Holder handles open now (producers, subscribers, stage halves and
+    /// channel histories).
+    #[serde(default)]
+    pub handles_open: u32,
+    /// The broker's `[limits] max_handles`.
+    #[serde(default)]
+    pub max_handles: u32,
 }
 
 /// One pool in a [`StatReport`].

@@ -9,12 +9,13 @@
 //!    then waiting until every producer's intent is idle or changed: the
 //!    fences guarantee that either we see the retirement or the broker sees
 //!    our intent.)
-//! 2. `holders = (holders | bits(R)) & !own_bit` (broadcast: one CAS that
-//!    hands the slot over while its line is still in our cache); a work
-//!    queue sets the chosen worker's bit only and keeps its own.
+//! 2. The receivers' ids join the holder set and ours leaves (broadcast: one
+//!    CAS on word 0 that hands the slot over while its line is still in our
+//!    cache, after any extension bits; see [`crate::wide`]); a work queue
+//!    adds the chosen worker's id only and keeps its own.
 //! 3. For each receiver: push the descriptor into its ring (one Release
 //!    store of the cell), applying its policy when the ring is full.
-//! 4. Work queue only: `holders &= !own_bit`.
+//! 4. Work queue only: our own id leaves.
 //! 5. `intent = 0`.
 //!
 //! A death after 2 leaves receivers' bits set for rings that never got the
@@ -26,9 +27,10 @@ use crate::bits::{low_mask, rotated_bits, set_bits};
 use crate::control::Control;
 use crate::desc::Descriptor;
 use crate::park::Parker;
-use crate::records::{Mode, Policy, INTENT_VALID, STATE_ACTIVE};
+use crate::records::{loan_tag, Mode, Policy, INTENT_VALID, STATE_ACTIVE};
 use crate::slot::{Released, SlotHeader};
-use crate::sync::{fence, Ordering};
+use crate::sync::{fence, AtomicU64, Ordering};
+use crate::wide::{HolderId, HOLDERS_MASK};
 use std::time::Duration;
 
 /// How long a producer blocked on a full `block` ring sleeps before it
@@ -37,10 +39,18 @@ pub const BLOCK_RECHECK: Duration = Duration::from_millis(20);
 /// Spins on a full `block` ring before parking.
 const BLOCK_SPINS: u32 = 200;
 
-/// Loans a free slot of `pool` for holder `bit`, scanning from `*cursor`.
-/// Returns `(index, generation)`; `None` when every slot is held.
+/// Loans a free slot of `pool` for holder `id`, scanning from `*cursor`.
+/// `loan_intent` is the loaner's [`crate::records::ProducerRecord::loan_intent`]
+/// (used by extension ids only). Returns `(index, generation)`; `None` when
+/// every slot is held.
 #[inline]
-pub fn loan(ctl: &Control, pool: usize, bit: u64, cursor: &mut usize) -> Option<(usize, u32)> {
+pub fn loan(
+    ctl: &Control,
+    pool: usize,
+    id: HolderId,
+    loan_intent: &AtomicU64,
+    cursor: &mut usize,
+) -> Option<(usize, u32)> {
     let n = ctl.slots(pool);
     if n == 0 {
         return None;
@@ -53,10 +63,10 @@ pub fn loan(ctl: &Control, pool: usize, bit: u64, cursor: &mut usize) -> Option<
         // cache-line transfer). Further candidates get a plain load first,
         // which keeps held slots' lines shared instead of bouncing them
         // with failed CAS attempts.
-        if k > 0 && slot.holders.load(Ordering::Relaxed) != 0 {
+        if k > 0 && slot.holders.load(Ordering::Relaxed) & HOLDERS_MASK != 0 {
             continue;
         }
-        if let Some(generation) = slot.try_loan(bit) {
+        if let Some(generation) = slot.try_loan(id, loan_intent, loan_tag(pool, index)) {
             // Start the next scan here: the slot a consumer releases next is
             // most often this one, and reusing it keeps its header, payload
             // and page-table entries warm (a cold 64 MiB slot costs TLB
@@ -68,12 +78,21 @@ pub fn loan(ctl: &Control, pool: usize, bit: u64, cursor: &mut usize) -> Option<
     None
 }
 
-/// Releases `desc`'s slot for holder `bit` (validating the descriptor).
+/// Releases `desc`'s slot for holder `id` (validating the descriptor).
 #[inline]
-pub fn release_desc(ctl: &Control, desc: Descriptor, bit: u64) -> Released {
+pub fn release_desc(ctl: &Control, desc: Descriptor, id: HolderId) -> Released {
     match ctl.slot(usize::from(desc.pool), desc.index as usize) {
-        Some(slot) => slot.release(bit),
+        Some(slot) => slot.release(id),
         None => Released::NotHeld,
+    }
+}
+
+/// Releases `id`'s hold on `slot` if there is an id (`None`: no such
+/// subscriber record, nothing was set).
+#[inline]
+fn release_opt(slot: &SlotHeader, id: Option<HolderId>) {
+    if let Some(id) = id {
+        slot.release(id);
     }
 }
 
@@ -160,19 +179,19 @@ impl ProducerPath<'_> {
     }
 
     /// Publishes slot `desc` (whose metadata is already written) held by
-    /// `own_bit`. `cached_heads` has one entry per subscriber index and `rr`
+    /// `own`. `cached_heads` has one entry per subscriber index and `rr`
     /// is the work-queue cursor; both are the producer's private state.
     ///
-    /// Precondition: `own_bit` is not the holder bit of a subscriber of this
-    /// channel. Publish clears `own_bit` once the receivers hold the slot; if
-    /// it were also a receiver's bit, the queued tensor would lose its hold.
+    /// Precondition: `own` is not the holder id of a subscriber of this
+    /// channel. Publish clears `own` once the receivers hold the slot; if it
+    /// were also a receiver's id, the queued tensor would lose its hold.
     /// (A stage forwarding into its own input first moves its hold to its
-    /// output producer's bit with [`SlotHeader::hand_over`].)
+    /// output producer's id with [`SlotHeader::hand_over`].)
     pub fn publish(
         &self,
         desc: Descriptor,
         slot: &SlotHeader,
-        own_bit: u64,
+        own: HolderId,
         cached_heads: &mut [u64],
         rr: &mut usize,
         parker: &impl Parker,
@@ -182,7 +201,7 @@ impl ProducerPath<'_> {
             self.ctl.channel(self.channel),
             self.ctl.producer(self.channel, self.row),
         ) else {
-            slot.release(own_bit);
+            slot.release(own);
             return out;
         };
         let valid = low_mask(self.ctl.layout().params.max_subscribers as usize);
@@ -215,8 +234,9 @@ impl ProducerPath<'_> {
                     me.intent_receivers.store(recorded, Ordering::SeqCst);
                 }
                 let s = chosen.trailing_zeros() as usize;
-                // Step 2: the receiver becomes a holder before it can see it.
-                slot.add_holders(self.ctl.subscriber_mask(self.channel, s));
+                // Step 2: the receiver becomes a holder before it can see
+                // it (we still hold the slot: rule 2 of `wide`).
+                slot.add_holders(self.ctl.subscriber_id(self.channel, s));
                 match self.deliver(s, packed, slot, cached_heads, parker, true) {
                     Delivery::Delivered { dropped } => {
                         out.delivered += 1;
@@ -239,10 +259,12 @@ impl ProducerPath<'_> {
             // it, and the producer lets go in the same atomic step (no
             // receiver can release before its push, so the slot cannot be
             // freed under the pushes below unless R is empty).
-            let mask = set_bits(receivers)
-                .fold(0u64, |m, s| m | self.ctl.subscriber_mask(self.channel, s));
-            slot.hand_over(own_bit, mask);
-            if mask == 0 {
+            let (ctl, channel) = (self.ctl, self.channel);
+            slot.hand_over(
+                own,
+                set_bits(receivers).filter_map(|s| ctl.subscriber_id(channel, s)),
+            );
+            if receivers == 0 {
                 me.intent.store(0, Ordering::Release);
                 count_published(me);
                 return out;
@@ -268,7 +290,7 @@ impl ProducerPath<'_> {
         // Step 4 (work queue only: a broadcast handed over in step 2; a work
         // queue keeps its hold while it may still re-choose a worker).
         if self.mode == Mode::Workqueue {
-            slot.release(own_bit);
+            slot.release(own);
         }
         // Step 5.
         me.intent.store(0, Ordering::Release);
@@ -351,13 +373,12 @@ impl ProducerPath<'_> {
     #[cold]
     #[inline(never)]
     fn keep_in_history(&self, s: usize, packed: u64, cached_heads: &mut [u64]) {
-        let bit = self.ctl.subscriber_mask(self.channel, s);
-        let (Some(sub), Some(ring)) = (
+        let (Some(sub), Some(ring), Some(id)) = (
             self.ctl.subscriber(self.channel, s),
             self.ctl.ring(self.channel, self.row, s),
+            self.ctl.subscriber_id(self.channel, s),
         ) else {
-            release_desc(self.ctl, Descriptor::unpack(packed), bit);
-            return;
+            return; // out of range: no id was set
         };
         let depth = u64::from(sub.config.depth.load(Ordering::Relaxed));
         let mut dummy = 0;
@@ -369,11 +390,11 @@ impl ProducerPath<'_> {
                 return;
             }
             if let Some(old) = ring.steal_oldest() {
-                release_desc(self.ctl, Descriptor::unpack(old), bit);
+                release_desc(self.ctl, Descriptor::unpack(old), id);
             }
         }
         // Only a corrupted ring gets here: the tensor is not kept.
-        release_desc(self.ctl, Descriptor::unpack(packed), bit);
+        release_desc(self.ctl, Descriptor::unpack(packed), id);
     }
 
     /// Pushes to one subscriber under its policy. With `retry`, a `block`
@@ -388,14 +409,14 @@ impl ProducerPath<'_> {
         parker: &impl Parker,
         retry: bool,
     ) -> Delivery {
-        let (Some(sub), Some(ring)) = (
+        let (Some(sub), Some(ring), Some(id)) = (
             self.ctl.subscriber(self.channel, s),
             self.ctl.ring(self.channel, self.row, s),
+            self.ctl.subscriber_id(self.channel, s),
         ) else {
-            slot.release(self.ctl.subscriber_mask(self.channel, s));
+            release_opt(slot, self.ctl.subscriber_id(self.channel, s));
             return Delivery::Gone;
         };
-        let bit = self.ctl.subscriber_mask(self.channel, s);
         let policy = Policy::from_code(sub.config.policy.load(Ordering::Relaxed));
         let depth = match policy {
             Policy::Latest => 1,
@@ -412,13 +433,13 @@ impl ProducerPath<'_> {
             }
             match policy {
                 Policy::DropNewest => {
-                    slot.release(bit);
+                    slot.release(id);
                     sub.dropped.fetch_add(1, Ordering::Relaxed);
                     return Delivery::Dropped;
                 }
                 Policy::DropOldest | Policy::Latest => {
                     if let Some(old) = ring.steal_oldest() {
-                        release_desc(self.ctl, Descriptor::unpack(old), bit);
+                        release_desc(self.ctl, Descriptor::unpack(old), id);
                         sub.dropped.fetch_add(1, Ordering::Relaxed);
                         dropped = true;
                     }
@@ -426,7 +447,7 @@ impl ProducerPath<'_> {
                 Policy::Block => {
                     if sub.config.state.load(Ordering::Acquire) != STATE_ACTIVE {
                         // The subscriber is gone; the broker clears its bits.
-                        slot.release(bit);
+                        slot.release(id);
                         return Delivery::Gone;
                     }
                     if spins < BLOCK_SPINS {
@@ -446,7 +467,7 @@ impl ProducerPath<'_> {
                         BLOCK_RECHECK,
                     );
                     if retry && ring.len() >= depth.clamp(1, ring.capacity()) {
-                        slot.release(bit);
+                        slot.release(id);
                         return Delivery::Retry;
                     }
                 }

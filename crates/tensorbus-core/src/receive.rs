@@ -7,6 +7,7 @@ use crate::desc::Descriptor;
 use crate::meta::{ShapeError, TensorMeta};
 use crate::park::Parker;
 use crate::sync::Ordering;
+use crate::wide::HolderId;
 use std::fmt;
 
 /// A descriptor or header that failed validation. The hold it carried (if
@@ -75,8 +76,8 @@ pub struct SubscriberPath<'c> {
     pub channel: usize,
     /// Subscriber index.
     pub sub: usize,
-    /// This subscriber's holder bit, as a mask.
-    pub bit: u64,
+    /// This subscriber's holder id.
+    pub id: HolderId,
     /// Whether producers may block on us (then pops must wake them).
     pub lossless: bool,
 }
@@ -170,7 +171,7 @@ impl SubscriberPath<'_> {
             });
         };
         let fail = |c: Corruption| {
-            slot.release(self.bit);
+            slot.release(self.id);
             Err(c)
         };
         let generation = slot.generation.load(Ordering::Acquire);
@@ -181,7 +182,7 @@ impl SubscriberPath<'_> {
                 found: generation,
             });
         }
-        if slot.holders() & self.bit == 0 {
+        if !slot.held_by(self.id) {
             return Err(Corruption::NotHolder);
         }
         let Some(cap) = capacity(pool) else {

@@ -182,10 +182,14 @@ pub struct ChannelRecord {
 pub struct ProducerRecord {
     /// [`STATE_FREE`], [`STATE_ACTIVE`] or [`STATE_DEAD`].
     pub state: AtomicU32,
-    /// The handle's holder bit number.
-    pub holder_bit: AtomicU32,
+    /// The handle's holder id ([`crate::wide::HolderId`]).
+    pub holder_id: AtomicU32,
     /// `INTENT_VALID | descriptor` while a publish is in progress, else 0.
     pub intent: AtomicU64,
+    /// The slot an extension-id loan is taking ([`loan_tag`]) between its
+    /// CAS on word 0 and its extension bit, else 0 (rule 3 of
+    /// [`crate::wide`]; the broker's stale-summary repair skips it).
+    pub loan_intent: AtomicU64,
     /// Subscriber indices the in-progress publish delivers to.
     pub intent_receivers: AtomicU64,
     /// Tensors this handle published.
@@ -194,6 +198,13 @@ pub struct ProducerRecord {
 
 /// Flag bit of [`ProducerRecord::intent`].
 pub const INTENT_VALID: u64 = 1 << 63;
+
+/// The [`ProducerRecord::loan_intent`] value naming slot `index` of `pool`
+/// (never 0).
+#[inline]
+pub const fn loan_tag(pool: usize, index: usize) -> u64 {
+    1 << 63 | ((pool as u64 & 0xFF) << 32) | (index as u64 & 0xFFFF_FFFF)
+}
 
 impl ProducerRecord {
     /// Whether the record is free for a new producer handle.
@@ -207,7 +218,7 @@ impl ProducerRecord {
     }
 
     /// Activates this free record, row `row` of `channel`, for a producer
-    /// handle with holder bit `holder_bit`: resets the publish state and the
+    /// handle with holder id `holder_id`: resets the publish state and the
     /// counter, marks the record [`STATE_ACTIVE`], and only then sets the
     /// row's bit in the channel's [`ChannelRecord::producer_rows`].
     ///
@@ -215,15 +226,16 @@ impl ProducerRecord {
     /// [`ProducerRecord::is_free`] and whose row it is not reclaiming. Every
     /// other writer of `producer_rows` is that same thread (row removal,
     /// the broker's own row 0), so the mask has one writer.
-    pub fn activate(&self, channel: &ChannelRecord, row: usize, holder_bit: u32) {
+    pub fn activate(&self, channel: &ChannelRecord, row: usize, holder_id: u32) {
         // Relaxed: a free record has no concurrent reader that acts on these
         // fields. The producer process that will own it learns its row from
         // the broker's reply, which it reads after these stores (the socket
         // send and receive order them); the broker's own readers (repair,
         // settling, stats) run on this thread. Anyone else who looks
         // synchronises through the Release store and RMW below.
-        self.holder_bit.store(holder_bit, Ordering::Relaxed);
+        self.holder_id.store(holder_id, Ordering::Relaxed);
         self.intent.store(0, Ordering::Relaxed);
+        self.loan_intent.store(0, Ordering::Relaxed);
         self.intent_receivers.store(0, Ordering::Relaxed);
         self.published.store(0, Ordering::Relaxed);
         // Release: a peer that reads ACTIVE with Acquire also reads the
@@ -263,7 +275,7 @@ impl SubscriberRecord {
     }
 
     /// Activates this free record, subscriber `sub` of `channel`, for a
-    /// subscriber with holder bit `holder_bit`, `policy` and ring `depth`:
+    /// subscriber with holder id `holder_id`, `policy` and ring `depth`:
     /// writes the configuration, resets the counters and the waiter count,
     /// marks the record [`STATE_ACTIVE`], and only then sets bit `sub` in
     /// the channel's [`ChannelRecord::subscribers`] mask, which is what
@@ -275,11 +287,11 @@ impl SubscriberRecord {
         &self,
         channel: &ChannelRecord,
         sub: usize,
-        holder_bit: u32,
+        holder_id: u32,
         policy: Policy,
         depth: u32,
     ) {
-        self.activate_code(channel, sub, holder_bit, policy.code(), depth);
+        self.activate_code(channel, sub, holder_id, policy.code(), depth);
     }
 
     /// [`SubscriberRecord::activate`] with a raw policy code: a
@@ -289,7 +301,7 @@ impl SubscriberRecord {
         &self,
         channel: &ChannelRecord,
         sub: usize,
-        holder_bit: u32,
+        holder_id: u32,
         policy_code: u32,
         depth: u32,
     ) {
@@ -297,10 +309,10 @@ impl SubscriberRecord {
         // Relaxed: no producer reads these before it has seen bit `sub` in
         // the mask, and the mask's Release RMW below publishes them to every
         // producer that does (publish.rs loads the mask with Acquire or
-        // SeqCst and only then reads `holder_bit`, `policy`, `depth` and
+        // SeqCst and only then reads `holder_id`, `policy`, `depth` and
         // `state`). The consumer that owns the record learns its index from
         // the broker's reply, read after these stores.
-        config.holder_bit.store(holder_bit, Ordering::Relaxed);
+        config.holder_id.store(holder_id, Ordering::Relaxed);
         config.policy.store(policy_code, Ordering::Relaxed);
         config.depth.store(depth, Ordering::Relaxed);
         // A previous owner that died between prepare_wait and cancel_wait
@@ -338,8 +350,8 @@ impl SubscriberRecord {
 pub struct SubscriberConfig {
     /// [`STATE_FREE`], [`STATE_ACTIVE`] or [`STATE_DEAD`].
     pub state: AtomicU32,
-    /// The subscriber's holder bit number.
-    pub holder_bit: AtomicU32,
+    /// The subscriber's holder id ([`crate::wide::HolderId`]).
+    pub holder_id: AtomicU32,
     /// [`Policy::code`].
     pub policy: AtomicU32,
     /// Ring depth in use (1..=ring capacity).
@@ -365,7 +377,7 @@ mod loom_tests {
             let ch = Arc::new(ChannelRecord::default());
             let rec = Arc::new(SubscriberRecord::default());
             // The previous owner's leftovers.
-            rec.config.holder_bit.store(3, Ordering::Relaxed);
+            rec.config.holder_id.store(3, Ordering::Relaxed);
             rec.config.depth.store(9, Ordering::Relaxed);
             rec.config.data.waiters.store(1, Ordering::Relaxed);
             rec.dropped.store(5, Ordering::Relaxed);
@@ -377,7 +389,7 @@ mod loom_tests {
             let saw = ch.subscribers.load(Ordering::Acquire) & (1 << 2) != 0;
             if saw {
                 let c = &rec.config;
-                assert_eq!(c.holder_bit.load(Ordering::Relaxed), 7);
+                assert_eq!(c.holder_id.load(Ordering::Relaxed), 7);
                 assert_eq!(c.depth.load(Ordering::Relaxed), 4);
                 assert_eq!(
                     Policy::from_code(c.policy.load(Ordering::Relaxed)),
@@ -405,7 +417,7 @@ mod loom_tests {
             let broker = loom::thread::spawn(move || r2.activate(&c2, 1, 11));
             if ch.producer_rows.load(Ordering::Acquire) & (1 << 1) != 0 {
                 assert_eq!(rec.state.load(Ordering::Acquire), STATE_ACTIVE);
-                assert_eq!(rec.holder_bit.load(Ordering::Relaxed), 11);
+                assert_eq!(rec.holder_id.load(Ordering::Relaxed), 11);
                 assert_eq!(rec.intent.load(Ordering::Relaxed), 0);
                 assert_eq!(rec.published.load(Ordering::Relaxed), 0);
             }

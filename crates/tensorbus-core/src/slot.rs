@@ -1,16 +1,25 @@
 //! Slot headers and the holder word: ownership that survives a kill -9.
 //!
-//! Each slot header carries `holders`, one bit per holder handle (producer,
-//! subscriber or stage; the broker hands out the bit numbers). The bits are
-//! the truth about who holds a slot:
+//! Each slot header carries a holder set, one bit per holder handle
+//! (producer, subscriber, stage half or the broker's custody; the broker
+//! hands out the [`HolderId`]s): word 0 (`holders`, on the header's first
+//! line) and sixteen extension words (`ext_holders`, on its last two lines),
+//! the two-level scheme of [`crate::wide`]. The bits are the truth about who
+//! holds a slot:
 //!
-//! * a **loan** is `CAS(holders, 0 -> my_bit)`: taking the slot and writing
-//!   down who took it are one atomic step, so no crash can separate them;
+//! * a **loan** is one CAS on word 0 from "free": taking the slot and
+//!   writing down who took it are one atomic step, so no crash can separate
+//!   them (an extension-id loan names the slot in its loan intent first);
 //! * **publish** sets the receivers' bits before pushing descriptors and
-//!   clears the producer's own bit after;
-//! * a **release** clears one bit; the slot is free again when the word is 0;
+//!   clears the producer's own bit in the same step;
+//! * a **release** clears one bit; the slot is free again when word 0 shows
+//!   no holder;
 //! * clearing a bit twice is harmless, so the broker's reclaim of a dead
-//!   client (clear its bits everywhere) is idempotent.
+//!   client (clear its bits everywhere, repair stale summary bits) is
+//!   idempotent.
+//!
+//! Handles with direct ids (the first sixteen) touch word 0 only: the same
+//! one atomic step per operation, on the same line, as a single 64-bit word.
 //!
 //! The generation counter is bumped by the loaner right after its CAS won,
 //! while it holds the slot exclusively, so a descriptor of an earlier use can
@@ -18,10 +27,11 @@
 
 use crate::meta::{TensorMeta, MAX_DIMS, USER_HEADER_LEN};
 use crate::sync::{AtomicI64, AtomicU32, AtomicU64, Ordering};
+use crate::wide::{HolderId, Holders, EXT_WORDS};
 use crate::DType;
 
 /// Size of one slot header in the control segment.
-pub const SLOT_HEADER_SIZE: usize = 256;
+pub const SLOT_HEADER_SIZE: usize = 384;
 
 /// What a release did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,14 +55,16 @@ pub const FLAG_CONTIGUOUS: u32 = 1;
 /// producer and the first four extents. Line 1 holds extents 4..8 (read only
 /// for tensors of more than four dimensions), line 2 the byte strides (read
 /// only when the tensor is not C-contiguous), line 3 the user header (read
-/// only when one was set). Every field is an atomic: the header lives in
+/// only when one was set), lines 4 and 5 the holder set's extension words
+/// (touched only by handles with extension ids). Every field is an atomic: the header lives in
 /// shared memory that other processes may write at any time, and any bit
 /// pattern is a valid value (validation happens on the copied-out
 /// [`TensorMeta`]).
 #[repr(C, align(64))]
 #[derive(Debug)]
 pub struct SlotHeader {
-    /// One bit per holder handle; 0 = free.
+    /// Word 0 of the holder set: `version:32 | summary:16 | direct:16`
+    /// (see [`crate::wide`]); free when the low 32 bits are 0.
     pub holders: AtomicU64,
     /// Bumped on every loan.
     pub generation: AtomicU32,
@@ -78,6 +90,8 @@ pub struct SlotHeader {
     pub strides: [AtomicI64; MAX_DIMS],
     /// User header bytes, little-endian packed.
     pub user: [AtomicU64; USER_HEADER_LEN / 8],
+    /// The holder set's extension words (ids 16 and up).
+    pub ext_holders: [AtomicU64; EXT_WORDS],
 }
 
 #[cfg(not(loom))]
@@ -106,103 +120,65 @@ impl SlotHeader {
             reserved1: core::array::from_fn(|_| AtomicU64::new(0)),
             strides: core::array::from_fn(|_| AtomicI64::new(0)),
             user: core::array::from_fn(|_| AtomicU64::new(0)),
+            ext_holders: core::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
 
-    /// Tries to loan the slot for `bit`: one CAS from 0. On success returns
-    /// the new generation (the caller now holds the slot exclusively).
+    /// The holder set: every ownership operation.
     #[inline]
-    pub fn try_loan(&self, bit: u64) -> Option<u32> {
-        // Acquire on success: everything the previous holders did with the
-        // payload (their Release in `release`) happens-before our writes.
-        self.holders
-            .compare_exchange(0, bit, Ordering::Acquire, Ordering::Relaxed)
-            .ok()?;
+    pub fn holder_set(&self) -> Holders<'_> {
+        Holders::new(&self.holders, &self.ext_holders)
+    }
+
+    /// Tries to loan the slot for `id`: one CAS on word 0 from "free"
+    /// (`loan_intent` and `tag` as in [`Holders::try_loan`]; a direct id
+    /// does not touch them). On success returns the new generation (the
+    /// caller now holds the slot exclusively).
+    #[inline]
+    pub fn try_loan(&self, id: HolderId, loan_intent: &AtomicU64, tag: u64) -> Option<u32> {
+        if !self.holder_set().try_loan(id, loan_intent, tag) {
+            return None;
+        }
         // We are the only holder, so nobody else writes the generation now.
         let generation = self.generation.load(Ordering::Relaxed).wrapping_add(1);
         self.generation.store(generation, Ordering::Relaxed);
         Some(generation)
     }
 
-    /// Adds holder bits (publish sets the receivers before pushing).
+    /// Adds holders (by the sole holder, or under a pin: see
+    /// [`Holders::add`]).
     #[inline]
-    pub fn add_holders(&self, mask: u64) {
-        // Relaxed suffices for the bits themselves: receivers learn about the
-        // slot through the ring entry (Release/Acquire), which is ordered after.
-        self.holders.fetch_or(mask, Ordering::Relaxed);
+    pub fn add_holders(&self, ids: impl IntoIterator<Item = HolderId>) {
+        self.holder_set().add(ids)
     }
 
-    /// Hands the slot from `own` to the holders in `mask` in one atomic step:
-    /// sets `mask`, clears `own`. Used by a broadcast publish before its
-    /// pushes, while the line is still in the producer's cache (clearing
-    /// `own` after the pushes would pull the line back from a consumer that
-    /// is already reading it). Returns the previous holder word.
+    /// Hands the slot from `own` to `ids` in one step on word 0: sets them,
+    /// clears `own`. Used by a broadcast publish before its pushes, while
+    /// the line is still in the producer's cache (clearing `own` after the
+    /// pushes would pull the line back from a consumer that is already
+    /// reading it). Returns what `own`'s release did.
     #[inline]
-    pub fn hand_over(&self, own: u64, mask: u64) -> u64 {
-        let mut cur = self.holders.load(Ordering::Relaxed);
-        loop {
-            let next = (cur | mask) & !own;
-            // Release: our payload and metadata writes happen-before any
-            // later release of the slot (the last releaser's Acquire chain).
-            match self
-                .holders
-                .compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Relaxed)
-            {
-                Ok(prev) => return prev,
-                Err(actual) => cur = actual,
-            }
-        }
+    pub fn hand_over(&self, own: HolderId, ids: impl IntoIterator<Item = HolderId>) -> Released {
+        self.holder_set().hand_over(own, ids)
     }
 
-    /// Adds `mine` if `held_by` is set and `mine` is not, in one CAS: a late
-    /// subscriber joins a tensor the channel's history keeps (`held_by` is
-    /// the history's bit). Returns whether it joined. While `held_by` is
-    /// set the slot cannot be freed, so a join never revives a free slot;
-    /// the caller still compares the generation afterwards, since the slot
-    /// may have been freed, loaned and kept again between its read of the
-    /// descriptor and this CAS (then it releases `mine`).
-    #[inline]
-    pub fn join_if_held(&self, held_by: u64, mine: u64) -> bool {
-        // Acquire on the load and on failure: the holder word we test was
-        // written by the publish that set `held_by` (or a later RMW).
-        let mut cur = self.holders.load(Ordering::Acquire);
-        loop {
-            if cur & held_by == 0 || cur & mine != 0 {
-                return false;
-            }
-            // AcqRel on success: like a publish's hand-over, it continues
-            // the holder word's release sequence, so the last releaser's
-            // Acquire sees everything done before.
-            match self.holders.compare_exchange_weak(
-                cur,
-                cur | mine,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => return true,
-                Err(actual) => cur = actual,
-            }
-        }
-    }
-
-    /// Clears `bit`. Release: our reads and writes of the payload
+    /// Clears `id`'s hold. Release: our reads and writes of the payload
     /// happen-before the next loaner's Acquire CAS.
     #[inline]
-    pub fn release(&self, bit: u64) -> Released {
-        let before = self.holders.fetch_and(!bit, Ordering::AcqRel);
-        if before & bit == 0 {
-            Released::NotHeld
-        } else if before == bit {
-            Released::Freed
-        } else {
-            Released::StillHeld
-        }
+    pub fn release(&self, id: HolderId) -> Released {
+        self.holder_set().release(id)
     }
 
-    /// Current holder bits.
+    /// Whether `id` holds the slot.
     #[inline]
-    pub fn holders(&self) -> u64 {
-        self.holders.load(Ordering::Acquire)
+    pub fn held_by(&self, id: HolderId) -> bool {
+        self.holder_set().holds(id)
+    }
+
+    /// Whether anyone holds the slot.
+    #[inline]
+    pub fn is_held(&self) -> bool {
+        !self.holder_set().is_free()
     }
 
     /// Writes metadata (by the exclusive holder, before publishing; the ring
@@ -304,35 +280,50 @@ impl SlotHeader {
 mod tests {
     use super::*;
 
+    fn id(n: u16) -> HolderId {
+        HolderId::new(n).unwrap()
+    }
+
     #[test]
     fn loan_publish_release_cycle() {
         let h = SlotHeader::new();
-        let g1 = h.try_loan(0b001).unwrap();
-        assert_eq!(h.try_loan(0b100), None, "loan is exclusive");
-        h.add_holders(0b110);
-        assert_eq!(h.release(0b001), Released::StillHeld);
+        let intent = AtomicU64::new(0);
+        let g1 = h.try_loan(id(0), &intent, 1).unwrap();
+        assert_eq!(h.try_loan(id(2), &intent, 1), None, "loan is exclusive");
+        h.add_holders([id(1), id(2)]);
+        assert_eq!(h.release(id(0)), Released::StillHeld);
         assert_eq!(
-            h.release(0b001),
+            h.release(id(0)),
             Released::NotHeld,
             "double release is harmless"
         );
-        assert_eq!(h.release(0b010), Released::StillHeld);
-        assert_eq!(h.release(0b100), Released::Freed);
-        let g2 = h.try_loan(0b001).unwrap();
+        assert_eq!(h.release(id(1)), Released::StillHeld);
+        assert_eq!(h.release(id(2)), Released::Freed);
+        let g2 = h.try_loan(id(0), &intent, 1).unwrap();
         assert_eq!(g2, g1.wrapping_add(1));
     }
 
     #[test]
     fn hand_over_moves_ownership_in_one_step() {
         let h = SlotHeader::new();
-        h.try_loan(0b0001).unwrap();
-        assert_eq!(h.hand_over(0b0001, 0b0110), 0b0001);
-        assert_eq!(h.holders(), 0b0110);
-        assert_eq!(h.release(0b0010), Released::StillHeld);
-        assert_eq!(h.release(0b0100), Released::Freed);
-        h.try_loan(0b0001).unwrap();
-        h.hand_over(0b0001, 0);
-        assert_eq!(h.holders(), 0, "no receivers: the slot is free again");
+        let intent = AtomicU64::new(0);
+        h.try_loan(id(0), &intent, 1).unwrap();
+        assert_eq!(
+            h.hand_over(id(0), [id(1), id(2), id(600)]),
+            Released::StillHeld
+        );
+        assert!(!h.held_by(id(0)) && h.held_by(id(1)) && h.held_by(id(600)));
+        assert_eq!(h.release(id(1)), Released::StillHeld);
+        assert_eq!(h.release(id(600)), Released::StillHeld);
+        assert_eq!(h.release(id(2)), Released::Freed);
+        h.try_loan(id(0), &intent, 1).unwrap();
+        assert_eq!(h.hand_over(id(0), []), Released::Freed);
+        assert!(!h.is_held(), "no receivers: the slot is free again");
+        // An extension-id producer.
+        h.try_loan(id(300), &intent, 1).unwrap();
+        assert_eq!(h.hand_over(id(300), [id(301)]), Released::StillHeld);
+        assert!(h.holder_set().only(id(301)));
+        assert_eq!(h.release(id(301)), Released::Freed);
     }
 
     #[test]
@@ -367,48 +358,57 @@ mod loom_tests {
     use super::*;
     use loom::sync::Arc;
 
-    /// Issue 14: a late subscriber joins a tensor the history keeps while
-    /// the history lets it go (a newer publish evicts it, the slot is freed,
-    /// loaned again and kept again). The joiner keeps its bit only on the
-    /// tensor it read: then the eviction did not free it; otherwise it
-    /// gives the bit back and the slot's state is the other side's.
+    /// Issue 14, with issue 16's holder ids: the broker joins a late
+    /// subscriber (an extension id) to a tensor the channel's history keeps
+    /// while the history lets it go (a newer publish evicts it, the slot is
+    /// freed, loaned again and kept again). The broker pins the slot with
+    /// its custody id first (only while someone holds it), checks the
+    /// history's hold and then the generation, adds the joiner under the pin and
+    /// drops the pin. The joiner keeps its bit only on the tensor it read:
+    /// then the eviction did not free it; otherwise it never got a bit.
     #[test]
     fn history_join_versus_eviction() {
-        const H: u64 = 0b001; // history
-        const P: u64 = 0b010; // a producer that loans the freed slot again
-        const M: u64 = 0b100; // the late subscriber
-        loom::model(|| {
+        let (hist, prod, custody) = (
+            HolderId::new(1).unwrap(),
+            HolderId::new(2).unwrap(),
+            HolderId::new(0).unwrap(),
+        );
+        let joiner = HolderId::new(40).unwrap();
+        loom::model(move || {
             let h = Arc::new(SlotHeader::new());
-            let g0 = h.try_loan(P).unwrap();
-            h.hand_over(P, H); // published: kept by the history only
-            let h2 = h.clone();
+            let intent = Arc::new(AtomicU64::new(0));
+            let g0 = h.try_loan(prod, &intent, 1).unwrap();
+            h.hand_over(prod, [hist]); // published: kept by the history only
+            let (h2, i2) = (h.clone(), intent.clone());
             let evict = loom::thread::spawn(move || {
-                let freed = h2.release(H) == Released::Freed;
+                let freed = h2.release(hist) == Released::Freed;
                 if freed {
-                    h2.try_loan(P).unwrap();
-                    h2.hand_over(P, H); // the next tensor, kept again
+                    h2.try_loan(prod, &i2, 1).unwrap();
+                    h2.hand_over(prod, [hist]); // the next tensor, kept again
                 }
                 freed
             });
             // The joiner, as deliver_history does it.
-            let g = h.generation.load(Ordering::Acquire);
-            let kept = if g == g0 && h.join_if_held(H, M) {
-                if h.generation.load(Ordering::Acquire) == g {
-                    true
-                } else {
-                    h.release(M);
-                    false
+            let mut kept = false;
+            if h.holder_set().pin_if_held(custody) {
+                // The history's hold first, then the generation: a hold
+                // read from a publish after a re-loan synchronises with it,
+                // so the generation read after it is the new one. (The
+                // other order joins a re-loaned slot: loom finds it.)
+                if h.held_by(hist) && h.generation.load(Ordering::Acquire) == g0 {
+                    h.add_holders([joiner]);
+                    kept = true;
                 }
-            } else {
-                false
-            };
+                h.release(custody);
+            }
             let freed = evict.join().unwrap();
             if kept {
                 assert!(!freed, "the joined tensor was freed under the joiner");
-                assert_eq!(h.holders(), M);
+                assert!(h.held_by(joiner));
                 assert_eq!(h.generation.load(Ordering::Relaxed), g0);
+                assert_eq!(h.release(joiner), Released::Freed);
             } else {
-                assert_eq!(h.holders() & M, 0);
+                assert!(!h.held_by(joiner));
             }
         });
     }
@@ -419,8 +419,12 @@ mod loom_tests {
         loom::model(|| {
             let h = Arc::new(SlotHeader::new());
             let h2 = h.clone();
-            let t = loom::thread::spawn(move || h2.try_loan(0b01).is_some());
-            let a = h.try_loan(0b10).is_some();
+            let t = loom::thread::spawn(move || {
+                let i = AtomicU64::new(0);
+                h2.try_loan(HolderId::new(0).unwrap(), &i, 1).is_some()
+            });
+            let i = AtomicU64::new(0);
+            let a = h.try_loan(HolderId::new(1).unwrap(), &i, 1).is_some();
             let b = t.join().unwrap();
             assert!(a ^ b);
         });
@@ -432,21 +436,21 @@ mod loom_tests {
     fn exactly_one_frees() {
         loom::model(|| {
             let h = Arc::new(SlotHeader::new());
-            h.try_loan(0b001).unwrap();
-            h.add_holders(0b110);
+            let id = |n| HolderId::new(n).unwrap();
+            let i = AtomicU64::new(0);
+            h.try_loan(id(0), &i, 1).unwrap();
+            h.add_holders([id(1), id(2)]);
             let mut threads = Vec::new();
-            for bit in [0b010u64, 0b100] {
+            for r in [id(1), id(2)] {
                 let h = h.clone();
-                threads.push(loom::thread::spawn(move || {
-                    h.release(bit) == Released::Freed
-                }));
+                threads.push(loom::thread::spawn(move || h.release(r) == Released::Freed));
             }
-            let mut freed = usize::from(h.release(0b001) == Released::Freed);
+            let mut freed = usize::from(h.release(id(0)) == Released::Freed);
             for t in threads {
                 freed += usize::from(t.join().unwrap());
             }
             assert_eq!(freed, 1);
-            assert_eq!(h.holders(), 0);
+            assert!(!h.is_held());
         });
     }
 }

@@ -12,6 +12,7 @@ use tensorbus_core::proto::ChannelInfo;
 use tensorbus_core::proto::{Request, Response};
 use tensorbus_core::receive::SubscriberPath;
 use tensorbus_core::sync::spin_hint;
+use tensorbus_core::wide::HolderId;
 use tensorbus_core::{Descriptor, Policy, TensorMeta};
 use tensorbus_shm::futex::FutexParker;
 
@@ -72,7 +73,7 @@ pub struct Consumer {
 pub(crate) struct ConsumerCore {
     pub(crate) inner: Arc<Inner>,
     pub(crate) handle: u32,
-    pub(crate) bit: u64,
+    pub(crate) id: HolderId,
     pub(crate) sub: usize,
     pub(crate) channel: ChannelInfo,
     pub(crate) policy: Policy,
@@ -257,7 +258,7 @@ impl Consumer {
             core.inner.clone(),
             core.channel.index as usize,
             core.sub,
-            core.bit,
+            core.id,
             core.policy == Policy::Block,
             core.end_of_stream,
         )?;
@@ -300,7 +301,7 @@ impl ConsumerCore {
             ctl: &self.inner.control,
             channel: self.channel.index as usize,
             sub: self.sub,
-            bit: self.bit,
+            id: self.id,
             lossless: self.policy == Policy::Block,
         }
     }
@@ -477,7 +478,7 @@ impl ConsumerCore {
             .control
             .slot(usize::from(id.pool), id.index as usize)
         {
-            slot.release(self.bit);
+            slot.release(self.id);
         }
     }
 }

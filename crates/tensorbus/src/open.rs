@@ -8,6 +8,7 @@ use crate::stage::Stage;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::time::{Duration, Instant};
 use tensorbus_core::proto::{self, Request, Response};
+use tensorbus_core::wide::HolderId;
 use tensorbus_core::{Mode, Policy};
 
 /// How to create a channel at run time when it does not exist yet
@@ -347,7 +348,7 @@ impl Client {
                 let core = ConsumerCore {
                     inner: self.inner.clone(),
                     handle,
-                    bit: 1u64 << (bit & 63),
+                    id: HolderId::clamped(bit),
                     sub: sub as usize,
                     channel: info,
                     policy,

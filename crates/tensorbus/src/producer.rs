@@ -5,13 +5,14 @@ use crate::element::{typed_mut, Element};
 use crate::error::{ForkedChild, LoanError, PublishError, TypeError};
 use crate::turn::TurnLock;
 use crate::view::{Placed, SlotId, SlotPtr, TensorView};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tensorbus_core::control::Control;
 use tensorbus_core::proto::ChannelInfo;
 use tensorbus_core::publish::{loan, ProducerPath};
 use tensorbus_core::slot::SlotHeader;
+use tensorbus_core::wide::HolderId;
 use tensorbus_core::{DType, Descriptor, ShapeError, TensorMeta};
 use tensorbus_shm::futex::FutexParker;
 
@@ -60,7 +61,7 @@ pub struct Producer {
 pub(crate) struct ProducerCore {
     pub(crate) inner: Arc<Inner>,
     pub(crate) handle: u32,
-    pub(crate) bit: u64,
+    pub(crate) id: HolderId,
     pub(crate) row: usize,
     pub(crate) channel: ChannelInfo,
     /// Indexed by pool index; `Some` for the channel's pools.
@@ -111,7 +112,7 @@ impl Producer {
             core: Arc::new(ProducerCore {
                 inner: client.inner.clone(),
                 handle,
-                bit: 1u64 << (bit & 63),
+                id: HolderId::clamped(bit),
                 row: row as usize,
                 pools,
                 order,
@@ -260,7 +261,13 @@ impl ProducerCore {
             fits = true;
             let hint = &self.cursors[usize::from(p)];
             let mut cursor = hint.load(Ordering::Relaxed);
-            let got = loan(&self.inner.control, usize::from(p), self.bit, &mut cursor);
+            let got = loan(
+                &self.inner.control,
+                usize::from(p),
+                self.id,
+                self.loan_intent(),
+                &mut cursor,
+            );
             hint.store(cursor, Ordering::Relaxed);
             if let Some((index, generation)) = got {
                 return Ok(Some((p, index, generation)));
@@ -293,23 +300,20 @@ impl ProducerCore {
             .unwrap_or(0);
         let ctl = self.ctl();
         let slots = ctl.slots(usize::from(p));
-        let mut per_bit = [0u32; 64];
+        // The error path: a map of holder id to slots held is fine here.
+        let mut per_id = std::collections::BTreeMap::<HolderId, u32>::new();
         for i in 0..slots {
             if let Some(s) = ctl.slot(usize::from(p), i) {
-                let h = s.holders();
-                for (b, count) in per_bit.iter_mut().enumerate() {
-                    if h & (1 << b) != 0 {
-                        *count += 1;
-                    }
+                for id in s.holder_set().snapshot().ids() {
+                    *per_id.entry(id).or_default() += 1;
                 }
             }
         }
-        let mine = per_bit[self.bit.trailing_zeros() as usize];
-        let others: Vec<String> = per_bit
+        let mine = per_id.get(&self.id).copied().unwrap_or(0);
+        let others: Vec<String> = per_id
             .iter()
-            .enumerate()
-            .filter(|&(b, &c)| c > 0 && (1u64 << b) != self.bit)
-            .map(|(b, c)| format!("holder #{b}: {c}"))
+            .filter(|&(&id, _)| id != self.id)
+            .map(|(id, c)| format!("holder #{id}: {c}"))
             .collect();
         LoanError::PoolExhausted {
             pool: self
@@ -342,9 +346,23 @@ impl ProducerCore {
         self.path().wait_for_room(timeout, &FutexParker)
     }
 
-    /// Publishes a slot this handle (or, for stages, `own_bit`) holds.
+    /// This producer's loan intent word in its shared record (see
+    /// [`tensorbus_core::wide`] rule 3; only extension ids use it).
+    fn loan_intent(&self) -> &AtomicU64 {
+        static UNUSED: AtomicU64 = AtomicU64::new(0);
+        self.ctl()
+            .producer(self.channel.index as usize, self.row)
+            .map_or(&UNUSED, |p| &p.loan_intent)
+    }
+
+    /// Publishes a slot this handle (or, for stages, `own`) holds.
     #[inline]
-    pub(crate) fn publish_slot(&self, id: SlotId, mut meta: TensorMeta, own_bit: u64) -> Published {
+    pub(crate) fn publish_slot(
+        &self,
+        id: SlotId,
+        mut meta: TensorMeta,
+        own: HolderId,
+    ) -> Published {
         let ctl = &self.inner.control;
         let Some(slot) = ctl.slot(usize::from(id.pool), id.index as usize) else {
             return Published::default();
@@ -360,7 +378,7 @@ impl ProducerCore {
         let outcome = self.path().publish(
             desc,
             slot,
-            own_bit,
+            own,
             &mut st.cached_heads,
             &mut st.rr,
             &FutexParker,
@@ -506,7 +524,7 @@ impl TensorMut {
         self.done = true;
         Ok(self
             .core
-            .publish_slot(self.at.id, self.at.meta, self.core.bit))
+            .publish_slot(self.at.id, self.at.meta, self.core.id))
     }
 }
 
@@ -531,7 +549,7 @@ impl Drop for TensorMut {
         // the parent's.
         if !self.done && !self.core.inner.origin.is_forked() {
             if let Some(slot) = self.core.slot(self.at.id) {
-                slot.release(self.core.bit);
+                slot.release(self.core.id);
             }
         }
     }

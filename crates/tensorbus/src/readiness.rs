@@ -42,6 +42,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 use tensorbus_core::park::Parker;
 use tensorbus_core::receive::SubscriberPath;
+use tensorbus_core::wide::HolderId;
 use tensorbus_shm::futex::FutexParker;
 
 /// Longest single futex sleep of the waiter thread (it re-checks its flags
@@ -110,7 +111,7 @@ struct Shared {
     inner: Arc<Inner>,
     channel: usize,
     sub: usize,
-    bit: u64,
+    id: HolderId,
     lossless: bool,
     /// Fire at end of stream too (the consumer reports it).
     end_of_stream: bool,
@@ -126,7 +127,7 @@ impl Shared {
             ctl: &self.inner.control,
             channel: self.channel,
             sub: self.sub,
-            bit: self.bit,
+            id: self.id,
             lossless: self.lossless,
         }
     }
@@ -207,7 +208,7 @@ impl Readiness {
         inner: Arc<Inner>,
         channel: usize,
         sub: usize,
-        bit: u64,
+        id: HolderId,
         lossless: bool,
         end_of_stream: bool,
     ) -> io::Result<Readiness> {
@@ -227,7 +228,7 @@ impl Readiness {
             inner,
             channel,
             sub,
-            bit,
+            id,
             lossless,
             end_of_stream,
         });

@@ -114,7 +114,7 @@ impl Stage {
         {
             let start = Instant::now();
             let mut n = 0u32;
-            while slot.holders() != input.bit {
+            while !slot.holder_set().only(input.id) {
                 n += 1;
                 if n % 128 == 0 {
                     if start.elapsed() > wait {
@@ -233,7 +233,7 @@ impl StagedTensor {
     }
     /// The tensor's bytes, writable.
     pub fn as_mut_bytes(&mut self) -> &mut [u8] {
-        // SAFETY: exclusive hold (holders == our bit, checked in recv_mut)
+        // SAFETY: exclusive hold (our id is the only holder, checked in recv_mut)
         // of a read-write mapping (stage inputs are mapped writable) that
         // `stage` keeps alive; validated range; `&mut self` makes this the
         // only view.
@@ -241,7 +241,7 @@ impl StagedTensor {
     }
     /// The tensor as a typed mutable slice.
     pub fn as_mut_slice_of<T: Element>(&mut self) -> Result<&mut [T], TypeError> {
-        // SAFETY: exclusive hold (holders == our bit, checked in recv_mut),
+        // SAFETY: exclusive hold (our id is the only holder, checked in recv_mut),
         // range validated inside the slot of a read-write mapping, and
         // `&mut self` makes this the only view.
         unsafe { typed_mut(&self.at.meta, self.at.ptr.0) }
@@ -347,11 +347,11 @@ fn forward_slot(
             // fresh loan of that producer. Both bits belong to this client,
             // so a death between the steps is reclaimed like any other.
             if let Some(slot) = producer.slot(r.id) {
-                slot.hand_over(input.bit, producer.bit);
+                slot.hand_over(input.id, [producer.id]);
             }
-            Ok(producer.publish_slot(r.id, r.meta, producer.bit))
+            Ok(producer.publish_slot(r.id, r.meta, producer.id))
         }
-        Ok(()) => Ok(producer.publish_slot(r.id, r.meta, input.bit)),
+        Ok(()) => Ok(producer.publish_slot(r.id, r.meta, input.id)),
         Err(e) => {
             input.release(r.id);
             Err(e)
@@ -428,14 +428,17 @@ mod tests {
             .control
             .slot(usize::from(id.pool), id.index as usize)
             .unwrap();
-        slot.add_holders(other.core.bit);
+        slot.add_holders([other.core.id]);
         assert!(matches!(
             stage.try_recv_mut(),
             Err(TryRecvError::NotExclusive(_))
         ));
         // Not released: still held by the stage and the stand-in.
-        assert_eq!(slot.holders(), other.core.bit | stage.input().core.bit);
-        slot.release(other.core.bit);
+        let held: Vec<_> = slot.holder_set().snapshot().ids().collect();
+        let mut want = vec![other.core.id, stage.input().core.id];
+        want.sort();
+        assert_eq!(held, want);
+        slot.release(other.core.id);
         let s = stage.try_recv_mut().unwrap();
         assert_eq!(s.slot_id(), id);
         assert!(s.iter().all(|&b| b == 9));
@@ -451,13 +454,12 @@ mod tests {
             .control
             .slot(usize::from(id.pool), id.index as usize)
             .unwrap();
-        slot.add_holders(other.core.bit);
+        slot.add_holders([other.core.id]);
         assert!(stage.try_recv_mut().is_err());
         drop(stage);
-        slot.release(other.core.bit);
-        assert_eq!(
-            slot.holders(),
-            0,
+        slot.release(other.core.id);
+        assert!(
+            !slot.is_held(),
             "the held-back tensor went back with the stage"
         );
     }

@@ -28,6 +28,11 @@ pub struct StatReport {
     pub channels: Vec<ChannelStat>,
     /// Connected clients.
     pub clients: Vec<ClientStat>,
+    /// Holder handles open now in the whole broker (producers, subscribers,
+    /// stage halves and channel histories).
+    pub handles_open: u32,
+    /// The broker's `[limits] max_handles`: opens past it fail.
+    pub max_handles: u32,
 }
 
 /// One pool in a [`StatReport`].
@@ -135,6 +140,8 @@ impl From<proto::StatReport> for StatReport {
             pools: r.pools.into_iter().map(PoolStat::from).collect(),
             channels: r.channels.into_iter().map(ChannelStat::from).collect(),
             clients: r.clients.into_iter().map(ClientStat::from).collect(),
+            handles_open: r.handles_open,
+            max_handles: r.max_handles,
         }
     }
 }

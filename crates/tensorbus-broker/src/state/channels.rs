@@ -19,6 +19,7 @@ use std::sync::atomic::Ordering;
 use tensorbus_core::proto::ChannelSpec;
 use tensorbus_core::publish::release_desc;
 use tensorbus_core::records::{POLICY_CODE_HISTORY, STATE_ACTIVE, STATE_FREE, STATE_PENDING};
+use tensorbus_core::wide::HolderId;
 use tensorbus_core::{Descriptor, Mode};
 use tensorbus_shm::futex::FutexParker;
 
@@ -220,8 +221,8 @@ impl State {
                     channel: spec.name.clone(),
                     reason: format!("no subscriber record left for its history: {e}"),
                 })?;
-            let bit = self.alloc_bit()?;
-            Some((sub, bit))
+            let id = self.alloc_id()?;
+            Some((sub, id))
         } else {
             None
         };
@@ -232,12 +233,18 @@ impl State {
             .ok_or(ChannelError::TooMany { max })?;
         rec.mode.store(spec.mode.code(), Ordering::Relaxed);
         rec.ended.store(0, Ordering::Relaxed);
-        if let Some((sub, bit)) = history {
+        if let Some((sub, id)) = history {
             if let Some(r) = self.control.subscriber(c, sub) {
                 // Before the record's bit joins the mask (activate_code's
                 // Release RMW), so a producer that sees the bit sees this.
                 rec.history_subs.store(1u64 << sub, Ordering::Relaxed);
-                r.activate_code(rec, sub, bit, POLICY_CODE_HISTORY, spec.history);
+                r.activate_code(
+                    rec,
+                    sub,
+                    u32::from(id.index()),
+                    POLICY_CODE_HISTORY,
+                    spec.history,
+                );
             }
         } else {
             rec.history_subs.store(0, Ordering::Relaxed);
@@ -314,17 +321,16 @@ impl State {
     }
 
     /// Releases what channel `c`'s history holds, frees its record and
-    /// bit, and frees the channel record. No handle is open on it.
+    /// id, and frees the channel record. No handle is open on it.
     fn free_channel_record(&mut self, c: usize) {
-        if let Some((sub, bit)) = self.chan(c).history {
-            let mask = 1u64 << bit;
+        if let Some((sub, id)) = self.chan(c).history {
             tensorbus_core::reclaim::drain_subscriber(&self.control, c, sub, |_, d| {
-                release_desc(&self.control, d, mask);
+                release_desc(&self.control, d, id);
             });
             tensorbus_core::reclaim::retire_subscriber(&self.control, c, sub, &FutexParker);
-            tensorbus_core::reclaim::clear_holder_everywhere(&self.control, mask);
+            tensorbus_core::reclaim::clear_holder_everywhere(&self.control, id);
             tensorbus_core::reclaim::free_subscriber(&self.control, c, sub);
-            self.free_bit(bit);
+            self.free_id(id);
         }
         if let Some(rec) = self.control.channel(c) {
             rec.subscribers.store(0, Ordering::Relaxed);
@@ -379,11 +385,10 @@ impl State {
     /// (closed or dead, its in-flight publish repaired) into the history's
     /// row-0 ring, releasing the oldest there when it is full.
     fn move_history_of_row(&mut self, c: usize, row: usize) {
-        let Some((sub, bit)) = self.chan(c).history else {
+        let Some((sub, id)) = self.chan(c).history else {
             return;
         };
         let depth = u64::from(self.chan(c).spec.history);
-        let mask = 1u64 << bit;
         let ctl = &self.control;
         let (Some(src), Some(dst)) = (ctl.ring(c, row, sub), ctl.ring(c, 0, sub)) else {
             return;
@@ -396,10 +401,10 @@ impl State {
                 }
                 match dst.steal_oldest() {
                     Some(old) => {
-                        release_desc(ctl, Descriptor::unpack(old), mask);
+                        release_desc(ctl, Descriptor::unpack(old), id);
                     }
                     None => {
-                        release_desc(ctl, Descriptor::unpack(bits), mask);
+                        release_desc(ctl, Descriptor::unpack(bits), id);
                         break;
                     }
                 }
@@ -407,24 +412,26 @@ impl State {
         }
     }
 
-    /// Gives subscriber `sub` (holder bit `bit`, `policy`, ring `depth`) of
+    /// Gives subscriber `sub` (holder id `mine`, `policy`, ring `depth`) of
     /// channel `c`, activated a moment ago, the newest tensors the history
     /// keeps, oldest first, in its row-0 ring: all of them (they hold no
     /// slot beyond the history's own, and row 0 has the ring capacity,
     /// which bounds `history`), or the newest `depth` for a subscriber that
     /// asked for only the latest ones (`drop_oldest`, `latest`). A tensor that a
     /// publish already delivered to it (its bit is set) is skipped; one the
-    /// history lets go meanwhile is not taken (the holder CAS requires the
-    /// history's bit). Returns how many it got.
+    /// history lets go meanwhile is not taken: the broker pins the slot with
+    /// its custody id (only while someone holds it), checks the history's
+    /// hold and then the generation, adds `mine` under the pin (rule 2 of
+    /// `tensorbus_core::wide`) and drops the pin. Returns how many it got.
     pub(super) fn deliver_history(
         &mut self,
         c: usize,
         sub: usize,
-        bit: u32,
+        mine: HolderId,
         policy: tensorbus_core::Policy,
         depth: u32,
     ) -> usize {
-        let Some((hsub, hbit)) = self.chan(c).history else {
+        let Some((hsub, hid)) = self.chan(c).history else {
             return 0;
         };
         let n = self.chan(c).spec.history;
@@ -433,7 +440,7 @@ impl State {
             tensorbus_core::Policy::Latest => n.min(1),
             _ => n,
         } as usize;
-        let (hmask, mine) = (1u64 << hbit, 1u64 << bit);
+        let custody = self.ids.custody();
         let ctl = &self.control;
         let mut raw = Vec::new();
         for row in 0..ctl.layout().rows() {
@@ -448,7 +455,7 @@ impl State {
                 let d = Descriptor::unpack(bits);
                 let slot = ctl.slot(usize::from(d.pool), d.index as usize)?;
                 let generation = slot.generation.load(Ordering::Acquire);
-                if !d.matches_generation(generation) || slot.holders() & hmask == 0 {
+                if !d.matches_generation(generation) || !slot.held_by(hid) {
                     return None;
                 }
                 Some((
@@ -474,14 +481,26 @@ impl State {
             let Some(slot) = ctl.slot(usize::from(d.pool), d.index as usize) else {
                 continue;
             };
-            // Our bit joins only while the history still holds the slot and
-            // no publish gave it to us already.
-            if !slot.join_if_held(hmask, mine) {
+            // Our id joins only while the history still holds the slot and
+            // no publish gave it to us already; the pin keeps the slot from
+            // being freed while we look and add.
+            if !slot.holder_set().pin_if_held(custody) {
                 continue;
             }
-            if slot.generation.load(Ordering::Acquire) != generation {
-                // Freed and loaned again in between: not the kept tensor.
-                slot.release(mine);
+            // The history's hold before the generation: a hold read from a
+            // publish after a re-loan synchronises with it, so the
+            // generation read next is the new one (loom's
+            // `history_join_versus_eviction` fails in the other order).
+            let joined = slot.held_by(hid)
+                && slot.generation.load(Ordering::Acquire) == generation
+                && !slot.held_by(mine);
+            if joined {
+                slot.add_holders([mine]);
+            }
+            slot.release(custody);
+            if !joined {
+                // Let go by the history, or loaned again in between: not
+                // the kept tensor (or ours already).
                 continue;
             }
             // Row 0 joins the rows this subscriber polls (the broker is its

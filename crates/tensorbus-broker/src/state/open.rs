@@ -8,7 +8,7 @@
 //! 2. settle the record's settings (a subscriber's depth and policy);
 //! 3. choose a free record (a producer row, a subscriber index) that is
 //!    not being reclaimed;
-//! 4. take a holder bit;
+//! 4. take a holder id;
 //! 5. duplicate the pool descriptors the client maps (read-only ones for a
 //!    subscriber that does not write);
 //! 6. activate the record in shared memory ([`ProducerRecord::activate`],
@@ -21,6 +21,7 @@
 use super::{BitsExhausted, ChannelError, Handle, HandleKind, State};
 use std::os::fd::OwnedFd;
 use tensorbus_core::proto::{ChannelInfo, ChannelSpec, ErrorKind, Response};
+use tensorbus_core::wide::HolderId;
 use tensorbus_core::Policy;
 
 /// What a client asks to open.
@@ -98,7 +99,7 @@ pub(crate) enum OpenError {
         /// limits.max_subscribers_per_channel.
         max: usize,
     },
-    /// Every holder bit is handed out.
+    /// Every holder id the limit allows is handed out.
     #[error(transparent)]
     Bits(#[from] BitsExhausted),
     /// Consumers wait for the channel, and this producer brought no spec
@@ -140,7 +141,7 @@ impl OpenError {
 /// An opened handle: what the client is told, and the descriptors it gets.
 pub(crate) struct Opened {
     handle: u32,
-    bit: u32,
+    id: HolderId,
     record: Record,
     channel: ChannelInfo,
     fds: Vec<OwnedFd>,
@@ -151,11 +152,12 @@ impl Opened {
     pub fn into_reply(self) -> (Response, Vec<OwnedFd>) {
         let Opened {
             handle,
-            bit,
+            id,
             record,
             channel,
             fds,
         } = self;
+        let bit = u32::from(id.index());
         let resp = match record {
             Record::Producer { row } => Response::Producer {
                 handle,
@@ -217,15 +219,15 @@ impl State {
                 (Record::Subscriber { sub, policy, depth }, writable)
             }
         };
-        let bit = self.alloc_bit()?;
+        let id = self.alloc_id()?;
         let fds = match self.pool_fds(c, writable) {
             Ok(f) => f,
             Err(e) => {
-                self.free_bit(bit);
+                self.free_id(id);
                 return Err(e);
             }
         };
-        let kind = self.activate(c, record, bit);
+        let kind = self.activate(c, record, id);
         let asked = match role {
             Role::Producer => (None, None, true),
             Role::Subscriber {
@@ -237,7 +239,7 @@ impl State {
         match record {
             Record::Producer { .. } => self.producer_opened(c),
             Record::Subscriber { sub, policy, depth } => {
-                self.deliver_history(c, sub, bit, policy, depth);
+                self.deliver_history(c, sub, id, policy, depth);
             }
         }
         let handle = self.new_handle();
@@ -246,13 +248,13 @@ impl State {
             Handle {
                 client,
                 kind,
-                bit,
+                id,
                 asked,
             },
         );
         Ok(Opened {
             handle,
-            bit,
+            id,
             record,
             channel: self.chan(c).info(),
             fds,
@@ -284,7 +286,7 @@ impl State {
         });
         Ok(Opened {
             handle,
-            bit: h.bit,
+            id: h.id,
             record: Record::Subscriber { sub, policy, depth },
             channel: ch.info(),
             fds,
@@ -389,8 +391,9 @@ impl State {
             .collect()
     }
 
-    /// Activates `record` of channel `c` in shared memory for holder `bit`.
-    fn activate(&self, c: usize, record: Record, bit: u32) -> HandleKind {
+    /// Activates `record` of channel `c` in shared memory for holder `id`.
+    fn activate(&self, c: usize, record: Record, id: HolderId) -> HandleKind {
+        let bit = u32::from(id.index());
         let ctl = &self.control;
         // In range: `c` is a channel of this broker, and `free_row` /
         // `free_sub` found the record.

@@ -9,6 +9,7 @@ use super::{Handle, HandleKind, Pending, State};
 use std::sync::atomic::Ordering;
 use tensorbus_core::reclaim;
 use tensorbus_core::records::STATE_ACTIVE;
+use tensorbus_core::wide::HolderId;
 use tensorbus_core::Descriptor;
 use tensorbus_shm::futex::FutexParker;
 
@@ -40,14 +41,14 @@ impl State {
             return false;
         };
         h.kind = HandleKind::Detached;
-        let bit = h.bit;
-        self.retire(channel, sub, bit, true);
+        let id = h.id;
+        self.retire(channel, sub, id, true);
         true
     }
 
-    /// Retires subscriber `sub` of `channel` (holder bit `bit`) and queues
+    /// Retires subscriber `sub` of `channel` (holder id `id`) and queues
     /// its clean-up for when in-flight publishes have settled.
-    fn retire(&mut self, channel: usize, sub: usize, bit: u32, keep: bool) {
+    fn retire(&mut self, channel: usize, sub: usize, id: HolderId, keep: bool) {
         reclaim::retire_subscriber(&self.control, channel, sub, &FutexParker);
         let mut snapshot = Vec::new();
         reclaim::intents(&self.control, channel, &mut snapshot);
@@ -55,7 +56,7 @@ impl State {
         self.pending.push(Pending::Subscriber {
             channel,
             sub,
-            bit,
+            id,
             snapshot,
             keep,
         });
@@ -72,8 +73,8 @@ impl State {
         match h.kind {
             HandleKind::Detached => {
                 // Retired already; now the holds of what it received end.
-                reclaim::clear_holder_everywhere(&self.control, 1u64 << h.bit);
-                self.free_bit(h.bit);
+                reclaim::clear_holder_everywhere(&self.control, h.id);
+                self.free_id(h.id);
                 return true;
             }
             HandleKind::Producer { channel, row } => {
@@ -85,14 +86,14 @@ impl State {
                     let n = p.published.swap(0, Ordering::AcqRel);
                     ch.published.fetch_add(n, Ordering::Relaxed);
                 }
-                reclaim::clear_holder_everywhere(&self.control, 1u64 << h.bit);
-                self.free_bit(h.bit);
+                reclaim::clear_holder_everywhere(&self.control, h.id);
+                self.free_id(h.id);
                 self.producer_closed(channel, row, clean);
                 self.busy_rows.push((channel, row));
                 self.pending.push(Pending::Row { channel, row });
             }
             HandleKind::Subscriber { channel, sub } => {
-                self.retire(channel, sub, h.bit, false);
+                self.retire(channel, sub, h.id, false);
                 return true;
             }
         }
@@ -114,7 +115,7 @@ impl State {
                 Pending::Subscriber {
                     channel,
                     sub,
-                    bit,
+                    id,
                     snapshot,
                     keep,
                 } => {
@@ -122,13 +123,13 @@ impl State {
                         self.pending.push(Pending::Subscriber {
                             channel,
                             sub,
-                            bit,
+                            id,
                             snapshot,
                             keep,
                         });
                         continue;
                     }
-                    self.finish_subscriber(channel, sub, bit, keep);
+                    self.finish_subscriber(channel, sub, id, keep);
                 }
                 Pending::Row { channel, row } => {
                     if reclaim::row_drained(&self.control, channel, row) {
@@ -147,24 +148,24 @@ impl State {
     /// go to live workers) and frees its record; `keep` (detached): only
     /// the holds of the drained entries end, the bit stays allocated and set
     /// on the tensors its client received; else every hold of the bit ends.
-    fn finish_subscriber(&mut self, channel: usize, sub: usize, bit: u32, keep: bool) {
-        let mask = 1u64 << bit;
+    fn finish_subscriber(&mut self, channel: usize, sub: usize, id: HolderId, keep: bool) {
         let mut queued = Vec::new();
         reclaim::drain_subscriber(&self.control, channel, sub, |_, d| queued.push(d));
         let drained = if keep { queued.clone() } else { Vec::new() };
         if self.is_workqueue(channel) {
             // The dead worker's untaken entries pass into the broker's
-            // custody (its own holder bit) before the dead bit is cleared,
-            // so none is freed while it waits for room at a live worker.
-            let custody = 1u64 << self.custody_bit;
+            // custody (its own holder id, pinned while the dead one still
+            // holds) before the dead id is cleared, so none is freed while
+            // it waits for room at a live worker.
+            let custody = self.ids.custody();
             for d in queued {
                 let Some(slot) = self.control.slot(usize::from(d.pool), d.index as usize) else {
                     continue;
                 };
                 if d.matches_generation(slot.generation.load(Ordering::Acquire))
-                    && slot.holders() & mask != 0
+                    && slot.held_by(id)
+                    && slot.holder_set().pin_if_held(custody)
                 {
-                    slot.add_holders(custody);
                     self.redispatch.push((channel, d));
                 }
             }
@@ -173,13 +174,13 @@ impl State {
             for d in drained {
                 if let Some(slot) = self.control.slot(usize::from(d.pool), d.index as usize) {
                     if d.matches_generation(slot.generation.load(Ordering::Acquire)) {
-                        slot.release(mask);
+                        slot.release(id);
                     }
                 }
             }
         } else {
-            reclaim::clear_holder_everywhere(&self.control, mask);
-            self.free_bit(bit);
+            reclaim::clear_holder_everywhere(&self.control, id);
+            self.free_id(id);
         }
         reclaim::free_subscriber(&self.control, channel, sub);
         self.busy_subs.retain(|&x| x != (channel, sub));
@@ -193,7 +194,7 @@ impl State {
     /// with no live worker left are dropped, as a publish to no worker is.
     pub(crate) fn redispatch_pending(&mut self) {
         let items = std::mem::take(&mut self.redispatch);
-        let custody = 1u64 << self.custody_bit;
+        let custody = self.ids.custody();
         for (channel, d) in items {
             match self.try_dispatch(channel, d) {
                 Dispatch::Done | Dispatch::NoWorker => {
@@ -233,16 +234,19 @@ impl State {
             let Some(ring) = ctl.ring(channel, 0, s) else {
                 continue;
             };
-            // Set the survivor's bit before it can see the entry.
-            let bit = ctl.subscriber_mask(channel, s);
-            slot.add_holders(bit);
+            // Set the survivor's id before it can see the entry (we hold
+            // the slot in custody: rule 2 of `tensorbus_core::wide`).
+            let Some(id) = ctl.subscriber_id(channel, s) else {
+                continue;
+            };
+            slot.add_holders([id]);
             ch.producer_rows.fetch_or(1, Ordering::AcqRel);
             let head = self.broker_heads.entry((channel, s)).or_insert(0);
             if ring.push(ring.capacity(), d.pack(), head).is_ok() {
                 sub.config.data.notify(&FutexParker);
                 return Dispatch::Done;
             }
-            slot.release(bit);
+            slot.release(id);
         }
         Dispatch::Full
     }

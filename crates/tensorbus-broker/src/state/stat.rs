@@ -3,7 +3,8 @@
 use super::{HandleKind, State};
 use std::sync::atomic::Ordering;
 use tensorbus_core::proto::{ChannelStat, ClientStat, PoolStat, StatReport, SubscriberStat};
-use tensorbus_core::reclaim::count_held;
+use tensorbus_core::reclaim::count_held_by;
+use tensorbus_core::wide::HolderSnapshot;
 use tensorbus_core::{Mode, Policy};
 use tensorbus_shm::PeerCred;
 
@@ -16,13 +17,10 @@ impl State {
     ) -> StatReport {
         let state = self;
         let ctl = &state.control;
-        let sub_bits = state.subscriber_bits()
-            | state
-                .channels
-                .iter()
-                .flatten()
-                .filter_map(|c| c.history)
-                .fold(0u64, |m, (_, bit)| m | 1u64 << bit);
+        let mut sub_ids = state.subscriber_ids();
+        for (_, id) in state.channels.iter().flatten().filter_map(|c| c.history) {
+            sub_ids.insert(id);
+        }
         let pools = state
             .pools
             .iter()
@@ -35,10 +33,13 @@ impl State {
                     ..PoolStat::default()
                 };
                 for i in 0..ctl.slots(p) {
-                    let h = ctl.slot(p, i).map_or(0, |x| x.holders());
-                    if h == 0 {
+                    let h = ctl
+                        .slot(p, i)
+                        .map(|x| x.holder_set().snapshot())
+                        .unwrap_or_default();
+                    if !h.is_held() {
                         s.slots_free += 1;
-                    } else if h & sub_bits != 0 {
+                    } else if h.intersects(&sub_ids) {
                         s.in_flight += 1;
                     } else {
                         s.loaned += 1;
@@ -107,21 +108,20 @@ impl State {
         .collect();
         let mut clients: Vec<ClientStat> = clients
             .map(|(id, cred, name)| {
-                let mask = state
-                    .handles
-                    .values()
-                    .filter(|h| h.client == id)
-                    .fold(0u64, |m, h| m | 1 << h.bit);
+                let mut mask = HolderSnapshot::default();
+                for h in state.handles.values().filter(|h| h.client == id) {
+                    mask.insert(h.id);
+                }
                 ClientStat {
                     id,
                     pid: cred.pid,
                     uid: cred.uid,
                     name: name.to_owned(),
                     handles: state.handles.values().filter(|h| h.client == id).count() as u32,
-                    holds: if mask == 0 {
+                    holds: if mask == HolderSnapshot::default() {
                         0
                     } else {
-                        count_held(ctl, mask) as u32
+                        count_held_by(ctl, |s| s.intersects(&mask)) as u32
                     },
                 }
             })
@@ -132,6 +132,8 @@ impl State {
             pools,
             channels,
             clients,
+            handles_open: state.ids.used() as u32,
+            max_handles: state.ids.limit() as u32,
         }
     }
 }

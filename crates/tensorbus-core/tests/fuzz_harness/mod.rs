@@ -42,6 +42,7 @@ use tensorbus_core::receive::{Corruption, SubscriberPath};
 use tensorbus_core::records::{Mode, Policy, STATE_ACTIVE};
 use tensorbus_core::ring::{Ring, RingHeader};
 use tensorbus_core::slot::{Released, SlotHeader};
+use tensorbus_core::wide::{HolderId, HolderSnapshot};
 use tensorbus_core::{reclaim, DType, Descriptor, TensorMeta, DESC_MASK, MAX_DIMS};
 use tensorbus_core::{ShapeError, USER_HEADER_LEN};
 
@@ -102,11 +103,14 @@ impl<'a> Input<'a> {
     }
 }
 
-/// Writes 64-bit word `word` (0..32) of a slot header, as a peer writing
+/// Words of a slot header.
+pub const SLOT_WORDS: usize = tensorbus_core::slot::SLOT_HEADER_SIZE / 8;
+
+/// Writes 64-bit word `word` (0..SLOT_WORDS) of a slot header, as a peer writing
 /// the header's bytes would (the u32 fields pair up little-endian).
 pub fn store_slot_word(h: &SlotHeader, word: usize, v: u64) {
     let (lo, hi) = (v as u32, (v >> 32) as u32);
-    match word % 32 {
+    match word % SLOT_WORDS {
         0 => h.holders.store(v, Relaxed),
         1 => {
             h.generation.store(lo, Relaxed);
@@ -137,14 +141,15 @@ pub fn store_slot_word(h: &SlotHeader, word: usize, v: u64) {
         }
         w @ 10..=15 => h.reserved1[w - 10].store(v, Relaxed),
         w @ 16..=23 => h.strides[w - 16].store(v as i64, Relaxed),
-        w => h.user[w - 24].store(v, Relaxed),
+        w @ 24..=31 => h.user[w - 24].store(v, Relaxed),
+        w => h.ext_holders[w - 32].store(v, Relaxed),
     }
 }
 
 /// Reads word `word` of a slot header (see [`store_slot_word`]).
 pub fn load_slot_word(h: &SlotHeader, word: usize) -> u64 {
     let pair = |lo: u32, hi: u32| u64::from(lo) | (u64::from(hi) << 32);
-    match word % 32 {
+    match word % SLOT_WORDS {
         0 => h.holders.load(Relaxed),
         1 => pair(h.generation.load(Relaxed), h.dtype_ndim.load(Relaxed)),
         2 => h.nbytes.load(Relaxed),
@@ -157,7 +162,8 @@ pub fn load_slot_word(h: &SlotHeader, word: usize) -> u64 {
         9 => pair(h.shape_hi[2].load(Relaxed), h.shape_hi[3].load(Relaxed)),
         w @ 10..=15 => h.reserved1[w - 10].load(Relaxed),
         w @ 16..=23 => h.strides[w - 16].load(Relaxed) as u64,
-        w => h.user[w - 24].load(Relaxed),
+        w @ 24..=31 => h.user[w - 24].load(Relaxed),
+        w => h.ext_holders[w - 32].load(Relaxed),
     }
 }
 
@@ -245,7 +251,7 @@ pub fn slot_header(data: &[u8]) {
         inp.u64()
     };
     let h = SlotHeader::new();
-    for w in 0..32 {
+    for w in 0..SLOT_WORDS {
         store_slot_word(&h, w, inp.u64());
     }
     match h.read_meta() {
@@ -317,10 +323,17 @@ pub fn slot_header(data: &[u8]) {
 /// segment the `descriptor` target builds.
 const POOL_SLOTS: [u32; 2] = [4, 4];
 const SLOT_SIZE: [u64; 2] = [64, 4096];
-/// Holder bits: subscribers 0 and 1, producers of rows 1 and 2 (row 0 is
-/// the broker's).
-const SUB_BITS: [u64; 2] = [1 << 7, 1 << 9];
-const ROW_BITS: [u64; 3] = [1 << 63, 1 << 5, 1 << 6];
+/// Holder ids: subscribers 0 and 1, producers of rows 0 to 2 (row 0 is
+/// the broker's), direct and extension ids mixed.
+const SUB_IDS: [HolderId; 2] = [hid(7), hid(300)];
+const ROW_IDS: [HolderId; 3] = [hid(15), hid(5), hid(600)];
+
+const fn hid(n: u16) -> HolderId {
+    match HolderId::new(n) {
+        Some(id) => id,
+        None => panic!("holder id out of range"),
+    }
+}
 const RING_CAPACITY: usize = 4;
 
 fn bus(policies: [Policy; 2], depths: [u32; 2]) -> Segment {
@@ -342,15 +355,15 @@ fn bus(policies: [Policy; 2], depths: [u32; 2]) -> Segment {
     for s in 0..2 {
         let sub = ctl.subscriber(0, s).expect("subscriber");
         sub.config
-            .holder_bit
-            .store(SUB_BITS[s].trailing_zeros(), Relaxed);
+            .holder_id
+            .store(u32::from(SUB_IDS[s].index()), Relaxed);
         sub.config.policy.store(policies[s].code(), Relaxed);
         sub.config.depth.store(depths[s], Relaxed);
         sub.config.state.store(STATE_ACTIVE, Relaxed);
     }
-    for (row, bit) in ROW_BITS.iter().enumerate() {
+    for (row, id) in ROW_IDS.iter().enumerate() {
         let p = ctl.producer(0, row).expect("producer row");
-        p.holder_bit.store(bit.trailing_zeros(), Relaxed);
+        p.holder_id.store(u32::from(id.index()), Relaxed);
         p.state.store(STATE_ACTIVE, Relaxed);
     }
     seg
@@ -366,7 +379,7 @@ fn corrupt_one(seg: &Segment, inp: &mut Input<'_>) {
         0..=3 => {
             let pool = usize::from(inp.u8() % 2);
             let index = usize::from(inp.u8()) % POOL_SLOTS[pool] as usize;
-            let word = usize::from(inp.u8() % 32);
+            let word = usize::from(inp.u8()) % SLOT_WORDS;
             let slot = ctl.slot(pool, index).expect("slot in range");
             let v = inp.garbage(load_slot_word(slot, word));
             store_slot_word(slot, word, v);
@@ -410,7 +423,7 @@ fn corrupt_one(seg: &Segment, inp: &mut Input<'_>) {
             let sub = ctl.subscriber(0, usize::from(inp.u8() % 2)).expect("sub");
             match inp.u8() % 6 {
                 0 => sub.config.state.store(inp.u32(), Relaxed),
-                1 => sub.config.holder_bit.store(inp.u32(), Relaxed),
+                1 => sub.config.holder_id.store(inp.u32(), Relaxed),
                 2 => sub.config.policy.store(inp.u32(), Relaxed),
                 3 => sub.config.depth.store(inp.u32(), Relaxed),
                 4 => sub.config.data.waiters.store(inp.u32(), Relaxed),
@@ -421,7 +434,7 @@ fn corrupt_one(seg: &Segment, inp: &mut Input<'_>) {
             let p = ctl.producer(0, usize::from(inp.u8() % 3)).expect("row");
             match inp.u8() % 4 {
                 0 => p.state.store(inp.u32(), Relaxed),
-                1 => p.holder_bit.store(inp.u32(), Relaxed),
+                1 => p.holder_id.store(inp.u32(), Relaxed),
                 2 => p.intent.store(inp.garbage(p.intent.load(Relaxed)), Relaxed),
                 _ => p
                     .intent_receivers
@@ -515,7 +528,9 @@ pub fn descriptor(data: &[u8]) {
     for seq in 0..u64::from(inp.u8() % 8) {
         let row = 1 + usize::from(inp.u8() & 1);
         let pool = usize::from(inp.u8() & 1);
-        let Some((index, generation)) = loan(ctl, pool, ROW_BITS[row], &mut cursors[row]) else {
+        let intent = &ctl.producer(0, row).expect("producer row").loan_intent;
+        let Some((index, generation)) = loan(ctl, pool, ROW_IDS[row], intent, &mut cursors[row])
+        else {
             continue;
         };
         let slot = ctl.slot(pool, index).expect("loaned slot");
@@ -536,7 +551,7 @@ pub fn descriptor(data: &[u8]) {
         .publish(
             Descriptor::new(pool as u8, index as u32, generation),
             slot,
-            ROW_BITS[row],
+            ROW_IDS[row],
             &mut heads[row],
             &mut rr,
             &YieldParker,
@@ -558,12 +573,12 @@ pub fn descriptor(data: &[u8]) {
             None
         }
     };
-    let bit = SUB_BITS[0];
+    let id = SUB_IDS[0];
     let path = SubscriberPath {
         ctl,
         channel: 0,
         sub: 0,
-        bit,
+        id,
         lossless: false,
     };
     let mut cursor = usize::from(inp.u8());
@@ -578,32 +593,36 @@ pub fn descriptor(data: &[u8]) {
         let pool = usize::from(d.pool);
         let before = ctl
             .slot(pool, d.index as usize)
-            .map(|s| (s.holders(), s.generation.load(Relaxed)));
+            .map(|s| (s.holder_set().raw_snapshot(), s.generation.load(Relaxed)));
         match path.validate(d, capacity) {
             Ok(m) => {
                 let slot = ctl
                     .slot(pool, d.index as usize)
                     .expect("accepted a descriptor naming no slot");
                 assert!(d.matches_generation(slot.generation.load(Relaxed)));
-                assert!(slot.holders() & bit != 0, "accepted without our hold");
+                assert!(slot.held_by(id), "accepted without our hold");
                 let cap = capacity(pool).expect("accepted from a foreign pool");
                 check_accepted(&m, cap);
                 std::hint::black_box(read_like_a_consumer(&m, &payload[pool][d.index as usize]));
-                assert_ne!(slot.release(bit), Released::NotHeld);
+                assert_ne!(slot.release(id), Released::NotHeld);
             }
             Err(Corruption::BadIndex { .. }) => assert!(before.is_none()),
             Err(Corruption::StaleGeneration { .. }) => {
                 let (holders, generation) = before.expect("real slot");
                 assert!(!d.matches_generation(generation));
                 let slot = ctl.slot(pool, d.index as usize).expect("real slot");
-                assert_eq!(slot.holders(), holders, "a stale message released a hold");
+                assert_eq!(
+                    slot.holder_set().raw_snapshot(),
+                    holders,
+                    "a stale message released a hold"
+                );
             }
             Err(Corruption::NotHolder) => {
-                assert_eq!(before.expect("real slot").0 & bit, 0);
+                assert!(!before.expect("real slot").0.holds(id));
             }
             Err(Corruption::ForeignPool { .. } | Corruption::BadMeta(_)) => {
                 let slot = ctl.slot(pool, d.index as usize).expect("real slot");
-                assert_eq!(slot.holders() & bit, 0, "rejected message kept its hold");
+                assert!(!slot.held_by(id), "rejected message kept its hold");
             }
             Err(other) => panic!("a kind of corruption this harness does not know: {other}"),
         }
@@ -618,8 +637,10 @@ pub fn descriptor(data: &[u8]) {
     for row in 0..4 {
         reclaim::recover_producer(ctl, 0, row);
     }
-    reclaim::clear_holder_everywhere(ctl, ROW_BITS[1]);
-    assert_eq!(reclaim::count_held(ctl, ROW_BITS[1]), 0);
+    for row_id in [ROW_IDS[1], ROW_IDS[2]] {
+        reclaim::clear_holder_everywhere(ctl, row_id);
+        assert_eq!(reclaim::count_held_by(ctl, |s| s.holds(row_id)), 0);
+    }
     reclaim::retire_subscriber(ctl, 0, 1, &YieldParker);
     let mut snapshot = Vec::new();
     reclaim::intents(ctl, 0, &mut snapshot);
@@ -630,8 +651,8 @@ pub fn descriptor(data: &[u8]) {
         drained += 1;
     });
     assert!(drained <= 3 * RING_CAPACITY);
-    reclaim::clear_holder_everywhere(ctl, SUB_BITS[1]);
-    assert_eq!(reclaim::count_held(ctl, SUB_BITS[1]), 0);
+    reclaim::clear_holder_everywhere(ctl, SUB_IDS[1]);
+    assert_eq!(reclaim::count_held_by(ctl, |s| s.holds(SUB_IDS[1])), 0);
     reclaim::free_subscriber(ctl, 0, 1);
     for row in 0..4 {
         if reclaim::row_drained(ctl, 0, row) {
@@ -639,17 +660,26 @@ pub fn descriptor(data: &[u8]) {
         }
     }
     // Bits of no open handle: swept away wherever they are.
-    let open = SUB_BITS[0] | ROW_BITS[2];
+    // (Row 2's producer is still open; its earlier holds were reclaimed
+    // above, as after a death.)
+    let mut open = HolderSnapshot::default();
+    open.insert(SUB_IDS[0]);
+    open.insert(ROW_IDS[2]);
     for pool in 0..3 {
-        reclaim::clear_stray_bits(ctl, pool, 0..usize::MAX, |_, h| h & !open);
+        reclaim::clear_stray_bits(ctl, pool, 0..usize::MAX, |_| open);
     }
-    assert_eq!(reclaim::count_held(ctl, !open), 0, "stray bits survived");
+    assert_eq!(
+        reclaim::count_held_by(ctl, |s| s.ids().any(|i| !open.holds(i))),
+        0,
+        "stray bits survived"
+    );
     // A loan after all that is exclusive and bumps the generation.
     for pool in 0..3 {
         let mut cursor = inp.u64() as usize;
-        if let Some((index, generation)) = loan(ctl, pool, ROW_BITS[2], &mut cursor) {
+        let intent = &ctl.producer(0, 2).expect("producer row").loan_intent;
+        if let Some((index, generation)) = loan(ctl, pool, ROW_IDS[2], intent, &mut cursor) {
             let slot = ctl.slot(pool, index).expect("loaned slot exists");
-            assert_eq!(slot.holders(), ROW_BITS[2]);
+            assert!(slot.holder_set().only(ROW_IDS[2]));
             assert_eq!(slot.generation.load(Relaxed), generation);
         }
     }
