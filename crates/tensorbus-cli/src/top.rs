@@ -4,11 +4,13 @@
 //!
 //! * [`model`]: the rows of each pane from two stat reports (rates are the
 //!   difference of the counters between two refreshes), and their sorts.
+//!   [`rows`]: the rows and their cells as text.
 //! * [`view`]: draws a frame with ratatui; [`text`]: the `--once` text.
 //! * [`live`]: the terminal, the refresh loop and the keys.
 
 mod live;
 mod model;
+mod rows;
 mod text;
 mod view;
 
