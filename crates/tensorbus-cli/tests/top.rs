@@ -405,6 +405,16 @@ fn live_view_in_tmux_updates_sorts_survives_the_broker_and_restores_the_terminal
         s.contains("pools (1) sorted by name") && s.contains("channels (3) sorted by rate")
     });
 
+    // A smaller terminal: the frame is laid out again, the numbers whole.
+    tmux.ok(&["resize-window", "-t", "top", "-x", "80", "-y", "24"]);
+    tmux.wait_for("the 80 x 24 frame", |s| {
+        let lines: Vec<&str> = s.lines().collect();
+        lines.len() == 24
+            && lines[23].starts_with("q quit")
+            && lines[1].chars().count() == 80
+            && cam(s).is_some_and(|r| r[3] == "12" && r[6] == "11/16")
+    });
+
     // The broker goes away: top says so and keeps going; a new broker on
     // the same socket is picked up.
     drop((consumer, producer, client));

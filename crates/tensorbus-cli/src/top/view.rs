@@ -94,7 +94,10 @@ pub fn draw(frame: &mut Frame, state: &State) {
 }
 
 /// One pane: a bordered table, its columns as wide as their widest cell;
-/// the columns in `left` are left-aligned, the numbers right-aligned.
+/// the columns in `left` are left-aligned, the numbers right-aligned. The
+/// first of `left` is the name column: when the table is wider than the
+/// pane, the columns move closer, then the name gives up its width (down
+/// to 8 columns, cut with `…`), so that the numbers stay whole.
 fn pane(
     frame: &mut Frame,
     area: Rect,
@@ -110,6 +113,20 @@ fn pane(
             *w = (*w).max(width(c));
         }
     }
+    let name = left[0];
+    let inner = u32::from(area.width.saturating_sub(4)); // borders and padding
+    let total = |spacing: u16| {
+        widths.iter().map(|w| u32::from(*w)).sum::<u32>()
+            + u32::from(spacing) * (widths.len() as u32).saturating_sub(1)
+    };
+    // Tight: one column between columns, then a shorter name.
+    let spacing = if total(SPACING) > inner { 1 } else { SPACING };
+    let total = total(spacing);
+    if total > inner {
+        let excess = u16::try_from(total - inner).unwrap_or(u16::MAX);
+        widths[name] = widths[name].saturating_sub(excess).max(widths[name].min(8));
+    }
+    let name_width = usize::from(widths[name]);
     let align = |i: usize| {
         if left.contains(&i) {
             Alignment::Left
@@ -121,7 +138,14 @@ fn pane(
         Row::new(
             r.iter()
                 .enumerate()
-                .map(|(i, c)| Cell::from(Line::from(c.clone()).alignment(align(i))))
+                .map(|(i, c)| {
+                    let c = if i == name {
+                        cut(c, name_width)
+                    } else {
+                        c.clone()
+                    };
+                    Cell::from(Line::from(c).alignment(align(i)))
+                })
                 .collect::<Vec<_>>(),
         )
         .style(style)
@@ -137,7 +161,7 @@ fn pane(
         widths.into_iter().map(Constraint::Length),
     )
     .header(cells(&head, Style::new().add_modifier(Modifier::BOLD)))
-    .column_spacing(2)
+    .column_spacing(spacing)
     .block(
         Block::bordered()
             .title(format!(" {} ", title(which, state, rows.len())))
@@ -145,6 +169,20 @@ fn pane(
             .padding(Padding::horizontal(1)),
     );
     frame.render_widget(table, area);
+}
+
+/// Blank columns between two table columns (1 where space is short).
+const SPACING: u16 = 2;
+
+/// `s`, cut to `width` characters with a `…` when longer.
+fn cut(s: &str, width: usize) -> String {
+    if s.chars().count() <= width {
+        s.to_owned()
+    } else {
+        let mut c: String = s.chars().take(width.saturating_sub(1)).collect();
+        c.push('…');
+        c
+    }
 }
 
 /// Display width of a cell (its characters; the cells are plain text).
@@ -241,6 +279,27 @@ mod tests {
         // Without an earlier report there are no rates: "-".
         let lossy: Vec<&str> = line_with(&lines, "lossy").split_whitespace().collect();
         assert_eq!(lossy[5], "-");
+    }
+
+    #[test]
+    fn a_long_name_is_cut_so_that_the_numbers_stay_whole() {
+        let mut s = state(ChannelSort::Drops);
+        let t0 = std::time::Instant::now();
+        let mut r = crate::top::model::tests::report(1);
+        r.channels[1].name = "a/very/long/channel/name/for/the/left/camera".into();
+        r.channels[1].published = 123_456_789;
+        s.update(crate::top::model::Sample {
+            report: r,
+            at: t0 + std::time::Duration::from_secs(5),
+        });
+        let lines = screen(&s, 80, 24);
+        let row = line_with(&lines, "a/very/");
+        let cells: Vec<&str> = row.split_whitespace().collect();
+        assert!(cells[1].ends_with('…'), "{row}");
+        assert_eq!(cells[4], "123456789", "{row}");
+        assert_eq!(cells[11], "│", "{row}");
+        assert_eq!(cut("abc", 3), "abc");
+        assert_eq!(cut("abcd", 3), "ab…");
     }
 
     #[test]
