@@ -318,6 +318,24 @@ impl Drop for Tmux {
     }
 }
 
+/// The pids of the tmux servers on `socket` (from /proc).
+fn tmux_servers(socket: &Path) -> Vec<u32> {
+    let want = socket.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let args: Vec<String> = c
+                    .split(|b| *b == 0)
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect();
+                args.first().is_some_and(|a| a.ends_with("tmux")) && args.contains(&want)
+            })
+        })
+        .collect()
+}
+
 fn tmux_available() -> bool {
     Command::new("tmux")
         .arg("-V")
@@ -450,5 +468,16 @@ fn live_view_in_tmux_updates_sorts_survives_the_broker_and_restores_the_terminal
     });
     tmux.assert_restored(2);
     drop(broker2);
+    // The server goes while its socket is still there to be told so.
+    let tmux_socket = tmux.socket.clone();
+    drop(tmux);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !tmux_servers(&tmux_socket).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the tmux server outlived kill-server"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
