@@ -376,11 +376,18 @@ fn live_view_in_tmux_updates_sorts_survives_the_broker_and_restores_the_terminal
         "top",
         "sh",
     ]);
-    let top_cmd = format!(
-        "{BIN} top --socket {} --interval 200; echo top-exited-$?",
-        socket.display()
-    );
-    tmux.type_line(&top_cmd);
+    // Run `n` of top; the shell then prints `top-N-exited-STATUS`.
+    let top_cmd = |n: u32| {
+        format!(
+            "{BIN} top --socket {} --interval 200; echo top-{n}-exited-$?",
+            socket.display()
+        )
+    };
+    let exited = |n: u32, status: i32| {
+        let want = format!("top-{n}-exited-{status}");
+        move |s: &str| s.lines().any(|l| l.trim() == want)
+    };
+    tmux.type_line(&top_cmd(1));
     // One client (top itself) before anything else connects.
     tmux.wait_for("the first frame", |s| {
         s.contains("channels (3) sorted by drops") && s.contains("tensorbus-top")
@@ -452,21 +459,26 @@ fn live_view_in_tmux_updates_sorts_survives_the_broker_and_restores_the_terminal
 
     // q: top exits 0 and the terminal is as before.
     tmux.ok(&["send-keys", "-t", "top", "q"]);
-    tmux.wait_for("top to exit", |s| {
-        s.lines().any(|l| l.trim() == "top-exited-0")
-    });
+    tmux.wait_for("top to exit after q", exited(1, 0));
     tmux.assert_restored(1);
 
     // SIGTERM: exit status 130, terminal restored too.
-    tmux.type_line(&top_cmd);
+    tmux.type_line(&top_cmd(2));
     tmux.wait_for("top again", |s| s.contains("channels (3) sorted by drops"));
     let top = tmux.child_of_shell();
     // SAFETY: kill has no memory preconditions; `top` is our child's child.
     assert_eq!(unsafe { libc::kill(top, libc::SIGTERM) }, 0);
-    tmux.wait_for("top to exit on SIGTERM", |s| {
-        s.lines().any(|l| l.trim() == "top-exited-130")
-    });
+    tmux.wait_for("top to exit on SIGTERM", exited(2, 130));
     tmux.assert_restored(2);
+
+    // Esc, and Ctrl-C (a key in raw mode, not SIGINT): exit 0.
+    for (n, key) in [(3, "Escape"), (4, "C-c")] {
+        tmux.type_line(&top_cmd(n));
+        tmux.wait_for("top again", |s| s.contains("channels (3) sorted by drops"));
+        tmux.ok(&["send-keys", "-t", "top", key]);
+        tmux.wait_for(&format!("top to exit after {key}"), exited(n, 0));
+        tmux.assert_restored(n);
+    }
     drop(broker2);
     // The server goes while its socket is still there to be told so.
     let tmux_socket = tmux.socket.clone();
