@@ -233,6 +233,13 @@ fn without_a_broker_or_a_terminal_top_says_why() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Whether `line` ends with the words `want` (after a space or at its
+/// start): the shell's output, also when it lands after a prompt.
+fn ends_with_word(line: &str, want: &str) -> bool {
+    let l = line.trim();
+    l == want || l.ends_with(&format!(" {want}"))
+}
+
 /// A private tmux server (its own socket), killed when dropped.
 struct Tmux {
     socket: PathBuf,
@@ -308,7 +315,7 @@ impl Tmux {
             "stty -a | tr ' ;' '\\n\\n' | grep -x -e icanon -e -icanon -e echo -e -echo | tr '\\n' ' '; echo stty-done-{n}"
         ));
         let want = format!("icanon echo stty-done-{n}");
-        self.wait_for(&want, |s| s.lines().any(|l| l.trim() == want));
+        self.wait_for(&want, |s| s.lines().any(|l| ends_with_word(l, &want)));
     }
 }
 
@@ -385,7 +392,7 @@ fn live_view_in_tmux_updates_sorts_survives_the_broker_and_restores_the_terminal
     };
     let exited = |n: u32, status: i32| {
         let want = format!("top-{n}-exited-{status}");
-        move |s: &str| s.lines().any(|l| l.trim() == want)
+        move |s: &str| s.lines().any(|l| ends_with_word(l, &want))
     };
     tmux.type_line(&top_cmd(1));
     // One client (top itself) before anything else connects.
@@ -440,6 +447,13 @@ fn live_view_in_tmux_updates_sorts_survives_the_broker_and_restores_the_terminal
             && lines[23].starts_with("q quit")
             && lines[1].chars().count() == 80
             && cam(s).is_some_and(|r| r[3] == "12" && r[6] == "11/16")
+    });
+    // Back to 120 x 40 (the shell's screen, reflowed by tmux while top had
+    // the alternate screen, then gets its lines back as they were).
+    tmux.ok(&["resize-window", "-t", "top", "-x", "120", "-y", "40"]);
+    tmux.wait_for("the 120 x 40 frame", |s| {
+        let lines: Vec<&str> = s.lines().collect();
+        lines.len() == 40 && lines[39].starts_with("q quit")
     });
 
     // The broker goes away: top says so and keeps going; a new broker on
