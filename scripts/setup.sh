@@ -2,7 +2,7 @@
 # Installs what scripts/test-all.sh needs on a fresh machine, and nothing that
 # is already there (so it costs ~1 s on a set-up machine): Debian packages
 # (strace, valgrind, pkg-config, make, gcc, python3-venv, GStreamer's
-# videotestsrc, prometheus with promtool), the clippy/rustfmt/rust-src
+# videotestsrc, prometheus with promtool, tmux), the clippy/rustfmt/rust-src
 # components, and cbindgen (pinned:
 # the committed C header is checked against its exact output). The Python
 # virtual environment and its pins are set up by scripts/python-env.sh when
@@ -27,6 +27,10 @@ python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv pytho
 # crates/tensorbus-cli/tests/pipes.rs pipes GStreamer's videotestsrc through pub/sub.
 command -v gst-launch-1.0 >/dev/null || need_apt+=(gstreamer1.0-tools gstreamer1.0-plugins-base)
 # --- end shell pipes ---
+# --- top ---
+# crates/tensorbus-cli/tests/top.rs drives `tensorbus top` in a real terminal under tmux.
+command -v tmux >/dev/null || need_apt+=(tmux)
+# --- end top ---
 # --- metrics ---
 # crates/tensorbus-cli/tests/metrics.rs has a real Prometheus scrape the broker and promtool lint
 # the output; installed without its recommends (no node exporter).

@@ -2,6 +2,7 @@
 //!
 //! * `tensorbus broker` runs a broker (pools, admission, reclaim, stats).
 //! * `tensorbus stat` prints a broker's pools, channels and clients.
+//! * `tensorbus top` shows them live in the terminal (or one frame: `--once`).
 //! * `tensorbus bench` runs the benchmark harness (`tensorbus-bench`, built
 //!   separately) against the cache-line limit, iceoryx2, Unix sockets and pipes.
 //! * `tensorbus pub` / `tensorbus sub` pipe raw frames from stdin into a
@@ -21,6 +22,7 @@ mod doctor;
 mod pubsub;
 mod stat;
 mod table;
+mod top;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -44,6 +46,8 @@ enum Command {
     Broker(broker::Args),
     /// Print a running broker's pools, channels and clients.
     Stat(stat::Args),
+    /// Watch a running broker's channels, pools and clients live (q quits, s sorts; --once: one frame as text).
+    Top(top::Args),
     /// Run a camera -> preprocess -> model pipeline as three processes and report latency.
     Demo(demo::Args),
     /// Measure latency and throughput against the cache-line limit, iceoryx2 and copying paths (runs the separately built tensorbus-bench).
@@ -65,7 +69,6 @@ enum Command {
     /// Demo role: the model-side consumer (spawned by `tensorbus demo`).
     #[command(hide = true)]
     DemoConsumer(demo::RoleArgs),
-    // Room for later subcommands: top.
 }
 
 /// An error a subcommand reports: printed as `tensorbus <cmd>: <message>`, exit status 1.
@@ -163,6 +166,10 @@ fn main() -> ExitCode {
         Command::Pub(a) => ("pub", pubsub::run_pub(a)),
         Command::Sub(a) => ("sub", pubsub::run_sub(a)),
         Command::RmChannel(a) => ("rm-channel", pubsub::run_rm_channel(a)),
+        Command::Top(a) => match top::run(a) {
+            Ok(code) => return code,
+            Err(e) => ("top", Err(e)),
+        },
         Command::Doctor(a) => match doctor::run(a) {
             Ok(code) => return code,
             Err(e) => ("doctor", Err(e)),

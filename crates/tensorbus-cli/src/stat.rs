@@ -34,7 +34,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
 /// One word for where a channel's stream is: `waiting` (consumers wait for
 /// a producer to create it), `live` (a producer is open), `ended` (the last
 /// producer closed cleanly), `idle` (no producer yet, or the last one died).
-fn channel_state(c: &tensorbus::stat::ChannelStat) -> &'static str {
+pub(crate) fn channel_state(c: &tensorbus::stat::ChannelStat) -> &'static str {
     if c.pending {
         "waiting"
     } else if c.producers > 0 {
