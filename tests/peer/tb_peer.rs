@@ -45,6 +45,14 @@
 //!   and sleeps until killed, and the parent prints `forked` at once and
 //!   sleeps until killed (or stdin closes): the broker must notice the
 //!   parent's death although the child inherited its connection.
+//! * `many --channels C1,C2,... --consumers K --count N [--stall-after S]`
+//!   (issue 16): opens K consumers in this one process, consumer `i` on
+//!   channel `i mod len`, prints `ready CLIENT`, then receives round-robin
+//!   over all of them until each has N tensors, checking that each one's
+//!   producer sequence goes 0, 1, 2, ... and its checksum verifies; prints
+//!   `done K N` (or `bad CONSUMER EXPECTED GOT OK` and exits 1). With
+//!   `--stall-after S` it keeps the S-th view of every consumer, prints
+//!   `stalled` and sleeps until killed (or stdin closes).
 //! * `broker --config FILE`: runs a broker on `--socket` (prints
 //!   `listening`) until killed or its stdin closes; for broker-death tests.
 //! * `hostile --config FILE --count N [--seed S] [--pace-us U] [--target slots|holders|rings|both]`:
@@ -336,6 +344,67 @@ fn consumer(client: &Client, a: &Args, stdin: &Stdin) {
         .unwrap_or_else(|| fail("own subscription missing from stat"));
     println!("stat {} {}", me.delivered, me.dropped);
     println!("end {received}");
+}
+
+fn many(client: &Client, a: &Args, stdin: &Stdin) {
+    let channels: Vec<&str> = a.str("channels").split(',').collect();
+    let k = a.num("consumers", 1) as usize;
+    let n = a.num("count", 1);
+    let stall = a.opt_num("stall-after");
+    let consumers: Vec<_> = (0..k)
+        .map(|i| {
+            client
+                .consumer_with(
+                    channels[i % channels.len()],
+                    ConsumerOptions::default().end_of_stream(false),
+                )
+                .unwrap_or_else(|e| fail(&format!("consumer {i}: {e}")))
+        })
+        .collect();
+    println!("ready {}", client.id());
+    let mut next = vec![0u64; k];
+    let mut kept = Vec::new();
+    let mut stalled = vec![false; k];
+    let mut left = k;
+    while left > 0 {
+        let mut idle = true;
+        for (i, c) in consumers.iter().enumerate() {
+            if next[i] == n || stalled[i] {
+                continue;
+            }
+            let Ok(t) = c.try_recv() else {
+                continue;
+            };
+            idle = false;
+            let (sum, seq) = header(t.user_header());
+            let ok = checksum(&t) == sum;
+            if seq != next[i] || !ok {
+                println!("bad {i} {} {seq} {}", next[i], u8::from(ok));
+                std::process::exit(1);
+            }
+            next[i] += 1;
+            if stall == Some(next[i]) {
+                kept.push(t);
+                stalled[i] = true;
+                if kept.len() == k {
+                    println!("stalled");
+                    stdin.sleep_until_closed();
+                    std::process::exit(0);
+                }
+                continue;
+            }
+            if next[i] == n {
+                left -= 1;
+            }
+        }
+        if idle {
+            if stdin.closed() {
+                fail("stdin closed before every consumer got its tensors");
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+    println!("done {k} {n}");
 }
 
 fn stage(client: &Client, a: &Args, stdin: &Stdin) {
@@ -666,6 +735,7 @@ fn main() {
         "producer" => producer(&client, &a),
         "consumer" | "worker" => consumer(&client, &a, &stdin),
         "stage" => stage(&client, &a, &stdin),
+        "many" => many(&client, &a, &stdin),
         "loaner" => loaner(&client, &a, &stdin),
         "forker" => forker(client, &a, &stdin),
         "hostile" => hostile(&a),

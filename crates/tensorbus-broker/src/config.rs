@@ -182,7 +182,7 @@ pub struct Limits {
     pub max_channels: u32,
     /// Producer handles per channel.
     pub max_producers_per_channel: u32,
-    /// Subscribers per channel (at most 64).
+    /// Subscribers per channel (at most 256).
     pub max_subscribers_per_channel: u32,
     /// Cells per ring: the largest depth a subscriber may ask for (power of two).
     pub ring_capacity: u32,

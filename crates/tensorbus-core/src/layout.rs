@@ -18,6 +18,7 @@
 use crate::records::{ChannelRecord, ProducerRecord, SubscriberRecord};
 use crate::ring::{MAX_RING_CAPACITY, RING_HEADER_SIZE};
 use crate::slot::SLOT_HEADER_SIZE;
+use crate::subset::MAX_SUBSCRIBERS;
 use crate::{MAX_POOLS, MAX_SLOTS_PER_POOL};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -40,7 +41,7 @@ pub struct LayoutParams {
     pub max_channels: u32,
     /// Producer handles per channel (a row each; the broker has one more).
     pub max_producers: u32,
-    /// Subscribers per channel (at most 64).
+    /// Subscribers per channel (at most [`crate::subset::MAX_SUBSCRIBERS`]).
     pub max_subscribers: u32,
     /// Cells per ring (power of two), the largest depth a subscriber may ask.
     pub ring_capacity: u32,
@@ -114,8 +115,10 @@ impl Layout {
         if params.max_producers == 0 || params.max_producers > 63 {
             return err("max_producers_per_channel must be between 1 and 63".into());
         }
-        if params.max_subscribers == 0 || params.max_subscribers > 64 {
-            return err("max_subscribers_per_channel must be between 1 and 64".into());
+        if params.max_subscribers == 0 || params.max_subscribers as usize > MAX_SUBSCRIBERS {
+            return err(format!(
+                "max_subscribers_per_channel must be between 1 and {MAX_SUBSCRIBERS}"
+            ));
         }
         let cap = params.ring_capacity as usize;
         if cap == 0 || cap > MAX_RING_CAPACITY || !cap.is_power_of_two() {
@@ -160,6 +163,19 @@ impl Layout {
             ring_stride,
             total,
         })
+    }
+
+    /// Words of a channel's subscriber sets in use (one for up to 64
+    /// subscribers per channel).
+    #[inline]
+    pub fn sub_words(&self) -> usize {
+        crate::subset::words_for(self.params.max_subscribers as usize)
+    }
+
+    /// Subscriber indices a channel can have.
+    #[inline]
+    pub fn valid_subs(&self) -> crate::subset::SubSet {
+        crate::subset::SubSet::below(self.params.max_subscribers as usize)
     }
 
     /// Rows of rings per channel (producers plus the broker's row 0).
@@ -213,7 +229,7 @@ mod tests {
         p.ring_capacity = 12;
         assert!(Layout::compute(&p).is_err());
         let mut p = params();
-        p.max_subscribers = 65;
+        p.max_subscribers = 257;
         assert!(Layout::compute(&p).is_err());
         let mut p = params();
         p.pool_slots = vec![];

@@ -30,6 +30,7 @@ pub mod park;
 pub mod records;
 pub mod ring;
 pub mod slot;
+pub mod subset;
 pub mod sync;
 
 #[cfg(not(loom))]

@@ -23,12 +23,12 @@
 //! (the last entry of each of this producer's rings) and clears exactly
 //! those bits.
 
-use crate::bits::{low_mask, rotated_bits, set_bits};
 use crate::control::Control;
 use crate::desc::Descriptor;
 use crate::park::Parker;
 use crate::records::{loan_tag, Mode, Policy, INTENT_VALID, STATE_ACTIVE};
 use crate::slot::{Released, SlotHeader};
+use crate::subset::SubSet;
 use crate::sync::{fence, AtomicU64, Ordering};
 use crate::wide::{HolderId, HOLDERS_MASK};
 use std::time::Duration;
@@ -148,9 +148,9 @@ impl ProducerPath<'_> {
     /// depths: a full depth-1 worker with one entry must not be chosen over
     /// a depth-4 worker with two (the publish would wait on the full one
     /// forever while the other has room, although `has_room` said yes).
-    fn choose_worker(&self, candidates: u64, rr: &mut usize) -> u64 {
+    fn choose_worker(&self, candidates: SubSet, rr: &mut usize) -> Option<usize> {
         let mut best: Option<((bool, u64), usize)> = None;
-        for s in rotated_bits(candidates, *rr) {
+        for s in candidates.rotated(*rr) {
             let key = match (
                 self.ctl.ring(self.channel, self.row, s),
                 self.ctl.subscriber(self.channel, s),
@@ -169,13 +169,9 @@ impl ProducerPath<'_> {
                 best = Some((key, s));
             }
         }
-        match best {
-            Some((_, s)) => {
-                *rr = s + 1;
-                1 << s
-            }
-            None => 0,
-        }
+        let (_, s) = best?;
+        *rr = s + 1;
+        Some(s)
     }
 
     /// Publishes slot `desc` (whose metadata is already written) held by
@@ -204,36 +200,34 @@ impl ProducerPath<'_> {
             slot.release(own);
             return out;
         };
-        let valid = low_mask(self.ctl.layout().params.max_subscribers as usize);
+        let layout = self.ctl.layout();
+        let (words, valid) = (layout.sub_words(), layout.valid_subs());
         let packed = desc.pack();
 
         // Step 1: announce the intent, then settle the receivers.
-        let mut receivers = ch.subscribers.load(Ordering::Acquire) & valid;
-        me.intent_receivers.store(receivers, Ordering::Relaxed);
+        let mut receivers = SubSet::load(&ch.subscribers, words, Ordering::Acquire).and(valid);
+        receivers.store(&me.intent_receivers, words, Ordering::Relaxed);
         // Release store then a SeqCst fence: the fence alone orders this
-        // store before the subscriber-mask load below (the Dekker pair with
-        // the broker's retirement), without a second locked instruction.
+        // store before the subscriber-mask loads below (the Dekker pair with
+        // the broker's retirement, which clears a bit in one word), without
+        // a second locked instruction.
         me.intent.store(INTENT_VALID | packed, Ordering::Release);
         fence(Ordering::SeqCst);
-        receivers &= ch.subscribers.load(Ordering::SeqCst);
+        receivers = receivers.and(SubSet::load(&ch.subscribers, words, Ordering::SeqCst));
 
         if self.mode == Mode::Workqueue {
             // One receiver. Workers that join while we wait count too; each
             // choice is added to the recorded intent before its holder bit is
             // set, so the broker's repair of a dead producer covers it.
             let mut candidates = receivers;
-            let mut gone = 0u64;
+            let mut gone = SubSet::EMPTY;
             let mut recorded = receivers;
-            loop {
-                let chosen = self.choose_worker(candidates, rr);
-                if chosen == 0 {
-                    break; // no live worker: the tensor is dropped below
+            // No live worker ends the loop: the tensor is dropped below.
+            while let Some(s) = self.choose_worker(candidates, rr) {
+                if !recorded.contains(s) {
+                    recorded.insert(s);
+                    recorded.store(&me.intent_receivers, words, Ordering::SeqCst);
                 }
-                if recorded & chosen == 0 {
-                    recorded |= chosen;
-                    me.intent_receivers.store(recorded, Ordering::SeqCst);
-                }
-                let s = chosen.trailing_zeros() as usize;
                 // Step 2: the receiver becomes a holder before it can see
                 // it (we still hold the slot: rule 2 of `wide`).
                 slot.add_holders(self.ctl.subscriber_id(self.channel, s));
@@ -248,11 +242,13 @@ impl ProducerPath<'_> {
                         break;
                     }
                     // The worker died while we waited for it: choose another.
-                    Delivery::Gone => gone |= chosen,
+                    Delivery::Gone => gone.insert(s),
                     // Still full after a while: look again for the least loaded.
                     Delivery::Retry => {}
                 }
-                candidates = ch.subscribers.load(Ordering::SeqCst) & valid & !gone;
+                candidates = SubSet::load(&ch.subscribers, words, Ordering::SeqCst)
+                    .and(valid)
+                    .and_not(gone);
             }
         } else {
             // Step 2: receivers become holders before any of them can see
@@ -262,20 +258,22 @@ impl ProducerPath<'_> {
             let (ctl, channel) = (self.ctl, self.channel);
             slot.hand_over(
                 own,
-                set_bits(receivers).filter_map(|s| ctl.subscriber_id(channel, s)),
+                receivers
+                    .iter()
+                    .filter_map(|s| ctl.subscriber_id(channel, s)),
             );
-            if receivers == 0 {
+            if receivers.is_empty() {
                 me.intent.store(0, Ordering::Release);
                 count_published(me);
                 return out;
             }
             // Step 3: deliver (to the subscribers; the channel's history
             // record, if any, keeps it). Relaxed: see `history_subs`.
-            let history = ch.history_subs.load(Ordering::Relaxed);
-            for s in set_bits(receivers & history) {
+            let history = SubSet::load(&ch.history_subs, words, Ordering::Relaxed);
+            for s in receivers.and(history).iter() {
                 self.keep_in_history(s, packed, cached_heads);
             }
-            for s in set_bits(receivers & !history) {
+            for s in receivers.and_not(history).iter() {
                 match self.deliver(s, packed, slot, cached_heads, parker, false) {
                     Delivery::Delivered { dropped } => {
                         out.delivered += 1;
@@ -314,10 +312,11 @@ impl ProducerPath<'_> {
     /// publish wait now (see [`ProducerPath::has_room`]), if any.
     fn first_full_block_ring(&self) -> Option<usize> {
         let ch = self.ctl.channel(self.channel)?;
-        let valid = low_mask(self.ctl.layout().params.max_subscribers as usize);
-        let receivers = ch.subscribers.load(Ordering::Acquire) & valid;
+        let layout = self.ctl.layout();
+        let receivers = SubSet::load(&ch.subscribers, layout.sub_words(), Ordering::Acquire)
+            .and(layout.valid_subs());
         let mut full = None;
-        for s in set_bits(receivers) {
+        for s in receivers.iter() {
             let (Some(sub), Some(ring)) = (
                 self.ctl.subscriber(self.channel, s),
                 self.ctl.ring(self.channel, self.row, s),

@@ -8,6 +8,7 @@ use crate::desc::Descriptor;
 use crate::park::Parker;
 use crate::records::{INTENT_VALID, STATE_ACTIVE, STATE_DEAD, STATE_FREE};
 use crate::slot::{Released, SlotHeader};
+use crate::subset::SubSet;
 use crate::sync::{fence, Ordering};
 use crate::wide::{HolderId, HolderSnapshot};
 
@@ -103,12 +104,13 @@ pub fn recover_producer(ctl: &Control, channel: usize, row: usize) -> usize {
     if intent & INTENT_VALID == 0 {
         return 0;
     }
-    let receivers = me.intent_receivers.load(Ordering::Acquire);
+    let layout = ctl.layout();
+    let receivers = SubSet::load(&me.intent_receivers, layout.sub_words(), Ordering::Acquire)
+        .and(layout.valid_subs());
     let desc = Descriptor::unpack(intent);
     let mut cleared = 0;
-    let subs = ctl.layout().params.max_subscribers as usize;
     if let Some(slot) = ctl.slot(usize::from(desc.pool), desc.index as usize) {
-        for s in crate::bits::set_bits(receivers & crate::bits::low_mask(subs)) {
+        for s in receivers.iter() {
             let pushed = ctl
                 .ring(channel, row, s)
                 .is_some_and(|r| r.recover_last_push(desc.pack()));
@@ -143,7 +145,7 @@ pub fn free_row(ctl: &Control, channel: usize, row: usize) {
 /// Wakes producers blocked on its rings so they notice.
 pub fn retire_subscriber(ctl: &Control, channel: usize, sub: usize, parker: &impl Parker) {
     if let Some(ch) = ctl.channel(channel) {
-        ch.subscribers.fetch_and(!(1u64 << sub), Ordering::SeqCst);
+        crate::subset::shared_remove(&ch.subscribers, sub, Ordering::SeqCst);
     }
     if let Some(s) = ctl.subscriber(channel, sub) {
         s.config.state.store(STATE_DEAD, Ordering::SeqCst);
@@ -263,7 +265,7 @@ mod tests {
         let ch = ctl.channel(0).unwrap();
         ch.state.store(STATE_ACTIVE, Ordering::Relaxed);
         ch.producer_rows.store(1 << ROW, Ordering::Relaxed);
-        ch.subscribers.store(0b11, Ordering::Relaxed);
+        ch.subscribers[0].store(0b11, Ordering::Relaxed);
         for (s, sid) in ids.1.iter().enumerate() {
             let sub = ctl.subscriber(0, s).unwrap();
             sub.config
@@ -362,7 +364,7 @@ mod tests {
         if !cut.step() {
             return done(&cut);
         }
-        me.intent_receivers.store(0b11, Ordering::SeqCst);
+        me.intent_receivers[0].store(0b11, Ordering::SeqCst);
         if !cut.step() {
             return done(&cut);
         }

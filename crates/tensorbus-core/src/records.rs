@@ -2,6 +2,7 @@
 //! producer handles and its subscribers.
 
 use crate::event::EventCount;
+use crate::subset::SUB_WORDS;
 use crate::sync::{AtomicU32, AtomicU64, Ordering};
 use crate::CacheLine;
 use serde::{Deserialize, Serialize};
@@ -153,8 +154,10 @@ pub struct ChannelRecord {
     pub mode: AtomicU32,
     /// Producer rows that may have entries (consumers poll these rows).
     pub producer_rows: AtomicU64,
-    /// Subscriber indices that are active (producers deliver to these).
-    pub subscribers: AtomicU64,
+    /// Subscriber indices that are active (producers deliver to these): a
+    /// [`crate::subset::SubSet`] of [`SUB_WORDS`] words, of which a
+    /// channel uses the first [`crate::layout::Layout::sub_words`].
+    pub subscribers: [AtomicU64; SUB_WORDS],
     /// 1 once the channel's last producer closed cleanly (end of stream:
     /// a consumer that finds its rings empty then reports it), 0 while a
     /// producer is open or none ever closed. Written by the broker only
@@ -168,7 +171,7 @@ pub struct ChannelRecord {
     /// instead of delivering it. Set by the broker before the record's bit
     /// joins `subscribers` (whose Release RMW publishes it to producers that
     /// load the mask with Acquire), cleared when the channel is removed.
-    pub history_subs: AtomicU64,
+    pub history_subs: [AtomicU64; SUB_WORDS],
     /// Tensors published by producer handles that have closed (the broker
     /// adds each closing producer's count; live producers count on their own
     /// records, so publishing takes no shared lock-prefixed counter). On a
@@ -190,8 +193,10 @@ pub struct ProducerRecord {
     /// CAS on word 0 and its extension bit, else 0 (rule 3 of
     /// [`crate::wide`]; the broker's stale-summary repair skips it).
     pub loan_intent: AtomicU64,
-    /// Subscriber indices the in-progress publish delivers to.
-    pub intent_receivers: AtomicU64,
+    /// Subscriber indices the in-progress publish delivers to (a
+    /// [`crate::subset::SubSet`], first [`crate::layout::Layout::sub_words`]
+    /// words in use).
+    pub intent_receivers: [AtomicU64; SUB_WORDS],
     /// Tensors this handle published.
     pub published: AtomicU64,
 }
@@ -236,7 +241,9 @@ impl ProducerRecord {
         self.holder_id.store(holder_id, Ordering::Relaxed);
         self.intent.store(0, Ordering::Relaxed);
         self.loan_intent.store(0, Ordering::Relaxed);
-        self.intent_receivers.store(0, Ordering::Relaxed);
+        for w in &self.intent_receivers {
+            w.store(0, Ordering::Relaxed);
+        }
         self.published.store(0, Ordering::Relaxed);
         // Release: a peer that reads ACTIVE with Acquire also reads the
         // reset fields above, never a previous owner's intent or count.
@@ -338,9 +345,7 @@ impl SubscriberRecord {
         // the mask is retirement (clear the bit, then snapshot intents),
         // and a producer that misses a subscriber joining concurrently just
         // does not deliver to it, which is allowed.
-        channel
-            .subscribers
-            .fetch_or(1u64 << (sub & 63), Ordering::Release);
+        crate::subset::shared_insert(&channel.subscribers, sub, Ordering::Release);
     }
 }
 
@@ -386,7 +391,7 @@ mod loom_tests {
                 r2.activate(&c2, 2, 7, Policy::DropNewest, 4);
             });
             // The producer side, as in publish.rs.
-            let saw = ch.subscribers.load(Ordering::Acquire) & (1 << 2) != 0;
+            let saw = ch.subscribers[0].load(Ordering::Acquire) & (1 << 2) != 0;
             if saw {
                 let c = &rec.config;
                 assert_eq!(c.holder_id.load(Ordering::Relaxed), 7);

@@ -325,14 +325,24 @@ impl<'a> Holders<'a> {
     fn set_holders(&self, receivers: impl IntoIterator<Item = HolderId>, clear: u64) -> Released {
         let mut direct = 0u64;
         let mut summary = 0u64;
+        // Extension bits gathered per word first: one RMW per word, not per
+        // receiver (a broadcast to 250 subscribers touches 4 words).
+        let mut ext = [0u64; EXT_WORDS];
         for r in receivers {
             match r.word() {
                 None => direct |= r.bit(),
                 Some(k) => {
-                    // Release: part of handing over what we wrote; the
-                    // bit precedes its summary bit (rule 2).
-                    self.ext[k].fetch_or(r.bit(), Ordering::Release);
+                    ext[k] |= r.bit();
                     summary |= summary_bit(k);
+                }
+            }
+        }
+        if summary != 0 {
+            for (k, bits) in ext.iter().enumerate() {
+                if *bits != 0 {
+                    // Release: part of handing over what we wrote; the
+                    // bits precede their summary bit (rule 2).
+                    self.ext[k].fetch_or(*bits, Ordering::Release);
                 }
             }
         }

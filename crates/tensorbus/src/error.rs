@@ -132,7 +132,7 @@ pub enum OpenError {
     /// An option was out of range.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
-    /// A fixed limit (63 holder handles per broker, producers or subscribers per channel, channels) was reached.
+    /// A fixed limit (`[limits] max_handles` holder handles per broker, producers or subscribers per channel, channels) was reached.
     #[error("limit reached: {0}")]
     LimitReached(String),
     /// The broker does not allow this.

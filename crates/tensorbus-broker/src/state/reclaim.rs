@@ -215,9 +215,14 @@ impl State {
         ) else {
             return Dispatch::NoWorker;
         };
-        let live = ch.subscribers.load(Ordering::Acquire);
+        let live = tensorbus_core::subset::SubSet::load(
+            &ch.subscribers,
+            tensorbus_core::subset::SUB_WORDS,
+            Ordering::Acquire,
+        );
         // Least loaded live worker first.
-        let mut order: Vec<(u64, usize)> = tensorbus_core::bits::set_bits(live)
+        let mut order: Vec<(u64, usize)> = live
+            .iter()
             .filter_map(|s| ctl.ring(channel, 0, s).map(|r| (r.len(), s)))
             .collect();
         if order.is_empty() {

@@ -351,7 +351,7 @@ fn bus(policies: [Policy; 2], depths: [u32; 2]) -> Segment {
     ch.state.store(STATE_ACTIVE, Relaxed);
     ch.mode.store(Mode::Broadcast.code(), Relaxed);
     ch.producer_rows.store(0b110, Relaxed);
-    ch.subscribers.store(0b11, Relaxed);
+    ch.subscribers[0].store(0b11, Relaxed);
     for s in 0..2 {
         let sub = ctl.subscriber(0, s).expect("subscriber");
         sub.config
@@ -414,9 +414,10 @@ fn corrupt_one(seg: &Segment, inp: &mut Input<'_>) {
                 0 => ch
                     .producer_rows
                     .store(inp.garbage(ch.producer_rows.load(Relaxed)), Relaxed),
-                1 => ch
-                    .subscribers
-                    .store(inp.garbage(ch.subscribers.load(Relaxed)), Relaxed),
+                1 => {
+                    let w = &ch.subscribers[usize::from(inp.u8() % 4)];
+                    w.store(inp.garbage(w.load(Relaxed)), Relaxed)
+                }
                 2 => ch.state.store(inp.u32(), Relaxed),
                 _ => ch.mode.store(inp.u32(), Relaxed),
             }
@@ -432,13 +433,17 @@ fn corrupt_one(seg: &Segment, inp: &mut Input<'_>) {
         }
         _ => {
             let p = ctl.producer(0, usize::from(inp.u8() % 3)).expect("row");
-            match inp.u8() % 4 {
+            match inp.u8() % 5 {
                 0 => p.state.store(inp.u32(), Relaxed),
                 1 => p.holder_id.store(inp.u32(), Relaxed),
                 2 => p.intent.store(inp.garbage(p.intent.load(Relaxed)), Relaxed),
-                _ => p
-                    .intent_receivers
-                    .store(inp.garbage(p.intent_receivers.load(Relaxed)), Relaxed),
+                3 => p
+                    .loan_intent
+                    .store(inp.garbage(p.loan_intent.load(Relaxed)), Relaxed),
+                _ => {
+                    let w = &p.intent_receivers[usize::from(inp.u8() % 4)];
+                    w.store(inp.garbage(w.load(Relaxed)), Relaxed)
+                }
             }
         }
     }
