@@ -29,7 +29,10 @@ const USAGE: &str =
                  pingpong, streaming, fanout, workqueue, limit, tensorbus,
                  futex-raw, iceoryx2, uds, pipe (default: everything;
                  futex-raw runs at sizes up to 56 B only)
-  --blocks N     alternating blocks per size (default 10, --quick 4)";
+  --blocks N     alternating blocks per size (default 10, --quick 4)
+  --extension-ids  every tensorbus handle gets an extension holder id (the
+                 parent takes the 15 direct ids first): the cost of handles
+                 past the sixteenth";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();

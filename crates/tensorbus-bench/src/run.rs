@@ -57,6 +57,10 @@ pub struct Options {
     pub only: Vec<String>,
     /// Blocks per size (None: the mode's default).
     pub blocks: Option<usize>,
+    /// Give every tensorbus handle of the run an extension holder id (the
+    /// parent first takes the direct ids with placeholder consumers): the
+    /// cost of handles past the sixteenth (issue 16).
+    pub extension_ids: bool,
 }
 
 /// Parses `8`, `4096`, `4KiB`, `1MiB`, `64MiB`, `1GiB`.
@@ -88,6 +92,7 @@ impl Options {
             sizes: DEFAULT_SIZES.to_vec(),
             only: Vec::new(),
             blocks: None,
+            extension_ids: false,
         };
         let mut it = args.iter().peekable();
         while let Some(a) = it.next() {
@@ -116,6 +121,7 @@ impl Options {
                     let v = list("--blocks")?.join("");
                     o.blocks = Some(v.parse().map_err(|e| format!("--blocks {v:?}: {e}"))?);
                 }
+                "--extension-ids" => o.extension_ids = true,
                 "-h" | "--help" => return Ok(None),
                 other => return Err(format!("unknown argument {other:?}").into()),
             }
@@ -485,7 +491,7 @@ pub fn run(opts: &Options) -> Result<()> {
     let started = Instant::now();
     let max = *opts.sizes.iter().max().ok_or("no sizes")?;
     let shared = Rc::new(Shared::create(max)?);
-    let tb = Tb::start(&opts.sizes)?;
+    let tb = Tb::start(&opts.sizes, opts.extension_ids)?;
     tb.prefault(&opts.sizes)?;
     let pp_want = |c: Pp| opts.want("pingpong", c.name());
     let st_want = |c: St| opts.want("streaming", c.name());

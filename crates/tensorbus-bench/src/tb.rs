@@ -47,6 +47,7 @@ pub fn broker_config(sizes: &[usize]) -> Result<Config> {
         );
     };
     chan("ping", "broadcast");
+    chan("placeholder", "broadcast");
     chan("pong", "broadcast");
     chan("stream", "broadcast");
     for n in [1, 2, 4, 8] {
@@ -64,20 +65,32 @@ pub struct Tb {
     pub socket: PathBuf,
     /// The parent's client.
     pub client: Client,
+    /// Consumers holding the direct holder ids (`--extension-ids`).
+    _placeholders: Vec<tensorbus::Consumer>,
     _broker: EmbeddedBroker,
     dir: PathBuf,
 }
 
 impl Tb {
-    /// Starts the broker in a fresh private directory.
-    pub fn start(sizes: &[usize]) -> Result<Tb> {
+    /// Starts the broker in a fresh private directory. With
+    /// `extension_ids`, the parent then takes every direct holder id with
+    /// placeholder consumers, so the contenders' handles get extension ids.
+    pub fn start(sizes: &[usize], extension_ids: bool) -> Result<Tb> {
         let dir = std::env::temp_dir().join(format!("tb-bench-{}", std::process::id()));
         let socket = dir.join("broker.sock");
         let broker = EmbeddedBroker::start(&broker_config(sizes)?, &socket)?;
         let client = Client::connect_to(Some(broker.socket()), "bench-parent")?;
+        let mut placeholders = Vec::new();
+        if extension_ids {
+            let direct = usize::from(tensorbus_core::wide::DIRECT_BITS) - 1;
+            for _ in 0..direct {
+                placeholders.push(client.consumer("placeholder")?);
+            }
+        }
         Ok(Tb {
             socket: broker.socket().to_path_buf(),
             client,
+            _placeholders: placeholders,
             _broker: broker,
             dir,
         })
