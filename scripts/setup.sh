@@ -63,4 +63,8 @@ cbindgen --version 2>/dev/null | grep -qx 'cbindgen 0.29.4' || cargo install cbi
 rustup component list --installed 2>/dev/null | grep -q '^rust-src' || rustup component add rust-src ||
   echo "setup: WARNING: rustup could not add rust-src; ThreadSanitizer will not run" >&2
 # --- end hardening ---
+# --- bridge ---
+# The bridge's Python interop test: plain eclipse-zenoh + numpy in .venv-bridge (no tensorbus).
+scripts/bridge-python-env.sh
+# --- end bridge ---
 exit 0

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{checksum, free_port, head, random_meta, Host, Rng, WAIT};
+use common::{checksum, free_port, head, random_meta, read_back_strides, Host, Rng, WAIT};
 use std::time::Duration;
 use tensorbus::error::TryRecvError;
 use tensorbus::{ConsumerOptions, DType, Policy, TensorMeta, TensorView};
@@ -26,18 +26,7 @@ struct Seen {
 
 impl Seen {
     fn of(t: &impl TensorView) -> Seen {
-        // A slot header stores a C-contiguous layout as a flag and readers
-        // rebuild its strides, so an extent-1 axis's stride (which never
-        // matters) reads back canonical on either host: compare that form.
-        let m = t.meta();
-        let strides = if m.is_contiguous() {
-            TensorMeta::contiguous(m.dtype, m.shape())
-                .unwrap()
-                .strides()
-                .to_vec()
-        } else {
-            m.strides().to_vec()
-        };
+        let strides = read_back_strides(t.meta());
         Seen {
             dtype: t.dtype(),
             shape: t.shape().to_vec(),

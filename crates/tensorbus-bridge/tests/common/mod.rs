@@ -165,3 +165,17 @@ pub fn random_meta(rng: &mut Rng, i: u64) -> TensorMeta {
         .unwrap_or_else(|e| panic!("test layout {meta:?} is invalid: {e}"));
     meta
 }
+
+/// The strides a reader sees: a slot header stores a C-contiguous layout as
+/// a flag and readers rebuild its strides, so an extent-1 axis's stride
+/// (which never matters) reads back canonical on either host.
+pub fn read_back_strides(m: &TensorMeta) -> Vec<i64> {
+    if m.is_contiguous() {
+        TensorMeta::contiguous(m.dtype, m.shape())
+            .expect("contiguous")
+            .strides()
+            .to_vec()
+    } else {
+        m.strides().to_vec()
+    }
+}

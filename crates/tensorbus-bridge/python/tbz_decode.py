@@ -1,0 +1,124 @@
+"""Decode bridged tensorbus tensors with plain eclipse-zenoh and numpy.
+
+No tensorbus package is needed: this is the wire format of docs/bridge.md
+("Wire format"), version 1, read with `struct`. Use `decode()` in your own
+subscriber, or run this file to print one JSON line per received tensor:
+
+    python tbz_decode.py --connect tcp/127.0.0.1:7447 --key 'tensorbus/**' --count 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import struct
+import sys
+from typing import Any
+
+import numpy as np
+
+MAGIC = b"TBZT"
+VERSION = 1
+FIXED = struct.Struct("<4sBBBBQQQIB3sQ")  # 48 bytes, little-endian
+assert FIXED.size == 48
+
+# tensorbus dtype codes -> numpy dtypes. numpy has no bfloat16: its bits are
+# returned as uint16 (view them with ml_dtypes.bfloat16 if you have it).
+DTYPES = {
+    1: ("bool", np.dtype(np.bool_)),
+    2: ("u8", np.dtype("<u1")),
+    3: ("i8", np.dtype("<i1")),
+    4: ("u16", np.dtype("<u2")),
+    5: ("i16", np.dtype("<i2")),
+    6: ("u32", np.dtype("<u4")),
+    7: ("i32", np.dtype("<i4")),
+    8: ("u64", np.dtype("<u8")),
+    9: ("i64", np.dtype("<i8")),
+    10: ("f16", np.dtype("<f2")),
+    11: ("bf16", np.dtype("<u2")),
+    12: ("f32", np.dtype("<f4")),
+    13: ("f64", np.dtype("<f8")),
+}
+
+
+class WireError(ValueError):
+    """A sample that is not a valid version-1 tensorbus sample."""
+
+
+def decode(attachment: bytes, payload: bytes) -> tuple[np.ndarray, dict[str, Any]]:
+    """Returns (array, meta). The array is a read-only strided view of
+    `payload` with the sender's dtype, shape and strides."""
+    if len(attachment) < FIXED.size:
+        raise WireError(f"attachment is {len(attachment)} bytes, at least 48 needed")
+    (magic, version, encoding, code, ndim, nbytes, seq, ts, producer, user_len,
+     reserved, sent_ns) = FIXED.unpack_from(attachment, 0)
+    if magic != MAGIC:
+        raise WireError(f"bad magic {magic!r}")
+    if version != VERSION:
+        raise WireError(f"unknown version {version}")
+    if encoding != 0:
+        raise WireError(f"unknown payload encoding {encoding}")
+    if code not in DTYPES:
+        raise WireError(f"unknown dtype code {code}")
+    if ndim > 8 or user_len > 64 or reserved != b"\0\0\0":
+        raise WireError("ndim, user_len or reserved bytes out of range")
+    if len(attachment) != 48 + 12 * ndim + user_len:
+        raise WireError("attachment length does not match ndim and user_len")
+    if len(payload) != nbytes:
+        raise WireError(f"payload is {len(payload)} bytes, the header says {nbytes}")
+    shape = struct.unpack_from(f"<{ndim}I", attachment, 48)
+    strides = struct.unpack_from(f"<{ndim}q", attachment, 48 + 4 * ndim)
+    user = attachment[48 + 12 * ndim:]
+    name, dtype = DTYPES[code]
+    # Every byte the view can touch must lie in the payload.
+    if any(s < 0 for s in strides):
+        raise WireError("negative stride")
+    if 0 not in shape:
+        span = sum((e - 1) * s for e, s in zip(shape, strides)) + dtype.itemsize
+        if span > nbytes:
+            raise WireError(f"shape and strides reach byte {span}, payload has {nbytes}")
+    # A read-only strided view of the payload itself (bytes are immutable).
+    array = np.ndarray(shape=shape, dtype=dtype, buffer=payload, strides=strides)
+    meta = {"dtype": name, "shape": list(shape), "strides": list(strides),
+            "nbytes": nbytes, "seq": seq, "timestamp_ns": ts, "producer": producer,
+            "user": user.hex(), "sent_ns": sent_ns}
+    return array, meta
+
+
+def fnv1a(data: bytes) -> int:
+    h = 0xCBF29CE484222325
+    for b in data:
+        h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def main() -> int:
+    import zenoh
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--connect", required=True, help="a Zenoh endpoint, e.g. tcp/127.0.0.1:7447")
+    ap.add_argument("--key", default="tensorbus/**")
+    ap.add_argument("--count", type=int, default=1)
+    args = ap.parse_args()
+    conf = zenoh.Config()
+    conf.insert_json5("mode", json.dumps("peer"))
+    conf.insert_json5("connect/endpoints", json.dumps([args.connect]))
+    conf.insert_json5("listen/endpoints", "[]")
+    conf.insert_json5("scouting/multicast/enabled", "false")
+    with zenoh.open(conf) as session:
+        sub = session.declare_subscriber(args.key)
+        for _ in range(args.count):
+            sample = sub.recv()
+            att = sample.attachment
+            array, meta = decode(att.to_bytes() if att is not None else b"",
+                                 sample.payload.to_bytes())
+            # The elements in C order, as numpy reads them through the strides.
+            meta["c_order_fnv1a"] = fnv1a(np.ascontiguousarray(array).tobytes())
+            meta["numpy_shape"] = list(array.shape)
+            meta["numpy_dtype"] = str(array.dtype)
+            print(json.dumps(meta), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
