@@ -164,7 +164,13 @@ fn malformed_samples_are_counted_and_never_delivered() {
     zc.insert_json5("scouting/multicast/enabled", "false")
         .unwrap();
     let session = zenoh::open(zc).wait().unwrap();
-    let publisher = session.declare_publisher("tensorbus/bad").wait().unwrap();
+    // Block, not Zenoh's default Drop: under congestion (after the large
+    // sample) a put must wait, not vanish.
+    let publisher = session
+        .declare_publisher("tensorbus/bad")
+        .congestion_control(zenoh::qos::CongestionControl::Block)
+        .wait()
+        .unwrap();
     assert!(
         wait_until(WAIT, || publisher
             .matching_status()
