@@ -106,7 +106,7 @@ fn raw(size: usize, count: usize, pings: usize) -> Result {
     };
     // Throughput: the buffers are made up front so that the timed loop is
     // Zenoh's alone.
-    let bufs: Vec<bytes::Bytes> = (0..count.min(64)).map(|_| put(&base)).collect();
+    let bufs: Vec<bytes::Bytes> = (0..count.min(24)).map(|_| put(&base)).collect();
     let start = Instant::now();
     for i in 0..count {
         publisher
