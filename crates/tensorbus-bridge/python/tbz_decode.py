@@ -56,19 +56,35 @@ def decode(attachment: bytes, payload: bytes) -> tuple[np.ndarray, dict[str, Any
         raise WireError(f"bad magic {magic!r}")
     if version != VERSION:
         raise WireError(f"unknown version {version}")
-    if encoding != 0:
-        raise WireError(f"unknown payload encoding {encoding}")
+    transform, compression = encoding & 0x0F, encoding >> 4
+    if transform > 2 or compression > 1:
+        raise WireError(f"unknown payload encoding {encoding:#x}")
     if code not in DTYPES:
         raise WireError(f"unknown dtype code {code}")
     if ndim > 8 or user_len > 64 or reserved != b"\0\0\0":
         raise WireError("ndim, user_len or reserved bytes out of range")
-    if len(attachment) != 48 + 12 * ndim + user_len:
-        raise WireError("attachment length does not match ndim and user_len")
-    if len(payload) != nbytes:
-        raise WireError(f"payload is {len(payload)} bytes, the header says {nbytes}")
+    params_len = 8 if transform == 1 else 0
+    if len(attachment) != 48 + 12 * ndim + user_len + params_len:
+        raise WireError("attachment length does not match ndim, user_len and encoding")
     shape = struct.unpack_from(f"<{ndim}I", attachment, 48)
     strides = struct.unpack_from(f"<{ndim}q", attachment, 48 + 4 * ndim)
-    user = attachment[48 + 12 * ndim:]
+    user = attachment[48 + 12 * ndim:48 + 12 * ndim + user_len]
+    numel = int(np.prod(shape, dtype=np.uint64)) if ndim else 1
+    want = {0: nbytes, 1: numel, 2: 2 * numel}[transform]
+    if compression == 1:
+        try:
+            import lz4.block  # the `lz4` package; not needed for uncompressed routes
+        except ImportError as e:
+            raise WireError("an lz4 route: install the `lz4` package to decode it") from e
+        payload = lz4.block.decompress(payload, uncompressed_size=want)
+    if len(payload) != want:
+        raise WireError(f"payload is {len(payload)} bytes, the header says {want}")
+    if transform == 1:  # int8 with scale and zero point, back to float32
+        scale, zero_point = struct.unpack_from("<fi", attachment, 48 + 12 * ndim + user_len)
+        q = np.frombuffer(payload, dtype=np.int8).astype(np.float32)
+        payload = ((q - np.float32(zero_point)) * np.float32(scale)).astype("<f4").tobytes()
+    elif transform == 2:  # float16 back to float32
+        payload = np.frombuffer(payload, dtype="<f2").astype("<f4").tobytes()
     name, dtype = DTYPES[code]
     # Every byte the view can touch must lie in the payload.
     if any(s < 0 for s in strides):
@@ -114,6 +130,7 @@ def main() -> int:
             array, meta = decode(att.to_bytes() if att is not None else b"",
                                  sample.payload.to_bytes())
             # The elements in C order, as numpy reads them through the strides.
+            meta["key"] = str(sample.key_expr)
             meta["c_order_wsum"] = weighted_sum(np.ascontiguousarray(array).tobytes())
             meta["numpy_shape"] = list(array.shape)
             meta["numpy_dtype"] = str(array.dtype)

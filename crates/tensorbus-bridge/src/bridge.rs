@@ -1,7 +1,8 @@
 //! The running bridge: one Zenoh session, one tensorbus client, a thread
 //! per export route and a subscriber plus a thread per import route.
 
-use crate::config::{Config, ExportRoute, ImportRoute, RoutePolicy};
+use crate::config::{Compression, Config, ExportRoute, ImportRoute, Quantize, RoutePolicy};
+use crate::encoding;
 use crate::wire::{self, WireError};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -50,10 +51,16 @@ pub struct RouteStats {
     dropped: AtomicU64,
     malformed: AtomicU64,
     errors: AtomicU64,
+    raw_bytes: AtomicU64,
+    /// f64 bits of the largest quantization error (one writer: the route's thread).
+    quant_max_abs_err: AtomicU64,
+    /// f64 bits of the sum of squared quantization errors.
+    quant_sum_sq_err: AtomicU64,
+    quant_count: AtomicU64,
 }
 
 /// A copy of one route's counters.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct RouteSnapshot {
     /// Which way.
     pub direction: Direction,
@@ -77,13 +84,22 @@ pub struct RouteSnapshot {
     pub malformed: u64,
     /// Failures of Zenoh or the broker (put, loan, receive errors).
     pub errors: u64,
+    /// What `bytes` would have been without quantizing and compressing
+    /// (the tensors' own bytes plus attachments); equal to `bytes` on a
+    /// plain route.
+    pub raw_bytes: u64,
+    /// Export routes that quantize: the largest absolute difference between
+    /// a finite element and what the far side gets back.
+    pub quant_max_abs_err: f64,
+    /// Export routes that quantize: root mean square of those differences.
+    pub quant_rmse: f64,
 }
 
 impl std::fmt::Display for RouteSnapshot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} {} {} {}: samples={} bytes={} dropped={} malformed={} errors={}",
+            "{} {} {} {}: samples={} bytes={} raw_bytes={} dropped={} malformed={} errors={}",
             self.direction.name(),
             self.channel,
             if self.direction == Direction::Export {
@@ -94,10 +110,19 @@ impl std::fmt::Display for RouteSnapshot {
             self.key,
             self.samples,
             self.bytes,
+            self.raw_bytes,
             self.dropped,
             self.malformed,
             self.errors
-        )
+        )?;
+        if self.quant_rmse > 0.0 || self.quant_max_abs_err > 0.0 {
+            write!(
+                f,
+                " quant_max_abs_err={:.6} quant_rmse={:.6}",
+                self.quant_max_abs_err, self.quant_rmse
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -113,7 +138,25 @@ impl RouteStats {
             dropped: AtomicU64::new(0),
             malformed: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            raw_bytes: AtomicU64::new(0),
+            quant_max_abs_err: AtomicU64::new(0),
+            quant_sum_sq_err: AtomicU64::new(0),
+            quant_count: AtomicU64::new(0),
         }
+    }
+
+    /// Adds one tensor's quantization error (called by the route's one thread).
+    fn add_quant_error(&self, max_abs: f64, sum_sq: f64, count: u64) {
+        if count == 0 {
+            return;
+        }
+        let max = f64::from_bits(self.quant_max_abs_err.load(Ordering::Relaxed)).max(max_abs);
+        self.quant_max_abs_err
+            .store(max.to_bits(), Ordering::Relaxed);
+        let sum = f64::from_bits(self.quant_sum_sq_err.load(Ordering::Relaxed)) + sum_sq;
+        self.quant_sum_sq_err
+            .store(sum.to_bits(), Ordering::Relaxed);
+        self.quant_count.fetch_add(count, Ordering::Relaxed);
     }
 
     /// A copy of the counters now.
@@ -128,6 +171,17 @@ impl RouteStats {
             dropped: self.dropped.load(Ordering::Relaxed),
             malformed: self.malformed.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
+            raw_bytes: self.raw_bytes.load(Ordering::Relaxed),
+            quant_max_abs_err: f64::from_bits(self.quant_max_abs_err.load(Ordering::Relaxed)),
+            quant_rmse: {
+                let n = self.quant_count.load(Ordering::Relaxed);
+                if n == 0 {
+                    0.0
+                } else {
+                    (f64::from_bits(self.quant_sum_sq_err.load(Ordering::Relaxed)) / n as f64)
+                        .sqrt()
+                }
+            },
         }
     }
 }
@@ -282,9 +336,10 @@ impl Bridge {
         self.routes.push(stats.clone());
         let stop = self.stop.clone();
         let name = self.name.clone();
+        let thin = (route.quantize, route.compression);
         let thread = std::thread::Builder::new()
             .name(format!("export {}", route.channel))
-            .spawn(move || export_loop(&name, consumer, publisher, &stats, &stop))
+            .spawn(move || export_loop(&name, consumer, publisher, thin, &stats, &stop))
             .map_err(StartError::Thread)?;
         self.threads.push(thread);
         Ok(())
@@ -395,9 +450,11 @@ fn export_loop(
     name: &str,
     consumer: tensorbus::Consumer,
     publisher: zenoh::pubsub::Publisher<'static>,
+    (quantize, compression): (Quantize, Compression),
     stats: &RouteStats,
     stop: &AtomicBool,
 ) {
+    let plain = quantize == Quantize::None && compression == Compression::None;
     // The bridge takes tensors only while someone on the Zenoh side listens:
     // without a subscriber a put goes nowhere, so while there is none the
     // local channel's policy applies (block: the producer waits; drop_oldest
@@ -465,13 +522,32 @@ fn export_loop(
                 return;
             }
         };
-        let attachment = wire::encode(tensor.meta(), realtime_ns());
-        let len = (tensor.len() + attachment.len()) as u64;
-        let payload = ZBytes::from(bytes::Bytes::from_owner(SlotBytes(tensor)));
+        let (payload, attachment, raw_len) = if plain {
+            let attachment = wire::encode(tensor.meta(), realtime_ns());
+            let raw_len = (tensor.len() + attachment.len()) as u64;
+            // The slot itself is the payload: no copy here.
+            let payload = ZBytes::from(bytes::Bytes::from_owner(SlotBytes(tensor)));
+            (payload, attachment, raw_len)
+        } else {
+            let enc = encoding::encode(tensor.meta(), &tensor, quantize, compression);
+            let attachment = wire::encode_with(&enc.meta, realtime_ns(), enc.encoding, &enc.params);
+            let raw_len = (tensor.len() + attachment.len()) as u64;
+            stats.add_quant_error(enc.max_abs_err, enc.sum_sq_err, enc.count);
+            let payload = match enc.payload {
+                Some(p) => {
+                    drop(tensor); // the slot is free as soon as it is encoded
+                    ZBytes::from(p)
+                }
+                None => ZBytes::from(bytes::Bytes::from_owner(SlotBytes(tensor))),
+            };
+            (payload, attachment, raw_len)
+        };
+        let len = (payload.len() + attachment.len()) as u64;
         match publisher.put(payload).attachment(attachment).wait() {
             Ok(()) => {
                 stats.samples.fetch_add(1, Ordering::Relaxed);
                 stats.bytes.fetch_add(len, Ordering::Relaxed);
+                stats.raw_bytes.fetch_add(raw_len, Ordering::Relaxed);
             }
             Err(e) => {
                 let n = stats.errors.fetch_add(1, Ordering::Relaxed) + 1;
@@ -561,9 +637,10 @@ fn import_loop(
 ) {
     while let Some(sample) = queue.pop(stop) {
         match import_one(producer, &sample, stop) {
-            Ok(len) => {
+            Ok((len, raw_len)) => {
                 stats.samples.fetch_add(1, Ordering::Relaxed);
                 stats.bytes.fetch_add(len, Ordering::Relaxed);
+                stats.raw_bytes.fetch_add(raw_len, Ordering::Relaxed);
             }
             Err(Reject::Malformed(why)) => {
                 let n = stats.malformed.fetch_add(1, Ordering::Relaxed) + 1;
@@ -597,8 +674,14 @@ fn import_loop(
 }
 
 /// Validates one sample, loans a slot, copies the payload into it (the
-/// only copy the bridge makes) and publishes it. Returns the bytes carried.
-fn import_one(producer: &Producer, sample: &Sample, stop: &AtomicBool) -> Result<u64, Reject> {
+/// only copy the bridge makes; an encoded payload is decoded into the slot
+/// instead) and publishes it. Returns the bytes carried on the wire and
+/// what they stand for (the tensor's bytes plus the attachment).
+fn import_one(
+    producer: &Producer,
+    sample: &Sample,
+    stop: &AtomicBool,
+) -> Result<(u64, u64), Reject> {
     let attachment = sample
         .attachment()
         .ok_or(Reject::Malformed(WireError::Missing.to_string()))?
@@ -630,15 +713,27 @@ fn import_one(producer: &Producer, sample: &Sample, stop: &AtomicBool) -> Result
         }
     };
     let dst = slot.as_mut_bytes();
-    let mut at = 0;
-    for part in payload.slices() {
-        // check_payload made the parts add up to dst.len().
-        dst[at..at + part.len()].copy_from_slice(part);
-        at += part.len();
+    if header.encoding == wire::ENCODING_RAW {
+        let mut at = 0;
+        for part in payload.slices() {
+            // check_payload made the parts add up to dst.len().
+            dst[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
+        }
+    } else {
+        // Decoders need the payload in one piece (a copy only when Zenoh
+        // delivered it fragmented). A failure drops the loan unpublished.
+        let whole = payload.to_bytes();
+        let params = &header.params[..encoding::params_len(header.encoding)];
+        encoding::decode_into(header.encoding, params, &header.meta, &whole, dst)
+            .map_err(|e| Reject::Malformed(e.to_string()))?;
     }
     slot.publish()
         .map_err(|e| Reject::Error(format!("publish failed: {e}")))?;
-    Ok((payload.len() + attachment.len()) as u64)
+    Ok((
+        (payload.len() + attachment.len()) as u64,
+        header.meta.nbytes + attachment.len() as u64,
+    ))
 }
 
 /// Waits up to `timeout` until `f` holds, polling every 10 ms.

@@ -1,5 +1,6 @@
 //! The bridge's TOML config (documented in docs/bridge.md).
 
+pub use crate::encoding::{Compression, Quantize};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use tensorbus::{ChannelSpec, Mode, Policy};
@@ -151,6 +152,13 @@ pub struct ExportRoute {
     pub depth: Option<u32>,
     /// Create the channel if it does not exist; absent: it must exist.
     pub create: Option<CreateSpec>,
+    /// Quantize f32 tensors for a thin link (`none`, `int8`, `f16`); the
+    /// far side gets f32 back. Other dtypes travel unchanged.
+    #[serde(default)]
+    pub quantize: Quantize,
+    /// Compress payloads (`none`, `lz4`).
+    #[serde(default)]
+    pub compression: Compression,
 }
 
 /// `[[import]]`: a key expression written into a local channel.
@@ -316,6 +324,8 @@ mod tests {
             key = "robot/imu"
             policy = "drop_oldest"
             depth = 4
+            quantize = "int8"
+            compression = "lz4"
             [[import]]
             key = "tensorbus/detections"
             create = { pools = ["small"], depth = 4, policy = "block" }
@@ -327,6 +337,9 @@ mod tests {
         assert_eq!(c.export[0].depth(), 1);
         assert_eq!(c.export[1].key(), "robot/imu");
         assert_eq!(c.export[1].depth(), 4);
+        assert_eq!(c.export[1].quantize, Quantize::Int8);
+        assert_eq!(c.export[1].compression, Compression::Lz4);
+        assert_eq!(c.export[0].quantize, Quantize::None);
         assert_eq!(c.import[0].channel(), "detections");
         assert_eq!(c.import[0].policy, RoutePolicy::Block);
         assert!(c.import[0].create.is_some());
@@ -346,6 +359,14 @@ mod tests {
             ("[zenoh]\nmode = \"mesh\"\n[[import]]\nkey = \"a\"", "mode"),
             ("[[import]]\nkey = \"a\"\n[[import]]\nkey = \"a\"", "twice"),
             ("[[import]]\nkey = \"a\"\nchanel = \"b\"", "unknown field"),
+            (
+                "[[export]]\nchannel = \"a\"\nquantize = \"int4\"",
+                "quantize",
+            ),
+            (
+                "[[export]]\nchannel = \"a\"\ncompression = \"zip\"",
+                "compression",
+            ),
         ] {
             assert!(Config::from_toml(text).is_err(), "{what} was accepted");
         }

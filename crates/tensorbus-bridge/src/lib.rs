@@ -15,6 +15,7 @@
 
 pub mod bridge;
 pub mod config;
+pub mod encoding;
 pub mod wire;
 
 pub use bridge::{Bridge, Direction, RouteSnapshot, RouteStats, StartError};

@@ -9,7 +9,7 @@
 //! | --- | --- | --- |
 //! | 0 | 4 | magic `TBZT` (0x54 0x42 0x5A 0x54) |
 //! | 4 | 1 | version, 1 |
-//! | 5 | 1 | encoding of the payload: 0 = raw bytes (others reserved) |
+//! | 5 | 1 | encoding: bits 0-3 transform (0 none, 1 int8, 2 f16), bits 4-7 compression (0 none, 1 lz4) |
 //! | 6 | 1 | dtype code (tensorbus's codes, 1 = bool ... 13 = f64) |
 //! | 7 | 1 | ndim, 0..=8 |
 //! | 8 | 8 | nbytes: u64, the payload's length |
@@ -22,9 +22,12 @@
 //! | 48 | 4 × ndim | shape, u32 each |
 //! | 48 + 4 × ndim | 8 × ndim | strides in bytes, i64 each |
 //! | 48 + 12 × ndim | user_len | user header |
+//! | 48 + 12 × ndim + user_len | 8 if int8 | f32 scale, i32 zero point |
 //!
-//! The attachment is exactly `48 + 12 × ndim + user_len` bytes long.
+//! The attachment is exactly `48 + 12 × ndim + user_len` bytes long, plus 8
+//! for the int8 transform. See [`crate::encoding`] for the encodings.
 
+use crate::encoding;
 use std::fmt;
 use tensorbus::{DType, TensorMeta, MAX_DIMS, USER_HEADER_LEN};
 
@@ -36,7 +39,7 @@ pub const VERSION: u8 = 1;
 /// user header).
 pub const FIXED_LEN: usize = 48;
 /// The longest attachment there is (8 dimensions, a full user header).
-pub const MAX_LEN: usize = FIXED_LEN + 12 * MAX_DIMS + USER_HEADER_LEN;
+pub const MAX_LEN: usize = FIXED_LEN + 12 * MAX_DIMS + USER_HEADER_LEN + 8;
 
 /// Payload encoding 0: the tensor's bytes as they are.
 pub const ENCODING_RAW: u8 = 0;
@@ -49,6 +52,10 @@ pub struct Header {
     pub meta: TensorMeta,
     /// CLOCK_REALTIME nanoseconds when the exporting bridge sent it.
     pub sent_ns: u64,
+    /// The payload's encoding byte (0: the tensor's bytes as they are).
+    pub encoding: u8,
+    /// Transform parameters (int8: f32 scale, i32 zero point; else zero).
+    pub params: [u8; 8],
 }
 
 /// Why an attachment (or a payload against it) was refused.
@@ -115,14 +122,20 @@ impl fmt::Display for WireError {
 impl std::error::Error for WireError {}
 
 /// Encodes the attachment of a tensor with metadata `meta`, sent at
-/// `sent_ns` (CLOCK_REALTIME nanoseconds).
+/// `sent_ns` (CLOCK_REALTIME nanoseconds), payload raw.
 pub fn encode(meta: &TensorMeta, sent_ns: u64) -> Vec<u8> {
+    encode_with(meta, sent_ns, ENCODING_RAW, &[])
+}
+
+/// [`encode`] with an encoding byte and its transform parameters (`meta`
+/// describes the tensor the receiver gets).
+pub fn encode_with(meta: &TensorMeta, sent_ns: u64, enc: u8, params: &[u8]) -> Vec<u8> {
     let ndim = usize::from(meta.ndim).min(MAX_DIMS);
     let user = meta.user_header();
     let mut out = Vec::with_capacity(FIXED_LEN + 12 * ndim + user.len());
     out.extend_from_slice(&MAGIC);
     out.push(VERSION);
-    out.push(ENCODING_RAW);
+    out.push(enc);
     out.push(meta.dtype.code());
     out.push(ndim as u8);
     out.extend_from_slice(&meta.nbytes.to_le_bytes());
@@ -139,6 +152,7 @@ pub fn encode(meta: &TensorMeta, sent_ns: u64) -> Vec<u8> {
         out.extend_from_slice(&stride.to_le_bytes());
     }
     out.extend_from_slice(user);
+    out.extend_from_slice(&params[..encoding::params_len(enc).min(params.len())]);
     out
 }
 
@@ -171,8 +185,9 @@ pub fn decode(b: &[u8]) -> Result<Header, WireError> {
     if b[4] != VERSION {
         return Err(WireError::Version(b[4]));
     }
-    if b[5] != ENCODING_RAW {
-        return Err(WireError::Encoding(b[5]));
+    let enc = b[5];
+    if !encoding::known(enc) {
+        return Err(WireError::Encoding(enc));
     }
     let dtype = DType::from_code(b[6]).ok_or(WireError::DType(b[6]))?;
     let ndim = b[7];
@@ -187,7 +202,7 @@ pub fn decode(b: &[u8]) -> Result<Header, WireError> {
         return Err(WireError::Reserved);
     }
     let n = usize::from(ndim);
-    let expected = FIXED_LEN + 12 * n + usize::from(user_len);
+    let expected = FIXED_LEN + 12 * n + usize::from(user_len) + encoding::params_len(enc);
     if b.len() != expected {
         return Err(WireError::Length {
             expected,
@@ -211,14 +226,39 @@ pub fn decode(b: &[u8]) -> Result<Header, WireError> {
         .map_err(|e| WireError::Shape(e.to_string()))?;
     meta.validate(meta.nbytes)
         .map_err(|e| WireError::Shape(e.to_string()))?;
-    Ok(Header { meta, sent_ns })
+    let transform = encoding::transform(enc);
+    if transform != encoding::TRANSFORM_NONE
+        && (dtype != DType::F32 || !meta.is_contiguous() || meta.nbytes != meta.numel() * 4)
+    {
+        return Err(WireError::Shape(
+            "a quantized payload must describe a C-contiguous f32 tensor".into(),
+        ));
+    }
+    let mut params = [0u8; 8];
+    let p = user_at + usize::from(user_len);
+    let plen = encoding::params_len(enc);
+    params[..plen].copy_from_slice(&b[p..p + plen]);
+    Ok(Header {
+        meta,
+        sent_ns,
+        encoding: enc,
+        params,
+    })
 }
 
-/// Checks that a payload of `len` bytes is what `header` describes.
+/// Checks that a payload of `len` bytes is what `header` describes
+/// (compressed payloads: only that they are not empty where the tensor is
+/// not; decompression checks the rest).
 pub fn check_payload(header: &Header, len: usize) -> Result<(), WireError> {
-    if len as u64 != header.meta.nbytes {
+    let expected = encoding::transformed_len(header.encoding, &header.meta);
+    let ok = if encoding::compression(header.encoding) != 0 {
+        len > 0 || expected == 0
+    } else {
+        len as u64 == expected
+    };
+    if !ok {
         return Err(WireError::Payload {
-            expected: header.meta.nbytes,
+            expected,
             got: len as u64,
         });
     }
@@ -312,6 +352,17 @@ mod tests {
         bad[5] = 9;
         cases.push((bad, "encoding"));
         let mut bad = good.clone();
+        bad[5] = 0x20;
+        cases.push((bad, "compression"));
+        // int8 without its 8 parameter bytes.
+        let mut bad = good.clone();
+        bad[5] = 1;
+        cases.push((bad, "int8 params"));
+        // A transform on a strided tensor (sample_meta is transposed).
+        let mut bad = good.clone();
+        bad[5] = 2;
+        cases.push((bad, "f16 of strided"));
+        let mut bad = good.clone();
         bad[6] = 0;
         cases.push((bad, "dtype 0"));
         let mut bad = good.clone();
@@ -386,7 +437,11 @@ mod tests {
             if let Ok(h) = decode(&bytes) {
                 // Whatever is accepted is self-consistent.
                 h.meta.validate(h.meta.nbytes).unwrap();
-                assert_eq!(decode(&encode(&h.meta, h.sent_ns)).unwrap(), h);
+                let params = &h.params[..encoding::params_len(h.encoding)];
+                assert_eq!(
+                    decode(&encode_with(&h.meta, h.sent_ns, h.encoding, params)).unwrap(),
+                    h
+                );
                 accepted += 1;
             }
         }

@@ -144,7 +144,8 @@ fn thousand_mixed_tensors_cross_two_bridges_unchanged() {
 }
 
 /// A raw Zenoh session (no tensorbus) connected to a bridge that imports
-/// `tensorbus/bad` into a channel of 64 KiB slots.
+/// `tensorbus/bad` into a channel of 64 KiB slots: 58 malformed samples,
+/// then a good one.
 #[test]
 fn malformed_samples_are_counted_and_never_delivered() {
     let b = Host::start("malformed", "b", &["small:in"]);
@@ -212,6 +213,12 @@ fn malformed_samples_are_counted_and_never_delivered() {
         rng.fill(&mut a);
         put(vec![0; 64], Some(a));
     }
+    // 8. An lz4 payload that is not lz4, and an int8 one whose payload is short.
+    let mut lz = wire::encode(&good, 0);
+    lz[5] = 0x10;
+    put(vec![0xff; 40], Some(lz));
+    let q8 = wire::encode_with(&good, 0, 1, &[0, 0, 128, 63, 0, 0, 0, 0]);
+    put(vec![0; 15], Some(q8));
     // Then one good tensor.
     let mut good_user = good;
     good_user.set_user_header(b"good").unwrap();
@@ -226,7 +233,7 @@ fn malformed_samples_are_counted_and_never_delivered() {
     assert_eq!(t.shape(), &[4, 4]);
     assert!(wait_until(WAIT, || bridge.stats()[0].samples == 1));
     let s = &bridge.stats()[0];
-    assert_eq!((s.malformed, s.samples, s.errors), (56, 1, 0), "{s}");
+    assert_eq!((s.malformed, s.samples, s.errors), (58, 1, 0), "{s}");
     assert!(matches!(consumer.try_recv(), Err(TryRecvError::Empty)));
     drop(t);
     drop(publisher);

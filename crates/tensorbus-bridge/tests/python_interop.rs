@@ -16,9 +16,12 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 use tensorbus::{TensorMeta, TensorView};
-use tensorbus_bridge::{Bridge, Config};
+use tensorbus_bridge::config::{Compression, Quantize};
+use tensorbus_bridge::{encoding, Bridge, Config};
 
 const N: u64 = 60;
+/// Tensors on the int8 route (decoded back to float32 by numpy).
+const M: u64 = 10;
 
 fn python() -> Option<PathBuf> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
@@ -88,10 +91,11 @@ fn weighted_sum(bytes: &[u8]) -> u64 {
 #[test]
 fn plain_zenoh_python_subscriber_decodes_bridged_tensors_into_numpy() {
     let Some(py) = python() else { return };
-    let a = Host::start("python", "a", &["py/out"]);
+    let a = Host::start("python", "a", &["py/out", "py/q8"]);
     let port = free_port();
     let config = Config::from_toml(&format!(
-        "{}[[export]]\nchannel = \"py/out\"\npolicy = \"block\"\n",
+        "{}[[export]]\nchannel = \"py/out\"\npolicy = \"block\"\n\
+         [[export]]\nchannel = \"py/q8\"\nquantize = \"int8\"\n",
         head("bridge-py", &a, Some(port), None)
     ))
     .unwrap();
@@ -100,7 +104,7 @@ fn plain_zenoh_python_subscriber_decodes_bridged_tensors_into_numpy() {
     let mut child = Command::new(&py)
         .arg(&script)
         .args(["--connect", &format!("tcp/127.0.0.1:{port}")])
-        .args(["--key", "tensorbus/py/out", "--count", &N.to_string()])
+        .args(["--key", "tensorbus/py/*", "--count", &(N + M).to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -139,11 +143,50 @@ fn plain_zenoh_python_subscriber_decodes_bridged_tensors_into_numpy() {
         let p = t.publish().unwrap();
         sent.push((m, weighted_sum(&elems), p.seq));
     }
-    for (i, (m, sum, seq)) in sent.iter().enumerate() {
-        let line = rx
-            .recv_timeout(WAIT)
-            .unwrap_or_else(|_| panic!("python printed nothing for tensor {i}"));
+    // The int8 route: what numpy must make of it is what this crate's own
+    // decoder makes of the same encoding.
+    let q8 = a.client.producer("py/q8").unwrap();
+    let mut want_q8 = Vec::new();
+    for i in 0..M {
+        let shape = [8 + i as u32, 33];
+        let mut t = q8.loan(&shape, tensorbus::DType::F32).unwrap();
+        for (k, x) in t.as_mut_slice_of::<f32>().unwrap().iter_mut().enumerate() {
+            *x = ((k as f32) * 0.3 + i as f32).sin() * 5.0 - 1.0;
+        }
+        let enc = encoding::encode(t.meta(), &t, Quantize::Int8, Compression::None);
+        let mut back = vec![0u8; enc.meta.nbytes as usize];
+        let payload = enc.payload.as_deref().unwrap();
+        encoding::decode_into(enc.encoding, &enc.params, &enc.meta, payload, &mut back).unwrap();
+        want_q8.push((shape, weighted_sum(&back)));
+        t.publish().unwrap();
+    }
+    let mut lines = Vec::new();
+    let mut lines_q8 = Vec::new();
+    while lines.len() < N as usize || lines_q8.len() < M as usize {
+        let line = rx.recv_timeout(WAIT).unwrap_or_else(|_| {
+            panic!(
+                "python stopped after {} + {} lines",
+                lines.len(),
+                lines_q8.len()
+            )
+        });
         let v: serde_json::Value = serde_json::from_str(&line).expect("one JSON line");
+        if v["key"] == "tensorbus/py/q8" {
+            lines_q8.push(v);
+        } else {
+            lines.push((v, line));
+        }
+    }
+    for (i, ((shape, sum), v)) in want_q8.iter().zip(&lines_q8).enumerate() {
+        assert_eq!(v["dtype"], "f32", "q8 {i}: {v}");
+        assert_eq!(v["numpy_dtype"], "float32", "q8 {i}: {v}");
+        assert_eq!(v["numpy_shape"], serde_json::json!(shape), "q8 {i}");
+        assert_eq!(
+            v["c_order_wsum"], *sum,
+            "q8 {i}: numpy's dequantized values differ"
+        );
+    }
+    for (i, ((m, sum, seq), (v, line))) in sent.iter().zip(lines).enumerate() {
         assert_eq!(v["dtype"], m.dtype.name(), "{i}: {line}");
         let shape: Vec<u64> = m.shape().iter().map(|&e| u64::from(e)).collect();
         assert_eq!(v["shape"], serde_json::json!(shape), "{i}: {line}");
@@ -162,4 +205,5 @@ fn plain_zenoh_python_subscriber_decodes_bridged_tensors_into_numpy() {
     }
     assert!(child.wait().expect("python exits").success());
     assert_eq!(bridge.stats()[0].samples, N);
+    assert_eq!(bridge.stats()[1].samples, M);
 }
