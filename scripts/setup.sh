@@ -33,6 +33,10 @@ command -v gst-launch-1.0 >/dev/null || need_apt+=(gstreamer1.0-tools gstreamer1
 need_apt_norec=()
 command -v prometheus >/dev/null && command -v promtool >/dev/null || need_apt_norec+=(prometheus)
 # --- end metrics ---
+# --- bridge ---
+# crates/tensorbus-bridge/tests/netns.rs: bridges in two network namespaces (ip netns, veth, tc).
+command -v ip >/dev/null && command -v tc >/dev/null || need_apt+=(iproute2)
+# --- end bridge ---
 if [ ${#need_apt[@]} -gt 0 ] || [ ${#need_apt_norec[@]} -gt 0 ]; then
   sudo=()
   if [ "$(id -u)" != 0 ]; then

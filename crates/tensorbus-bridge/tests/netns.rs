@@ -1,0 +1,344 @@
+//! Bridges in two network namespaces joined by a veth pair (`ip netns`, as
+//! root): tensors cross unchanged; and on a link throttled with `tc`, the
+//! same f32 tensors go over a plain and an int8 route (values within a
+//! quantization step; the time each route took is printed, not asserted;
+//! tests/thin.rs asserts the bytes).
+//!
+//! The brokers run in this process: their Unix sockets work across network
+//! namespaces, only the bridges (and their TCP link) are split.
+//!
+//! Needs root, `ip` and `tc` (iproute2); skips with a message without them,
+//! and fails instead when `TENSORBUS_REQUIRE_NETNS` is set (as .ci/run does).
+
+mod common;
+
+use common::{checksum, head, random_meta, read_back_strides, Host, Rng, WAIT};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tensorbus::{ConsumerOptions, DType, Policy, TensorView};
+use tensorbus_bridge::bridge::wait_until;
+
+/// Two namespaces `tbe<tag>` (edge, 10.218.<n>.1) and `tbs<tag>` (server,
+/// 10.218.<n>.2) over a veth pair; removed on drop, with the bridges in them.
+struct Link {
+    edge: String,
+    server: String,
+    edge_ip: String,
+    edge_dev: String,
+    children: Vec<Child>,
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+impl Link {
+    fn new(n: u8) -> Option<Link> {
+        let tag = format!("{}{n}", std::process::id() % 100_000);
+        let link = Link {
+            edge: format!("tbe{tag}"),
+            server: format!("tbs{tag}"),
+            edge_ip: format!("10.218.{n}.1"),
+            edge_dev: format!("tbve{tag}"),
+            children: Vec::new(),
+        };
+        let server_dev = format!("tbvs{tag}");
+        let setup = || -> Result<(), String> {
+            if unsafe_geteuid() != 0 {
+                return Err("not root".into());
+            }
+            ip(&["netns", "add", &link.edge])?;
+            ip(&["netns", "add", &link.server])?;
+            ip(&[
+                "link",
+                "add",
+                &link.edge_dev,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &server_dev,
+            ])?;
+            ip(&["link", "set", &link.edge_dev, "netns", &link.edge])?;
+            ip(&["link", "set", &server_dev, "netns", &link.server])?;
+            let edge_cidr = format!("{}/24", link.edge_ip);
+            let server_cidr = format!("10.218.{n}.2/24");
+            ip(&[
+                "-n",
+                &link.edge,
+                "addr",
+                "add",
+                &edge_cidr,
+                "dev",
+                &link.edge_dev,
+            ])?;
+            ip(&[
+                "-n",
+                &link.server,
+                "addr",
+                "add",
+                &server_cidr,
+                "dev",
+                &server_dev,
+            ])?;
+            for (ns, dev) in [(&link.edge, &link.edge_dev), (&link.server, &server_dev)] {
+                ip(&["-n", ns, "link", "set", dev, "up"])?;
+                ip(&["-n", ns, "link", "set", "lo", "up"])?;
+            }
+            Ok(())
+        };
+        match setup() {
+            Ok(()) => Some(link),
+            Err(why) => {
+                drop(link);
+                if std::env::var_os("TENSORBUS_REQUIRE_NETNS").is_some() {
+                    panic!("TENSORBUS_REQUIRE_NETNS is set but namespaces cannot be made: {why}");
+                }
+                eprintln!("SKIPPED netns test: {why} (needs root and iproute2)");
+                None
+            }
+        }
+    }
+
+    /// Starts `tensorbus-bridge --config FILE` inside namespace `ns`.
+    fn bridge(&mut self, ns: &str, config: &std::path::Path) {
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(env!("CARGO_BIN_EXE_tensorbus-bridge"))
+            .arg("--config")
+            .arg(config)
+            .args(["--report-secs", "0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("ip netns exec tensorbus-bridge");
+        self.children.push(child);
+    }
+
+    /// Limits what leaves the edge namespace (edge to server) to `rate`.
+    fn throttle(&self, rate: &str) {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.edge,
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                &self.edge_dev,
+            ])
+            .args([
+                "root", "tbf", "rate", rate, "burst", "64kb", "latency", "400ms",
+            ])
+            .output()
+            .expect("tc runs");
+        assert!(
+            out.status.success(),
+            "tc: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = ip(&["netns", "del", &self.edge]);
+        let _ = ip(&["netns", "del", &self.server]);
+    }
+}
+
+/// Waits until `channel` on `host` has `n` subscribers (the bridge process
+/// subscribed: what is published before that has no receiver).
+fn wait_subscribed(host: &Host, channel: &str, n: usize) {
+    assert!(
+        wait_until(WAIT, || host.client.stat().is_ok_and(|s| s
+            .channels
+            .iter()
+            .any(|c| c.name == channel && c.subscribers.len() == n))),
+        "nobody subscribed to {channel}"
+    );
+}
+
+fn unsafe_geteuid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// A bridge config: the edge one exports `channels` listening on its veth
+/// address, the server one imports them connecting to it.
+fn configs(
+    a: &Host,
+    b: &Host,
+    link: &Link,
+    exports: &str,
+    imports: &str,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let port = 7447;
+    let mut ca = head("bridge-edge", a, None, None);
+    ca = ca.replace(
+        "listen = []",
+        &format!("listen = [\"tcp/{}:{port}\"]", link.edge_ip),
+    );
+    let mut cb = head("bridge-server", b, None, None);
+    cb = cb.replace(
+        "connect = []",
+        &format!("connect = [\"tcp/{}:{port}\"]", link.edge_ip),
+    );
+    let pa = a.file("edge.toml");
+    let pb = b.file("server.toml");
+    std::fs::write(&pa, format!("{ca}{exports}")).unwrap();
+    std::fs::write(&pb, format!("{cb}{imports}")).unwrap();
+    (pa, pb)
+}
+
+#[test]
+fn thousand_tensors_cross_two_namespaces_unchanged() {
+    let Some(mut link) = Link::new(1) else { return };
+    let a = Host::start("netns", "edge", &["cam/raw"]);
+    let b = Host::start("netns", "server", &["cam/in"]);
+    let (pa, pb) = configs(
+        &a,
+        &b,
+        &link,
+        "[[export]]\nchannel = \"cam/raw\"\n",
+        "[[import]]\nkey = \"tensorbus/cam/raw\"\nchannel = \"cam/in\"\n",
+    );
+    let consumer = b
+        .client
+        .consumer_with(
+            "cam/in",
+            ConsumerOptions::default().policy(Policy::Block).depth(32),
+        )
+        .unwrap();
+    link.bridge(&link.edge.clone(), &pa);
+    link.bridge(&link.server.clone(), &pb);
+    wait_subscribed(&a, "cam/raw", 1);
+    let producer = a.client.producer("cam/raw").unwrap();
+    let sender = std::thread::spawn(move || {
+        let mut rng = Rng(0xed9e);
+        let mut sent = Vec::new();
+        for i in 0..1000 {
+            let meta = random_meta(&mut rng, i);
+            let mut t = loop {
+                match producer.loan_meta(meta) {
+                    Ok(t) => break t,
+                    Err(_) => std::thread::sleep(Duration::from_millis(1)),
+                }
+            };
+            rng.fill(t.as_mut_bytes());
+            sent.push((
+                t.dtype(),
+                t.shape().to_vec(),
+                read_back_strides(t.meta()),
+                t.user_header().to_vec(),
+                checksum(&t),
+            ));
+            t.publish().unwrap();
+        }
+        sent
+    });
+    let mut got = Vec::new();
+    for i in 0..1000 {
+        let t = consumer
+            .recv_timeout(WAIT)
+            .unwrap_or_else(|e| panic!("tensor {i} never crossed: {e}"));
+        got.push((
+            t.dtype(),
+            t.shape().to_vec(),
+            read_back_strides(t.meta()),
+            t.user_header().to_vec(),
+            checksum(&t),
+        ));
+    }
+    let sent = sender.join().unwrap();
+    for (i, (s, g)) in sent.iter().zip(&got).enumerate() {
+        assert_eq!(s, g, "tensor {i}");
+    }
+}
+
+#[test]
+fn plain_and_int8_routes_on_a_throttled_link() {
+    const K: usize = 8;
+    const RATE: &str = "20mbit";
+    let Some(mut link) = Link::new(2) else { return };
+    let a = Host::start("netns-tc", "edge", &["f/raw", "f/q8"]);
+    let b = Host::start("netns-tc", "server", &["g/raw", "g/q8"]);
+    let (pa, pb) = configs(
+        &a,
+        &b,
+        &link,
+        "[[export]]\nchannel = \"f/raw\"\n[[export]]\nchannel = \"f/q8\"\nquantize = \"int8\"\n",
+        "[[import]]\nkey = \"tensorbus/f/raw\"\nchannel = \"g/raw\"\n\
+         [[import]]\nkey = \"tensorbus/f/q8\"\nchannel = \"g/q8\"\n",
+    );
+    link.throttle(RATE);
+    let opts = || ConsumerOptions::default().policy(Policy::Block).depth(32);
+    let c_raw = b.client.consumer_with("g/raw", opts()).unwrap();
+    let c_q8 = b.client.consumer_with("g/q8", opts()).unwrap();
+    link.bridge(&link.edge.clone(), &pa);
+    link.bridge(&link.server.clone(), &pb);
+    wait_subscribed(&a, "f/raw", 1);
+    wait_subscribed(&a, "f/q8", 1);
+    // Warm up both routes (links, matching) with one tensor each.
+    let values: Vec<f32> = (0..256 * 1024)
+        .map(|k| ((k as f32) * 0.001).sin() * 8.0)
+        .collect();
+    let send = |channel: &str, n: usize| {
+        let p = a.client.producer(channel).unwrap();
+        for _ in 0..n {
+            let mut t = p
+                .loan_timeout(&[256, 1024], DType::F32, WAIT)
+                .expect("a slot");
+            t.as_mut_slice_of::<f32>().unwrap().copy_from_slice(&values);
+            t.publish().unwrap();
+        }
+    };
+    let mut timed = Vec::new();
+    for (channel, consumer) in [("f/raw", &c_raw), ("f/q8", &c_q8)] {
+        send(channel, 1);
+        consumer.recv_timeout(WAIT).expect("warm-up tensor");
+        let start = Instant::now();
+        std::thread::scope(|s| {
+            s.spawn(|| send(channel, K));
+            for i in 0..K {
+                let t = consumer
+                    .recv_timeout(WAIT)
+                    .unwrap_or_else(|e| panic!("{channel} tensor {i}: {e}"));
+                let got = t.as_slice_of::<f32>().unwrap();
+                let step = 16.0 / 255.0;
+                assert!(
+                    values.iter().zip(got).all(|(x, y)| (x - y).abs() <= step),
+                    "{channel}: values beyond a quantization step"
+                );
+            }
+        });
+        timed.push(start.elapsed());
+    }
+    let mib = K as f64; // K tensors of 1 MiB of f32
+    eprintln!(
+        "thin link ({RATE} tbf between namespaces): {K} x 1 MiB f32: raw {:.2} s ({:.1} MiB/s), int8 {:.2} s ({:.1} MiB/s), {:.1}x faster",
+        timed[0].as_secs_f64(),
+        mib / timed[0].as_secs_f64(),
+        timed[1].as_secs_f64(),
+        mib / timed[1].as_secs_f64(),
+        timed[0].as_secs_f64() / timed[1].as_secs_f64()
+    );
+}
