@@ -257,6 +257,10 @@ pub fn zenoh_config(c: &Config) -> Result<zenoh::Config, StartError> {
         .map_err(zerr)?;
     z.insert_json5("scouting/multicast/enabled", &json(&c.zenoh.scouting)?)
         .map_err(zerr)?;
+    for (key, value) in &c.zenoh.settings {
+        z.insert_json5(key, &json(value)?)
+            .map_err(|e| StartError::Zenoh(format!("[zenoh] settings {key:?}: {e}")))?;
+    }
     Ok(z)
 }
 

@@ -55,6 +55,10 @@ pub struct ZenohSection {
     /// Multicast scouting (off by default: peers are named explicitly).
     #[serde(default)]
     pub scouting: bool,
+    /// Any other Zenoh setting, by its path in Zenoh's config, e.g.
+    /// `{ "transport/link/tx/lease" = 2000 }` (applied last).
+    #[serde(default)]
+    pub settings: std::collections::BTreeMap<String, toml::Value>,
 }
 
 impl Default for ZenohSection {
@@ -64,6 +68,7 @@ impl Default for ZenohSection {
             listen: Vec::new(),
             connect: Vec::new(),
             scouting: false,
+            settings: Default::default(),
         }
     }
 }
@@ -254,8 +259,10 @@ impl Config {
         Ok(c)
     }
 
-    /// Checks what TOML cannot: modes, key expressions, one route per key.
+    /// Checks what TOML cannot: modes, key expressions, one route per key,
+    /// Zenoh settings Zenoh accepts.
     pub fn check(&self) -> Result<(), ConfigError> {
+        crate::bridge::zenoh_config(self).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if !matches!(self.zenoh.mode.as_str(), "peer" | "client" | "router") {
             return Err(ConfigError::Invalid(format!(
                 "zenoh.mode {:?}: use peer, client or router",
@@ -316,6 +323,7 @@ mod tests {
             [zenoh]
             listen = ["tcp/127.0.0.1:7447"]
             connect = ["tcp/127.0.0.1:7448"]
+            settings = { "transport/link/tx/lease" = 2000 }
             [[export]]
             channel = "camera/raw"
             policy = "latest"
@@ -344,6 +352,7 @@ mod tests {
         assert_eq!(c.import[0].policy, RoutePolicy::Block);
         assert!(c.import[0].create.is_some());
         assert!(!c.zenoh.scouting);
+        crate::bridge::zenoh_config(&c).unwrap();
     }
 
     #[test]

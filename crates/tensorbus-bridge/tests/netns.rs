@@ -165,6 +165,21 @@ impl Drop for Link {
     }
 }
 
+impl Link {
+    /// Takes the veth pair down (both ends lose carrier) or up again.
+    fn set(&self, up: bool) {
+        ip(&[
+            "-n",
+            &self.edge,
+            "link",
+            "set",
+            &self.edge_dev,
+            if up { "up" } else { "down" },
+        ])
+        .expect("ip link set");
+    }
+}
+
 /// Waits until `channel` on `host` has `n` subscribers (the bridge process
 /// subscribed: what is published before that has no receiver).
 fn wait_subscribed(host: &Host, channel: &str, n: usize) {
@@ -341,4 +356,81 @@ fn plain_and_int8_routes_on_a_throttled_link() {
         mib / timed[1].as_secs_f64(),
         timed[0].as_secs_f64() / timed[1].as_secs_f64()
     );
+}
+
+/// Receives `n` more counters, each larger than the last (gaps allowed).
+fn receive(consumer: &tensorbus::Consumer, n: usize, last: &mut Option<u64>) {
+    for i in 0..n {
+        let t = consumer
+            .recv_timeout(WAIT)
+            .unwrap_or_else(|e| panic!("counter {i} of {n} never arrived: {e}"));
+        let c = t.as_slice_of::<u64>().unwrap()[0];
+        if let Some(prev) = *last {
+            assert!(c > prev, "counter {c} after {prev}");
+        }
+        *last = Some(c);
+    }
+}
+
+/// The link goes down for longer than Zenoh's lease (1 s here), so both
+/// bridges drop the session; when it comes back, the connecting bridge
+/// reconnects and the stream resumes, with no bridge restarted.
+#[test]
+fn a_link_down_longer_than_the_lease_reconnects_and_resumes() {
+    let Some(mut link) = Link::new(3) else { return };
+    let a = Host::start("netns-down", "edge", &["c/src"]);
+    let b = Host::start("netns-down", "server", &["c/dst"]);
+    let lease = "[zenoh.settings]\n\"transport/link/tx/lease\" = 1000\n";
+    let (pa, pb) = configs(
+        &a,
+        &b,
+        &link,
+        &format!("{lease}[[export]]\nchannel = \"c/src\"\n"),
+        &format!("{lease}[[import]]\nkey = \"tensorbus/c/src\"\nchannel = \"c/dst\"\n"),
+    );
+    let consumer = b
+        .client
+        .consumer_with(
+            "c/dst",
+            ConsumerOptions::default()
+                .policy(Policy::Block)
+                .depth(64)
+                .end_of_stream(false),
+        )
+        .unwrap();
+    link.bridge(&link.edge.clone(), &pa);
+    link.bridge(&link.server.clone(), &pb);
+    wait_subscribed(&a, "c/src", 1);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let producer = a.client.producer("c/src").unwrap();
+    let feeder = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut counter = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(mut t) =
+                    producer.loan_timeout(&[1], DType::U64, Duration::from_millis(100))
+                {
+                    t.as_mut_slice_of::<u64>().unwrap()[0] = counter;
+                    if t.wait_for_room(Duration::from_millis(100)) {
+                        t.publish().unwrap();
+                        counter += 1;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+    };
+    let mut last = None;
+    receive(&consumer, 50, &mut last);
+    link.set(false);
+    std::thread::sleep(Duration::from_secs(3));
+    // Drain what arrived before the cut.
+    while consumer.try_recv().is_ok() {}
+    link.set(true);
+    let before = Instant::now();
+    receive(&consumer, 50, &mut last);
+    eprintln!("resumed {:?} after the link came back", before.elapsed());
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    feeder.join().unwrap();
 }
