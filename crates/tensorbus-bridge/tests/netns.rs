@@ -112,8 +112,9 @@ impl Link {
         }
     }
 
-    /// Starts `tensorbus-bridge --config FILE` inside namespace `ns`.
-    fn bridge(&mut self, ns: &str, config: &std::path::Path) {
+    /// Starts `tensorbus-bridge --config FILE` inside namespace `ns`;
+    /// returns its index for [`Link::kill9`].
+    fn bridge(&mut self, ns: &str, config: &std::path::Path) -> usize {
         let child = Command::new("ip")
             .args(["netns", "exec", ns])
             .arg(env!("CARGO_BIN_EXE_tensorbus-bridge"))
@@ -126,6 +127,13 @@ impl Link {
             .spawn()
             .expect("ip netns exec tensorbus-bridge");
         self.children.push(child);
+        self.children.len() - 1
+    }
+
+    /// SIGKILLs the bridge `i` (`ip netns exec` execs it: same pid).
+    fn kill9(&mut self, i: usize) {
+        self.children[i].kill().expect("SIGKILL");
+        self.children[i].wait().expect("reaped");
     }
 
     /// Limits what leaves the edge namespace (edge to server) to `rate`.
@@ -372,6 +380,83 @@ fn receive(consumer: &tensorbus::Consumer, n: usize, last: &mut Option<u64>) {
     }
 }
 
+fn clients_named(host: &Host, name: &str) -> usize {
+    host.client
+        .stat()
+        .map(|s| s.clients.iter().filter(|c| c.name == name).count())
+        .unwrap_or(0)
+}
+
+/// A producer of u64 counters, one a millisecond, until `stop`.
+fn feed(
+    host: &Host,
+    channel: &str,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    let producer = host.client.producer(channel).unwrap();
+    std::thread::spawn(move || {
+        let mut counter = 0u64;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok(mut t) = producer.loan_timeout(&[1], DType::U64, Duration::from_millis(100)) {
+                t.as_mut_slice_of::<u64>().unwrap()[0] = counter;
+                if t.wait_for_room(Duration::from_millis(100)) {
+                    t.publish().unwrap();
+                    counter += 1;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    })
+}
+
+/// kill -9 of the edge bridge, then of the server bridge, each restarted in
+/// its namespace: the stream over the veth pair resumes each time.
+#[test]
+fn kill_9_and_restart_across_namespaces_resumes() {
+    let Some(mut link) = Link::new(4) else { return };
+    let a = Host::start("netns-kill", "edge", &["k/src"]);
+    let b = Host::start("netns-kill", "server", &["k/dst"]);
+    let (pa, pb) = configs(
+        &a,
+        &b,
+        &link,
+        "[[export]]\nchannel = \"k/src\"\n",
+        "[[import]]\nkey = \"tensorbus/k/src\"\nchannel = \"k/dst\"\n",
+    );
+    let consumer = b
+        .client
+        .consumer_with(
+            "k/dst",
+            ConsumerOptions::default()
+                .policy(Policy::Block)
+                .depth(64)
+                .end_of_stream(false),
+        )
+        .unwrap();
+    let (edge, server) = (link.edge.clone(), link.server.clone());
+    let mut ea = link.bridge(&edge, &pa);
+    let mut sb = link.bridge(&server, &pb);
+    wait_subscribed(&a, "k/src", 1);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let feeder = feed(&a, "k/src", stop.clone());
+    let mut last = None;
+    receive(&consumer, 50, &mut last);
+    link.kill9(ea);
+    assert!(wait_until(WAIT, || clients_named(&a, "bridge-edge") == 0));
+    ea = link.bridge(&edge, &pa);
+    receive(&consumer, 50, &mut last);
+    link.kill9(sb);
+    assert!(wait_until(WAIT, || clients_named(&b, "bridge-server") == 0));
+    sb = link.bridge(&server, &pb);
+    receive(&consumer, 50, &mut last);
+    assert_eq!(clients_named(&a, "bridge-edge"), 1);
+    assert_eq!(clients_named(&b, "bridge-server"), 1);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    feeder.join().unwrap();
+    link.kill9(ea);
+    link.kill9(sb);
+}
+
 /// The link goes down for longer than Zenoh's lease (1 s here), so both
 /// bridges drop the session; when it comes back, the connecting bridge
 /// reconnects and the stream resumes, with no bridge restarted.
@@ -402,25 +487,7 @@ fn a_link_down_longer_than_the_lease_reconnects_and_resumes() {
     link.bridge(&link.server.clone(), &pb);
     wait_subscribed(&a, "c/src", 1);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let producer = a.client.producer("c/src").unwrap();
-    let feeder = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut counter = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                if let Ok(mut t) =
-                    producer.loan_timeout(&[1], DType::U64, Duration::from_millis(100))
-                {
-                    t.as_mut_slice_of::<u64>().unwrap()[0] = counter;
-                    if t.wait_for_room(Duration::from_millis(100)) {
-                        t.publish().unwrap();
-                        counter += 1;
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        })
-    };
+    let feeder = feed(&a, "c/src", stop.clone());
     let mut last = None;
     receive(&consumer, 50, &mut last);
     link.set(false);
