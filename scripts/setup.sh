@@ -37,6 +37,10 @@ command -v tmux >/dev/null || need_apt+=(tmux)
 need_apt_norec=()
 command -v prometheus >/dev/null && command -v promtool >/dev/null || need_apt_norec+=(prometheus)
 # --- end metrics ---
+# --- bridge ---
+# crates/tensorbus-bridge/tests/netns.rs: bridges in two network namespaces (ip netns, veth, tc).
+command -v ip >/dev/null && command -v tc >/dev/null || need_apt+=(iproute2)
+# --- end bridge ---
 if [ ${#need_apt[@]} -gt 0 ] || [ ${#need_apt_norec[@]} -gt 0 ]; then
   sudo=()
   if [ "$(id -u)" != 0 ]; then
@@ -67,4 +71,8 @@ cbindgen --version 2>/dev/null | grep -qx 'cbindgen 0.29.4' || cargo install cbi
 rustup component list --installed 2>/dev/null | grep -q '^rust-src' || rustup component add rust-src ||
   echo "setup: WARNING: rustup could not add rust-src; ThreadSanitizer will not run" >&2
 # --- end hardening ---
+# --- bridge ---
+# The bridge's Python interop test: plain eclipse-zenoh + numpy in .venv-bridge (no tensorbus).
+scripts/bridge-python-env.sh
+# --- end bridge ---
 exit 0

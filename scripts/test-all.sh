@@ -77,4 +77,9 @@ step "model pipeline: camera → preprocess → PP-OCRv4 detector → sink (inst
 examples/pipeline/test.sh
 # --- end model pipeline ---
 
+# --- edge ---
+step "edge: the model pipeline across two network namespaces, bridged over Zenoh (hit_rate >= 0.95; int8 on a 50 Mbit/s link)"
+examples/edge/test.sh
+# --- end edge ---
+
 printf '\nall tests passed\n'

@@ -16,6 +16,7 @@
 //! which `main` prints as one line before exiting with status 1.
 
 mod bench;
+mod bridge;
 mod broker;
 mod demo;
 mod doctor;
@@ -52,6 +53,8 @@ enum Command {
     Demo(demo::Args),
     /// Measure latency and throughput against the cache-line limit, iceoryx2 and copying paths (runs the separately built tensorbus-bench).
     Bench(bench::Args),
+    /// Bridge channels to and from Eclipse Zenoh key expressions (runs the separately built tensorbus-bridge; docs/bridge.md).
+    Bridge(bridge::Args),
     /// Read raw frames (--shape, --dtype) from stdin into loaned slots and publish them (a truncated last frame is dropped: exit 1).
     Pub(pubsub::PubArgs),
     /// Write every tensor received on a channel to stdout as raw bytes (waits for the channel; exits 0 at end of stream).
@@ -163,6 +166,7 @@ fn main() -> ExitCode {
         Command::Stat(a) => ("stat", stat::run(a)),
         Command::Demo(a) => ("demo", demo::run(a)),
         Command::Bench(a) => ("bench", bench::run(a)),
+        Command::Bridge(a) => ("bridge", bridge::run(a)),
         Command::Pub(a) => ("pub", pubsub::run_pub(a)),
         Command::Sub(a) => ("sub", pubsub::run_sub(a)),
         Command::RmChannel(a) => ("rm-channel", pubsub::run_rm_channel(a)),

@@ -182,6 +182,32 @@ fn stat_without_broker_explains_how_to_start_one() {
 }
 
 #[test]
+fn bridge_without_the_binary_says_how_to_build_it() {
+    // A copy of the CLI in a directory without tensorbus-bridge next to it,
+    // and a PATH without one.
+    let dir = temp_dir("bridge-missing");
+    let exe = dir.join("tensorbus");
+    std::fs::copy(BIN, &exe).unwrap();
+    let out = Command::new(&exe)
+        .args(["bridge", "--config", "x.toml"])
+        .env("PATH", &dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cargo build --release -p tensorbus-bridge"),
+        "{err}"
+    );
+    assert!(
+        err.contains("--config x.toml"),
+        "arguments are echoed: {err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn bench_without_the_harness_says_how_to_build_it() {
     // A copy of the CLI in a directory without tensorbus-bench next to it.
     let dir = temp_dir("bench-missing");
