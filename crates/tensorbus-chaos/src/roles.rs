@@ -353,17 +353,25 @@ fn crowd(client: &Client, a: &Args, journal: &Journal, rng: &mut Rng) {
     let hold = a.num("hold-us", 0);
     let mut held: Vec<tensorbus::Tensor> = Vec::with_capacity(subs.len());
     let mut received = 0u64;
+    // Each problem is counted; the first few are described on stderr.
+    let mut told = 0u32;
+    let mut tell = |msg: String| {
+        told += 1;
+        if told <= 20 {
+            eprintln!("crowd: {msg}");
+        }
+    };
     while !journal.stop_requested() {
         for s in &mut subs {
             match s.consumer.try_recv() {
                 Ok(t) => {
                     let (ok, seq, inc) = payload::verify(t.user_header(), &t, s.delta);
                     if !ok {
-                        eprintln!(
-                            "crowd: {}: payload of inc {inc} seq {seq} does not verify (meta {:?})",
+                        tell(format!(
+                            "{}: payload of inc {inc} seq {seq} does not verify (meta {:?})",
                             s.channel,
                             t.meta()
-                        );
+                        ));
                         journal.count_corrupt();
                     }
                     let (stream, pos) = if s.by_meta {
@@ -373,10 +381,10 @@ fn crowd(client: &Client, a: &Args, journal: &Journal, rng: &mut Rng) {
                     };
                     if let Some(prev) = s.last.insert(stream, pos) {
                         if pos <= prev {
-                            eprintln!(
-                                "crowd: {}: stream {stream}: position {pos} after {prev} (repeated or out of order)",
+                            tell(format!(
+                                "{}: stream {stream}: position {pos} after {prev} (repeated or out of order)",
                                 s.channel
-                            );
+                            ));
                             journal.count_duplicated();
                         }
                     }
@@ -384,7 +392,7 @@ fn crowd(client: &Client, a: &Args, journal: &Journal, rng: &mut Rng) {
                 }
                 Err(TryRecvError::Empty) => {}
                 Err(TryRecvError::Corrupted(e)) => {
-                    eprintln!("crowd: {}: corrupted receive: {e}", s.channel);
+                    tell(format!("{}: corrupted receive: {e}", s.channel));
                     journal.count_corrupt();
                 }
                 Err(e) => fail(&format!("crowd: {}: receive: {e}", s.channel)),
