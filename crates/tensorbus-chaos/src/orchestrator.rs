@@ -806,13 +806,13 @@ fn run_in(opts: &Opts, seed: u64, kills_wanted: u64, dir: &Path) -> Result<i32, 
         )?),
         _ => None,
     };
+    // Counted from the first kill on: what was open under the kills.
     let mut handles = HandleStats::default();
-    handles.sample(&client);
     eprintln!(
         "chaos: {} clients up after {:.1} s ({} handles open); killing",
         (0..ROLES.len()).filter(|&i| run.active(i)).count(),
         t0.elapsed().as_secs_f64(),
-        handles.last
+        client.stat().map_or(0, |s| s.handles_open)
     );
 
     if opts.many {
@@ -971,7 +971,7 @@ fn run_in(opts: &Opts, seed: u64, kills_wanted: u64, dir: &Path) -> Result<i32, 
     let too_few_handles = u64::from(opts.many && handles.peak < MANY_MIN_HANDLES);
     if opts.many {
         eprintln!(
-            "chaos: handles: peak {} open at once, mean {:.0} over {} samples (every 100 ms), fewest {}; {crowd_kills} of {kills} kills hit a crowd process",
+            "chaos: handles: peak {} open at once under the kills, mean {:.0} over {} samples (every 100 ms), fewest {}; {crowd_kills} of {kills} kills hit a crowd process",
             handles.peak,
             handles.mean(),
             handles.samples,
@@ -1059,12 +1059,12 @@ fn run_in(opts: &Opts, seed: u64, kills_wanted: u64, dir: &Path) -> Result<i32, 
     Ok(if ok { 0 } else { 1 })
 }
 
-/// `handles_open` of the broker's `stat`, sampled during the chaos.
+/// `handles_open` of the broker's `stat`, sampled during the chaos (from
+/// the start of the kills to the last one).
 #[derive(Default)]
 struct HandleStats {
     peak: u32,
     min: Option<u32>,
-    last: u32,
     sum: u64,
     samples: u64,
 }
@@ -1076,7 +1076,6 @@ impl HandleStats {
         match client.stat() {
             Ok(s) => {
                 let n = s.handles_open;
-                self.last = n;
                 self.peak = self.peak.max(n);
                 self.min = Some(self.min.map_or(n, |m| m.min(n)));
                 self.sum += u64::from(n);
