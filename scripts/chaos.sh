@@ -7,7 +7,7 @@
 #
 # Usage: scripts/chaos.sh [--kills N] [--seconds S] [--seed X]
 #                         [--interval-ms M] [--dir D] [--keep]
-#                         [--kill-broker [--broker-every K] | --control]
+#                         [--kill-broker [--broker-every K] | --control | --many]
 #
 # Progress goes to stderr; the last line on stdout is
 #   chaos: kills=N leaked_slots=L lost=M duplicated=D corrupt=C crashed=X unaccounted_drops=U
@@ -23,6 +23,13 @@
 # greedy_disconnected=G opener_kills=K request_timeouts=T emfile=E forks=N
 # forked_child_errors=R after kills and phantom_subscribers=P
 # control_failures=C fork_failures=X at the end (all three must be 0).
+# --many adds hundreds of handles (issue 16): 10 crowd processes of 64 lossy
+# subscriptions each (most on extension holder ids) that check every byte,
+# hold dozens of tensors at once and take half the kills; the broker admits
+# 256 subscribers per channel and 1,024 handles. The line gains
+# crowd_kills=K open_handles_peak=N after kills and too_few_handles=T at the
+# end (1 when fewer than 500 handles were ever open at once). --many runs
+# with the embedded broker only (not with --kill-broker or --control).
 # Re-run with the printed --seed to replay the same kill schedule (the
 # processes' own interleaving still varies from run to run).
 set -euo pipefail

@@ -82,9 +82,13 @@ struct Loaded {
     published: u64,
     publishing: Option<u64>,
     corrupt: u64,
+    /// Out of order or repeated deliveries a crowd process found itself.
+    duplicated: u64,
     not_exclusive: u64,
     stat: Option<(u64, u64)>,
     client: u32,
+    /// Crowd: tensors received (and verified), most held at once.
+    crowd: (u64, u64),
 }
 
 /// Whether a tensor `(inc, seq)` was published.
@@ -264,9 +268,11 @@ fn load(records: &[Record]) -> Result<Vec<Loaded>, String> {
                 published: j.published(),
                 publishing: j.publishing(),
                 corrupt: j.corrupt(),
+                duplicated: j.duplicated(),
                 not_exclusive: j.not_exclusive(),
                 stat: j.stat(),
                 client: j.client(),
+                crowd: j.crowd(),
             })
         })
         .collect()
@@ -316,15 +322,34 @@ fn check_epoch(loaded: &[&Loaded], stranded: &HashSet<(u32, u64)>) -> Report {
             .collect()
     };
 
-    // Library-reported corruption and stage releases, wherever they happened.
+    // Library-reported corruption (and what a crowd process found in
+    // process: payloads that did not verify, deliveries out of order) and
+    // stage releases, wherever they happened. Crowd processes journal no
+    // entries; none of the checks below looks at them (they select roles
+    // by kind), so their lossy subscriptions cause no `lost` and no
+    // `unaccounted_drops`.
     for l in loaded {
         total.corrupt += l.corrupt;
+        total.duplicated += l.duplicated;
         if l.corrupt > 0 {
+            let what = if role(l).kind == Kind::Crowd {
+                "RecvError::Corrupted or payloads that did not verify"
+            } else {
+                "RecvError::Corrupted"
+            };
             eprintln!(
-                "chaos: CORRUPT {} (inc {}): {} RecvError::Corrupted",
+                "chaos: CORRUPT {} (inc {}): {} {what}",
                 role(l).name,
                 l.rec.inc,
                 l.corrupt
+            );
+        }
+        if l.duplicated > 0 {
+            eprintln!(
+                "chaos: DUPLICATED {} (inc {}): {} deliveries repeated or out of order in its subscriptions",
+                role(l).name,
+                l.rec.inc,
+                l.duplicated
             );
         }
         if l.not_exclusive > 0 {
@@ -489,6 +514,24 @@ fn check_epoch(loaded: &[&Loaded], stranded: &HashSet<(u32, u64)>) -> Report {
             );
             unaccounted_drops += r.unaccounted;
         }
+    }
+
+    let crowd: Vec<&Loaded> = loaded
+        .iter()
+        .copied()
+        .filter(|l| role(l).kind == Kind::Crowd)
+        .collect();
+    if !crowd.is_empty() {
+        let killed = crowd
+            .iter()
+            .filter(|l| matches!(l.rec.outcome, Outcome::Killed { .. }))
+            .count();
+        eprintln!(
+            "chaos: crowd: {} incarnations ({killed} killed) received and verified {} tensors; at most {} held at once by one process; none journaled (lossy, not checked for completeness)",
+            crowd.len(),
+            crowd.iter().map(|l| l.crowd.0).sum::<u64>(),
+            crowd.iter().map(|l| l.crowd.1).max().unwrap_or(0)
+        );
     }
 
     let crashed = loaded
@@ -675,9 +718,11 @@ mod tests {
             published: 0,
             publishing: None,
             corrupt: 0,
+            duplicated: 0,
             not_exclusive: 0,
             stat: None,
             client: 0,
+            crowd: (0, 0),
         }
     }
 
@@ -730,6 +775,39 @@ mod tests {
         );
         let (c, _) = check_queue("t", &[&a, &b, &dup], KIND_RECV, &p, &none);
         assert_eq!((c.lost, c.duplicated, c.corrupt), (0, 1, 1));
+    }
+
+    #[test]
+    fn crowd_counts_its_own_findings_and_nothing_else() {
+        // A crowd journals no entries: its counts go to the report as they
+        // are, and its lossy subscriptions make nothing lost or unaccounted
+        // (a killed crowd is not a crash).
+        let mut c = loaded("crowd/0", 20, Outcome::Exited, Vec::new());
+        (c.corrupt, c.duplicated, c.crowd) = (2, 3, (1000, 64));
+        let k = loaded(
+            "crowd/1",
+            21,
+            Outcome::Killed { died_in_pop: false },
+            Vec::new(),
+        );
+        let r = check_epoch(&[&c, &k], &HashSet::new());
+        assert_eq!(
+            (
+                r.lost,
+                r.duplicated,
+                r.corrupt,
+                r.crashed,
+                r.unaccounted_drops
+            ),
+            (0, 3, 2, 0, 0)
+        );
+        let bad = loaded(
+            "crowd/2",
+            22,
+            Outcome::Crashed("status 2".into()),
+            Vec::new(),
+        );
+        assert_eq!(check_epoch(&[&bad], &HashSet::new()).crashed, 1);
     }
 
     #[test]

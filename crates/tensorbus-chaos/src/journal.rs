@@ -34,6 +34,9 @@ const W_CLIENT: usize = 10;
 const W_STAT: usize = 11;
 const W_DELIVERED: usize = 12;
 const W_DROPPED: usize = 13;
+const W_DUPLICATED: usize = 14;
+const W_CROWD_RECEIVED: usize = 15;
+const W_CROWD_MAX_HELD: usize = 16;
 
 /// Client state (0 until then: still connecting / subscribing): subscribed (or producer opened); from here on it counts.
 pub const STATE_READY: u64 = 1;
@@ -235,6 +238,31 @@ impl Journal {
     /// `RecvError::Corrupted` count.
     pub fn corrupt(&self) -> u64 {
         self.word(W_CORRUPT).load(Ordering::SeqCst)
+    }
+    /// Counts a delivery that a crowd process found out of order or
+    /// repeated in one of its subscriptions (it checks in process, without
+    /// journaling entries).
+    pub fn count_duplicated(&self) {
+        self.word(W_DUPLICATED).fetch_add(1, Ordering::SeqCst);
+    }
+    /// Deliveries counted by [`Journal::count_duplicated`].
+    pub fn duplicated(&self) -> u64 {
+        self.word(W_DUPLICATED).load(Ordering::SeqCst)
+    }
+    /// Crowd: after a sweep, `received` tensors so far in all, `held` of
+    /// them held at once by that sweep (the most is kept).
+    pub fn crowd_sweep(&self, received: u64, held: u64) {
+        self.word(W_CROWD_RECEIVED)
+            .store(received, Ordering::Relaxed);
+        self.word(W_CROWD_MAX_HELD)
+            .fetch_max(held, Ordering::Relaxed);
+    }
+    /// Crowd: `(received, most held at once)` of [`Journal::crowd_sweep`].
+    pub fn crowd(&self) -> (u64, u64) {
+        (
+            self.word(W_CROWD_RECEIVED).load(Ordering::SeqCst),
+            self.word(W_CROWD_MAX_HELD).load(Ordering::SeqCst),
+        )
     }
     /// Counts a `RecvError::NotExclusive` (the library released the slot).
     pub fn count_not_exclusive(&self) {

@@ -7,7 +7,7 @@
 //!
 //! ```text
 //! tensorbus-chaos [--kills N] [--seconds S] [--seed X] [--interval-ms M] [--dir D] [--keep]
-//!                 [--kill-broker [--broker-every K] | --control]
+//!                 [--kill-broker [--broker-every K] | --control | --many]
 //! ```
 //!
 //! Progress goes to stderr; stdout gets one line:
@@ -16,9 +16,13 @@
 //! at the end; with `--control`: `freezes=F greedy_disconnected=G
 //! opener_kills=K request_timeouts=T emfile=E forks=N forked_child_errors=R`
 //! after `kills`, and `phantom_subscribers=P control_failures=C
-//! fork_failures=X` at the end, see [`control`] and [`forker`]).
-//! The exit status is 0 only if every counter but `kills`, `broker_kills`
-//! and the `--control` activity counts is 0.
+//! fork_failures=X` at the end, see [`control`] and [`forker`]; with
+//! `--many`: `crowd_kills=K open_handles_peak=N` after `kills` and
+//! `too_few_handles=T` at the end, 1 when fewer than 500 handles were ever
+//! open at once).
+//! The exit status is 0 only if every counter but `kills`, `broker_kills`,
+//! the `--control` activity counts, `crowd_kills` and `open_handles_peak`
+//! is 0.
 //!
 //! The same binary, run as `tensorbus-chaos role KIND ...`, is every client
 //! process (see [`roles`]).
@@ -36,7 +40,7 @@ use std::path::PathBuf;
 fn usage() -> ! {
     eprintln!(
         "usage: tensorbus-chaos [--kills N] [--seconds S] [--seed X] [--interval-ms M] [--dir D] [--keep]\n\
-         \x20                      [--kill-broker [--broker-every K] | --control]\n\
+         \x20                      [--kill-broker [--broker-every K] | --control | --many]\n\
          \n\
          --kills N        stop after N kill -9s (default 200, or unlimited with --seconds)\n\
          --seconds S      stop after S seconds of chaos, even if fewer kills were made\n\
@@ -52,7 +56,12 @@ fn usage() -> ! {
          \x20                (SIGSTOP) past the openers' request timeout; clients that never read their\n\
          \x20                replies, run out of descriptors, die mid-request, or fork (the children's\n\
          \x20                inherited handles must be inert, the parent's must keep working); at the\n\
-         \x20                end no phantom subscriber may be left (see docs/reliability.md)"
+         \x20                end no phantom subscriber may be left (see docs/reliability.md)\n\
+         --many           hundreds of handles too: 10 crowd processes of 64 lossy subscriptions each\n\
+         \x20                (most on extension holder ids), every byte checked, dozens held at once,\n\
+         \x20                half the kills theirs; the broker admits 256 subscribers per channel and\n\
+         \x20                1,024 handles; fails unless at least 500 handles were open at once.\n\
+         \x20                Not with --kill-broker or --control (see docs/reliability.md)"
     );
     std::process::exit(2);
 }
@@ -72,6 +81,7 @@ fn main() {
         kill_broker: false,
         broker_every: 50,
         control: false,
+        many: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -97,6 +107,7 @@ fn main() {
             "--kill-broker" => opts.kill_broker = true,
             "--broker-every" => opts.broker_every = num(value("a count")).max(1),
             "--control" => opts.control = true,
+            "--many" => opts.many = true,
             "-h" | "--help" => usage(),
             other => {
                 eprintln!("tensorbus-chaos: unknown argument {other:?}");
@@ -106,6 +117,13 @@ fn main() {
     }
     if opts.control && opts.kill_broker {
         eprintln!("tensorbus-chaos: --control and --kill-broker do not go together");
+        usage()
+    }
+    if opts.many && (opts.control || opts.kill_broker) {
+        eprintln!(
+            "tensorbus-chaos: --many runs with the embedded broker only; it does not go together with {}",
+            if opts.control { "--control" } else { "--kill-broker" }
+        );
         usage()
     }
     std::process::exit(orchestrator::run(opts));

@@ -34,6 +34,9 @@ pub struct Opts {
     pub broker_every: u64,
     /// Control-plane chaos too (see [`crate::control`]).
     pub control: bool,
+    /// Hundreds of handles too: the crowd roles (see [`CROWD_SPREAD`]),
+    /// most of them on extension holder ids, killed like the others.
+    pub many: bool,
 }
 
 /// The broker configuration (also what `role broker` runs): two size classes (tensors of up to 1 KiB use
@@ -77,6 +80,69 @@ name = "pipe/out"
 mode = "broadcast"
 "#;
 
+/// The broker configuration of `--many`: [`CONFIG`] with room for the
+/// crowd: 256 subscribers per channel, 1,024 handles, a third broadcast
+/// channel (`crowd`), and pools big enough for every lossy ring entry of
+/// the crowd's subscriptions to pin a slot while the crowd holds dozens.
+pub const CONFIG_MANY: &str = r#"
+[limits]
+max_channels = 8
+max_producers_per_channel = 8
+max_subscribers_per_channel = 256
+max_handles = 1024
+ring_capacity = 16
+
+[[pools]]
+name = "small"
+slot_size = "1KiB"
+slots = 1024
+alignment = 64
+
+[[pools]]
+name = "big"
+slot_size = "8KiB"
+slots = 2048
+alignment = 64
+
+[[channels]]
+name = "bc"
+mode = "broadcast"
+
+[[channels]]
+name = "wq"
+mode = "workqueue"
+policy = "block"
+
+[[channels]]
+name = "pipe/in"
+mode = "workqueue"
+policy = "block"
+
+[[channels]]
+name = "pipe/out"
+mode = "broadcast"
+
+[[channels]]
+name = "crowd"
+mode = "broadcast"
+"#;
+
+/// What each crowd process subscribes to: `(channel, subscriptions, delta)`
+/// (`delta`: what the stages upstream added to every byte). 64 in all;
+/// [`CROWDS`] of them make 640 crowd subscriptions: 227 on `bc`, 222 on
+/// `pipe/out` and 200 on `crowd` with the base roles, so a replacement
+/// can subscribe before the broker has retired its killed predecessor's
+/// without reaching 256 on any channel.
+pub const CROWD_SPREAD: &[(&str, u32, u8)] =
+    &[("bc", 22, 0), ("pipe/out", 22, 1), ("crowd", 20, 0)];
+
+/// Crowd processes of `--many`.
+pub const CROWDS: usize = 10;
+
+/// Fewest handles open at once that `--many` must reach (its acceptance
+/// bar); below it the run fails with `too_few_handles=1`.
+pub const MANY_MIN_HANDLES: u32 = 500;
+
 /// What a client process does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -88,6 +154,10 @@ pub enum Kind {
     Worker,
     /// Takes from the work queue `channel`, forwards to `output`.
     Stage,
+    /// `--many` only: 64 lossy subscriptions spread over the broadcast
+    /// channels ([`CROWD_SPREAD`]), received round-robin, every byte
+    /// checked, dozens held at once.
+    Crowd,
 }
 
 impl Kind {
@@ -97,6 +167,7 @@ impl Kind {
             Kind::Consumer => "consumer",
             Kind::Worker => "worker",
             Kind::Stage => "stage",
+            Kind::Crowd => "crowd",
         }
     }
 }
@@ -125,6 +196,8 @@ pub struct Role {
     pub delta: u8,
     /// Never killed; the lossless checks are made against survivors.
     pub survivor: bool,
+    /// Runs only with `--many`.
+    pub many: bool,
 }
 
 const fn role(name: &'static str, kind: Kind, channel: &'static str) -> Role {
@@ -139,6 +212,7 @@ const fn role(name: &'static str, kind: Kind, channel: &'static str) -> Role {
         hold_us: 0,
         delta: 0,
         survivor: false,
+        many: false,
     }
 }
 
@@ -174,6 +248,17 @@ const fn survivor(r: Role) -> Role {
 
 const fn plus1(r: Role) -> Role {
     Role { delta: 1, ..r }
+}
+
+const fn many(r: Role) -> Role {
+    Role { many: true, ..r }
+}
+
+const fn crowd(name: &'static str) -> Role {
+    many(Role {
+        hold_us: 10_000,
+        ..role(name, Kind::Crowd, "crowd")
+    })
 }
 
 /// Every role of a run.
@@ -250,6 +335,21 @@ pub const ROLES: &[Role] = &[
         Some(2),
         2000,
     )),
+    // --many: a producer for the crowd's own channel, and the crowd.
+    many(Role {
+        pace_us: 1000,
+        ..role("crowd/producer", Kind::Producer, "crowd")
+    }),
+    crowd("crowd/0"),
+    crowd("crowd/1"),
+    crowd("crowd/2"),
+    crowd("crowd/3"),
+    crowd("crowd/4"),
+    crowd("crowd/5"),
+    crowd("crowd/6"),
+    crowd("crowd/7"),
+    crowd("crowd/8"),
+    crowd("crowd/9"),
 ];
 
 /// A running client process.
@@ -271,6 +371,8 @@ struct Run {
     epoch: u32,
     /// Whether the current epoch's broker has been killed.
     broker_dead: bool,
+    /// `--many`: the roles marked [`Role::many`] run too.
+    many: bool,
 }
 
 /// What a process that does not stop when asked counts as.
@@ -309,7 +411,8 @@ impl BrokerHandle {
                 .map_err(|e| format!("spawn the broker: {e}"))?;
             BrokerHandle::Process(child)
         } else {
-            let config = Config::from_toml(CONFIG).map_err(|e| e.to_string())?;
+            let config = Config::from_toml(if run.many { CONFIG_MANY } else { CONFIG })
+                .map_err(|e| e.to_string())?;
             BrokerHandle::Embedded {
                 _broker: EmbeddedBroker::start(&config, &run.socket).map_err(|e| e.to_string())?,
             }
@@ -356,6 +459,8 @@ impl Drop for BrokerHandle {
 fn capacity(r: &Role) -> usize {
     if r.survivor {
         16 << 20
+    } else if r.kind == Kind::Crowd {
+        1024 // no entries: a crowd checks in process and only counts
     } else {
         2 << 20
     }
@@ -570,8 +675,8 @@ impl Run {
     /// Starts every role (receivers first, so that the survivors are
     /// subscribed before anything is published) and waits until all are ready.
     fn start_all(&mut self) -> Result<(), String> {
-        let receivers = roles_of(&[Kind::Consumer, Kind::Worker, Kind::Stage]);
-        let producers = roles_of(&[Kind::Producer]);
+        let receivers = self.roles_of(&[Kind::Consumer, Kind::Worker, Kind::Stage, Kind::Crowd]);
+        let producers = self.roles_of(&[Kind::Producer]);
         for group in [&receivers, &producers] {
             for &i in group {
                 self.spawn(i).map_err(|e| format!("spawn: {e}"))?;
@@ -586,10 +691,29 @@ impl Run {
     /// producers were killed as stalled (only with `hang` = Stalled).
     fn quiesce(&mut self, producer_limit: Duration, hang: Hang) -> u64 {
         let limit = Duration::from_secs(30);
-        let stalled = self.stop(&roles_of(&[Kind::Producer]), producer_limit, hang);
-        self.stop(&roles_of(&[Kind::Worker, Kind::Stage]), limit, Hang::Crash);
-        self.stop(&roles_of(&[Kind::Consumer]), limit, Hang::Crash);
+        // The crowd first: it exits at once when asked (it need not drain)
+        // and lets go of what it holds.
+        self.stop(&self.roles_of(&[Kind::Crowd]), limit, Hang::Crash);
+        let stalled = self.stop(&self.roles_of(&[Kind::Producer]), producer_limit, hang);
+        self.stop(
+            &self.roles_of(&[Kind::Worker, Kind::Stage]),
+            limit,
+            Hang::Crash,
+        );
+        self.stop(&self.roles_of(&[Kind::Consumer]), limit, Hang::Crash);
         stalled
+    }
+
+    /// The roles of this run (those marked [`Role::many`] only with `--many`).
+    fn active(&self, i: usize) -> bool {
+        self.many || !ROLES[i].many
+    }
+
+    /// The roles of this run of one of `kinds`.
+    fn roles_of(&self, kinds: &[Kind]) -> Vec<usize> {
+        (0..ROLES.len())
+            .filter(|&i| self.active(i) && kinds.contains(&ROLES[i].kind))
+            .collect()
     }
 }
 
@@ -599,12 +723,6 @@ fn default_seed() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64);
     let mut r = Rng::new(t ^ (u64::from(std::process::id()) << 32));
     r.next_u64() >> 16 // keep it short enough to type
-}
-
-fn roles_of(kinds: &[Kind]) -> Vec<usize> {
-    (0..ROLES.len())
-        .filter(|&i| kinds.contains(&ROLES[i].kind))
-        .collect()
 }
 
 /// (free, total) slots over all pools.
@@ -672,6 +790,7 @@ fn run_in(opts: &Opts, seed: u64, kills_wanted: u64, dir: &Path) -> Result<i32, 
         next_inc: 1,
         epoch: 0,
         broker_dead: false,
+        many: opts.many,
     };
     let (mut broker, mut client) = BrokerHandle::start(&run, opts.kill_broker || opts.control)?;
     let mut rng = Rng::new(seed);
@@ -687,14 +806,33 @@ fn run_in(opts: &Opts, seed: u64, kills_wanted: u64, dir: &Path) -> Result<i32, 
         )?),
         _ => None,
     };
+    // Counted from the first kill on: what was open under the kills.
+    let mut handles = HandleStats::default();
     eprintln!(
-        "chaos: {} clients up after {:.1} s; killing",
-        ROLES.len(),
-        t0.elapsed().as_secs_f64()
+        "chaos: {} clients up after {:.1} s ({} handles open); killing",
+        (0..ROLES.len()).filter(|&i| run.active(i)).count(),
+        t0.elapsed().as_secs_f64(),
+        client.stat().map_or(0, |s| s.handles_open)
     );
 
+    if opts.many {
+        eprintln!(
+            "chaos: --many: {CROWDS} crowd processes of {} lossy subscriptions each",
+            CROWD_SPREAD.iter().map(|&(_, n, _)| n).sum::<u32>()
+        );
+    }
+
     // Chaos.
-    let victims: Vec<usize> = (0..ROLES.len()).filter(|&i| !ROLES[i].survivor).collect();
+    let victims: Vec<usize> = (0..ROLES.len())
+        .filter(|&i| run.active(i) && !ROLES[i].survivor)
+        .collect();
+    let crowd: Vec<usize> = victims
+        .iter()
+        .copied()
+        .filter(|&i| ROLES[i].kind == Kind::Crowd)
+        .collect();
+    let mut crowd_kills = 0u64;
+    let mut next_sample = Instant::now();
     let chaos_start = Instant::now();
     let interval = |rng: &mut Rng| Duration::from_millis(rng.below(2 * opts.interval_ms + 1));
     let mut next_kill = chaos_start + interval(&mut rng);
@@ -708,6 +846,10 @@ fn run_in(opts: &Opts, seed: u64, kills_wanted: u64, dir: &Path) -> Result<i32, 
             .is_some_and(|s| now.duration_since(chaos_start) >= Duration::from_secs(s))
     };
     while kills < kills_wanted && !time_up(Instant::now()) {
+        if opts.many && Instant::now() >= next_sample {
+            handles.sample(&client);
+            next_sample = Instant::now() + Duration::from_millis(100);
+        }
         for i in run.reap() {
             if !ROLES[i].survivor {
                 restarts.push((Instant::now() + Duration::from_millis(10), i));
@@ -726,11 +868,20 @@ fn run_in(opts: &Opts, seed: u64, kills_wanted: u64, dir: &Path) -> Result<i32, 
             continue;
         }
         if now >= next_kill && broker_kill_at.is_none() {
-            let alive = alive_victims(&victims, &run.live);
+            // With --many, half the kills go to the crowd (processes each
+            // holding dozens of tensors on extension holder ids), the other
+            // half to any victim.
+            let alive_crowd = alive_victims(&crowd, &run.live);
+            let alive = if !alive_crowd.is_empty() && rng.below(2) == 0 {
+                alive_crowd
+            } else {
+                alive_victims(&victims, &run.live)
+            };
             if !alive.is_empty() {
                 let i = alive[rng.below(alive.len() as u64) as usize];
                 if run.kill(i) {
                     kills += 1;
+                    crowd_kills += u64::from(ROLES[i].kind == Kind::Crowd);
                     if kills % 100 == 0 || kills == kills_wanted {
                         eprintln!(
                             "chaos: {kills} kills after {:.1} s",
@@ -817,7 +968,24 @@ fn run_in(opts: &Opts, seed: u64, kills_wanted: u64, dir: &Path) -> Result<i32, 
     drop(broker);
 
     let report = check::check(&run.records, &stranded)?;
+    let too_few_handles = u64::from(opts.many && handles.peak < MANY_MIN_HANDLES);
+    if opts.many {
+        eprintln!(
+            "chaos: handles: peak {} open at once under the kills, mean {:.0} over {} samples (every 100 ms), fewest {}; {crowd_kills} of {kills} kills hit a crowd process",
+            handles.peak,
+            handles.mean(),
+            handles.samples,
+            handles.min.unwrap_or(0)
+        );
+        if too_few_handles > 0 {
+            eprintln!(
+                "chaos: TOO FEW HANDLES: at most {} open at once, --many needs {MANY_MIN_HANDLES}",
+                handles.peak
+            );
+        }
+    }
     let ok = leaked == 0
+        && too_few_handles == 0
         && report.lost == 0
         && report.duplicated == 0
         && report.corrupt == 0
@@ -848,6 +1016,12 @@ fn run_in(opts: &Opts, seed: u64, kills_wanted: u64, dir: &Path) -> Result<i32, 
         );
         line += &format!(" broker_kills={}", b.kills);
     }
+    if opts.many {
+        line += &format!(
+            " crowd_kills={crowd_kills} open_handles_peak={}",
+            handles.peak
+        );
+    }
     if let Some(c) = &ctl {
         let c = &c.stats;
         eprintln!(
@@ -872,6 +1046,9 @@ fn run_in(opts: &Opts, seed: u64, kills_wanted: u64, dir: &Path) -> Result<i32, 
     if opts.kill_broker {
         line += &format!(" broker_failures={}", b.failures);
     }
+    if opts.many {
+        line += &format!(" too_few_handles={too_few_handles}");
+    }
     if let Some(c) = &ctl {
         line += &format!(
             " phantom_subscribers={} control_failures={} fork_failures={}",
@@ -880,6 +1057,36 @@ fn run_in(opts: &Opts, seed: u64, kills_wanted: u64, dir: &Path) -> Result<i32, 
     }
     println!("{line}");
     Ok(if ok { 0 } else { 1 })
+}
+
+/// `handles_open` of the broker's `stat`, sampled during the chaos (from
+/// the start of the kills to the last one).
+#[derive(Default)]
+struct HandleStats {
+    peak: u32,
+    min: Option<u32>,
+    sum: u64,
+    samples: u64,
+}
+
+impl HandleStats {
+    /// One sample (a failed `stat` is skipped with a note: it is the
+    /// crowd's handles that are measured, not the control plane).
+    fn sample(&mut self, client: &Client) {
+        match client.stat() {
+            Ok(s) => {
+                let n = s.handles_open;
+                self.peak = self.peak.max(n);
+                self.min = Some(self.min.map_or(n, |m| m.min(n)));
+                self.sum += u64::from(n);
+                self.samples += 1;
+            }
+            Err(e) => eprintln!("chaos: stat for handles_open: {e}"),
+        }
+    }
+    fn mean(&self) -> f64 {
+        self.sum as f64 / self.samples.max(1) as f64
+    }
 }
 
 /// What the broker kills did.
@@ -1039,4 +1246,42 @@ fn alive_victims(victims: &[usize], live: &[Option<Proc>]) -> Vec<usize> {
         .copied()
         .filter(|&i| live[i].is_some())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn many_config_fits_the_crowd() {
+        let config = Config::from_toml(CONFIG_MANY).expect("CONFIG_MANY parses");
+        let limit = config.limits.max_subscribers_per_channel;
+        let crowd = ROLES.iter().filter(|r| r.kind == Kind::Crowd).count();
+        assert_eq!(crowd, CROWDS);
+        assert!(ROLES
+            .iter()
+            .filter(|r| r.kind == Kind::Crowd)
+            .all(|r| r.many && !r.survivor));
+        let per_crowd: u32 = CROWD_SPREAD.iter().map(|&(_, n, _)| n).sum();
+        assert_eq!(per_crowd, 64);
+        for &(channel, n, _) in CROWD_SPREAD {
+            assert!(
+                config.channels.iter().any(|c| c.name == channel),
+                "{channel}"
+            );
+            let base = ROLES
+                .iter()
+                .filter(|r| r.channel == channel && matches!(r.kind, Kind::Consumer))
+                .count() as u32;
+            // Every crowd, plus one replacement subscribing before its
+            // killed predecessor was retired.
+            let most = base + n * (CROWDS as u32 + 1);
+            assert!(most <= limit, "{channel}: {most} subscribers > {limit}");
+        }
+        // Every role's handles (a stage has two), plus two crowds' worth
+        // of replacements not yet retired.
+        let handles = ROLES.len() + 1 + per_crowd as usize * (CROWDS + 2);
+        assert!(handles <= config.limits.max_handles as usize);
+        assert!(per_crowd as usize * CROWDS >= MANY_MIN_HANDLES as usize);
+    }
 }

@@ -22,6 +22,17 @@
 //!   a non-blocking attempt bracketed by `begin_pop`/`end_pop`, so the
 //!   orchestrator knows whether a kill landed between "took an entry" and
 //!   "journaled it".
+//! * `crowd` (`--many`): 64 lossy subscriptions (`latest`, `drop_oldest`
+//!   and `drop_newest` of depth 2, in turn) spread over the broadcast
+//!   channels as [`crate::orchestrator::CROWD_SPREAD`] says, most of them
+//!   on extension holder ids. Sweeps them round-robin with `try_recv`,
+//!   checks every byte of each tensor and that each subscription's
+//!   deliveries keep their publisher's order, holds everything one sweep
+//!   got (dozens of tensors) for up to `--hold-us`, then releases it all.
+//!   It journals no entries, only counts: a payload that does not verify
+//!   (or `RecvError::Corrupted`) as corrupt, a delivery repeated or out of
+//!   order as duplicated. Exits at once when told to stop (it need not
+//!   drain: nothing checks its completeness).
 //! * `stage`: `recv_mut` on a work queue (bracketed like a worker, journaled
 //!   as `TOOK`), adds `--delta` to every byte in place, `forward`s the same
 //!   slot to `--output`, journals `FWD`.
@@ -126,6 +137,7 @@ pub fn run(args: &[String]) -> ! {
         "consumer" => consumer(&client, &a, &journal, &mut rng),
         "worker" => worker(&client, &a, &journal, &mut rng),
         "stage" => stage(&client, &a, &journal, &mut rng),
+        "crowd" => crowd(&client, &a, &journal, &mut rng),
         other => fail(&format!("unknown role {other:?}")),
     }
     journal.set_state(STATE_DONE);
@@ -292,6 +304,107 @@ fn worker(client: &Client, a: &Args, journal: &Journal, rng: &mut Rng) {
                 journal.count_corrupt();
             }
             Err(e) => fail(&format!("receive: {e}")),
+        }
+    }
+}
+
+/// One subscription of a crowd process.
+struct CrowdSub {
+    consumer: tensorbus::Consumer,
+    channel: &'static str,
+    delta: u8,
+    /// Order within a publisher's stream: by the user header's `(inc, seq)`
+    /// on the channels producers publish to, by `TensorMeta`'s
+    /// `(producer, seq)` on `pipe/out`, where the stages forward.
+    by_meta: bool,
+    /// Last position received per stream.
+    last: HashMap<u64, u64>,
+}
+
+fn crowd(client: &Client, a: &Args, journal: &Journal, rng: &mut Rng) {
+    let policies = [
+        (Policy::Latest, None),
+        (Policy::DropOldest, Some(2)),
+        (Policy::DropNewest, Some(2)),
+    ];
+    let mut subs = Vec::new();
+    for &(channel, n, delta) in crate::orchestrator::CROWD_SPREAD {
+        for k in 0..n as usize {
+            let (policy, depth) = policies[(k + subs.len()) % policies.len()];
+            let mut opts = ConsumerOptions::default()
+                .end_of_stream(false)
+                .policy(policy);
+            if let Some(d) = depth {
+                opts = opts.depth(d);
+            }
+            let consumer = client
+                .consumer_with(channel, opts)
+                .unwrap_or_else(|e| fail(&format!("subscribe {channel} ({policy:?}): {e}")));
+            subs.push(CrowdSub {
+                consumer,
+                channel,
+                delta,
+                by_meta: channel == "pipe/out",
+                last: HashMap::new(),
+            });
+        }
+    }
+    journal.set_state(STATE_READY);
+    let hold = a.num("hold-us", 0);
+    let mut held: Vec<tensorbus::Tensor> = Vec::with_capacity(subs.len());
+    let mut received = 0u64;
+    // Each problem is counted; the first few are described on stderr.
+    let mut told = 0u32;
+    let mut tell = |msg: String| {
+        told += 1;
+        if told <= 20 {
+            eprintln!("crowd: {msg}");
+        }
+    };
+    while !journal.stop_requested() {
+        for s in &mut subs {
+            match s.consumer.try_recv() {
+                Ok(t) => {
+                    let (ok, seq, inc) = payload::verify(t.user_header(), &t, s.delta);
+                    if !ok {
+                        tell(format!(
+                            "{}: payload of inc {inc} seq {seq} does not verify (meta {:?})",
+                            s.channel,
+                            t.meta()
+                        ));
+                        journal.count_corrupt();
+                    }
+                    let (stream, pos) = if s.by_meta {
+                        (u64::from(t.meta().producer), t.meta().seq)
+                    } else {
+                        (u64::from(inc), seq)
+                    };
+                    if let Some(prev) = s.last.insert(stream, pos) {
+                        if pos <= prev {
+                            tell(format!(
+                                "{}: stream {stream}: position {pos} after {prev} (repeated or out of order)",
+                                s.channel
+                            ));
+                            journal.count_duplicated();
+                        }
+                    }
+                    held.push(t);
+                }
+                Err(TryRecvError::Empty) => {}
+                Err(TryRecvError::Corrupted(e)) => {
+                    tell(format!("{}: corrupted receive: {e}", s.channel));
+                    journal.count_corrupt();
+                }
+                Err(e) => fail(&format!("crowd: {}: receive: {e}", s.channel)),
+            }
+        }
+        if held.is_empty() {
+            std::thread::sleep(IDLE);
+        } else {
+            received += held.len() as u64;
+            journal.crowd_sweep(received, held.len() as u64);
+            sleep_up_to(rng, hold);
+            held.clear();
         }
     }
 }

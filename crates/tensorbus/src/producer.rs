@@ -348,8 +348,13 @@ impl ProducerCore {
 
     /// This producer's loan intent word in its shared record (see
     /// [`tensorbus_core::wide`] rule 3; only extension ids use it).
+    #[inline]
     fn loan_intent(&self) -> &AtomicU64 {
         static UNUSED: AtomicU64 = AtomicU64::new(0);
+        if self.id.is_direct() {
+            // A direct-id loan never touches it: skip the record lookup.
+            return &UNUSED;
+        }
         self.ctl()
             .producer(self.channel.index as usize, self.row)
             .map_or(&UNUSED, |p| &p.loan_intent)
