@@ -549,8 +549,11 @@ mod tests {
         let text = include_str!("../../../examples/tensorbus.toml");
         let c = Config::from_toml(text).unwrap();
         assert!(!c.channels.is_empty());
-        // issue 12.11: the example states the real handle limit.
-        assert!(text.contains("limited to 63 per broker"), "{text}");
-        assert!(!text.contains("64 per broker"), "{text}");
+        // issue 12.11: the example states the real handle limit (issue 16:
+        // the default and the maximum of max_handles).
+        assert_eq!(c.limits.max_handles, 1024);
+        assert!(text.contains("at most 1039"), "{text}");
+        assert_eq!(crate::MAX_HANDLES, 1039);
+        assert!(!text.contains("63 per broker"), "{text}");
     }
 }

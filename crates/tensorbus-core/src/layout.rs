@@ -80,6 +80,8 @@ pub struct Layout {
     pub ring_stride: usize,
     /// Total bytes.
     pub total: usize,
+    /// Subscriber indices a channel can have (`0..max_subscribers`).
+    valid_subs: crate::subset::SubSet,
 }
 
 const fn round_up(x: usize, to: usize) -> usize {
@@ -162,6 +164,7 @@ impl Layout {
             rings_in_block,
             ring_stride,
             total,
+            valid_subs: crate::subset::SubSet::below(params.max_subscribers as usize),
         })
     }
 
@@ -175,7 +178,7 @@ impl Layout {
     /// Subscriber indices a channel can have.
     #[inline]
     pub fn valid_subs(&self) -> crate::subset::SubSet {
-        crate::subset::SubSet::below(self.params.max_subscribers as usize)
+        self.valid_subs
     }
 
     /// Rows of rings per channel (producers plus the broker's row 0).

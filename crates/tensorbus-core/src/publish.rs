@@ -28,7 +28,7 @@ use crate::desc::Descriptor;
 use crate::park::Parker;
 use crate::records::{loan_tag, Mode, Policy, INTENT_VALID, STATE_ACTIVE};
 use crate::slot::{Released, SlotHeader};
-use crate::subset::SubSet;
+use crate::subset::{SubSet, Subs, SUB_WORDS};
 use crate::sync::{fence, AtomicU64, Ordering};
 use crate::wide::{HolderId, HOLDERS_MASK};
 use std::time::Duration;
@@ -148,7 +148,7 @@ impl ProducerPath<'_> {
     /// depths: a full depth-1 worker with one entry must not be chosen over
     /// a depth-4 worker with two (the publish would wait on the full one
     /// forever while the other has room, although `has_room` said yes).
-    fn choose_worker(&self, candidates: SubSet, rr: &mut usize) -> Option<usize> {
+    fn choose_worker<const N: usize>(&self, candidates: Subs<N>, rr: &mut usize) -> Option<usize> {
         let mut best: Option<((bool, u64), usize)> = None;
         for s in candidates.rotated(*rr) {
             let key = match (
@@ -192,6 +192,26 @@ impl ProducerPath<'_> {
         rr: &mut usize,
         parker: &impl Parker,
     ) -> PublishOutcome {
+        // Compiled twice: one-word subscriber sets for channels of up to
+        // 64 subscribers (the code of a single 64-bit mask), four words
+        // beyond.
+        if self.ctl.layout().sub_words() == 1 {
+            self.publish_n::<1>(desc, slot, own, cached_heads, rr, parker)
+        } else {
+            self.publish_n::<SUB_WORDS>(desc, slot, own, cached_heads, rr, parker)
+        }
+    }
+
+    #[inline(always)]
+    fn publish_n<const N: usize>(
+        &self,
+        desc: Descriptor,
+        slot: &SlotHeader,
+        own: HolderId,
+        cached_heads: &mut [u64],
+        rr: &mut usize,
+        parker: &impl Parker,
+    ) -> PublishOutcome {
         let mut out = PublishOutcome::default();
         let (Some(ch), Some(me)) = (
             self.ctl.channel(self.channel),
@@ -201,32 +221,32 @@ impl ProducerPath<'_> {
             return out;
         };
         let layout = self.ctl.layout();
-        let (words, valid) = (layout.sub_words(), layout.valid_subs());
+        let valid = Subs::<N>::from_set(layout.valid_subs());
         let packed = desc.pack();
 
         // Step 1: announce the intent, then settle the receivers.
-        let mut receivers = SubSet::load(&ch.subscribers, words, Ordering::Acquire).and(valid);
-        receivers.store(&me.intent_receivers, words, Ordering::Relaxed);
+        let mut receivers = Subs::<N>::load(&ch.subscribers, Ordering::Acquire).and(valid);
+        receivers.store(&me.intent_receivers, Ordering::Relaxed);
         // Release store then a SeqCst fence: the fence alone orders this
         // store before the subscriber-mask loads below (the Dekker pair with
         // the broker's retirement, which clears a bit in one word), without
         // a second locked instruction.
         me.intent.store(INTENT_VALID | packed, Ordering::Release);
         fence(Ordering::SeqCst);
-        receivers = receivers.and(SubSet::load(&ch.subscribers, words, Ordering::SeqCst));
+        receivers = receivers.and(Subs::<N>::load(&ch.subscribers, Ordering::SeqCst));
 
         if self.mode == Mode::Workqueue {
             // One receiver. Workers that join while we wait count too; each
             // choice is added to the recorded intent before its holder bit is
             // set, so the broker's repair of a dead producer covers it.
             let mut candidates = receivers;
-            let mut gone = SubSet::EMPTY;
+            let mut gone = Subs::<N>::EMPTY;
             let mut recorded = receivers;
             // No live worker ends the loop: the tensor is dropped below.
             while let Some(s) = self.choose_worker(candidates, rr) {
                 if !recorded.contains(s) {
                     recorded.insert(s);
-                    recorded.store(&me.intent_receivers, words, Ordering::SeqCst);
+                    recorded.store(&me.intent_receivers, Ordering::SeqCst);
                 }
                 // Step 2: the receiver becomes a holder before it can see
                 // it (we still hold the slot: rule 2 of `wide`).
@@ -246,7 +266,7 @@ impl ProducerPath<'_> {
                     // Still full after a while: look again for the least loaded.
                     Delivery::Retry => {}
                 }
-                candidates = SubSet::load(&ch.subscribers, words, Ordering::SeqCst)
+                candidates = Subs::<N>::load(&ch.subscribers, Ordering::SeqCst)
                     .and(valid)
                     .and_not(gone);
             }
@@ -269,7 +289,7 @@ impl ProducerPath<'_> {
             }
             // Step 3: deliver (to the subscribers; the channel's history
             // record, if any, keeps it). Relaxed: see `history_subs`.
-            let history = SubSet::load(&ch.history_subs, words, Ordering::Relaxed);
+            let history = Subs::<N>::load(&ch.history_subs, Ordering::Relaxed);
             for s in receivers.and(history).iter() {
                 self.keep_in_history(s, packed, cached_heads);
             }
@@ -313,8 +333,8 @@ impl ProducerPath<'_> {
     fn first_full_block_ring(&self) -> Option<usize> {
         let ch = self.ctl.channel(self.channel)?;
         let layout = self.ctl.layout();
-        let receivers = SubSet::load(&ch.subscribers, layout.sub_words(), Ordering::Acquire)
-            .and(layout.valid_subs());
+        // All four words: off the hot path (zero beyond the words in use).
+        let receivers = SubSet::load(&ch.subscribers, Ordering::Acquire).and(layout.valid_subs());
         let mut full = None;
         for s in receivers.iter() {
             let (Some(sub), Some(ring)) = (

@@ -105,8 +105,7 @@ pub fn recover_producer(ctl: &Control, channel: usize, row: usize) -> usize {
         return 0;
     }
     let layout = ctl.layout();
-    let receivers = SubSet::load(&me.intent_receivers, layout.sub_words(), Ordering::Acquire)
-        .and(layout.valid_subs());
+    let receivers = SubSet::load(&me.intent_receivers, Ordering::Acquire).and(layout.valid_subs());
     let desc = Descriptor::unpack(intent);
     let mut cleared = 0;
     if let Some(slot) = ctl.slot(usize::from(desc.pool), desc.index as usize) {

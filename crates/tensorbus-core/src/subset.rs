@@ -4,7 +4,6 @@
 //! most 64 subscribers use word 0 only, so their publishes load one word as
 //! before.
 
-use crate::bits::set_bits;
 use crate::sync::{AtomicU64, Ordering};
 
 /// Words of a subscriber set.
@@ -12,10 +11,21 @@ pub const SUB_WORDS: usize = 4;
 /// Most subscribers per channel.
 pub const MAX_SUBSCRIBERS: usize = SUB_WORDS * 64;
 
-/// A set of subscriber indices (a copy; the shared ones are arrays of
-/// atomics read with [`SubSet::load`]).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SubSet(pub [u64; SUB_WORDS]);
+/// A set of subscriber indices in `N` words (a copy; the shared ones are
+/// arrays of [`SUB_WORDS`] atomics read with [`Subs::load`]). The publish
+/// path is compiled for `N = 1` (channels of up to 64 subscribers: the
+/// single-word code of before) and `N = SUB_WORDS`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Subs<const N: usize>(pub [u64; N]);
+
+/// A set of any of a channel's subscribers.
+pub type SubSet = Subs<SUB_WORDS>;
+
+impl<const N: usize> Default for Subs<N> {
+    fn default() -> Self {
+        Subs([0; N])
+    }
+}
 
 /// Words needed for `n` subscribers (at least 1, at most [`SUB_WORDS`]).
 #[inline]
@@ -30,52 +40,57 @@ pub const fn words_for(n: usize) -> usize {
     }
 }
 
-impl SubSet {
+impl<const N: usize> Subs<N> {
     /// The empty set.
-    pub const EMPTY: SubSet = SubSet([0; SUB_WORDS]);
+    pub const EMPTY: Subs<N> = Subs([0; N]);
 
-    /// Subscribers `0..n`.
-    pub fn below(n: usize) -> SubSet {
-        SubSet(core::array::from_fn(|w| {
+    /// Subscribers `0..n` (those that fit in `N` words).
+    #[inline]
+    pub fn below(n: usize) -> Subs<N> {
+        Subs(core::array::from_fn(|w| {
             crate::bits::low_mask(n.saturating_sub(w * 64))
         }))
     }
 
+    /// The first `N` words of `set`.
+    #[inline]
+    pub fn from_set(set: SubSet) -> Subs<N> {
+        Subs(core::array::from_fn(|w| set.0.get(w).copied().unwrap_or(0)))
+    }
+
     /// The set with only `s` (empty if out of range).
-    pub fn one(s: usize) -> SubSet {
-        let mut x = SubSet::EMPTY;
+    pub fn one(s: usize) -> Subs<N> {
+        let mut x = Subs::EMPTY;
         x.insert(s);
         x
     }
 
-    /// Loads the first `words` words of `shared` (the rest read as empty).
+    /// Loads the first `N` words of `shared`.
     #[inline]
-    pub fn load(shared: &[AtomicU64; SUB_WORDS], words: usize, order: Ordering) -> SubSet {
-        let mut x = SubSet::EMPTY;
-        for (w, v) in x.0.iter_mut().enumerate().take(words.min(SUB_WORDS)) {
-            *v = shared[w].load(order);
-        }
-        x
+    pub fn load(shared: &[AtomicU64; SUB_WORDS], order: Ordering) -> Subs<N> {
+        Subs(core::array::from_fn(|w| {
+            shared.get(w).map_or(0, |a| a.load(order))
+        }))
     }
 
-    /// Stores the first `words` words into `shared`.
+    /// Stores the `N` words into `shared` (the first `N` of its words).
     #[inline]
-    pub fn store(self, shared: &[AtomicU64; SUB_WORDS], words: usize, order: Ordering) {
-        for (w, v) in self.0.iter().enumerate().take(words.min(SUB_WORDS)) {
-            shared[w].store(*v, order);
+    pub fn store(self, shared: &[AtomicU64; SUB_WORDS], order: Ordering) {
+        for (a, v) in shared.iter().zip(self.0) {
+            a.store(v, order);
         }
     }
 
     /// Whether `s` is in the set.
     #[inline]
     pub fn contains(&self, s: usize) -> bool {
-        s < MAX_SUBSCRIBERS && self.0[s / 64] & (1 << (s % 64)) != 0
+        s < N * 64 && self.0[s / 64] & (1 << (s % 64)) != 0
     }
 
     /// Adds `s` (ignored if out of range).
     #[inline]
     pub fn insert(&mut self, s: usize) {
-        if s < MAX_SUBSCRIBERS {
+        if s < N * 64 {
             self.0[s / 64] |= 1 << (s % 64);
         }
     }
@@ -88,20 +103,20 @@ impl SubSet {
 
     /// Elements in both.
     #[inline]
-    pub fn and(self, other: SubSet) -> SubSet {
-        SubSet(core::array::from_fn(|w| self.0[w] & other.0[w]))
+    pub fn and(self, other: Subs<N>) -> Subs<N> {
+        Subs(core::array::from_fn(|w| self.0[w] & other.0[w]))
     }
 
     /// Elements of `self` not in `other`.
     #[inline]
-    pub fn and_not(self, other: SubSet) -> SubSet {
-        SubSet(core::array::from_fn(|w| self.0[w] & !other.0[w]))
+    pub fn and_not(self, other: Subs<N>) -> Subs<N> {
+        Subs(core::array::from_fn(|w| self.0[w] & !other.0[w]))
     }
 
     /// The elements, lowest first.
     #[inline]
-    pub fn iter(self) -> impl Iterator<Item = usize> {
-        (0..SUB_WORDS).flat_map(move |w| set_bits(self.0[w]).map(move |b| w * 64 + b))
+    pub fn iter(self) -> SubIter<N> {
+        SubIter { set: self.0, w: 0 }
     }
 
     /// The elements round-robin from `start`: those at or above it, then
@@ -115,6 +130,30 @@ impl SubSet {
     /// Number of elements.
     pub fn len(&self) -> usize {
         self.0.iter().map(|w| w.count_ones() as usize).sum()
+    }
+}
+
+/// Iterator of [`Subs::iter`]: a word index and what is left of the set
+/// (no adapters: it sits on the publish path).
+#[derive(Clone, Copy, Debug)]
+pub struct SubIter<const N: usize> {
+    set: [u64; N],
+    w: usize,
+}
+
+impl<const N: usize> Iterator for SubIter<N> {
+    type Item = usize;
+    #[inline]
+    fn next(&mut self) -> Option<usize> {
+        while self.w < N {
+            let bits = self.set[self.w];
+            if bits != 0 {
+                self.set[self.w] = bits & (bits - 1);
+                return Some(self.w * 64 + bits.trailing_zeros() as usize);
+            }
+            self.w += 1;
+        }
+        None
     }
 }
 
@@ -162,18 +201,18 @@ mod tests {
         shared_insert(&shared, 130, Ordering::Relaxed);
         shared_insert(&shared, 1, Ordering::Relaxed);
         assert_eq!(
-            SubSet::load(&shared, 4, Ordering::Relaxed)
+            SubSet::load(&shared, Ordering::Relaxed)
                 .iter()
                 .collect::<Vec<_>>(),
             [1, 130]
         );
         assert_eq!(
-            SubSet::load(&shared, 1, Ordering::Relaxed)
+            Subs::<1>::load(&shared, Ordering::Relaxed)
                 .iter()
                 .collect::<Vec<_>>(),
             [1]
         );
         shared_remove(&shared, 130, Ordering::Relaxed);
-        assert_eq!(SubSet::load(&shared, 4, Ordering::Relaxed).len(), 1);
+        assert_eq!(SubSet::load(&shared, Ordering::Relaxed).len(), 1);
     }
 }

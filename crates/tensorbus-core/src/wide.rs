@@ -71,8 +71,15 @@ impl HolderId {
     }
     /// The id read from shared memory, clamped into range (a garbage value
     /// names some valid id, never an out-of-range index).
+    #[inline]
     pub const fn clamped(n: u32) -> HolderId {
-        HolderId((n % MAX_HOLDER_IDS as u32) as u16)
+        // The modulo only for garbage: ids read from shared memory are in
+        // range unless a peer corrupted them.
+        if n < MAX_HOLDER_IDS as u32 {
+            HolderId(n as u16)
+        } else {
+            HolderId((n % MAX_HOLDER_IDS as u32) as u16)
+        }
     }
     /// The number.
     pub const fn index(self) -> u16 {
@@ -302,7 +309,7 @@ impl<'a> Holders<'a> {
     /// publish or a stage's forward by the sole holder `own`; precondition:
     /// `own` is not among `receivers`). Returns what `own`'s release did
     /// ([`Released::Freed`] only when `receivers` is empty).
-    #[inline]
+    #[inline(always)]
     pub fn hand_over(
         &self,
         own: HolderId,
@@ -320,11 +327,14 @@ impl<'a> Holders<'a> {
     /// Extension bits first, then one CAS on word 0 that sets the direct
     /// and summary bits (bumping the version when a summary bit is
     /// involved) and clears the direct bits `clear`. Returns what clearing
-    /// `clear` did.
-    #[inline]
+    /// `clear` did. Always inlined: the receivers' iterator then stays in
+    /// registers (passed by reference to an out-of-line copy it cost a
+    /// store-forwarding stall per publish), and a direct-id publish is the
+    /// loop and one CAS.
+    #[inline(always)]
     fn set_holders(&self, receivers: impl IntoIterator<Item = HolderId>, clear: u64) -> Released {
         let mut direct = 0u64;
-        let mut summary = 0u64;
+        let mut any_ext = false;
         // Extension bits gathered per word first: one RMW per word, not per
         // receiver (a broadcast to 250 subscribers touches 4 words).
         let mut ext = [0u64; EXT_WORDS];
@@ -333,19 +343,11 @@ impl<'a> Holders<'a> {
                 None => direct |= r.bit(),
                 Some(k) => {
                     ext[k] |= r.bit();
-                    summary |= summary_bit(k);
+                    any_ext = true;
                 }
             }
         }
-        if summary != 0 {
-            for (k, bits) in ext.iter().enumerate() {
-                if *bits != 0 {
-                    // Release: part of handing over what we wrote; the
-                    // bits precede their summary bit (rule 2).
-                    self.ext[k].fetch_or(*bits, Ordering::Release);
-                }
-            }
-        }
+        let summary = if any_ext { self.set_extension(&ext) } else { 0 };
         let bump = if summary != 0 { VERSION_ONE } else { 0 };
         let mut w = self.word0.load(Ordering::Relaxed);
         loop {
@@ -369,6 +371,22 @@ impl<'a> Holders<'a> {
                 Err(a) => w = a,
             }
         }
+    }
+
+    /// Sets the extension bits `ext` (before their summary bits, rule 2)
+    /// and returns those summary bits. Out of line: direct-id publishes
+    /// never come here, and the direct path stays small.
+    #[inline(never)]
+    fn set_extension(&self, ext: &[u64; EXT_WORDS]) -> u64 {
+        let mut summary = 0;
+        for (k, bits) in ext.iter().enumerate() {
+            if *bits != 0 {
+                // Release: part of handing over what we wrote.
+                self.ext[k].fetch_or(*bits, Ordering::Release);
+                summary |= summary_bit(k);
+            }
+        }
+        summary
     }
 
     /// Sets the direct bit `pin` if the slot is held by anyone and `pin` is
@@ -413,20 +431,25 @@ impl<'a> Holders<'a> {
                     Released::StillHeld
                 }
             }
-            Some(k) => {
-                // AcqRel: the releaser that empties the word acquires our
-                // release before its Release CAS on word 0.
-                let before = self.ext[k].fetch_and(!id.bit(), Ordering::AcqRel);
-                if before & id.bit() == 0 {
-                    Released::NotHeld
-                } else if before != id.bit() {
-                    Released::StillHeld
-                } else {
-                    // We emptied word k: clear its summary bit (rule 1).
-                    self.clear_summary_if_empty(k)
-                        .unwrap_or(Released::StillHeld)
-                }
-            }
+            Some(k) => self.release_extension(k, id),
+        }
+    }
+
+    /// [`Holders::release`] of an extension id (out of line: the direct
+    /// path stays small enough to inline into every release).
+    #[inline(never)]
+    fn release_extension(&self, k: usize, id: HolderId) -> Released {
+        // AcqRel: the releaser that empties the word acquires our release
+        // before its Release CAS on word 0.
+        let before = self.ext[k].fetch_and(!id.bit(), Ordering::AcqRel);
+        if before & id.bit() == 0 {
+            Released::NotHeld
+        } else if before != id.bit() {
+            Released::StillHeld
+        } else {
+            // We emptied word k: clear its summary bit (rule 1).
+            self.clear_summary_if_empty(k)
+                .unwrap_or(Released::StillHeld)
         }
     }
 

@@ -19,7 +19,7 @@ use std::sync::atomic::Ordering;
 use tensorbus_core::proto::ChannelSpec;
 use tensorbus_core::publish::release_desc;
 use tensorbus_core::records::{POLICY_CODE_HISTORY, STATE_ACTIVE, STATE_FREE, STATE_PENDING};
-use tensorbus_core::subset::{SubSet, SUB_WORDS};
+use tensorbus_core::subset::SubSet;
 use tensorbus_core::wide::HolderId;
 use tensorbus_core::{Descriptor, Mode};
 use tensorbus_shm::futex::FutexParker;
@@ -238,7 +238,7 @@ impl State {
             if let Some(r) = self.control.subscriber(c, sub) {
                 // Before the record's bit joins the mask (activate_code's
                 // Release RMW), so a producer that sees the bit sees this.
-                SubSet::one(sub).store(&rec.history_subs, SUB_WORDS, Ordering::Relaxed);
+                SubSet::one(sub).store(&rec.history_subs, Ordering::Relaxed);
                 r.activate_code(
                     rec,
                     sub,
@@ -248,7 +248,7 @@ impl State {
                 );
             }
         } else {
-            SubSet::EMPTY.store(&rec.history_subs, SUB_WORDS, Ordering::Relaxed);
+            SubSet::EMPTY.store(&rec.history_subs, Ordering::Relaxed);
         }
         // Release: a client that sees ACTIVE (a waiting consumer polls with
         // Ready, on this thread's replies; stats) sees the mode.
@@ -334,10 +334,10 @@ impl State {
             self.free_id(id);
         }
         if let Some(rec) = self.control.channel(c) {
-            SubSet::EMPTY.store(&rec.subscribers, SUB_WORDS, Ordering::Relaxed);
+            SubSet::EMPTY.store(&rec.subscribers, Ordering::Relaxed);
             rec.producer_rows.store(0, Ordering::Relaxed);
             rec.ended.store(0, Ordering::Relaxed);
-            SubSet::EMPTY.store(&rec.history_subs, SUB_WORDS, Ordering::Relaxed);
+            SubSet::EMPTY.store(&rec.history_subs, Ordering::Relaxed);
             rec.published.store(0, Ordering::Relaxed);
             rec.state.store(STATE_FREE, Ordering::Release);
         }
@@ -372,7 +372,7 @@ impl State {
         // the producers that closed; their close requests reached this
         // thread after those pushes (socket send/receive order them).
         rec.ended.store(1, Ordering::Release);
-        let subs = SubSet::load(&rec.subscribers, SUB_WORDS, Ordering::Acquire);
+        let subs = SubSet::load(&rec.subscribers, Ordering::Acquire);
         for s in subs.iter() {
             if let Some(r) = ctl.subscriber(c, s) {
                 // notify wakes only parked consumers (its SeqCst fence pairs

@@ -215,11 +215,7 @@ impl State {
         ) else {
             return Dispatch::NoWorker;
         };
-        let live = tensorbus_core::subset::SubSet::load(
-            &ch.subscribers,
-            tensorbus_core::subset::SUB_WORDS,
-            Ordering::Acquire,
-        );
+        let live = tensorbus_core::subset::SubSet::load(&ch.subscribers, Ordering::Acquire);
         // Least loaded live worker first.
         let mut order: Vec<(u64, usize)> = live
             .iter()
