@@ -47,7 +47,6 @@ pub fn broker_config(sizes: &[usize]) -> Result<Config> {
         );
     };
     chan("ping", "broadcast");
-    chan("placeholder", "broadcast");
     chan("pong", "broadcast");
     chan("stream", "broadcast");
     for n in [1, 2, 4, 8] {
@@ -56,6 +55,8 @@ pub fn broker_config(sizes: &[usize]) -> Result<Config> {
     for n in 1..=4 {
         chan(&format!("work/{n}"), "workqueue");
     }
+    // Last, so the other channels keep their records (and addresses).
+    chan("placeholder", "broadcast");
     Ok(Config::from_toml(&toml)?)
 }
 
