@@ -152,8 +152,9 @@ impl SlotHeader {
         self.holder_set().add(ids)
     }
 
-    /// Hands the slot from `own` to `ids` in one step on word 0: sets them,
-    /// clears `own`. Used by a broadcast publish before its pushes, while
+    /// Hands the slot from `own` to `ids`: sets them and clears `own` in one
+    /// step on word 0 when `own` is a direct id (an extension `own` is
+    /// released right after, in its own two steps). Used by a broadcast publish before its pushes, while
     /// the line is still in the producer's cache (clearing `own` after the
     /// pushes would pull the line back from a consumer that is already
     /// reading it). Returns what `own`'s release did.

@@ -6,7 +6,7 @@
 //! id below 16 is a direct bit of word 0; id `16 + 64k + b` is bit `b` of
 //! extension word `k`, and while word `k` has a bit set, summary bit `k` of
 //! word 0 is set. "Free" is decided on word 0 alone: whoever turns its
-//! summary and direct bits to zero frees. docs/design.md "Holder ids"
+//! summary and direct bits to zero frees. docs/design.md "Ownership: holder sets"
 //! gives the crash proof; the rules, each argued where it is implemented:
 //!
 //! 1. A releaser in extension word `k` clears its bit there; if that
@@ -552,6 +552,8 @@ impl<'a> Holders<'a> {
         let mut freed = false;
         let stray = self.word0() & DIRECT_MASK & !keep.word0;
         if stray != 0 {
+            // AcqRel, like a release: if this frees the slot, the next
+            // loaner's Acquire CAS synchronises with it.
             let before = self.word0.fetch_and(!stray, Ordering::AcqRel);
             freed |= before & stray != 0 && before & HOLDERS_MASK & !stray == 0;
         }
@@ -560,6 +562,7 @@ impl<'a> Holders<'a> {
             if stray == 0 {
                 continue;
             }
+            // AcqRel, as an extension release (rule 1 follows).
             let before = self.ext[k].fetch_and(!stray, Ordering::AcqRel);
             if before & stray != 0 && before & !stray == 0 {
                 freed |= self.clear_summary_if_empty(k) == Some(Released::Freed);
