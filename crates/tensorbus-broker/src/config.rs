@@ -150,7 +150,7 @@ fn find_in_value(value: &toml::de::DeValue<'_>, pos: usize, path: &str) -> Optio
 }
 
 /// `[broker]` section.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BrokerSection {
     /// Socket path (overridden by `--socket`).
@@ -172,6 +172,28 @@ pub struct BrokerSection {
     /// `--metrics`); none when absent.
     #[serde(default)]
     pub metrics: Option<String>,
+    /// When the broker replaces the stale socket of a broker that died,
+    /// how long (milliseconds) it waits for a surviving client to hand over
+    /// the running bus before it starts a new one (new clients wait that
+    /// long at most for their welcome). 0: never adopt. Default 3000.
+    #[serde(default = "default_adopt_wait_ms")]
+    pub adopt_wait_ms: u64,
+}
+
+fn default_adopt_wait_ms() -> u64 {
+    3000
+}
+
+impl Default for BrokerSection {
+    fn default() -> BrokerSection {
+        BrokerSection {
+            socket: None,
+            allowed_uids: Vec::new(),
+            allowed_gids: Vec::new(),
+            metrics: None,
+            adopt_wait_ms: default_adopt_wait_ms(),
+        }
+    }
 }
 
 /// `[limits]` section: sizes of the fixed tables in the control segment.

@@ -528,6 +528,33 @@ pub fn render(report: &StatReport, openmetrics: bool) -> String {
         "The broker's [limits] max_handles: opens past it fail.",
     );
     o.sample("tensorbus_handles_max", &[], report.max_handles);
+    let a = report.adoption.clone().unwrap_or_default();
+    o.family(
+        "tensorbus_bus_adoptions",
+        "gauge",
+        "Times a restarted broker adopted this bus (0: this broker created it).",
+    );
+    o.sample("tensorbus_bus_adoptions", &[], a.adoptions);
+    o.family(
+        "tensorbus_adoption_clients",
+        "gauge",
+        "Clients of the broker that died, by what became of them (adopted, refused, waiting).",
+    );
+    o.sample(
+        "tensorbus_adoption_clients",
+        &[("state", "adopted")],
+        a.adopted_clients,
+    );
+    o.sample(
+        "tensorbus_adoption_clients",
+        &[("state", "refused")],
+        a.refused_clients,
+    );
+    o.sample(
+        "tensorbus_adoption_clients",
+        &[("state", "waiting")],
+        a.waiting_clients,
+    );
     if openmetrics {
         o.text.push_str("# EOF\n");
     }
@@ -573,9 +600,11 @@ mod tests {
                 name: "a \"b\"\\c\nd".into(),
                 handles: 1,
                 holds: 2,
+                adopted: false,
             }],
             handles_open: 3,
             max_handles: 1024,
+            ..StatReport::default()
         }
     }
 

@@ -26,7 +26,6 @@ use crate::server::StartError;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tensorbus_core::layout::LAYOUT_VERSION;
 use tensorbus_core::proto::{encode_frames, parse_frame, Request, MAX_MESSAGE};
 use tensorbus_shm::SeqpacketConn;
 
@@ -90,10 +89,10 @@ fn socket_error(path: &Path, source: std::io::Error) -> StartError {
 
 /// Makes `socket` free for binding: nothing there, or a stale tensorbus
 /// socket, which is removed. Anything else is refused.
-pub(crate) fn take_over(socket: &Path) -> Result<(), StartError> {
+pub(crate) fn take_over(socket: &Path) -> Result<bool, StartError> {
     let meta = match std::fs::symlink_metadata(socket) {
         Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(socket_error(socket, e)),
     };
     let ft = meta.file_type();
@@ -125,7 +124,9 @@ pub(crate) fn take_over(socket: &Path) -> Result<(), StartError> {
                     "it was replaced while the broker looked at it",
                 ));
             }
-            std::fs::remove_file(socket).map_err(|e| socket_error(socket, e))
+            std::fs::remove_file(socket)
+                .map(|()| true)
+                .map_err(|e| socket_error(socket, e))
         }
         Err(e) if e.raw_os_error() == Some(libc::EPROTOTYPE) => Err(occupied(
             socket,
@@ -156,11 +157,10 @@ pub(crate) fn take_over(socket: &Path) -> Result<(), StartError> {
 
 /// Sends a hello and waits briefly for anything a broker would answer.
 fn answers_as_broker(conn: &SeqpacketConn) -> bool {
-    let hello = Request::Hello {
-        name: "tensorbus-broker (probing its socket path)".into(),
-        version: LAYOUT_VERSION,
-    };
-    let Ok(bytes) = serde_json::to_vec(&hello) else {
+    // A stat before the hello: every broker answers it at once (with "say
+    // hello first"), even one that holds hellos back while survivors of a
+    // dead broker hand their bus over, and nobody is welcomed into its bus.
+    let Ok(bytes) = serde_json::to_vec(&Request::Stat) else {
         return false;
     };
     // One frame of request id 1 (a hello is far below a frame's size).

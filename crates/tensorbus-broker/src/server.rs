@@ -118,6 +118,8 @@ struct ClientConn {
     out_replies: usize,
     /// (request id, handle) of the latest successful opens, for Cancel.
     recent_opens: VecDeque<(u64, u32)>,
+    /// Reconnected after a broker restart ([`Request::Adopt`]).
+    adopted: bool,
 }
 
 /// A broker bound to its socket. Run it with [`Broker::run`], or use
@@ -139,6 +141,17 @@ pub struct Broker {
     buf: Vec<u8>,
     /// The metrics endpoint's thread, when serving one.
     metrics: Option<MetricsServer>,
+    /// The config (a bus handed over is checked against it).
+    config: Config,
+    /// Until when requests other than [`Request::Adopt`] wait: the broker
+    /// replaced the stale socket of a broker that died, and survivors of
+    /// that bus get the first word (see `adopt.rs`).
+    adopt_until: Option<std::time::Instant>,
+    /// Requests held back while `adopt_until` runs: (client, request id, request).
+    deferred: VecDeque<(u32, u64, Request)>,
+    /// A client was welcomed into the bus this broker created: a bus
+    /// handed over later is refused (two buses cannot be merged).
+    welcomed: bool,
 }
 
 impl Broker {
@@ -164,8 +177,11 @@ impl Broker {
         tensorbus_shm::socket::check_socket_path(socket).map_err(sock_err)?;
         tensorbus_shm::prepare_socket_dir(rendezvous::socket_dir(socket), access.dir_mode)
             .map_err(sock_err)?;
-        rendezvous::take_over(socket)?;
+        let stale = rendezvous::take_over(socket)?;
         let state = State::new(config)?;
+        let adopt_until = (stale && config.broker.adopt_wait_ms > 0).then(|| {
+            std::time::Instant::now() + Duration::from_millis(config.broker.adopt_wait_ms)
+        });
         let listener = SeqpacketListener::bind(socket).map_err(sock_err)?;
         listener.set_nonblocking(true).map_err(sock_err)?;
         let socket_file = SocketFile::bound(socket, access.socket_mode).map_err(sock_err)?;
@@ -189,6 +205,10 @@ impl Broker {
             verbose: false,
             buf: vec![0u8; MAX_MESSAGE],
             metrics: None,
+            config: config.clone(),
+            adopt_until,
+            deferred: VecDeque::new(),
+            welcomed: false,
         })
     }
 
@@ -263,6 +283,15 @@ impl Broker {
                     }
                 }
             }
+            if self
+                .adopt_until
+                .is_some_and(|t| std::time::Instant::now() >= t)
+            {
+                if self.verbose {
+                    eprintln!("tensorbus broker: no client handed over the running bus; starting a new one");
+                }
+                self.close_adoption_window();
+            }
             self.state.progress();
             if let Some(m) = &self.metrics {
                 // Scrapes waiting for a snapshot (at most one at a time).
@@ -272,6 +301,9 @@ impl Broker {
             }
             if last_sweep.elapsed() >= SWEEP_INTERVAL {
                 last_sweep = std::time::Instant::now();
+                for c in self.state.reap_waiting() {
+                    eprintln!("tensorbus broker: adoption: client {c} of the dead broker is gone; reclaimed its handles");
+                }
                 let freed = self.state.sweep_stray_bits(SWEEP_SLOTS);
                 if freed > 0 && self.verbose {
                     eprintln!("tensorbus broker: freed {freed} slots held only by holder bits of no open handle (corrupted holder words)");
@@ -288,8 +320,7 @@ impl Broker {
                 uid: u32::MAX,
                 gid: u32::MAX,
             });
-            let id = self.next_client;
-            self.next_client = self.next_client.wrapping_add(1).max(1);
+            let id = self.take_client_id();
             self.clients.insert(
                 id,
                 ClientConn {
@@ -301,8 +332,32 @@ impl Broker {
                     out_bytes: 0,
                     out_replies: 0,
                     recent_opens: VecDeque::new(),
+                    adopted: false,
                 },
             );
+        }
+    }
+
+    /// A client id no connection and no client of an adopted bus has.
+    fn take_client_id(&mut self) -> u32 {
+        loop {
+            let id = self.next_client;
+            self.next_client = self.next_client.wrapping_add(1).max(1);
+            if !self.clients.contains_key(&id) && !self.state.is_waiting(id) {
+                self.state.record_next_client(self.next_client);
+                return id;
+            }
+        }
+    }
+
+    /// Ends the adoption window: requests held back are handled now.
+    fn close_adoption_window(&mut self) {
+        self.adopt_until = None;
+        while let Some((id, req_id, req)) = self.deferred.pop_front() {
+            if self.clients.contains_key(&id) {
+                let (resp, fds) = self.handle(id, req_id, req);
+                self.reply(id, req_id, &resp, fds);
+            }
         }
     }
 
@@ -320,7 +375,6 @@ impl Broker {
             Ok(0) | Err(_) => None,
             Ok(n) => Some(n),
         };
-        drop(fds);
         let Some(n) = received else {
             self.drop_client(id);
             return;
@@ -338,6 +392,35 @@ impl Broker {
                 serde_json::from_slice::<Request>(body).map_err(|e| e.to_string()),
             ),
             Err(e) => (0, Err(e.to_string())),
+        };
+        let parsed = match parsed {
+            Ok(Request::Adopt {
+                name,
+                version,
+                client_id,
+                bus_id,
+                handles,
+            }) => {
+                let claim = Claim {
+                    name,
+                    version,
+                    client_id,
+                    bus_id,
+                    handles,
+                };
+                let (to, resp) = self.adopt_request(id, claim, fds);
+                self.reply(to, req_id, &resp, Vec::new());
+                return;
+            }
+            Ok(req @ Request::Hello { .. }) if self.adopt_until.is_some() => {
+                drop(fds);
+                self.deferred.push_back((id, req_id, req));
+                return;
+            }
+            other => {
+                drop(fds);
+                other
+            }
         };
         let (resp, send_fds) = match parsed {
             Ok(req) => self.handle(id, req_id, req),
@@ -367,6 +450,10 @@ impl Broker {
     /// client over its output bound ([`MAX_PENDING_OUTPUT`]) is disconnected
     /// instead.
     fn reply(&mut self, id: u32, req_id: u64, resp: &Response, fds: Vec<OwnedFd>) {
+        // What the client is told is in the registry before it can act on
+        // it (a broker that dies now leaves nothing the client knows of
+        // unrecorded).
+        self.state.sync_registry();
         let Some(c) = self.clients.get_mut(&id) else {
             return;
         };
@@ -433,6 +520,7 @@ impl Broker {
                 );
             }
             self.state.reclaim_client(id);
+            self.state.forget_client(id);
         }
     }
 
@@ -494,6 +582,21 @@ impl Broker {
                         )
                     }
                 };
+                let pid = c.cred.pid.max(0) as u32;
+                let pool_fds = match self.state.read_only_pool_fds() {
+                    Ok(f) => f,
+                    Err(e) => {
+                        return (
+                            error(
+                                ErrorKind::Internal,
+                                format!("cannot duplicate the pool descriptors: {e}"),
+                            ),
+                            Vec::new(),
+                        )
+                    }
+                };
+                self.welcomed = true;
+                self.state.register_client(id, pid);
                 if let Some(c) = self.clients.get_mut(&id) {
                     c.admitted = true;
                     c.name = name.chars().take(64).collect();
@@ -511,7 +614,7 @@ impl Broker {
                         layout: self.state.layout_params(),
                         pools: self.state.pool_infos(),
                     },
-                    vec![fd],
+                    std::iter::once(fd).chain(pool_fds).collect(),
                 )
             }
             _ if !admitted => (
@@ -596,6 +699,10 @@ impl Broker {
                 (Response::Ok, Vec::new())
             }
             Request::Stat => (Response::Stat(self.stat()), Vec::new()),
+            Request::Adopt { .. } => (
+                error(ErrorKind::Internal, "adopt is handled on its own".into()),
+                Vec::new(),
+            ),
         }
     }
 
@@ -620,8 +727,198 @@ impl Broker {
             self.clients
                 .iter()
                 .filter(|(_, c)| c.admitted)
-                .map(|(&id, c)| (id, c.cred, c.name.as_str())),
+                .map(|(&id, c)| (id, c.cred, c.name.as_str(), c.adopted)),
         )
+    }
+}
+
+/// What a [`Request::Adopt`] says.
+struct Claim {
+    name: String,
+    version: u32,
+    client_id: u32,
+    bus_id: u64,
+    handles: Vec<tensorbus_core::proto::HandleClaim>,
+}
+
+impl Broker {
+    /// Handles a survivor's [`Request::Adopt`] on connection `id`: adopts
+    /// the bus from its descriptors if this broker runs none yet, checks
+    /// its claims, and gives the connection the client's old id. Returns
+    /// the connection's id after that and the reply.
+    fn adopt_request(&mut self, mut id: u32, claim: Claim, fds: Vec<OwnedFd>) -> (u32, Response) {
+        let refuse = |m: String| error(ErrorKind::Refused, m);
+        let Some(c) = self.clients.get(&id) else {
+            return (id, error(ErrorKind::Internal, "unknown client".into()));
+        };
+        let cred = c.cred;
+        if c.admitted {
+            return (id, refuse("this connection is admitted already".into()));
+        }
+        if !self.allowed(&cred) {
+            return (
+                id,
+                error(
+                    ErrorKind::PermissionDenied,
+                    format!("uid {} is not allowed; add it to [broker] allowed_uids (or its group to allowed_gids) in the broker config", cred.uid),
+                ),
+            );
+        }
+        if claim.version != LAYOUT_VERSION {
+            return (
+                id,
+                error(
+                    ErrorKind::VersionMismatch,
+                    format!("client speaks layout version {}, broker {LAYOUT_VERSION}; use matching tensorbus versions", claim.version),
+                ),
+            );
+        }
+        let who = format!(
+            "client {} ({}, pid {})",
+            claim.client_id, claim.name, cred.pid
+        );
+        if !self.state.adopted() {
+            if self.welcomed {
+                return (id, refuse(format!("this broker started a new bus (bus id {:016x}) before any client of the old one reconnected; the old bus cannot join it: reconnect to the new bus", self.state.bus_id())));
+            }
+            match State::adopt(&self.config, fds) {
+                Ok(state) => {
+                    self.state = state;
+                    let stat = self.state.adoption_stat().unwrap_or_default();
+                    eprintln!(
+                        "tensorbus broker: adopted the running bus (bus id {:016x}) of broker pid {}, handed over by {who}",
+                        self.state.bus_id(),
+                        stat.previous_broker_pid
+                    );
+                    id = self.renumber_connections(id);
+                    self.adopt_until = None;
+                    for c in self.state.reap_waiting() {
+                        eprintln!("tensorbus broker: adoption: client {c} of the dead broker is gone; reclaimed its handles");
+                    }
+                }
+                Err(e) => {
+                    eprintln!("tensorbus broker: refusing to adopt the running bus handed over by {who}: {e}");
+                    if matches!(e, crate::state::AdoptError::Incompatible(_)) {
+                        // The config will not change: no survivor can hand it over.
+                        self.close_adoption_window();
+                    }
+                    return (
+                        id,
+                        refuse(format!("the broker refuses to adopt the running bus: {e}")),
+                    );
+                }
+            }
+        } else if let Some(fd) = fds.first() {
+            let same = tensorbus_shm::fd_identity(fd.as_fd()).ok() == self.state.control_identity();
+            if !same {
+                self.state.count_refused();
+                eprintln!("tensorbus broker: refusing {who}: its control segment is not the adopted bus's");
+                return (
+                    id,
+                    refuse(
+                        "the control segment handed over is not the bus this broker adopted".into(),
+                    ),
+                );
+            }
+        }
+        if claim.bus_id != self.state.bus_id() {
+            self.state.count_refused();
+            eprintln!(
+                "tensorbus broker: refusing {who}: it belongs to bus {:016x}, this is {:016x}",
+                claim.bus_id,
+                self.state.bus_id()
+            );
+            return (
+                id,
+                refuse(format!(
+                    "the client belongs to bus {:016x}; this broker runs bus {:016x}",
+                    claim.bus_id,
+                    self.state.bus_id()
+                )),
+            );
+        }
+        if self
+            .clients
+            .get(&claim.client_id)
+            .is_some_and(|c| c.admitted)
+        {
+            self.state.count_refused();
+            return (
+                id,
+                refuse(format!(
+                    "client id {} is connected already",
+                    claim.client_id
+                )),
+            );
+        }
+        let pid = cred.pid.max(0) as u32;
+        if let Err(m) = self.state.claim(claim.client_id, pid, &claim.handles) {
+            self.state.count_refused();
+            eprintln!("tensorbus broker: adoption: refusing {who}: {m}");
+            return (id, refuse(format!("claims refused: {m}")));
+        }
+        // The connection takes the client's old id (an unadmitted
+        // connection that had that number gets another).
+        if let Some(other) = self.clients.remove(&claim.client_id) {
+            let n = self.take_client_id();
+            self.clients.insert(n, other);
+            for d in self.deferred.iter_mut().filter(|d| d.0 == claim.client_id) {
+                d.0 = n;
+            }
+        }
+        let Some(mut conn) = self.clients.remove(&id) else {
+            return (
+                id,
+                error(ErrorKind::Internal, "the connection went away".into()),
+            );
+        };
+        conn.admitted = true;
+        conn.adopted = true;
+        conn.name = claim.name.chars().take(64).collect();
+        self.clients.insert(claim.client_id, conn);
+        for d in self.deferred.iter_mut().filter(|d| d.0 == id) {
+            d.0 = claim.client_id;
+        }
+        if self.verbose {
+            eprintln!(
+                "tensorbus broker: {who} reconnected; {} handles adopted",
+                claim.handles.len()
+            );
+        }
+        (
+            claim.client_id,
+            Response::Adopted {
+                broker_pid: std::process::id(),
+            },
+        )
+    }
+
+    /// After an adoption: connections not admitted yet get ids above every
+    /// client id of the adopted bus. Returns connection `id`'s new id.
+    fn renumber_connections(&mut self, id: u32) -> u32 {
+        self.next_client = self
+            .next_client
+            .max(self.state.max_adopted_client().saturating_add(1))
+            .max(1);
+        let old: Vec<u32> = self.clients.keys().copied().collect();
+        let mut moved = HashMap::new();
+        for id in old {
+            if let Some(c) = self.clients.remove(&id) {
+                moved.insert(id, c);
+            }
+        }
+        let mut map = HashMap::new();
+        for (id, c) in moved {
+            let n = self.take_client_id();
+            map.insert(id, n);
+            self.clients.insert(n, c);
+        }
+        for d in self.deferred.iter_mut() {
+            if let Some(&n) = map.get(&d.0) {
+                d.0 = n;
+            }
+        }
+        map.get(&id).copied().unwrap_or(id)
     }
 }
 

@@ -7,12 +7,15 @@
 //! a record being reclaimed is not handed out) are kept here and in the
 //! child modules [`open`], [`reclaim`] and [`stat`].
 
+mod adopt;
 mod channels;
 mod ids;
 mod open;
 mod reclaim;
+mod registry;
 mod stat;
 
+pub(crate) use adopt::{AdoptError, Adoption};
 pub(crate) use channels::RemoveError;
 pub(crate) use open::Role;
 
@@ -230,6 +233,10 @@ pub(crate) struct State {
     redispatch: Vec<(usize, tensorbus_core::Descriptor)>,
     /// Where the next sweep for stray holder bits starts: (pool, slot).
     sweep_cursor: (usize, usize),
+    /// Registry entries to write, and who the clients are (`registry.rs`).
+    dirty: registry::Dirty,
+    /// How this broker came to run the bus, if it adopted it (`adopt.rs`).
+    adoption: Option<Adoption>,
 }
 
 impl State {
@@ -306,12 +313,17 @@ impl State {
             broker_heads: HashMap::new(),
             redispatch: Vec::new(),
             sweep_cursor: (0, 0),
+            dirty: registry::Dirty::default(),
+            adoption: None,
         };
+        let hugetlb: Vec<bool> = config.pools.iter().map(|p| p.hugetlb).collect();
+        state.init_registry(&hugetlb);
         for spec in config.channel_specs() {
             state
                 .create_channel(spec, true)
                 .map_err(|e| InitError::Config(e.to_string()))?;
         }
+        state.sync_registry();
         Ok(state)
     }
 
@@ -324,6 +336,18 @@ impl State {
     /// A new descriptor of the control segment, for a client's Welcome.
     pub fn dup_control_fd(&self) -> std::io::Result<OwnedFd> {
         self.control_fd.as_fd().try_clone_to_owned()
+    }
+
+    /// Read-only descriptors of every pool, in pool order (a client's
+    /// Welcome carries them so that it can hand the bus over to a broker
+    /// that takes over after this one died).
+    pub fn read_only_pool_fds(&self) -> std::io::Result<Vec<OwnedFd>> {
+        self.pools.iter().map(|p| p.read_only.try_clone()).collect()
+    }
+
+    /// (`st_dev`, `st_ino`) of the control segment.
+    pub fn control_identity(&self) -> Option<(u64, u64)> {
+        tensorbus_shm::fd_identity(self.control_fd.as_fd()).ok()
     }
 
     /// The layout parameters of the control segment.
@@ -387,11 +411,14 @@ impl State {
 
     /// Takes a free holder id.
     fn alloc_id(&mut self) -> Result<HolderId, BitsExhausted> {
-        self.ids.alloc()
+        let id = self.ids.alloc()?;
+        self.mark_id(id);
+        Ok(id)
     }
 
     fn free_id(&mut self, id: HolderId) {
         self.ids.free(id);
+        self.mark_id(id);
     }
 
     /// Clears holder bits that belong to no open handle from the next

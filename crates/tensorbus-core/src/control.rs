@@ -1,7 +1,13 @@
 //! A typed, bounds-checked view of a mapped control segment.
 
-use crate::layout::{ControlHeader, Layout, LayoutError, CONTROL_MAGIC, LAYOUT_VERSION};
+use crate::layout::{
+    ControlHeader, Layout, LayoutError, CONTROL_MAGIC, LAYOUT_VERSION, MAX_HOLDERS, REG_CHANNEL,
+    REG_HANDLE, REG_POOL,
+};
 use crate::records::{ChannelRecord, ProducerRecord, SubscriberRecord};
+use crate::registry::{
+    Entry, RegistryHeader, CHANNEL_WORDS, HANDLE_WORDS, POOL_WORDS, REGISTRY_HEADER_OFFSET,
+};
 use crate::ring::{Ring, RingHeader, RING_HEADER_SIZE};
 use crate::slot::{SlotHeader, SLOT_HEADER_SIZE};
 use crate::sync::{AtomicU64, Ordering};
@@ -93,12 +99,68 @@ impl Control {
         h.magic.store(CONTROL_MAGIC, Ordering::Release);
     }
 
+    /// Writes the registry header of a fresh segment: the bus id and the
+    /// layout parameters (broker; see [`crate::registry`]).
+    pub fn init_registry(&self, bus_id: u64) {
+        let r = self.registry_header();
+        r.bus_id.store(bus_id, Ordering::Relaxed);
+        r.next_client.store(1, Ordering::Relaxed);
+        r.next_handle.store(1, Ordering::Relaxed);
+        // Fits: PARAMS_WORDS covers MAX_POOLS pools (a layout test checks).
+        let _ = r.params.write(&self.layout.params.to_bytes());
+        r.magic
+            .store(crate::registry::REGISTRY_MAGIC, Ordering::Release);
+    }
+
     /// Whether the header carries the expected magic, version and size.
     pub fn header_ok(&self) -> bool {
         let h = self.header();
         h.magic.load(Ordering::Acquire) == CONTROL_MAGIC
             && h.version.load(Ordering::Relaxed) == LAYOUT_VERSION
             && h.total.load(Ordering::Relaxed) == self.layout.total as u64
+    }
+
+    /// The registry header in the first page (see [`crate::registry`]).
+    pub fn registry_header(&self) -> &RegistryHeader {
+        // SAFETY: REGISTRY_HEADER_OFFSET is 64-aligned and the header ends
+        // inside the first page (checked at compile time in `registry`);
+        // it is made of atomics.
+        unsafe { self.at(REGISTRY_HEADER_OFFSET) }
+    }
+
+    /// Registry entry of pool `pool`.
+    pub fn pool_entry(&self, pool: usize) -> Option<&Entry<POOL_WORDS>> {
+        (pool < self.pools()).then(|| {
+            // SAFETY: pool < pools, so the entry lies in the registry's pool
+            // array (layout invariant); entries are multiples of 16 bytes
+            // from a page-aligned start (8-aligned); atomics only.
+            unsafe { self.at(self.layout.registry_offset + pool * REG_POOL) }
+        })
+    }
+
+    /// Registry entry of channel record `channel`.
+    pub fn channel_entry(&self, channel: usize) -> Option<&Entry<CHANNEL_WORDS>> {
+        let channels = self.layout.params.max_channels as usize;
+        (channel < channels).then(|| {
+            let off = self.layout.registry_offset + self.pools() * REG_POOL + channel * REG_CHANNEL;
+            // SAFETY: channel < max_channels: inside the channel entries;
+            // 8-aligned as above; atomics only.
+            unsafe { self.at(off) }
+        })
+    }
+
+    /// Registry entry of holder id `id` (the handle that holds it).
+    pub fn handle_entry(&self, id: HolderId) -> Option<&Entry<HANDLE_WORDS>> {
+        let i = usize::from(id.index());
+        (i < MAX_HOLDERS).then(|| {
+            let off = self.layout.registry_offset
+                + self.pools() * REG_POOL
+                + self.layout.params.max_channels as usize * REG_CHANNEL
+                + i * REG_HANDLE;
+            // SAFETY: i < MAX_HOLDERS: inside the handle entries; 8-aligned
+            // as above; atomics only.
+            unsafe { self.at(off) }
+        })
     }
 
     /// Number of pools.
@@ -216,6 +278,51 @@ impl Control {
             })
         })
     }
+}
+
+/// What the header page of a mapped segment records: the layout
+/// parameters ([`crate::layout::LayoutParams::to_bytes`]) and the total size, for a broker that is handed
+/// a segment it did not create. `Err` names what does not match.
+///
+/// # Safety
+///
+/// `base..base + len` must be a readable mapping, page aligned, that stays
+/// mapped during the call; other processes may write it concurrently (only
+/// atomic loads are made).
+pub unsafe fn recorded_params(base: *const u8, len: usize) -> Result<(Vec<u8>, u64), LayoutError> {
+    if len < 4096 || (base as usize) % 4096 != 0 {
+        return Err(LayoutError(format!(
+            "control segment of {len} bytes is too small or not page aligned"
+        )));
+    }
+    // SAFETY: offset 0 and REGISTRY_HEADER_OFFSET lie in the first page,
+    // which is mapped (len >= 4096, caller's contract); both structs are
+    // made of atomics, 8-aligned from a page-aligned base.
+    let (h, r) = unsafe {
+        (
+            &*(base as *const ControlHeader),
+            &*(base.add(REGISTRY_HEADER_OFFSET) as *const RegistryHeader),
+        )
+    };
+    if h.magic.load(Ordering::Acquire) != CONTROL_MAGIC {
+        return Err(LayoutError(
+            "not a tensorbus control segment (bad magic)".into(),
+        ));
+    }
+    let version = h.version.load(Ordering::Relaxed);
+    if version != LAYOUT_VERSION {
+        return Err(LayoutError(format!(
+            "control segment of layout version {version}; this broker speaks {LAYOUT_VERSION}"
+        )));
+    }
+    if r.magic.load(Ordering::Acquire) != crate::registry::REGISTRY_MAGIC {
+        return Err(LayoutError("the control segment has no registry".into()));
+    }
+    let mut bytes = Vec::new();
+    if !r.params.read(&mut bytes) {
+        return Err(LayoutError("the registry records no layout".into()));
+    }
+    Ok((bytes, h.total.load(Ordering::Relaxed)))
 }
 
 /// A zeroed, page-aligned heap buffer laid out as a control segment, for

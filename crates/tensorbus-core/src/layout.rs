@@ -13,7 +13,13 @@
 //!                            ProducerRecord × rows   (row 0 = the broker's)
 //!                            SubscriberRecord × max_subscribers
 //!                            (RingHeader + cells[ring_capacity]) × rows × max_subscribers
+//! registry_offset          the broker's registry (crate::registry):
+//!                            pool entry × pools, channel entry × max_channels,
+//!                            handle entry × MAX_HOLDERS
 //! ```
+//!
+//! The first page also holds the registry header (bus id, next ids, the
+//! layout parameters), so a broker handed the segment can lay it out.
 
 use crate::records::{ChannelRecord, ProducerRecord, SubscriberRecord};
 use crate::ring::{MAX_RING_CAPACITY, RING_HEADER_SIZE};
@@ -26,7 +32,7 @@ use std::fmt;
 /// First word of the control segment.
 pub const CONTROL_MAGIC: u64 = u64::from_le_bytes(*b"TNSRBUS1");
 /// Layout version; bumped on every incompatible change.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 /// Most holder ids (producers, subscribers, stage halves, the broker's
 /// custody and history records) per broker: the two-level holder set of
 /// [`crate::wide`].
@@ -45,6 +51,47 @@ pub struct LayoutParams {
     pub max_subscribers: u32,
     /// Cells per ring (power of two), the largest depth a subscriber may ask.
     pub ring_capacity: u32,
+}
+
+impl LayoutParams {
+    /// A compact encoding (little-endian u32s: pools, max_channels,
+    /// max_producers, max_subscribers, ring_capacity, then each pool's
+    /// slots), as the registry header records it.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let head = [
+            self.pool_slots.len() as u32,
+            self.max_channels,
+            self.max_producers,
+            self.max_subscribers,
+            self.ring_capacity,
+        ];
+        head.iter()
+            .chain(&self.pool_slots)
+            .flat_map(|v| v.to_le_bytes())
+            .collect()
+    }
+
+    /// Decodes [`LayoutParams::to_bytes`]; `None` for bytes of another
+    /// shape (the values are checked by [`Layout::compute`]).
+    pub fn from_bytes(bytes: &[u8]) -> Option<LayoutParams> {
+        if bytes.len() % 4 != 0 || bytes.len() < 20 {
+            return None;
+        }
+        let v: Vec<u32> = bytes
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        if v[0] as usize != v.len() - 5 {
+            return None;
+        }
+        Some(LayoutParams {
+            pool_slots: v[5..].to_vec(),
+            max_channels: v[1],
+            max_producers: v[2],
+            max_subscribers: v[3],
+            ring_capacity: v[4],
+        })
+    }
 }
 
 /// Why a set of parameters cannot be laid out.
@@ -78,11 +125,21 @@ pub struct Layout {
     pub rings_in_block: usize,
     /// Bytes per ring (header and cells).
     pub ring_stride: usize,
+    /// Offset of the registry's pool entries (then channel, then handle
+    /// entries; see [`crate::registry`]).
+    pub registry_offset: usize,
     /// Total bytes.
     pub total: usize,
     /// Subscriber indices a channel can have (`0..max_subscribers`).
     valid_subs: crate::subset::SubSet,
 }
+
+/// Bytes of one registry pool, channel and handle entry.
+pub const REG_POOL: usize = crate::registry::entry_size(crate::registry::POOL_WORDS);
+/// See [`REG_POOL`].
+pub const REG_CHANNEL: usize = crate::registry::entry_size(crate::registry::CHANNEL_WORDS);
+/// See [`REG_POOL`].
+pub const REG_HANDLE: usize = crate::registry::entry_size(crate::registry::HANDLE_WORDS);
 
 const fn round_up(x: usize, to: usize) -> usize {
     x.div_ceil(to) * to
@@ -147,8 +204,16 @@ impl Layout {
         let channel_stride = checked(&[(rings_in_block, 1), (ring_stride, rows * subs)])
             .map(|x| round_up(x, page))
             .ok_or_else(|| LayoutError("layout overflows".into()))?;
-        let total = checked(&[(off, 1), (channel_stride, params.max_channels as usize)])
+        let registry_offset = checked(&[(off, 1), (channel_stride, params.max_channels as usize)])
             .ok_or_else(|| LayoutError("layout overflows".into()))?;
+        let total = checked(&[
+            (registry_offset, 1),
+            (REG_POOL, params.pool_slots.len()),
+            (REG_CHANNEL, params.max_channels as usize),
+            (REG_HANDLE, MAX_HOLDERS),
+        ])
+        .map(|x| round_up(x, page))
+        .ok_or_else(|| LayoutError("layout overflows".into()))?;
         if total > 1 << 34 {
             return err(format!(
                 "control segment would be {total} bytes; lower max_channels, max_subscribers_per_channel or ring_capacity"
@@ -163,6 +228,7 @@ impl Layout {
             subscribers_in_block,
             rings_in_block,
             ring_stride,
+            registry_offset,
             total,
             valid_subs: crate::subset::SubSet::below(params.max_subscribers as usize),
         })
@@ -223,7 +289,22 @@ mod tests {
         assert!(l.channels_offset >= l.slots_offset[1] + 16 * SLOT_HEADER_SIZE);
         assert!(l.rings_in_block >= l.subscribers_in_block + 5 * 192);
         assert!(l.channel_stride >= l.rings_in_block + 4 * 5 * l.ring_stride);
-        assert_eq!(l.total, l.channels_offset + 4 * l.channel_stride);
+        assert_eq!(l.registry_offset, l.channels_offset + 4 * l.channel_stride);
+        assert!(
+            l.total
+                >= l.registry_offset + 2 * REG_POOL + 4 * REG_CHANNEL + MAX_HOLDERS * REG_HANDLE
+        );
+    }
+
+    #[test]
+    fn params_round_trip_through_bytes() {
+        let p = params();
+        assert_eq!(LayoutParams::from_bytes(&p.to_bytes()), Some(p.clone()));
+        let mut big = p.clone();
+        big.pool_slots = vec![u32::MAX; MAX_POOLS];
+        assert!(big.to_bytes().len() <= crate::registry::PARAMS_WORDS * 8);
+        assert_eq!(LayoutParams::from_bytes(&p.to_bytes()[..8]), None);
+        assert_eq!(LayoutParams::from_bytes(&[0; 21]), None);
     }
 
     #[test]

@@ -43,6 +43,7 @@ pub mod publish;
 pub mod receive;
 #[cfg(not(loom))]
 pub mod reclaim;
+pub mod registry;
 pub mod wide;
 
 pub use desc::{Descriptor, DESC_MASK, MAX_POOLS, MAX_SLOTS_PER_POOL};

@@ -273,6 +273,53 @@ pub enum Request {
     },
     /// Asks for a statistics snapshot.
     Stat,
+    /// First message of a client whose broker died, to the broker that
+    /// took over the socket (issue 16.2): the control segment and the
+    /// descriptor of every pool come with it (SCM_RIGHTS, in pool order),
+    /// and the client says who it was and which handles it holds. The
+    /// broker adopts the bus from the segment (if it has not yet), checks
+    /// every claim against the segment's registry and records, and answers
+    /// [`Response::Adopted`], or an [`ErrorKind::Refused`] error naming
+    /// what disagrees.
+    Adopt {
+        /// Client name (as at Hello).
+        name: String,
+        /// Protocol/layout version the client speaks.
+        version: u32,
+        /// The client id the dead broker gave it.
+        client_id: u32,
+        /// The bus id it was welcomed into (the segment's registry header).
+        bus_id: u64,
+        /// Every handle it still holds.
+        handles: Vec<HandleClaim>,
+    },
+}
+
+/// A handle a client claims at [`Request::Adopt`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandleClaim {
+    /// Handle id.
+    pub handle: u32,
+    /// Holder id.
+    pub bit: u32,
+    /// What it is.
+    pub kind: ClaimKind,
+    /// Channel record index.
+    pub channel: u32,
+    /// Producer row or subscriber index.
+    pub index: u32,
+}
+
+/// The kind of a [`HandleClaim`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClaimKind {
+    /// A producer.
+    Producer,
+    /// A subscriber (consumer or a stage's input).
+    Subscriber,
+    /// A subscriber that left its channel and keeps its holds.
+    Detached,
 }
 
 /// A reply from the broker.
@@ -316,6 +363,12 @@ pub enum Response {
         /// The channel.
         channel: ChannelInfo,
     },
+    /// [`Request::Adopt`] accepted: the client's handles are this
+    /// broker's now.
+    Adopted {
+        /// The broker's process id.
+        broker_pid: u32,
+    },
     /// Success without data.
     Ok,
     /// A statistics snapshot.
@@ -347,6 +400,10 @@ pub enum ErrorKind {
     VersionMismatch,
     /// The object is in use (a channel with open handles cannot be removed).
     Busy,
+    /// An adoption claim was refused (it disagrees with shared memory, the
+    /// bus is not the one this broker runs, or the broker's config does not
+    /// fit the running bus); the client stops trying.
+    Refused,
     /// Anything else.
     Internal,
 }
@@ -369,6 +426,34 @@ pub struct StatReport {
     /// The broker's `[limits] max_handles`.
     #[serde(default)]
     pub max_handles: u32,
+    /// This bus's id (kept across adoptions).
+    #[serde(default)]
+    pub bus_id: u64,
+    /// How this broker came to run the bus (`None`: it created it).
+    #[serde(default)]
+    pub adoption: Option<AdoptionStat>,
+}
+
+/// How a broker adopted the running bus ([`StatReport::adoption`]).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AdoptionStat {
+    /// Process id of the broker that died.
+    pub previous_broker_pid: u32,
+    /// Times the bus was adopted (this one included).
+    pub adoptions: u32,
+    /// Clients that reconnected and whose claims held.
+    pub adopted_clients: u32,
+    /// Claims refused (and logged): they disagreed with shared memory.
+    pub refused_clients: u32,
+    /// Handles of clients that died, or never claimed them, reclaimed.
+    pub reclaimed_handles: u32,
+    /// Clients of the dead broker still alive that have not reconnected
+    /// yet (their handles are kept until they do or die).
+    pub waiting_clients: u32,
+    /// Work items that were in the dead broker's custody (waiting for room
+    /// at a live worker) and were released: the registry does not record
+    /// their channel.
+    pub custody_released: u32,
 }
 
 /// One pool in a [`StatReport`].
@@ -449,6 +534,9 @@ pub struct ClientStat {
     pub handles: u32,
     /// Slots any of its handles holds.
     pub holds: u32,
+    /// Reconnected after a broker restart (its handles adopted).
+    #[serde(default)]
+    pub adopted: bool,
 }
 
 #[cfg(test)]

@@ -43,7 +43,7 @@ pub use clock::monotonic_ns;
 pub use dirs::{ensure_private_dir, prepare_socket_dir, SocketDir};
 pub use futex::WaitOutcome;
 pub use mapping::{Access, Mapping};
-pub use memfd::{fd_len, Memfd};
+pub use memfd::{fd_identity, fd_len, Memfd};
 pub use poll::{poll_readable, poll_ready, Ready};
 pub use socket::{PeerCred, SeqpacketConn, SeqpacketListener};
 

@@ -175,11 +175,38 @@ impl Memfd {
     ///
     /// The OS error of `open` (for example if `/proc` is not mounted).
     pub fn reopen_read_only(&self) -> io::Result<OwnedFd> {
+        self.reopen(libc::O_RDONLY)
+    }
+
+    /// A new, read-write open file description of the same memory, even
+    /// when this descriptor is read-only: a broker that adopts a bus is
+    /// handed read-only pool descriptors by consumers and needs writable
+    /// ones for producers. (The memfd's inode admits its owner to write;
+    /// only the open file description was read-only.)
+    ///
+    /// ```
+    /// use tensorbus_shm::Memfd;
+    /// let fd = Memfd::create("example-rw", 4096, false)?;
+    /// let ro = Memfd::from_fd(fd.reopen_read_only()?);
+    /// let rw = ro.reopen_read_write()?;
+    /// assert_eq!(tensorbus_shm::fd_identity(std::os::fd::AsFd::as_fd(&rw))?,
+    ///            tensorbus_shm::fd_identity(fd.as_fd())?);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// The OS error of `open` (`EACCES` for a file of another user).
+    pub fn reopen_read_write(&self) -> io::Result<OwnedFd> {
+        self.reopen(libc::O_RDWR)
+    }
+
+    fn reopen(&self, access: libc::c_int) -> io::Result<OwnedFd> {
         let path = format!("/proc/self/fd/{}", self.fd.as_raw_fd());
         let cpath = CString::new(path).map_err(|_| invalid_input("NUL in /proc path"))?;
         // SAFETY: `cpath` is a valid NUL-terminated string that outlives the
         // call; open does not retain the pointer.
-        let raw = cvt(unsafe { libc::open(cpath.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) })?;
+        let raw = cvt(unsafe { libc::open(cpath.as_ptr(), access | libc::O_CLOEXEC) })?;
         // SAFETY: open just returned this descriptor and nothing else owns it.
         Ok(unsafe { OwnedFd::from_raw_fd(raw) })
     }
@@ -244,6 +271,17 @@ pub fn fd_len(fd: BorrowedFd<'_>) -> io::Result<usize> {
             format!("file size {} out of range", st.st_size),
         )
     })
+}
+
+/// The (`st_dev`, `st_ino`) of the file behind `fd`: two descriptors of
+/// one memfd have the same, descriptors of different memfds never.
+///
+/// # Errors
+///
+/// The OS error of `fstat`.
+pub fn fd_identity(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
+    let st = fstat(fd)?;
+    Ok((st.st_dev, st.st_ino))
 }
 
 /// `fstat(2)` on a borrowed descriptor.

@@ -58,6 +58,9 @@ pub(crate) struct Inner {
     pub client_id: u32,
     pub pools: Vec<PoolInfo>,
     maps: Mutex<Vec<PoolMaps>>,
+    /// What this client hands a broker that takes over after its broker
+    /// died (`reconnect.rs`).
+    pub(crate) survivor: crate::reconnect::Survivor,
 }
 
 impl Inner {
@@ -75,16 +78,28 @@ impl Inner {
         // dropping an inherited handle closes nothing at the broker).
         self.origin.check_slow()?;
         let mut conn = self.conn();
-        let reply = conn
-            .exchange(req)
-            .map_err(|e| self.request_error(e, &conn))?;
+        let reply = match conn.exchange(req, &[]) {
+            // The broker died: if a new one adopted the bus (or does now),
+            // ask it instead. What the dead one did with the request is
+            // undone by the new one (an open it never answered is not
+            // claimed, so it is closed).
+            Err(ExchangeError::Unavailable(_))
+                if crate::reconnect::reconnect(self, &mut conn).is_ok() =>
+            {
+                conn.exchange(req, &[])
+            }
+            other => other,
+        }
+        .map_err(|e| self.request_error(e, &conn))?;
+        self.survivor.note(req, &reply.resp);
         let Some(lost) = reply.fds_lost else {
             return Ok((reply.resp, reply.fds));
         };
         drop(reply.fds);
         if let Some(handle) = opened_handle(&reply.resp) {
             // Waits for the answer: when this returns, the broker has closed it.
-            let _ = conn.exchange(&Request::Close { handle });
+            let _ = conn.exchange(&Request::Close { handle }, &[]);
+            self.survivor.forget(handle);
         }
         Err(fds_lost_error(&reply.resp, &lost))
     }
@@ -160,15 +175,28 @@ impl Inner {
         Ok(refs)
     }
 
-    /// Closes a handle at the broker (best effort: a dead broker reclaims nothing anyway).
+    /// Closes a handle at the broker (best effort: a dead broker reclaims
+    /// nothing anyway, and one that adopts the bus later closes the handles
+    /// this client no longer claims).
     pub fn close_handle(&self, handle: u32) {
         let _ = self.request(&Request::Close { handle });
+        self.survivor.forget(handle);
+    }
+
+    /// The connection if no request holds it now (the watcher of
+    /// `reconnect.rs` does not wait behind a request).
+    pub(crate) fn try_lock_conn(&self) -> Option<MutexGuard<'_, Conn>> {
+        match self.conn.try_lock() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
     }
 }
 
 /// Why one request/response exchange failed.
 #[derive(Debug)]
-enum ExchangeError {
+pub(crate) enum ExchangeError {
     /// The socket failed or the broker closed it.
     Unavailable(String),
     /// The answer was not a response.
@@ -178,12 +206,12 @@ enum ExchangeError {
 }
 
 /// One complete reply.
-struct Reply {
-    resp: Response,
+pub(crate) struct Reply {
+    pub(crate) resp: Response,
     /// Descriptors that came with part 0.
-    fds: Vec<OwnedFd>,
+    pub(crate) fds: Vec<OwnedFd>,
     /// Why descriptors that came with it were lost (`EMFILE`, ...).
-    fds_lost: Option<std::io::Error>,
+    pub(crate) fds_lost: Option<std::io::Error>,
 }
 
 /// The handle a reply opened, if any.
@@ -225,18 +253,18 @@ fn fds_lost_error(resp: &Response, lost: &std::io::Error) -> RequestError {
 
 /// The client's end of the control connection: requests carry increasing
 /// ids, replies are matched to them by id (see `tensorbus_core::proto`).
-struct Conn {
-    sock: SeqpacketConn,
+pub(crate) struct Conn {
+    pub(crate) sock: SeqpacketConn,
     /// Id of the next request.
     next_id: u64,
     /// How long one request waits for its reply.
-    timeout: Duration,
+    pub(crate) timeout: Duration,
     /// Receive buffer for one frame.
     buf: Vec<u8>,
 }
 
 impl Conn {
-    fn new(sock: SeqpacketConn, timeout: Duration) -> Conn {
+    pub(crate) fn new(sock: SeqpacketConn, timeout: Duration) -> Conn {
         Conn {
             sock,
             next_id: 1,
@@ -292,14 +320,19 @@ impl Conn {
         }
     }
 
-    /// Sends one request and receives its (possibly multi-part) reply,
-    /// discarding late replies of earlier requests on the way.
-    fn exchange(&mut self, req: &Request) -> Result<Reply, ExchangeError> {
+    /// Sends one request (with `fds`) and receives its (possibly
+    /// multi-part) reply, discarding late replies of earlier requests on
+    /// the way.
+    pub(crate) fn exchange(
+        &mut self,
+        req: &Request,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> Result<Reply, ExchangeError> {
         let id = self.take_id();
         let frame = Conn::frame(id, req)?;
         let deadline = Instant::now() + self.timeout;
         let _ = self.sock.set_write_timeout(Some(self.timeout));
-        match self.sock.send(&frame, &[]) {
+        match self.sock.send(&frame, fds) {
             Ok(()) => {}
             // Nothing was sent (seqpacket sends are atomic): nothing to cancel.
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -395,7 +428,7 @@ pub(crate) fn open_error(
         ErrorKind::InvalidArgument => OpenError::InvalidArgument(message),
         ErrorKind::LimitReached => OpenError::LimitReached(message),
         ErrorKind::PermissionDenied => OpenError::PermissionDenied(message),
-        ErrorKind::VersionMismatch | ErrorKind::Busy | ErrorKind::Internal => {
+        ErrorKind::VersionMismatch | ErrorKind::Busy | ErrorKind::Refused | ErrorKind::Internal => {
             OpenError::Request(RequestError::Protocol(message))
         }
     }
@@ -529,7 +562,7 @@ impl Client {
             name: name.to_owned(),
             version: LAYOUT_VERSION,
         };
-        let reply = conn.exchange(&hello).map_err(|e| match e {
+        let reply = conn.exchange(&hello, &[]).map_err(|e| match e {
             ExchangeError::Unavailable(reason) => ConnectError::BrokerUnavailable {
                 path: path.clone(),
                 reason,
@@ -569,9 +602,11 @@ impl Client {
             }
         };
         let layout = Layout::compute(&layout).map_err(|e| ConnectError::Protocol(e.to_string()))?;
-        let fd = fds.into_iter().next().ok_or_else(|| {
+        let mut fds = fds.into_iter();
+        let fd = fds.next().ok_or_else(|| {
             ConnectError::Protocol("welcome came without the control segment".into())
         })?;
+        let pool_fds: Vec<OwnedFd> = fds.collect();
         let map = Mapping::map(
             std::os::fd::AsFd::as_fd(&fd),
             layout.total,
@@ -590,7 +625,12 @@ impl Client {
             ));
         }
         let maps = (0..pools.len()).map(|_| PoolMaps::default()).collect();
-        Ok(Client {
+        let bus_id = control
+            .registry_header()
+            .bus_id
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let survivor = crate::reconnect::Survivor::new(name, bus_id, fd, pool_fds);
+        let client = Client {
             inner: Arc::new(Inner {
                 control,
                 _control_map: map,
@@ -600,8 +640,11 @@ impl Client {
                 client_id,
                 pools,
                 maps: Mutex::new(maps),
+                survivor,
             }),
-        })
+        };
+        crate::reconnect::watch(&client.inner);
+        Ok(client)
     }
 
     /// This client's id (shown by `tensorbus stat`, stored as `producer` in
@@ -712,7 +755,10 @@ mod tests {
             create: None,
             wait: false,
         };
-        assert!(matches!(conn.exchange(&open), Err(ExchangeError::Timeout)));
+        assert!(matches!(
+            conn.exchange(&open, &[]),
+            Err(ExchangeError::Timeout)
+        ));
         let (open_id, _) = read_request(&broker_end);
         let (_, cancel) = read_request(&broker_end);
         assert!(
@@ -765,7 +811,9 @@ mod tests {
             assert!(matches!(close, Request::Close { handle: 77 }), "{close:?}");
         });
         conn.timeout = Duration::from_secs(10);
-        let reply = conn.exchange(&Request::Stat).expect("the stat's own reply");
+        let reply = conn
+            .exchange(&Request::Stat, &[])
+            .expect("the stat's own reply");
         match reply.resp {
             Response::Stat(s) => {
                 assert_eq!(s.broker_pid, 42);

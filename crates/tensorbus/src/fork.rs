@@ -102,6 +102,15 @@ impl Origin {
         }
     }
 
+    /// Tracks `socket` instead of the client's previous broker socket
+    /// (after a reconnect): call it before the old socket closes, so that a
+    /// fork in between leaves the old number alone and detaches the new.
+    pub(crate) fn retrack(&self, socket: RawFd) {
+        if let Some(i) = self.tracked {
+            SOCKETS[i].store(socket, Ordering::Relaxed);
+        }
+    }
+
     /// `Err` in a process forked after this origin was recorded: one
     /// relaxed load, no syscall (the hot path's check).
     #[inline(always)]

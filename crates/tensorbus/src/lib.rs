@@ -65,6 +65,7 @@ mod open;
 mod paths;
 mod producer;
 mod readiness;
+mod reconnect;
 mod stage;
 pub mod stat;
 mod turn;

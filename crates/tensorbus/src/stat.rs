@@ -33,6 +33,45 @@ pub struct StatReport {
     pub handles_open: u32,
     /// The broker's `[limits] max_handles`: opens past it fail.
     pub max_handles: u32,
+    /// This bus's id (kept when a restarted broker adopts the bus).
+    pub bus_id: u64,
+    /// How this broker came to run the bus, if it adopted it from a broker
+    /// that died (`None`: it created the bus).
+    pub adoption: Option<AdoptionStat>,
+}
+
+/// How a broker adopted the running bus ([`StatReport::adoption`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct AdoptionStat {
+    /// Process id of the broker that died.
+    pub previous_broker_pid: u32,
+    /// Times the bus was adopted (this one included).
+    pub adoptions: u32,
+    /// Clients that reconnected and whose claims held.
+    pub adopted_clients: u32,
+    /// Claims refused (they disagreed with shared memory, or named another bus).
+    pub refused_clients: u32,
+    /// Handles of dead clients (or handles no client claimed) reclaimed.
+    pub reclaimed_handles: u32,
+    /// Clients of the dead broker, still alive, not reconnected yet.
+    pub waiting_clients: u32,
+    /// Work items the dead broker held in custody, released.
+    pub custody_released: u32,
+}
+
+impl From<proto::AdoptionStat> for AdoptionStat {
+    fn from(a: proto::AdoptionStat) -> Self {
+        AdoptionStat {
+            previous_broker_pid: a.previous_broker_pid,
+            adoptions: a.adoptions,
+            adopted_clients: a.adopted_clients,
+            refused_clients: a.refused_clients,
+            reclaimed_handles: a.reclaimed_handles,
+            waiting_clients: a.waiting_clients,
+            custody_released: a.custody_released,
+        }
+    }
 }
 
 /// One pool in a [`StatReport`].
@@ -113,6 +152,8 @@ pub struct ClientStat {
     pub handles: u32,
     /// Slots any of its handles holds.
     pub holds: u32,
+    /// Reconnected after a broker restart (its handles adopted).
+    pub adopted: bool,
 }
 
 /// A pool of the broker's pool table ([`crate::Client::pools`]).
@@ -142,6 +183,8 @@ impl From<proto::StatReport> for StatReport {
             clients: r.clients.into_iter().map(ClientStat::from).collect(),
             handles_open: r.handles_open,
             max_handles: r.max_handles,
+            bus_id: r.bus_id,
+            adoption: r.adoption.map(AdoptionStat::from),
         }
     }
 }
@@ -204,6 +247,7 @@ impl From<proto::ClientStat> for ClientStat {
             name: c.name,
             handles: c.handles,
             holds: c.holds,
+            adopted: c.adopted,
         }
     }
 }

@@ -52,7 +52,7 @@ pub(crate) enum RemoveError {
 
 impl State {
     /// The pool indices a spec may use, validated, smallest slot first.
-    fn spec_pools(&self, spec: &ChannelSpec) -> Result<Vec<u8>, ChannelError> {
+    pub(super) fn spec_pools(&self, spec: &ChannelSpec) -> Result<Vec<u8>, ChannelError> {
         crate::names::validate_name(&spec.name).map_err(ChannelError::InvalidName)?;
         let mut pools = Vec::new();
         if spec.pools.is_empty() {
@@ -137,6 +137,7 @@ impl State {
             self.channels[index] = None;
             return Err(e);
         }
+        self.mark_channel(index);
         Ok(index)
     }
 
@@ -171,6 +172,7 @@ impl State {
             producers: 0,
             history: None,
         });
+        self.mark_channel(index);
         Ok(index)
     }
 
@@ -258,6 +260,7 @@ impl State {
         ch.pools = pools;
         ch.pending = false;
         ch.history = history;
+        self.mark_channel(c);
         Ok(())
     }
 
@@ -343,6 +346,7 @@ impl State {
         }
         self.broker_heads.retain(|&(ch, _), _| ch != c);
         self.channels[c] = None;
+        self.mark_channel(c);
     }
 
     /// A producer opened on channel `c`: the stream is live again.

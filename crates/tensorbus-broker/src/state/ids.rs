@@ -89,6 +89,17 @@ impl HolderIds {
         Ok(id)
     }
 
+    /// Takes `id` as a dead broker had handed it out (adoption); false if
+    /// it is taken already or over the limit.
+    pub(crate) fn take_adopted(&mut self, id: HolderId) -> bool {
+        if self.is_taken(id) || self.used >= self.limit {
+            return false;
+        }
+        self.take(id);
+        self.used += 1;
+        true
+    }
+
     /// Gives `id` back (a no-op for the custody id or one not handed out).
     pub(crate) fn free(&mut self, id: HolderId) {
         let n = usize::from(id.index());

@@ -252,6 +252,7 @@ impl State {
                 asked,
             },
         );
+        self.mark_id(id);
         Ok(Opened {
             handle,
             id,

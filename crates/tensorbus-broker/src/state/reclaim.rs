@@ -42,13 +42,14 @@ impl State {
         };
         h.kind = HandleKind::Detached;
         let id = h.id;
+        self.mark_id(id);
         self.retire(channel, sub, id, true);
         true
     }
 
     /// Retires subscriber `sub` of `channel` (holder id `id`) and queues
     /// its clean-up for when in-flight publishes have settled.
-    fn retire(&mut self, channel: usize, sub: usize, id: HolderId, keep: bool) {
+    pub(super) fn retire(&mut self, channel: usize, sub: usize, id: HolderId, keep: bool) {
         reclaim::retire_subscriber(&self.control, channel, sub, &FutexParker);
         let mut snapshot = Vec::new();
         reclaim::intents(&self.control, channel, &mut snapshot);
@@ -70,6 +71,7 @@ impl State {
         let Some(h) = self.handles.remove(&id) else {
             return false;
         };
+        self.mark_id(h.id);
         match h.kind {
             HandleKind::Detached => {
                 // Retired already; now the holds of what it received end.

@@ -10,10 +10,10 @@ use tensorbus_shm::PeerCred;
 
 impl State {
     /// Builds a report from shared memory and the broker's registry, with
-    /// `clients` (id, credentials, name) the admitted clients.
+    /// `clients` (id, credentials, name, adopted) the admitted clients.
     pub fn stat_report<'a>(
         &self,
-        clients: impl Iterator<Item = (u32, PeerCred, &'a str)>,
+        clients: impl Iterator<Item = (u32, PeerCred, &'a str, bool)>,
     ) -> StatReport {
         let state = self;
         let ctl = &state.control;
@@ -107,7 +107,7 @@ impl State {
         })
         .collect();
         let mut clients: Vec<ClientStat> = clients
-            .map(|(id, cred, name)| {
+            .map(|(id, cred, name, adopted)| {
                 let mut mask = HolderSnapshot::default();
                 for h in state.handles.values().filter(|h| h.client == id) {
                     mask.insert(h.id);
@@ -123,6 +123,7 @@ impl State {
                     } else {
                         count_held_by(ctl, |s| s.intersects(&mask)) as u32
                     },
+                    adopted,
                 }
             })
             .collect();
@@ -134,6 +135,8 @@ impl State {
             clients,
             handles_open: state.ids.used() as u32,
             max_handles: state.ids.limit() as u32,
+            bus_id: state.bus_id(),
+            adoption: state.adoption_stat(),
         }
     }
 }
