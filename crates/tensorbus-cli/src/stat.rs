@@ -48,7 +48,23 @@ pub(crate) fn channel_state(c: &tensorbus::stat::ChannelStat) -> &'static str {
 
 /// The human-readable report.
 pub fn render(r: &StatReport, socket: &str) -> String {
-    let mut out = format!("broker pid {} at {socket}\n\n", r.broker_pid);
+    let mut out = format!(
+        "broker pid {} at {socket}, bus {:016x}\n",
+        r.broker_pid, r.bus_id
+    );
+    if let Some(a) = &r.adoption {
+        out.push_str(&format!(
+            "adopted from broker pid {} (adoption {}): {} clients reconnected, {} refused, {} still to reconnect; {} handles of dead clients reclaimed; {} custody items released\n",
+            a.previous_broker_pid,
+            a.adoptions,
+            a.adopted_clients,
+            a.refused_clients,
+            a.waiting_clients,
+            a.reclaimed_handles,
+            a.custody_released
+        ));
+    }
+    out.push('\n');
 
     out.push_str("pools\n");
     let mut t = Table::new(&[
@@ -132,7 +148,7 @@ pub fn render(r: &StatReport, socket: &str) -> String {
     }
 
     out.push_str("\nclients\n");
-    let mut t = Table::new(&["id", "pid", "uid", "name", "handles", "holds"]);
+    let mut t = Table::new(&["id", "pid", "uid", "name", "handles", "holds", "adopted"]);
     for c in &r.clients {
         t.row(vec![
             c.id.to_string(),
@@ -141,6 +157,7 @@ pub fn render(r: &StatReport, socket: &str) -> String {
             c.name.clone(),
             c.handles.to_string(),
             c.holds.to_string(),
+            if c.adopted { "yes" } else { "no" }.to_owned(),
         ]);
     }
     out.push_str(&t.render(2));

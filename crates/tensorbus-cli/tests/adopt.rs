@@ -141,6 +141,35 @@ fn a_restarted_broker_adopts_the_running_bus() {
     );
     assert_eq!(cam.producers, 1);
 
+    // `tensorbus stat` says so, in text and JSON.
+    let out = Command::new(BIN)
+        .arg("stat")
+        .arg("--socket")
+        .arg(&socket)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("bus {:016x}", before.bus_id))
+            && text.contains("2 clients reconnected, 0 refused, 0 still to reconnect"),
+        "{text}"
+    );
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.trim_end().ends_with(" yes"))
+            .count(),
+        2,
+        "{text}"
+    );
+    let out = Command::new(BIN)
+        .args(["stat", "--json", "--socket"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["adoption"]["adopted_clients"], 2, "{json}");
+    assert_eq!(json["bus_id"], before.bus_id, "{json}");
+
     // A new client joins the same bus: it receives what the old producer
     // publishes now; the old consumer receives everything in order.
     let late = nc.consumer("cam").unwrap();

@@ -791,3 +791,227 @@ impl State {
             .is_some_and(|a| a.waiting.contains_key(&client))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::Role;
+    use super::*;
+    use tensorbus_core::proto::ChannelSpec;
+
+    const CONFIG: &str = "[[pools]]\nname = \"a\"\nslot_size = 64\nslots = 8\n\
+        [[pools]]\nname = \"b\"\nslot_size = 4096\nslots = 4\n\
+        [[channels]]\nname = \"declared\"\n";
+
+    fn config(toml: &str) -> Config {
+        Config::from_toml(toml).unwrap()
+    }
+
+    /// What a survivor hands over: the control segment and every pool.
+    fn handover(st: &State) -> Vec<OwnedFd> {
+        let mut fds = vec![st.dup_control_fd().unwrap()];
+        fds.extend(st.read_only_pool_fds().unwrap());
+        fds
+    }
+
+    fn spec(name: &str) -> ChannelSpec {
+        ChannelSpec {
+            name: name.into(),
+            pools: Vec::new(),
+            mode: tensorbus_core::Mode::Broadcast,
+            depth: None,
+            policy: None,
+            history: 2,
+        }
+    }
+
+    fn sub() -> Role {
+        Role::Subscriber {
+            policy: None,
+            depth: None,
+            writable: false,
+        }
+    }
+
+    fn claim_of(st: &State, handle: u32) -> HandleClaim {
+        let h = st.handles[&handle];
+        let (kind, channel, index) = match h.kind {
+            HandleKind::Producer { channel, row } => (ClaimKind::Producer, channel, row),
+            HandleKind::Subscriber { channel, sub } => (ClaimKind::Subscriber, channel, sub),
+            HandleKind::Detached => (ClaimKind::Detached, 0, 0),
+        };
+        HandleClaim {
+            handle,
+            bit: u32::from(h.id.index()),
+            kind,
+            channel: channel as u32,
+            index: index as u32,
+        }
+    }
+
+    /// The registry round trip: channels (declared, run time, pending, with
+    /// history), handles of every kind, next ids and the bus id come back;
+    /// a client's exact claims are accepted, its unclaimed handle closed,
+    /// and wrong claims refused naming what disagrees.
+    #[test]
+    fn a_bus_comes_back_from_shared_memory_and_claims_are_checked() {
+        let cfg = config(CONFIG);
+        let mut old = State::new(&cfg).unwrap();
+        let me = std::process::id();
+        old.register_client(7, me);
+        old.register_client(9, me);
+        let p = old
+            .open(7, "cam", Some(spec("cam")), Role::Producer, false)
+            .unwrap();
+        let s = old.open(9, "cam", None, sub(), false).unwrap();
+        let s2 = old.open(9, "cam", None, sub(), false).unwrap();
+        let w = old.open(9, "later", None, sub(), true).unwrap();
+        let d = old.open(9, "declared", None, sub(), false).unwrap();
+        let (p, s, s2, w, d) = (p.handle, s.handle, s2.handle, w.handle, d.handle);
+        assert!(old.detach_handle_of(9, d));
+        old.sync_registry();
+        let bus = old.bus_id();
+        let claims7 = vec![claim_of(&old, p)];
+        let claims9: Vec<HandleClaim> = [s, w, d].iter().map(|&h| claim_of(&old, h)).collect();
+        let used = old.ids.used();
+
+        let mut new = State::adopt(&cfg, handover(&old)).unwrap();
+        assert_eq!(new.bus_id(), bus);
+        assert_eq!(new.ids.used(), used);
+        let names: Vec<String> = new.channel_names();
+        for n in ["cam", "declared"] {
+            assert!(names.contains(&n.to_string()), "{names:?}");
+        }
+        let later = new.channel_by_name("later").unwrap();
+        assert!(new.chan(later).pending);
+        let cam = new.channel_by_name("cam").unwrap();
+        assert!(new.chan(cam).history.is_some());
+        assert_eq!(new.chan(cam).producers, 1);
+        assert!(new.chan(new.channel_by_name("declared").unwrap()).declared);
+        assert!(new.next_handle > d);
+        // Wrong claims: another client's handle, a wrong holder id, a
+        // wrong kind; each refused with what disagrees.
+        let mut wrong = claims7.clone();
+        wrong[0].bit += 1;
+        let e = new.claim(7, me, &wrong).unwrap_err();
+        assert!(e.contains("holder id"), "{e}");
+        let e = new.claim(7, me, &claims9).unwrap_err();
+        assert!(e.contains("does not have as its"), "{e}");
+        let e = new.claim(7, me + 1, &claims7).unwrap_err();
+        assert!(e.contains("process"), "{e}");
+        // Right claims: accepted; client 9's unclaimed subscriber `s2` is closed.
+        new.claim(7, me, &claims7).unwrap();
+        new.claim(9, me, &claims9).unwrap();
+        assert!(!new.handles.contains_key(&s2));
+        assert!(new.handles.contains_key(&s));
+        assert!(!new.is_waiting(7) && !new.is_waiting(9));
+        let e = new.claim(7, me, &claims7).unwrap_err();
+        assert!(e.contains("no handles"), "{e}");
+        assert_eq!(new.adoption_stat().unwrap().adopted_clients, 2);
+        drop(old);
+    }
+
+    /// A config that does not fit the bus is refused with every difference
+    /// named; pool descriptors that are not the bus's pools are refused.
+    #[test]
+    fn incompatible_configs_and_foreign_descriptors_are_refused() {
+        let cfg = config(CONFIG);
+        let old = State::new(&cfg).unwrap();
+        let other = config(
+            &CONFIG
+                .replace("slots = 8", "slots = 16")
+                .replace("slot_size = 4096", "slot_size = 8192"),
+        );
+        let e = match State::adopt(&other, handover(&old)) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("adopted with another config"),
+        };
+        assert!(
+            e.contains("pool #0 slots is 8 in the running bus, 16 in the config"),
+            "{e}"
+        );
+        assert!(
+            e.contains("pool #1 slot_size is 4096 in the running bus, 8192 in the config"),
+            "{e}"
+        );
+        let mut fds = handover(&old);
+        fds.swap(1, 2);
+        let e = match State::adopt(&cfg, fds) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("adopted swapped pools"),
+        };
+        assert!(e.contains("not that pool's memory"), "{e}");
+        let mut fds = handover(&old);
+        fds.pop();
+        assert!(State::adopt(&cfg, fds).is_err());
+        let stranger = Memfd::create("stranger", 1 << 20, false).unwrap();
+        let e = match State::adopt(&cfg, vec![stranger.into_fd()]) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("adopted a stranger"),
+        };
+        assert!(e.contains("magic") || e.contains("registry"), "{e}");
+    }
+
+    /// A registry entry that disagrees with the records (garbage, or a
+    /// forged holder id) is not believed: its record is reclaimed instead,
+    /// and every slot it held ends up free.
+    #[test]
+    fn entries_that_disagree_with_the_records_are_not_believed() {
+        let cfg = config(CONFIG);
+        let mut old = State::new(&cfg).unwrap();
+        old.register_client(3, std::process::id());
+        let p = old
+            .open(3, "cam", Some(spec("cam")), Role::Producer, false)
+            .unwrap();
+        let s = old.open(3, "cam", None, sub(), false).unwrap();
+        old.sync_registry();
+        let sid = old.handles[&s.handle].id;
+        // Garbage in the subscriber's entry, a forged id in the producer's.
+        old.control
+            .handle_entry(sid)
+            .unwrap()
+            .write(b"{not json")
+            .unwrap();
+        let pid_ = old.handles[&p.handle].id;
+        let mut bytes = Vec::new();
+        old.control.handle_entry(pid_).unwrap().read(&mut bytes);
+        let mut e: HandleEntry = serde_json::from_slice(&bytes).unwrap();
+        e.i += 1; // another row
+        old.control
+            .handle_entry(pid_)
+            .unwrap()
+            .write(&serde_json::to_vec(&e).unwrap())
+            .unwrap();
+        let mut new = State::adopt(&cfg, handover(&old)).unwrap();
+        assert!(new.handles.is_empty(), "{:?}", new.handles);
+        assert_eq!(new.adoption_stat().unwrap().reclaimed_handles, 2);
+        for _ in 0..100 {
+            if !new.progress() {
+                break;
+            }
+        }
+        let cam = new.channel_by_name("cam").unwrap();
+        assert_eq!(new.chan(cam).producers, 0);
+        // Only the history record's id stays taken.
+        assert_eq!(new.ids.used(), 1);
+    }
+
+    /// Entries survive a writer that dies in the middle of a write: the
+    /// reader sees the old version or the new one, whole.
+    #[test]
+    fn an_entry_is_one_whole_version() {
+        let cfg = config(CONFIG);
+        let st = State::new(&cfg).unwrap();
+        let e = st.control.handle_entry(HolderId::new(5).unwrap()).unwrap();
+        e.write(b"first").unwrap();
+        e.write(b"second version").unwrap();
+        let mut out = Vec::new();
+        assert!(e.read(&mut out));
+        assert_eq!(out, b"second version");
+        assert!(e.write(&[0u8; 1000]).is_err(), "too long for an entry");
+        out.clear();
+        assert!(e.read(&mut out));
+        assert_eq!(out, b"second version", "a refused write changes nothing");
+        e.clear();
+        assert!(!e.read(&mut Vec::new()));
+    }
+}

@@ -140,7 +140,7 @@ impl OpenError {
 
 /// An opened handle: what the client is told, and the descriptors it gets.
 pub(crate) struct Opened {
-    handle: u32,
+    pub(super) handle: u32,
     id: HolderId,
     record: Record,
     channel: ChannelInfo,
