@@ -178,6 +178,15 @@ pub struct BrokerSection {
     /// long at most for their welcome). 0: never adopt. Default 3000.
     #[serde(default = "default_adopt_wait_ms")]
     pub adopt_wait_ms: u64,
+    /// A hold older than this (milliseconds) is listed as a possible leak
+    /// by `tensorbus stat`, `top` and the metrics, with its holder. Default
+    /// 5000.
+    #[serde(default = "default_leak_threshold_ms")]
+    pub leak_threshold_ms: u64,
+}
+
+fn default_leak_threshold_ms() -> u64 {
+    5000
 }
 
 fn default_adopt_wait_ms() -> u64 {
@@ -192,6 +201,7 @@ impl Default for BrokerSection {
             allowed_gids: Vec::new(),
             metrics: None,
             adopt_wait_ms: default_adopt_wait_ms(),
+            leak_threshold_ms: default_leak_threshold_ms(),
         }
     }
 }

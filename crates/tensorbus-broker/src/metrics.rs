@@ -485,8 +485,8 @@ pub fn render(report: &StatReport, openmetrics: bool) -> String {
         }
     }
 
-    type ClientField = fn(&tensorbus_core::proto::ClientStat) -> u64;
-    let client_families: [(&str, &str, ClientField); 2] = [
+    type ClientField = fn(&tensorbus_core::proto::ClientStat) -> f64;
+    let client_families: [(&str, &str, ClientField); 3] = [
         (
             "tensorbus_client_handles",
             "Open handles of the client.",
@@ -496,6 +496,11 @@ pub fn render(report: &StatReport, openmetrics: bool) -> String {
             "tensorbus_client_held_slots",
             "Slots any handle of the client holds.",
             |c| c.holds.into(),
+        ),
+        (
+            "tensorbus_client_oldest_hold_seconds",
+            "Age of the client's oldest hold (0: it holds nothing).",
+            |c| c.oldest_hold_ms as f64 / 1000.0,
         ),
     ];
     for (name, help, value) in client_families {
@@ -528,6 +533,44 @@ pub fn render(report: &StatReport, openmetrics: bool) -> String {
         "The broker's [limits] max_handles: opens past it fail.",
     );
     o.sample("tensorbus_handles_max", &[], report.max_handles);
+    o.family(
+        "tensorbus_leaked_holds",
+        "gauge",
+        "Holds older than [broker] leak_threshold_ms, by holder and kind (loaned, queued, received).",
+    );
+    let mut leaks: std::collections::BTreeMap<(u32, &str, i32, &str, &str), u32> =
+        std::collections::BTreeMap::new();
+    for l in &report.leaks {
+        *leaks
+            .entry((
+                l.client,
+                l.name.as_str(),
+                l.pid,
+                l.channel.as_str(),
+                l.kind.as_str(),
+            ))
+            .or_default() += 1;
+    }
+    for ((client, name, pid, channel, kind), n) in leaks {
+        let (client, pid) = (client.to_string(), pid.to_string());
+        o.sample(
+            "tensorbus_leaked_holds",
+            &[
+                ("client", &client),
+                ("name", name),
+                ("pid", &pid),
+                ("channel", channel),
+                ("kind", kind),
+            ],
+            n,
+        );
+    }
+    o.family(
+        "tensorbus_holds_over_threshold",
+        "gauge",
+        "All holds older than [broker] leak_threshold_ms (the per-holder family lists at most 256).",
+    );
+    o.sample("tensorbus_holds_over_threshold", &[], report.leaks_total);
     let a = report.adoption.clone().unwrap_or_default();
     o.family(
         "tensorbus_bus_adoptions",
@@ -601,7 +644,21 @@ mod tests {
                 handles: 1,
                 holds: 2,
                 adopted: false,
+                oldest_hold_ms: 7000,
             }],
+            leaks: vec![tensorbus_core::proto::LeakStat {
+                client: 2,
+                name: "a".into(),
+                pid: 99,
+                handle: 3,
+                channel: "cam".into(),
+                kind: "received".into(),
+                pool: "frames".into(),
+                slot: 4,
+                seq: 9,
+                age_ms: 7000,
+            }],
+            leaks_total: 1,
             handles_open: 3,
             max_handles: 1024,
             ..StatReport::default()
@@ -612,6 +669,11 @@ mod tests {
     fn prometheus_text() {
         let t = render(&report(), false);
         assert!(t.contains("\ntensorbus_handles_open 3\n"), "{t}");
+        assert!(
+            t.contains("\ntensorbus_leaked_holds{client=\"2\",name=\"a\",pid=\"99\",channel=\"cam\",kind=\"received\"} 1\n"),
+            "{t}"
+        );
+        assert!(t.contains("\ntensorbus_holds_over_threshold 1\n"), "{t}");
         assert!(t.contains("\ntensorbus_handles_max 1024\n"), "{t}");
         assert!(
             t.contains("# TYPE tensorbus_channel_published_total counter\n"),

@@ -10,6 +10,7 @@
 mod adopt;
 mod channels;
 mod ids;
+mod leaks;
 mod open;
 mod reclaim;
 mod registry;
@@ -237,6 +238,10 @@ pub(crate) struct State {
     dirty: registry::Dirty,
     /// How this broker came to run the bus, if it adopted it (`adopt.rs`).
     adoption: Option<Adoption>,
+    /// When held slots were first seen held (`leaks.rs`).
+    held_since: leaks::HeldSince,
+    /// `[broker] leak_threshold_ms`.
+    leak_threshold_ms: u64,
 }
 
 impl State {
@@ -315,6 +320,8 @@ impl State {
             sweep_cursor: (0, 0),
             dirty: registry::Dirty::default(),
             adoption: None,
+            held_since: leaks::HeldSince::default(),
+            leak_threshold_ms: config.broker.leak_threshold_ms,
         };
         let hugetlb: Vec<bool> = config.pools.iter().map(|p| p.hugetlb).collect();
         state.init_registry(&hugetlb);
@@ -437,6 +444,7 @@ impl State {
         let pools = ctl.pools();
         let total: usize = (0..pools).map(|p| ctl.slots(p)).sum();
         let mut freed = 0;
+        let mut swept = Vec::new();
         let mut left = budget.min(total);
         while left > 0 {
             let (pool, start) = self.sweep_cursor;
@@ -452,12 +460,16 @@ impl State {
                     keep
                 }
             });
+            swept.push((pool, start..end));
             left -= end.saturating_sub(start).max(1).min(left);
             self.sweep_cursor = if end >= ctl.slots(pool) {
                 ((pool + 1) % pools, 0)
             } else {
                 (pool, end)
             };
+        }
+        for (pool, range) in swept {
+            self.track_held(pool, range);
         }
         freed
     }

@@ -148,7 +148,16 @@ pub fn render(r: &StatReport, socket: &str) -> String {
     }
 
     out.push_str("\nclients\n");
-    let mut t = Table::new(&["id", "pid", "uid", "name", "handles", "holds", "adopted"]);
+    let mut t = Table::new(&[
+        "id",
+        "pid",
+        "uid",
+        "name",
+        "handles",
+        "holds",
+        "oldest_hold",
+        "adopted",
+    ]);
     for c in &r.clients {
         t.row(vec![
             c.id.to_string(),
@@ -157,10 +166,45 @@ pub fn render(r: &StatReport, socket: &str) -> String {
             c.name.clone(),
             c.handles.to_string(),
             c.holds.to_string(),
+            if c.holds == 0 {
+                "-".to_owned()
+            } else {
+                format!("{:.1}s", c.oldest_hold_ms as f64 / 1000.0)
+            },
             if c.adopted { "yes" } else { "no" }.to_owned(),
         ]);
     }
     out.push_str(&t.render(2));
+    if r.leaks_total > 0 {
+        out.push_str(&format!(
+            "\nheld longer than {:.1}s ({} holds{})\n",
+            r.leak_threshold_ms as f64 / 1000.0,
+            r.leaks_total,
+            if r.leaks.len() < r.leaks_total as usize {
+                format!(", the {} oldest listed", r.leaks.len())
+            } else {
+                String::new()
+            }
+        ));
+        let mut t = Table::new(&[
+            "age", "client", "name", "pid", "channel", "handle", "kind", "pool", "slot", "seq",
+        ]);
+        for l in &r.leaks {
+            t.row(vec![
+                format!("{:.1}s", l.age_ms as f64 / 1000.0),
+                l.client.to_string(),
+                l.name.clone(),
+                l.pid.to_string(),
+                l.channel.clone(),
+                l.handle.to_string(),
+                l.kind.clone(),
+                l.pool.clone(),
+                l.slot.to_string(),
+                l.seq.to_string(),
+            ]);
+        }
+        out.push_str(&t.render(2));
+    }
     out
 }
 

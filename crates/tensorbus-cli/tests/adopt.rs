@@ -234,3 +234,72 @@ fn an_incompatible_config_is_refused_naming_the_difference() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The bus outlives two broker deaths in a row; a handle closed while no
+/// broker ran is not claimed, so the next broker reclaims it.
+#[test]
+fn the_bus_survives_two_broker_deaths_and_closes_while_none_runs() {
+    let dir = temp_dir("adopt-twice");
+    let config = dir.join("broker.toml");
+    std::fs::write(&config, CONFIG).unwrap();
+    let socket = dir.join("broker.sock");
+    let mut a = spawn_broker(&config, &socket, Stdio::null());
+    let c = connect(&socket, "both");
+    let bus = c.stat().unwrap().bus_id;
+    let mut producer = c
+        .producer_with(
+            "cam",
+            ProducerOptions::default().create(ChannelSpec::new(Mode::Broadcast)),
+        )
+        .unwrap();
+    let keep = c.consumer("cam").unwrap();
+    let gone = c.consumer("cam").unwrap();
+    for v in 1..=4 {
+        publish(&mut producer, v);
+    }
+    kill9(&mut a);
+    // Closed while no broker runs: the close cannot reach anyone.
+    drop(gone);
+    let mut b = spawn_broker(&config, &socket, Stdio::null());
+    let probe = connect(&socket, "probe");
+    wait_until("the first adoption", || {
+        probe
+            .stat()
+            .unwrap()
+            .adoption
+            .is_some_and(|a| a.adopted_clients == 1)
+    });
+    let s = probe.stat().unwrap();
+    assert_eq!(s.bus_id, bus);
+    let cam = s.channels.iter().find(|c| c.name == "cam").unwrap();
+    assert_eq!(
+        cam.subscribers.len(),
+        1,
+        "the closed consumer is reclaimed: {cam:?}"
+    );
+    drop(probe);
+    kill9(&mut b);
+    publish(&mut producer, 5);
+    let mut c2 = spawn_broker(&config, &socket, Stdio::null());
+    let probe = connect(&socket, "probe");
+    wait_until("the second adoption", || {
+        probe
+            .stat()
+            .unwrap()
+            .adoption
+            .is_some_and(|a| a.adoptions == 2 && a.adopted_clients == 1)
+    });
+    assert_eq!(probe.stat().unwrap().bus_id, bus);
+    for v in 1..=5u8 {
+        let t = keep.recv().unwrap();
+        assert!(t.iter().all(|&b| b == v), "tensor {v}");
+    }
+    drop((keep, producer));
+    wait_until("every slot to be free", || {
+        let s = probe.stat().unwrap();
+        s.pools[0].slots_free == s.pools[0].slots_total && s.handles_open == 0
+    });
+    drop((c, probe));
+    kill9(&mut c2);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -181,7 +181,9 @@ fn once_prints_one_sorted_plain_frame_of_a_real_broker() {
         .find(|l| l.contains(" top-test "))
         .unwrap_or_else(|| panic!("{screen}"));
     let me: Vec<&str> = me.split_whitespace().collect();
-    assert_eq!(&me[2..], ["top-test", "4", "8"], "{screen}");
+    assert_eq!(&me[2..5], ["top-test", "4", "8"], "{screen}");
+    // The oldest hold's age, and no hold past the 5 s leak threshold.
+    assert!(me[5].ends_with('s') && me[6] == "0", "{screen}");
     assert!(screen.contains("tensorbus-top"), "{screen}");
 
     // --sort rate: fast first.

@@ -432,6 +432,43 @@ pub struct StatReport {
     /// How this broker came to run the bus (`None`: it created it).
     #[serde(default)]
     pub adoption: Option<AdoptionStat>,
+    /// The broker's `[broker] leak_threshold_ms`: holds older than this are
+    /// listed in `leaks`.
+    #[serde(default)]
+    pub leak_threshold_ms: u64,
+    /// Holds older than the threshold, oldest first (at most 256 listed).
+    #[serde(default)]
+    pub leaks: Vec<LeakStat>,
+    /// How many holds are older than the threshold in all.
+    #[serde(default)]
+    pub leaks_total: u32,
+}
+
+/// A hold older than the leak threshold ([`StatReport::leaks`]).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LeakStat {
+    /// Client id of the holder.
+    pub client: u32,
+    /// Its name.
+    pub name: String,
+    /// Its process id.
+    pub pid: i32,
+    /// The handle that holds.
+    pub handle: u32,
+    /// The channel of that handle (empty for a detached subscriber).
+    pub channel: String,
+    /// `loaned` (a producer's loan not yet published), `queued` (waiting in
+    /// a subscriber's rings: the consumer is behind) or `received` (the
+    /// application took it and has not released it).
+    pub kind: String,
+    /// Pool name.
+    pub pool: String,
+    /// Slot index in the pool.
+    pub slot: u32,
+    /// The tensor's sequence number.
+    pub seq: u64,
+    /// How long it has been held, in milliseconds.
+    pub age_ms: u64,
 }
 
 /// How a broker adopted the running bus ([`StatReport::adoption`]).
@@ -537,6 +574,9 @@ pub struct ClientStat {
     /// Reconnected after a broker restart (its handles adopted).
     #[serde(default)]
     pub adopted: bool,
+    /// Age of its oldest hold in milliseconds (0: it holds nothing).
+    #[serde(default)]
+    pub oldest_hold_ms: u64,
 }
 
 #[cfg(test)]

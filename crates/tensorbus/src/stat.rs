@@ -38,6 +38,58 @@ pub struct StatReport {
     /// How this broker came to run the bus, if it adopted it from a broker
     /// that died (`None`: it created the bus).
     pub adoption: Option<AdoptionStat>,
+    /// The broker's `[broker] leak_threshold_ms`.
+    pub leak_threshold_ms: u64,
+    /// Holds older than the threshold, oldest first (at most 256 listed):
+    /// who holds which slot of which channel, and why.
+    pub leaks: Vec<LeakStat>,
+    /// How many holds are older than the threshold in all.
+    pub leaks_total: u32,
+}
+
+/// A hold older than the broker's leak threshold ([`StatReport::leaks`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct LeakStat {
+    /// Client id of the holder.
+    pub client: u32,
+    /// Its name.
+    pub name: String,
+    /// Its process id.
+    pub pid: i32,
+    /// The handle that holds.
+    pub handle: u32,
+    /// The channel of that handle (empty for a detached subscriber).
+    pub channel: String,
+    /// `loaned` (not yet published), `queued` (waiting in a subscriber's
+    /// rings: the consumer is behind) or `received` (taken by the
+    /// application and not released).
+    pub kind: String,
+    /// Pool name.
+    pub pool: String,
+    /// Slot index in the pool.
+    pub slot: u32,
+    /// The tensor's sequence number.
+    pub seq: u64,
+    /// How long it has been held, in milliseconds.
+    pub age_ms: u64,
+}
+
+impl From<proto::LeakStat> for LeakStat {
+    fn from(l: proto::LeakStat) -> Self {
+        LeakStat {
+            client: l.client,
+            name: l.name,
+            pid: l.pid,
+            handle: l.handle,
+            channel: l.channel,
+            kind: l.kind,
+            pool: l.pool,
+            slot: l.slot,
+            seq: l.seq,
+            age_ms: l.age_ms,
+        }
+    }
 }
 
 /// How a broker adopted the running bus ([`StatReport::adoption`]).
@@ -154,6 +206,8 @@ pub struct ClientStat {
     pub holds: u32,
     /// Reconnected after a broker restart (its handles adopted).
     pub adopted: bool,
+    /// Age of its oldest hold in milliseconds (0: it holds nothing).
+    pub oldest_hold_ms: u64,
 }
 
 /// A pool of the broker's pool table ([`crate::Client::pools`]).
@@ -185,6 +239,9 @@ impl From<proto::StatReport> for StatReport {
             max_handles: r.max_handles,
             bus_id: r.bus_id,
             adoption: r.adoption.map(AdoptionStat::from),
+            leak_threshold_ms: r.leak_threshold_ms,
+            leaks: r.leaks.into_iter().map(LeakStat::from).collect(),
+            leaks_total: r.leaks_total,
         }
     }
 }
@@ -248,6 +305,7 @@ impl From<proto::ClientStat> for ClientStat {
             handles: c.handles,
             holds: c.holds,
             adopted: c.adopted,
+            oldest_hold_ms: c.oldest_hold_ms,
         }
     }
 }

@@ -286,6 +286,8 @@ impl State {
                 waiting: HashMap::new(),
                 max_client: next_client.saturating_sub(1),
             }),
+            held_since: super::leaks::HeldSince::default(),
+            leak_threshold_ms: config.broker.leak_threshold_ms,
         };
         let orphans = state.read_channels(config);
         state.read_handles();

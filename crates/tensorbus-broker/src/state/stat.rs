@@ -106,7 +106,14 @@ impl State {
             }
         })
         .collect();
+        let clients: Vec<(u32, PeerCred, &str, bool)> = clients.collect();
+        let names: std::collections::HashMap<u32, (String, i32)> = clients
+            .iter()
+            .map(|&(id, cred, name, _)| (id, (name.to_owned(), cred.pid)))
+            .collect();
+        let (leaks, leaks_total, oldest) = state.leaks(&names);
         let mut clients: Vec<ClientStat> = clients
+            .into_iter()
             .map(|(id, cred, name, adopted)| {
                 let mut mask = HolderSnapshot::default();
                 for h in state.handles.values().filter(|h| h.client == id) {
@@ -124,6 +131,7 @@ impl State {
                         count_held_by(ctl, |s| s.intersects(&mask)) as u32
                     },
                     adopted,
+                    oldest_hold_ms: oldest.get(&id).copied().unwrap_or(0),
                 }
             })
             .collect();
@@ -137,6 +145,9 @@ impl State {
             max_handles: state.ids.limit() as u32,
             bus_id: state.bus_id(),
             adoption: state.adoption_stat(),
+            leak_threshold_ms: state.leak_threshold_ms,
+            leaks,
+            leaks_total,
         }
     }
 }

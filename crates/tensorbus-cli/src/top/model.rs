@@ -273,6 +273,14 @@ impl State {
                 name: c.name.clone(),
                 handles: c.handles,
                 holds: c.holds,
+                oldest_hold_ms: c.oldest_hold_ms,
+                leaks: self
+                    .cur
+                    .report
+                    .leaks
+                    .iter()
+                    .filter(|l| l.client == c.id)
+                    .count() as u32,
             })
             .collect();
         rows.sort_by(|a, b| {

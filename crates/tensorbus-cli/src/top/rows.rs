@@ -201,11 +201,16 @@ pub struct ClientRow {
     pub handles: u32,
     /// Slots its handles hold.
     pub holds: u32,
+    /// Age of its oldest hold, milliseconds.
+    pub oldest_hold_ms: u64,
+    /// Its holds older than the broker's leak threshold.
+    pub leaks: u32,
 }
 
 impl ClientRow {
     /// The column titles, in the order of [`ClientRow::cells`].
-    pub const HEADER: [&'static str; 5] = ["id", "pid", "client", "handles", "holds"];
+    pub const HEADER: [&'static str; 7] =
+        ["id", "pid", "client", "handles", "holds", "oldest", "leaks"];
 
     /// The cells of this row as text.
     pub fn cells(&self) -> Vec<String> {
@@ -215,6 +220,12 @@ impl ClientRow {
             self.name.clone(),
             self.handles.to_string(),
             self.holds.to_string(),
+            if self.holds == 0 {
+                "-".to_owned()
+            } else {
+                format!("{:.1}s", self.oldest_hold_ms as f64 / 1000.0)
+            },
+            self.leaks.to_string(),
         ]
     }
 }
