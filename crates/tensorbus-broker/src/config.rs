@@ -183,6 +183,16 @@ pub struct BrokerSection {
     /// 5000.
     #[serde(default = "default_leak_threshold_ms")]
     pub leak_threshold_ms: u64,
+    /// Every how many receives a consumer records the publish-to-receive
+    /// latency in its shared-memory histogram (rounded up to a power of
+    /// two; 1: every receive; 0: none). A record costs one clock read
+    /// (~35 ns). Default 16.
+    #[serde(default = "default_latency_sample_every")]
+    pub latency_sample_every: u32,
+}
+
+fn default_latency_sample_every() -> u32 {
+    16
 }
 
 fn default_leak_threshold_ms() -> u64 {
@@ -202,6 +212,7 @@ impl Default for BrokerSection {
             metrics: None,
             adopt_wait_ms: default_adopt_wait_ms(),
             leak_threshold_ms: default_leak_threshold_ms(),
+            latency_sample_every: default_latency_sample_every(),
         }
     }
 }

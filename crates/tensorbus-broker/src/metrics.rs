@@ -342,6 +342,68 @@ impl Out {
     }
 }
 
+/// The subscribers' publish-to-receive latency histograms
+/// (`tensorbus_subscriber_latency_seconds`, `_bucket`/`_sum`/`_count`): the
+/// shared-memory buckets merged in pairs (bounds at 2^k and 1.5 x 2^k
+/// nanoseconds, 128 ns to ~17 s, then `+Inf`), cumulative as the formats
+/// require. The counts are samples (every `latency_sample_every`-th receive).
+fn latency_histograms(o: &mut Out, report: &StatReport) {
+    use tensorbus_core::latency::{upper_bound_ns, BUCKETS};
+    let name = "tensorbus_subscriber_latency_seconds";
+    o.family(
+        name,
+        "histogram",
+        "Publish-to-receive latency of sampled receives (every [broker] latency_sample_every-th).",
+    );
+    for c in &report.channels {
+        for s in &c.subscribers {
+            let Some(l) = &s.latency else { continue };
+            let handle = s.handle.to_string();
+            let client = s.client.to_string();
+            let mut counts = [0u64; BUCKETS];
+            for &(i, n) in &l.buckets {
+                if let Some(x) = counts.get_mut(i as usize) {
+                    *x = n;
+                }
+            }
+            let mut cumulative = 0u64;
+            for (i, n) in counts.iter().enumerate().take(BUCKETS - 1) {
+                cumulative += n;
+                // Every other bound: 128 ns, then 1.5 x 2^k and 2^k.
+                if i % 2 == 0 {
+                    let le = format!("{}", upper_bound_ns(i) as f64 / 1e9);
+                    let bucket = format!("{name}_bucket");
+                    o.sample(
+                        &bucket,
+                        &[
+                            ("channel", &c.name),
+                            ("subscriber", &handle),
+                            ("client", &client),
+                            ("policy", &s.policy),
+                            ("le", &le),
+                        ],
+                        cumulative,
+                    );
+                }
+            }
+            let labels = [
+                ("channel", c.name.as_str()),
+                ("subscriber", &handle),
+                ("client", &client),
+                ("policy", &s.policy),
+            ];
+            let mut inf = labels.to_vec();
+            inf.push(("le", "+Inf"));
+            // The snapshot may catch the writer between a bucket and the
+            // count: the total is never less than the buckets below it.
+            let total = l.samples.max(cumulative + counts[BUCKETS - 1]);
+            o.sample(&format!("{name}_bucket"), &inf, total);
+            o.sample(&format!("{name}_sum"), &labels, l.sum_ns as f64 / 1e9);
+            o.sample(&format!("{name}_count"), &labels, total);
+        }
+    }
+}
+
 /// Renders `report` in the OpenMetrics text format (`openmetrics`, ending
 /// in `# EOF`) or the Prometheus text format 0.0.4.
 pub fn render(report: &StatReport, openmetrics: bool) -> String {
@@ -484,6 +546,8 @@ pub fn render(report: &StatReport, openmetrics: bool) -> String {
             }
         }
     }
+
+    latency_histograms(&mut o, report);
 
     type ClientField = fn(&tensorbus_core::proto::ClientStat) -> f64;
     let client_families: [(&str, &str, ClientField); 3] = [
@@ -633,6 +697,15 @@ mod tests {
                     delivered: 6,
                     dropped: 1,
                     queued: 0,
+                    latency: Some(tensorbus_core::proto::LatencyStat {
+                        sample_every: 1,
+                        samples: 3,
+                        sum_ns: 3_000,
+                        p50_ns: 1024,
+                        p99_ns: 1024,
+                        p999_ns: 1024,
+                        buckets: vec![(12, 3)],
+                    }),
                 }],
                 ..ChannelStat::default()
             }],
@@ -674,6 +747,38 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("\ntensorbus_holds_over_threshold 1\n"), "{t}");
+        // Bucket 12 ends at 1024 ns: cumulative 0 below, 3 from there on.
+        let lab = "channel=\"cam\",subscriber=\"3\",client=\"2\",policy=\"block\"";
+        assert!(
+            t.contains(&format!(
+                "\ntensorbus_subscriber_latency_seconds_bucket{{{lab},le=\"0.000000768\"}} 0\n"
+            )),
+            "{t}"
+        );
+        assert!(
+            t.contains(&format!(
+                "\ntensorbus_subscriber_latency_seconds_bucket{{{lab},le=\"0.000001024\"}} 3\n"
+            )),
+            "{t}"
+        );
+        assert!(
+            t.contains(&format!(
+                "\ntensorbus_subscriber_latency_seconds_bucket{{{lab},le=\"+Inf\"}} 3\n"
+            )),
+            "{t}"
+        );
+        assert!(
+            t.contains(&format!(
+                "\ntensorbus_subscriber_latency_seconds_count{{{lab}}} 3\n"
+            )),
+            "{t}"
+        );
+        assert!(
+            t.contains(&format!(
+                "\ntensorbus_subscriber_latency_seconds_sum{{{lab}}} 0.000003\n"
+            )),
+            "{t}"
+        );
         assert!(t.contains("\ntensorbus_handles_max 1024\n"), "{t}");
         assert!(
             t.contains("# TYPE tensorbus_channel_published_total counter\n"),
@@ -691,7 +796,13 @@ mod tests {
         assert!(!t.contains("# EOF"));
         // Every sample's family has HELP and TYPE.
         for line in t.lines().filter(|l| !l.starts_with('#')) {
-            let name = line.split(['{', ' ']).next().unwrap();
+            let sample = line.split(['{', ' ']).next().unwrap();
+            // A histogram's samples belong to the family without the suffix.
+            let name = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| sample.strip_suffix(s))
+                .filter(|f| t.contains(&format!("# TYPE {f} histogram")))
+                .unwrap_or(sample);
             assert!(t.contains(&format!("# TYPE {name} ")), "{name} has no TYPE");
             assert!(t.contains(&format!("# HELP {name} ")), "{name} has no HELP");
         }

@@ -242,6 +242,8 @@ pub(crate) struct State {
     held_since: leaks::HeldSince,
     /// `[broker] leak_threshold_ms`.
     leak_threshold_ms: u64,
+    /// `[broker] latency_sample_every`.
+    latency_sample_every: u32,
 }
 
 impl State {
@@ -322,6 +324,7 @@ impl State {
             adoption: None,
             held_since: leaks::HeldSince::default(),
             leak_threshold_ms: config.broker.leak_threshold_ms,
+            latency_sample_every: config.broker.latency_sample_every,
         };
         let hugetlb: Vec<bool> = config.pools.iter().map(|p| p.hugetlb).collect();
         state.init_registry(&hugetlb);

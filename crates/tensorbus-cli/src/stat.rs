@@ -46,6 +46,20 @@ pub(crate) fn channel_state(c: &tensorbus::stat::ChannelStat) -> &'static str {
     }
 }
 
+/// A latency bucket bound as text (`<2.0us`, `<1.5ms`, `>17s`).
+pub fn latency_text(ns: u64) -> String {
+    if ns == u64::MAX {
+        return ">17s".into();
+    }
+    let (v, unit) = match ns {
+        0..=999 => (ns as f64, "ns"),
+        1_000..=999_999 => (ns as f64 / 1e3, "us"),
+        1_000_000..=999_999_999 => (ns as f64 / 1e6, "ms"),
+        _ => (ns as f64 / 1e9, "s"),
+    };
+    format!("<{v:.1}{unit}")
+}
+
 /// The human-readable report.
 pub fn render(r: &StatReport, socket: &str) -> String {
     let mut out = format!(
@@ -132,8 +146,17 @@ pub fn render(r: &StatReport, socket: &str) -> String {
             "delivered",
             "dropped",
             "queued",
+            "p50",
+            "p99",
+            "p99.9",
         ]);
         for s in &c.subscribers {
+            let q = |f: fn(&tensorbus::stat::LatencyStat) -> u64| {
+                s.latency
+                    .as_ref()
+                    .filter(|l| l.samples > 0)
+                    .map_or_else(|| "-".to_owned(), |l| latency_text(f(l)))
+            };
             t.row(vec![
                 s.handle.to_string(),
                 s.client.to_string(),
@@ -142,6 +165,9 @@ pub fn render(r: &StatReport, socket: &str) -> String {
                 s.delivered.to_string(),
                 s.dropped.to_string(),
                 s.queued.to_string(),
+                q(|l| l.p50_ns),
+                q(|l| l.p99_ns),
+                q(|l| l.p999_ns),
             ]);
         }
         out.push_str(&t.render(4));

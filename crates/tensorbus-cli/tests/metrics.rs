@@ -326,6 +326,18 @@ fn tool(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// Percent-encodes a query parameter.
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// GET `path_and_query` from Prometheus's HTTP API; the body, if it answered.
 fn api(addr: SocketAddr, path_and_query: &str) -> Option<String> {
     let mut s = TcpStream::connect(addr).ok()?;
@@ -459,6 +471,25 @@ fn a_real_prometheus_scrapes_the_broker_and_promtool_accepts_the_output() {
     let v: serde_json::Value =
         serde_json::from_str(&api(web, "/api/v1/query?query=up").unwrap()).unwrap();
     assert_eq!(v["data"]["result"][0]["value"][1], "1", "{v}");
+    // Issue 17.4: the p99 of the channel's publish-to-receive latency, from
+    // the shared-memory histograms, computed by Prometheus.
+    let promql = "histogram_quantile(0.99, sum by (le) (tensorbus_subscriber_latency_seconds_bucket{channel=\"cam\"}))";
+    let q = format!("/api/v1/query?query={}", url_encode(promql));
+    let v: serde_json::Value = serde_json::from_str(&api(web, &q).unwrap()).unwrap();
+    let p99: f64 = v["data"]["result"][0]["value"][1]
+        .as_str()
+        .unwrap_or_else(|| panic!("{v}"))
+        .parse()
+        .unwrap();
+    assert!(p99 > 0.0 && p99 < 10.0, "p99 {p99} s: {v}");
+    let q = format!(
+        "/api/v1/query?query={}",
+        url_encode("tensorbus_subscriber_latency_seconds_count{channel=\"cam\"}")
+    );
+    let v: serde_json::Value = serde_json::from_str(&api(web, &q).unwrap()).unwrap();
+    // 300 receives, every 16th sampled (the default).
+    assert_eq!(v["data"]["result"][0]["value"][1], "18", "{v}");
+    eprintln!("prometheus: histogram_quantile(0.99) of channel cam = {p99} s");
     let _ = prom.0.kill();
     wait_or_kill(&mut prom.0, Duration::from_secs(30), "prometheus");
     let _ = std::fs::remove_dir_all(&dir);

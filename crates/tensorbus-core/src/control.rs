@@ -231,6 +231,20 @@ impl Control {
         Some(unsafe { self.at(off) })
     }
 
+    /// The latency histogram of subscriber `sub` of `channel`.
+    #[inline]
+    pub fn latency(&self, channel: usize, sub: usize) -> Option<&crate::latency::LatencyHistogram> {
+        if sub >= self.layout.params.max_subscribers as usize {
+            return None;
+        }
+        let off = self.block(channel)?
+            + self.layout.latency_in_block
+            + sub * crate::layout::LATENCY_STRIDE;
+        // SAFETY: sub < max_subscribers, so the histogram lies in the
+        // block's histogram array (layout invariant), 64-aligned; atomics only.
+        Some(unsafe { self.at(off) })
+    }
+
     /// The ring from producer `row` to subscriber `sub` of `channel`.
     #[inline]
     pub fn ring(&self, channel: usize, row: usize, sub: usize) -> Option<Ring<'_>> {

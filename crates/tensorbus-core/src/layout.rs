@@ -12,6 +12,7 @@
 //!                            ChannelRecord
 //!                            ProducerRecord × rows   (row 0 = the broker's)
 //!                            SubscriberRecord × max_subscribers
+//!                            LatencyHistogram × max_subscribers
 //!                            (RingHeader + cells[ring_capacity]) × rows × max_subscribers
 //! registry_offset          the broker's registry (crate::registry):
 //!                            pool entry × pools, channel entry × max_channels,
@@ -121,6 +122,9 @@ pub struct Layout {
     pub producers_in_block: usize,
     /// Offset of the subscriber records inside a block.
     pub subscribers_in_block: usize,
+    /// Offset of the subscribers' latency histograms inside a block
+    /// ([`LATENCY_STRIDE`] bytes each).
+    pub latency_in_block: usize,
     /// Offset of the rings inside a block.
     pub rings_in_block: usize,
     /// Bytes per ring (header and cells).
@@ -133,6 +137,10 @@ pub struct Layout {
     /// Subscriber indices a channel can have (`0..max_subscribers`).
     valid_subs: crate::subset::SubSet,
 }
+
+/// Bytes per subscriber latency histogram ([`crate::latency`]).
+pub const LATENCY_STRIDE: usize =
+    round_up(core::mem::size_of::<crate::latency::LatencyHistogram>(), 64);
 
 /// Bytes of one registry pool, channel and handle entry.
 pub const REG_POOL: usize = crate::registry::entry_size(crate::registry::POOL_WORDS);
@@ -199,7 +207,8 @@ impl Layout {
         let prod = round_up(core::mem::size_of::<ProducerRecord>(), 64);
         let subscribers_in_block = producers_in_block + rows * prod;
         let sub = round_up(core::mem::size_of::<SubscriberRecord>(), 64);
-        let rings_in_block = round_up(subscribers_in_block + subs * sub, 64);
+        let latency_in_block = round_up(subscribers_in_block + subs * sub, 64);
+        let rings_in_block = latency_in_block + subs * LATENCY_STRIDE;
         let ring_stride = round_up(RING_HEADER_SIZE + cap * 8, 64);
         let channel_stride = checked(&[(rings_in_block, 1), (ring_stride, rows * subs)])
             .map(|x| round_up(x, page))
@@ -226,6 +235,7 @@ impl Layout {
             channel_stride,
             producers_in_block,
             subscribers_in_block,
+            latency_in_block,
             rings_in_block,
             ring_stride,
             registry_offset,

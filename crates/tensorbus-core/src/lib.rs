@@ -24,6 +24,7 @@ pub mod bits;
 pub mod desc;
 pub mod dtype;
 pub mod event;
+pub mod latency;
 pub mod layout;
 pub mod meta;
 pub mod park;

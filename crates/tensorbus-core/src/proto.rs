@@ -554,6 +554,30 @@ pub struct SubscriberStat {
     pub dropped: u64,
     /// Entries waiting in its rings.
     pub queued: u64,
+    /// Its publish-to-receive latency histogram (`None`: sampling is off).
+    #[serde(default)]
+    pub latency: Option<LatencyStat>,
+}
+
+/// A subscriber's latency histogram ([`crate::latency`]), as a snapshot.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LatencyStat {
+    /// Every how many receives one is recorded.
+    pub sample_every: u64,
+    /// Samples recorded.
+    pub samples: u64,
+    /// Sum of the sampled latencies, nanoseconds.
+    pub sum_ns: u64,
+    /// Median, 99th and 99.9th percentile: the upper bound of the bucket
+    /// each falls in, nanoseconds (0 without samples).
+    pub p50_ns: u64,
+    /// See `p50_ns`.
+    pub p99_ns: u64,
+    /// See `p50_ns`.
+    pub p999_ns: u64,
+    /// Non-empty buckets: (bucket index, samples), in bucket order (see
+    /// [`crate::latency::upper_bound_ns`]).
+    pub buckets: Vec<(u32, u64)>,
 }
 
 /// One client in a [`StatReport`].

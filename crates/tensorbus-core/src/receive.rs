@@ -197,14 +197,28 @@ impl SubscriberPath<'_> {
         Ok(generation)
     }
 
-    /// Counts a delivered tensor in the shared statistics.
+    /// Counts a delivered tensor in the shared statistics and, when the
+    /// count is a sampled one (`n & sample_mask == 0`, see
+    /// [`crate::latency`]), records its publish-to-receive latency: `now()`
+    /// (called only then) minus the producer's `timestamp_ns`.
     #[inline]
-    pub fn count_delivered(&self) {
+    pub fn count_delivered(&self, timestamp_ns: u64, sample_mask: u64, now: impl FnOnce() -> u64) {
         if let Some(s) = self.ctl.subscriber(self.channel, self.sub) {
             // Only this consumer writes the counter: a load+store avoids a
             // locked instruction.
             let d = &s.delivered;
-            d.store(d.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+            let n = d.load(Ordering::Relaxed).wrapping_add(1);
+            d.store(n, Ordering::Relaxed);
+            if n & sample_mask == 0 {
+                self.record_latency(timestamp_ns, now());
+            }
+        }
+    }
+
+    #[cold]
+    fn record_latency(&self, timestamp_ns: u64, now: u64) {
+        if let Some(h) = self.ctl.latency(self.channel, self.sub) {
+            h.record(now.saturating_sub(timestamp_ns));
         }
     }
 }

@@ -93,6 +93,9 @@ pub(crate) struct ConsumerCore {
     pub(crate) detached: AtomicBool,
     /// Report end of stream ([`crate::ConsumerOptions::end_of_stream`]).
     pub(crate) end_of_stream: bool,
+    /// Which receives record their latency (`tensorbus_core::latency`),
+    /// read once from the record the broker activated.
+    pub(crate) sample_mask: u64,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -389,7 +392,11 @@ impl ConsumerCore {
                 tensorbus_core::receive::Corruption::ForeignPool { pool: desc.pool },
             ));
         };
-        path.count_delivered();
+        path.count_delivered(
+            at.meta.timestamp_ns,
+            self.sample_mask,
+            tensorbus_shm::monotonic_ns,
+        );
         // SAFETY: validate checked index < slots, and the mapping spans
         // slots * stride bytes.
         at.ptr = SlotPtr(unsafe { r.base.add(desc.index as usize * r.stride as usize) });

@@ -345,7 +345,15 @@ impl Client {
                         return Err(e);
                     }
                 };
+                let sample_mask = self
+                    .inner
+                    .control
+                    .latency(info.index as usize, sub as usize)
+                    .map_or(tensorbus_core::latency::OFF, |h| {
+                        h.sample_mask.load(std::sync::atomic::Ordering::Relaxed)
+                    });
                 let core = ConsumerCore {
+                    sample_mask,
                     inner: self.inner.clone(),
                     handle,
                     id: HolderId::clamped(bit),

@@ -186,6 +186,81 @@ pub struct SubscriberStat {
     pub dropped: u64,
     /// Entries waiting in its rings.
     pub queued: u64,
+    /// Its publish-to-receive latency histogram, from shared memory
+    /// (`None` when the broker's `latency_sample_every` is 0).
+    pub latency: Option<LatencyStat>,
+}
+
+/// A subscriber's publish-to-receive latency: samples of every
+/// `sample_every`-th receive, in log-linear buckets from 128 ns to ~17 s
+/// (each at most 25 % wide).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct LatencyStat {
+    /// Every how many receives one is recorded.
+    pub sample_every: u64,
+    /// Samples recorded.
+    pub samples: u64,
+    /// Sum of the sampled latencies, nanoseconds.
+    pub sum_ns: u64,
+    /// Median latency: upper bound of its bucket, nanoseconds (0: no samples).
+    pub p50_ns: u64,
+    /// 99th percentile, as `p50_ns`.
+    pub p99_ns: u64,
+    /// 99.9th percentile, as `p50_ns`.
+    pub p999_ns: u64,
+    /// Non-empty buckets: (exclusive upper bound in nanoseconds, samples),
+    /// in order; the last bucket's bound is `u64::MAX`.
+    pub buckets: Vec<(u64, u64)>,
+}
+
+impl LatencyStat {
+    /// The `q`-quantile (0..=1) of the samples taken since `prev` (an
+    /// earlier snapshot of the same subscriber; `None`: all samples), as
+    /// the upper bound of the bucket it falls in, in nanoseconds. `None`
+    /// when no sample was taken since.
+    ///
+    /// ```
+    /// # fn f(now: &tensorbus::stat::LatencyStat, before: &tensorbus::stat::LatencyStat) {
+    /// if let Some(ns) = now.quantile_since(Some(before), 0.99) {
+    ///     println!("p99 over the last interval: {} us", ns / 1000);
+    /// }
+    /// # }
+    /// ```
+    pub fn quantile_since(&self, prev: Option<&LatencyStat>, q: f64) -> Option<u64> {
+        use tensorbus_core::latency::{quantile, upper_bound_ns, BUCKETS};
+        let index = |ub: u64| (0..BUCKETS).find(|&i| upper_bound_ns(i) == ub);
+        let mut counts = vec![0u64; BUCKETS];
+        for &(ub, n) in &self.buckets {
+            if let Some(i) = index(ub) {
+                counts[i] += n;
+            }
+        }
+        for &(ub, n) in prev.map_or(&[][..], |p| &p.buckets[..]) {
+            if let Some(i) = index(ub) {
+                counts[i] = counts[i].saturating_sub(n);
+            }
+        }
+        quantile(&counts, q)
+    }
+}
+
+impl From<proto::LatencyStat> for LatencyStat {
+    fn from(l: proto::LatencyStat) -> Self {
+        LatencyStat {
+            sample_every: l.sample_every,
+            samples: l.samples,
+            sum_ns: l.sum_ns,
+            p50_ns: l.p50_ns,
+            p99_ns: l.p99_ns,
+            p999_ns: l.p999_ns,
+            buckets: l
+                .buckets
+                .into_iter()
+                .map(|(i, n)| (tensorbus_core::latency::upper_bound_ns(i as usize), n))
+                .collect(),
+        }
+    }
 }
 
 /// One client in a [`StatReport`].
@@ -291,6 +366,7 @@ impl From<proto::SubscriberStat> for SubscriberStat {
             delivered: s.delivered,
             dropped: s.dropped,
             queued: s.queued,
+            latency: s.latency.map(LatencyStat::from),
         }
     }
 }

@@ -237,6 +237,9 @@ impl State {
         rec.mode.store(spec.mode.code(), Ordering::Relaxed);
         rec.ended.store(0, Ordering::Relaxed);
         if let Some((sub, id)) = history {
+            if let Some(h) = self.control.latency(c, sub) {
+                h.reset(0); // no consumer reads a history record
+            }
             if let Some(r) = self.control.subscriber(c, sub) {
                 // Before the record's bit joins the mask (activate_code's
                 // Release RMW), so a producer that sees the bit sees this.

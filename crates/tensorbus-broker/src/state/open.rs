@@ -407,6 +407,10 @@ impl State {
                 HandleKind::Producer { channel: c, row }
             }
             Record::Subscriber { sub, policy, depth } => {
+                // Reset before the consumer learns of the record (the reply).
+                if let Some(h) = ctl.latency(c, sub) {
+                    h.reset(self.latency_sample_every);
+                }
                 ctl.subscriber(c, sub)
                     .expect("subscriber in range")
                     .activate(ch, sub, bit, policy, depth);

@@ -2,11 +2,38 @@
 
 use super::{HandleKind, State};
 use std::sync::atomic::Ordering;
-use tensorbus_core::proto::{ChannelStat, ClientStat, PoolStat, StatReport, SubscriberStat};
+use tensorbus_core::proto::{
+    ChannelStat, ClientStat, LatencyStat, PoolStat, StatReport, SubscriberStat,
+};
 use tensorbus_core::reclaim::count_held_by;
 use tensorbus_core::wide::HolderSnapshot;
 use tensorbus_core::{Mode, Policy};
 use tensorbus_shm::PeerCred;
+
+/// A histogram's snapshot for stat (`None` when it samples nothing).
+fn latency_stat(h: &tensorbus_core::latency::LatencyHistogram) -> Option<LatencyStat> {
+    use tensorbus_core::latency::{quantile, OFF};
+    let mask = h.sample_mask.load(Ordering::Relaxed);
+    if mask == OFF {
+        return None;
+    }
+    let (buckets, samples, sum_ns) = h.snapshot();
+    let q = |x| quantile(&buckets, x).unwrap_or(0);
+    Some(LatencyStat {
+        sample_every: mask.wrapping_add(1),
+        samples,
+        sum_ns,
+        p50_ns: q(0.5),
+        p99_ns: q(0.99),
+        p999_ns: q(0.999),
+        buckets: buckets
+            .iter()
+            .enumerate()
+            .filter(|(_, &n)| n > 0)
+            .map(|(i, &n)| (i as u32, n))
+            .collect(),
+    })
+}
 
 impl State {
     /// Builds a report from shared memory and the broker's registry, with
@@ -72,6 +99,7 @@ impl State {
                             delivered: r.delivered.load(Ordering::Relaxed),
                             dropped: r.dropped.load(Ordering::Relaxed),
                             queued,
+                            latency: ctl.latency(channel, sub).and_then(latency_stat),
                         })
                     }
                     _ => None,

@@ -21,6 +21,8 @@ pub struct Sample {
 pub enum ChannelSort {
     /// Most dropped per second first (then most dropped in all).
     Drops,
+    /// Worst subscriber 99th-percentile latency first.
+    P99,
     /// Fullest subscriber ring first (most tensors queued).
     Depth,
     /// Most published per second first.
@@ -65,6 +67,7 @@ impl ChannelSort {
     pub fn label(self) -> &'static str {
         match self {
             ChannelSort::Drops => "drops",
+            ChannelSort::P99 => "p99",
             ChannelSort::Depth => "depth",
             ChannelSort::Rate => "rate",
             ChannelSort::Name => "name",
@@ -74,9 +77,10 @@ impl ChannelSort {
     fn next(self) -> Self {
         match self {
             ChannelSort::Drops => ChannelSort::Depth,
+            ChannelSort::P99 => ChannelSort::Drops,
             ChannelSort::Depth => ChannelSort::Rate,
             ChannelSort::Rate => ChannelSort::Name,
-            ChannelSort::Name => ChannelSort::Drops,
+            ChannelSort::Name => ChannelSort::P99,
         }
     }
 }
@@ -389,6 +393,8 @@ pub(crate) mod tests {
         assert_eq!(s.channel_rows()[0].pub_rate, Some(100.0));
         s.cycle_sort();
         assert_eq!(names(&s.channel_rows()), ["busy", "lossy", "quiet"]);
+        s.cycle_sort();
+        assert_eq!(s.channel_sort, ChannelSort::P99);
         s.cycle_sort();
         assert_eq!(s.channel_sort, ChannelSort::Drops);
     }

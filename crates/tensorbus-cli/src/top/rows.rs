@@ -4,7 +4,7 @@ use super::model::ChannelSort;
 use crate::broker::human_bytes;
 use std::cmp::Ordering;
 use std::time::Duration;
-use tensorbus::stat::ChannelStat;
+use tensorbus::stat::{ChannelStat, SubscriberStat};
 
 /// A counter's increase per second, `None` without an earlier value or
 /// when the counter went back (the channel was removed and created again).
@@ -34,10 +34,20 @@ pub struct ChannelRow {
     pub dropped: u64,
     /// Drops per second over the last refresh.
     pub drop_rate: Option<f64>,
-    /// The worst subscriber's 99th-percentile latency. The stat report
-    /// carries no latency yet (histograms are issue 17 item 1), so this is
-    /// `None` (shown as `-`) until `SubscriberStat` reports one.
+    /// The worst subscriber's 99th-percentile publish-to-receive latency:
+    /// of the samples since the previous report when there are any, else
+    /// of all its samples; `None` (shown as `-`) without samples.
     pub p99: Option<Duration>,
+}
+
+/// The 99th percentile of subscriber `s`'s latency samples taken since
+/// `prev` (the same subscriber in the previous report), or of all of them
+/// when none were taken since.
+fn recent_p99(s: &SubscriberStat, prev: Option<&SubscriberStat>) -> Option<Duration> {
+    let l = s.latency.as_ref()?;
+    l.quantile_since(prev.and_then(|p| p.latency.as_ref()), 0.99)
+        .or_else(|| l.quantile_since(None, 0.99))
+        .map(Duration::from_nanos)
 }
 
 impl ChannelRow {
@@ -66,7 +76,15 @@ impl ChannelRow {
                 .max_by_key(|&(q, d)| (q, std::cmp::Reverse(d))),
             dropped,
             drop_rate: rate(dropped, before.map(dropped_of), secs),
-            p99: None,
+            p99: c
+                .subscribers
+                .iter()
+                .filter_map(|s| {
+                    let prev =
+                        before.and_then(|b| b.subscribers.iter().find(|p| p.handle == s.handle));
+                    recent_p99(s, prev)
+                })
+                .max(),
         }
     }
 
@@ -77,6 +95,7 @@ impl ChannelRow {
             ChannelSort::Drops => desc(self.drop_rate, other.drop_rate)
                 .then_with(|| other.dropped.cmp(&self.dropped))
                 .then_with(|| queued(other).cmp(&queued(self))),
+            ChannelSort::P99 => other.p99.cmp(&self.p99),
             ChannelSort::Depth => queued(other).cmp(&queued(self)),
             ChannelSort::Rate => desc(self.pub_rate, other.pub_rate)
                 .then_with(|| other.published.cmp(&self.published)),
@@ -128,6 +147,9 @@ fn per_second(r: Option<f64>) -> String {
 
 /// A latency as text (µs below 10 ms, else ms).
 fn latency(d: Duration) -> String {
+    if d.as_secs() > 3600 {
+        return ">17s".into(); // the overflow bucket has no bound
+    }
     let us = d.as_secs_f64() * 1e6;
     if us < 10_000.0 {
         format!("{us:.1}us")
