@@ -33,7 +33,10 @@ pub struct StatReport {
     pub handles_open: u32,
     /// The broker's `[limits] max_handles`: opens past it fail.
     pub max_handles: u32,
-    /// This bus's id (kept when a restarted broker adopts the bus).
+    /// This bus's id (kept when a restarted broker adopts the bus). JSON
+    /// writes it as 16 hex digits (a string: a 64-bit number does not
+    /// survive JavaScript's or jq's doubles).
+    #[serde(serialize_with = "hex_id")]
     pub bus_id: u64,
     /// How this broker came to run the bus, if it adopted it from a broker
     /// that died (`None`: it created the bus).
@@ -90,6 +93,10 @@ impl From<proto::LeakStat> for LeakStat {
             age_ms: l.age_ms,
         }
     }
+}
+
+fn hex_id<S: serde::Serializer>(id: &u64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{id:016x}"))
 }
 
 /// How a broker adopted the running bus ([`StatReport::adoption`]).
@@ -423,9 +430,10 @@ mod tests {
         let ours = StatReport::from(wire.clone());
         assert_eq!(ours.channels[0].mode, Mode::Workqueue);
         assert_eq!(ours.channels[0].subscribers[0].policy, Policy::DropOldest);
-        assert_eq!(
-            serde_json::to_value(&ours).unwrap(),
-            serde_json::to_value(&wire).unwrap()
-        );
+        // The JSON is the wire report's, except the bus id: a 16-digit hex
+        // string there (a u64 above 2^53 would lose digits in jq or JavaScript).
+        let mut expected = serde_json::to_value(&wire).unwrap();
+        expected["bus_id"] = serde_json::Value::String(format!("{:016x}", wire.bus_id));
+        assert_eq!(serde_json::to_value(&ours).unwrap(), expected);
     }
 }
