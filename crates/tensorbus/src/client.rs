@@ -63,6 +63,13 @@ pub(crate) struct Inner {
     pub(crate) survivor: crate::reconnect::Survivor,
 }
 
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The process's last client stops the reconnect watcher.
+        crate::reconnect::unwatch();
+    }
+}
+
 impl Inner {
     fn conn(&self) -> MutexGuard<'_, Conn> {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())

@@ -28,7 +28,8 @@ use crate::client::{Conn, ExchangeError, Inner};
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tensorbus_core::layout::LAYOUT_VERSION;
 use tensorbus_core::proto::{ClaimKind, ErrorKind, HandleClaim, Request, Response};
@@ -207,47 +208,106 @@ fn hung_up(conn: &Conn) -> bool {
     n > 0 && p.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
 }
 
-/// The clients the watcher looks after, and the process it runs in.
+/// The clients the watcher looks after, the process it runs in and its
+/// thread.
+///
+/// The watcher lives while the process has a client: the last client's
+/// drop stops and joins it ([`unwatch`]), so a process that closed every
+/// client has no tensorbus thread left (valgrind finds nothing running at
+/// exit). A forked child inherits this state but not the thread: the
+/// parent's handle moves to `orphans` (never joined: there is no such
+/// thread here; kept so its bookkeeping stays reachable) and the child's
+/// first client of its own starts a watcher of the child's.
 struct Watched {
     pid: u32,
     clients: Vec<Weak<Inner>>,
+    thread: Option<JoinHandle<()>>,
+    orphans: Vec<JoinHandle<()>>,
 }
 
-static WATCHED: OnceLock<Mutex<Watched>> = OnceLock::new();
+static WATCHED: Mutex<Watched> = Mutex::new(Watched {
+    pid: 0,
+    clients: Vec::new(),
+    thread: None,
+    orphans: Vec::new(),
+});
+
+fn watched() -> MutexGuard<'static, Watched> {
+    WATCHED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Watched {
+    /// Moves a watcher started by another process (before a fork) out of
+    /// the way; true when this process runs a watcher of its own.
+    fn mine(&mut self, me: u32) -> bool {
+        if self.pid != me {
+            if let Some(t) = self.thread.take() {
+                self.orphans.push(t);
+            }
+            self.pid = 0;
+        }
+        self.pid == me && self.thread.is_some()
+    }
+}
 
 /// Puts `inner` under the process's watcher (started on first use, and
 /// again in a forked child that connects a client of its own).
 pub(crate) fn watch(inner: &Arc<Inner>) {
-    let m = WATCHED.get_or_init(|| {
-        Mutex::new(Watched {
-            pid: 0,
-            clients: Vec::new(),
-        })
-    });
-    let mut w = m.lock().unwrap_or_else(|p| p.into_inner());
+    let mut w = watched();
     w.clients.retain(|c| c.strong_count() > 0);
     w.clients.push(Arc::downgrade(inner));
     let me = std::process::id();
-    if w.pid != me {
-        // No watcher in this process yet (threads do not survive fork).
+    if !w.mine(me) {
         let started = std::thread::Builder::new()
             .name("tensorbus-watch".into())
-            .spawn(watcher);
-        if started.is_ok() {
+            // A closure (not the fn item) so the thread's frames name this
+            // function (the C tests' valgrind suppressions match on it).
+            .spawn(move || watcher(me));
+        if let Ok(t) = started {
             w.pid = me;
+            w.thread = Some(t);
         }
     }
 }
 
-fn watcher() {
-    let me = std::process::id();
+/// Called when a client's last reference drops: with no client left, stops
+/// the watcher and waits for it (it wakes at once: it parks, not sleeps).
+pub(crate) fn unwatch() {
+    let mut w = watched();
+    w.clients.retain(|c| c.strong_count() > 0);
+    if !w.clients.is_empty() || !w.mine(std::process::id()) {
+        return;
+    }
+    let Some(t) = w.thread.take() else { return };
+    w.pid = 0;
+    drop(w);
+    if IN_WATCHER.get() {
+        // The watcher itself dropped the last reference (it had upgraded
+        // one when the user let go): it sees no client and returns.
+        return;
+    }
+    t.thread().unpark();
+    let _ = t.join();
+}
+
+thread_local! {
+    /// Set on the watcher thread. (Not `thread::current()`: that allocates
+    /// a handle for the calling thread, which valgrind then reports at exit
+    /// in a C program whose main thread made it.)
+    static IN_WATCHER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn watcher(me: u32) {
+    IN_WATCHER.set(true);
+    let myself = std::thread::current().id();
     loop {
-        std::thread::sleep(WATCH_INTERVAL);
-        let Some(m) = WATCHED.get() else { return };
+        std::thread::park_timeout(WATCH_INTERVAL);
         let clients: Vec<Arc<Inner>> = {
-            let mut w = m.lock().unwrap_or_else(|p| p.into_inner());
-            if w.pid != me {
-                return;
+            let mut w = watched();
+            let still_mine =
+                w.pid == me && w.thread.as_ref().map(|t| t.thread().id()) == Some(myself);
+            if !still_mine {
+                return; // stopped by `unwatch`
             }
             w.clients.retain(|c| c.strong_count() > 0);
             w.clients.iter().filter_map(Weak::upgrade).collect()

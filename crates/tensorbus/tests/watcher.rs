@@ -1,0 +1,52 @@
+//! The reconnect watcher (issue 16.2, `reconnect.rs`) lives exactly as
+//! long as the process has a client: a library must not leave a thread
+//! running after its last handle closed (the C tests run under valgrind,
+//! which reports a thread alive at exit).
+
+mod common;
+
+use tensorbus::Client;
+
+/// How many threads of this process are named `tensorbus-watch`.
+fn watchers() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.trim_end() == "tensorbus-watch")
+        .count()
+}
+
+/// Waits for the watcher count to become `n`: a new thread sets its own
+/// name once it runs, so `comm` may still show the old name for a moment.
+/// (A wait for a condition with a generous bound, not a timing assertion.)
+fn wait_for_watchers(n: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while watchers() != n && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(watchers(), n);
+}
+
+#[test]
+fn one_watcher_while_a_client_lives_none_after_the_last_closes() {
+    assert_eq!(watchers(), 0);
+    let (broker, first, sock) = common::start(
+        "watcher",
+        "first",
+        "[[pools]]\nname = \"p\"\nslot_size = 4096\nslots = 4\n",
+    );
+    wait_for_watchers(1);
+    let second = Client::connect_to(Some(&sock), "second").unwrap();
+    assert_eq!(watchers(), 1, "one watcher per process, not per client");
+    drop(first);
+    assert_eq!(watchers(), 1, "a client is still open");
+    drop(second);
+    // Exact, no waiting: the join returns once the thread is gone.
+    assert_eq!(watchers(), 0, "the last close joins the watcher");
+    // A client connected afterwards gets a watcher again.
+    let third = Client::connect_to(Some(&sock), "third").unwrap();
+    wait_for_watchers(1);
+    drop(third);
+    assert_eq!(watchers(), 0);
+    drop(broker);
+}
