@@ -5,14 +5,16 @@
 # `git worktree add --detach ../old REV && cargo build --release -p tensorbus-cli -p tensorbus-bench`).
 # Prints old and new percentiles of `tensorbus bench --sizes 8,1MiB --only limit,tensorbus-`
 # (override with AB_ONLY=..., e.g. AB_ONLY=limit,tensorbus-,streaming/tensorbus; extra
-# arguments for the new binary only in AB_NEW_ARGS, e.g. --extension-ids).
+# arguments for the new binary only in AB_NEW_ARGS, e.g. --extension-ids, and for the
+# old one in AB_OLD_ARGS: one binary against itself, e.g. the metrics off and on:
+#   AB_OLD_ARGS="--latency-sample-every 0" scripts/bench-ab.sh target/release target/release).
 set -euo pipefail
 old=${1:?usage: scripts/bench-ab.sh OLD_DIR NEW_DIR}
 new=${2:?usage: scripts/bench-ab.sh OLD_DIR NEW_DIR}
 declare -A dir=([old]=$old [new]=$new)
 for i in 1 2 3 4 5 6; do
   for v in old new; do
-    extra=""
+    extra="${AB_OLD_ARGS:-}"
     if [ "$v" = new ]; then extra="${AB_NEW_ARGS:-}"; fi
     # shellcheck disable=SC2086
     "${dir[$v]}/tensorbus" bench --sizes 8,1MiB --only "${AB_ONLY:-limit,tensorbus-}" $extra --json /tmp/ab-$v-$i.json > /dev/null 2>&1

@@ -44,14 +44,14 @@ scripts/chaos.sh --kills 200
 # --- end chaos ---
 
 # --- hardening ---
-step "chaos with broker kills: 100 client kill -9s, the broker kill -9ed after every 25"
+step "chaos with broker kills: 100 client kill -9s, the broker kill -9ed after every 25, each new broker adopting the bus"
 scripts/chaos.sh --kills 100 --kill-broker --broker-every 25
 
 step "control-plane chaos: broker frozen past request timeouts, greedy clients, fd exhaustion, deaths mid-request; no phantom subscriber"
 scripts/chaos.sh --kills 200 --control
 
-step "chaos with many handles: 660 open (extension holder ids), 100 kill -9s, half of them of crowd processes holding dozens"
-scripts/chaos.sh --many --kills 100
+step "chaos with many handles: 660 open (extension holder ids), 100 kill -9s, half of them of crowd processes holding dozens; the broker kill -9ed after every 50 and adopted"
+scripts/chaos.sh --many --kills 100 --kill-broker --broker-every 50
 
 step "sanitizers: ASan and TSan over core, shm, broker, client and the cross-process tests"
 if [ -d "$(rustc --print sysroot)/lib/rustlib/src/rust/library" ]; then

@@ -32,7 +32,10 @@ const USAGE: &str =
   --blocks N     alternating blocks per size (default 10, --quick 4)
   --extension-ids  every tensorbus handle gets an extension holder id (the
                  parent takes the 15 direct ids first): the cost of handles
-                 past the sixteenth";
+                 past the sixteenth
+  --latency-sample-every N  the broker's [broker] latency_sample_every
+                 (default: the broker's, 16; 0: no latency histograms):
+                 the cost of the metrics on the receive path";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();

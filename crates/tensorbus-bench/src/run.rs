@@ -61,6 +61,10 @@ pub struct Options {
     /// parent first takes the direct ids with placeholder consumers): the
     /// cost of handles past the sixteenth (issue 16).
     pub extension_ids: bool,
+    /// `[broker] latency_sample_every` of the bench's broker (`None`: the
+    /// broker's default; 0 turns the latency histograms off): the cost of
+    /// the metrics on the receive path (issue 17.6).
+    pub latency_sample_every: Option<u32>,
 }
 
 /// Parses `8`, `4096`, `4KiB`, `1MiB`, `64MiB`, `1GiB`.
@@ -93,6 +97,7 @@ impl Options {
             only: Vec::new(),
             blocks: None,
             extension_ids: false,
+            latency_sample_every: None,
         };
         let mut it = args.iter().peekable();
         while let Some(a) = it.next() {
@@ -122,6 +127,13 @@ impl Options {
                     o.blocks = Some(v.parse().map_err(|e| format!("--blocks {v:?}: {e}"))?);
                 }
                 "--extension-ids" => o.extension_ids = true,
+                "--latency-sample-every" => {
+                    let v = list("--latency-sample-every")?.join("");
+                    o.latency_sample_every = Some(
+                        v.parse()
+                            .map_err(|e| format!("--latency-sample-every {v:?}: {e}"))?,
+                    );
+                }
                 "-h" | "--help" => return Ok(None),
                 other => return Err(format!("unknown argument {other:?}").into()),
             }
@@ -491,7 +503,7 @@ pub fn run(opts: &Options) -> Result<()> {
     let started = Instant::now();
     let max = *opts.sizes.iter().max().ok_or("no sizes")?;
     let shared = Rc::new(Shared::create(max)?);
-    let tb = Tb::start(&opts.sizes, opts.extension_ids)?;
+    let tb = Tb::start(&opts.sizes, opts.extension_ids, opts.latency_sample_every)?;
     tb.prefault(&opts.sizes)?;
     let pp_want = |c: Pp| opts.want("pingpong", c.name());
     let st_want = |c: St| opts.want("streaming", c.name());

@@ -24,17 +24,20 @@ fn slots_for(size: usize) -> u32 {
 
 /// The broker config: one pool per size class (slot size = the payload size
 /// rounded up to a page), the ping-pong, streaming, fan-out and work-queue
-/// channels.
-pub fn broker_config(sizes: &[usize]) -> Result<Config> {
+/// channels; `latency_sample_every` sets `[broker] latency_sample_every`
+/// (`None`: the broker's default).
+pub fn broker_config(sizes: &[usize], latency_sample_every: Option<u32>) -> Result<Config> {
     let mut classes: Vec<usize> = sizes
         .iter()
         .map(|s| s.max(&1).div_ceil(4096) * 4096)
         .collect();
     classes.sort_unstable();
     classes.dedup();
-    let mut toml = String::from(
-        "[limits]\nmax_channels = 32\nmax_subscribers_per_channel = 16\nring_capacity = 64\n",
-    );
+    let mut toml = String::new();
+    if let Some(n) = latency_sample_every {
+        toml += &format!("[broker]\nlatency_sample_every = {n}\n");
+    }
+    toml += "[limits]\nmax_channels = 32\nmax_subscribers_per_channel = 16\nring_capacity = 64\n";
     for c in &classes {
         toml += &format!(
             "[[pools]]\nname = \"p{c}\"\nslot_size = {c}\nslots = {}\n",
@@ -76,10 +79,15 @@ impl Tb {
     /// Starts the broker in a fresh private directory. With
     /// `extension_ids`, the parent then takes every direct holder id with
     /// placeholder consumers, so the contenders' handles get extension ids.
-    pub fn start(sizes: &[usize], extension_ids: bool) -> Result<Tb> {
+    /// `latency_sample_every`: see [`broker_config`].
+    pub fn start(
+        sizes: &[usize],
+        extension_ids: bool,
+        latency_sample_every: Option<u32>,
+    ) -> Result<Tb> {
         let dir = std::env::temp_dir().join(format!("tb-bench-{}", std::process::id()));
         let socket = dir.join("broker.sock");
-        let broker = EmbeddedBroker::start(&broker_config(sizes)?, &socket)?;
+        let broker = EmbeddedBroker::start(&broker_config(sizes, latency_sample_every)?, &socket)?;
         let client = Client::connect_to(Some(broker.socket()), "bench-parent")?;
         let mut placeholders = Vec::new();
         if extension_ids {

@@ -7,13 +7,13 @@
 //!
 //! ```text
 //! tensorbus-chaos [--kills N] [--seconds S] [--seed X] [--interval-ms M] [--dir D] [--keep]
-//!                 [--kill-broker [--broker-every K] | --control | --many]
+//!                 [--kill-broker [--broker-every K] | --control] [--many]
 //! ```
 //!
 //! Progress goes to stderr; stdout gets one line:
 //! `chaos: kills=N leaked_slots=L lost=M duplicated=D corrupt=C crashed=X unaccounted_drops=U`
-//! (with `--kill-broker`: `broker_kills=B` after `kills`, `broker_failures=F`
-//! at the end; with `--control`: `freezes=F greedy_disconnected=G
+//! (with `--kill-broker`: `broker_kills=B adopted=N fresh_received=R` after
+//! `kills`, `broker_failures=F adoption_failures=A` at the end; with `--control`: `freezes=F greedy_disconnected=G
 //! opener_kills=K request_timeouts=T emfile=E forks=N forked_child_errors=R`
 //! after `kills`, and `phantom_subscribers=P control_failures=C
 //! fork_failures=X` at the end, see [`control`] and [`forker`]; with
@@ -21,6 +21,7 @@
 //! `too_few_handles=T` at the end, 1 when fewer than 500 handles were ever
 //! open at once).
 //! The exit status is 0 only if every counter but `kills`, `broker_kills`,
+//! `adopted`, `fresh_received`,
 //! the `--control` activity counts, `crowd_kills` and `open_handles_peak`
 //! is 0.
 //!
@@ -40,7 +41,7 @@ use std::path::PathBuf;
 fn usage() -> ! {
     eprintln!(
         "usage: tensorbus-chaos [--kills N] [--seconds S] [--seed X] [--interval-ms M] [--dir D] [--keep]\n\
-         \x20                      [--kill-broker [--broker-every K] | --control | --many]\n\
+         \x20                      [--kill-broker [--broker-every K] | --control] [--many]\n\
          \n\
          --kills N        stop after N kill -9s (default 200, or unlimited with --seconds)\n\
          --seconds S      stop after S seconds of chaos, even if fewer kills were made\n\
@@ -49,8 +50,10 @@ fn usage() -> ! {
          --dir D          where the journals go (default: a fresh directory in $TMPDIR)\n\
          --keep           keep the journals and the clients' stderr files (kept anyway when a check fails)\n\
          --kill-broker    run the broker as its own process and kill -9 it too, after every K client\n\
-         \x20                kills; each time, check that the clients go on without it, stop them, start\n\
-         \x20                a new broker on the same socket and new clients (see docs/reliability.md)\n\
+         \x20                kills; each time, check that the clients go on without it, start a new\n\
+         \x20                broker on the same socket, check that it adopts the bus (every live client\n\
+         \x20                reconnects and is adopted, a fresh client receives from a producer older\n\
+         \x20                than the restart) and go on on the same bus (see docs/reliability.md)\n\
          --broker-every K client kills between broker kills (default 50)\n\
          --control        control-plane chaos too: the broker runs as its own process and is frozen\n\
          \x20                (SIGSTOP) past the openers' request timeout; clients that never read their\n\
@@ -61,7 +64,7 @@ fn usage() -> ! {
          \x20                (most on extension holder ids), every byte checked, dozens held at once,\n\
          \x20                half the kills theirs; the broker admits 256 subscribers per channel and\n\
          \x20                1,024 handles; fails unless at least 500 handles were open at once.\n\
-         \x20                Not with --kill-broker or --control (see docs/reliability.md)"
+         \x20                With --kill-broker too; not with --control (see docs/reliability.md)"
     );
     std::process::exit(2);
 }
@@ -119,11 +122,8 @@ fn main() {
         eprintln!("tensorbus-chaos: --control and --kill-broker do not go together");
         usage()
     }
-    if opts.many && (opts.control || opts.kill_broker) {
-        eprintln!(
-            "tensorbus-chaos: --many runs with the embedded broker only; it does not go together with {}",
-            if opts.control { "--control" } else { "--kill-broker" }
-        );
+    if opts.many && opts.control {
+        eprintln!("tensorbus-chaos: --many and --control do not go together");
         usage()
     }
     std::process::exit(orchestrator::run(opts));

@@ -1,6 +1,8 @@
 //! The orchestrator: an embedded broker, the client processes, the killing,
 //! the quiescing, and the final line.
 
+mod adoption;
+
 use crate::check::{self, Outcome, Record};
 use crate::control::Control;
 use crate::journal::{Journal, STATE_READY};
@@ -373,6 +375,8 @@ struct Run {
     broker_dead: bool,
     /// `--many`: the roles marked [`Role::many`] run too.
     many: bool,
+    /// Broker processes started (names their stderr files).
+    brokers: u32,
 }
 
 /// What a process that does not stop when asked counts as.
@@ -396,43 +400,58 @@ enum BrokerHandle {
 }
 
 impl BrokerHandle {
-    fn start(run: &Run, external: bool) -> Result<(BrokerHandle, Client), String> {
-        let handle = if external {
-            let err = run.dir.join(format!("broker-{}.stderr", run.epoch));
-            let child = Command::new(&run.exe)
-                .arg("role")
+    /// Starts a broker and connects the orchestrator's client to it.
+    fn start(run: &mut Run, external: bool) -> Result<(BrokerHandle, Client), String> {
+        let handle = BrokerHandle::spawn(run, external)?;
+        Ok((handle, connect(run)?))
+    }
+
+    /// Starts a broker on the run's socket: its own process (`external`),
+    /// or a thread of the orchestrator.
+    fn spawn(run: &mut Run, external: bool) -> Result<BrokerHandle, String> {
+        if external {
+            let err = run.dir.join(format!("broker-{}.stderr", run.brokers));
+            run.brokers += 1;
+            let mut cmd = Command::new(&run.exe);
+            cmd.arg("role")
                 .arg("broker")
                 .arg("--socket")
-                .arg(&run.socket)
+                .arg(&run.socket);
+            if run.many {
+                cmd.arg("--many").arg("1");
+            }
+            let child = cmd
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(&err).map_err(|e| e.to_string())?)
                 .spawn()
                 .map_err(|e| format!("spawn the broker: {e}"))?;
-            BrokerHandle::Process(child)
+            Ok(BrokerHandle::Process(child))
         } else {
             let config = Config::from_toml(if run.many { CONFIG_MANY } else { CONFIG })
                 .map_err(|e| e.to_string())?;
-            BrokerHandle::Embedded {
+            Ok(BrokerHandle::Embedded {
                 _broker: EmbeddedBroker::start(&config, &run.socket).map_err(|e| e.to_string())?,
+            })
+        }
+    }
+}
+
+/// Connects the orchestrator's client. A restarted broker must be found on
+/// the same path (the dead one's socket file is stale, not an obstacle).
+fn connect(run: &Run) -> Result<Client, String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Client::connect_to(Some(&run.socket), "chaos") {
+            Ok(c) => return Ok(c),
+            Err(e) if Instant::now() > deadline => {
+                return Err(format!(
+                    "no broker at {} after 10 s: {e}",
+                    run.socket.display()
+                ))
             }
-        };
-        // A restarted broker must be found on the same path (the dead one's
-        // socket file is stale, not an obstacle).
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let client = loop {
-            match Client::connect_to(Some(&run.socket), "chaos") {
-                Ok(c) => break c,
-                Err(e) if Instant::now() > deadline => {
-                    return Err(format!(
-                        "no broker at {} after 10 s: {e}",
-                        run.socket.display()
-                    ))
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(5)),
-            }
-        };
-        Ok((handle, client))
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
     }
 }
 
@@ -791,8 +810,9 @@ fn run_in(opts: &Opts, seed: u64, kills_wanted: u64, dir: &Path) -> Result<i32, 
         epoch: 0,
         broker_dead: false,
         many: opts.many,
+        brokers: 0,
     };
-    let (mut broker, mut client) = BrokerHandle::start(&run, opts.kill_broker || opts.control)?;
+    let (mut broker, mut client) = BrokerHandle::start(&mut run, opts.kill_broker || opts.control)?;
     let mut rng = Rng::new(seed);
     run.start_all()?;
     let mut ctl = match (opts.control, broker.pid()) {
@@ -839,6 +859,7 @@ fn run_in(opts: &Opts, seed: u64, kills_wanted: u64, dir: &Path) -> Result<i32, 
     let mut restarts: Vec<(Instant, usize)> = Vec::new();
     let mut kills = 0u64;
     let mut b = BrokerStats::default();
+    let mut ad = adoption::AdoptStats::default();
     let mut broker_kill_at: Option<Instant> = None;
     let mut stranded: HashMap<u32, HashSet<(u32, u64)>> = HashMap::new();
     let time_up = |now: Instant| {
@@ -858,12 +879,20 @@ fn run_in(opts: &Opts, seed: u64, kills_wanted: u64, dir: &Path) -> Result<i32, 
         let now = Instant::now();
         if broker_kill_at.is_some_and(|t| now >= t) {
             // The broker's turn: kill it, check the bus goes on without it,
-            // end this epoch, start a new broker and new clients.
+            // start a new broker that adopts the bus (`adoption.rs`).
             broker_kill_at = None;
             restarts.clear();
-            let (set, nb, nc) = broker_cycle(&mut run, broker, client, &mut rng, &mut b)?;
-            stranded.insert(run.epoch - 1, set);
-            (broker, client) = (nb, nc);
+            let end = adoption::cycle(&mut run, broker, client, &mut rng, &mut b, &mut ad)?;
+            if let Some((epoch, set)) = end.stranded {
+                stranded.insert(epoch, set);
+            }
+            (broker, client) = (end.broker, end.client);
+            // The roles killed while no broker ran start again.
+            for i in 0..ROLES.len() {
+                if run.active(i) && run.live[i].is_none() {
+                    restarts.push((Instant::now(), i));
+                }
+            }
             next_kill = Instant::now() + interval(&mut rng);
             continue;
         }
@@ -992,6 +1021,7 @@ fn run_in(opts: &Opts, seed: u64, kills_wanted: u64, dir: &Path) -> Result<i32, 
         && report.crashed == 0
         && report.unaccounted_drops == 0
         && b.failures == 0
+        && ad.failures == 0
         && ctl.as_ref().is_none_or(|c| {
             c.stats.phantoms == 0 && c.stats.failures == 0 && c.stats.fork_failures == 0
         });
@@ -1014,7 +1044,19 @@ fn run_in(opts: &Opts, seed: u64, kills_wanted: u64, dir: &Path) -> Result<i32, 
             b.stranded_slots,
             stranded.values().map(HashSet::len).sum::<usize>()
         );
-        line += &format!(" broker_kills={}", b.kills);
+        eprintln!(
+            "chaos: adoption: {} clients adopted over {} restarts; {} handles of dead clients reclaimed by the new brokers; {} custody items released; a fresh client received from a pre-restart producer after {} restarts ({} without one left to check)",
+            ad.adopted,
+            b.kills,
+            ad.reclaimed_handles,
+            ad.custody_released,
+            ad.fresh_received,
+            ad.fresh_skipped
+        );
+        line += &format!(
+            " broker_kills={} adopted={} fresh_received={}",
+            b.kills, ad.adopted, ad.fresh_received
+        );
     }
     if opts.many {
         line += &format!(
@@ -1044,7 +1086,10 @@ fn run_in(opts: &Opts, seed: u64, kills_wanted: u64, dir: &Path) -> Result<i32, 
         report.lost, report.duplicated, report.corrupt, report.crashed, report.unaccounted_drops
     );
     if opts.kill_broker {
-        line += &format!(" broker_failures={}", b.failures);
+        line += &format!(
+            " broker_failures={} adoption_failures={}",
+            b.failures, ad.failures
+        );
     }
     if opts.many {
         line += &format!(" too_few_handles={too_few_handles}");
@@ -1114,20 +1159,17 @@ struct BrokerStats {
 /// Tensors stranded in the dead broker's bus, the new broker, its client.
 type NextEpoch = (HashSet<(u32, u64)>, BrokerHandle, Client);
 
-/// One broker kill: `kill -9` the broker; check that control calls are
-/// refused and that the survivors keep receiving without it for 200-500 ms;
-/// `kill -9` one more client, which nobody can repair after now; stop every
-/// client of that broker (they drain over the pools they have mapped);
-/// record what is left held in its slots (stranded: no broker repaired
-/// it); start a new broker on the same socket path, connect to it, and
-/// start every role again as its clients.
-fn broker_cycle(
+/// The first half of a broker kill: `kill -9` the broker; check that
+/// control calls are refused and that the survivors keep receiving without
+/// it for 200-500 ms; `kill -9` one more client, which nobody can repair
+/// after until a broker adopts the bus.
+fn kill_broker_and_outage(
     run: &mut Run,
     broker: BrokerHandle,
-    client: Client,
+    client: &Client,
     rng: &mut Rng,
     b: &mut BrokerStats,
-) -> Result<NextEpoch, String> {
+) {
     drop(broker); // SIGKILL and reap
     run.broker_dead = true;
     b.kills += 1;
@@ -1156,9 +1198,9 @@ fn broker_cycle(
             outage.as_millis()
         );
     }
-    // One more client dies while no broker runs: nobody repairs after it.
-    // Whatever it held or had queued stays held (stranded, below), and a
-    // block producer it was subscribed to waits for it forever.
+    // One more client dies while no broker runs: nobody repairs after it
+    // until the bus is adopted (a block producer it was subscribed to
+    // waits for that).
     let victims: Vec<usize> = (0..ROLES.len())
         .filter(|&i| !ROLES[i].survivor && run.live[i].is_some())
         .collect();
@@ -1173,22 +1215,36 @@ fn broker_cycle(
             std::thread::sleep(Duration::from_millis(5));
         }
     }
-    // End the epoch. A block producer waiting for a subscriber that died
-    // while no broker ran never returns from publish: killed as stalled.
-    b.stalled += run.quiesce(Duration::from_secs(2), Hang::Stalled);
-    let (set, held) = stranded_tensors(&client)?;
-    b.stranded_slots += held;
     eprintln!(
-        "chaos: broker kill {}: {flow} received by survivors in {} ms without it; {held} slots stranded",
+        "chaos: broker kill {}: {flow} received by survivors in {} ms without it",
         b.kills,
         outage.as_millis()
     );
+}
+
+/// The fallback when a new broker did not adopt the bus (what a broker
+/// kill did before adoption): stop every client of the dead broker (they
+/// drain over the pools they have mapped); record what is left held in
+/// its slots (stranded: no broker repaired it); connect to the new broker
+/// `nb` and start every role again as its clients.
+fn broker_cycle_end_epoch(
+    run: &mut Run,
+    nb: BrokerHandle,
+    client: Client,
+    b: &mut BrokerStats,
+) -> Result<NextEpoch, String> {
+    // A block producer waiting for a subscriber that died while no broker
+    // ran never returns from publish: killed as stalled.
+    b.stalled += run.quiesce(Duration::from_secs(2), Hang::Stalled);
+    let (set, held) = stranded_tensors(&client)?;
+    b.stranded_slots += held;
+    eprintln!("chaos: broker kill {}: {held} slots stranded", b.kills);
     drop(client);
     run.epoch += 1;
     run.broker_dead = false;
-    let (broker, client) = BrokerHandle::start(run, true)?;
+    let client = connect(run)?;
     run.start_all()?;
-    Ok((set, broker, client))
+    Ok((set, nb, client))
 }
 
 /// After a dead broker's clients have all exited: the slots of its bus that

@@ -147,7 +147,12 @@ pub fn run(args: &[String]) -> ! {
 /// `role broker --socket S`: the broker of `--kill-broker` runs, as its own
 /// process, until it is killed (with the orchestrator, at the latest).
 fn broker(a: &Args) -> ! {
-    let config = tensorbus_broker::Config::from_toml(crate::orchestrator::CONFIG)
+    let config = if a.num("many", 0) != 0 {
+        crate::orchestrator::CONFIG_MANY
+    } else {
+        crate::orchestrator::CONFIG
+    };
+    let config = tensorbus_broker::Config::from_toml(config)
         .unwrap_or_else(|e| fail(&format!("config: {e}")));
     let mut broker = tensorbus_broker::Broker::bind(&config, Path::new(a.str("socket")))
         .unwrap_or_else(|e| fail(&format!("broker: {e}")));
