@@ -449,6 +449,39 @@ pub fn render(report: &StatReport, openmetrics: bool) -> String {
             o.sample(name, &[("pool", &p.name)], value(p));
         }
     }
+    // How size classes run dry (issue 17.1).
+    let dry_families: [(&str, &str, &str, PoolField); 4] = [
+        (
+            "tensorbus_pool_high_water_slots",
+            "gauge",
+            "Most slots held at once since the broker started (sampled every 100 ms and at every scrape).",
+            |p| p.high_water.into(),
+        ),
+        (
+            "tensorbus_pool_loans_refused_total",
+            "counter",
+            "Loans refused because every pool that fits was full, counted against the tensor's size class (the smallest pool that fits).",
+            |p| p.loans_refused,
+        ),
+        (
+            "tensorbus_pool_loans_spilled_total",
+            "counter",
+            "Loans of this size class served by a larger pool because this one was full.",
+            |p| p.loans_spilled,
+        ),
+        (
+            "tensorbus_pool_starving",
+            "gauge",
+            "1 while this size class runs dry (refused or spilled loans in the last second) while another pool has at least half of its slots free.",
+            |p| p.starving.into(),
+        ),
+    ];
+    for (name, kind, help, value) in dry_families {
+        o.family(name, kind, help);
+        for p in &report.pools {
+            o.sample(name, &[("pool", &p.name)], value(p));
+        }
+    }
 
     o.family(
         "tensorbus_channel_published_total",
@@ -683,6 +716,10 @@ mod tests {
                 slots_free: 5,
                 loaned: 1,
                 in_flight: 2,
+                high_water: 6,
+                loans_refused: 3,
+                loans_spilled: 4,
+                starving: true,
             }],
             channels: vec![ChannelStat {
                 name: "cam".into(),
@@ -789,6 +826,10 @@ mod tests {
         );
         assert!(t.contains("tensorbus_subscriber_delivered_total{channel=\"cam\",subscriber=\"3\",client=\"2\",policy=\"block\"} 6\n"));
         assert!(t.contains("tensorbus_pool_free_slots{pool=\"frames\"} 5\n"));
+        assert!(t.contains("tensorbus_pool_high_water_slots{pool=\"frames\"} 6\n"));
+        assert!(t.contains("tensorbus_pool_loans_refused_total{pool=\"frames\"} 3\n"));
+        assert!(t.contains("tensorbus_pool_loans_spilled_total{pool=\"frames\"} 4\n"));
+        assert!(t.contains("tensorbus_pool_starving{pool=\"frames\"} 1\n"));
         assert!(
             t.contains("# TYPE tensorbus_broker_info gauge\ntensorbus_broker_info{pid=\"42\"} 1\n")
         );

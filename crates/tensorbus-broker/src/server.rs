@@ -293,17 +293,20 @@ impl Broker {
                 self.close_adoption_window();
             }
             self.state.progress();
-            if let Some(m) = &self.metrics {
-                // Scrapes waiting for a snapshot (at most one at a time).
-                while let Ok(reply) = m.requests.try_recv() {
-                    let _ = reply.send(self.stat());
-                }
+            // Scrapes waiting for a snapshot (at most one at a time).
+            while let Some(reply) = self
+                .metrics
+                .as_ref()
+                .and_then(|m| m.requests.try_recv().ok())
+            {
+                let _ = reply.send(self.stat());
             }
             if last_sweep.elapsed() >= SWEEP_INTERVAL {
                 last_sweep = std::time::Instant::now();
                 for c in self.state.reap_waiting() {
                     eprintln!("tensorbus broker: adoption: client {c} of the dead broker is gone; reclaimed its handles");
                 }
+                self.state.watch_pools();
                 let freed = self.state.sweep_stray_bits(SWEEP_SLOTS);
                 if freed > 0 && self.verbose {
                     eprintln!("tensorbus broker: freed {freed} slots held only by holder bits of no open handle (corrupted holder words)");
@@ -722,7 +725,9 @@ impl Broker {
         }
     }
 
-    fn stat(&self) -> tensorbus_core::proto::StatReport {
+    fn stat(&mut self) -> tensorbus_core::proto::StatReport {
+        // Every stat is an occupancy sample too (the high-water marks).
+        self.state.sample_occupancy();
         self.state.stat_report(
             self.clients
                 .iter()

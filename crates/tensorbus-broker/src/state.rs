@@ -12,6 +12,7 @@ mod channels;
 mod ids;
 mod leaks;
 mod open;
+mod pool_watch;
 mod reclaim;
 mod registry;
 mod stat;
@@ -244,6 +245,8 @@ pub(crate) struct State {
     leak_threshold_ms: u64,
     /// `[broker] latency_sample_every`.
     latency_sample_every: u32,
+    /// Occupancy high-water marks and starving classes (`pool_watch.rs`).
+    pool_watch: pool_watch::PoolWatch,
 }
 
 impl State {
@@ -325,6 +328,7 @@ impl State {
             held_since: leaks::HeldSince::default(),
             leak_threshold_ms: config.broker.leak_threshold_ms,
             latency_sample_every: config.broker.latency_sample_every,
+            pool_watch: Default::default(),
         };
         let hugetlb: Vec<bool> = config.pools.iter().map(|p| p.hugetlb).collect();
         state.init_registry(&hugetlb);

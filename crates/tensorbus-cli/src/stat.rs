@@ -88,6 +88,9 @@ pub fn render(r: &StatReport, socket: &str) -> String {
         "slots_free",
         "loaned",
         "in_flight",
+        "high_water",
+        "refused",
+        "spilled",
     ]);
     for p in &r.pools {
         t.row(vec![
@@ -97,6 +100,13 @@ pub fn render(r: &StatReport, socket: &str) -> String {
             p.slots_free.to_string(),
             p.loaned.to_string(),
             p.in_flight.to_string(),
+            p.high_water.to_string(),
+            p.loans_refused.to_string(),
+            if p.starving {
+                format!("{} STARVING", p.loans_spilled)
+            } else {
+                p.loans_spilled.to_string()
+            },
         ]);
     }
     out.push_str(&t.render(2));

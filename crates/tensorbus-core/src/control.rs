@@ -177,6 +177,19 @@ impl Control {
             .map_or(0, |&s| s as usize)
     }
 
+    /// The loan counters of `pool` (`None` if no such pool).
+    pub fn pool_counters(&self, pool: usize) -> Option<&crate::pool_counters::PoolCounters> {
+        if pool >= self.pools() {
+            return None;
+        }
+        let off =
+            self.layout.pool_counters_offset + pool * crate::pool_counters::POOL_COUNTERS_STRIDE;
+        // SAFETY: pool < pools, so the counters lie in the layout's
+        // pool-counter array (64-aligned: the array starts on a page and
+        // each entry is 64 bytes); atomics only.
+        Some(unsafe { self.at(off) })
+    }
+
     /// The header of slot `index` in `pool`.
     #[inline]
     pub fn slot(&self, pool: usize, index: usize) -> Option<&SlotHeader> {

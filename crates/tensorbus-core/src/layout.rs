@@ -8,6 +8,7 @@
 //! ```text
 //! 0                        ControlHeader (magic, version, size)
 //! slots_offset[p]          SlotHeader × slots of pool p, for each pool
+//! pool_counters_offset     PoolCounters × pools (loans refused / spilled)
 //! channels_offset          ChannelBlock × max_channels, each:
 //!                            ChannelRecord
 //!                            ProducerRecord × rows   (row 0 = the broker's)
@@ -33,7 +34,7 @@ use std::fmt;
 /// First word of the control segment.
 pub const CONTROL_MAGIC: u64 = u64::from_le_bytes(*b"TNSRBUS1");
 /// Layout version; bumped on every incompatible change.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 /// Most holder ids (producers, subscribers, stage halves, the broker's
 /// custody and history records) per broker: the two-level holder set of
 /// [`crate::wide`].
@@ -114,6 +115,9 @@ pub struct Layout {
     pub params: LayoutParams,
     /// Offset of each pool's slot header array.
     pub slots_offset: Vec<usize>,
+    /// Offset of the pools' loan counters
+    /// ([`crate::pool_counters::POOL_COUNTERS_STRIDE`] bytes each).
+    pub pool_counters_offset: usize,
     /// Offset of channel block 0.
     pub channels_offset: usize,
     /// Bytes per channel block.
@@ -200,6 +204,11 @@ impl Layout {
             slots_offset.push(off);
             off = round_up(off + s as usize * SLOT_HEADER_SIZE, page);
         }
+        let pool_counters_offset = off;
+        off = round_up(
+            off + params.pool_slots.len() * crate::pool_counters::POOL_COUNTERS_STRIDE,
+            page,
+        );
         let rows = params.max_producers as usize + 1;
         let subs = params.max_subscribers as usize;
         let rec = core::mem::size_of::<ChannelRecord>().max(64);
@@ -231,6 +240,7 @@ impl Layout {
         Ok(Layout {
             params: params.clone(),
             slots_offset,
+            pool_counters_offset,
             channels_offset: off,
             channel_stride,
             producers_in_block,
@@ -296,7 +306,11 @@ mod tests {
         let l = Layout::compute(&params()).unwrap();
         assert!(l.slots_offset[0] >= 4096);
         assert!(l.slots_offset[1] >= l.slots_offset[0] + 8 * SLOT_HEADER_SIZE);
-        assert!(l.channels_offset >= l.slots_offset[1] + 16 * SLOT_HEADER_SIZE);
+        assert!(l.pool_counters_offset >= l.slots_offset[1] + 16 * SLOT_HEADER_SIZE);
+        assert!(
+            l.channels_offset
+                >= l.pool_counters_offset + 2 * crate::pool_counters::POOL_COUNTERS_STRIDE
+        );
         assert!(l.rings_in_block >= l.subscribers_in_block + 5 * 192);
         assert!(l.channel_stride >= l.rings_in_block + 4 * 5 * l.ring_stride);
         assert_eq!(l.registry_offset, l.channels_offset + 4 * l.channel_stride);

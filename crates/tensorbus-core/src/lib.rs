@@ -28,6 +28,7 @@ pub mod latency;
 pub mod layout;
 pub mod meta;
 pub mod park;
+pub mod pool_counters;
 pub mod records;
 pub mod ring;
 pub mod slot;

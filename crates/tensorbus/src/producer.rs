@@ -179,10 +179,11 @@ impl Producer {
             match self.core.try_slot(&meta)? {
                 Some(found) => return Ok(self.make_loan(found, meta)),
                 None if Instant::now() >= deadline => {
+                    self.core.count_refused(&meta);
                     return Err(LoanError::Timeout {
                         channel: self.core.channel.name.clone(),
                         timeout,
-                    })
+                    });
                 }
                 None => {
                     backoff = (backoff + 1).min(10);
@@ -201,7 +202,10 @@ impl Producer {
     pub fn loan_meta(&self, meta: TensorMeta) -> Result<TensorMut, LoanError> {
         match self.core.try_slot(&meta)? {
             Some(found) => Ok(self.make_loan(found, meta)),
-            None => Err(self.core.exhausted(&meta)),
+            None => {
+                self.core.count_refused(&meta);
+                Err(self.core.exhausted(&meta))
+            }
         }
     }
 
@@ -251,6 +255,7 @@ impl ProducerCore {
         self.inner.origin.check()?;
         let span = meta.span()?.max(meta.nbytes);
         let mut fits = false;
+        let mut first_fit = None;
         for &p in &self.order {
             let Some(pool) = self.pools[usize::from(p)] else {
                 continue;
@@ -259,6 +264,7 @@ impl ProducerCore {
                 continue;
             }
             fits = true;
+            first_fit.get_or_insert(p);
             let hint = &self.cursors[usize::from(p)];
             let mut cursor = hint.load(Ordering::Relaxed);
             let got = loan(
@@ -270,6 +276,10 @@ impl ProducerCore {
             );
             hint.store(cursor, Ordering::Relaxed);
             if let Some((index, generation)) = got {
+                if first_fit != Some(p) {
+                    // The tensor's own size class was full (off the hot path).
+                    self.count_spilled(first_fit);
+                }
                 return Ok(Some((p, index, generation)));
             }
         }
@@ -288,6 +298,33 @@ impl ProducerCore {
             });
         }
         Ok(None)
+    }
+
+    #[cold]
+    fn count_spilled(&self, pool: Option<u8>) {
+        if let Some(c) = pool.and_then(|p| self.ctl().pool_counters(usize::from(p))) {
+            c.count_spilled();
+        }
+    }
+
+    /// The smallest pool this producer may loan from whose slots fit `meta`.
+    fn first_fit(&self, meta: &TensorMeta) -> Option<u8> {
+        let span = meta.span().unwrap_or(meta.nbytes).max(meta.nbytes);
+        self.order
+            .iter()
+            .copied()
+            .find(|&p| self.pools[usize::from(p)].is_some_and(|r| r.slot_size >= span))
+    }
+
+    /// Counts a loan refused for exhaustion against the tensor's size class.
+    #[cold]
+    fn count_refused(&self, meta: &TensorMeta) {
+        if let Some(c) = self
+            .first_fit(meta)
+            .and_then(|p| self.ctl().pool_counters(usize::from(p)))
+        {
+            c.count_refused();
+        }
     }
 
     fn exhausted(&self, meta: &TensorMeta) -> LoanError {

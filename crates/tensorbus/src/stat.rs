@@ -149,6 +149,19 @@ pub struct PoolStat {
     pub loaned: u32,
     /// Slots held by at least one subscriber (queued or being read).
     pub in_flight: u32,
+    /// Most slots held at once since the broker started (sampled by the
+    /// broker every 100 ms and at every `stat`).
+    pub high_water: u32,
+    /// Loans refused because every pool that fits was full (counted
+    /// against the smallest pool that fits: the tensor's size class).
+    pub loans_refused: u64,
+    /// Loans of this size class served by a larger pool because this one
+    /// was full.
+    pub loans_spilled: u64,
+    /// This size class starves while another sits idle: its refused or
+    /// spilled count grew in the last second while another pool had at
+    /// least half of its slots free.
+    pub starving: bool,
 }
 
 /// One channel in a [`StatReport`].
@@ -337,6 +350,10 @@ impl From<proto::PoolStat> for PoolStat {
             slots_free: p.slots_free,
             loaned: p.loaned,
             in_flight: p.in_flight,
+            high_water: p.high_water,
+            loans_refused: p.loans_refused,
+            loans_spilled: p.loans_spilled,
+            starving: p.starving,
         }
     }
 }

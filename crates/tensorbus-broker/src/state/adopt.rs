@@ -289,6 +289,7 @@ impl State {
             held_since: super::leaks::HeldSince::default(),
             leak_threshold_ms: config.broker.leak_threshold_ms,
             latency_sample_every: config.broker.latency_sample_every,
+            pool_watch: Default::default(),
         };
         let orphans = state.read_channels(config);
         state.read_handles();

@@ -72,9 +72,17 @@ impl State {
                         s.loaned += 1;
                     }
                 }
+                if let Some(c) = ctl.pool_counters(p) {
+                    (s.loans_refused, s.loans_spilled) = c.load();
+                }
                 s
             })
             .collect();
+        let mut pools: Vec<PoolStat> = pools;
+        let held: Vec<u32> = pools.iter().map(|s| s.slots_total - s.slots_free).collect();
+        for (p, s) in pools.iter_mut().enumerate() {
+            (s.high_water, s.starving) = state.pool_watch_stat(p, &held);
+        }
         let channels = state
         .channels
         .iter()

@@ -252,6 +252,9 @@ impl State {
                 free: p.slots_free,
                 loaned: p.loaned,
                 in_flight: p.in_flight,
+                high_water: p.high_water,
+                refused: p.loans_refused,
+                starving: p.starving,
             })
             .collect();
         rows.sort_by(|a, b| match self.pool_sort {
@@ -404,8 +407,8 @@ pub(crate) mod tests {
         let mut s = state(ChannelSort::Name);
         let pools = s.pool_rows();
         assert_eq!(pools[0].name, "small");
-        assert_eq!(pools[0].cells().last().unwrap(), "50%");
-        assert_eq!(pools[1].cells().last().unwrap(), "10%");
+        assert_eq!(pools[0].cells()[6], "50%");
+        assert_eq!(pools[1].cells()[6], "10%");
         let clients: Vec<_> = s.client_rows().into_iter().map(|c| c.name).collect();
         assert_eq!(clients, ["model", "camera", "logger"]);
         s.focus = Pane::Clients;

@@ -173,6 +173,12 @@ pub struct PoolRow {
     pub loaned: u32,
     /// Slots held by subscribers or a history.
     pub in_flight: u32,
+    /// Most slots held at once (sampled by the broker).
+    pub high_water: u32,
+    /// Loans of this size class refused (every fitting pool full).
+    pub refused: u64,
+    /// This class runs dry while another pool sits idle.
+    pub starving: bool,
 }
 
 impl PoolRow {
@@ -186,7 +192,7 @@ impl PoolRow {
     }
 
     /// The column titles, in the order of [`PoolRow::cells`].
-    pub const HEADER: [&'static str; 7] = [
+    pub const HEADER: [&'static str; 9] = [
         "pool",
         "slot_size",
         "slots",
@@ -194,6 +200,8 @@ impl PoolRow {
         "loaned",
         "in_flight",
         "used",
+        "peak",
+        "refused",
     ];
 
     /// The cells of this row as text.
@@ -206,6 +214,12 @@ impl PoolRow {
             self.loaned.to_string(),
             self.in_flight.to_string(),
             format!("{:.0}%", self.occupancy() * 100.0),
+            self.high_water.to_string(),
+            if self.starving {
+                format!("{} starving", self.refused)
+            } else {
+                self.refused.to_string()
+            },
         ]
     }
 }
