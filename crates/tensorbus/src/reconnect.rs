@@ -8,8 +8,10 @@
 //! * each client keeps what it needs for that: the control segment's and
 //!   every pool's descriptor (the Welcome carries them), its client id, the
 //!   bus id, and a claim for every handle it holds ([`Survivor`]);
-//! * one watcher thread per process ([`watch`]) notices a broker
-//!   connection that hung up (`poll` with no events: `POLLHUP`), and
+//! * one watcher thread per process ([`watch`]) sleeps in `poll` on every
+//!   client's broker connection (no events: `POLLHUP` needs none) and an
+//!   eventfd that wakes it when a client joins or the last one leaves, so
+//!   it does not wake at all while the broker lives; on a hang-up it
 //!   reconnects with bounded exponential backoff (10 ms doubling to
 //!   500 ms, for as long as the client lives);
 //! * a request that finds the broker gone tries one reconnect itself
@@ -26,7 +28,7 @@
 
 use crate::client::{Conn, ExchangeError, Inner};
 use std::collections::HashMap;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
@@ -41,7 +43,7 @@ const BACKOFF_MAX: Duration = Duration::from_millis(500);
 /// How long one adoption request waits for the new broker's answer (it
 /// may have to map and check the whole bus first).
 const ADOPT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often the watcher looks at every client's connection.
+/// How soon the watcher looks again at a connection a request held.
 const WATCH_INTERVAL: Duration = Duration::from_millis(20);
 
 /// What a client keeps to hand its bus over to a new broker.
@@ -232,6 +234,45 @@ static WATCHED: Mutex<Watched> = Mutex::new(Watched {
     orphans: Vec::new(),
 });
 
+/// Wakes the watcher out of its `poll` (an eventfd; `(pid, fd)`: a forked
+/// child makes its own, so it never consumes a wake meant for its parent).
+static WAKE: Mutex<Option<(u32, OwnedFd)>> = Mutex::new(None);
+
+/// The process's wake eventfd (made on first use), as a raw fd for `poll`.
+fn wake_fd() -> Option<std::os::fd::RawFd> {
+    let mut w = WAKE.lock().unwrap_or_else(|p| p.into_inner());
+    let me = std::process::id();
+    if w.as_ref().is_none_or(|(pid, _)| *pid != me) {
+        // SAFETY: eventfd takes no pointers; a non-negative result is a new
+        // descriptor that nothing else owns.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: `fd` was just created and is owned by nobody else.
+        *w = Some((me, unsafe { OwnedFd::from_raw_fd(fd) }));
+    }
+    w.as_ref().map(|(_, fd)| fd.as_raw_fd())
+}
+
+/// Wakes the watcher (a client joined, or the watcher must stop).
+fn wake() {
+    if let Some(fd) = wake_fd() {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to our eventfd; a full
+        // counter (EAGAIN) already means "wake up".
+        unsafe { libc::write(fd, (&raw const one).cast(), 8) };
+    }
+}
+
+/// Empties the wake eventfd after a wake.
+fn drain_wake(fd: std::os::fd::RawFd) {
+    let mut v: u64 = 0;
+    // SAFETY: reads at most 8 bytes into a live u64 from our non-blocking
+    // eventfd; EAGAIN (nothing to read) is fine.
+    unsafe { libc::read(fd, (&raw mut v).cast(), 8) };
+}
+
 fn watched() -> MutexGuard<'static, Watched> {
     WATCHED.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -257,21 +298,25 @@ pub(crate) fn watch(inner: &Arc<Inner>) {
     w.clients.retain(|c| c.strong_count() > 0);
     w.clients.push(Arc::downgrade(inner));
     let me = std::process::id();
-    if !w.mine(me) {
-        let started = std::thread::Builder::new()
-            .name("tensorbus-watch".into())
-            // A closure (not the fn item) so the thread's frames name this
-            // function (the C tests' valgrind suppressions match on it).
-            .spawn(move || watcher(me));
-        if let Ok(t) = started {
-            w.pid = me;
-            w.thread = Some(t);
-        }
+    if w.mine(me) {
+        // The running watcher polls the new client's socket too.
+        drop(w);
+        wake();
+        return;
+    }
+    let started = std::thread::Builder::new()
+        .name("tensorbus-watch".into())
+        // A closure (not the fn item) so the thread's frames name this
+        // function (the C tests' valgrind suppressions match on it).
+        .spawn(move || watcher(me));
+    if let Ok(t) = started {
+        w.pid = me;
+        w.thread = Some(t);
     }
 }
 
 /// Called when a client's last reference drops: with no client left, stops
-/// the watcher and waits for it (it wakes at once: it parks, not sleeps).
+/// the watcher and waits for it (the wake eventfd gets it out of `poll`).
 pub(crate) fn unwatch() {
     let mut w = watched();
     w.clients.retain(|c| c.strong_count() > 0);
@@ -286,7 +331,7 @@ pub(crate) fn unwatch() {
         // one when the user let go): it sees no client and returns.
         return;
     }
-    t.thread().unpark();
+    wake();
     let _ = t.join();
 }
 
@@ -300,22 +345,83 @@ thread_local! {
 fn watcher(me: u32) {
     IN_WATCHER.set(true);
     let myself = std::thread::current().id();
+    let still_mine =
+        |w: &Watched| w.pid == me && w.thread.as_ref().map(|t| t.thread().id()) == Some(myself);
     loop {
-        std::thread::park_timeout(WATCH_INTERVAL);
         let clients: Vec<Arc<Inner>> = {
             let mut w = watched();
-            let still_mine =
-                w.pid == me && w.thread.as_ref().map(|t| t.thread().id()) == Some(myself);
-            if !still_mine {
+            if !still_mine(&w) {
                 return; // stopped by `unwatch`
             }
             w.clients.retain(|c| c.strong_count() > 0);
             w.clients.iter().filter_map(Weak::upgrade).collect()
         };
-        for inner in clients {
-            look_after(&inner);
+        for inner in &clients {
+            look_after(inner);
+        }
+        // Sleep until a connection hangs up, a client joins or leaves, or
+        // the next reconnect attempt is due: no wake-ups while the broker
+        // is alive (this thread would otherwise preempt spinning receivers).
+        let (mut fds, timeout) = poll_set(&clients);
+        drop(clients); // a user's close must not wait for this thread
+        if !still_mine(&watched()) {
+            return; // that drop was the last client's (`unwatch` ran here)
+        }
+        let wake = wake_fd();
+        if let Some(fd) = wake {
+            fds.push(libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        let ms = timeout.map_or(MAX_SLEEP_MS, |t| {
+            (t.as_millis() as libc::c_int).clamp(1, MAX_SLEEP_MS)
+        });
+        // SAFETY: `fds` is a live, correctly sized array of pollfds.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        if n > 0 {
+            if let (Some(fd), Some(p)) = (wake, fds.last()) {
+                if p.revents & libc::POLLIN != 0 {
+                    drain_wake(fd);
+                }
+            }
         }
     }
+}
+
+/// Longest sleep of the watcher: bounds how late it notices a hang-up on a
+/// socket it could not add to its poll set (a request held the connection)
+/// or one replaced under it.
+const MAX_SLEEP_MS: libc::c_int = 1000;
+
+/// The sockets to watch for a hang-up (those of live connections), and how
+/// long to sleep at most: until the next reconnect attempt is due, or
+/// [`WATCH_INTERVAL`] while a request holds a connection.
+fn poll_set(clients: &[Arc<Inner>]) -> (Vec<libc::pollfd>, Option<Duration>) {
+    let mut fds = Vec::with_capacity(clients.len() + 1);
+    let mut timeout: Option<Duration> = None;
+    let mut at_most = |d: Duration| timeout = Some(timeout.map_or(d, |t| t.min(d)));
+    let now = Instant::now();
+    for inner in clients {
+        let s = &inner.survivor;
+        if s.refused() || inner.origin.is_forked() {
+            continue;
+        }
+        if let Some((due, _)) = *s.retry.lock().unwrap_or_else(|p| p.into_inner()) {
+            at_most(due.saturating_duration_since(now));
+            continue; // its socket stays hung up: poll would return at once
+        }
+        match inner.try_lock_conn() {
+            Some(conn) => fds.push(libc::pollfd {
+                fd: conn.sock.as_raw_fd(),
+                events: 0, // POLLHUP and POLLERR need no event
+                revents: 0,
+            }),
+            None => at_most(WATCH_INTERVAL), // a request is running
+        }
+    }
+    (fds, timeout)
 }
 
 /// Reconnects `inner` if its broker hung up and an attempt is due.
