@@ -2,6 +2,10 @@
 //! long as the process has a client: a library must not leave a thread
 //! running after its last handle closed (the C tests run under valgrind,
 //! which reports a thread alive at exit).
+//!
+//! One test per file: the watcher is per process, and `cargo test` runs a
+//! file's tests as threads of one process (the sleeping watcher's test is
+//! `watcher_sleeps.rs`).
 
 mod common;
 
@@ -48,47 +52,5 @@ fn one_watcher_while_a_client_lives_none_after_the_last_closes() {
     wait_for_watchers(1);
     drop(third);
     assert_eq!(watchers(), 0);
-    drop(broker);
-}
-
-/// Context switches of the watcher thread so far (`None`: no watcher).
-fn watcher_switches() -> Option<u64> {
-    std::fs::read_dir("/proc/self/task")
-        .unwrap()
-        .filter_map(Result::ok)
-        .find(|t| {
-            std::fs::read_to_string(t.path().join("comm"))
-                .is_ok_and(|n| n.trim_end() == "tensorbus-watch")
-        })
-        .and_then(|t| std::fs::read_to_string(t.path().join("status")).ok())
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-                .and_then(|v| v.trim().parse().ok())
-        })
-}
-
-/// While the broker lives the watcher sleeps in `poll` (woken by a hang-up,
-/// a client joining or leaving, or once a second at most), not every 20 ms:
-/// a periodic wake-up would preempt spinning receivers on a small machine.
-#[test]
-fn the_watcher_sleeps_while_the_broker_lives() {
-    let (broker, client, _) = common::start(
-        "watcher",
-        "sleeps",
-        "[[pools]]\nname = \"p\"\nslot_size = 4096\nslots = 4\n",
-    );
-    wait_for_watchers(1);
-    std::thread::sleep(std::time::Duration::from_millis(100));
-    let before = watcher_switches().unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(2000));
-    let after = watcher_switches().unwrap();
-    // Polling every 20 ms would be ~100 wake-ups; the 1 s cap makes 2.
-    assert!(
-        after - before <= 6,
-        "the watcher woke {} times in 2 s",
-        after - before
-    );
-    drop(client);
     drop(broker);
 }
