@@ -181,6 +181,22 @@ fn stat_without_broker_explains_how_to_start_one() {
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
+/// Runs a just-copied executable. `ETXTBSY` is retried: while one test
+/// thread writes its copy, another test's fork can inherit the write
+/// descriptor for the moment before its exec, and the kernel refuses to
+/// run a file open for writing.
+fn output_of_copy(cmd: &mut Command) -> std::process::Output {
+    for _ in 0..100 {
+        match cmd.output() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other.unwrap(),
+        }
+    }
+    cmd.output().unwrap()
+}
+
 #[test]
 fn bridge_without_the_binary_says_how_to_build_it() {
     // A copy of the CLI in a directory without tensorbus-bridge next to it,
@@ -188,12 +204,12 @@ fn bridge_without_the_binary_says_how_to_build_it() {
     let dir = temp_dir("bridge-missing");
     let exe = dir.join("tensorbus");
     std::fs::copy(BIN, &exe).unwrap();
-    let out = Command::new(&exe)
-        .args(["bridge", "--config", "x.toml"])
-        .env("PATH", &dir)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = output_of_copy(
+        Command::new(&exe)
+            .args(["bridge", "--config", "x.toml"])
+            .env("PATH", &dir)
+            .stdin(Stdio::null()),
+    );
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -213,11 +229,11 @@ fn bench_without_the_harness_says_how_to_build_it() {
     let dir = temp_dir("bench-missing");
     let exe = dir.join("tensorbus");
     std::fs::copy(BIN, &exe).unwrap();
-    let out = Command::new(&exe)
-        .args(["bench", "--quick"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = output_of_copy(
+        Command::new(&exe)
+            .args(["bench", "--quick"])
+            .stdin(Stdio::null()),
+    );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
