@@ -1,5 +1,6 @@
 //! `role forker`: fork semantics under chaos (issue 12.4). A forker is a
-//! single-threaded process (fork is only safe there: no stdin thread, it
+//! single-threaded process but for the client library's watcher (fork is
+//! only safe there: no stdin thread, it
 //! polls its stdin for the orchestrator's stop) that holds a producer and a
 //! `block` consumer on [`FORK_CHANNEL`] and, over and over:
 //!
@@ -72,9 +73,19 @@ fn stdin_closed() -> bool {
     unsafe { libc::read(0, b.as_mut_ptr().cast(), b.len()) <= 0 }
 }
 
-/// Threads of this process, from /proc.
+/// Threads of this process, from /proc, but the client library's
+/// reconnect watcher (`tensorbus-watch`, issue 16.2): the library makes a
+/// fork wait until that thread holds no lock (a `pthread_atfork` gate,
+/// `crates/tensorbus/src/reconnect.rs`), so it does not make forking unsafe.
 fn threads() -> usize {
-    std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count())
+    std::fs::read_dir("/proc/self/task").map_or(0, |d| {
+        d.filter_map(Result::ok)
+            .filter(|t| {
+                std::fs::read_to_string(t.path().join("comm"))
+                    .map_or(true, |n| n.trim_end() != "tensorbus-watch")
+            })
+            .count()
+    })
 }
 
 fn consumer_opts() -> ConsumerOptions {

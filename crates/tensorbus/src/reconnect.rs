@@ -304,6 +304,7 @@ pub(crate) fn watch(inner: &Arc<Inner>) {
         wake();
         return;
     }
+    register_fork_handlers();
     let started = std::thread::Builder::new()
         .name("tensorbus-watch".into())
         // A closure (not the fn item) so the thread's frames name this
@@ -342,12 +343,74 @@ thread_local! {
     static IN_WATCHER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// Fork safety. A fork copies every lock as it is at that moment, and the
+/// child has no watcher to release what the watcher held: a child that then
+/// connects a client of its own (which takes [`WATCHED`], [`WAKE`], a
+/// connection's or a survivor's mutex) would wait forever. So the watcher
+/// holds this gate whenever it may hold any of them (everything but its
+/// `poll`), and a fork waits for the gate in a `pthread_atfork` prepare
+/// handler, then both sides open it again. The watcher never blocks long
+/// inside the gate, except for one reconnect attempt while a new broker
+/// adopts the bus (at most [`ADOPT_TIMEOUT`]).
+static FORK_GATE: AtomicBool = AtomicBool::new(false);
+
+/// The gate, held (see [`FORK_GATE`]).
+struct ForkGate;
+
+impl ForkGate {
+    fn enter() -> ForkGate {
+        close_fork_gate();
+        ForkGate
+    }
+}
+
+impl Drop for ForkGate {
+    fn drop(&mut self) {
+        open_fork_gate();
+    }
+}
+
+/// Waits for the gate and closes it. Acquire: what the watcher did before
+/// it opened the gate (locks released) happens before the fork.
+fn close_fork_gate() {
+    while FORK_GATE
+        .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
+        std::thread::yield_now();
+    }
+}
+
+/// Release: pairs with the Acquire of the next closer.
+fn open_fork_gate() {
+    FORK_GATE.store(false, Ordering::Release);
+}
+
+extern "C" fn fork_prepare() {
+    close_fork_gate();
+}
+
+extern "C" fn fork_done() {
+    open_fork_gate();
+}
+
+/// Registers the fork handlers once per process (before the first watcher).
+fn register_fork_handlers() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: the handlers are plain `extern "C"` functions that only
+        // touch an atomic; registering them has no other precondition.
+        unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_done), Some(fork_done)) };
+    });
+}
+
 fn watcher(me: u32) {
     IN_WATCHER.set(true);
     let myself = std::thread::current().id();
     let still_mine =
         |w: &Watched| w.pid == me && w.thread.as_ref().map(|t| t.thread().id()) == Some(myself);
     loop {
+        let gate = ForkGate::enter();
         let clients: Vec<Arc<Inner>> = {
             let mut w = watched();
             if !still_mine(&w) {
@@ -378,6 +441,8 @@ fn watcher(me: u32) {
         let ms = timeout.map_or(MAX_SLEEP_MS, |t| {
             (t.as_millis() as libc::c_int).clamp(1, MAX_SLEEP_MS)
         });
+        // Asleep, this thread holds no lock: a fork may go on.
+        drop(gate);
         // SAFETY: `fds` is a live, correctly sized array of pollfds.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
         if n > 0 {
