@@ -51,7 +51,11 @@ run_tsan() {
     return 1
   fi
   export CARGO_TARGET_DIR="$base/tsan"
-  RUSTFLAGS="-Zsanitizer=thread" TSAN_OPTIONS="halt_on_error=1" \
+  # die_after_fork=0: the fork tests' children connect a client of their own,
+  # which starts the client library's reconnect watcher thread; TSan by default
+  # kills a child that starts a thread after a multi-threaded fork. The library
+  # makes that fork safe (a pthread_atfork gate, crates/tensorbus/src/reconnect.rs).
+  RUSTFLAGS="-Zsanitizer=thread" TSAN_OPTIONS="halt_on_error=1:die_after_fork=0" \
     cargo test --quiet -Zbuild-std --target "$host" "${crates[@]}" --lib --tests -- --skip mapping_faults
   RUSTFLAGS="-Zsanitizer=thread" TSAN_OPTIONS="halt_on_error=1:handle_segv=0" \
     cargo test --quiet -Zbuild-std --target "$host" -p tensorbus-shm -p tensorbus-broker --lib --tests -- mapping_faults
