@@ -328,11 +328,9 @@ pub(crate) fn unwatch() {
     w.pid = 0;
     drop(w);
     if IN_WATCHER.get() {
-        // (The watcher upgrades its clients after every wake; if the user
-        // let go meanwhile, this thread holds the last reference and ends
-        // up here: it returns on its own right after, detached.)
         // The watcher itself dropped the last reference (it had upgraded
-        // one when the user let go): it sees no client and returns.
+        // one when the user let go): it sees no client and returns on its
+        // own right after, detached.
         return;
     }
     wake();
