@@ -4,24 +4,9 @@
 
 mod common;
 
-/// How many threads of this process are named `tensorbus-watch`.
-fn watchers() -> usize {
-    std::fs::read_dir("/proc/self/task")
-        .unwrap()
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .filter(|name| name.trim_end() == "tensorbus-watch")
-        .count()
-}
-
-/// Waits for the watcher count to become `n` (a new thread names itself
-/// once it runs; a wait for a condition, not a timing assertion).
-fn wait_for_watchers(n: usize) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while watchers() != n && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    assert_eq!(watchers(), n);
-}
+#[path = "common/watchers.rs"]
+mod watchers;
+use watchers::wait_for_watchers;
 
 /// Context switches of the watcher thread so far (`None`: no watcher).
 fn watcher_switches() -> Option<u64> {
